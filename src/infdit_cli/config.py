@@ -1,0 +1,107 @@
+"""Model hyper-parameters: `InfDiTConfig` (the official 4x model's values by default) and presets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+__all__ = ["ClipConfig", "InfDiTConfig", "ModelConfig", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The open_clip vision tower that embeds the LR image (ViT-L-14 `datacomp_xl_s13b_b90k` officially)."""
+
+    embed_dim: int = 768  # output vector size (= InfDiTConfig.vector_dim)
+    width: int = 1024  # transformer width
+    layers: int = 24
+    head_width: int = 64  # width per head; not recoverable from weight shapes (open_clip's default)
+    patch_size: int = 14
+    image_size: int = 224
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.width % self.head_width:
+            raise ValueError(f"CLIP width {self.width} is not divisible by head_width {self.head_width}")
+
+
+@dataclass(frozen=True)
+class InfDiTConfig:
+    """Inf-DiT hyper-parameters, each with the official flag it comes from (`generate_sr_big_cli.sh`)."""
+
+    hidden_size: int = 1280  # --hidden-size
+    num_layers: int = 28  # --num-layers
+    num_heads: int = 16  # --num-attention-heads
+    patch_size: int = 4  # --patch-size
+    in_channels: int = 6  # --in-channels: 3 noisy + 3 LR-upsampled
+    out_channels: int = 3  # --out-channels
+    block_size: int = 128  # --image-block-size, pixels per UniBA block side
+    vector_dim: int = 768  # --vector-dim, CLIP image embedding size
+    sr_scale: int = 4  # --sr-scale: HR/LR ratio the network sees
+    lr_patch_size: int = 2  # proj_lr kernel (hard-coded upstream)
+    rope_table_size: int = 1024  # R = 8 * image_size / patch_size (--image-size 512); positions wrap mod R
+    mlp_ratio: int = 4
+    time_channels: int = 192  # TimeEmbedding num_channels
+    layernorm_eps: float = 1e-6  # --layernorm-epsilon
+    sigma_data: float = 0.5  # EDMPrecond
+    clip: ClipConfig | None = field(default_factory=ClipConfig)  # None: no CLIP tower in this file
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"head dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
+        if self.block_size % self.patch_size:
+            raise ValueError(f"block_size {self.block_size} is not a multiple of patch_size {self.patch_size}")
+        if self.block_size % (self.sr_scale * self.lr_patch_size):
+            raise ValueError("block_size must be a multiple of sr_scale * lr_patch_size")
+        if self.clip is not None and self.clip.embed_dim != self.vector_dim:
+            raise ValueError(f"CLIP embed_dim {self.clip.embed_dim} != vector_dim {self.vector_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def block_tokens(self) -> int:
+        """Tokens per block side (32 officially)."""
+        return self.block_size // self.patch_size
+
+    @property
+    def lr_block(self) -> int:
+        """LR tokens per block side (16 officially): 128 px HR = 32 px LR = 16 LR tokens."""
+        return self.block_size // self.sr_scale // self.lr_patch_size
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> InfDiTConfig:
+        data = json.loads(text)
+        clip = data.pop("clip", None)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        return cls(**data, clip=ClipConfig(**clip) if clip is not None else None)
+
+    def with_(self, **changes: object) -> InfDiTConfig:
+        return replace(self, **changes)
+
+
+ModelConfig = InfDiTConfig  # the name the issue tracker uses
+
+
+PRESETS: dict[str, InfDiTConfig] = {
+    # The released 4x model: ~734 M DiT parameters + ~304 M CLIP ViT-L-14 vision tower.
+    "official": InfDiTConfig(),
+    # Big enough for meaningful CPU measurements, small enough for a 2-core machine.
+    "small": InfDiTConfig(
+        hidden_size=256, num_layers=4, num_heads=4, vector_dim=64,
+        clip=ClipConfig(embed_dim=64, width=64, layers=1, head_width=32, patch_size=14),
+    ),
+    # Tests: tiny everything, 4-token blocks (16 px).
+    "tiny": InfDiTConfig(
+        hidden_size=32, num_layers=2, num_heads=2, block_size=16, vector_dim=16, rope_table_size=64,
+        clip=ClipConfig(embed_dim=16, width=32, layers=1, head_width=16, patch_size=14, image_size=28),
+    ),
+}

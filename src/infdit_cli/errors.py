@@ -1,0 +1,60 @@
+"""Domain errors. Each carries the process exit code the CLI uses for it."""
+
+from __future__ import annotations
+
+__all__ = [
+    "InfditError",
+    "ConvertError",
+    "WeightsError",
+    "WeightsNotFound",
+    "HubError",
+    "ChecksumMismatch",
+    "BadImage",
+    "OutputExists",
+    "MemoryBudgetTooSmall",
+    "BadRequest",
+]
+
+
+class InfditError(Exception):
+    """Base class: a problem the user can act on, reported as one line."""
+
+    exit_code = 1
+
+
+class ConvertError(InfditError):
+    """The official checkpoint could not be read or is not an Inf-DiT checkpoint."""
+
+
+class WeightsError(InfditError):
+    """A weights file is malformed or not an Inf-DiT model."""
+
+
+class WeightsNotFound(WeightsError):
+    """No weights file at the given path, Hub reference or registry name."""
+
+
+class HubError(WeightsError):
+    """The Hugging Face Hub could not provide the file."""
+
+
+class ChecksumMismatch(WeightsError):
+    """A downloaded file's sha256 differs from the manifest's."""
+
+
+class BadImage(InfditError):
+    """An input image is missing, unreadable, truncated or too large."""
+
+
+class OutputExists(InfditError):
+    """The output file exists and --overwrite was not given."""
+
+
+class MemoryBudgetTooSmall(InfditError):
+    """Not even one block at a time fits in the memory budget."""
+
+
+class BadRequest(InfditError):
+    """The requested size, scale or option combination cannot be done."""
+
+    exit_code = 2

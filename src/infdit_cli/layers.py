@@ -1,0 +1,79 @@
+"""Stateless maths shared by the Inf-DiT model: modulation, time embedding, 2-D RoPE, EDM scalings.
+
+Each function reproduces the matching piece of THUDM/Inf-DiT (`dit/model.py`, `dit/embeddings.py`,
+`dit/precond.py`) operation for operation, so float32 results agree to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "modulate",
+    "timestep_embedding",
+    "rope_frequencies",
+    "rope_cos_sin",
+    "apply_rope",
+    "edm_scalings",
+]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation; `shift`/`scale` broadcast against `x` (callers add the token axes)."""
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(c_noise: torch.Tensor, channels: int = 192, max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of EDM's c_noise, [cos, sin] halves (`dit/embeddings.py` `TimeEmbedding`)."""
+    half = channels // 2
+    freqs = torch.arange(half, dtype=torch.float32, device=c_noise.device) / half
+    freqs = (1 / max_positions) ** freqs
+    args = c_noise.reshape(-1).ger(freqs.to(c_noise.dtype))  # (B, half)
+    return torch.cat([args.cos(), args.sin()], dim=1)  # (B, channels)
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """The head_dim/4 RoPE frequencies of one axis, each repeated for an interleaved pair: (head_dim/2,)."""
+    dim = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    return freqs.repeat_interleave(2)
+
+
+def rope_cos_sin(
+    rows: torch.Tensor, cols: torch.Tensor, head_dim: int, table_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the 2-D RoPE angles for token positions (any shape), positions taken mod `table_size`.
+
+    The official model looks the angles up in a (R, R, head_dim) table built as `pos * freq` in float32;
+    computing `pos * freq` here gives the same float32 numbers without holding the table. The first half of
+    the head dim rotates by row, the second by column.
+    """
+    freqs = rope_frequencies(head_dim).to(rows.device)  # (hd/2,)
+    r = (rows % table_size).float()[..., None] * freqs
+    c = (cols % table_size).float()[..., None] * freqs
+    angles = torch.cat([r, c], dim=-1)  # (..., hd)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1) -> (-x1, x0) on interleaved pairs, as `dit/embeddings.py` `rotate_half`."""
+    x = x.unflatten(-1, (-1, 2))
+    x0, x1 = x.unbind(-1)
+    return torch.stack((-x1, x0), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (..., T, heads, hd) by angles (..., T, hd)."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def edm_scalings(
+    sigma: torch.Tensor, sigma_data: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise (`dit/precond.py`)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+    c_in = 1 / (sigma**2 + sigma_data**2) ** 0.5
+    c_noise = 0.25 * sigma.log()
+    return c_skip, c_out, c_in, c_noise

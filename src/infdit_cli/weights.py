@@ -1,0 +1,170 @@
+"""Converted Inf-DiT weights: the safetensors format, strict checking, loading.
+
+A converted file holds every tensor of the model (the CLIP vision tower included) under our names, and its
+metadata holds `infdit_config` (the `InfDiTConfig` JSON). Loading checks names, shapes and dtypes against
+that config before anything is built, so a wrong file fails with the keys named, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import InfDiTConfig
+from .errors import WeightsError, WeightsNotFound
+
+__all__ = ["load_model", "save_model_file", "read_config", "check_state_dict", "expected_shapes"]
+
+_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+
+def expected_shapes(cfg: InfDiTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a model with `cfg` has (built on the meta device: no memory)."""
+    from .model import InfDiT
+
+    with torch.device("meta"):
+        model = InfDiT(cfg)
+    return {k: tuple(t.shape) for k, t in model.state_dict().items()}
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfDiTConfig, error: type[Exception] = WeightsError) -> None:
+    """Every expected key present with its shape and a float dtype; no extra key."""
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    if missing:
+        raise error(f"not an Inf-DiT model for its config: missing {_few(missing)}")
+    if extra:
+        raise error(f"not an Inf-DiT model for its config: unexpected {_few(extra)}")
+    bad = [f"{k} {tuple(sd[k].shape)} (expected {want[k]})" for k in want if tuple(sd[k].shape) != want[k]]
+    if bad:
+        raise error(f"shapes contradict the config: {_few(bad)}")
+    wrong = [f"{k} ({sd[k].dtype})" for k in want if sd[k].dtype not in _FLOAT_DTYPES]
+    if wrong:
+        raise error(f"tensors must be float32/float16/bfloat16: {_few(wrong)}")
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def save_model_file(path: str | Path, tensors: dict[str, torch.Tensor], cfg: InfDiTConfig,
+                    extra_metadata: dict[str, str] | None = None, *, overwrite: bool = False) -> Path:
+    """Write a converted file atomically (temporary file in the target directory, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WeightsError(f"{path} exists; pass --overwrite to replace it")
+    meta = {"format": "pt", "infdit_config": cfg.to_json(), **(extra_metadata or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_header(path: Path) -> dict:
+    """The safetensors JSON header, validated against the file size before any tensor is touched."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise WeightsError(f"{path} is not a valid safetensors file (header length {n} exceeds the file)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WeightsError(f"{path} is not a valid safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path} is not a valid safetensors file (header is not a mapping)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise WeightsError(f"{path}: malformed entry for tensor {name}") from None
+    if 8 + n + end > size:
+        raise WeightsError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}")
+    return header
+
+
+def read_config(path: str | Path) -> InfDiTConfig:
+    """The `InfDiTConfig` stored in a converted file's metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFound(f"no such weights file: {path}")
+    if _looks_like_pickle(path):
+        raise WeightsError(
+            f"{path} is a PyTorch pickle, which infdit never loads at run time; "
+            f"convert it first: infdit convert {path} -o model.safetensors"
+        )
+    meta = _read_header(path).get("__metadata__") or {}
+    if "infdit_config" not in meta:
+        raise WeightsError(f"{path} has no infdit_config metadata: not a file made by `infdit convert`")
+    try:
+        return InfDiTConfig.from_json(meta["infdit_config"])
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: invalid infdit_config metadata: {e}") from None
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch zip archive / raw pickle
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32):
+    """Load a converted `.safetensors` file into an `InfDiT` in eval mode.
+
+    Args:
+        path: a file written by `infdit convert` (or `save_model_file`).
+        device: where the model runs.
+        dtype: parameter dtype; None keeps the file's.
+
+    Raises:
+        WeightsNotFound: no file at `path`.
+        WeightsError: not a safetensors file, truncated, missing/extra keys, wrong shapes or dtypes.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .clip import CLIP_MEAN, CLIP_STD, ClipImageEncoder
+    from .model import InfDiT
+
+    path = Path(path)
+    cfg = read_config(path)
+    try:
+        sd = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    check_state_dict(sd, cfg)
+    with torch.device("meta"):
+        model = InfDiT(cfg)
+    if dtype is not None:
+        sd = {k: t.to(dtype) for k, t in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    # Non-persistent buffers (CLIP mean/std) were created on meta; rebuild them before moving.
+    for mod in model.modules():
+        if isinstance(mod, ClipImageEncoder):
+            mod.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+            mod.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    leftover = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    assert not leftover, f"tensors left on meta: {leftover}"
+    return model.to(device).eval().requires_grad_(False)
