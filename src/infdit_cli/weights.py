@@ -18,7 +18,7 @@ import torch
 from .config import InfDiTConfig
 from .errors import WeightsError, WeightsNotFound
 
-__all__ = ["load_model", "save_model_file", "read_config", "check_state_dict", "expected_shapes"]
+__all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict", "expected_shapes"]
 
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
@@ -167,4 +167,26 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
             mod.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     leftover = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     assert not leftover, f"tensors left on meta: {leftover}"
+    return model.to(device).eval().requires_grad_(False)
+
+
+def random_model(cfg: InfDiTConfig, *, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """An `InfDiT` with every tensor seeded-random and non-zero (tests, benchmarks, `--random-weights`).
+
+    Weights use std 1/sqrt(fan_in) so activations stay O(1) at any width; LayerNorm gains sit near 1.
+    """
+    from .model import InfDiT
+
+    gen = torch.Generator().manual_seed(seed)
+    model = InfDiT(cfg, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name or ".ln_" in name):
+                std, mean = (0.1, 1.0) if name.endswith("weight") else (0.1, 0.0)
+            elif p.ndim >= 2 and "pos" not in name and "embedding" not in name:
+                std, mean = p[0].numel() ** -0.5, 0.0
+            else:
+                std, mean = 0.1, 0.0
+            p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
     return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,3 @@
+from infdit_cli.cli.app import main
+
+main()

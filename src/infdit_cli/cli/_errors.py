@@ -1,0 +1,53 @@
+"""One error funnel: every exception becomes one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import IntEnum
+
+from ..errors import InfditError
+
+__all__ = ["ExitCode", "report"]
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    ERROR = 1  # the command failed; one line on stderr says why
+    USAGE = 2  # bad arguments or an impossible request (click's code)
+    PARTIAL = 3  # batch: some files failed, the rest were written
+    INTERRUPTED = 130  # Ctrl-C; partial outputs were removed
+
+
+def _message(exc: BaseException) -> tuple[str, int]:
+    # Order matters: subclasses before their bases.
+    if isinstance(exc, InfditError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", ExitCode.INTERRUPTED
+    if isinstance(exc, MemoryError):
+        return "out of host memory; try a smaller --mem-budget or --block-batch", ExitCode.ERROR
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "out of device memory even at block batch 1; try --device cpu", ExitCode.ERROR
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return f"no space left on device: {exc.filename or ''}".rstrip(": "), ExitCode.ERROR
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename}", ExitCode.ERROR
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), ExitCode.ERROR
+    return f"internal error: {type(exc).__name__}: {exc}", ExitCode.ERROR
+
+
+def report(exc: BaseException) -> int:
+    """Print `exc` as one line (plus the traceback with INFDIT_DEBUG=1) and return the exit code."""
+    from rich.console import Console
+
+    msg, code = _message(exc)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    if os.environ.get("INFDIT_DEBUG"):
+        console.print_exception()
+    console.print(f"[bold red]error:[/] {msg}", markup=True)
+    if code == ExitCode.ERROR and not os.environ.get("INFDIT_DEBUG") and msg.startswith("internal error"):
+        console.print("set INFDIT_DEBUG=1 for the traceback")
+    sys.stderr.flush()
+    return int(code)

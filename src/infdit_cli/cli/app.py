@@ -1,0 +1,45 @@
+"""Wiring only: the Typer app, its commands, and `main()` with the error funnel."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from . import convert as convert_cmd
+from ._errors import report
+
+app = typer.Typer(
+    name="infdit",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command(epilog=convert_cmd.EXAMPLES)(convert_cmd.convert)
+
+
+@app.callback()
+def _root() -> None:
+    """Upscale images with Inf-DiT, block by block in bounded memory.
+
+    Exit codes: 0 ok, 1 error (one line on stderr says why), 2 usage, 3 batch finished with failures,
+    130 interrupted. Set INFDIT_DEBUG=1 for tracebacks.
+    """
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SystemExit:
+        raise
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(report(KeyboardInterrupt()))
+    except typer.TyperException as e:  # click's usage errors: its own message format, exit 2
+        e.show()
+        sys.exit(getattr(e, "exit_code", 2))
+    except BaseException as e:  # noqa: BLE001 - the one place every error becomes one line
+        sys.exit(report(e))

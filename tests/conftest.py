@@ -1,0 +1,64 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from infdit_cli.config import PRESETS  # noqa: E402
+from infdit_cli.weights import random_model, save_model_file  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "upstream-a"
+TORCH_DEVICE = os.environ.get("TORCH_DEVICE", "cpu")
+
+
+def run_cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run the installed `infdit` command."""
+    exe = Path(sys.executable).with_name("infdit")
+    res = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"infdit {' '.join(map(str, args))} failed ({res.returncode}):\n{res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="session")
+def official_file(tmp_path_factory) -> Path:
+    """The upstream-a checkpoint converted by the installed `infdit convert` command."""
+    out = tmp_path_factory.mktemp("official") / "upstream-a.safetensors"
+    run_cli("convert", DATA / "checkpoint.pt", "-o", out, "--clip-head-width", "32", check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def official_model(official_file):
+    from infdit_cli.weights import load_model
+
+    return load_model(official_file, device=TORCH_DEVICE, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def io():
+    from safetensors.torch import load_file
+
+    return load_file(str(DATA / "io.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    return random_model(tiny_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory, tiny_model) -> Path:
+    """A real safetensors file of the tiny random model, so tests run the real loading path."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    save_model_file(path, tiny_model.state_dict(), tiny_model.config)
+    return path
