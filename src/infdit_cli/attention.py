@@ -10,8 +10,6 @@ H heads, d head dim, D hidden.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
@@ -20,46 +18,60 @@ __all__ = ["KVCache", "gather_neighbours", "block_attention", "lr_windows"]
 Block = tuple[int, int]
 
 
-@dataclass
 class KVCache:
     """Per-layer keys/values of already computed blocks, keyed by (block row, block col).
 
-    Each entry is a list over layers of `(k, v)`, each (B, T, H, d). `device` is where entries live: the
-    compute device, or the host ("cpu") when device memory is tight; `fetch` brings one back.
+    Storage is one slab of `slots` block entries, allocated on first use and reused as blocks are evicted,
+    so the cache's memory is fixed and known in advance (no allocator churn over thousands of batches).
+    Each entry holds (layers, 2, B, T, H, d). `device` is where the slab lives: the compute device, or the
+    host ("cpu", pinned when the compute device is CUDA) when device memory is tight.
     """
 
-    device: torch.device | None = None
-    entries: dict[Block, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-    peak_blocks: int = 0
+    def __init__(self, slots: int, device: torch.device | None = None) -> None:
+        self.slots = slots
+        self.device = device
+        self.slab: torch.Tensor | None = None
+        self.index: dict[Block, int] = {}
+        self.free: list[int] = list(range(slots - 1, -1, -1))
+        self.peak_blocks = 0
 
-    def put(self, block: Block, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.device is not None and k.device != self.device:
-            k = _to_host(k, self.device)
-            v = _to_host(v, self.device)
-        per_layer = self.entries.setdefault(block, [])
-        assert len(per_layer) == layer, "layers must be stored in order"
-        per_layer.append((k, v))
-        self.peak_blocks = max(self.peak_blocks, len(self.entries))
+    def _alloc(self, k: torch.Tensor, layers: int) -> None:
+        device = self.device or k.device
+        pin = device.type == "cpu" and k.device.type == "cuda"
+        shape = (self.slots, layers, 2, *k.shape)
+        self.slab = torch.empty(shape, dtype=k.dtype, device=device, pin_memory=pin)
+
+    def put(self, block: Block, layer: int, layers: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store block's K/V for `layer` (of `layers`); k, v: (B, T, H, d)."""
+        if self.slab is None:
+            self._alloc(k, layers)
+        if block not in self.index:
+            if not self.free:
+                raise RuntimeError(f"K/V cache full ({self.slots} blocks)")
+            self.index[block] = self.free.pop()
+            self.peak_blocks = max(self.peak_blocks, len(self.index))
+        entry = self.slab[self.index[block], layer]
+        entry[0].copy_(k, non_blocking=True)
+        entry[1].copy_(v, non_blocking=True)
 
     def get(self, block: Block, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.entries[block][layer]
-        return k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+        entry = self.slab[self.index[block], layer].to(device, non_blocking=True)
+        return entry[0], entry[1]
 
     def evict(self, blocks: list[Block]) -> None:
         for b in blocks:
-            self.entries.pop(b, None)
+            self.free.append(self.index.pop(b))
+
+    @property
+    def entries(self) -> list[Block]:
+        return list(self.index)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.slab is None else self.slab.numel() * self.slab.element_size()
 
     def __len__(self) -> int:
-        return len(self.entries)
-
-
-def _to_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy to the host; pinned when a CUDA device is the source, so later fetches can overlap compute."""
-    if device.type == "cpu" and t.device.type == "cuda":
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        out.copy_(t, non_blocking=True)
-        return out
-    return t.to(device)
+        return len(self.index)
 
 
 def gather_neighbours(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import KVCache
-from .schedule import BlockBatch, Order, choose_order, consumers, plan_batches
+from .schedule import BlockBatch, Order, cache_bound, choose_order, consumers, plan_batches
 
 __all__ = ["denoise", "BatchDone", "OutOfMemoryRetry", "pad_to_blocks"]
 
@@ -87,7 +87,12 @@ def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch
     if block_batch == "auto":
         from .planner import plan
 
-        n = plan(cfg, (h, w), budget=mem_budget, dtype=model.dtype, device=model.device, batch=b).n
+        chosen = plan(cfg, (h, w), budget=mem_budget, dtype=model.dtype, device=model.device, batch=b)
+        n = None if chosen.whole_image else chosen.n
+        if cache_device is None and chosen.cache_on_host:
+            cache_device = "cpu"
+    elif block_batch is not None and (not isinstance(block_batch, int) or block_batch < 1):
+        raise ValueError(f"block_batch must be None, 'auto' or an int >= 1, got {block_batch!r}")
     else:
         n = block_batch
     sigma_t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b).to(x.device)
@@ -115,7 +120,9 @@ def _run(model, x, lr_up, lr_tokens, step, grid_h, grid_w, n, order, cache_dev, 
     dev, dt = model.device, model.dtype
     batches = plan_batches(grid_h, grid_w, n, order)
     whole = len(batches) == 1
-    cache = None if whole else KVCache(device=cache_dev)
+    n_eff = n or max(grid_h, grid_w)
+    slots = cache_bound(grid_h, grid_w, n_eff, order) + min(n_eff, grid_h) + min(n_eff, grid_w)
+    cache = None if whole else KVCache(slots, device=cache_dev)
     done = torch.zeros(grid_h, grid_w, dtype=torch.bool)
     out = torch.empty(x.shape[0], cfg.out_channels, *x.shape[2:], dtype=torch.float32, device=x.device)
     c_in = step.c_in.to(x.device).view(-1, 1, 1, 1)

@@ -216,7 +216,7 @@ class InfDiT(nn.Module):
                 left_k = left_v = top_k = top_v = None
             else:
                 left_k, left_v, top_k, top_v = _neighbours_from_cache(cache, rect, i, k.device)
-                _store(cache, rect, i, k, v)
+                _store(cache, rect, i, cfg.num_layers, k, v)
             k = gather_neighbours(k, left_k, top_k)  # (B, Gh, Gw, 4T, H, d)
             v = gather_neighbours(v, left_v, top_v)
             o = block_attention(q, k, v, self.re_pos_embed[i])  # (B, Gh, Gw, T, H, d)
@@ -297,8 +297,8 @@ def _neighbours_from_cache(cache: KVCache, rect: BlockBatch, layer: int, device:
     return left_k, left_v, top_k, top_v
 
 
-def _store(cache: KVCache, rect: BlockBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+def _store(cache: KVCache, rect: BlockBatch, layer: int, layers: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """Cache the rectangle's blocks that a later rectangle reads: its last row and last column."""
     for r, c in rect.blocks_needed_later():
         i, j = r - rect.r0, c - rect.c0
-        cache.put((r, c), layer, k[:, i, j].clone(), v[:, i, j].clone())
+        cache.put((r, c), layer, layers, k[:, i, j], v[:, i, j])

@@ -43,8 +43,9 @@ def consumers(block: tuple[int, int], grid_h: int, grid_w: int) -> list[tuple[in
 
 
 def choose_order(grid_h: int, grid_w: int) -> Order:
-    """Row-major keeps about one block row cached, column-major one column: take the smaller."""
-    return "col" if grid_h > grid_w else "row"
+    """Row-major keeps about one block row (grid_w blocks) cached, column-major one column (grid_h
+    blocks): take the smaller, so *wide* images go column-major and tall ones row-major."""
+    return "col" if grid_w > grid_h else "row"
 
 
 def cache_bound(grid_h: int, grid_w: int, n: int, order: Order) -> int:

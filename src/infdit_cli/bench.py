@@ -1,0 +1,157 @@
+"""Measurements of one denoiser call: peak memory and seconds, each configuration in a fresh process.
+
+Peak memory is what the call adds on top of what was resident before it (model, inputs): on CUDA
+`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, on the CPU the process's peak RSS
+(`ru_maxrss`) minus its RSS just before the call. The planner's prediction of that same quantity is
+reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["CallSpec", "CallMeasurement", "measure", "flops_per_call", "environment"]
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    config: str  # a preset name (config.PRESETS)
+    height: int
+    width: int
+    n: int | None  # None: the whole-image pass
+    order: str = "auto"
+    cache_on_host: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    repeats: int = 3  # timed calls after one warm-up call
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class CallMeasurement:
+    spec: CallSpec
+    peak_bytes: int
+    predicted_bytes: int
+    seconds: float  # median of the timed calls
+    tokens: int
+    flops: float
+
+
+def flops_per_call(cfg, height: int, width: int) -> float:
+    """Matmul FLOPs of one denoiser call (2 per multiply-add), the same for every n.
+
+    Per token and layer: qkv 3D^2, proj D^2, MLP 2*r*D^2 (r = mlp_ratio), attention scores and values
+    2 * 4T * D (4 key segments of T tokens). Layer 0 adds the LR cross-attention: q and proj 2D^2,
+    scores and values 2 * 9*lb^2 * D, and the k/v projection of the LR tokens 2D^2 per LR token.
+    The final layer adds D * p^2 * c per token; patch embedding in_ch * p^2 * D.
+    """
+    t = cfg.block_tokens**2
+    d = cfg.hidden_size
+    gh, gw = -(-height // cfg.block_size), -(-width // cfg.block_size)
+    tokens = gh * gw * t
+    lr_tokens = gh * gw * cfg.lr_block**2
+    per_layer = (4 + 2 * cfg.mlp_ratio) * d * d + 2 * 4 * t * d
+    cross = 2 * d * d + 2 * 9 * cfg.lr_block**2 * d
+    per_token = cfg.num_layers * per_layer + cross + d * cfg.patch_size**2 * (cfg.out_channels + cfg.in_channels)
+    return 2.0 * (tokens * per_token + lr_tokens * 2 * d * d)
+
+
+def environment() -> dict[str, str]:
+    import platform
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": str(torch.get_num_threads()),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
+def measure(spec: CallSpec, timeout: float = 1800) -> CallMeasurement:
+    """Run `spec` in a fresh Python process and return what it measured."""
+    cmd = [sys.executable, "-m", "infdit_cli.bench", json.dumps(asdict(spec))]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"measurement {spec} failed: {tail}")
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    return CallMeasurement(spec=spec, **data)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _measure_here(spec: CallSpec) -> dict:
+    from .config import PRESETS
+    from .planner import estimate
+    from .weights import random_model
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    cfg = PRESETS[spec.config]
+    dtype = getattr(torch, spec.dtype)
+    dev = torch.device(spec.device)
+    gen = torch.Generator().manual_seed(0)
+    model = random_model(cfg, seed=0, device=dev, dtype=dtype)
+    h, w = spec.height, spec.width
+    x = torch.randn(1, 3, h, w, generator=gen)
+    lr_up = torch.randn(1, 3, h, w, generator=gen)
+    lr = torch.randn(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=gen)
+    image = model.prepare_image(lr.to(dev), torch.randn(1, cfg.vector_dim, generator=gen), state_device=dev)
+    x, lr_up = x.to(dev), lr_up.to(dev)
+    kw = dict(lr_up=lr_up, image=image, block_batch=spec.n, order=spec.order,
+              cache_device="cpu" if spec.cache_on_host else None)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss()
+    times = []
+    for i in range(1 + spec.repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = model.denoise(x, 2.0, **kw)
+        sync()
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+        del out
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    est = estimate(cfg, (h, w), spec.n, dtype=dtype, device_type=dev.type, cache_on_host=spec.cache_on_host,
+                   state_on_host=True, order=spec.order)
+    predicted = est.cache + est.activations + est.overhead + 3 * h * w * 4  # + the call's output image
+    gh, gw = -(-h // cfg.block_size), -(-w // cfg.block_size)
+    return dict(peak_bytes=int(peak), predicted_bytes=int(predicted), seconds=statistics.median(times),
+                tokens=gh * gw * cfg.block_tokens**2, flops=flops_per_call(cfg, h, w))
+
+
+if __name__ == "__main__":  # the fresh process behind `measure`
+    spec = CallSpec(**json.loads(sys.argv[1]))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(json.dumps(_measure_here(spec)))
