@@ -15,7 +15,6 @@ class ExitCode(IntEnum):
     OK = 0
     ERROR = 1  # the command failed; one line on stderr says why
     USAGE = 2  # bad arguments or an impossible request (click's code)
-    PARTIAL = 3  # batch: some files failed, the rest were written
     INTERRUPTED = 130  # Ctrl-C; partial outputs were removed
 
 

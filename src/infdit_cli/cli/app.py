@@ -6,7 +6,10 @@ import sys
 
 import typer
 
+from . import batch as batch_cmd
 from . import convert as convert_cmd
+from . import hub_cmds
+from . import upscale as upscale_cmd
 from ._errors import report
 
 app = typer.Typer(
@@ -17,15 +20,20 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.command(epilog=upscale_cmd.EXAMPLES)(upscale_cmd.upscale)
+app.command(epilog=batch_cmd.EXAMPLES)(batch_cmd.batch)
 app.command(epilog=convert_cmd.EXAMPLES)(convert_cmd.convert)
+app.command(epilog=hub_cmds.DOWNLOAD_EXAMPLES)(hub_cmds.download)
+app.command()(hub_cmds.info)
 
 
 @app.callback()
 def _root() -> None:
     """Upscale images with Inf-DiT, block by block in bounded memory.
 
-    Exit codes: 0 ok, 1 error (one line on stderr says why), 2 usage, 3 batch finished with failures,
-    130 interrupted. Set INFDIT_DEBUG=1 for tracebacks.
+    Exit codes: 0 ok; 1 error (one line on stderr says why; for batch: some file failed); 2 bad
+    arguments or impossible request; 130 interrupted (no partial output is left). Set INFDIT_DEBUG=1 for
+    tracebacks.
     """
 
 

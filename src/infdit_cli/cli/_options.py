@@ -1,0 +1,65 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import BadRequest
+from ..pipeline import UpscaleOptions
+from ..planner import parse_bytes
+
+
+class ColorFix(str, Enum):
+    none = "none"
+    wavelet = "wavelet"
+    adain = "adain"
+
+
+Weights = Annotated[Optional[str], typer.Option(
+    help="A .safetensors file, a Hub reference org/repo[/file][@revision], or a registry name "
+         "(default: infdit-4x, or $INFDIT_WEIGHTS).", rich_help_panel="Model")]
+Repo = Annotated[Optional[str], typer.Option(help="Hub repo id for a registry model ($INFDIT_REPO).",
+                                             rich_help_panel="Model")]
+Offline = Annotated[bool, typer.Option("--offline", help="Use only the HF cache (like HF_HUB_OFFLINE=1).",
+                                       rich_help_panel="Model")]
+Device = Annotated[str, typer.Option(help="auto, cuda, cpu or mps.", rich_help_panel="Model")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on CUDA if supported, else fp32), bf16, fp16 or fp32.",
+                                    rich_help_panel="Model")]
+Res = Annotated[Optional[str], typer.Option(
+    help="Target: long side in pixels (4096, aspect kept) or exact WxH (3840x2160).", rich_help_panel="Size")]
+Scale = Annotated[Optional[float], typer.Option(help="Target as a factor of the input, e.g. 2.5.",
+                                                rich_help_panel="Size")]
+Steps = Annotated[int, typer.Option(min=1, max=1000, help="Denoising steps (2*steps-1 model calls per pass).",
+                                    rich_help_panel="Sampling")]
+Seed = Annotated[int, typer.Option(help="Noise seed: the same seed gives the same image, whatever n or device.",
+                                   rich_help_panel="Sampling")]
+MemBudget = Annotated[Optional[str], typer.Option(
+    help="Device memory to plan for, e.g. 8GB (default: what is free).", rich_help_panel="Memory")]
+BlockBatch = Annotated[Optional[int], typer.Option(
+    min=1, help="Blocks per batch side, overriding the planner (n x n blocks of 128 px).", rich_help_panel="Memory")]
+Quality = Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.", rich_help_panel="Output")]
+ColorFixOpt = Annotated[ColorFix, typer.Option(
+    help="Low-frequency colour transfer from the input, if colours drift.", rich_help_panel="Output")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.", rich_help_panel="Output")]
+MaxPixels = Annotated[int, typer.Option(
+    help="Refuse inputs with more pixels than this (decompression-bomb guard).", rich_help_panel="Input")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail; tracebacks on errors.")]
+Json = Annotated[bool, typer.Option("--json", help="A machine-readable summary on stdout.")]
+OutPath = Annotated[Optional[Path], typer.Option("-o", "--output")]
+
+
+def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int | None,
+                 color_fix: ColorFix) -> UpscaleOptions:
+    budget = None
+    if mem_budget is not None:
+        try:
+            budget = parse_bytes(mem_budget)
+        except ValueError as e:
+            raise BadRequest(f"--mem-budget: {e}") from None
+    return UpscaleOptions(steps=steps, seed=seed, block_batch=block_batch if block_batch else "auto",
+                          mem_budget=budget, color_fix=color_fix.value)

@@ -1,0 +1,107 @@
+"""Progress display: rich Live on stderr for a TTY, a null sink otherwise (quiet, pipes, tests)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+from ..engine import BatchDone, OutOfMemoryRetry
+from ..pipeline import PassStarted
+from ..sampling import StepDone
+
+
+class Display(Protocol):
+    def start(self, total_images: int = 1) -> None: ...
+    def image(self, name: str) -> None: ...
+    def image_done(self) -> None: ...
+    def __call__(self, event: object) -> None: ...
+    def stop(self) -> None: ...
+    def warn(self, text: str) -> None: ...
+
+
+class NullDisplay:
+    """For --quiet, non-TTY stderr and tests: warnings still reach stderr as plain lines."""
+
+    def start(self, total_images: int = 1) -> None:
+        pass
+
+    def image(self, name: str) -> None:
+        pass
+
+    def image_done(self) -> None:
+        pass
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, OutOfMemoryRetry):
+            self.warn(f"out of memory at block batch {event.n}; retrying with {event.retry_n}")
+
+    def stop(self) -> None:
+        pass
+
+    def warn(self, text: str) -> None:
+        print(f"warning: {text}", file=sys.stderr)
+
+
+class RichDisplay:
+    """Images x passes x denoising calls x block batches, after rich's dynamic_progress example."""
+
+    def __init__(self) -> None:
+        from rich.console import Console, Group
+        from rich.live import Live
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn())
+        self.overall = Progress(*cols, console=self.console)
+        self.steps = Progress(*cols, console=self.console)
+        self.blocks = Progress(*cols, console=self.console, transient=True)
+        self.live = Live(Group(self.overall, self.steps, self.blocks), console=self.console, refresh_per_second=8)
+        self.images_task = self.step_task = self.block_task = None
+        self.total_images = 1
+
+    def start(self, total_images: int = 1) -> None:
+        self.total_images = total_images
+        if total_images > 1:
+            self.images_task = self.overall.add_task("images", total=total_images)
+        self.live.start()
+
+    def image(self, name: str) -> None:
+        self.name = name
+
+    def image_done(self) -> None:
+        if self.images_task is not None:
+            self.overall.advance(self.images_task)
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, PassStarted):
+            for t in list(self.steps.task_ids):
+                self.steps.remove_task(t)
+            p = event.pass_
+            desc = (f"pass {event.index}/{event.total} {p.scale}x "
+                    f"{p.in_size[1]}x{p.in_size[0]} -> {p.out_size[1]}x{p.out_size[0]}")
+            self.step_task = self.steps.add_task(desc, total=None)
+        elif isinstance(event, StepDone) and self.step_task is not None:
+            self.steps.update(self.step_task, total=2 * event.steps - 1, completed=event.calls)
+        elif isinstance(event, BatchDone):
+            if self.block_task is None:
+                self.block_task = self.blocks.add_task(f"block batches ({event.n}x{event.n})", total=event.total)
+            self.blocks.update(self.block_task, completed=event.index, total=event.total)
+            if event.index == event.total:
+                self.blocks.remove_task(self.block_task)
+                self.block_task = None
+        elif isinstance(event, OutOfMemoryRetry):
+            self.warn(f"out of memory at block batch {event.n}; retrying with {event.retry_n}")
+
+    def stop(self) -> None:
+        self.live.stop()
+
+    def warn(self, text: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {text}")
+
+
+def make_display(quiet: bool) -> Display:
+    if quiet or not sys.stderr.isatty():
+        return NullDisplay()
+    return RichDisplay()

@@ -1,0 +1,147 @@
+"""`Upscaler`: a loaded model plus the device choices, upscaling files, PIL images or tensors.
+
+This is the library entry point the CLI wraps:
+
+    from infdit_cli import Upscaler, UpscaleOptions
+    up = Upscaler.from_weights("model.safetensors", device="auto")
+    result = up.upscale_file("photo.jpg", "photo_4k.png", res="4096")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadRequest
+from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, SUFFIXES, fill_transparent, load_image, resize, save_image
+from .pipeline import UpscaleOptions, UpscalePlan, plan_upscale, target_size, upscale
+
+__all__ = ["Upscaler", "UpscaleResult", "resolve_device", "resolve_dtype", "default_output"]
+
+
+@dataclass(frozen=True)
+class UpscaleResult:
+    input: str
+    output: str
+    input_size: tuple[int, int]  # (h, w)
+    output_size: tuple[int, int]
+    passes: list[int]  # the scale of each model pass
+    block_batch: list[int | None]  # n of each pass (None: whole image)
+    model_calls: int
+    seconds: float
+    peak_memory: int | None  # bytes on the compute device (CUDA), None where not measured
+    seed: int
+
+
+def resolve_device(name: str = "auto", *, check: bool = True) -> torch.device:
+    """`auto` -> cuda, mps or cpu; a named device must exist here unless `check` is False (planning only)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BadRequest(f"unknown device {name!r}; use auto, cuda, cpu or mps") from None
+    if dev.type not in ("cuda", "cpu", "mps"):
+        raise BadRequest(f"unsupported device {name!r}; use auto, cuda, cpu or mps")
+    if not check:
+        return dev
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadRequest("--device cuda: no CUDA device is available here")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadRequest("--device mps: no MPS device is available here")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name == "auto":
+        if device.type == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return torch.float32
+    if name not in table:
+        raise BadRequest(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32")
+    return table[name]
+
+
+def default_output(path: Path) -> Path:
+    """`photo.jpg` -> `photo_infdit.jpg` beside it."""
+    return path.with_name(f"{path.stem}_infdit{path.suffix}")
+
+
+class Upscaler:
+    """A loaded Inf-DiT model, ready to upscale many images."""
+
+    def __init__(self, model, *, options: UpscaleOptions = UpscaleOptions()) -> None:
+        self.model = model
+        self.options = options
+
+    @classmethod
+    def from_weights(cls, weights: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
+                     options: UpscaleOptions = UpscaleOptions(), **resolve_kw) -> Upscaler:
+        from .hub import resolve_weights
+        from .weights import load_model
+
+        dev = resolve_device(device)
+        path = resolve_weights(weights, **resolve_kw)
+        return cls(load_model(path, device=dev, dtype=resolve_dtype(dtype, dev)), options=options)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def plan(self, input_size: tuple[int, int], *, res: str | None = None, scale: float | None = None,
+             options: UpscaleOptions | None = None) -> UpscalePlan:
+        opts = options or self.options
+        target = target_size(input_size, res=res, scale=scale)
+        return plan_upscale(self.model.config, input_size, target, opts, dtype=self.model.dtype, device=self.device)
+
+    def upscale_tensor(self, rgb: torch.Tensor, up_plan: UpscalePlan, *, options: UpscaleOptions | None = None,
+                       on_event: Callable[[object], None] | None = None) -> torch.Tensor:
+        """(1, 3, h, w) in [0, 1] -> (1, 3, H, W) in [0, 1]."""
+        return upscale(self.model, rgb, up_plan, options or self.options, on_event=on_event)
+
+    def upscale_file(self, src: str | Path, dst: str | Path | None = None, *, res: str | None = None,
+                     scale: float | None = None, options: UpscaleOptions | None = None, quality: int = 95,
+                     overwrite: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                     on_event: Callable[[object], None] | None = None) -> UpscaleResult:
+        """Read `src`, upscale, write `dst` (default `<stem>_infdit<suffix>`) atomically."""
+        opts = options or self.options
+        src = Path(src)
+        dst = Path(dst) if dst is not None else default_output(src)
+        fmt = SUFFIXES.get(dst.suffix.lower())
+        if fmt is None:
+            raise BadRequest(f"unsupported output type {dst.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
+        if dst.exists() and not overwrite:
+            from .errors import OutputExists
+
+            raise OutputExists(f"{dst} exists; pass --overwrite to replace it")
+        img = load_image(src, max_pixels=max_pixels)
+        up_plan = self.plan(img.size, res=res, scale=scale, options=opts)
+        if max(up_plan.target_size) > MAX_SIDE[fmt]:
+            raise BadRequest(f"{fmt} cannot hold {up_plan.target_size[1]}x{up_plan.target_size[0]} "
+                             f"(at most {MAX_SIDE[fmt]} px per side); choose .png or .tif")
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        rgb = fill_transparent(img.rgb, img.alpha) if img.alpha is not None else img.rgb
+        out = self.upscale_tensor(rgb, up_plan, options=opts, on_event=on_event)
+        alpha = resize(img.alpha, up_plan.target_size).clamp(0, 1) if img.alpha is not None else None
+        save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif,
+                   quality=quality, overwrite=overwrite)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return UpscaleResult(
+            input=str(src), output=str(dst), input_size=img.size, output_size=up_plan.target_size,
+            passes=[p.scale for p in up_plan.passes],
+            block_batch=[(None if p.memory is None or p.memory.whole_image else p.memory.n)
+                         if opts.block_batch == "auto" else opts.block_batch for p in up_plan.passes],
+            model_calls=up_plan.model_calls, seconds=time.perf_counter() - t0, peak_memory=peak, seed=opts.seed,
+        )
