@@ -68,7 +68,7 @@ def test_sampling_run(official_model, io, steps, key):
 
 def test_every_weight_matters(official_model, io):
     """Perturbing any loaded tensor changes the output, CLIP tower included (vector computed in-graph)."""
-    lr, lr_up, x = io["lr"][..., :32, :64], io["concat"][..., :128, :256], io["x"][..., :128, :256]
+    lr, lr_up, x = io["lr"][..., :32, :32], io["concat"][..., :128, :128], io["x"][..., :128, :128]
 
     def run():
         return official_model.denoise(x, 2.5, lr_up=lr_up, lr=lr, vector=official_model.encode_image(lr))

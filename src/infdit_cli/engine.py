@@ -128,12 +128,11 @@ def _run(model, x, lr_up, lr_tokens, step, grid_h, grid_w, n, order, cache_dev, 
     c_in = step.c_in.to(x.device).view(-1, 1, 1, 1)
     c_out = step.c_out.to(x.device).view(-1, 1, 1, 1)
     c_skip = step.c_skip.to(x.device).view(-1, 1, 1, 1)
-    lr_pad = F.pad(lr_tokens, (0, 0, lb, lb, lb, lb))  # zero LR tokens around the image (official Unfold)
     for idx, rect in enumerate(batches):
         ys, xs = slice(rect.r0 * bs, rect.r1 * bs), slice(rect.c0 * bs, rect.c1 * bs)
         x_r = x[..., ys, xs]
         xin = torch.cat([x_r, lr_up[..., ys, xs]], dim=1) * c_in  # the LR channels are scaled by c_in too
-        region = lr_pad[:, rect.r0 * lb : (rect.r1 + 2) * lb, rect.c0 * lb : (rect.c1 + 2) * lb]
+        region = _lr_region(lr_tokens, rect, lb)
         f = model.forward_rect(xin.to(dev, dt), region.to(dev, dt), rect, step, cache)
         out[..., ys, xs] = f.to(x.device, torch.float32) * c_out + x_r * c_skip
         if cache is not None:
@@ -142,6 +141,17 @@ def _run(model, x, lr_up, lr_tokens, step, grid_h, grid_w, n, order, cache_dev, 
             on_event(BatchDone(index=idx + 1, total=len(batches), n=n or max(grid_h, grid_w),
                                cached_blocks=len(cache) if cache is not None else 0))
     return out
+
+
+def _lr_region(lr_tokens: torch.Tensor, rect: BlockBatch, lb: int) -> torch.Tensor:
+    """LR tokens of the rectangle plus one LR block all round, zero outside the image (the official
+    `Unfold(padding=16)` pads the projected map with zeros). Only this slice is copied, never the map."""
+    hl, wl = lr_tokens.shape[1:3]
+    r0, r1 = (rect.r0 - 1) * lb, (rect.r1 + 1) * lb
+    c0, c1 = (rect.c0 - 1) * lb, (rect.c1 + 1) * lb
+    part = lr_tokens[:, max(r0, 0) : min(r1, hl), max(c0, 0) : min(c1, wl)]
+    pad = (0, 0, max(-c0, 0), max(c1 - wl, 0), max(-r0, 0), max(r1 - hl, 0))
+    return F.pad(part, pad) if any(pad) else part
 
 
 def _evict(cache: KVCache, rect: BlockBatch, done: torch.Tensor) -> None:

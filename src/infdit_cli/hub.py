@@ -82,10 +82,16 @@ def _offline(offline: bool | None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
 def resolve_weights(weights: str | Path | None = None, *, repo: str | None = None, revision: str | None = None,
                     offline: bool | None = None, token: str | bool | None = None,
                     cache_dir: str | Path | None = None, tqdm_class=None) -> Path:
     """A local path to the weights `weights` names, downloading into the HF cache if needed.
+
+    An existing path, or one written as a path (`/...`, `./...`, `~/...`), is a local file; a bare name is a
+    registry entry (or a local file name with a weights suffix); `org/repo[/file][@rev]` is on the Hub.
 
     Raises:
         WeightsNotFound: a local path that does not exist, or an unknown name.
@@ -95,7 +101,8 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
     weights = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL
     text = str(weights)
     path = Path(text).expanduser()
-    if path.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt") or path.exists():
+    explicit_local = text.startswith(("/", "./", "../", "~")) or "\\" in text
+    if path.exists() or explicit_local or ("/" not in text and path.suffix in _WEIGHT_SUFFIXES):
         if not path.is_file():
             raise WeightsNotFound(f"no such weights file: {path}")
         return path

@@ -34,7 +34,35 @@ def expected_shapes(cfg: InfDiTConfig) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfDiTConfig, error: type[Exception] = WeightsError) -> None:
     """Every expected key present with its shape and a float dtype; no extra key."""
+    check_shapes({k: (tuple(t.shape), t.dtype) for k, t in sd.items()}, cfg, error)
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def inspect_file(path: str | Path) -> tuple[InfDiTConfig, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """Config and (shape, dtype) of every tensor, checked against each other, from the header alone."""
+    path = Path(path)
+    cfg = read_config(path)
+    header = _read_header(path)
+    info = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')}")
+        info[name] = (tuple(entry.get("shape", ())), dtype)
+    check_shapes(info, cfg)
+    return cfg, info
+
+
+def check_shapes(info: dict[str, tuple[tuple[int, ...], torch.dtype]], cfg: InfDiTConfig,
+                 error: type[Exception] = WeightsError) -> None:
     want = expected_shapes(cfg)
+    sd = {k: _Meta(*v) for k, v in info.items()}
     missing = sorted(set(want) - set(sd))
     extra = sorted(set(sd) - set(want))
     if missing:
@@ -47,6 +75,11 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfDiTConfig, error: type
     wrong = [f"{k} ({sd[k].dtype})" for k in want if sd[k].dtype not in _FLOAT_DTYPES]
     if wrong:
         raise error(f"tensors must be float32/float16/bfloat16: {_few(wrong)}")
+
+
+class _Meta:
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.shape, self.dtype = shape, dtype
 
 
 def _few(items: list[str], n: int = 3) -> str:
@@ -110,12 +143,16 @@ def read_config(path: str | Path) -> InfDiTConfig:
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFound(f"no such weights file: {path}")
-    if _looks_like_pickle(path):
-        raise WeightsError(
-            f"{path} is a PyTorch pickle, which infdit never loads at run time; "
-            f"convert it first: infdit convert {path} -o model.safetensors"
-        )
-    meta = _read_header(path).get("__metadata__") or {}
+    try:
+        header = _read_header(path)
+    except WeightsError:
+        if _looks_like_pickle(path):
+            raise WeightsError(
+                f"{path} is a PyTorch pickle, which infdit never loads at run time; "
+                f"convert it first: infdit convert {path} -o model.safetensors"
+            ) from None
+        raise
+    meta = header.get("__metadata__") or {}
     if "infdit_config" not in meta:
         raise WeightsError(f"{path} has no infdit_config metadata: not a file made by `infdit convert`")
     try:
@@ -126,8 +163,8 @@ def read_config(path: str | Path) -> InfDiTConfig:
 
 def _looks_like_pickle(path: Path) -> bool:
     with path.open("rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch zip archive / raw pickle
+        head = f.read(2)
+    return head == b"PK" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")  # zip / raw pickle
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32):
@@ -149,7 +186,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     from .model import InfDiT
 
     path = Path(path)
-    cfg = read_config(path)
+    cfg, _ = inspect_file(path)  # names, shapes and dtypes checked before any data is read
     try:
         sd = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:

@@ -39,7 +39,10 @@ def _root() -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns the code of a typer.Exit (Ctrl-C arrives as Exit(130))
+        if rc == 130:
+            sys.exit(report(KeyboardInterrupt()))
+        sys.exit(rc if isinstance(rc, int) else 0)
     except SystemExit:
         raise
     except typer.Exit as e:

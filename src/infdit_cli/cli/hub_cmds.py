@@ -59,10 +59,10 @@ def info(
 
     from ..hub import resolve_weights
     from ..planner import estimate, format_bytes, param_count
-    from ..weights import read_config
+    from ..weights import inspect_file
 
     path = resolve_weights(weights, repo=repo, offline=offline or None)
-    cfg = read_config(path)
+    cfg, _ = inspect_file(path)
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
         meta = f.metadata() or {}
