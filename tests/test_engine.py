@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from conftest import TORCH_DEVICE
 from infdit_cli.engine import BatchDone
 from infdit_cli.schedule import cache_bound, plan_batches
 

@@ -34,6 +34,7 @@ class CallSpec:
     dtype: str = "float32"
     repeats: int = 3  # timed calls after one warm-up call
     threads: int | None = None
+    weights: str | None = None  # a converted file instead of the preset's random weights
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,17 @@ def _measure_here(spec: CallSpec) -> dict:
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    cfg = PRESETS[spec.config]
     dtype = getattr(torch, spec.dtype)
     dev = torch.device(spec.device)
     gen = torch.Generator().manual_seed(0)
-    model = random_model(cfg, seed=0, device=dev, dtype=dtype)
+    if spec.weights:
+        from .weights import load_model
+
+        model = load_model(spec.weights, device=dev, dtype=dtype)
+        cfg = model.config
+    else:
+        cfg = PRESETS[spec.config]
+        model = random_model(cfg, seed=0, device=dev, dtype=dtype)
     h, w = spec.height, spec.width
     x = torch.randn(1, 3, h, w, generator=gen)
     lr_up = torch.randn(1, 3, h, w, generator=gen)
@@ -155,3 +162,41 @@ if __name__ == "__main__":  # the fresh process behind `measure`
     spec = CallSpec(**json.loads(sys.argv[1]))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(json.dumps(_measure_here(spec)))
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One resolution: the planner's block mode and the whole-image pass, measured or predicted."""
+
+    res: int
+    n: int
+    cache_on_host: bool
+    block: CallMeasurement | None
+    block_predicted: int
+    whole: CallMeasurement | None  # None: the whole image does not fit the budget (predicted only)
+    whole_predicted: int
+    calls_per_run: int
+
+
+def run_bench(cfg, sizes: list[int], *, budget: int, device: str, dtype: torch.dtype, steps: int,
+              config_name: str, weights: str | None = None, repeats: int = 3,
+              on_row=None) -> list[BenchRow]:
+    """For each square size: plan under `budget`, then measure that plan and the whole-image pass."""
+    from .planner import estimate, plan
+
+    dev = torch.device(device)
+    rows = []
+    for res in sizes:
+        p = plan(cfg, (res, res), budget=budget, dtype=dtype, device=dev)
+        grid = -(-res // cfg.block_size)
+        n = min(p.n, max(grid - 1, 1)) if p.whole_image and grid > 1 else p.n  # a real block mode
+        common = dict(config=config_name, height=res, width=res, device=dev.type,
+                      dtype=str(dtype).removeprefix("torch."), repeats=repeats, weights=weights)
+        block = measure(CallSpec(n=n, cache_on_host=p.cache_on_host, **common))
+        w_est = estimate(cfg, (res, res), None, dtype=dtype, device_type=dev.type, state_on_host=True)
+        whole = measure(CallSpec(n=None, **common)) if w_est.total <= budget else None
+        row = BenchRow(res, n, p.cache_on_host, block, block.predicted_bytes, whole, w_est.total, 2 * steps - 1)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -163,7 +163,6 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
     """
     if generator is None:
         generator = torch.Generator().manual_seed(options.seed)
-    cfg = model.config
     x = rgb.float().cpu() * 2 - 1  # [-1, 1]
     for i, p in enumerate(up_plan.passes):
         mem = p.memory

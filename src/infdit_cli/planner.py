@@ -26,6 +26,7 @@ ACT_TOKEN_COPIES = 26
 # Layer-0 cross-attention: k/v region (2), the unfolded k/v windows (2 x 2.25 T per block), k + pos (2.25).
 CROSS_WINDOW_COPIES = 6.75
 SAMPLER_IMAGES = 7  # x, lr_up, d, x_euler, the denoiser output, and two temporaries of the Heun update
+SATURATING_N = 4  # 4x4 blocks = 16K tokens per batch: assumed enough to fill a GPU (not measured here)
 OVERHEAD = {"cpu": 64 * 2**20, "cuda": 64 * 2**20, "mps": 64 * 2**20}  # allocator slack, kernel workspaces
 
 
@@ -136,19 +137,30 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
     h, w = size
     gh, gw = -(-h // cfg.block_size), -(-w // cfg.block_size)
     placements = [(False, False)] if device.type == "cpu" else [(False, False), (True, False), (True, True)]
-    for n in range(max(gh, gw), 0, -1):
-        for cache_host, state_host in placements:
+    best: Plan | None = None
+    for cache_host, state_host in placements:
+        for n in range(max(gh, gw), 0, -1):
             est = estimate(cfg, size, n, dtype=dtype, device_type=device.type, cache_on_host=cache_host,
                            state_on_host=state_host, batch=batch)
-            if est.total <= budget:
-                whole = n >= max(gh, gw)
-                where = ", ".join(
-                    s for s, on in (("K/V cache on the host", cache_host), ("image state on the host", state_host))
-                    if on
-                ) or "everything on the device"
-                reason = (f"{'whole image' if whole else f'{n}x{n} blocks'} ({where}) predicted "
-                          f"{format_bytes(est.total)} <= budget {format_bytes(budget)}")
-                return Plan(n, whole, choose_order(gh, gw), cache_host, state_host, est, budget, reason)
+            if est.total > budget:
+                continue
+            whole = n >= max(gh, gw)
+            where = ", ".join(
+                s for s, on in (("K/V cache on the host", cache_host), ("image state on the host", state_host))
+                if on
+            ) or "everything on the device"
+            reason = (f"{'whole image' if whole else f'{n}x{n} blocks'} ({where}) predicted "
+                      f"{format_bytes(est.total)} <= budget {format_bytes(budget)}")
+            found = Plan(n, whole, choose_order(gh, gw), cache_host, state_host, est, budget, reason)
+            # Host transfers cost time: keep things on the device as long as batches stay big enough to
+            # keep it busy (SATURATING_N^2 blocks), else move the cache/state off for a bigger n.
+            if n >= min(SATURATING_N, max(gh, gw)):
+                return found
+            if best is None or n > best.n:
+                best = found
+            break
+    if best is not None:
+        return best
     leanest = estimate(cfg, size, 1, dtype=dtype, device_type=device.type, cache_on_host=placements[-1][0],
                        state_on_host=placements[-1][1], batch=batch)
     raise MemoryBudgetTooSmall(

@@ -7,6 +7,7 @@ import sys
 import typer
 
 from . import batch as batch_cmd
+from . import bench as bench_cmd
 from . import convert as convert_cmd
 from . import hub_cmds
 from . import upscale as upscale_cmd
@@ -25,6 +26,7 @@ app.command(epilog=batch_cmd.EXAMPLES)(batch_cmd.batch)
 app.command(epilog=convert_cmd.EXAMPLES)(convert_cmd.convert)
 app.command(epilog=hub_cmds.DOWNLOAD_EXAMPLES)(hub_cmds.download)
 app.command()(hub_cmds.info)
+app.command(epilog=bench_cmd.EXAMPLES)(bench_cmd.bench)
 
 
 @app.callback()
