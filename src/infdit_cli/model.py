@@ -146,8 +146,10 @@ class InfDiT(nn.Module):
         state_device = lr.device if state_device is None else state_device
         lr = pad_to_blocks(lr, self.config.block_size // self.config.sr_scale)  # as the HR image is padded
         w = self.lr_cross.lr_embedder
-        rows = []  # project in row strips so a 16K image's LR map never sits on the device whole
-        strip = max(1, 2**22 // max(1, lr.shape[-1])) * self.config.lr_patch_size
+        rows = []  # project in row strips (<= 256 MiB of tokens each): a 16K image's LR map is ~10 GiB
+        lp, d = self.config.lr_patch_size, self.config.hidden_size
+        row_bytes = max(1, lr.shape[-1] // lp) * d * self.x_embedder.weight.element_size()
+        strip = max(1, 2**28 // row_bytes) * lp
         for r in range(0, lr.shape[-2], strip):
             part = lr[..., r : r + strip, :].to(self.device, self.dtype)
             rows.append(w(part).permute(0, 2, 3, 1).to(state_device))  # (B, h/8, w/8, D)

@@ -27,7 +27,7 @@ EXAMPLES = """Examples:
 def batch(
     folder: Annotated[Path, typer.Argument(help="The folder of images.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help=(
-        "Output folder, mirroring the input tree (default: <folder>_infdit beside it)."))] = None,
+        "Output folder, mirroring the input tree (default: FOLDER_infdit beside it)."))] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subfolders.")] = False,
     glob: Annotated[str | None, typer.Option(help=(
         "Only files matching this pattern (case-insensitive). Default: png, jpg, jpeg, webp, tif, tiff, "

@@ -84,7 +84,7 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
 def upscale(
     input: Annotated[Path, typer.Argument(help="The image to upscale (PNG, JPEG, WebP, TIFF, ...).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help=(
-        "Where to write; the format follows the suffix. Default: <stem>_infdit.<ext> beside the input."))] = None,
+        "Where to write; the format follows the suffix. Default: STEM_infdit.EXT beside the input."))] = None,
     res: O.Res = None,
     scale: O.Scale = None,
     steps: O.Steps = 20,
