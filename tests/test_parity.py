@@ -68,13 +68,16 @@ def test_sampling_run(official_model, io, steps, key):
 
 def test_every_weight_matters(official_model, io):
     """Perturbing any loaded tensor changes the output, CLIP tower included (vector computed in-graph)."""
-    lr, lr_up, x = io["lr"][..., :32, :32], io["concat"][..., :128, :128], io["x"][..., :128, :128]
+    # Two blocks side by side: with one block every neighbour is the block itself and `re_pos_embed`
+    # cancels in the softmax.
+    lr, lr_up, x = io["lr"][..., :32, :64], io["concat"][..., :128, :256], io["x"][..., :128, :256]
 
     def run():
         return official_model.denoise(x, 2.5, lr_up=lr_up, lr=lr, vector=official_model.encode_image(lr))
 
     ref = run()
     gen = torch.Generator().manual_seed(0)
+    effects = {}
     inert = []
     params = dict(official_model.named_parameters())
     assert len(params) == 99  # the 110 official parameters less the 11 the official model never uses
@@ -83,10 +86,15 @@ def test_every_weight_matters(official_model, io):
         with torch.no_grad():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05 * (saved.abs().mean() + 0.1))
         try:
-            if maxdiff(run(), ref) < 1e-6:
+            effects[name] = maxdiff(run(), ref)
+            if effects[name] < 1e-4:
                 inert.append(name)
         finally:
             with torch.no_grad():
                 p.copy_(saved)
-    assert not inert, f"weights with no effect on the output: {inert}"
+    # The LR keys' LayerNorm bias adds the same q.b to every score of a query, which softmax cancels:
+    # it is inert by construction (the official model too); its effect is rounding only.
+    assert inert == ["lr_cross.k_norm.bias"], f"weights with no effect on the output: {inert}"
+    assert effects["lr_cross.k_norm.bias"] < 1e-5  # rounding only
+    assert min(v for k, v in effects.items() if k not in inert) > 1e-3
     assert maxdiff(run(), ref) == 0.0
