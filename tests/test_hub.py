@@ -123,3 +123,42 @@ def test_default_model_without_repo_says_how(tmp_path):
     assert res.returncode == 1
     line = _one_line(res)
     assert "infdit convert" in line and "INFDIT_REPO" in line
+
+
+def test_clip_tower_from_hub_when_file_has_none(hub, tmp_path, tiny_model, tiny_weights):
+    """A converted file without the CLIP tower gets open_clip's weights from the Hub (here: a tiny tower
+    under the same manifest mechanism), and upscales exactly like the file that carries them."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from infdit_cli.weights import save_model_file
+
+    fake, env, _ = hub
+    cfg = tiny_model.config
+    sd = tiny_model.state_dict()
+    noclip = tmp_path / "noclip.safetensors"
+    save_model_file(noclip, {k: v for k, v in sd.items() if not k.startswith("clip.")}, cfg.with_(clip=None))
+    tower = tmp_path / "tower.safetensors"
+    save_file({k.removeprefix("clip."): v.contiguous() for k, v in sd.items() if k.startswith("clip.visual.")},
+              tower)
+    fake.repos["laion/tiny-clip"] = Repo({"open_clip_model.safetensors": tower.read_bytes()})
+    reg = tmp_path / "registry"
+    reg.mkdir()
+    c = cfg.clip
+    (reg / "clip.json").write_text(json.dumps({
+        "name": "clip-vit-l-14-datacomp", "repo_id": "laion/tiny-clip", "filename": "open_clip_model.safetensors",
+        "revision": None, "sha256": None, "size": None, "license": "test", "source": "test", "conversion": "none",
+        "clip_config": {"embed_dim": c.embed_dim, "width": c.width, "layers": c.layers,
+                        "head_width": c.head_width, "patch_size": c.patch_size, "image_size": c.image_size}}))
+    env = {**env, "INFDIT_REGISTRY": str(reg)}
+    src = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((12, 16, 3)) * 255).astype(np.uint8)).save(src)
+    outs = []
+    for name, weights in (("a.png", noclip), ("b.png", tiny_weights)):
+        res = run_cli("upscale", src, "-o", tmp_path / name, "--scale", "2", "--steps", "2", "--device", "cpu",
+                      "--weights", weights, env=env)
+        assert res.returncode == 0, res.stderr
+        outs.append(np.asarray(Image.open(tmp_path / name)))
+    assert np.array_equal(outs[0], outs[1])
+    assert any("tiny-clip" in path for _, path, _ in fake.log)

@@ -96,5 +96,5 @@ def test_every_weight_matters(official_model, io):
     # it is inert by construction (the official model too); its effect is rounding only.
     assert inert == ["lr_cross.k_norm.bias"], f"weights with no effect on the output: {inert}"
     assert effects["lr_cross.k_norm.bias"] < 1e-5  # rounding only
-    assert min(v for k, v in effects.items() if k not in inert) > 1e-3
+    assert min(v for k, v in effects.items() if k not in inert) > 1e-4  # 100x the float32 noise floor
     assert maxdiff(run(), ref) == 0.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KVCache", "gather_neighbours", "block_attention", "lr_windows"]
+__all__ = ["KVCache", "Prefetcher", "gather_neighbours", "block_attention", "lr_windows"]
 
 Block = tuple[int, int]
 
@@ -72,6 +72,37 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+class Prefetcher:
+    """Brings layer i+1's cached neighbours to the GPU on a side stream while layer i computes.
+
+    Used when the cache lives in pinned host memory and the model on CUDA; elsewhere `fetch` runs inline.
+    """
+
+    def __init__(self, fetch, layers: int, device: torch.device, enabled: bool) -> None:
+        self.fetch, self.layers = fetch, layers
+        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+        self.pending = self._start(0) if self.stream is not None else None
+
+    def _start(self, layer: int):
+        if layer >= self.layers:
+            return None
+        # Host entries may still be being written by copies queued on the compute stream.
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            return self.fetch(layer)
+
+    def get(self, layer: int):
+        if self.stream is None:
+            return self.fetch(layer)
+        out, current = self.pending, torch.cuda.current_stream(self.stream.device)
+        current.wait_stream(self.stream)
+        for t in out:
+            if t is not None:
+                t.record_stream(current)  # allocated on the side stream, used on this one
+        self.pending = self._start(layer + 1)
+        return out
 
 
 def gather_neighbours(

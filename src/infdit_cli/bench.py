@@ -158,10 +158,56 @@ def _measure_here(spec: CallSpec) -> dict:
                 tokens=gh * gw * cfg.block_tokens**2, flops=flops_per_call(cfg, h, w))
 
 
-if __name__ == "__main__":  # the fresh process behind `measure`
-    spec = CallSpec(**json.loads(sys.argv[1]))
+def time_pair(block: CallSpec, whole: CallSpec, rounds: int = 3, timeout: float = 1800) -> tuple[float, float]:
+    """Median seconds per call of `block` and `whole`, alternated in one fresh process (same model, same
+    inputs, same machine state), so their ratio is not at the mercy of a noisy neighbour between runs."""
+    cmd = [sys.executable, "-m", "infdit_cli.bench", json.dumps(asdict(block)), json.dumps(asdict(whole)),
+           str(rounds)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"paired timing failed: {tail}")
+    a, b = json.loads(res.stdout.strip().splitlines()[-1])
+    return a, b
+
+
+def _time_pair_here(a: CallSpec, b: CallSpec, rounds: int) -> list[float]:
+    from .config import PRESETS
+    from .weights import load_model, random_model
+
+    dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
+    model = load_model(a.weights, device=dev, dtype=dtype) if a.weights else \
+        random_model(PRESETS[a.config], seed=0, device=dev, dtype=dtype)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    h, w = a.height, a.width
+    x, lr_up = torch.randn(1, 3, h, w, generator=gen).to(dev), torch.randn(1, 3, h, w, generator=gen).to(dev)
+    lr = torch.randn(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=gen).to(dev)
+    image = model.prepare_image(lr, torch.randn(1, cfg.vector_dim, generator=gen), state_device=dev)
+    times: list[list[float]] = [[], []]
+    for r in range(rounds + 1):  # round 0 warms both up
+        for i, spec in enumerate((a, b)):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.denoise(x, 2.0, lr_up=lr_up, image=image, block_batch=spec.n, order=spec.order,
+                          cache_device="cpu" if spec.cache_on_host else None)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if r > 0:
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+if __name__ == "__main__":  # the fresh process behind `measure` and `time_pair`
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(json.dumps(_measure_here(spec)))
+    if len(sys.argv) == 4:
+        pair = [CallSpec(**json.loads(v)) for v in sys.argv[1:3]]
+        if pair[0].threads:
+            torch.set_num_threads(pair[0].threads)
+        print(json.dumps(_time_pair_here(*pair, int(sys.argv[3]))))
+    else:
+        print(json.dumps(_measure_here(CallSpec(**json.loads(sys.argv[1])))))
 
 
 @dataclass(frozen=True)
@@ -176,6 +222,7 @@ class BenchRow:
     whole: CallMeasurement | None  # None: the whole image does not fit the budget (predicted only)
     whole_predicted: int
     calls_per_run: int
+    paired_seconds: tuple[float, float] | None = None  # (block, whole) medians alternated in one process
 
 
 def run_bench(cfg, sizes: list[int], *, budget: int, device: str, dtype: torch.dtype, steps: int,
@@ -195,7 +242,11 @@ def run_bench(cfg, sizes: list[int], *, budget: int, device: str, dtype: torch.d
         block = measure(CallSpec(n=n, cache_on_host=p.cache_on_host, **common))
         w_est = estimate(cfg, (res, res), None, dtype=dtype, device_type=dev.type, state_on_host=True)
         whole = measure(CallSpec(n=None, **common)) if w_est.total <= budget else None
-        row = BenchRow(res, n, p.cache_on_host, block, block.predicted_bytes, whole, w_est.total, 2 * steps - 1)
+        paired = None
+        if whole is not None:
+            paired = time_pair(block.spec, whole.spec, rounds=repeats)
+        row = BenchRow(res, n, p.cache_on_host, block, block.predicted_bytes, whole, w_est.total, 2 * steps - 1,
+                       paired)
         rows.append(row)
         if on_row is not None:
             on_row(row)

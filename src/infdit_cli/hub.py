@@ -15,9 +15,11 @@ from pathlib import Path
 
 from .errors import ChecksumMismatch, HubError, WeightsError, WeightsNotFound
 
-__all__ = ["ModelSpec", "registry", "resolve_weights", "parse_reference", "sha256_file", "DEFAULT_MODEL"]
+__all__ = ["ModelSpec", "registry", "resolve_weights", "parse_reference", "sha256_file", "DEFAULT_MODEL",
+           "fetch_clip_tower"]
 
 DEFAULT_MODEL = "infdit-4x"
+CLIP_MODEL = "clip-vit-l-14-datacomp"  # open_clip ViT-L-14 `datacomp_xl_s13b_b90k`, the official encoder
 REPO_ENV = "INFDIT_REPO"  # overrides the default model's Hub repo id
 WEIGHTS_ENV = "INFDIT_WEIGHTS"  # a default for --weights
 
@@ -36,6 +38,7 @@ class ModelSpec:
     source: str
     conversion: str
     description: str = ""
+    clip_config: dict | None = None  # for CLIP vision towers: the `ClipConfig` fields
 
 
 def _registry_dirs() -> list[Path]:
@@ -173,3 +176,28 @@ def _quarantine(path: Path) -> None:
     path.unlink(missing_ok=True)
     if blob != path:
         blob.unlink(missing_ok=True)
+
+
+def fetch_clip_tower(vector_dim: int, *, offline: bool | None = None, token: str | bool | None = None):
+    """The CLIP vision tower for a converted file that lacks one: open_clip's ViT-L-14
+    `datacomp_xl_s13b_b90k` weights from the Hub (safetensors), cached like any other download.
+
+    Returns:
+        (ClipConfig, {"clip.visual.<name>": tensor}).
+    """
+    from safetensors.torch import load_file
+
+    from .config import ClipConfig
+
+    spec = registry().get(CLIP_MODEL)
+    if spec is None or not spec.repo_id:
+        raise WeightsError(f"this weights file has no CLIP vision tower and no {CLIP_MODEL} manifest is known")
+    cfg = ClipConfig(**(spec.clip_config or {}))
+    if cfg.embed_dim != vector_dim:
+        raise WeightsError(f"{CLIP_MODEL} gives {cfg.embed_dim}-d vectors; this model expects {vector_dim}")
+    path = _download(spec.repo_id, spec.filename, spec.revision, spec.sha256, offline, token, None, None)
+    tensors = load_file(str(path))
+    visual = {f"clip.{k}": t for k, t in tensors.items() if k.startswith("visual.")}
+    if not visual:
+        raise WeightsError(f"{path} holds no visual.* tensors: not an open_clip model file")
+    return cfg, visual

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache, block_attention, cross_attention, gather_neighbours, lr_windows
+from .attention import KVCache, Prefetcher, block_attention, cross_attention, gather_neighbours, lr_windows
 from .clip import ClipImageEncoder
 from .config import InfDiTConfig
 from .layers import apply_rope, edm_scalings, modulate, rope_cos_sin, timestep_embedding
@@ -202,6 +202,12 @@ class InfDiT(nn.Module):
         cos, sin = rope_cos_sin(grid_r, grid_c, hd, cfg.rope_table_size)  # (Gh*bt, Gw*bt, d)
         cos, sin = (_to_blocks(t, gh, gw, bt) for t in (cos, sin))  # (Gh, Gw, T, d)
 
+        prefetch = None
+        if cache is not None:
+            host_cache = cache.device is not None and cache.device.type == "cpu" and h.device.type == "cuda"
+            prefetch = Prefetcher(lambda layer: _neighbours_from_cache(cache, rect, layer, h.device),
+                                  cfg.num_layers, h.device, enabled=host_cache)
+
         def ln(t: torch.Tensor) -> torch.Tensor:  # SAT's non-affine LayerNorm
             return F.layer_norm(t, t.shape[-1:], eps=cfg.layernorm_eps)
 
@@ -217,7 +223,7 @@ class InfDiT(nn.Module):
             if cache is None:
                 left_k = left_v = top_k = top_v = None
             else:
-                left_k, left_v, top_k, top_v = _neighbours_from_cache(cache, rect, i, k.device)
+                left_k, left_v, top_k, top_v = prefetch.get(i)
                 _store(cache, rect, i, cfg.num_layers, k, v)
             k = gather_neighbours(k, left_k, top_k)  # (B, Gh, Gw, 4T, H, d)
             v = gather_neighbours(v, left_v, top_v)

@@ -191,6 +191,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         sd = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
+    if cfg.clip is None:  # a file without the CLIP tower: open_clip's weights from the Hub
+        from .hub import fetch_clip_tower
+
+        clip_cfg, clip_sd = fetch_clip_tower(cfg.vector_dim)
+        cfg = cfg.with_(clip=clip_cfg)
+        sd.update(clip_sd)
     check_state_dict(sd, cfg)
     with torch.device("meta"):
         model = InfDiT(cfg)

@@ -104,7 +104,8 @@ def bench(
             else f"over budget ({format_bytes(r.whole_predicted)})",
             f"{w.peak_bytes / b.peak_bytes:.1f}x" if w else "-",
             f"{b.seconds:.2f}", f"{w.seconds:.2f}" if w else "-",
-            f"{(b.seconds / w.seconds - 1) * 100:+.0f}%" if w else "-",
+            f"{(r.paired_seconds[0] / r.paired_seconds[1] - 1) * 100:+.0f}%" if r.paired_seconds else "-",
             f"{b.seconds * r.calls_per_run:.0f} s", f"{b.tokens / b.seconds:,.0f}{tflops}",
         )
     Console().print(table)
+    Console().print("block overhead: block vs whole seconds per call, alternated in one process (medians).")
