@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import KVCache
-from .schedule import BlockBatch, Order, cache_bound, choose_order, consumers, plan_batches
+from .schedule import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
 
 __all__ = ["denoise", "BatchDone", "OutOfMemoryRetry", "pad_to_blocks"]
 
@@ -120,8 +120,7 @@ def _run(model, x, lr_up, lr_tokens, step, grid_h, grid_w, n, order, cache_dev, 
     dev, dt = model.device, model.dtype
     batches = plan_batches(grid_h, grid_w, n, order)
     whole = len(batches) == 1
-    n_eff = n or max(grid_h, grid_w)
-    slots = cache_bound(grid_h, grid_w, n_eff, order) + min(n_eff, grid_h) + min(n_eff, grid_w)
+    slots = cache_slots(grid_h, grid_w, n or max(grid_h, grid_w), order)
     cache = None if whole else KVCache(slots, device=cache_dev)
     done = torch.zeros(grid_h, grid_w, dtype=torch.bool)
     out = torch.empty(x.shape[0], cfg.out_channels, *x.shape[2:], dtype=torch.float32, device=x.device)

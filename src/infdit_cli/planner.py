@@ -15,7 +15,7 @@ import torch
 
 from .config import InfDiTConfig
 from .errors import MemoryBudgetTooSmall
-from .schedule import cache_bound, choose_order
+from .schedule import cache_slots, choose_order
 
 __all__ = ["MemoryEstimate", "Plan", "estimate", "plan", "parse_bytes", "format_bytes", "param_count"]
 
@@ -93,7 +93,7 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
         cache = batch * 2 * (bh + bw + 1) * t * d * e  # the neighbours of one batch, one layer at a time
     else:
         order = choose_order(gh, gw) if order == "auto" else order
-        cache = (cache_bound(gh, gw, n_eff, order) + bh + bw) * block_kv  # the slab: `engine._run`'s slots
+        cache = cache_slots(gh, gw, n_eff, order) * block_kv  # the slab `engine._run` allocates
 
     act = ACT_TOKEN_COPIES * tokens * d * e
     win = (3 * cfg.lr_block) ** 2

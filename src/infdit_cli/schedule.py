@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["BlockBatch", "Order", "plan_batches", "choose_order", "consumers", "cache_bound"]
+__all__ = ["BlockBatch", "Order", "plan_batches", "choose_order", "consumers", "cache_bound", "cache_slots"]
 
 Order = Literal["row", "col"]
 
@@ -51,6 +51,12 @@ def choose_order(grid_h: int, grid_w: int) -> Order:
 def cache_bound(grid_h: int, grid_w: int, n: int, order: Order) -> int:
     """Most blocks the cache holds at once: one block row (or column) plus one batch edge."""
     return (grid_w if order == "row" else grid_h) + n
+
+
+def cache_slots(grid_h: int, grid_w: int, n: int, order: Order) -> int:
+    """Blocks the K/V slab must hold: `cache_bound` after a batch plus the batch's own new entries (its
+    last row and column) stored before the previous ones are evicted."""
+    return cache_bound(grid_h, grid_w, n, order) + min(n, grid_h) + min(n, grid_w)
 
 
 def plan_batches(grid_h: int, grid_w: int, n: int | None, order: Order = "row") -> list[BlockBatch]:
