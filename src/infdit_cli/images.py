@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import BadImage, OutputExists
+from .errors import BadImage, BadRequest, OutputExists
 
-__all__ = ["LoadedImage", "load_image", "save_image", "fill_transparent", "resize", "SUFFIXES", "MAX_SIDE"]
+__all__ = ["LoadedImage", "load_image", "save_image", "check_output", "fill_transparent", "resize", "SUFFIXES", "MAX_SIDE"]
 
 SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 MAX_SIDE = {"PNG": 2**31 - 1, "JPEG": 65535, "WEBP": 16383, "TIFF": 2**31 - 1}
@@ -153,6 +153,19 @@ def fill_transparent(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return torch.where(known > 0, rgb, filled)
 
 
+def check_output(path: Path, overwrite: bool) -> str:
+    """The Pillow format for `path`, after checking it can be written: a known suffix, an existing folder,
+    and no file in the way unless `overwrite`. Callers check before computing, `save_image` again after."""
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise BadRequest(f"unsupported output type {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
+    if path.exists() and not overwrite:
+        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise BadImage(f"output directory does not exist: {path.parent}")
+    return fmt
+
+
 def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | None = None, gray: bool = False,
                bits: int = 8, icc: bytes | None = None, exif: bytes | None = None, quality: int = 95,
                overwrite: bool = False) -> Path:
@@ -165,13 +178,7 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
     from PIL import Image
 
     path = Path(path)
-    fmt = SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        raise BadImage(f"unsupported output type {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
-    if path.exists() and not overwrite:
-        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise BadImage(f"output directory does not exist: {path.parent}")
+    fmt = check_output(path, overwrite)
     rgb = rgb.clamp(0, 1)
     sixteen = bits == 16 and gray and alpha is None and fmt in ("PNG", "TIFF")
     if gray:

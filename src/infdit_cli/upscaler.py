@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadRequest
-from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, SUFFIXES, fill_transparent, load_image, resize, save_image
+from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, check_output, fill_transparent, load_image, resize, save_image
 from .pipeline import UpscaleOptions, UpscalePlan, plan_upscale, target_size, upscale
 
 __all__ = ["Upscaler", "UpscaleResult", "resolve_device", "resolve_dtype", "default_output"]
@@ -117,13 +117,7 @@ class Upscaler:
         opts = options or self.options
         src = Path(src)
         dst = Path(dst) if dst is not None else default_output(src)
-        fmt = SUFFIXES.get(dst.suffix.lower())
-        if fmt is None:
-            raise BadRequest(f"unsupported output type {dst.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
-        if dst.exists() and not overwrite:
-            from .errors import OutputExists
-
-            raise OutputExists(f"{dst} exists; pass --overwrite to replace it")
+        fmt = check_output(dst, overwrite)  # before any work: no compute for an output that cannot be written
         img = load_image(src, max_pixels=max_pixels)
         up_plan = self.plan(img.size, res=res, scale=scale, options=opts)
         if max(up_plan.target_size) > MAX_SIDE[fmt]:
