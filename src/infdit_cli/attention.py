@@ -33,7 +33,6 @@ class KVCache:
         self.slab: torch.Tensor | None = None
         self.index: dict[Block, int] = {}
         self.free: list[int] = list(range(slots - 1, -1, -1))
-        self.peak_blocks = 0
 
     def _alloc(self, k: torch.Tensor, layers: int) -> None:
         device = self.device or k.device
@@ -49,7 +48,6 @@ class KVCache:
             if not self.free:
                 raise RuntimeError(f"K/V cache full ({self.slots} blocks)")
             self.index[block] = self.free.pop()
-            self.peak_blocks = max(self.peak_blocks, len(self.index))
         entry = self.slab[self.index[block], layer]
         entry[0].copy_(k, non_blocking=True)
         entry[1].copy_(v, non_blocking=True)
@@ -65,10 +63,6 @@ class KVCache:
     @property
     def entries(self) -> list[Block]:
         return list(self.index)
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.slab is None else self.slab.numel() * self.slab.element_size()
 
     def __len__(self) -> int:
         return len(self.index)
