@@ -100,58 +100,58 @@ def _rss() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def _measure_here(spec: CallSpec) -> dict:
+def _setup(spec: CallSpec):
+    """The model and seeded inputs one worker process measures: (model, x, lr_up, image)."""
     from .config import PRESETS
-    from .planner import estimate
-    from .weights import random_model
+    from .weights import load_model, random_model
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    dtype = getattr(torch, spec.dtype)
-    dev = torch.device(spec.device)
+    dtype, dev = getattr(torch, spec.dtype), torch.device(spec.device)
+    model = load_model(spec.weights, device=dev, dtype=dtype) if spec.weights else \
+        random_model(PRESETS[spec.config], seed=0, device=dev, dtype=dtype)
+    cfg = model.config
     gen = torch.Generator().manual_seed(0)
-    if spec.weights:
-        from .weights import load_model
-
-        model = load_model(spec.weights, device=dev, dtype=dtype)
-        cfg = model.config
-    else:
-        cfg = PRESETS[spec.config]
-        model = random_model(cfg, seed=0, device=dev, dtype=dtype)
     h, w = spec.height, spec.width
     x = torch.randn(1, 3, h, w, generator=gen)
     lr_up = torch.randn(1, 3, h, w, generator=gen)
     lr = torch.randn(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=gen)
     image = model.prepare_image(lr.to(dev), torch.randn(1, cfg.vector_dim, generator=gen), state_device=dev)
-    x, lr_up = x.to(dev), lr_up.to(dev)
-    kw = dict(lr_up=lr_up, image=image, block_batch=spec.n, order=spec.order,
-              cache_device="cpu" if spec.cache_on_host else None)
+    return model, x.to(dev), lr_up.to(dev), image
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
+def _timed_call(model, x: torch.Tensor, lr_up: torch.Tensor, image, spec: CallSpec) -> float:
+    """Seconds for one denoiser call of `spec`'s mode (synchronised on CUDA)."""
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.denoise(x, 2.0, lr_up=lr_up, image=image, block_batch=spec.n, order=spec.order,
+                  cache_device="cpu" if spec.cache_on_host else None)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _measure_here(spec: CallSpec) -> dict:
+    from .planner import estimate
+
+    model, x, lr_up, image = _setup(spec)
+    cfg, dev = model.config, x.device
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = _rss()
-    times = []
-    for i in range(1 + spec.repeats):
-        sync()
-        t0 = time.perf_counter()
-        out = model.denoise(x, 2.0, **kw)
-        sync()
-        if i > 0:
-            times.append(time.perf_counter() - t0)
-        del out
+    times = [_timed_call(model, x, lr_up, image, spec) for _ in range(1 + spec.repeats)][1:]  # drop warm-up
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    est = estimate(cfg, (h, w), spec.n, dtype=dtype, device_type=dev.type, cache_on_host=spec.cache_on_host,
-                   state_on_host=True, order=spec.order)
+    h, w = spec.height, spec.width
+    est = estimate(cfg, (h, w), spec.n, dtype=model.dtype, device_type=dev.type,
+                   cache_on_host=spec.cache_on_host, state_on_host=True, order=spec.order)
     predicted = est.cache + est.activations + est.overhead + 3 * h * w * 4  # + the call's output image
     gh, gw = -(-h // cfg.block_size), -(-w // cfg.block_size)
     return dict(peak_bytes=int(peak), predicted_bytes=int(predicted), seconds=statistics.median(times),
@@ -172,30 +172,13 @@ def time_pair(block: CallSpec, whole: CallSpec, rounds: int = 3, timeout: float 
 
 
 def _time_pair_here(a: CallSpec, b: CallSpec, rounds: int) -> list[float]:
-    from .config import PRESETS
-    from .weights import load_model, random_model
-
-    dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
-    model = load_model(a.weights, device=dev, dtype=dtype) if a.weights else \
-        random_model(PRESETS[a.config], seed=0, device=dev, dtype=dtype)
-    cfg = model.config
-    gen = torch.Generator().manual_seed(0)
-    h, w = a.height, a.width
-    x, lr_up = torch.randn(1, 3, h, w, generator=gen).to(dev), torch.randn(1, 3, h, w, generator=gen).to(dev)
-    lr = torch.randn(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=gen).to(dev)
-    image = model.prepare_image(lr, torch.randn(1, cfg.vector_dim, generator=gen), state_device=dev)
+    model, x, lr_up, image = _setup(a)  # b differs from a only in its mode (n, order, cache placement)
     times: list[list[float]] = [[], []]
     for r in range(rounds + 1):  # round 0 warms both up
         for i, spec in enumerate((a, b)):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.denoise(x, 2.0, lr_up=lr_up, image=image, block_batch=spec.n, order=spec.order,
-                          cache_device="cpu" if spec.cache_on_host else None)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            t = _timed_call(model, x, lr_up, image, spec)
             if r > 0:
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(t)
     return [statistics.median(t) for t in times]
 
 
@@ -203,8 +186,6 @@ if __name__ == "__main__":  # the fresh process behind `measure` and `time_pair`
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if len(sys.argv) == 4:
         pair = [CallSpec(**json.loads(v)) for v in sys.argv[1:3]]
-        if pair[0].threads:
-            torch.set_num_threads(pair[0].threads)
         print(json.dumps(_time_pair_here(*pair, int(sys.argv[3]))))
     else:
         print(json.dumps(_measure_here(CallSpec(**json.loads(sys.argv[1])))))
