@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from infdit_cli.engine import BatchDone
+from infdit_cli.events import BatchDone
 from infdit_cli.schedule import cache_bound, plan_batches
 
 
@@ -110,7 +110,7 @@ def test_state_may_live_off_the_model_device(tiny_model, whole):
 
 
 def test_out_of_memory_retries_with_smaller_n(tiny_model, whole, monkeypatch):
-    from infdit_cli.engine import OutOfMemoryRetry
+    from infdit_cli.events import PlanChanged
 
     x, lr_up, image, ref = whole[(48, 80)]
     real = tiny_model.forward_rect
@@ -123,8 +123,8 @@ def test_out_of_memory_retries_with_smaller_n(tiny_model, whole, monkeypatch):
     monkeypatch.setattr(tiny_model, "forward_rect", flaky)
     events = []
     out = tiny_model.denoise(x, 1.7, lr_up=lr_up, image=image, block_batch=4, on_event=events.append)
-    retries = [e for e in events if isinstance(e, OutOfMemoryRetry)]
-    assert [(e.n, e.retry_n) for e in retries] == [(4, 2)]
+    retries = [e for e in events if isinstance(e, PlanChanged)]
+    assert [(e.old, e.new) for e in retries] == [("n=4", "n=2")]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 

@@ -12,33 +12,14 @@ Image-sized tensors (x, lr_up, the output, the LR tokens) stay on whatever devic
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from .attention import KVCache
+from .events import BatchDone, PlanChanged
 from .schedule import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
 
-__all__ = ["denoise", "BatchDone", "OutOfMemoryRetry", "pad_to_blocks"]
-
-
-@dataclass(frozen=True)
-class BatchDone:
-    """Progress: `index` of `total` rectangles of one denoiser call are done."""
-
-    index: int
-    total: int
-    n: int
-    cached_blocks: int
-
-
-@dataclass(frozen=True)
-class OutOfMemoryRetry:
-    """The device ran out of memory at block_batch `n`; the call is retried with `retry_n`."""
-
-    n: int
-    retry_n: int
+__all__ = ["denoise", "pad_to_blocks"]
 
 
 def pad_to_blocks(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -68,7 +49,7 @@ def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch
         order: "row", "col" or "auto" (the one with the smaller cache).
         cache_device: where cached K/V live: the model's device (default) or "cpu".
         mem_budget: bytes, for block_batch="auto".
-        on_event: receives `BatchDone` after each rectangle and `OutOfMemoryRetry` on a retry.
+        on_event: receives `BatchDone` after each rectangle and `PlanChanged` on a retry.
     """
     cfg = model.config
     b, _, h, w = x.shape
@@ -108,7 +89,7 @@ def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch
                 raise
             retry = max(1, (n or max(grid_h, grid_w)) // 2)
             if on_event is not None:
-                on_event(OutOfMemoryRetry(n=n or max(grid_h, grid_w), retry_n=retry))
+                on_event(PlanChanged(old=f"n={n or max(grid_h, grid_w)}", new=f"n={retry}"))
             n = retry
             if model.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -12,6 +12,7 @@ __all__ = [
     "BadImage",
     "OutputExists",
     "MemoryBudgetTooSmall",
+    "OutOfMemory",
     "BadRequest",
 ]
 
@@ -52,6 +53,12 @@ class OutputExists(InfditError):
 
 class MemoryBudgetTooSmall(InfditError):
     """Not even one block at a time fits in the memory budget."""
+
+
+class OutOfMemory(InfditError):
+    """The device ran out of memory even under the leanest plan."""
+
+    exit_code = 3
 
 
 class BadRequest(InfditError):

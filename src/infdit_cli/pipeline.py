@@ -17,12 +17,13 @@ import torch
 
 from .engine import pad_to_blocks
 from .errors import BadRequest
+from .events import PassDone, PassStarted
 from .images import resize
 from .planner import Plan, plan
 from .sampling import edm_sigmas, sample_heun
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
-           "PassStarted", "PassDone", "color_fix"]
+           "color_fix"]
 
 MAX_OUTPUT_SIDE = 65535
 
@@ -56,20 +57,6 @@ class UpscalePlan:
     @property
     def model_calls(self) -> int:
         return len(self.passes) * (2 * self.steps - 1)
-
-
-@dataclass(frozen=True)
-class PassStarted:
-    index: int
-    total: int
-    pass_: Pass
-    n: int | None
-
-
-@dataclass(frozen=True)
-class PassDone:
-    index: int
-    total: int
 
 
 def target_size(size: tuple[int, int], *, res: str | None = None, scale: float | None = None) -> tuple[int, int]:

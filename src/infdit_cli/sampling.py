@@ -7,21 +7,12 @@ Equivalent to THUDM/Inf-DiT `dit/sampling/discretizers.py` `EDMDiscretization` a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-__all__ = ["edm_sigmas", "sample_heun", "StepDone"]
+from .events import StepDone
 
-
-@dataclass(frozen=True)
-class StepDone:
-    """Progress: Heun step `i` of `steps` is done; `calls` denoiser calls so far."""
-
-    i: int
-    steps: int
-    calls: int
-    sigma: float
+__all__ = ["edm_sigmas", "sample_heun"]
 
 
 def edm_sigmas(steps: int = 20, sigma_min: float = 0.002, sigma_max: float = 40.0, rho: float = 7.0,

@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     OK = 0
     ERROR = 1  # the command failed; one line on stderr says why
     USAGE = 2  # bad arguments or an impossible request (click's code)
+    OUT_OF_MEMORY = 3  # out of device memory even under the leanest plan; no partial output
     INTERRUPTED = 130  # Ctrl-C; partial outputs were removed
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Protocol
 
-from ..engine import BatchDone, OutOfMemoryRetry
-from ..pipeline import PassStarted
-from ..sampling import StepDone
+from ..events import BatchDone, PassStarted, PlanChanged, StepDone
 
 
 class Display(Protocol):
@@ -32,8 +30,8 @@ class NullDisplay:
         pass
 
     def __call__(self, event: object) -> None:
-        if isinstance(event, OutOfMemoryRetry):
-            self.warn(f"out of memory at block batch {event.n}; retrying with {event.retry_n}")
+        if isinstance(event, PlanChanged):
+            self.warn(f"{event.reason} with {event.old}; continuing with {event.new}")
 
     def stop(self) -> None:
         pass
@@ -91,8 +89,8 @@ class RichDisplay:
             if event.index == event.total:
                 self.blocks.remove_task(self.block_task)
                 self.block_task = None
-        elif isinstance(event, OutOfMemoryRetry):
-            self.warn(f"out of memory at block batch {event.n}; retrying with {event.retry_n}")
+        elif isinstance(event, PlanChanged):
+            self.warn(f"{event.reason} with {event.old}; continuing with {event.new}")
 
     def stop(self) -> None:
         self.live.stop()

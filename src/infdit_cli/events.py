@@ -1,0 +1,58 @@
+"""Events the core emits through `on_event` callbacks. Frozen dataclasses; only the CLI renders them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice"]
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """`index` of `total` rectangles of one denoiser call are done."""
+
+    index: int
+    total: int
+    n: int
+    cached_blocks: int
+
+
+@dataclass(frozen=True)
+class PlanChanged:
+    """The device ran out of memory under the plan `old`; `new` is used from now on (this pass and later)."""
+
+    old: str
+    new: str
+    reason: str = "out of memory"
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """Heun step `i` of `steps` is done; `calls` denoiser calls so far."""
+
+    i: int
+    steps: int
+    calls: int
+    sigma: float
+
+
+@dataclass(frozen=True)
+class PassStarted:
+    index: int
+    total: int
+    pass_: Any  # pipeline.Pass
+    n: int | None
+
+
+@dataclass(frozen=True)
+class PassDone:
+    index: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know that does not stop the work (dropped metadata, first frame only)."""
+
+    text: str
