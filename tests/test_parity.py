@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from infdit_cli.engine import BlockEngine, denoise
+from infdit_cli.planner import Placement
 from infdit_cli.sampling import edm_sigmas, sample_heun
 
 
@@ -19,7 +21,7 @@ def test_clip_vector_2x(official_model, io):
 
 
 def test_denoiser_call(official_model, io):
-    den = official_model.denoise(io["x"], io["sigma"], lr_up=io["concat"], lr=io["lr"], vector=io["vector"])
+    den = denoise(official_model, io["x"], io["sigma"], lr_up=io["concat"], lr=io["lr"], vector=io["vector"])
     assert maxdiff(den, io["denoised_full"]) <= 1e-4
 
 
@@ -27,27 +29,27 @@ def test_denoiser_call_sigma_forms(official_model, io):
     """`sigma` as a float, a 0-d and a 1-d tensor give the same call."""
     ref = io["denoised_full"]
     for sigma in (2.5, torch.tensor(2.5), torch.tensor([2.5])):
-        den = official_model.denoise(io["x"], sigma, lr_up=io["concat"], lr=io["lr"], vector=io["vector"])
+        den = denoise(official_model, io["x"], sigma, lr_up=io["concat"], lr=io["lr"], vector=io["vector"])
         assert maxdiff(den, ref) <= 1e-4
 
 
 def test_denoiser_call_2x(official_model, io):
     """The 2x job: lr is the input downscaled by 2, lr_up its 2x upsample (official `infer_sr_scale 2`)."""
-    den = official_model.denoise(io["x"], io["sigma"], lr_up=io["x2_concat"], lr=io["x2_lr_imgs"],
+    den = denoise(official_model, io["x"], io["sigma"], lr_up=io["x2_concat"], lr=io["x2_lr_imgs"],
                                  vector=io["x2_vector"])
     assert maxdiff(den, io["x2_denoised_full"]) <= 1e-4
 
 
 def test_not_the_upstream_ar_mode(official_model, io):
     """The fixture's one-block mode differs from training order; we match the whole-image pass instead."""
-    den = official_model.denoise(io["x"], io["sigma"], lr_up=io["concat"], lr=io["lr"], vector=io["vector"],
+    den = denoise(official_model, io["x"], io["sigma"], lr_up=io["concat"], lr=io["lr"], vector=io["vector"],
                                  block_batch=1)
     assert maxdiff(den, io["denoised_ar_bb1"]) > 0.1
 
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_block_batch_matches_official_whole_image(official_model, io, n):
-    den = official_model.denoise(io["x"], io["sigma"], lr_up=io["concat"], lr=io["lr"], vector=io["vector"],
+    den = denoise(official_model, io["x"], io["sigma"], lr_up=io["concat"], lr=io["lr"], vector=io["vector"],
                                  block_batch=n)
     assert maxdiff(den, io["denoised_full"]) <= 1e-4
 
@@ -59,10 +61,10 @@ def test_sigmas(io):
 
 @pytest.mark.parametrize("steps,key", [(4, "sample_4"), (20, "sample_20")])
 def test_sampling_run(official_model, io, steps, key):
-    image = official_model.prepare_image(io["lr"], io["vector"])
+    engine = BlockEngine(official_model, io["lr"], io["vector"], io["concat"], Placement(n=1 << 30))
     sigmas = edm_sigmas(steps)
     x0 = io["concat"] + io["init_noise"] * sigmas[0]
-    out = sample_heun(lambda x, s: official_model.denoise(x, s, lr_up=io["concat"], image=image), x0, sigmas)
+    out = sample_heun(engine, x0, sigmas)
     assert maxdiff(out, io[key]) <= 1e-3
 
 
@@ -73,7 +75,7 @@ def test_every_weight_matters(official_model, io):
     lr, lr_up, x = io["lr"][..., :32, :64], io["concat"][..., :128, :256], io["x"][..., :128, :256]
 
     def run():
-        return official_model.denoise(x, 2.5, lr_up=lr_up, lr=lr, vector=official_model.encode_image(lr))
+        return denoise(official_model, x, 2.5, lr_up=lr_up, lr=lr, vector=official_model.encode_image(lr))
 
     ref = run()
     gen = torch.Generator().manual_seed(0)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from infdit_cli.config import PRESETS
-from infdit_cli.errors import MemoryBudgetTooSmall
-from infdit_cli.planner import estimate, parse_bytes, plan
+from infdit_cli.errors import HostMemoryTooSmall, MemoryBudgetTooSmall
+from infdit_cli.planner import estimate, param_count, parse_bytes, plan
 from infdit_cli.schedule import cache_bound, choose_order, plan_batches
 
 OFFICIAL = PRESETS["official"]
@@ -23,21 +23,22 @@ def test_parse_bytes_rejects(text):
 
 def test_plan_picks_largest_n_that_fits():
     cfg = PRESETS["small"]
-    p = plan(cfg, (1024, 1024), budget=400 * 2**20, device="cpu")
-    assert not p.whole_image and p.estimate.total <= 400 * 2**20
+    budget = 1500 * 2**20  # the whole process on the CPU: runtime, weights, state, cache, activations
+    p = plan(cfg, (1024, 1024), budget=budget, device="cpu", host_budget=8 << 30, low_memory=False)
+    assert not p.whole_image and p.estimate.total <= budget
     bigger = estimate(cfg, (1024, 1024), p.n + 1, device_type="cpu")
-    assert bigger.total > 400 * 2**20  # n+1 would not fit: n is the largest
-    assert "blocks" in p.reason
+    assert bigger.total > budget  # n+1 would not fit: n is the largest
+    assert f"n={p.n}" in p.reason
 
 
 def test_plan_whole_image_when_it_fits():
-    p = plan(PRESETS["small"], (256, 256), budget=8 * 2**30, device="cpu")
+    p = plan(PRESETS["small"], (256, 256), budget=8 * 2**30, device="cpu", host_budget=8 << 30)
     assert p.whole_image
 
 
 def test_plan_refuses_clearly():
     with pytest.raises(MemoryBudgetTooSmall, match="needs at least"):
-        plan(OFFICIAL, (4096, 4096), budget=512 * 2**20, dtype=torch.bfloat16, device="cuda")
+        plan(OFFICIAL, (4096, 4096), budget=512 * 2**20, dtype=torch.bfloat16, device="cuda", host_budget=64 << 30)
 
 
 def test_block_mode_memory_grows_with_width_only():
@@ -52,8 +53,54 @@ def test_block_mode_memory_grows_with_width_only():
 
 
 def test_host_placements_used_when_device_is_tight():
-    p = plan(OFFICIAL, (16384, 16384), budget=8 * 2**30, dtype=torch.bfloat16, device="cuda")
+    p = plan(OFFICIAL, (16384, 16384), budget=8 * 2**30, dtype=torch.bfloat16, device="cuda", host_budget=64 << 30)
     assert p.cache_on_host and p.state_on_host and p.estimate.total <= 8 * 2**30
+
+
+def test_param_count_is_the_module_s():
+    import math
+
+    from infdit_cli.weights import expected_shapes
+
+    for name, cfg in PRESETS.items():
+        assert param_count(cfg) == sum(math.prod(s) for s in expected_shapes(cfg).values()), name
+    assert param_count(OFFICIAL) == 1_057_396_976  # 1.06 B with the CLIP ViT-L-14 vision tower
+
+
+def test_planning_builds_no_model(monkeypatch):
+    """Estimates are arithmetic: planning the 16K job must not construct a module (it used to build a meta
+    model per estimate, hundreds of them)."""
+    from infdit_cli import model as model_mod
+
+    def boom(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(model_mod.InfDiT, "__init__", boom)
+    p = plan(OFFICIAL, (16384, 16384), budget=8 << 30, dtype=torch.bfloat16, device="cuda", host_budget=32 << 30)
+    assert p.estimate.device_peak <= 8 << 30 and p.estimate.host_peak <= 32 << 30
+
+
+def test_16k_host_plans():
+    """The headline job on an 8 GB card: <= 32 GiB of host memory in RAM (bf16 sampler state, as the
+    official code keeps it), <= 12 GiB with memory-mapped state."""
+    kw = dict(budget=8 << 30, dtype=torch.bfloat16, device="cuda", host_budget=32 << 30)
+    ram = plan(OFFICIAL, (16384, 16384), low_memory=False, **kw)
+    assert not ram.low_memory and ram.state_dtype == torch.bfloat16
+    assert ram.estimate.host_peak <= 32 << 30 and ram.estimate.device_peak <= 8 << 30
+    mapped = plan(OFFICIAL, (16384, 16384), low_memory=True, **kw)
+    assert mapped.low_memory and mapped.estimate.host_peak <= 12 << 30
+    auto = plan(OFFICIAL, (16384, 16384), **kw)
+    assert auto.low_memory == ram.low_memory  # RAM is enough: no memory-mapping unless needed
+    with pytest.raises(HostMemoryTooSmall, match="try --low-memory"):
+        plan(OFFICIAL, (16384, 16384), low_memory=False, **{**kw, "host_budget": 16 << 30})
+    assert plan(OFFICIAL, (16384, 16384), **{**kw, "host_budget": 16 << 30}).low_memory  # turned on by itself
+
+
+def test_fixed_n_still_plans_placements():
+    """--block-batch fixes n; the cache and state still go where they fit."""
+    p = plan(OFFICIAL, (16384, 16384), budget=8 << 30, dtype=torch.bfloat16, device="cuda", n=4,
+             host_budget=64 << 30)
+    assert p.n == 4 and p.cache_on_host and p.state_on_host
 
 
 def test_schedule_covers_grid_once():

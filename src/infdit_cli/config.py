@@ -99,6 +99,11 @@ PRESETS: dict[str, InfDiTConfig] = {
         hidden_size=256, num_layers=4, num_heads=4, vector_dim=64,
         clip=ClipConfig(embed_dim=64, width=64, layers=1, head_width=32, patch_size=14),
     ),
+    # Whole-process memory benchmarks at real block size (128 px) and 4096^2 outputs on 2 CPU cores.
+    "micro": InfDiTConfig(
+        hidden_size=32, num_layers=1, num_heads=1, vector_dim=16,
+        clip=ClipConfig(embed_dim=16, width=32, layers=1, head_width=16, patch_size=14, image_size=28),
+    ),
     # Tests: tiny everything, 4-token blocks (16 px).
     "tiny": InfDiTConfig(
         hidden_size=32, num_layers=2, num_heads=2, block_size=16, vector_dim=16, rope_table_size=64,

@@ -1,25 +1,39 @@
-"""The UniBA block-batch engine: one denoiser call D(x; sigma), n x n blocks at a time.
+"""The UniBA block engine: denoiser calls D(x; sigma), n x n blocks at a time, in bounded memory.
 
 The official code's memory-bounded modes do not reproduce its own whole-image pass (see
 `docs/architecture.md`, "Known upstream limits"); this engine does, for every n, grid and traversal order:
 each rectangle attends to itself and to the cached K/V of the blocks to its left, top and top-left, and a
 block's K/V is dropped as soon as every block that reads it is done.
 
-Image-sized tensors (x, lr_up, the output, the LR tokens) stay on whatever device the caller keeps them
-("state device", possibly the host); only each rectangle's slices travel to the model's device.
+The engine owns everything about memory: traversal, the K/V cache (one slab per pass, on the device, in
+pinned host memory, or memory-mapped), the prefetch of host-cached neighbours on a side CUDA stream, and
+what happens on out-of-memory (step down to a leaner placement and keep it). It calls the model piece by
+piece (`InfDiT.embed`, `layer_qkv`, `layer_out`, `head`); the model never calls back.
+
+Image-sized tensors (x, the output, lr_up) stay wherever the caller keeps them (the "state device",
+possibly the host or a memory-mapped file); only each rectangle's slices travel to the model's device, and
+the LR conditioning is computed per rectangle from the LR pixels it needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .attention import KVCache
+from .attention import gather_neighbours
+from .errors import OutOfMemory
 from .events import BatchDone, PlanChanged
+from .planner import Placement, batch_device_bytes, step_down
 from .schedule import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
+from .storage import Scratch
 
-__all__ = ["denoise", "pad_to_blocks"]
+__all__ = ["BlockEngine", "KVCache", "denoise", "pad_to_blocks", "Fault"]
+
+Block = tuple[int, int]
+Fault = Callable[[int], None]  # called with a batch's predicted device bytes before it runs; may raise OOM
 
 
 def pad_to_blocks(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -36,107 +50,327 @@ def pad_to_blocks(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, pw, 0, ph), mode="replicate")
 
 
-def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch.Tensor, image,
-            block_batch: int | str | None = None, order: Order | str = "auto",
-            cache_device: torch.device | str | None = None, mem_budget: int | None = None,
-            on_event: Callable[[object], None] | None = None) -> torch.Tensor:
-    """D(x; sigma) for `model` (an `InfDiT`), whole-image or n x n block batches.
+# --------------------------------------------------------------------------------------------------------
+# K/V cache
+# --------------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Per-layer keys/values of already computed blocks, keyed by (block row, block col).
+
+    Storage is one slab of `slots` block entries of shape (layers, 2, B, T, H, d), allocated once per pass
+    and reused as blocks are evicted, so the cache's memory is fixed and known in advance. It lives on the
+    compute device, in pinned host memory, or in a memory-mapped file (`scratch`).
+    """
+
+    def __init__(self, slots: int, entry: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 scratch: Scratch | None = None) -> None:
+        self.slots = slots
+        shape = (slots, *entry)
+        if device.type == "cpu" and scratch is not None:
+            self.slab = scratch.empty("kv_cache", shape, dtype)
+        else:
+            self.slab = torch.empty(shape, dtype=dtype, device=device)
+        self.scratch = scratch
+        self.index: dict[Block, int] = {}
+        self.free: list[int] = list(range(slots - 1, -1, -1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.slab.device
+
+    def put(self, block: Block, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store block's K/V for `layer`; k, v: (B, T, H, d)."""
+        if block not in self.index:
+            if not self.free:
+                raise RuntimeError(f"K/V cache full ({self.slots} blocks)")
+            self.index[block] = self.free.pop()
+        entry = self.slab[self.index[block], layer]
+        entry[0].copy_(k, non_blocking=True)
+        entry[1].copy_(v, non_blocking=True)
+
+    def get(self, block: Block, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.slab[self.index[block], layer].to(device, non_blocking=True)
+        return entry[0], entry[1]
+
+    def evict(self, blocks: list[Block]) -> None:
+        for b in blocks:
+            self.free.append(self.index.pop(b))
+
+    def clear(self) -> None:
+        self.index.clear()
+        self.free = list(range(self.slots - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class _Prefetch:
+    """Brings layer i+1's cached neighbours to the GPU on a side stream while layer i computes.
+
+    Used when the cache lives in host memory and the model on CUDA; elsewhere `fetch` runs inline.
+    """
+
+    def __init__(self, fetch: Callable[[int], tuple], layers: int, stream: torch.cuda.Stream | None) -> None:
+        self.fetch, self.layers, self.stream = fetch, layers, stream
+        self.pending = self._start(0) if stream is not None else None
+
+    def _start(self, layer: int):
+        if layer >= self.layers:
+            return None
+        # Host entries may still be being written by copies queued on the compute stream.
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            return self.fetch(layer)
+
+    def get(self, layer: int):
+        if self.stream is None:
+            return self.fetch(layer)
+        out, current = self.pending, torch.cuda.current_stream(self.stream.device)
+        current.wait_stream(self.stream)
+        for t in out:
+            if t is not None:
+                t.record_stream(current)  # allocated on the side stream, used on this one
+        self.pending = self._start(layer + 1)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Grid:
+    h: int  # image pixels
+    w: int
+    gh: int  # blocks
+    gw: int
+
+
+class BlockEngine:
+    """The denoiser of one sampling pass: `engine(x, sigma, out)` = D(x; sigma), any number of calls.
 
     Args:
-        x, lr_up: (B, 3, H, W); they and the result stay on x's device.
-        image: `ImageCond` from `model.prepare_image`.
-        block_batch: None (whole image), an int n >= 1, or "auto" (planner, from `mem_budget`).
-        order: "row", "col" or "auto" (the one with the smaller cache).
-        cache_device: where cached K/V live: the model's device (default) or "cpu".
-        mem_budget: bytes, for block_batch="auto".
-        on_event: receives `BatchDone` after each rectangle and `PlanChanged` on a retry.
+        model: an `InfDiT`.
+        lr: (B, 3, h, w) the LR image in [-1, 1] for an HR image of (B, 3, 4h, 4w) (padded here to blocks).
+        vector: (B, vector_dim) its CLIP vector.
+        lr_up: (B, 3, H, W) the upsampled LR image, or any object sliced as `lr_up[..., ys, xs]` into such
+            tensors (the pipeline computes it per rectangle instead of holding it).
+        placement: n, traversal order and where the K/V cache lives (`planner.Placement`).
+        scratch: where a host-side cache lives (memory-mapped under `--low-memory`); None: RAM.
+        on_event: receives `BatchDone` after each rectangle and `PlanChanged` when out of memory.
+        fault: test hook called with each batch's predicted device bytes before it runs.
     """
-    cfg = model.config
-    b, _, h, w = x.shape
-    if lr_up.shape != x.shape:
-        raise ValueError(f"lr_up {tuple(lr_up.shape)} must match x {tuple(x.shape)}")
-    bs = cfg.block_size
-    grid_h, grid_w = -(-h // bs), -(-w // bs)
-    lb = cfg.lr_block
-    if tuple(image.lr_tokens.shape[1:3]) != (grid_h * lb, grid_w * lb):
-        raise ValueError(
-            f"LR tokens {tuple(image.lr_tokens.shape[1:3])} do not match a {grid_h}x{grid_w} block grid; "
-            f"lr must be (B, 3, {h // cfg.sr_scale}, {w // cfg.sr_scale})"
-        )
-    if order == "auto":
-        order = choose_order(grid_h, grid_w)
-    if block_batch == "auto":
-        from .planner import plan
 
-        chosen = plan(cfg, (h, w), budget=mem_budget, dtype=model.dtype, device=model.device, batch=b)
-        n = None if chosen.whole_image else chosen.n
-        if cache_device is None and chosen.cache_on_host:
-            cache_device = "cpu"
-    elif block_batch is not None and (not isinstance(block_batch, int) or block_batch < 1):
-        raise ValueError(f"block_batch must be None, 'auto' or an int >= 1, got {block_batch!r}")
-    else:
-        n = block_batch
-    sigma_t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b).to(x.device)
-    step = model.prepare_step(sigma_t, image.vector)
-    xp, lr_upp = pad_to_blocks(x, bs), pad_to_blocks(lr_up, bs)
-    cache_dev = torch.device(cache_device) if cache_device is not None else model.device
-    while True:
-        try:
-            out = _run(model, xp, lr_upp, image.lr_tokens, step, grid_h, grid_w, n, order, cache_dev, on_event)
-            return out[..., :h, :w]
-        except torch.OutOfMemoryError:
-            if n == 1:
-                raise
-            retry = max(1, (n or max(grid_h, grid_w)) // 2)
-            if on_event is not None:
-                on_event(PlanChanged(old=f"n={n or max(grid_h, grid_w)}", new=f"n={retry}"))
-            n = retry
-            if model.device.type == "cuda":
-                torch.cuda.empty_cache()
+    def __init__(self, model, lr: torch.Tensor, vector: torch.Tensor, lr_up, placement: Placement, *,
+                 scratch: Scratch | None = None, on_event: Callable[[object], None] | None = None,
+                 fault: Fault | None = None) -> None:
+        cfg = self.cfg = model.config
+        self.model = model
+        h, w = lr_up.shape[-2:]
+        self.grid = _Grid(h, w, -(-h // cfg.block_size), -(-w // cfg.block_size))
+        self.lr = pad_to_blocks(lr, cfg.block_size // cfg.sr_scale)  # small: 1/16 of the image's pixels
+        lb, lp = cfg.lr_block, cfg.lr_patch_size
+        if tuple(self.lr.shape[-2:]) != (self.grid.gh * lb * lp, self.grid.gw * lb * lp):
+            raise ValueError(f"lr {tuple(lr.shape[-2:])} does not match an HR image of {h}x{w}; "
+                             f"lr must be (B, 3, {h // cfg.sr_scale}, {w // cfg.sr_scale})")
+        self.vector, self.lr_up = vector, lr_up
+        self.scratch, self.on_event, self.fault = scratch, on_event, fault
+        self.placement = placement
+        self.cache: KVCache | None = None
+        self._stream = None
 
+    # ---- placement and memory ---------------------------------------------------------------------------
 
-def _run(model, x, lr_up, lr_tokens, step, grid_h, grid_w, n, order, cache_dev, on_event) -> torch.Tensor:
-    cfg = model.config
-    bs, lb = cfg.block_size, cfg.lr_block
-    dev, dt = model.device, model.dtype
-    batches = plan_batches(grid_h, grid_w, n, order)
-    whole = len(batches) == 1
-    slots = cache_slots(grid_h, grid_w, n or max(grid_h, grid_w), order)
-    cache = None if whole else KVCache(slots, device=cache_dev)
-    done = torch.zeros(grid_h, grid_w, dtype=torch.bool)
-    out = torch.empty(x.shape[0], cfg.out_channels, *x.shape[2:], dtype=torch.float32, device=x.device)
-    c_in = step.c_in.to(x.device).view(-1, 1, 1, 1)
-    c_out = step.c_out.to(x.device).view(-1, 1, 1, 1)
-    c_skip = step.c_skip.to(x.device).view(-1, 1, 1, 1)
-    for idx, rect in enumerate(batches):
-        ys, xs = slice(rect.r0 * bs, rect.r1 * bs), slice(rect.c0 * bs, rect.c1 * bs)
-        x_r = x[..., ys, xs]
-        xin = torch.cat([x_r, lr_up[..., ys, xs]], dim=1) * c_in  # the LR channels are scaled by c_in too
-        region = _lr_region(lr_tokens, rect, lb)
-        f = model.forward_rect(xin.to(dev, dt), region.to(dev, dt), rect, step, cache)
-        out[..., ys, xs] = f.to(x.device, torch.float32) * c_out + x_r * c_skip
+    @property
+    def n(self) -> int:
+        return min(self.placement.n, max(self.grid.gh, self.grid.gw))
+
+    @property
+    def order(self) -> Order:
+        o = self.placement.order
+        return choose_order(self.grid.gh, self.grid.gw) if o == "auto" else o
+
+    def _ensure_cache(self, batch: int, dtype: torch.dtype) -> KVCache | None:
+        g, cfg = self.grid, self.cfg
+        if self.n >= max(g.gh, g.gw):
+            self.cache = None
+            return None
+        slots = cache_slots(g.gh, g.gw, self.n, self.order)
+        dev = torch.device("cpu") if self.placement.cache_on_host else self.model.device
+        entry = (cfg.num_layers, 2, batch, cfg.block_tokens**2, cfg.num_heads, cfg.head_dim)
+        c = self.cache
+        if c is None or c.slots != slots or c.device != dev or tuple(c.slab.shape[1:]) != entry:
+            self.cache = None  # free the old slab first
+            scratch = self.scratch if self.scratch is not None else Scratch(pin=self.model.device.type == "cuda")
+            self.cache = KVCache(slots, entry, dtype, dev, scratch=scratch)
+        self.cache.clear()
+        if self.model.device.type == "cuda" and dev.type == "cpu" and self._stream is None:
+            self._stream = torch.cuda.Stream(self.model.device)
+        return self.cache
+
+    def _step_down(self, err: BaseException) -> None:
+        """Free what the failed attempt held, then take the next leaner placement (for good)."""
+        self.cache = None
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        new = step_down(self.placement, self.grid.gh, self.grid.gw)
+        if new is None:
+            raise OutOfMemory(
+                "out of device memory even at block batch 1 with the K/V cache on the host; "
+                "try a smaller --mem-budget, --low-memory, or --device cpu") from None
+        if self.on_event is not None:
+            self.on_event(PlanChanged(old=self.placement.describe(), new=new.describe()))
+        self.placement = new
+
+    def close(self) -> None:
+        self.cache = None
+
+    # ---- one denoiser call ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """D(x; sigma) into `out` (a new float32 tensor like x when None). x: (B, 3, H, W)."""
+        b = x.shape[0]
+        if tuple(x.shape[-2:]) != (self.grid.h, self.grid.w):
+            raise ValueError(f"x {tuple(x.shape)} does not match lr_up {tuple(self.lr_up.shape)}")
+        if out is None:
+            out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        sigma_t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b).to(x.device)
+        step = self.model.prepare_step(sigma_t, self.vector)
+        while True:
+            try:
+                self._run(x, out, step)
+                return out
+            except torch.OutOfMemoryError as e:
+                self._step_down(e)
+
+    def _run(self, x: torch.Tensor, out: torch.Tensor, step) -> None:
+        cfg, g, model = self.cfg, self.grid, self.model
+        bs = cfg.block_size
+        dev, dt = model.device, model.dtype
+        batches = plan_batches(g.gh, g.gw, self.n, self.order)
+        cache = self._ensure_cache(x.shape[0], dt)
+        done = torch.zeros(g.gh, g.gw, dtype=torch.bool)
+        c_in, c_out, c_skip = (t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
+        for idx, rect in enumerate(batches):
+            if self.fault is not None:
+                self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host))
+            ys = slice(rect.r0 * bs, min(rect.r1 * bs, g.h))
+            xs = slice(rect.c0 * bs, min(rect.c1 * bs, g.w))
+            x_r = x[..., ys, xs].to(dev, torch.float32)
+            xin = torch.cat([x_r, self.lr_up[..., ys, xs].to(dev, torch.float32)], dim=1)
+            xin = pad_to_blocks(xin, bs) * c_in  # the LR channels are scaled by c_in too
+            f = self._forward(xin.to(dt), rect, step, cache)
+            f = f[..., : x_r.shape[-2], : x_r.shape[-1]].float()
+            out[..., ys, xs] = (f * c_out + x_r * c_skip).to(out.device)
+            if cache is not None:
+                _evict(cache, rect, done)
+            if self.scratch is not None:
+                self.scratch.trim()
+            if self.on_event is not None:
+                self.on_event(BatchDone(index=idx + 1, total=len(batches), n=self.n,
+                                        cached_blocks=len(cache) if cache is not None else 0))
+
+    def _forward(self, xin: torch.Tensor, rect: BlockBatch, step, cache: KVCache | None) -> torch.Tensor:
+        """The network on one rectangle: the model's pieces, with the cache between `layer_qkv` and
+        `layer_out`."""
+        model, cfg = self.model, self.cfg
+        h = model.embed(xin)  # (B, Gh, Gw, T, D)
+        rope = model.rope(rect)
+        lr_ctx = model.lr_context(self.lr_pixel_region(rect), rect, *self.lr_token_size)
+        prefetch = None
         if cache is not None:
-            _evict(cache, rect, done)
-        if on_event is not None:
-            on_event(BatchDone(index=idx + 1, total=len(batches), n=n or max(grid_h, grid_w),
-                               cached_blocks=len(cache) if cache is not None else 0))
-    return out
+            stream = self._stream if cache.device.type == "cpu" and h.device.type == "cuda" else None
+            prefetch = _Prefetch(lambda layer: _neighbours(cache, rect, layer, h.device), cfg.num_layers, stream)
+        later = rect.blocks_needed_later() if cache is not None else []
+        kbuf = vbuf = None
+        for i in range(cfg.num_layers):
+            q, k, v = model.layer_qkv(i, h, step, rope)
+            left_k = left_v = top_k = top_v = None
+            if cache is not None:
+                left_k, left_v, top_k, top_v = prefetch.get(i)
+                for r, c in later:
+                    cache.put((r, c), i, k[:, r - rect.r0, c - rect.c0], v[:, r - rect.r0, c - rect.c0])
+                if self.scratch is not None and cache.slab.device.type == "cpu" and self.scratch.mapped:
+                    self.scratch.trim()  # a mapped cache: keep only this layer's pages resident
+            kbuf = gather_neighbours(k, left_k, top_k, model.re_pos_embed[i], out=kbuf)  # (B,Gh,Gw,4T,H,d)
+            vbuf = gather_neighbours(v, left_v, top_v, out=vbuf)
+            h = model.layer_out(i, h, q, kbuf, vbuf, step, lr_ctx)
+        return model.head(h, step)
+
+    @property
+    def lr_token_size(self) -> tuple[int, int]:
+        lp = self.cfg.lr_patch_size
+        return self.lr.shape[-2] // lp, self.lr.shape[-1] // lp
+
+    def lr_pixel_region(self, rect: BlockBatch) -> torch.Tensor:
+        """LR pixels under the rectangle plus one LR block all round, clipped to the LR image."""
+        span = self.cfg.lr_block * self.cfg.lr_patch_size  # LR pixels per block side
+        hl, wl = self.lr.shape[-2:]
+        r0, r1 = max((rect.r0 - 1) * span, 0), min((rect.r1 + 1) * span, hl)
+        c0, c1 = max((rect.c0 - 1) * span, 0), min((rect.c1 + 1) * span, wl)
+        return self.lr[..., r0:r1, c0:c1]
 
 
-def _lr_region(lr_tokens: torch.Tensor, rect: BlockBatch, lb: int) -> torch.Tensor:
-    """LR tokens of the rectangle plus one LR block all round, zero outside the image (the official
-    `Unfold(padding=16)` pads the projected map with zeros). Only this slice is copied, never the map."""
-    hl, wl = lr_tokens.shape[1:3]
-    r0, r1 = (rect.r0 - 1) * lb, (rect.r1 + 1) * lb
-    c0, c1 = (rect.c0 - 1) * lb, (rect.c1 + 1) * lb
-    part = lr_tokens[:, max(r0, 0) : min(r1, hl), max(c0, 0) : min(c1, wl)]
-    pad = (0, 0, max(-c0, 0), max(c1 - wl, 0), max(-r0, 0), max(r1 - hl, 0))
-    return F.pad(part, pad) if any(pad) else part
+def _neighbours(cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
+    """Left column (rows r0..r1-1 at c0-1) and top row (row r0-1, columns c0-1..c1-1) from the cache.
+
+    At the image's left/top edge the grid is replicate-padded: None lets `gather_neighbours` pad, and the
+    top row's first entry is clamped to column 0.
+    """
+    left_k = left_v = top_k = top_v = None
+    if rect.c0 > 0:
+        kv = [cache.get((r, rect.c0 - 1), layer, device) for r in range(rect.r0, rect.r1)]
+        left_k, left_v = torch.stack([k for k, _ in kv], 1), torch.stack([v for _, v in kv], 1)
+    if rect.r0 > 0:
+        kv = [cache.get((rect.r0 - 1, max(c, 0)), layer, device) for c in range(rect.c0 - 1, rect.c1)]
+        top_k, top_v = torch.stack([k for k, _ in kv], 1), torch.stack([v for _, v in kv], 1)
+    return left_k, left_v, top_k, top_v
 
 
 def _evict(cache: KVCache, rect: BlockBatch, done: torch.Tensor) -> None:
     """Mark the rectangle done; drop cached blocks that no block still to come reads."""
     done[rect.r0 : rect.r1, rect.c0 : rect.c1] = True
     grid_h, grid_w = done.shape
-    stale = [blk for blk in cache.entries if all(done[i, j] for i, j in consumers(blk, grid_h, grid_w))]
+    stale = [blk for blk in cache.index if all(done[i, j] for i, j in consumers(blk, grid_h, grid_w))]
     cache.evict(stale)
+
+
+# --------------------------------------------------------------------------------------------------------
+# One call, for library users and tests
+# --------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch.Tensor, lr: torch.Tensor,
+            vector: torch.Tensor | None = None, block_batch: int | None = None, order: Order | str = "auto",
+            cache_device: torch.device | str | None = None,
+            on_event: Callable[[object], None] | None = None, fault: Fault | None = None) -> torch.Tensor:
+    """One EDM denoiser call D(x; sigma) = c_skip x + c_out F(c_in [x, lr_up]; c_noise).
+
+    Args:
+        model: an `InfDiT`.
+        x, lr_up: (B, 3, H, W) in [-1, 1], any H, W; they and the result stay on x's device.
+        lr: (B, 3, H/4, W/4) the LR image.
+        vector: (B, vector_dim) CLIP vector of `lr`; computed when omitted.
+        block_batch: None for the whole-image pass, n for n x n block batches with a K/V cache.
+        order: "row", "col" or "auto" (the one with the smaller cache).
+        cache_device: "cpu" to keep the cache on the host; default the model's device.
+        on_event, fault: see `BlockEngine`.
+
+    Returns:
+        (B, 3, H, W) float32 on x's device.
+    """
+    if lr_up.shape != x.shape:
+        raise ValueError(f"lr_up {tuple(lr_up.shape)} must match x {tuple(x.shape)}")
+    if block_batch is not None and (not isinstance(block_batch, int) or block_batch < 1):
+        raise ValueError(f"block_batch must be None or an int >= 1, got {block_batch!r}")
+    vector = model.encode_image(lr) if vector is None else vector
+    on_host = cache_device is not None and torch.device(cache_device).type == "cpu"
+    placement = Placement(n=block_batch or 1 << 30, order=order, cache_on_host=on_host)
+    return BlockEngine(model, lr, vector, lr_up, placement, on_event=on_event, fault=fault)(x, sigma)
+
+

@@ -12,6 +12,7 @@ __all__ = [
     "BadImage",
     "OutputExists",
     "MemoryBudgetTooSmall",
+    "HostMemoryTooSmall",
     "OutOfMemory",
     "BadRequest",
 ]
@@ -53,6 +54,14 @@ class OutputExists(InfditError):
 
 class MemoryBudgetTooSmall(InfditError):
     """Not even one block at a time fits in the memory budget."""
+
+    exit_code = 2
+
+
+class HostMemoryTooSmall(InfditError):
+    """The host cannot hold even the leanest plan for the job."""
+
+    exit_code = 2
 
 
 class OutOfMemory(InfditError):

@@ -10,20 +10,22 @@ result is cropped back: no input pixel is ever cropped away.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .engine import pad_to_blocks
-from .errors import BadRequest
-from .events import PassDone, PassStarted
+from .engine import BlockEngine, pad_to_blocks
+from .errors import BadRequest, OutOfMemory
+from .events import PassDone, PassStarted, PlanChanged
 from .images import resize
-from .planner import Plan, plan
-from .sampling import edm_sigmas, sample_heun
+from .planner import Placement, Plan, plan
+from .sampling import HeunState, edm_sigmas, sample_heun
+from .storage import Scratch
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
-           "color_fix"]
+           "color_fix", "Upsampled"]
 
 MAX_OUTPUT_SIDE = 65535
 
@@ -32,9 +34,11 @@ MAX_OUTPUT_SIDE = 65535
 class UpscaleOptions:
     steps: int = 20
     seed: int = 0
-    block_batch: int | str | None = "auto"  # None: whole image; "auto": the planner's n
-    mem_budget: int | None = None  # bytes; None: what the device has
+    block_batch: int | str | None = "auto"  # None: whole image; "auto": the planner's n; or a fixed n
+    mem_budget: int | None = None  # device bytes; None: what the device has free before our weights
     color_fix: str = "none"  # none | wavelet | adain
+    low_memory: bool | None = None  # memory-mapped sampler state: True, False, or None (when RAM is short)
+    host_budget: int | None = None  # host bytes; None: what the machine (and its cgroup) can give
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Pass:
     in_size: tuple[int, int]  # (h, w) of this pass's input
     out_size: tuple[int, int]  # in_size * scale
     padded_out: tuple[int, int]  # the whole-block canvas the sampler runs on
-    memory: Plan | None = None  # the planner's choice for this pass
+    memory: Plan  # the planner's choice for this pass
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,13 @@ def target_size(size: tuple[int, int], *, res: str | None = None, scale: float |
 
 
 def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], options: UpscaleOptions, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> UpscalePlan:
-    """The fewest 4x/2x passes whose result covers `target`, each with its memory plan."""
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 weights_file_dtype: torch.dtype | None = None) -> UpscalePlan:
+    """The fewest 4x/2x passes whose result covers `target`, each with its memory plan.
+
+    Raises:
+        MemoryBudgetTooSmall, HostMemoryTooSmall: some pass cannot fit (before any weights are loaded).
+    """
     h, w = input_size
     need = max(target[0] / h, target[1] / w)
     scales: list[int] = []
@@ -104,9 +113,14 @@ def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], opti
         unit = cfg.block_size // s  # input multiple that makes whole blocks (and an integer LR for 2x)
         padded_in = (-(-size[0] // unit) * unit, -(-size[1] // unit) * unit)
         padded_out = (padded_in[0] * s, padded_in[1] * s)
-        mem = None
-        if options.block_batch == "auto":
-            mem = plan(cfg, padded_out, budget=options.mem_budget, dtype=dtype, device=device)
+        n = None
+        if options.block_batch is None:
+            n = max(-(-padded_out[0] // cfg.block_size), -(-padded_out[1] // cfg.block_size))
+        elif options.block_batch != "auto":
+            n = int(options.block_batch)
+        mem = plan(cfg, padded_out, budget=options.mem_budget, dtype=dtype, device=device, n=n,
+                   host_budget=options.host_budget, low_memory=options.low_memory, scale=s,
+                   weights_file_dtype=weights_file_dtype)
         passes.append(Pass(s, size, (size[0] * s, size[1] * s), padded_out, mem))
         size = (size[0] * s, size[1] * s)
     return UpscalePlan(input_size, target, passes, options.steps, resample=size != tuple(target))
@@ -141,59 +155,133 @@ def _low_freq(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
 
 
 def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOptions = UpscaleOptions(), *,
-            generator: torch.Generator | None = None,
-            on_event: Callable[[object], None] | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, on_event: Callable[[object], None] | None = None,
+            scratch_dir: str | None = None, fault=None) -> torch.Tensor:
     """Upscale `rgb` (1, 3, h, w) in [0, 1] to `up_plan.target_size`; returns (1, 3, H, W) in [0, 1] on the host.
 
     Noise is drawn on the CPU from `generator` (seeded from `options.seed` when None), so the same seed gives
-    the same image whatever n, cache placement or device.
+    the same image whatever n, cache placement or device. A placement learned from running out of memory
+    in one pass is kept for the passes after it. Memory-mapped state (`--low-memory`) lives in a scratch
+    folder in `scratch_dir` (default: the system's temporary folder), removed however this returns.
     """
     if generator is None:
         generator = torch.Generator().manual_seed(options.seed)
     x = rgb.float().cpu() * 2 - 1  # [-1, 1]
-    for i, p in enumerate(up_plan.passes):
-        mem = p.memory
-        n = None if options.block_batch is None else options.block_batch
-        cache_device = None
-        state_dev = model.device
-        if mem is not None:
-            n = None if mem.whole_image else mem.n
-            cache_device = "cpu" if mem.cache_on_host else None
-            state_dev = torch.device("cpu") if mem.state_on_host else model.device
-        if on_event is not None:
-            on_event(PassStarted(i + 1, len(up_plan.passes), p, n))
-        x = _one_pass(model, x, p, options, n, cache_device, state_dev, generator, on_event)
-        if on_event is not None:
-            on_event(PassDone(i + 1, len(up_plan.passes)))
-    if up_plan.resample:
-        x = resize(x, up_plan.target_size)
-    return ((x.clamp(-1, 1) + 1) / 2).cpu()
+    mapped = any(p.memory.low_memory for p in up_plan.passes)
+    scratch = Scratch(scratch_dir if scratch_dir is not None else tempfile.gettempdir()) if mapped else None
+    learned: Placement | None = None
+    try:
+        for i, p in enumerate(up_plan.passes):
+            placement = p.memory.placement
+            if learned is not None:  # never go back above what ran out of memory
+                placement = Placement(min(placement.n, learned.n), placement.order,
+                                      placement.cache_on_host or learned.cache_on_host,
+                                      placement.state_on_host or learned.state_on_host)
+            if on_event is not None:
+                on_event(PassStarted(i + 1, len(up_plan.passes), p, None if p.memory.whole_image else placement.n))
+            x, final = _one_pass(model, x, p, placement, options, generator, on_event,
+                                 scratch if p.memory.low_memory else None, fault)
+            if final != p.memory.placement:
+                learned = final
+            if on_event is not None:
+                on_event(PassDone(i + 1, len(up_plan.passes)))
+        if up_plan.resample:
+            x = resize(x.float(), up_plan.target_size)
+        x = x.float()  # a copy only if the state was bf16; then in place: no second float image
+        return x.clamp_(-1, 1).add_(1).div_(2)
+    finally:
+        if scratch is not None:
+            scratch.close()
 
 
-def _one_pass(model, lr_in: torch.Tensor, p: Pass, options: UpscaleOptions, n, cache_device, state_dev,
-              generator, on_event) -> torch.Tensor:
+class Upsampled:
+    """`clamp(resize(src, size), -1, 1)` without holding it: `up[..., ys, xs]` computes just that slice
+    from the source pixels it reads (plus a halo), with the same numbers as the whole-image resize."""
+
+    HALO = 4  # source pixels beyond a slice on each side; the bicubic kernel reads 2 when upsampling
+
+    def __init__(self, src: torch.Tensor, size: tuple[int, int]) -> None:
+        self.src = src
+        self.scale = size[0] // src.shape[-2]
+        if (src.shape[-2] * self.scale, src.shape[-1] * self.scale) != tuple(size):
+            raise ValueError(f"Upsampled needs an integer factor, got {tuple(src.shape[-2:])} -> {size}")
+        self.shape = torch.Size((*src.shape[:-2], *size))
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if not (isinstance(idx, tuple) and len(idx) == 3 and idx[0] is Ellipsis):
+            raise TypeError("Upsampled is sliced as up[..., rows, cols]")
+        (y0, y1, _), (x0, x1, _) = (sl.indices(n) for sl, n in zip(idx[1:], self.shape[-2:]))
+        s, hs, ws = self.scale, self.src.shape[-2], self.src.shape[-1]
+        sy0, sy1 = max(y0 // s - self.HALO, 0), min(-(-y1 // s) + self.HALO, hs)
+        sx0, sx1 = max(x0 // s - self.HALO, 0), min(-(-x1 // s) + self.HALO, ws)
+        part = self.src[..., sy0:sy1, sx0:sx1].float()
+        up = resize(part, ((sy1 - sy0) * s, (sx1 - sx0) * s)).clamp_(-1, 1)
+        return up[..., y0 - sy0 * s : y1 - sy0 * s, x0 - sx0 * s : x1 - sx0 * s]
+
+
+def _rows(h: int, w: int, budget: int = 32 * 2**20) -> list[slice]:
+    step = max(1, budget // max(1, 3 * 4 * w))
+    return [slice(r, min(r + step, h)) for r in range(0, h, step)]
+
+
+def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options: UpscaleOptions,
+              generator, on_event, scratch: Scratch | None, fault) -> tuple[torch.Tensor, Placement]:
+    """One sampling run; returns the cropped result and the placement it ended with."""
     cfg = model.config
     s = p.scale
     padded = pad_to_blocks(lr_in, cfg.block_size // s)  # (1, 3, ph, pw), replicate at bottom/right
     hr = (padded.shape[-2] * s, padded.shape[-1] * s)
-    lr_up = resize(padded, hr).clamp(-1, 1)
+    lr_up = Upsampled(padded, hr)
     if s == 4:
         lr, clip_in = padded, lr_in
     else:  # official 2x: the model's lr is the input at half size, so HR/LR stays 4
         lr = resize(padded, (hr[0] // cfg.sr_scale, hr[1] // cfg.sr_scale))
         clip_in = resize(lr_in, (round(lr_in.shape[-2] / 2), round(lr_in.shape[-1] / 2)))
     vector = model.encode_image(clip_in)
-    image = model.prepare_image(lr, vector, state_device=state_dev)
     sigmas = edm_sigmas(options.steps)
-    noise = torch.randn(lr_up.shape, generator=generator)  # on the CPU: independent of device and n
-    lr_up = lr_up.to(state_dev)
-    x0 = lr_up + noise.to(state_dev) * sigmas[0]
+
+    # x_0 = lr_up + noise * sigma_0: noise drawn on the CPU in one call (independent of device and n),
+    # straight into the state when it is float32 on the host, else through one float32 image.
+    state_dev = torch.device("cpu") if placement.state_on_host else model.device
+    sdtype = p.memory.state_dtype
+    shape = (lr_in.shape[0], 3, *hr)
+    direct = state_dev.type == "cpu" and sdtype == torch.float32
+    noise = None if direct else torch.randn(shape, generator=generator)
+    st = HeunState.allocate(shape, sdtype, state_dev, scratch)
+    if direct:
+        torch.randn(shape, generator=generator, out=st.x)
+    for r in _rows(*hr):
+        src = st.x[..., r, :] if direct else noise[..., r, :].to(state_dev)
+        st.x[..., r, :] = (src * sigmas[0]).add_(lr_up[..., r, :].to(state_dev))
+        st.trim()
     del noise
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return model.denoise(x, sigma, lr_up=lr_up, image=image, block_batch=n, cache_device=cache_device,
-                             on_event=on_event)
+    engine = BlockEngine(model, lr, vector, lr_up, replace(placement, state_on_host=False), scratch=scratch,
+                         on_event=on_event, fault=fault)
+    done = 0
 
-    out = sample_heun(denoise, x0, sigmas, callback=on_event)
-    out = color_fix(out, lr_up, options.color_fix)
-    return out[..., : p.out_size[0], : p.out_size[1]].cpu()
+    def step_done(ev) -> None:
+        nonlocal done
+        done = ev.i
+        if on_event is not None:
+            on_event(ev)
+
+    state_on_host = state_dev.type == "cpu"
+    while True:
+        try:
+            sample_heun(engine, st.x, sigmas, callback=step_done, state=st, start=done)
+            break
+        except OutOfMemory:
+            if state_on_host:
+                raise
+            # Last rung: the image state leaves the device; the interrupted step restarts from x.
+            old = replace(engine.placement, state_on_host=False).describe()
+            st, state_on_host = st.to("cpu", scratch), True
+            if on_event is not None:
+                on_event(PlanChanged(old=old, new=replace(engine.placement, state_on_host=True).describe()))
+    engine.close()
+    final = replace(engine.placement, state_on_host=state_on_host)
+    out = st.x
+    if options.color_fix != "none":
+        out = color_fix(out.float(), lr_up[..., :, :].to(out.device), options.color_fix)
+    return out[..., : p.out_size[0], : p.out_size[1]].cpu(), final

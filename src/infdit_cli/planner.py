@@ -1,100 +1,144 @@
-"""Memory planner: an explicit model of peak bytes, and the choice of n and placements for a budget.
+"""Memory planner: arithmetic on the config. Predicted peak bytes on the device and on the host, and the
+choice of n, placements, sampler-state dtype and memory-mapped state for a budget.
 
-Peak = weights + image-sized state + K/V cache + activations of one batch + runtime overhead, each counted
-from the shapes involved (no tensors are made). Coefficients that depend on how many temporaries PyTorch
-keeps alive were counted from `model.forward_rect` and checked against measured peaks (`benchmarks/`,
+Device peak = weights + image-sized state kept there + K/V cache there + one batch's activations + slack.
+Host peak (resident, whole process) = runtime + the larger of (loading the weights) and (image state and
+K/V cache kept on the host, or their resident window when memory-mapped, + the LR images). Every term is
+counted from shapes (no tensors, no model is built); the few coefficients that depend on how many
+temporaries PyTorch keeps alive were checked against measured peaks (`benchmarks/memory_vs_size.py`,
 `docs/benchmarks.md`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .config import InfDiTConfig
-from .errors import MemoryBudgetTooSmall
-from .schedule import cache_slots, choose_order
+from .errors import HostMemoryTooSmall, MemoryBudgetTooSmall
+from .schedule import BlockBatch, cache_slots, choose_order
 
-__all__ = ["MemoryEstimate", "Plan", "estimate", "plan", "parse_bytes", "format_bytes", "param_count"]
+__all__ = ["Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down", "batch_device_bytes",
+           "parse_bytes", "format_bytes", "param_count", "host_available", "device_free", "HEUN_IMAGES"]
 
 # Live (tokens x hidden) tensors at the attention peak of a layer: h, a, qkv (3), normed+rotated q/k (4),
-# gathered k/v (8), k + re_pos (4), attention output and its projection (2) -> 22 counted; 25 is what the
-# CPU measurements need (allocator slack; docs/benchmarks.md has predicted beside measured).
+# gathered k/v (8), attention output and its projection (2) -> 19 counted; 25 is what the CPU
+# measurements need (allocator slack; docs/benchmarks.md has predicted beside measured).
 ACT_TOKEN_COPIES = 25
 # Layer-0 cross-attention: k/v region (2), the unfolded k/v windows (2 x 2.25 T per block), k + pos (2.25).
 CROSS_WINDOW_COPIES = 6.75
-SAMPLER_IMAGES = 7  # x, lr_up, d, x_euler, the denoiser output, and two temporaries of the Heun update
+HEUN_IMAGES = 4  # sampler state: x, d, the Euler point, the denoiser output (the second derivative reuses it)
 SATURATING_N = 4  # 4x4 blocks = 16K tokens per batch: assumed enough to fill a GPU (not measured here)
-OVERHEAD = {"cpu": 64 * 2**20, "cuda": 64 * 2**20, "mps": 64 * 2**20}  # allocator slack, kernel workspaces
+DEVICE_SLACK = 64 * 2**20  # allocator slack, kernel workspaces
+DEVICE_MARGIN = 512 * 2**20  # kept free on a CUDA device below what it reports free (other processes, cuDNN)
+# Resident bytes of the process before any image work: interpreter, torch, open_clip, CUDA context.
+HOST_RUNTIME = {"cpu": 1100 * 2**20, "cuda": 2048 * 2**20, "mps": 1536 * 2**20}
+LOW_MEMORY_WINDOW = 256 * 2**20  # resident pages of memory-mapped state/cache between two trims, at most
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the engine runs a pass: n x n blocks per batch, traversal order, and where things live."""
+
+    n: int  # block batch side; n >= the grid's longer side means the whole-image pass
+    order: str = "auto"
+    cache_on_host: bool = False
+    state_on_host: bool = False
+
+    def describe(self) -> str:
+        parts = [f"n={self.n}" if self.n < 1 << 20 else "whole image"]
+        parts += [s for s, on in (("cache on host", self.cache_on_host), ("state on host", self.state_on_host))
+                  if on]
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Predicted peaks, by part. `total` is the device peak (on the CPU the device is the host)."""
+
     weights: int
-    state: int  # image-sized tensors on the compute device (0 when they live on the host)
-    cache: int  # K/V cache on the compute device (only the batch's neighbours when the cache is on the host)
+    state: int  # image-sized sampler state on the compute device (0 when it lives on the host)
+    cache: int  # K/V cache on the compute device (only the batch's neighbours when it is on the host)
     activations: int
     overhead: int
+    host: dict[str, int] = field(default_factory=dict)  # resident host bytes by part
+    unified: bool = False  # the device is the host (CPU): one memory, one peak
 
     @property
-    def total(self) -> int:
+    def device_peak(self) -> int:
+        if self.unified:
+            return self.host_peak
         return self.weights + self.state + self.cache + self.activations + self.overhead
+
+    @property
+    def host_peak(self) -> int:
+        h = self.host
+        return h["runtime"] + max(h["weights_load"], h["weights"] + h["state"] + h["cache"] + h["images"])
+
+    total = device_peak
 
 
 @dataclass(frozen=True)
 class Plan:
-    n: int  # block batch side; n >= the grid's longer side means the whole-image pass
+    placement: Placement
     whole_image: bool
-    order: str
-    cache_on_host: bool
-    state_on_host: bool
+    state_dtype: torch.dtype  # dtype of the sampler state (float32; bfloat16 where the host needs it)
+    low_memory: bool  # sampler state and host K/V cache in memory-mapped files
     estimate: MemoryEstimate
-    budget: int
+    budget: int  # device bytes planned for
+    host_budget: int  # host bytes available
     reason: str
+
+    n = property(lambda self: self.placement.n)
+    order = property(lambda self: self.placement.order)
+    cache_on_host = property(lambda self: self.placement.cache_on_host)
+    state_on_host = property(lambda self: self.placement.state_on_host)
+
+    @property
+    def memory(self) -> dict[str, int]:
+        return {"device_peak_bytes": self.estimate.device_peak, "host_peak_bytes": self.estimate.host_peak}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------------------------------------
 
 
 def param_count(cfg: InfDiTConfig) -> int:
-    from .weights import expected_shapes
-
-    return sum(math.prod(s) for s in expected_shapes(cfg).values())
+    """Parameters of `InfDiT(cfg)`, CLIP vision tower included, by arithmetic (tests check it against the
+    real module)."""
+    d, hd, layers, mlp = cfg.hidden_size, cfg.head_dim, cfg.num_layers, cfg.mlp_ratio
+    p = cfg.patch_size
+    lin = lambda i, o: i * o + o  # noqa: E731
+    n = cfg.in_channels * d * p * p + d  # x_embedder
+    n += lin(cfg.time_channels, d) + lin(d, d) + lin(cfg.vector_dim, d) + lin(d, d)  # t/y embedders
+    n += layers * (lin(d, 4 * d) + lin(d, 3 * d) + 2 * hd + lin(d, d) + lin(d, mlp * d) + lin(mlp * d, d))
+    n += layers * 4 * d  # re_pos_embed
+    lp = cfg.lr_patch_size
+    n += 3 * d * lp * lp + d + lin(d, d) + lin(d, 2 * d) + lin(d, d) + 4 * hd  # lr_cross convs, q, kv, proj, LNs
+    n += cfg.block_tokens**2 * d + (3 * cfg.lr_block) ** 2 * d + 2 * d  # q_pos, k_pos, post_norm
+    n += lin(d, 2 * d) + lin(d, p * p * cfg.out_channels)  # final layer
+    c = cfg.clip
+    if c is not None:  # open_clip VisionTransformer
+        w, grid = c.width, c.image_size // c.patch_size
+        n += 3 * w * c.patch_size**2 + w + (grid * grid + 1) * w + 2 * w  # conv1, class, pos, ln_pre
+        hidden = int(w * c.mlp_ratio)
+        n += c.layers * (2 * w + lin(w, 3 * w) + lin(w, w) + 2 * w + lin(w, hidden) + lin(hidden, w))
+        n += 2 * w + w * c.embed_dim  # ln_post, proj
+    return n
 
 
 def _elem(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: torch.dtype = torch.float32,
-             device_type: str = "cpu", cache_on_host: bool = False, state_on_host: bool = False,
-             batch: int = 1, flash: bool | None = None, order: str = "auto") -> MemoryEstimate:
-    """Predicted peak bytes on the compute device for one sampling run at HR `size` (H, W)."""
-    e = _elem(dtype)
-    h, w = size
-    gh, gw = -(-h // cfg.block_size), -(-w // cfg.block_size)
-    n_eff = min(n or max(gh, gw), max(gh, gw))
-    whole = n_eff >= max(gh, gw)
-    bh, bw = min(n_eff, gh), min(n_eff, gw)  # the largest rectangle
+def _act_bytes(cfg: InfDiTConfig, bh: int, bw: int, batch: int, e: int, flash: bool) -> int:
+    """Activations of one bh x bw batch on the device."""
     t, d, heads = cfg.block_tokens**2, cfg.hidden_size, cfg.num_heads
     tokens = batch * bh * bw * t
-    if flash is None:
-        flash = device_type in ("cuda", "cpu")  # torch has flash-style SDPA kernels for both
-
-    weights = param_count(cfg) * e
-    hp, wp = gh * cfg.block_size, gw * cfg.block_size
-    state = 0
-    if not state_on_host:
-        state = SAMPLER_IMAGES * batch * 3 * hp * wp * 4 + batch * (hp // 8) * (wp // 8) * d * e
-
-    block_kv = batch * 2 * cfg.num_layers * t * d * e  # one cached block, all layers
-    if whole:
-        cache = 0
-    elif cache_on_host:
-        cache = batch * 2 * (bh + bw + 1) * t * d * e  # the neighbours of one batch, one layer at a time
-    else:
-        order = choose_order(gh, gw) if order == "auto" else order
-        cache = cache_slots(gh, gw, n_eff, order) * block_kv  # the slab `engine._run` allocates
-
     act = ACT_TOKEN_COPIES * tokens * d * e
     win = (3 * cfg.lr_block) ** 2
     cross = CROSS_WINDOW_COPIES * batch * bh * bw * win * d * e
@@ -102,72 +146,254 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
         act += 2 * batch * bh * bw * heads * t * 4 * t * e
         cross += 2 * batch * bh * bw * heads * t * win * e
     act = int(max(act, cross + 6 * tokens * d * e))
-    act += batch * bh * bw * cfg.block_size**2 * (6 + 3) * 4  # the rectangle's pixels in and out
-    return MemoryEstimate(weights, state, cache, act, OVERHEAD.get(device_type, OVERHEAD["cuda"]))
+    return act + batch * bh * bw * cfg.block_size**2 * (6 + 3) * 4  # the rectangle's pixels in and out
 
 
-def device_memory(device: torch.device) -> int:
-    """Memory one could use on `device`: free CUDA memory, or the host's available memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
+def _neighbour_bytes(cfg: InfDiTConfig, bh: int, bw: int, batch: int, e: int) -> int:
+    """A host-cached batch's neighbours on the device: one layer in use and the next being prefetched."""
+    return 2 * batch * 2 * (bh + bw + 1) * cfg.block_tokens**2 * cfg.hidden_size * e
+
+
+def batch_device_bytes(cfg: InfDiTConfig, rect: BlockBatch, batch: int, dtype: torch.dtype,
+                       cache_on_host: bool) -> int:
+    """What one rectangle asks of the device beyond weights, state and a device-side cache."""
+    e = _elem(dtype)
+    bh, bw = rect.r1 - rect.r0, rect.c1 - rect.c0
+    extra = _neighbour_bytes(cfg, bh, bw, batch, e) if cache_on_host else 0
+    return _act_bytes(cfg, bh, bw, batch, e, flash=True) + extra
+
+
+def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: torch.dtype = torch.float32,
+             device_type: str = "cpu", cache_on_host: bool = False, state_on_host: bool = False,
+             batch: int = 1, flash: bool | None = None, order: str = "auto",
+             state_dtype: torch.dtype = torch.float32, low_memory: bool = False, scale: int = 4,
+             weights_file_dtype: torch.dtype | None = None) -> MemoryEstimate:
+    """Predicted peak bytes for one sampling pass whose (block-padded) output is `size` (H, W).
+
+    `scale` is the pass's factor (its input is H/scale x W/scale); `weights_file_dtype` the dtype the
+    weights are stored in (loading holds them once in that dtype and once converted).
+    """
+    e, es = _elem(dtype), _elem(state_dtype)
+    h, w = size
+    gh, gw = -(-h // cfg.block_size), -(-w // cfg.block_size)
+    n_eff = min(n or max(gh, gw), max(gh, gw))
+    whole = n_eff >= max(gh, gw)
+    bh, bw = min(n_eff, gh), min(n_eff, gw)  # the largest rectangle
+    on_cpu = device_type == "cpu"
+    if flash is None:
+        flash = device_type in ("cuda", "cpu")  # torch has flash-style SDPA kernels for both
+    hp, wp = gh * cfg.block_size, gw * cfg.block_size
+    order = choose_order(gh, gw) if order == "auto" else order
+
+    params = param_count(cfg)
+    state_bytes = HEUN_IMAGES * batch * 3 * hp * wp * es
+    block_kv = batch * 2 * cfg.num_layers * cfg.block_tokens**2 * cfg.hidden_size * e
+    slab = 0 if whole else cache_slots(gh, gw, n_eff, order) * block_kv
+    images = batch * 3 * hp * wp * 4 // (scale * scale) + batch * 3 * hp * wp * 4 // 16  # pass input, LR
+
+    # Device.
+    weights = params * e
+    act = _act_bytes(cfg, bh, bw, batch, e, flash)
+    if on_cpu:  # one memory: everything is counted on the host below; the device view is the same total
+        state = 0 if state_on_host else state_bytes
+        cache = slab
+    else:
+        state = 0 if state_on_host else state_bytes
+        cache = 0 if whole else (_neighbour_bytes(cfg, bh, bw, batch, e) if cache_on_host else slab)
+
+    # Host (resident).
+    host_state = state_bytes if (on_cpu or state_on_host) else 0
+    host_cache = slab if (on_cpu or cache_on_host) else 0
+    if low_memory:  # mapped: only a window stays resident
+        host_state = min(host_state, LOW_MEMORY_WINDOW + 2 * batch * 3 * bh * cfg.block_size * wp * es)
+        host_cache = min(host_cache, LOW_MEMORY_WINDOW)
+    file_e = _elem(weights_file_dtype) if weights_file_dtype is not None else e
+    host = {
+        "runtime": HOST_RUNTIME.get(device_type, HOST_RUNTIME["cuda"]),
+        "weights": params * e if on_cpu else 0,
+        "weights_load": params * (file_e + (e if file_e != e else 0)),
+        "state": host_state,
+        "cache": host_cache,
+        "images": images + (act if on_cpu else 0),
+    }
+    return MemoryEstimate(weights, state, cache, act, DEVICE_SLACK, host, unified=on_cpu)
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the machine has
+# --------------------------------------------------------------------------------------------------------
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _own_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def host_available() -> int:
+    """Host bytes this process can hold: MemAvailable (and the cgroup limit's headroom, where one applies)
+    plus what the process already holds."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 8 * 2**30
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        headroom = max(limit - used, 0)
+        avail = headroom if avail is None else min(avail, headroom)
+    return (avail if avail is not None else 8 * 2**30) + _own_rss()
+
+
+def device_free(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device (minus a margin), or None when it cannot be asked (CPU, absent GPU)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(free - DEVICE_MARGIN, 0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Choosing
+# --------------------------------------------------------------------------------------------------------
 
 
 def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
-         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1) -> Plan:
-    """The largest block batch n (and placements) whose predicted peak fits `budget` bytes.
+         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1,
+         n: int | None = None, host_budget: int | None = None, low_memory: bool | None = None,
+         scale: int = 4, weights_file_dtype: torch.dtype | None = None) -> Plan:
+    """The fastest placement whose predicted peaks fit: device within `budget`, host within `host_budget`.
 
-    Placements are tried from fastest to leanest: everything on the device; the K/V cache on the host;
-    the cache and all image-sized state on the host. On the CPU the host is the device, so only the first
-    applies.
+    Args:
+        budget: device bytes for everything of ours, weights included (default: what is free; on the CPU
+            the device is the host, so the default is `host_budget`).
+        n: fixed block batch (`--block-batch`): everything else is still planned.
+        host_budget: resident host bytes available (default: `host_available()`).
+        low_memory: True forces memory-mapped state, False forbids it, None lets the planner turn it on
+            when the host is short.
+
+    Device placements are tried fastest first: everything on the device; the K/V cache on the host; cache
+    and image state on the host (on the CPU only the first). Then, only if the host is short: the sampler
+    state in bf16 (when the model computes in bf16, as the official sampler does), then memory-mapped state.
 
     Raises:
-        MemoryBudgetTooSmall: not even n = 1 with everything on the host fits.
+        MemoryBudgetTooSmall: not even n = 1 with everything on the host fits the device budget.
+        HostMemoryTooSmall: the host cannot hold even the leanest plan.
     """
     device = torch.device(device)
-    budget = device_memory(device) if budget is None else int(budget)
+    host_budget = host_available() if host_budget is None else int(host_budget)
+    on_cpu = device.type == "cpu"
+    if budget is None:
+        budget = host_budget if on_cpu else device_free(device)
+        if budget is None:
+            raise MemoryBudgetTooSmall(f"cannot ask {device} for its free memory here; give --mem-budget")
+    budget = int(budget)
     h, w = size
     gh, gw = -(-h // cfg.block_size), -(-w // cfg.block_size)
-    placements = [(False, False)] if device.type == "cpu" else [(False, False), (True, False), (True, True)]
-    best: Plan | None = None
-    for cache_host, state_host in placements:
-        for n in range(max(gh, gw), 0, -1):
-            est = estimate(cfg, size, n, dtype=dtype, device_type=device.type, cache_on_host=cache_host,
-                           state_on_host=state_host, batch=batch)
-            if est.total > budget:
-                continue
-            whole = n >= max(gh, gw)
-            where = ", ".join(
-                s for s, on in (("K/V cache on the host", cache_host), ("image state on the host", state_host))
-                if on
-            ) or "everything on the device"
-            reason = (f"{'whole image' if whole else f'{n}x{n} blocks'} ({where}) predicted "
-                      f"{format_bytes(est.total)} <= budget {format_bytes(budget)}")
-            found = Plan(n, whole, choose_order(gh, gw), cache_host, state_host, est, budget, reason)
-            # Host transfers cost time: keep things on the device as long as batches stay big enough to
-            # keep it busy (SATURATING_N^2 blocks), else move the cache/state off for a bigger n.
-            if n >= min(SATURATING_N, max(gh, gw)):
-                return found
-            if best is None or n > best.n:
-                best = found
-            break
-    if best is not None:
-        return best
-    leanest = estimate(cfg, size, 1, dtype=dtype, device_type=device.type, cache_on_host=placements[-1][0],
-                       state_on_host=placements[-1][1], batch=batch)
-    raise MemoryBudgetTooSmall(
-        f"a {h}x{w} output needs at least {format_bytes(leanest.total)} on {device.type} "
-        f"(weights {format_bytes(leanest.weights)}); the budget is {format_bytes(budget)}"
-    )
+    top = max(gh, gw)
+    placements = [(False, False)] if on_cpu else [(False, False), (True, False), (True, True)]
+    state_dtypes = [torch.float32] + ([torch.bfloat16] if dtype == torch.bfloat16 else [])
+    mapped = [False, True] if low_memory is None else [bool(low_memory)]
+    kw = dict(dtype=dtype, device_type=device.type, batch=batch, scale=scale,
+              weights_file_dtype=weights_file_dtype)
 
+    # On the CPU the device is the host: n is chosen with the leanest host storage allowed, which the
+    # host step below then relaxes as far as the budget lets it.
+    lean = dict(state_dtype=state_dtypes[-1], low_memory=mapped[-1]) if on_cpu else {}
+
+    def device_choice(cache_host: bool, state_host: bool) -> int | None:
+        """Largest n fitting the device (or the fixed n if it fits)."""
+        for cand in ([n] if n is not None else range(top, 0, -1)):
+            est = estimate(cfg, size, cand, cache_on_host=cache_host, state_on_host=state_host, **kw, **lean)
+            if est.total <= budget:
+                return cand
+        return None
+
+    best: tuple | None = None
+    for cache_host, state_host in placements:
+        cand = device_choice(cache_host, state_host)
+        if cand is None:
+            continue
+        if best is None or cand > best[0]:
+            best = (cand, cache_host, state_host)
+        # Host transfers cost time: keep things on the device while batches stay big enough to keep it
+        # busy (SATURATING_N^2 blocks), else move the cache/state off for a bigger n.
+        if n is not None or cand >= min(SATURATING_N, top):
+            best = (cand, cache_host, state_host)
+            break
+    if best is None:
+        if n is not None:  # the user fixed n: run it as lean as we can and let out-of-memory handling act
+            best = (n, *placements[-1])
+        else:
+            leanest = estimate(cfg, size, 1, cache_on_host=placements[-1][0], state_on_host=placements[-1][1],
+                               **kw, **lean)
+            if on_cpu:
+                raise HostMemoryTooSmall(
+                    f"a {w}x{h} output needs at least {format_bytes(leanest.host_peak)} of host memory, "
+                    + (f"{format_bytes(budget)} is available" if budget == host_budget
+                       else f"the budget is {format_bytes(budget)}")
+                    + f"; try {_host_hint(low_memory)}")
+            raise MemoryBudgetTooSmall(
+                f"a {w}x{h} output needs at least {format_bytes(leanest.total)} on {device.type} "
+                f"(weights {format_bytes(leanest.weights)}); the budget is {format_bytes(budget)}")
+    n_dev, cache_host, state_host = best
+    # The host: same device choice, then leaner host storage until it fits.
+    tried = []
+    for mm, sd in [(mm, sd) for mm in mapped for sd in state_dtypes]:  # RAM first; in RAM, float32 first
+        est = estimate(cfg, size, n_dev, cache_on_host=cache_host, state_on_host=state_host,
+                       state_dtype=sd, low_memory=mm, **kw)
+        tried.append(est.host_peak)
+        if est.host_peak <= host_budget and (not on_cpu or est.host_peak <= budget):
+            placement = Placement(n_dev, choose_order(gh, gw), cache_host, state_host)
+            whole = n_dev >= top
+            notes = [placement.describe()]
+            if sd != torch.float32:
+                notes.append("sampler state bf16")
+            if mm:
+                notes.append("low-memory (memory-mapped state)")
+            reason = (f"{', '.join(notes)}: predicted {format_bytes(est.device_peak)} on {device.type} "
+                      f"(budget {format_bytes(budget)}), {format_bytes(est.host_peak)} on the host "
+                      f"({format_bytes(host_budget)} available)")
+            return Plan(placement, whole, sd, mm, est, budget, host_budget, reason)
+    raise HostMemoryTooSmall(
+        f"a {w}x{h} output needs {format_bytes(min(tried))} of host memory, {format_bytes(host_budget)} is "
+        f"available; try {_host_hint(low_memory)}")
+
+
+def _host_hint(low_memory: bool | None) -> str:
+    if low_memory is False:
+        return "--low-memory (memory-mapped state)"
+    return "a smaller target or --block-batch, or freeing memory"
+
+
+def step_down(p: Placement, grid_h: int, grid_w: int) -> Placement | None:
+    """The next leaner placement after running out of device memory: halve n, then move the K/V cache to
+    the host; None when nothing leaner is left (the sampler state is the pipeline's to move)."""
+    n = min(p.n, max(grid_h, grid_w))
+    if n > 1:
+        return replace(p, n=n // 2)
+    if not p.cache_on_host:
+        return replace(p, cache_on_host=True)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Units
+# --------------------------------------------------------------------------------------------------------
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}

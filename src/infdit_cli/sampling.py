@@ -1,18 +1,26 @@
 """EDM sampling: the Karras et al. (2022) noise schedule and Heun sampler, over any denoiser callable.
 
 Equivalent to THUDM/Inf-DiT `dit/sampling/discretizers.py` `EDMDiscretization` and
-`dit/sampling/samplers.py` `ConcatSRHeunEDMSampler` (s_churn = 0), in the same float32 arithmetic.
+`dit/sampling/samplers.py` `ConcatSRHeunEDMSampler` (s_churn = 0), in the same arithmetic. The sampler
+works in four preallocated images (`HeunState`) updated in place, operation for operation as the
+out-of-place formulas (so the numbers are identical), and in row chunks, so memory-mapped state stays
+mostly on disk.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .events import StepDone
+from .storage import Scratch
 
-__all__ = ["edm_sigmas", "sample_heun"]
+__all__ = ["edm_sigmas", "sample_heun", "HeunState"]
+
+CHUNK_BYTES = 64 * 2**20  # rows per in-place update: about this many bytes of each image
 
 
 def edm_sigmas(steps: int = 20, sigma_min: float = 0.002, sigma_max: float = 40.0, rho: float = 7.0,
@@ -27,37 +35,113 @@ def edm_sigmas(steps: int = 20, sigma_min: float = 0.002, sigma_max: float = 40.
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def sample_heun(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                sigmas: torch.Tensor, *, callback: Callable[[StepDone], None] | None = None) -> torch.Tensor:
+@dataclass
+class HeunState:
+    """The sampler's images: x (the state between steps), d, the Euler point x2, and den (each denoiser
+    output, then the second derivative in place). Between steps only `x` matters."""
+
+    x: torch.Tensor
+    d: torch.Tensor
+    x2: torch.Tensor
+    den: torch.Tensor
+    scratch: Scratch | None = None
+
+    @classmethod
+    def allocate(cls, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", scratch: Scratch | None = None) -> HeunState:
+        """Four images of `shape`; on the host through `scratch` (memory-mapped under --low-memory)."""
+        device = torch.device(device)
+        if device.type == "cpu" and scratch is not None:
+            t = [scratch.empty(f"heun_{k}", shape, dtype) for k in ("x", "d", "x2", "den")]
+            return cls(*t, scratch=scratch)
+        return cls(*(torch.empty(shape, dtype=dtype, device=device) for _ in range(4)))
+
+    def to(self, device: torch.device | str, scratch: Scratch | None = None) -> HeunState:
+        """The same state on another device (only x is copied: the rest is scratch between steps)."""
+        new = HeunState.allocate(tuple(self.x.shape), self.x.dtype, device, scratch)
+        new.x.copy_(self.x)
+        return new
+
+    def rows(self) -> list[slice]:
+        """Row slices that split each image into ~CHUNK_BYTES pieces (one piece when in RAM)."""
+        h = self.x.shape[-2]
+        if self.scratch is None or not self.scratch.mapped:
+            return [slice(0, h)]
+        row = max(1, self.x[..., :1, :].numel() * self.x.element_size())
+        step = max(1, CHUNK_BYTES // row)
+        return [slice(r, min(r + step, h)) for r in range(0, h, step)]
+
+    def trim(self) -> None:
+        if self.scratch is not None:
+            self.scratch.trim()
+
+
+def _accepts_out(fn: Callable) -> bool:
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def sample_heun(denoise: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, *,
+                callback: Callable[[StepDone], None] | None = None, state: HeunState | None = None,
+                start: int = 0) -> torch.Tensor:
     """Implements Algorithm 2 (Heun steps, deterministic) from Karras et al. (2022).
 
     Args:
-        denoise: D(x, sigma) with sigma a (B,) tensor.
-        x: the initial state x_0 = lr_up + noise * sigmas[0] (never modified).
+        denoise: D(x, sigma[, out]) with sigma a (B,) tensor; with an `out` parameter it writes into the
+            given tensor instead of allocating one.
+        x: the state at step `start` (at 0: x_0 = lr_up + noise * sigmas[0]); never modified, unless it
+            is `state.x` itself.
         sigmas: (steps+1,) from `edm_sigmas`, ending in 0.
         callback: receives a `StepDone` after every step.
+        state: the four images to work in (default: new ones like x). After a step, `state.x` is the
+            state to resume from.
+        start: the first step to run (a resumed run).
 
     Returns:
-        The final sample, same shape and device as x.
+        The final sample: `state.x`.
     """
-    s_in = x.new_ones(x.shape[0])
-    sigmas = sigmas.to(x.device, x.dtype)
-    steps, calls = len(sigmas) - 1, 0
-    for i in range(steps):
-        sigma, next_sigma = sigmas[i] * s_in, sigmas[i + 1] * s_in
-        # Evaluate dx/dt at t_i.
-        d = (x - denoise(x, sigma)) / sigma.view(-1, 1, 1, 1)
+    if state is None:
+        state = HeunState.allocate(tuple(x.shape), x.dtype, x.device)
+    if x is not state.x:
+        state.x.copy_(x)
+    with_out = _accepts_out(denoise)
+
+    def call(inp: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if with_out:
+            return denoise(inp, sigma, out=state.den)
+        return state.den.copy_(denoise(inp, sigma))
+
+    st = state
+    s_in = st.x.new_ones(st.x.shape[0], dtype=torch.float32)
+    sigmas = sigmas.to(st.x.device, st.x.dtype)
+    steps = len(sigmas) - 1
+    calls = 2 * start - (1 if start == steps else 0)
+    for i in range(start, steps):
+        sigma, next_sigma = sigmas[i] * s_in.to(st.x.dtype), sigmas[i + 1] * s_in.to(st.x.dtype)
+        s, ns = sigma.view(-1, 1, 1, 1), next_sigma.view(-1, 1, 1, 1)
         dt = (next_sigma - sigma).view(-1, 1, 1, 1)
-        # Euler step from t_i to t_{i+1}.
-        x_euler = x + dt * d
+        last = float(next_sigma.sum()) < 1e-14
+        # Evaluate dx/dt at t_i; Euler step from t_i to t_{i+1}.
+        den = call(st.x, sigma)
+        for r in st.rows():
+            x, d, x2 = st.x[..., r, :], st.d[..., r, :], st.x2[..., r, :]
+            torch.sub(x, den[..., r, :], out=d).div_(s)  # d = (x - D) / sigma
+            torch.mul(d, dt, out=x2).add_(x)  # x_euler = x + dt * d
+            if last:
+                x.copy_(x2)  # last step: no correction at sigma = 0
+            st.trim()
         calls += 1
-        if float(next_sigma.sum()) < 1e-14:
-            x = x_euler  # last step: no correction at sigma = 0
-        else:
+        if not last:
             # Apply 2nd order correction.
-            d_new = (x_euler - denoise(x_euler, next_sigma)) / next_sigma.view(-1, 1, 1, 1)
-            x = x + (d + d_new) / 2.0 * dt
+            den = call(st.x2, next_sigma)
+            for r in st.rows():
+                x, d, x2, dn = st.x[..., r, :], st.d[..., r, :], st.x2[..., r, :], den[..., r, :]
+                torch.sub(x2, dn, out=dn).div_(ns)  # d_new = (x_euler - D) / next_sigma
+                x.add_(dn.add_(d).div_(2.0).mul_(dt))  # x + (d + d_new) / 2 * dt
+                st.trim()
             calls += 1
         if callback is not None:
             callback(StepDone(i=i + 1, steps=steps, calls=calls, sigma=float(sigmas[i + 1])))
-    return x
+    return st.x

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .errors import BadRequest
+from .events import PlanChanged
 from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, check_output, fill_transparent, load_image, resize, save_image
 from .pipeline import UpscaleOptions, UpscalePlan, plan_upscale, target_size, upscale
 
@@ -35,6 +36,8 @@ class UpscaleResult:
     seconds: float
     peak_memory: int | None  # bytes on the compute device (CUDA), None where not measured
     seed: int
+    memory: list[dict[str, int]] = field(default_factory=list)  # each pass's predicted device/host peaks
+    plan_changes: list[str] = field(default_factory=list)  # placements learned from running out of memory
 
 
 def resolve_device(name: str = "auto", *, check: bool = True) -> torch.device:
@@ -80,19 +83,26 @@ def default_output(path: Path) -> Path:
 class Upscaler:
     """A loaded Inf-DiT model, ready to upscale many images."""
 
-    def __init__(self, model, *, options: UpscaleOptions = UpscaleOptions()) -> None:
+    def __init__(self, model, *, options: UpscaleOptions = UpscaleOptions(), device_budget: int | None = None
+                 ) -> None:
+        """`device_budget`: device bytes the plans may use when `options.mem_budget` is unset (what was free
+        before the weights were loaded, minus a margin; `from_weights` measures it)."""
         self.model = model
         self.options = options
+        self.device_budget = device_budget
 
     @classmethod
     def from_weights(cls, weights: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
                      options: UpscaleOptions = UpscaleOptions(), **resolve_kw) -> Upscaler:
         from .hub import resolve_weights
+        from .planner import device_free
         from .weights import load_model
 
         dev = resolve_device(device)
         path = resolve_weights(weights, **resolve_kw)
-        return cls(load_model(path, device=dev, dtype=resolve_dtype(dtype, dev)), options=options)
+        free = device_free(dev)  # before our weights: they are counted once, in every plan's estimate
+        return cls(load_model(path, device=dev, dtype=resolve_dtype(dtype, dev)), options=options,
+                   device_budget=free)
 
     @property
     def device(self) -> torch.device:
@@ -101,13 +111,17 @@ class Upscaler:
     def plan(self, input_size: tuple[int, int], *, res: str | None = None, scale: float | None = None,
              options: UpscaleOptions | None = None) -> UpscalePlan:
         opts = options or self.options
+        if opts.mem_budget is None and self.device_budget is not None:
+            opts = replace(opts, mem_budget=self.device_budget)
         target = target_size(input_size, res=res, scale=scale)
         return plan_upscale(self.model.config, input_size, target, opts, dtype=self.model.dtype, device=self.device)
 
     def upscale_tensor(self, rgb: torch.Tensor, up_plan: UpscalePlan, *, options: UpscaleOptions | None = None,
-                       on_event: Callable[[object], None] | None = None) -> torch.Tensor:
-        """(1, 3, h, w) in [0, 1] -> (1, 3, H, W) in [0, 1]."""
-        return upscale(self.model, rgb, up_plan, options or self.options, on_event=on_event)
+                       on_event: Callable[[object], None] | None = None, scratch_dir: str | Path | None = None,
+                       fault=None) -> torch.Tensor:
+        """(1, 3, h, w) in [0, 1] -> (1, 3, H, W) in [0, 1]. `scratch_dir`: where --low-memory files go."""
+        return upscale(self.model, rgb, up_plan, options or self.options, on_event=on_event,
+                       scratch_dir=None if scratch_dir is None else str(scratch_dir), fault=fault)
 
     def upscale_file(self, src: str | Path, dst: str | Path | None = None, *, res: str | None = None,
                      scale: float | None = None, options: UpscaleOptions | None = None, quality: int = 95,
@@ -127,7 +141,15 @@ class Upscaler:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         rgb = fill_transparent(img.rgb, img.alpha) if img.alpha is not None else img.rgb
-        out = self.upscale_tensor(rgb, up_plan, options=opts, on_event=on_event)
+        changes: list[str] = []
+
+        def relay(event: object) -> None:
+            if isinstance(event, PlanChanged):
+                changes.append(f"{event.old} -> {event.new}")
+            if on_event is not None:
+                on_event(event)
+
+        out = self.upscale_tensor(rgb, up_plan, options=opts, on_event=relay, scratch_dir=dst.parent)
         alpha = resize(img.alpha, up_plan.target_size).clamp(0, 1) if img.alpha is not None else None
         save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif,
                    quality=quality, overwrite=overwrite)
@@ -135,7 +157,8 @@ class Upscaler:
         return UpscaleResult(
             input=str(src), output=str(dst), input_size=img.size, output_size=up_plan.target_size,
             passes=[p.scale for p in up_plan.passes],
-            block_batch=[(None if p.memory is None or p.memory.whole_image else p.memory.n)
-                         if opts.block_batch == "auto" else opts.block_batch for p in up_plan.passes],
+            block_batch=[None if p.memory.whole_image else p.memory.n for p in up_plan.passes],
+            memory=[p.memory.memory for p in up_plan.passes],
             model_calls=up_plan.model_calls, seconds=time.perf_counter() - t0, peak_memory=peak, seed=opts.seed,
+            plan_changes=changes,
         )

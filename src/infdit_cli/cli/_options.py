@@ -40,7 +40,13 @@ Seed = Annotated[int, typer.Option(help="Noise seed: the same seed gives the sam
 MemBudget = Annotated[Optional[str], typer.Option(
     help="Device memory to plan for, e.g. 8GB (default: what is free).", rich_help_panel="Memory")]
 BlockBatch = Annotated[Optional[int], typer.Option(
-    min=1, help="Blocks per batch side, overriding the planner (n x n blocks of 128 px).", rich_help_panel="Memory")]
+    min=1, help="Blocks per batch side (n x n blocks of 128 px), fixed; placements are still planned.",
+    rich_help_panel="Memory")]
+LowMemory = Annotated[Optional[bool], typer.Option(
+    "--low-memory/--no-low-memory",
+    help="Keep the sampler state and host K/V cache in memory-mapped files next to the output (removed "
+         "afterwards): a few bytes of RAM per pixel, some speed. Default: on by itself when RAM is short.",
+    rich_help_panel="Memory")]
 Quality = Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.", rich_help_panel="Output")]
 ColorFixOpt = Annotated[ColorFix, typer.Option(
     help="Low-frequency colour transfer from the input, if colours drift.", rich_help_panel="Output")]
@@ -54,7 +60,7 @@ OutPath = Annotated[Optional[Path], typer.Option("-o", "--output")]
 
 
 def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int | None,
-                 color_fix: ColorFix) -> UpscaleOptions:
+                 color_fix: ColorFix, low_memory: bool | None = None) -> UpscaleOptions:
     budget = None
     if mem_budget is not None:
         try:
@@ -62,4 +68,4 @@ def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int
         except ValueError as e:
             raise BadRequest(f"--mem-budget: {e}") from None
     return UpscaleOptions(steps=steps, seed=seed, block_batch=block_batch if block_batch else "auto",
-                          mem_budget=budget, color_fix=color_fix.value)
+                          mem_budget=budget, color_fix=color_fix.value, low_memory=low_memory)

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from ..errors import BadRequest
@@ -40,10 +41,13 @@ def plan_lines(plan: UpscalePlan, device: str, dtype: str) -> list[str]:
              f"({plan.steps} steps), {device} {dtype}"]
     for i, p in enumerate(plan.passes, 1):
         mem = p.memory
-        how = "n set by --block-batch" if mem is None else (
-            f"{'whole image' if mem.whole_image else f'n={mem.n} ({mem.n}x{mem.n} blocks)'}, "
-            f"{'cache on host, ' if mem.cache_on_host else ''}{'state on host, ' if mem.state_on_host else ''}"
-            f"predicted peak {format_bytes(mem.estimate.total)}")
+        where = [s for s, on in (("cache on host", mem.cache_on_host), ("state on host", mem.state_on_host),
+                                 ("state bf16", mem.state_dtype != torch.float32),
+                                 ("low-memory", mem.low_memory)) if on]
+        how = (f"{'whole image' if mem.whole_image else f'n={mem.n} ({mem.n}x{mem.n} blocks)'}, "
+               + "".join(f"{w}, " for w in where)
+               + f"predicted peak {format_bytes(mem.estimate.device_peak)} {device}"
+               + ("" if device == "cpu" else f", {format_bytes(mem.estimate.host_peak)} host"))
         lines.append(f"  pass {i}: {p.scale}x {p.in_size[1]}x{p.in_size[0]} -> {p.out_size[1]}x{p.out_size[0]} "
                      f"(canvas {p.padded_out[1]}x{p.padded_out[0]}); {how}")
     if plan.resample:
@@ -52,8 +56,19 @@ def plan_lines(plan: UpscalePlan, device: str, dtype: str) -> list[str]:
     return lines
 
 
+def plan_json(plan: UpscalePlan) -> dict:
+    out = asdict(plan)
+    for p, d in zip(plan.passes, out["passes"]):
+        d["memory"].update(p.memory.memory)  # device_peak_bytes, host_peak_bytes
+    return out
+
+
 def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, scale, options) -> dict:
-    """The plan without loading any weights (the config comes from the file's header, else the official one)."""
+    """The plan without loading any weights (the config comes from the file's header, else the official one).
+
+    Raises:
+        MemoryBudgetTooSmall, HostMemoryTooSmall: the job cannot fit (exit 2, before any weights load).
+    """
     from PIL import Image
 
     from ..config import PRESETS
@@ -98,6 +113,7 @@ def upscale(
     offline: O.Offline = False,
     quality: O.Quality = 95,
     color_fix: O.ColorFixOpt = O.ColorFix.none,
+    low_memory: O.LowMemory = None,
     max_pixels: O.MaxPixels = 64 * 2**20,
     overwrite: O.Overwrite = False,
     dry_run_: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; compute nothing.")] = False,
@@ -115,11 +131,11 @@ def upscale(
         os.environ["INFDIT_DEBUG"] = "1"
     if res is None and scale is None:
         raise BadRequest("give a target: --res 4096, --res 3840x2160 or --scale 2")
-    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix)
+    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory)
+    info = dry_run(input, weights, repo, offline, device, dtype, res, scale, options)  # refuses what cannot fit
     if dry_run_:
-        info = dry_run(input, weights, repo, offline, device, dtype, res, scale, options)
         if json_:
-            typer.echo(json.dumps({"input": str(input), **{k: (asdict(v) if k == "plan" else v)
+            typer.echo(json.dumps({"input": str(input), **{k: (plan_json(v) if k == "plan" else v)
                                                             for k, v in info.items()}}, default=str))
         else:
             for line in plan_lines(info["plan"], info["device"], info["dtype"]):

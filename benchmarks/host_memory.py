@@ -1,0 +1,83 @@
+"""Whole-process peak memory of `infdit upscale` against the planner's prediction, by output size.
+
+Each size runs `infdit upscale` in a fresh process (CPU, float32, 2 steps = 3 denoiser calls, the `micro`
+config: real 128-px blocks, hidden 32) and reads its peak RSS from the kernel (wait4 rusage). The
+prediction is the plan's `host_peak_bytes` from the same command's `--json`. Bytes per output pixel are
+the slope between consecutive sizes (what each added pixel costs). Writes a Markdown table to stdout.
+
+    python benchmarks/host_memory.py [--sizes 1024,2048,4096] [--block-batch 2] [--low-memory]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 2**20
+
+
+def peak_rss(args: list[str]) -> tuple[dict, int, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "infdit_cli", "upscale", *args, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"infdit failed ({proc.returncode}): {err.decode().strip()}")
+    return json.loads(out), usage.ru_maxrss * 1024, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1024,2048,4096", help="output sides (square), comma-separated")
+    ap.add_argument("--block-batch", type=int, default=2)
+    ap.add_argument("--low-memory", action="store_true")
+    ap.add_argument("--config", default="micro")
+    args = ap.parse_args()
+
+    import torch
+    from PIL import Image
+
+    from infdit_cli.config import PRESETS
+    from infdit_cli.weights import random_model, save_model_file
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = random_model(PRESETS[args.config], seed=0)
+        save_model_file(tmp / "w.safetensors", model.state_dict(), model.config)
+        del model
+        flags = ["--low-memory"] if args.low_memory else ["--no-low-memory"]
+        print(f"config `{args.config}`, CPU float32, `--steps 2 --block-batch {args.block_batch} "
+              f"{flags[0]}`, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+        print("| output | measured peak RSS | predicted host peak | predicted / measured | "
+              "measured B/px (slope) | s |")
+        print("|---|---|---|---|---|---|")
+        prev = None
+        for side in sizes:
+            src = tmp / f"in{side}.png"
+            g = torch.Generator().manual_seed(side)
+            pixels = (torch.rand(side // 4, side // 4, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(src)
+            dst = tmp / f"out{side}.png"
+            res, rss, secs = peak_rss([str(src), "-o", str(dst), "--scale", "4", "--steps", "2", "--device", "cpu",
+                                       "--weights", str(tmp / "w.safetensors"),
+                                       "--block-batch", str(args.block_batch), *flags])
+            pred = max(m["host_peak_bytes"] for m in res["memory"])
+            slope = "-" if prev is None else f"{(rss - prev[1]) / (side * side - prev[0] ** 2):.1f}"
+            print(f"| {side}x{side} | {rss / MiB:.0f} MiB | {pred / MiB:.0f} MiB | {pred / rss:.2f} | {slope} | "
+                  f"{secs:.1f} |", flush=True)
+            prev = (side, rss)
+            dst.unlink()
+            leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(".")]
+            assert not leftovers, leftovers
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The pipeline at the memory level: lazily upsampled conditioning, memory-mapped state, host planning,
+out-of-memory learned across passes, and interruption leaving nothing behind."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from infdit_cli.events import PlanChanged
+from infdit_cli.images import resize
+from infdit_cli.pipeline import UpscaleOptions, Upsampled, plan_upscale, upscale
+from infdit_cli.planner import batch_device_bytes
+from infdit_cli.schedule import BlockBatch
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_upsampled_slices_are_the_whole_resize(scale):
+    """Each slice computed from its own source pixels (plus halo) has the very bits of the whole resize."""
+    src = torch.rand(1, 3, 29, 41, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    size = (29 * scale, 41 * scale)
+    ref = resize(src, size).clamp(-1, 1)
+    up = Upsampled(src, size)
+    assert up.shape == ref.shape
+    for ys, xs in [(slice(0, 16), slice(0, 16)), (slice(16, 48), slice(32, 80)), (slice(40, None), slice(5, 9)),
+                   (slice(None), slice(None)), (slice(size[0] - 3, None), slice(size[1] - 16, None))]:
+        assert torch.equal(up[..., ys, xs], ref[..., ys, xs]), (ys, xs)
+
+
+def _run(model, rgb, opts, **kw):
+    cfg = model.config
+    target = (rgb.shape[-2] * 4, rgb.shape[-1] * 4)
+    up_plan = plan_upscale(cfg, tuple(rgb.shape[-2:]), target, opts)
+    return upscale(model, rgb, up_plan, opts, **kw), up_plan
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    return torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, rgb):
+    out, _ = _run(tiny_model, rgb, UpscaleOptions(steps=2, block_batch=2, low_memory=False))
+    return out.clone()
+
+
+def test_low_memory_gives_the_same_bits(tiny_model, rgb, reference, tmp_path):
+    out, up_plan = _run(tiny_model, rgb, UpscaleOptions(steps=2, block_batch=2, low_memory=True),
+                        scratch_dir=str(tmp_path))
+    assert all(p.memory.low_memory for p in up_plan.passes)
+    assert torch.equal(out, reference)
+    assert list(tmp_path.iterdir()) == []  # scratch folder removed
+
+
+def test_placements_agree_with_the_whole_image(tiny_model, rgb, reference):
+    whole, _ = _run(tiny_model, rgb, UpscaleOptions(steps=2, block_batch=None, low_memory=False))
+    torch.testing.assert_close(whole, reference, atol=1e-5, rtol=0)
+    assert (whole * 255).round().equal((reference * 255).round())
+
+
+def test_out_of_memory_mid_pass_keeps_the_smaller_plan(tiny_model, rgb, reference):
+    """From the third denoiser call on, a 2x2 batch no longer fits: the engine steps down to n=1 and keeps
+    it (one change reported); the result stays within the block tolerance of the n=2 run and, where
+    n=1 ran from the start, equals the n=1 run."""
+    cfg = tiny_model.config
+    two = batch_device_bytes(cfg, BlockBatch(0, 2, 0, 2, 5, 7), 1, torch.float32, False)
+    calls = {"batches": 0}
+    per_call = 3 * 4  # 5x7 grid at n=2: 3 x 4 rectangles
+
+    def fault(nbytes):
+        calls["batches"] += 1
+        if calls["batches"] > 2 * per_call and nbytes >= two:
+            raise torch.OutOfMemoryError("simulated")
+
+    events = []
+    out, _ = _run(tiny_model, rgb, UpscaleOptions(steps=2, block_batch=2, low_memory=False), fault=fault,
+                  on_event=events.append)
+    changes = [(e.old, e.new) for e in events if isinstance(e, PlanChanged)]
+    assert changes == [("n=2", "n=1")]
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    assert (out * 255).round().equal((reference * 255).round())
+
+
+def test_out_of_memory_at_the_leanest_plan_exits_3_without_output(tmp_path, tiny_weights, monkeypatch):
+    """The CLI: nothing fits -> exit 3, one line, no output and no scratch left."""
+    src = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((20, 20, 3)) * 255).astype(np.uint8)).save(src)
+    code = ("import sys, torch\n"
+            "from infdit_cli import engine\n"
+            "def fault(nbytes): raise torch.OutOfMemoryError('simulated')\n"
+            "orig = engine.BlockEngine.__init__\n"
+            "def init(self, *a, **k): k['fault'] = fault; orig(self, *a, **k)\n"
+            "engine.BlockEngine.__init__ = init\n"
+            "from infdit_cli.cli.app import main\n"
+            "sys.argv = ['infdit'] + sys.argv[1:]\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code, "upscale", str(src), "-o", str(tmp_path / "b.png"),
+                          "--scale", "4", "--steps", "2", "--device", "cpu", "--weights", str(tiny_weights),
+                          "--block-batch", "2", "--low-memory"], capture_output=True, text=True)
+    assert res.returncode == 3, res.stderr
+    *warnings, last = res.stderr.strip().splitlines()
+    assert last.startswith("error: out of device memory even at block batch 1"), res.stderr
+    assert warnings == ["warning: out of memory with n=2; continuing with n=1",  # each step down, once
+                        "warning: out of memory with n=1; continuing with n=1, cache on host"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_host_memory_refused_before_any_weights(tmp_path):
+    """A job the host cannot hold is refused with the numbers (exit 2), even with no weights at all."""
+    src = tmp_path / "a.png"
+    Image.fromarray(np.zeros((625, 625, 3), np.uint8)).save(src)  # 3 passes of 4x
+    res = run_cli("upscale", src, "--res", "40000", "--device", "cpu", "--no-low-memory",
+                  "--weights", tmp_path / "missing.safetensors")
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip()
+    assert line.startswith("error: a ") and "of host memory" in line and "available" in line
+    assert "--low-memory" in line
+    planned = run_cli("upscale", src, "--res", "40000", "--device", "cpu", "--dry-run", "--json")
+    assert planned.returncode == 0, planned.stderr  # the planner turns --low-memory on by itself
+    import json
+
+    mem = json.loads(planned.stdout)["plan"]["passes"][-1]["memory"]
+    assert mem["low_memory"] and mem["host_peak_bytes"] <= mem["host_budget"]
+    assert mem["device_peak_bytes"] == mem["host_peak_bytes"]  # on the CPU one memory
+
+
+def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):
+    src = tmp_path / "big.png"
+    Image.fromarray((np.random.default_rng(1).random((96, 96, 3)) * 255).astype(np.uint8)).save(src)
+    exe = Path(sys.executable).with_name("infdit")
+    proc = subprocess.Popen([str(exe), "upscale", str(src), "-o", str(tmp_path / "out.png"), "--scale", "4",
+                             "--steps", "400", "--device", "cpu", "--weights", str(tiny_weights), "--low-memory",
+                             "--block-batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".infdit-") for p in tmp_path.iterdir()):  # sampling has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png"]
