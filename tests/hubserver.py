@@ -1,12 +1,14 @@
 """A stand-in for the Hugging Face Hub on 127.0.0.1, speaking the HTTP `hf_hub_download` uses:
 HEAD/GET /{repo}/resolve/{revision}/{file} with X-Repo-Commit, ETag and Content-Length, Range requests
-(206), X-Error-Code on 404, 401 for private repos without the token."""
+(206), X-Error-Code on 404, 401 for private repos without the token. `plain` serves files at fixed paths
+(a release server: GET with Range, `cut_next_get_at` drops a transfer midway, 404 for anything else)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,7 +23,11 @@ class Repo:
 @dataclass
 class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
+    plain: dict[str, bytes] = field(default_factory=dict)  # path (query ignored) -> body
+    content_types: dict[str, str] = field(default_factory=dict)  # path -> Content-Type (default octet-stream)
     cut_next_get_at: int | None = None  # send only this many bytes of the next GET, then drop it
+    cut_every_get_at: int | None = None  # the same for every GET (a link that always breaks)
+    throttle_s: float = 0.0  # pause after each 256 KiB sent (to make two clients overlap)
     log: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
 
     def start(self) -> str:
@@ -48,6 +54,9 @@ class FakeHub:
 
             def _serve(self, body):
                 hub.log.append((self.command, self.path, self.headers.get("Range")))
+                plain_path = self.path.split("?")[0]
+                if plain_path in hub.plain:
+                    return self._send(hub.plain[plain_path], body, hub.content_types.get(plain_path))
                 m = re.fullmatch(r"/(?:api/models/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
                 if not m:
                     return self._error(404, "RepoNotFound")
@@ -61,13 +70,19 @@ class FakeHub:
                     return self._error(404, "RevisionNotFound")
                 if filename not in repo.files:
                     return self._error(404, "EntryNotFound")
-                data = repo.files[filename]
+                self._send(repo.files[filename], body, None, repo.commit)
+
+            def _send(self, data, body, content_type, commit=None):
                 start = 0
                 rng = self.headers.get("Range")
                 if rng and (mm := re.fullmatch(r"bytes=(\d+)-", rng)):
                     start = int(mm.group(1))
+                if start >= len(data) > 0:
+                    return self._error(416)
                 self.send_response(206 if start else 200)
-                self.send_header("X-Repo-Commit", repo.commit)
+                if commit:
+                    self.send_header("X-Repo-Commit", commit)
+                self.send_header("Content-Type", content_type or "application/octet-stream")
                 self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(len(data) - start))
@@ -77,13 +92,18 @@ class FakeHub:
                 if not body:
                     return
                 payload = data[start:]
+                cut = hub.cut_every_get_at
                 if hub.cut_next_get_at is not None:
                     cut, hub.cut_next_get_at = hub.cut_next_get_at, None
+                if cut is not None:
                     self.wfile.write(payload[:cut])
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(payload)
+                for i in range(0, len(payload), 1 << 18):
+                    self.wfile.write(payload[i : i + (1 << 18)])
+                    if hub.throttle_s:
+                        time.sleep(hub.throttle_s)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -118,11 +118,19 @@ def test_checksum_mismatch_removes_cached_file(hub, tmp_path):
     assert res.returncode == 0, res.stderr
 
 
-def test_default_model_without_repo_says_how(tmp_path):
-    res = run_cli("download", env={**os.environ, "HF_HOME": str(tmp_path)})
+def test_no_weights_names_the_one_command(tmp_path):
+    """Nothing downloaded, no Hub repo: the error is exactly the command that fixes it."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "INFDIT_CACHE": str(tmp_path / "cache")}
+    env.pop("INFDIT_REPO", None)
+    env.pop("INFDIT_WEIGHTS", None)
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 12)).save(img)
+    res = run_cli("upscale", img, "--res", "64", "--device", "cpu", env=env)
     assert res.returncode == 1
-    line = _one_line(res)
-    assert "infdit convert" in line and "INFDIT_REPO" in line
+    assert _one_line(res) == "error: no weights for infdit-4x yet: run `infdit download`"
+    assert not (tmp_path / "cache").exists()  # resolving never creates or fetches anything
 
 
 def test_clip_tower_from_hub_when_file_has_none(hub, tmp_path, tiny_model, tiny_weights):

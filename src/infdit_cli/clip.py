@@ -20,14 +20,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build_vision_tower(cfg: ClipConfig) -> nn.Module:
-    """An open_clip `VisionTransformer` for `cfg` (imported lazily: open_clip is slow to import)."""
-    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+    """An open_clip `VisionTransformer` for `cfg` (imported lazily: open_clip is slow to import).
 
-    vision = CLIPVisionCfg(
-        layers=cfg.layers, width=cfg.width, head_width=cfg.head_width, mlp_ratio=cfg.mlp_ratio,
-        patch_size=cfg.patch_size, image_size=cfg.image_size,
+    Built from the public class directly, with what open_clip's CLIP uses for a float32 ViT tower
+    (`nn.GELU`, not QuickGELU: the datacomp models are trained with GELU; open_clip's `LayerNorm`).
+    open_clip's only public constructors build a whole named CLIP, text tower included.
+    """
+    from open_clip.transformer import LayerNorm, VisionTransformer
+
+    return VisionTransformer(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
+        heads=cfg.width // cfg.head_width, mlp_ratio=cfg.mlp_ratio, output_dim=cfg.embed_dim,
+        act_layer=nn.GELU, norm_layer=LayerNorm,
     )
-    return _build_vision_tower(cfg.embed_dim, vision, quick_gelu=False)
 
 
 class ClipImageEncoder(nn.Module):

@@ -19,7 +19,11 @@ from .config import ClipConfig, InfDiTConfig
 from .errors import ConvertError
 from .layers import rope_frequencies
 
-__all__ = ["convert_checkpoint", "map_state_dict", "infer_config", "ConvertResult", "KEY_MAP"]
+__all__ = ["convert_checkpoint", "map_state_dict", "infer_config", "ConvertResult", "KEY_MAP", "CONVERTER"]
+
+# Recorded in every converted file's metadata (`infdit_converter`); bump when the output changes.
+CONVERTER_VERSION = 1
+CONVERTER = f"infdit-convert/{CONVERTER_VERSION}"
 
 _A = "mixins.adaln_layer."
 # (official regex, our name template). `{0}` is the layer index where there is one.

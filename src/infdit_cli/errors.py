@@ -9,6 +9,8 @@ __all__ = [
     "WeightsNotFound",
     "HubError",
     "ChecksumMismatch",
+    "DownloadError",
+    "InvalidReference",
     "BadImage",
     "OutputExists",
     "MemoryBudgetTooSmall",
@@ -42,6 +44,16 @@ class HubError(WeightsError):
 
 class ChecksumMismatch(WeightsError):
     """A downloaded file's sha256 differs from the manifest's."""
+
+
+class DownloadError(WeightsError):
+    """A download could not complete: host unreachable, HTTP error, connection lost, disk full."""
+
+
+class InvalidReference(WeightsError):
+    """A weights reference that is no path, registry name, URL or well-formed Hub reference."""
+
+    exit_code = 2
 
 
 class BadImage(InfditError):

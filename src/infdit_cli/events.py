@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice"]
+__all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice", "BytesDone"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,12 @@ class Notice:
     """Something the user should know that does not stop the work (dropped metadata, first frame only)."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class BytesDone:
+    """`done` of `total` bytes (None: unknown) of the download `what` have arrived."""
+
+    what: str
+    done: int
+    total: int | None

@@ -1,82 +1,120 @@
-"""Weights from the Hugging Face Hub: the model registry (`weights/*.json`), download, offline use, sha256.
+"""Where weights come from: the model registry, Hub references, URLs, and the cache they land in.
 
-`--weights` accepts a local `.safetensors` path, a Hub reference `org/repo[/file][@revision]`, or a registry
-name. Downloads go through `huggingface_hub.hf_hub_download` into the standard HF cache (HF_HOME,
-HF_HUB_OFFLINE, HF_TOKEN and HF_ENDPOINT are honoured), and nothing is ever unpickled.
+`--weights` accepts a local `.safetensors` path, a registry name (manifests shipped in
+`infdit_cli/registry/*.json`), a Hub reference `org/repo[/file][@revision]`, or the http(s) URL of an
+official checkpoint that `infdit download` has converted into the cache. Hub downloads go through
+`huggingface_hub.hf_hub_download` into the standard HF cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN and
+HF_ENDPOINT are honoured); URL downloads through `download.py` into `cache.py`'s. Nothing is ever unpickled
+here: the one pickle infdit opens is read by `convert.py`, with `weights_only=True`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import logging
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from .errors import ChecksumMismatch, HubError, WeightsError, WeightsNotFound
+from . import cache
+from .download import Downloaded, cached_checkpoint, check_sha256, check_url, download_checkpoint
+from .errors import ChecksumMismatch, HubError, InvalidReference, WeightsError, WeightsNotFound
+from .events import Notice
 
-__all__ = ["ModelSpec", "registry", "resolve_weights", "parse_reference", "sha256_file", "DEFAULT_MODEL",
-           "fetch_clip_tower"]
+__all__ = ["ModelSpec", "registry", "resolve_weights", "download", "parse_reference", "sha256_file",
+           "DEFAULT_MODEL", "fetch_clip_tower", "Downloaded", "is_url", "download_command"]
 
 DEFAULT_MODEL = "infdit-4x"
 CLIP_MODEL = "clip-vit-l-14-datacomp"  # open_clip ViT-L-14 `datacomp_xl_s13b_b90k`, the official encoder
 REPO_ENV = "INFDIT_REPO"  # overrides the default model's Hub repo id
 WEIGHTS_ENV = "INFDIT_WEIGHTS"  # a default for --weights
+REGISTRY_ENV = "INFDIT_REGISTRY"  # an extra folder of manifests, read before the packaged ones
+ETAG_TIMEOUT_S = 10  # one metadata request, no retries: an unreachable Hub fails within this
+sha256_file = cache.sha256_file
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One `weights/*.json` manifest."""
+    """One registry manifest (`infdit_cli/registry/<name>.json`)."""
 
     name: str
-    repo_id: str | None  # None: not published on the Hub yet; set --repo or INFDIT_REPO
+    repo_id: str | None  # a Hub repo of converted safetensors; None: none published (--repo, INFDIT_REPO)
     filename: str
-    revision: str | None
-    sha256: str | None
+    revision: str | None  # pinned Hub revision (a commit) where one is known
+    sha256: str | None  # of `filename` on the Hub, where known
     size: int | None
     license: str
     source: str
     conversion: str
     description: str = ""
     clip_config: dict | None = None  # for CLIP vision towers: the `ClipConfig` fields
+    release_url: str | None = None  # the authors' own release file (official format), tried after the Hub
+    release_sha256: str | None = None  # its sha256; None: not known, verified only when --sha256 is given
+    release_size: int | None = None
+    clip_head_width: int = 64  # for converting the release (not recoverable from shapes)
 
 
-def _registry_dirs() -> list[Path]:
-    dirs = []
-    if os.environ.get("INFDIT_REGISTRY"):
-        dirs.append(Path(os.environ["INFDIT_REGISTRY"]))
-    dirs.append(Path(__file__).resolve().parents[2] / "weights")  # the source checkout (editable install)
-    return dirs
+def _manifest_files() -> list[tuple[str, str]]:
+    """(where, JSON text) of every manifest: $INFDIT_REGISTRY first, then the packaged ones."""
+    out = []
+    if os.environ.get(REGISTRY_ENV):
+        d = Path(os.environ[REGISTRY_ENV])
+        out += [(str(f), f.read_text()) for f in sorted(d.glob("*.json"))] if d.is_dir() else []
+    pkg = resources.files("infdit_cli.registry")
+    out += [(f"infdit_cli/registry/{f.name}", f.read_text()) for f in sorted(pkg.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".json")]
+    return out
 
 
 def registry() -> dict[str, ModelSpec]:
     """Every known model by name."""
     out: dict[str, ModelSpec] = {}
-    for d in _registry_dirs():
-        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
-            try:
-                spec = ModelSpec(**json.loads(f.read_text()))
-            except (TypeError, ValueError) as e:
-                raise WeightsError(f"bad model manifest {f}: {e}") from None
-            out.setdefault(spec.name, spec)
+    for where, text in _manifest_files():
+        try:
+            spec = ModelSpec(**json.loads(text))
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"bad model manifest {where}: {e}") from None
+        out.setdefault(spec.name, spec)
     return out
 
 
+def download_command(name: str) -> str:
+    """The one command that puts registry model `name` (or a URL) into the cache."""
+    return "infdit download" if name == DEFAULT_MODEL else f"infdit download {name}"
+
+
+def is_url(text: str) -> bool:
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+# Hub naming rules (huggingface_hub's validate_repo_id, plus no path tricks in file names or revisions).
+_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+_FILE_PART = re.compile(r"[A-Za-z0-9._+=,@ -]+")
+_REVISION = re.compile(r"[A-Za-z0-9._/-]{1,200}")
+
+
 def parse_reference(text: str) -> tuple[str, str | None, str | None]:
-    """`org/repo[/file][@revision]` -> (repo_id, filename or None, revision or None)."""
+    """`org/repo[/file][@revision]` -> (repo_id, filename or None, revision or None).
+
+    Raises:
+        InvalidReference: anything else (`..`, stray characters, empty parts); checked before any request.
+    """
     ref, _, revision = text.partition("@")
     parts = ref.split("/")
-    if len(parts) < 2 or not all(parts):
-        raise WeightsNotFound(f"not a local file, a registry name or a Hub reference (org/repo[/file][@rev]): {text}")
+    bad = InvalidReference(f"not a local file, a registry name, a URL or a Hub reference "
+                           f"(org/repo[/file][@revision]): {text!r}")
+    if len(parts) < 2 or not all(_NAME.fullmatch(p) and "--" not in p and ".." not in p for p in parts[:2]):
+        raise bad
+    if any(not _FILE_PART.fullmatch(p) or p.strip(".") == "" or p != p.strip() for p in parts[2:]):
+        raise bad
+    if "@" in text and not (_REVISION.fullmatch(revision) and ".." not in revision
+                            and not revision.startswith("/") and not revision.endswith("/")):
+        raise bad
     return "/".join(parts[:2]), "/".join(parts[2:]) or None, revision or None
-
-
-def sha256_file(path: Path, chunk: int = 2**24) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _offline(offline: bool | None) -> bool:
@@ -88,21 +126,34 @@ def _offline(offline: bool | None) -> bool:
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
+def _repo_for(name: str, spec: ModelSpec, repo: str | None) -> str | None:
+    return repo or (os.environ.get(REPO_ENV) if name == DEFAULT_MODEL else None) or spec.repo_id
+
+
 def resolve_weights(weights: str | Path | None = None, *, repo: str | None = None, revision: str | None = None,
                     offline: bool | None = None, token: str | bool | None = None,
                     cache_dir: str | Path | None = None, tqdm_class=None) -> Path:
-    """A local path to the weights `weights` names, downloading into the HF cache if needed.
+    """A local path to the weights `weights` names, downloading Hub files into the HF cache if needed.
 
     An existing path, or one written as a path (`/...`, `./...`, `~/...`), is a local file; a bare name is a
-    registry entry (or a local file name with a weights suffix); `org/repo[/file][@rev]` is on the Hub.
+    registry entry (or a local file name with a weights suffix); `org/repo[/file][@rev]` is on the Hub; an
+    http(s) URL is a file `infdit download URL` has put in the cache (never fetched from here). A registry
+    model without a Hub repo resolves to its converted release in the cache.
 
     Raises:
-        WeightsNotFound: a local path that does not exist, or an unknown name.
+        WeightsNotFound: a local path that does not exist, or a model/URL not downloaded yet (the message
+            names the `infdit download` command that fixes it).
+        InvalidReference: not a path, registry name, URL or well-formed Hub reference (exit 2).
         HubError: the Hub could not be reached (and nothing is cached), or answered 401/404.
         ChecksumMismatch: the file's sha256 differs from the manifest's (the cached copy is removed).
     """
     weights = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL
     text = str(weights)
+    if is_url(text):
+        hit = cached_checkpoint(check_url(text))
+        if hit is None:
+            raise WeightsNotFound(f"{text} is not downloaded yet: run `{download_command(text)}`")
+        return hit.path
     path = Path(text).expanduser()
     explicit_local = text.startswith(("/", "./", "../", "~")) or "\\" in text
     if path.exists() or explicit_local or ("/" not in text and path.suffix in _WEIGHT_SUFFIXES):
@@ -112,62 +163,168 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
     known = registry()
     if text in known:
         spec = known[text]
-        repo_id = repo or (os.environ.get(REPO_ENV) if text == DEFAULT_MODEL else None) or spec.repo_id
-        if not repo_id:
-            raise WeightsNotFound(
-                f"model {text!r} has no published Hub repo yet: convert the official checkpoint "
-                f"(infdit convert) and pass --weights FILE, or publish it and set --repo or {REPO_ENV}"
-            )
-        return _download(repo_id, spec.filename, revision or spec.revision, spec.sha256, offline, token,
-                         cache_dir, tqdm_class)
+        repo_id = _repo_for(text, spec, repo)
+        hit = cached_checkpoint(spec.release_url) if spec.release_url else None
+        if repo_id:
+            try:
+                return _download(repo_id, spec.filename, revision or spec.revision, spec.sha256, offline, token,
+                                 cache_dir, tqdm_class)
+            except HubError:
+                if hit is None:
+                    raise
+        if hit is not None:
+            return hit.path
+        raise WeightsNotFound(f"no weights for {text} yet: run `{download_command(text)}`")
+    if "/" not in text:
+        raise InvalidReference(f"unknown model {text!r} (known: {', '.join(sorted(known))}) and no such file")
     repo_id, filename, rev = parse_reference(text)
     return _download(repo_id, filename or "model.safetensors", revision or rev, None, offline, token, cache_dir,
                      tqdm_class)
 
 
+def download(source: str | None = None, *, repo: str | None = None, revision: str | None = None,
+             sha256: str | None = None, clip_head_width: int | None = None, keep: bool = False,
+             offline: bool | None = None, token: str | bool | None = None,
+             on_event: Callable[[object], None] | None = None, tqdm_class=None) -> Downloaded:
+    """Put a model into the cache and return where it is (`infdit download`).
+
+    `source` is a registry name (default `infdit-4x`), a Hub reference, or the http(s) URL of an
+    official-format checkpoint. A registry model's sources are tried in order: its Hub repo when one is
+    configured (`repo`, $INFDIT_REPO, the manifest), then the authors' release file, which is streamed,
+    resumed, verified (`sha256`, else the manifest's), converted once and cached. A second call answers from
+    the cache without touching the network.
+
+    Raises:
+        InvalidReference: a malformed source or sha256 (nothing requested).
+        WeightsNotFound: a registry model with no source configured.
+        HubError, DownloadError: unreachable, 401/404, connection lost, disk full.
+        ChecksumMismatch: the download's sha256 differs (nothing is left in the cache).
+        ConvertError: the file is not an official Inf-DiT checkpoint.
+    """
+    text = source or DEFAULT_MODEL
+    sha256 = check_sha256(sha256)
+    if is_url(text):
+        return _from_release(text, sha256, clip_head_width or 64, keep, offline, on_event)
+    known = registry()
+    if text not in known:
+        if "/" not in text:
+            raise InvalidReference(f"unknown model {text!r} (known: {', '.join(sorted(known))})")
+        repo_id, filename, rev = parse_reference(text)
+        return _from_hub(repo_id, filename or "model.safetensors", revision or rev, sha256, offline, token,
+                         tqdm_class, text)
+    spec = known[text]
+    repo_id = _repo_for(text, spec, repo)
+    if repo_id:
+        try:
+            return _from_hub(repo_id, spec.filename, revision or spec.revision, sha256 or spec.sha256, offline,
+                             token, tqdm_class, f"{repo_id}/{spec.filename}")
+        except HubError as e:
+            if not spec.release_url:
+                raise
+            if on_event:
+                on_event(Notice(f"{e}; trying the official release instead"))
+    if spec.release_url:
+        return _from_release(spec.release_url, sha256 or spec.release_sha256,
+                             clip_head_width or spec.clip_head_width, keep, offline, on_event)
+    raise WeightsNotFound(f"model {text!r} has no download source: set --repo or {REPO_ENV}")
+
+
+def _from_release(url, sha256, clip_head_width, keep, offline, on_event) -> Downloaded:
+    check_url(url)
+    if _offline(offline):
+        hit = cached_checkpoint(url)
+        if hit is None:
+            raise HubError(f"{url} is not in the cache and offline mode is on; run the command while online")
+        return hit
+    return download_checkpoint(url, sha256=sha256, clip_head_width=clip_head_width, keep=keep, on_event=on_event)
+
+
+def _from_hub(repo_id, filename, revision, sha256, offline, token, tqdm_class, what) -> Downloaded:
+    path = _download(repo_id, filename, revision, sha256, offline, token, None, tqdm_class)
+    return Downloaded(path, cache.verified_sha256(path), what)
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub logs every retry as a warning; infdit reports one line instead."""
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _download(repo_id: str, filename: str, revision: str | None, sha256: str | None, offline: bool | None,
               token, cache_dir, tqdm_class) -> Path:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     what = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
     local_only = _offline(offline)
+    unreachable = False
+    kw = dict(revision=revision, token=token, cache_dir=cache_dir)
     try:
-        path = Path(hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir,
-                                    local_files_only=local_only, tqdm_class=tqdm_class))
-    except LocalEntryNotFoundError:  # subclass order matters: these before the generic HTTP error
+        with _quiet_hub():
+            if not local_only:
+                # One metadata request without retries: hf_hub_download retries an unreachable Hub five
+                # times with backoff (~30 s of warnings). Unreachable: fall back to the cache, as it would.
+                try:
+                    get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), token=token,
+                                         timeout=ETAG_TIMEOUT_S)
+                except (HfHubHTTPError, HFValidationError):
+                    raise
+                except Exception:  # noqa: BLE001 - any transport error (connection, DNS, timeout, TLS)
+                    unreachable = True
+            path = Path(hf_hub_download(repo_id, filename, local_files_only=local_only or unreachable,
+                                        tqdm_class=tqdm_class, **kw))
+    except LocalEntryNotFoundError:
         if local_only:
             raise HubError(f"{what} is not in the HF cache and offline mode is on; run `infdit download` "
                            f"while online, or pass --weights FILE") from None
-        raise HubError(f"could not reach the Hub at {constants.ENDPOINT} and {what} is not cached; "
+        raise HubError(f"could not reach the Hub at {_endpoint()} and {what} is not cached; "
                        f"pass a local file with --weights FILE, or download it first and use --offline") from None
-    except GatedRepoError:
-        raise HubError(f"{repo_id} is gated: accept its terms on the Hub and log in (HF_TOKEN)") from None
-    except RevisionNotFoundError:
-        raise HubError(f"revision {revision!r} not found in {repo_id}") from None
-    except (RepositoryNotFoundError, EntryNotFoundError, HfHubHTTPError) as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status == 401:
-            raise HubError(f"401 unauthorized for {what}: the repo is private or missing; set HF_TOKEN") from None
-        if isinstance(e, RepositoryNotFoundError):
-            raise HubError(f"repository {repo_id} not found on the Hub (or private: set HF_TOKEN)") from None
-        if isinstance(e, EntryNotFoundError) or status == 404:
-            raise HubError(f"file {filename!r} not found in {repo_id}" + (f" at {revision}" if revision else ""))
-        raise HubError(f"the Hub answered {status} for {what}") from None
+    except HFValidationError as e:
+        raise InvalidReference(f"not a valid Hub reference {what!r}: {str(e).splitlines()[0]}") from None
+    except HfHubHTTPError as e:
+        raise _hub_http_error(e, repo_id, filename, revision, what) from None
     except OSError as e:  # the connection dropped mid-download, a full disk, ...
         raise HubError(f"download of {what} failed: {e}; run the command again to resume") from None
-    if sha256 and sha256_file(path) != sha256:
+    if sha256 and not cache.same_digest(cache.verified_sha256(path), sha256):
         _quarantine(path)
         raise ChecksumMismatch(f"{what}: sha256 differs from the manifest's; the cached copy was removed, "
                                f"run the command again to re-download")
     return path
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hub_http_error(e, repo_id: str, filename: str, revision: str | None, what: str) -> HubError:
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    # Subclass order matters: gated and revision errors are repository errors too.
+    if isinstance(e, GatedRepoError):
+        return HubError(f"{repo_id} is gated: accept its terms on the Hub and log in (HF_TOKEN)")
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"revision {revision!r} not found in {repo_id}")
+    if status == 401:
+        return HubError(f"401 unauthorized for {what}: the repo is private or missing; set HF_TOKEN")
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(f"repository {repo_id} not found on the Hub (or private: set HF_TOKEN)")
+    if isinstance(e, EntryNotFoundError) or status == 404:
+        return HubError(f"file {filename!r} not found in {repo_id}" + (f" at {revision}" if revision else ""))
+    return HubError(f"the Hub answered {status} for {what}")
 
 
 def _quarantine(path: Path) -> None:

@@ -41,12 +41,13 @@ def _message(exc: BaseException) -> tuple[str, int]:
 def report(exc: BaseException) -> int:
     """Print `exc` as one line (plus the traceback with INFDIT_DEBUG=1) and return the exit code."""
     from rich.console import Console
+    from rich.markup import escape
 
     msg, code = _message(exc)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if os.environ.get("INFDIT_DEBUG"):
         console.print_exception()
-    console.print(f"[bold red]error:[/] {msg}", markup=True)
+    console.print(f"[bold red]error:[/] {escape(msg)}", markup=True)  # "[/file]" in a message is not markup
     if code == ExitCode.ERROR and not os.environ.get("INFDIT_DEBUG") and msg.startswith("internal error"):
         console.print("set INFDIT_DEBUG=1 for the traceback")
     sys.stderr.flush()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..convert import convert_checkpoint
+from ..convert import CONVERTER, convert_checkpoint
 from ..errors import ConvertError
 from ..weights import save_model_file
 
@@ -35,7 +35,8 @@ def convert(
     if output.exists() and not overwrite:
         raise ConvertError(f"{output} exists; pass --overwrite to replace it")
     result = convert_checkpoint(checkpoint, clip_head_width=clip_head_width)
-    meta = {"infdit_source": checkpoint.name, "infdit_dropped": ",".join(result.dropped)}
+    meta = {"infdit_source": checkpoint.name, "infdit_converter": CONVERTER,
+            "infdit_dropped": ",".join(result.dropped)}
     save_model_file(output, result.tensors, result.config, meta, overwrite=overwrite)
     if not quiet:
         from rich.console import Console

@@ -3,46 +3,121 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import asdict
 from typing import Annotated, Optional
 
 import typer
 
 from . import _options as O
 
-DOWNLOAD_EXAMPLES = """Examples:
+def _models() -> str:
+    try:
+        from ..hub import registry
 
-  infdit download                                  # the default model (needs --repo or INFDIT_REPO)
+        return "\n\n".join(f"  {name}: {spec.description or spec.source}" for name, spec in registry().items())
+    except Exception:  # noqa: BLE001 - help must show even with a broken manifest
+        return "  (the registry could not be read)"
+
+
+DOWNLOAD_EXAMPLES = f"""Models in the registry:
+
+{_models()}
+
+Examples:
+
+  infdit download                                  # infdit-4x: the official release, converted once
+
+  infdit download https://example.org/mp_rank_00_model_states.pt --sha256 HEX
 
   infdit download my-org/infdit-4x/infdit-4x.safetensors@main
 """
 
 
+class _DownloadDisplay:
+    """Bytes, speed and ETA of a download (rich, on a TTY stderr); notices as plain lines."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import TransferSpeedColumn
+
+        self.console = Console(stderr=True, highlight=False)
+        self.progress = Progress(TextColumn("downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                 TimeRemainingColumn(), console=self.console, transient=True)
+        self.task = None
+
+    def __call__(self, event: object) -> None:
+        from ..events import BytesDone, Notice
+
+        if isinstance(event, BytesDone):
+            if self.task is None:
+                self.progress.start()
+                self.task = self.progress.add_task("", total=event.total)
+            self.progress.update(self.task, completed=event.done, total=event.total)
+        elif isinstance(event, Notice):
+            self.stop()
+            self.console.print(event.text)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
+            self.task = None
+
+
 def download(
-    model: Annotated[Optional[str], typer.Argument(
-        help="Registry name, or org/repo[/file][@revision] (default: infdit-4x).")] = None,
+    source: Annotated[Optional[str], typer.Argument(
+        help="Registry name (default: infdit-4x), org/repo[/file][@revision], or the http(s) URL of an "
+             "official-format checkpoint.")] = None,
     repo: O.Repo = None,
     revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit (default: the manifest's).")] = None,
+    sha256: Annotated[Optional[str], typer.Option(
+        help="Expected sha256 of the downloaded file (64 hex digits, any case); default: the manifest's.")] = None,
+    clip_head_width: Annotated[Optional[int], typer.Option(
+        min=1, help="CLIP width per attention head for converting an official checkpoint "
+                    "(default: the manifest's, else 64).")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the downloaded official checkpoint in the cache "
+                                                      "after converting it.")] = False,
     offline: O.Offline = False,
+    json_: O.Json = False,
     quiet: O.Quiet = False,
 ) -> None:
-    """Download model weights into the Hugging Face cache (HF_HOME), verifying sha256 when known.
+    """Download a model once into the cache, verified; later runs find it (also offline).
 
-    Honours HF_HOME, HF_HUB_OFFLINE, HF_TOKEN and HF_ENDPOINT. Nothing is unpickled: infdit only loads
-    safetensors. Interrupted downloads resume when the command is run again.
+    Official-format checkpoints stream to a partial file, resume after an interruption (HTTP Range), are
+    checked against the sha256 while they stream, converted to safetensors (provenance in the metadata)
+    and the pickle is deleted. The cache is $INFDIT_CACHE, else $HF_HOME/infdit; Hub files go to the
+    Hugging Face cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT are honoured). Prints the path.
     """
-    from ..hub import resolve_weights
+    import sys
 
-    tqdm_class = None
-    if quiet:
-        from tqdm.auto import tqdm as _tqdm
+    from ..hub import download as download_model
 
-        class tqdm_class(_tqdm):  # noqa: N801 - silenced progress
-            def __init__(self, *a, **k):
-                k["disable"] = True
-                super().__init__(*a, **k)
+    show = not quiet and sys.stderr.isatty()
+    display = _DownloadDisplay() if show else None
+    tqdm_class = None if show else _silent_tqdm()
+    try:
+        got = download_model(source, repo=repo, revision=revision, sha256=sha256, clip_head_width=clip_head_width,
+                             keep=keep, offline=offline or None, on_event=display, tqdm_class=tqdm_class)
+    finally:
+        if display is not None:
+            display.stop()
+    if json_:
+        typer.echo(json.dumps({"path": str(got.path), "sha256": got.sha256, "source": got.source,
+                               "source_sha256": got.source_sha256, "cached": got.cached}))
+    else:
+        typer.echo(str(got.path))
 
-    path = resolve_weights(model, repo=repo, revision=revision, offline=offline or None, tqdm_class=tqdm_class)
-    typer.echo(str(path))
+
+def _silent_tqdm():
+    from tqdm.auto import tqdm as _tqdm
+
+    class Silent(_tqdm):
+        def __init__(self, *a, **k):
+            k["disable"] = True
+            super().__init__(*a, **k)
+
+    return Silent
 
 
 def info(
@@ -56,11 +131,18 @@ def info(
     import torch
     from safetensors import safe_open
 
-    from ..hub import resolve_weights
+    from ..errors import WeightsNotFound
+    from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, registry, resolve_weights
     from ..planner import estimate, format_bytes, param_count
     from ..weights import inspect_file
 
-    path = resolve_weights(weights, repo=repo, offline=offline or None)
+    try:
+        path = resolve_weights(weights, repo=repo, offline=offline or None)
+    except WeightsNotFound:
+        spec = registry().get(weights or os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL)
+        if spec is None:
+            raise
+        return _show_manifest(spec, json_)
     cfg, _ = inspect_file(path)
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
@@ -85,7 +167,8 @@ def info(
         return
     typer.echo(f"{path}  ({format_bytes(data['file_bytes'])}, {', '.join(dtypes)})")
     if data["source"]:
-        typer.echo(f"converted from: {data['source']}")
+        typer.echo(f"converted from: {data['source']}"
+                   + (f" (sha256 {meta['infdit_source_sha256']})" if meta.get("infdit_source_sha256") else ""))
     typer.echo(f"parameters: {total / 1e6:.1f} M (DiT {data['dit_parameters'] / 1e6:.1f} M, "
                f"CLIP vision {clip_params / 1e6:.1f} M)")
     typer.echo(f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads x {cfg.head_dim}, "
@@ -102,3 +185,21 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def _show_manifest(spec, json_: bool) -> None:
+    """A registry model that is not downloaded yet: what it is, where it comes from, how to get it."""
+    from ..hub import download_command
+
+    cmd = download_command(spec.name)
+    if json_:
+        typer.echo(json.dumps({"name": spec.name, "downloaded": False, "download": cmd, "manifest": asdict(spec)}))
+        return
+    typer.echo(f"{spec.name}: {spec.description}")
+    typer.echo(f"license: {spec.license}")
+    if spec.repo_id:
+        typer.echo(f"Hub: {spec.repo_id}/{spec.filename}" + (f"@{spec.revision}" if spec.revision else ""))
+    if spec.release_url:
+        digest = spec.release_sha256 or "not pinned (pass --sha256 to verify)"
+        typer.echo(f"official release: {spec.release_url} (sha256 {digest})")
+    typer.echo(f"not downloaded yet: run `{cmd}`")
