@@ -11,6 +11,7 @@ __all__ = [
     "ChecksumMismatch",
     "BadImage",
     "OutputExists",
+    "OutputError",
     "MemoryBudgetTooSmall",
     "OutOfMemory",
     "BadRequest",
@@ -51,8 +52,14 @@ class OutputExists(InfditError):
     """The output file exists and --overwrite was not given."""
 
 
+class OutputError(InfditError):
+    """The output file cannot be written: its folder is missing or read-only, or it is a folder."""
+
+
 class MemoryBudgetTooSmall(InfditError):
-    """Not even one block at a time fits in the memory budget."""
+    """Not even one block at a time fits in the memory budget (an impossible request: exit 2)."""
+
+    exit_code = 2
 
 
 class OutOfMemory(InfditError):
