@@ -112,6 +112,11 @@ def _open(path: Path, max_pixels: int | None, *, load: bool):
         raise BadImage(f"no such file: {path}")
     if path.is_dir():
         raise BadImage(f"{path} is a directory")
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage(f"{path} is empty (0 bytes)")
+    except OSError as e:
+        raise BadImage(f"{path}: {e.strerror or e}") from None
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
@@ -242,10 +247,11 @@ def _read_dpi(info: dict, name: str, notices: list[str]) -> tuple[float, float] 
     if dpi is None:
         return None
     try:
-        x, y = (float(v) for v in dpi)
-        if all(math.isfinite(v) and v > 0 for v in (x, y)):
-            return x, y
-    except (TypeError, ValueError):
+        if isinstance(dpi, (tuple, list)) and len(dpi) == 2 and not any(isinstance(v, (str, bytes)) for v in dpi):
+            x, y = (float(v) for v in dpi)
+            if all(math.isfinite(v) and v > 0 for v in (x, y)):
+                return x, y
+    except (TypeError, ValueError, ZeroDivisionError):
         pass
     notices.append(f"{name}: resolution {dpi!r} is not valid; dropped")
     return None
