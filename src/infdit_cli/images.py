@@ -96,12 +96,22 @@ def _quiet(c_stderr: bool = False):
             log.setLevel(level)
 
 
-def _is_tiff(path: Path) -> bool:
+_MAGIC = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"II+\x00": "TIFF", b"MM\x00+": "TIFF",
+          b"\x89PNG": "PNG", b"GIF8": "GIF", b"RIFF": "WebP", b"\xff\xd8\xff": "JPEG"}
+
+
+def _sniff(path: Path) -> str | None:
+    """The format a file's first bytes announce, whatever its name says."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+            head = f.read(4)
     except OSError:
-        return False
+        return None
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def _is_tiff(path: Path) -> bool:
+    return _sniff(path) == "TIFF"
 
 
 def _open(path: Path, max_pixels: int | None, *, load: bool):
@@ -127,6 +137,9 @@ def _open(path: Path, max_pixels: int | None, *, load: bool):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"{path} has more than {max_pixels} pixels; raise --max-pixels if it is trusted") from None
     except UnidentifiedImageError:
+        kind = _sniff(path)
+        if kind is not None:  # the start of a known format: a damaged file, not a foreign one
+            raise BadImage(f"{path} is damaged or truncated: it starts like a {kind} but cannot be read") from None
         raise BadImage(f"{path} is not an image Pillow can read") from None
     except PermissionError:
         raise BadImage(f"{path}: permission denied") from None
