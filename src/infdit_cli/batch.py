@@ -1,4 +1,9 @@
-"""Upscaling a folder: find the images, mirror the tree, skip what is done, never stop on one bad file."""
+"""Upscaling a folder: find the images, mirror the tree, skip what is done, never stop on one bad file.
+
+`plan_batch` decides everything up front from the listing alone (output names, collisions, what exists),
+so a re-run makes the same decisions; `run_batch` then upscales the files left to do, and any exception
+from one file (except Ctrl-C) is recorded against it while the rest go on.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadRequest, InfditError
+from .errors import BadImage, BadRequest, InfditError
+from .events import Notice
+from .images import SUFFIXES
 
-__all__ = ["BatchItem", "BatchReport", "find_images", "run_batch", "IMAGE_SUFFIXES"]
+__all__ = ["BatchItem", "BatchReport", "find_images", "plan_batch", "preview_batch", "run_batch",
+           "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -18,9 +26,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".g
 class BatchItem:
     input: str
     output: str
-    status: str  # done | skipped | failed
-    reason: str = ""
+    status: str  # todo (planned) | done | skipped | failed
+    reason: str = ""  # why skipped or failed; for a preview, the planned size change
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # what was dropped or changed (Notice texts)
 
 
 @dataclass
@@ -33,15 +42,18 @@ class BatchReport:
 
 def find_images(root: Path, *, recursive: bool = False, glob: str | None = None,
                 exclude: Path | None = None) -> list[Path]:
-    """Image files under `root` (by suffix, case-insensitive, or matching `glob`), sorted."""
+    """Image files under `root` (by suffix, case-insensitive, or matching `glob`), sorted; nothing under
+    `exclude` (an output folder inside the input is never read back) and no hidden files."""
+    root = Path(root)
     if not root.is_dir():
-        raise BadRequest(f"not a directory: {root}")
+        raise BadImage(f"no such folder: {root}")
+    skip = Path(exclude).resolve() if exclude is not None else None
     files = root.rglob("*") if recursive else root.glob("*")
     out = []
     for f in files:
-        if not f.is_file() or f.name.startswith("."):
+        if f.name.startswith(".") or not f.is_file():
             continue
-        if exclude is not None and exclude in f.parents:
+        if skip is not None and skip in f.resolve().parents:
             continue
         name = f.name.lower()
         ok = fnmatch.fnmatch(name, glob.lower()) if glob else f.suffix.lower() in IMAGE_SUFFIXES
@@ -50,34 +62,121 @@ def find_images(root: Path, *, recursive: bool = False, glob: str | None = None,
     return sorted(out)
 
 
+def _error_text(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, InfditError) else f"{type(e).__name__}: {text}".rstrip(": ")
+
+
+def plan_batch(root: Path, out_root: Path, *, recursive: bool = False, glob: str | None = None,
+               overwrite: bool = False) -> list[BatchItem]:
+    """Every input with its output path and status (`todo`, or `skipped` where the output exists, or
+    `failed` where no unambiguous output name exists), decided from the listing alone.
+
+    Formats infdit does not write (GIF, BMP, ...) become PNG. Where two inputs would map to one output
+    (photo.gif and photo.png), the converted one keeps its source extension (photo.gif.png); a collision
+    that remains is refused for both files, never resolved by skipping one silently.
+
+    Raises:
+        BadImage: `root` is not a folder.
+        BadRequest: `out_root` is `root` itself, or an existing file.
+    """
+    root, out_root = Path(root), Path(out_root)
+    if not root.is_dir():
+        raise BadImage(f"no such folder: {root}")
+    if out_root.resolve() == root.resolve():
+        raise BadRequest(f"the output folder is the input folder {root}; choose another with -o")
+    if out_root.exists() and not out_root.is_dir():
+        raise BadRequest(f"output folder {out_root} is a file")
+    files = find_images(root, recursive=recursive, glob=glob, exclude=out_root)
+    natural = {}
+    for src in files:
+        dst = out_root / src.relative_to(root)
+        natural[src] = dst if dst.suffix.lower() in SUFFIXES else dst.with_suffix(".png")
+    claims: dict[str, list[Path]] = {}
+    for src, dst in natural.items():
+        claims.setdefault(str(dst).casefold(), []).append(src)  # casefold: outputs may land on a FAT/APFS disk
+    final = dict(natural)
+    for srcs in claims.values():
+        if len(srcs) > 1:
+            for src in srcs:
+                if natural[src].suffix != src.suffix:  # converted: keep the source extension in the name
+                    final[src] = natural[src].with_name(src.name + ".png")
+    owners: dict[str, list[Path]] = {}
+    for src, dst in final.items():
+        owners.setdefault(str(dst).casefold(), []).append(src)
+    items = []
+    for src in files:
+        dst = final[src]
+        item = BatchItem(str(src), str(dst), "todo")
+        rivals = [s for s in owners[str(dst).casefold()] if s != src]
+        if rivals:
+            item.status = "failed"
+            item.reason = f"output {dst} would also be written for {', '.join(map(str, rivals))}; rename one"
+        elif dst.exists() and not overwrite:
+            item.status, item.reason = "skipped", "output exists"
+        items.append(item)
+    return items
+
+
+def preview_batch(items: list[BatchItem], *, res: str | None, scale: float | None,
+                  max_pixels: int | None) -> list[BatchItem]:
+    """For `--dry-run`: each `todo` item gets its size change as `reason` (from the header alone), or
+    becomes `failed` with the reason the real run would give for the input or the target."""
+    from .images import probe_size
+    from .pipeline import target_size
+
+    for item in items:
+        if item.status != "todo":
+            continue
+        try:
+            h, w = probe_size(item.input, max_pixels=max_pixels)
+            th, tw = target_size((h, w), res=res, scale=scale)
+            item.reason = f"{w}x{h} -> {tw}x{th}"
+        except InfditError as e:
+            item.status, item.reason = "failed", _error_text(e)
+    return items
+
+
 def run_batch(upscaler, root: Path, out_root: Path, *, res: str | None, scale: float | None, recursive: bool,
               glob: str | None, overwrite: bool, quality: int, max_pixels: int | None,
               on_event: Callable[[object], None] | None = None,
               on_item: Callable[[BatchItem], None] | None = None,
-              on_start: Callable[[Path], None] | None = None) -> BatchReport:
-    """Upscale every image under `root` into the mirrored tree `out_root`; failures are recorded, not raised."""
+              on_start: Callable[[Path], None] | None = None,
+              items: list[BatchItem] | None = None) -> BatchReport:
+    """Upscale every image under `root` into the mirrored tree `out_root`; failures are recorded, not raised.
+
+    `items` is a `plan_batch` result to run (planned here when None). Only KeyboardInterrupt and
+    SystemExit stop the batch; the file being written then leaves nothing behind.
+    """
+    if items is None:
+        items = plan_batch(root, out_root, recursive=recursive, glob=glob, overwrite=overwrite)
     report = BatchReport()
-    files = find_images(root, recursive=recursive, glob=glob, exclude=out_root)
-    for src in files:
-        dst = out_root / src.relative_to(root)
-        if dst.suffix.lower() in (".bmp", ".gif"):
-            dst = dst.with_suffix(".png")  # formats we do not write: PNG keeps every pixel
-        item = BatchItem(str(src), str(dst), "done")
-        if dst.exists() and not overwrite:
-            item.status, item.reason = "skipped", "output exists"
-        else:
-            if on_start is not None:
-                on_start(src)
-            try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                result = upscaler.upscale_file(src, dst, res=res, scale=scale, quality=quality,
-                                               overwrite=overwrite, max_pixels=max_pixels, on_event=on_event)
-                item.seconds = result.seconds
-            except InfditError as e:
-                item.status, item.reason = "failed", str(e)
-            except (OSError, ValueError, RuntimeError) as e:  # one bad file never stops the rest
-                item.status, item.reason = "failed", f"{type(e).__name__}: {e}"
+    for item in items:
+        if item.status == "todo":
+            _run_one(upscaler, item, res=res, scale=scale, quality=quality, overwrite=overwrite,
+                     max_pixels=max_pixels, on_event=on_event, on_start=on_start)
         report.items.append(item)
         if on_item is not None:
             on_item(item)
     return report
+
+
+def _run_one(upscaler, item: BatchItem, *, res, scale, quality, overwrite, max_pixels, on_event,
+             on_start) -> None:
+    src, dst = Path(item.input), Path(item.output)
+
+    def emit(event: object) -> None:
+        if isinstance(event, Notice):
+            item.warnings.append(event.text)
+        if on_event is not None:
+            on_event(event)
+
+    if on_start is not None:
+        on_start(src)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        result = upscaler.upscale_file(src, dst, res=res, scale=scale, quality=quality, overwrite=overwrite,
+                                       max_pixels=max_pixels, on_event=emit)
+        item.status, item.seconds = "done", result.seconds
+    except Exception as e:  # noqa: BLE001 - one bad file never stops the rest, whatever it raises
+        item.status, item.reason = "failed", _error_text(e)

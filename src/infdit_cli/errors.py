@@ -13,6 +13,7 @@ __all__ = [
     "InvalidReference",
     "BadImage",
     "OutputExists",
+    "OutputError",
     "MemoryBudgetTooSmall",
     "HostMemoryTooSmall",
     "OutOfMemory",
@@ -64,8 +65,14 @@ class OutputExists(InfditError):
     """The output file exists and --overwrite was not given."""
 
 
+class OutputError(InfditError):
+    """The output file cannot be written: its folder is missing or read-only, or it is a folder."""
+
+
 class MemoryBudgetTooSmall(InfditError):
-    """Not even one block at a time fits in the memory budget."""
+    """Not even one block at a time fits in the memory budget (an impossible request: exit 2)."""
+
+    exit_code = 2
 
     exit_code = 2
 

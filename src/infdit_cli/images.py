@@ -1,27 +1,49 @@
-"""Image files in and out with Pillow: orientation, alpha, grayscale, 16-bit, ICC/EXIF, atomic saving.
+"""Image files in and out with Pillow: orientation, alpha, grayscale, 16-bit, ICC/EXIF/DPI, atomic saving.
 
 The model sees RGB in [-1, 1]. Everything else about a file (alpha, grayscale, bit depth, colour profile,
-EXIF) is taken apart on the way in and put back on the way out.
+EXIF, resolution) is taken apart on the way in and put back on the way out, deliberately: EXIF is rebuilt
+tag by tag (orientation reset, the source's layout, thumbnail and size tags dropped, malformed tags dropped
+with a notice), never one format's tags handed to another.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
+import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import BadImage, BadRequest, OutputExists
+from .errors import BadImage, BadRequest, OutputError, OutputExists
 
-__all__ = ["LoadedImage", "load_image", "save_image", "check_output", "fill_transparent", "resize", "SUFFIXES", "MAX_SIDE"]
+__all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
+           "resize", "SUFFIXES", "MAX_SIDE"]
 
 SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 MAX_SIDE = {"PNG": 2**31 - 1, "JPEG": 65535, "WEBP": 16383, "TIFF": 2**31 - 1}
 DEFAULT_MAX_PIXELS = 64 * 2**20  # inputs; above this an image is refused unless --max-pixels says otherwise
+_DPI_FORMATS = ("PNG", "JPEG", "TIFF")  # WebP has no resolution field
+
+# Tags that describe how the *source file* stores its pixels (TIFF layout, resolution, which we write
+# through the output format's own field), or that a converter must not copy: they are never carried.
+_LAYOUT_TAGS = {
+    0x00FE, 0x00FF, 0x0100, 0x0101, 0x0102, 0x0103, 0x0106, 0x0107, 0x0108, 0x0109, 0x010A, 0x0111, 0x0115,
+    0x0116, 0x0117, 0x0118, 0x0119, 0x011A, 0x011B, 0x011C, 0x011D, 0x011E, 0x011F, 0x0120, 0x0121, 0x0122,
+    0x0123, 0x0124, 0x0125, 0x0128, 0x012D, 0x013D, 0x0140, 0x0142, 0x0143, 0x0144, 0x0145, 0x014A, 0x014C,
+    0x0152, 0x0153, 0x0154, 0x0155, 0x0156, 0x015B, 0x0200, 0x0201, 0x0202, 0x0211, 0x0212, 0x0213, 0x0214,
+    0x83BB, 0x8649, 0x8773, 0x935C, 0xC612,  # IPTC, Photoshop, ICC (carried on its own), ...
+}
+_SIZE_TAGS = {0xA002, 0xA003, 0xA005}  # PixelXDimension, PixelYDimension, the Interop IFD pointer
+_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_ORIENTATION = 0x0112
+_JPEG_EXIF_LIMIT = 65533  # one APP1 segment
 
 
 @dataclass
@@ -31,8 +53,10 @@ class LoadedImage:
     gray: bool  # the file was grayscale: write grayscale back
     bits: int  # 8 or 16
     icc: bytes | None
-    exif: bytes | None  # with orientation reset to 1
+    exif: bytes | None  # rebuilt: orientation 1, no layout/thumbnail/size tags
     source_format: str | None
+    dpi: tuple[float, float] | None = None  # (x, y) of the upright image, as the file said
+    notices: list[str] = field(default_factory=list)  # what was dropped or changed, for the user
 
     @property
     def size(self) -> tuple[int, int]:
@@ -40,97 +64,334 @@ class LoadedImage:
         return self.rgb.shape[-2], self.rgb.shape[-1]
 
 
-def _to_tensor(im) -> torch.Tensor:
-    """A Pillow image in L/RGB/I;16-like modes -> (1, C, h, w) float32 in [0, 1]."""
-    import numpy as np
+@contextlib.contextmanager
+def _quiet(c_stderr: bool = False):
+    """Silence Pillow for one decode/encode: its warnings, its logger, and (`c_stderr`, for libtiff, which
+    prints to the C library's stderr) file descriptor 2, restored afterwards. Decompression-bomb warnings
+    are raised, not silenced."""
+    from PIL import Image
 
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float32) / 65535.0
-    else:
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
-    return t.clamp(0, 1)
+    log = logging.getLogger("PIL")
+    level = log.level
+    saved = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        log.setLevel(logging.CRITICAL + 1)
+        if c_stderr:
+            try:
+                sys.stderr.flush()
+                saved = os.dup(2)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+            except OSError:
+                saved = None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            log.setLevel(level)
 
 
-def load_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Read an image file for upscaling.
+_MAGIC = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"II+\x00": "TIFF", b"MM\x00+": "TIFF",
+          b"\x89PNG": "PNG", b"GIF8": "GIF", b"RIFF": "WebP", b"\xff\xd8\xff": "JPEG"}
 
-    Raises:
-        BadImage: missing, unreadable, truncated, not an image, or larger than `max_pixels`.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
+def _sniff(path: Path) -> str | None:
+    """The format a file's first bytes announce, whatever its name says."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def _is_tiff(path: Path) -> bool:
+    return _sniff(path) == "TIFF"
+
+
+def _open(path: Path, max_pixels: int | None, *, load: bool):
+    """Image.open (and load) with every failure turned into one BadImage line naming `path`."""
+    from PIL import Image, UnidentifiedImageError
+
     if not path.exists():
         raise BadImage(f"no such file: {path}")
     if path.is_dir():
         raise BadImage(f"{path} is a directory")
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage(f"{path} is empty (0 bytes)")
+    except OSError as e:
+        raise BadImage(f"{path}: {e.strerror or e}") from None
+    old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _quiet(c_stderr=_is_tiff(path)):
             im = Image.open(path)
-            im.load()
+            if load:
+                im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"{path} has more than {max_pixels} pixels; raise --max-pixels if it is trusted") from None
     except UnidentifiedImageError:
+        kind = _sniff(path)
+        if kind is not None:  # the start of a known format: a damaged file, not a foreign one
+            raise BadImage(f"{path} is damaged or truncated: it starts like a {kind} but cannot be read") from None
         raise BadImage(f"{path} is not an image Pillow can read") from None
     except PermissionError:
         raise BadImage(f"{path}: permission denied") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"{path} is damaged or truncated: {e}") from None
+    except MemoryError:
+        raise BadImage(f"{path}: not enough memory to decode it") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, struct.error...
+        raise BadImage(f"{path} is damaged or truncated: {_one_line(e)}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    return im
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def probe_size(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) as displayed (EXIF orientation applied), from the header alone.
+
+    Raises:
+        BadImage: as `load_image` would for a missing, unreadable or oversized file.
+    """
+    path = Path(path)
+    with _open(path, max_pixels, load=False) as im:
+        h, w = im.height, im.width
+        try:
+            with _quiet():
+                if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+                    h, w = w, h
+        except Exception:  # noqa: BLE001 - unreadable EXIF: load_image drops it with a notice
+            pass
+    return h, w
+
+
+def _serializes(tag: int, value, ifd: int | None = None) -> bool:
+    from PIL import Image
+
+    e = Image.Exif()
+    if ifd is None:
+        e[tag] = value
+    else:
+        e[ifd] = {tag: value}
+    try:
+        e.tobytes()
+        return True
+    except Exception:  # noqa: BLE001 - wrong-typed values fail in many ways inside Pillow
+        return False
+
+
+def _tag_name(tag: int) -> str:
+    from PIL import ExifTags
+
+    return ExifTags.TAGS.get(tag, f"0x{tag:04X}")
+
+
+def _read_exif(im, name: str, notices: list[str]) -> tuple[int, bytes | None]:
+    """(orientation, rebuilt EXIF bytes or None). Malformed tags are dropped with a notice."""
+    from PIL import Image
+
+    try:
+        with _quiet():
+            src = im.getexif()
+            base = dict(src.items())
+            subs = {}
+            for ifd in (_EXIF_IFD, _GPS_IFD):
+                if ifd in base:
+                    subs[ifd] = dict(src.get_ifd(ifd))
+    except Exception:  # noqa: BLE001
+        notices.append(f"{name}: its EXIF cannot be read; dropped")
+        return 1, None
+    orientation = base.get(_ORIENTATION, 1)
+    if orientation not in range(1, 9):
+        if _ORIENTATION in base:
+            notices.append(f"{name}: EXIF orientation {orientation!r} is not valid; ignored")
+        orientation = 1
+    if not base:
+        return orientation, None
+    out, dropped = Image.Exif(), []
+    for tag, value in base.items():
+        if tag in _LAYOUT_TAGS or tag in (_EXIF_IFD, _GPS_IFD, _ORIENTATION):
+            continue
+        if _serializes(tag, value):
+            out[tag] = value
+        else:
+            dropped.append(_tag_name(tag))
+    for ifd, tags in subs.items():
+        kept = {}
+        for tag, value in tags.items():
+            if tag in _SIZE_TAGS:
+                continue
+            if _serializes(tag, value, ifd):
+                kept[tag] = value
+            else:
+                dropped.append(_tag_name(tag))
+        if kept:
+            out[ifd] = kept
+    out[_ORIENTATION] = 1  # the pixels are upright now
+    if dropped:
+        notices.append(f"{name}: malformed EXIF tag(s) dropped: {', '.join(dropped)}")
+    try:
+        data = out.tobytes()
+        if len(data) > _JPEG_EXIF_LIMIT and _EXIF_IFD in out:
+            out[_EXIF_IFD] = {t: v for t, v in out[_EXIF_IFD].items() if t != 0x927C}  # MakerNote
+            data = out.tobytes()
+            notices.append(f"{name}: EXIF maker note dropped (too large to carry)")
+        if len(data) > _JPEG_EXIF_LIMIT:
+            notices.append(f"{name}: EXIF too large to carry; dropped")
+            return orientation, None
+    except Exception:  # noqa: BLE001
+        notices.append(f"{name}: its EXIF cannot be rewritten; dropped")
+        return orientation, None
+    return orientation, data
+
+
+def _read_dpi(info: dict, name: str, notices: list[str]) -> tuple[float, float] | None:
+    dpi = info.get("dpi")
+    if dpi is None:
+        return None
+    try:
+        if isinstance(dpi, (tuple, list)) and len(dpi) == 2 and not any(isinstance(v, (str, bytes)) for v in dpi):
+            x, y = (float(v) for v in dpi)
+            if all(math.isfinite(v) and v > 0 for v in (x, y)):
+                return x, y
+    except (TypeError, ValueError, ZeroDivisionError):
+        pass
+    notices.append(f"{name}: resolution {dpi!r} is not valid; dropped")
+    return None
+
+
+def _to_tensor(arr) -> torch.Tensor:
+    """(h, w) or (h, w, C) array in [0, 1] -> (1, C, h, w) float32."""
+    import numpy as np
+
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+    return t.clamp(0, 1)
+
+
+_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+              7: "TRANSVERSE", 8: "ROTATE_90"}
+_GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def load_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read an image file for upscaling: the first frame, upright, with its metadata taken apart.
+
+    Anything dropped or changed on the way (malformed EXIF, extra frames, 16-bit RGB read as 8-bit) is
+    listed in `notices`; nothing is printed.
+
+    Raises:
+        BadImage: missing, unreadable, truncated, not an image, or larger than `max_pixels`.
+    """
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    name = str(path)
+    notices: list[str] = []
+    im = _open(path, max_pixels, load=False)
+    frames = getattr(im, "n_frames", 1)
+    rawmode = im.tile[0][3] if im.tile and isinstance(im.tile[0][3], str) else ""
+    im = _open(path, max_pixels, load=True)  # fresh: n_frames may have moved the frame pointer
+    if frames > 1:
+        notices.append(f"{name} has {frames} frames; only the first is upscaled")
     fmt = im.format
-    icc = im.info.get("icc_profile")
-    exif_obj = im.getexif()
-    im = ImageOps.exif_transpose(im)  # orientation applied to the pixels
-    exif = None
-    if exif_obj:
-        exif_obj[0x0112] = 1  # Orientation: the pixels are upright now
-        exif = exif_obj.tobytes()
+    icc = im.info.get("icc_profile") or None
+    orientation, exif = _read_exif(im, name, notices)
+    dpi = _read_dpi(im.info, name, notices)
+    trns = im.info.get("transparency")
+    mode = im.mode
+    if mode in ("RGB", "RGBA") and ";16" in rawmode:
+        notices.append(f"{name}: 16-bit RGB is read as 8-bit (Pillow holds no 16-bit RGB); the output is 8-bit")
 
     gray, bits, alpha = False, 8, None
+    try:
+        with _quiet():
+            if mode in ("P", "PA"):
+                im = im.convert("RGBA" if trns is not None or mode == "PA" else "RGB")
+            elif mode == "CMYK":
+                im, icc = _cmyk_to_rgb(im, icc), None  # the profile described CMYK; the result is sRGB
+            elif mode in ("La", "RGBa"):
+                im = im.convert(mode.upper())
+            elif mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F") + _GRAY16:
+                im = im.convert("RGBA" if "A" in mode else "RGB")
+    except (ValueError, OSError) as e:
+        raise BadImage(f"{path}: colour mode {mode} cannot be converted to RGB: {_one_line(e)}") from None
+    if orientation in _TRANSPOSE:
+        im = im.transpose(getattr(Image.Transpose, _TRANSPOSE[orientation]))
+        if dpi is not None and orientation >= 5:
+            dpi = (dpi[1], dpi[0])
     mode = im.mode
-    if mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif mode == "PA":
-        im = im.convert("RGBA")
-    elif mode in ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F"):
+
+    arr = np.asarray(im)
+    if mode in ("1", "L", "I", "F") + _GRAY16:
         gray = True
-    elif mode == "CMYK":
-        im = im.convert("RGB")
-        icc = None  # the profile described CMYK
-    elif mode not in ("RGB", "RGBA"):
-        im = im.convert("RGBA" if "A" in mode else "RGB")
-
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L"):
-        bits, rgb = 16, _to_tensor(im)
-    elif mode in ("I", "F"):
-        import numpy as np
-
-        arr = np.asarray(im, dtype=np.float64)
-        bits = 16 if arr.max(initial=0) > 255 else 8
-        rgb = torch.from_numpy(arr / (65535.0 if bits == 16 else 255.0)).float()[None, None].clamp(0, 1)
-    elif mode == "1":
-        rgb = _to_tensor(im.convert("L"))
+        if mode == "1":
+            value = arr.astype(np.float32)
+        elif mode == "L":
+            value = arr / 255.0
+        elif mode in _GRAY16:
+            bits, value = 16, arr / 65535.0
+        else:  # I or F: 32-bit; guess the range from the values
+            a = arr.astype(np.float64)
+            top = float(a.max(initial=0))
+            bits = 8 if top <= 255 and mode == "I" else 16
+            value = a if mode == "F" and top <= 1.0 else a / (255.0 if bits == 8 else 65535.0)
+        rgb = _to_tensor(value)
+        if trns is not None and isinstance(trns, (int, float)):  # tRNS colour key: one grey value
+            key = bool(trns) if mode == "1" else trns
+            alpha = _to_tensor((arr != key).astype(np.float32))
     elif mode == "LA":
-        rgb, alpha = _to_tensor(im.getchannel("L")), _to_tensor(im.getchannel("A"))
+        gray = True
+        rgb, alpha = _to_tensor(arr[..., 0] / 255.0), _to_tensor(arr[..., 1] / 255.0)
     elif mode == "RGBA":
-        t = _to_tensor(im)
+        t = _to_tensor(arr / 255.0)
         rgb, alpha = t[:, :3], t[:, 3:]
-        if bool((alpha >= 1).all()):
-            alpha = None  # fully opaque: no alpha to carry
-    else:
-        rgb = _to_tensor(im)
+    else:  # RGB
+        rgb = _to_tensor(arr / 255.0)
+        if isinstance(trns, tuple) and len(trns) == 3:  # tRNS colour key: one RGB triple
+            key = tuple(v >> 8 if max(trns) > 255 else v for v in trns)  # 16-bit key on 8-bit samples
+            alpha = _to_tensor((arr != np.array(key, dtype=arr.dtype)).any(-1).astype(np.float32))
+    if alpha is not None and bool((alpha >= 1).all()):
+        alpha = None  # fully opaque: no alpha to carry
     if rgb.shape[1] == 1:
         rgb = rgb.expand(-1, 3, -1, -1).contiguous()
-    return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=bits, icc=icc, exif=exif, source_format=fmt)
+    return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=bits, icc=icc, exif=exif, source_format=fmt,
+                       dpi=dpi, notices=notices)
+
+
+def _cmyk_to_rgb(im, icc: bytes | None):
+    """Through the file's ICC profile to sRGB where there is one (what a viewer shows), else Pillow's formula."""
+    if icc:
+        try:
+            import io
+
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # noqa: BLE001 - a broken profile: fall back to the plain conversion
+            pass
+    return im.convert("RGB")
 
 
 def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """High-quality resample of (B, C, h, w) to (H, W): antialiased bicubic, as the official resizes."""
-    if tuple(t.shape[-2:]) == tuple(size):
+    """High-quality resample of (B, C, h, w) to (H, W): antialiased bicubic, as the official resizes.
+
+    A side that would round to 0 (a 1-pixel-wide input halved) is kept at 1.
+    """
+    size = (max(1, int(size[0])), max(1, int(size[1])))
+    if tuple(t.shape[-2:]) == size:
         return t
     return F.interpolate(t, size=size, mode="bicubic", align_corners=False, antialias=True)
 
@@ -142,7 +403,7 @@ def fill_transparent(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     if bool(known.all()) or not bool(known.any()):
         return rgb
     levels = [(rgb * known, known)]
-    while min(levels[-1][1].shape[-2:]) > 1:
+    while max(levels[-1][1].shape[-2:]) > 1:
         c, w = levels[-1]
         levels.append((F.avg_pool2d(c, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)))
     c, w = levels[-1]
@@ -154,41 +415,73 @@ def fill_transparent(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def check_output(path: Path, overwrite: bool) -> str:
-    """The Pillow format for `path`, after checking it can be written: a known suffix, an existing folder,
-    and no file in the way unless `overwrite`. Callers check before computing, `save_image` again after."""
+    """The Pillow format for `path`, after checking it can be written: a known suffix, an existing and
+    writable folder, and no file in the way unless `overwrite`. Callers check before computing,
+    `save_image` again after.
+
+    Raises:
+        BadRequest: the suffix is not one infdit writes (exit 2).
+        OutputExists: the file exists and `overwrite` is False.
+        OutputError: the folder is missing or not writable, or the path is a folder.
+    """
+    path = Path(path)
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise BadRequest(f"unsupported output type {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
+        raise BadRequest(f"unsupported output type {path.suffix!r} for {path}; use one of "
+                         f"{', '.join(sorted(SUFFIXES))}")
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory")
     if path.exists() and not overwrite:
         raise OutputExists(f"{path} exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise BadImage(f"output directory does not exist: {path.parent}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {parent}: permission denied")
     return fmt
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no other way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
 def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | None = None, gray: bool = False,
-               bits: int = 8, icc: bytes | None = None, exif: bytes | None = None, quality: int = 95,
-               overwrite: bool = False) -> Path:
+               bits: int = 8, icc: bytes | None = None, exif: bytes | None = None,
+               dpi: tuple[float, float] | None = None, quality: int = 95, overwrite: bool = False) -> Path:
     """Write (1, 3, H, W) in [0, 1] to `path`, format from the suffix, atomically.
 
-    The file appears complete or not at all: it is written to a temporary file in the same directory and
-    renamed. An existing file is only replaced with `overwrite`.
+    The file appears complete or not at all: it is written to a temporary file in the same directory,
+    given the mode the umask allows (as any tool's output), and renamed. An existing file is only replaced
+    with `overwrite`. 16-bit is written for grayscale without alpha to PNG and TIFF (Pillow has no
+    16-bit RGB or grey+alpha); `dpi` goes to PNG, JPEG and TIFF.
+
+    Raises:
+        BadRequest, OutputExists, OutputError: see `check_output`.
     """
     import numpy as np
     from PIL import Image
 
     path = Path(path)
     fmt = check_output(path, overwrite)
-    rgb = rgb.clamp(0, 1)
     sixteen = bits == 16 and gray and alpha is None and fmt in ("PNG", "TIFF")
     if gray:
+        rgb = rgb.clamp(0, 1)
         lum = rgb[0, 0] * 0.299 + rgb[0, 1] * 0.587 + rgb[0, 2] * 0.114  # ITU-R 601, Pillow's L
         if sixteen:
             im = Image.fromarray((lum * 65535).round().numpy().astype(np.uint16))
         else:
             im = Image.fromarray((lum * 255).round().numpy().astype(np.uint8), "L")
     else:
-        im = Image.fromarray((rgb[0].permute(1, 2, 0) * 255).round().numpy().astype(np.uint8), "RGB")
+        im = Image.fromarray(_to_uint8(rgb).numpy(), "RGB")
     if alpha is not None and fmt != "JPEG":
         a = Image.fromarray((alpha[0, 0].clamp(0, 1) * 255).round().numpy().astype(np.uint8), "L")
         im = im.convert("LA" if gray else "RGBA")
@@ -196,16 +489,18 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
     kw: dict = {}
     if icc:
         kw["icc_profile"] = icc
-    if exif and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+    if exif:
         kw["exif"] = exif
+    if dpi is not None and fmt in _DPI_FORMATS:
+        kw["dpi"] = (round(dpi[0], 3), round(dpi[1], 3))
     if fmt in ("JPEG", "WEBP"):
         kw["quality"] = quality
-    if fmt == "JPEG" and im.mode in ("LA", "RGBA"):
-        im = im.convert("L" if gray else "RGB")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".part", dir=path.parent)
     os.close(fd)
     try:
-        im.save(tmp, format=fmt, **kw)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any tool's
+        with _quiet(c_stderr=fmt == "TIFF"):
+            im.save(tmp, format=fmt, **kw)
         if path.exists() and not overwrite:  # appeared while we computed
             raise OutputExists(f"{path} exists; pass --overwrite to replace it")
         os.replace(tmp, path)
@@ -213,3 +508,14 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _to_uint8(rgb: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1] -> (H, W, 3) uint8, a few rows at a time: no float copy of the whole image
+    (at 16384^2 each would be 3 GiB)."""
+    h, w = rgb.shape[-2:]
+    out = torch.empty(h, w, 3, dtype=torch.uint8)
+    step = max(1, chunk // (3 * w))
+    for r in range(0, h, step):
+        out[r : r + step] = (rgb[0, :, r : r + step].permute(1, 2, 0).clamp(0, 1) * 255).round()
+    return out

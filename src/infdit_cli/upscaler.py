@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadRequest
-from .events import PlanChanged
+from .events import Notice, PlanChanged
 from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, check_output, fill_transparent, load_image, resize, save_image
 from .pipeline import UpscaleOptions, UpscalePlan, plan_upscale, target_size, upscale
 
@@ -133,6 +133,12 @@ class Upscaler:
         dst = Path(dst) if dst is not None else default_output(src)
         fmt = check_output(dst, overwrite)  # before any work: no compute for an output that cannot be written
         img = load_image(src, max_pixels=max_pixels)
+        notices = list(img.notices)
+        if img.alpha is not None and fmt == "JPEG":
+            notices.append(f"{dst}: JPEG has no alpha; transparency is dropped (use .png to keep it)")
+        if on_event is not None:
+            for text in notices:
+                on_event(Notice(text))
         up_plan = self.plan(img.size, res=res, scale=scale, options=opts)
         if max(up_plan.target_size) > MAX_SIDE[fmt]:
             raise BadRequest(f"{fmt} cannot hold {up_plan.target_size[1]}x{up_plan.target_size[0]} "
@@ -151,7 +157,9 @@ class Upscaler:
 
         out = self.upscale_tensor(rgb, up_plan, options=opts, on_event=relay, scratch_dir=dst.parent)
         alpha = resize(img.alpha, up_plan.target_size).clamp(0, 1) if img.alpha is not None else None
-        save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif,
+        (h, w), (th, tw) = img.size, up_plan.target_size
+        dpi = (img.dpi[0] * tw / w, img.dpi[1] * th / h) if img.dpi else None  # same physical size
+        save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif, dpi=dpi,
                    quality=quality, overwrite=overwrite)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return UpscaleResult(

@@ -13,8 +13,8 @@ __all__ = ["ExitCode", "report"]
 
 class ExitCode(IntEnum):
     OK = 0
-    ERROR = 1  # the command failed; one line on stderr says why
-    USAGE = 2  # bad arguments or an impossible request (click's code)
+    ERROR = 1  # a file that cannot be read, decoded or written, or a failure during the work; batch: some failed
+    USAGE = 2  # bad arguments or an impossible request, found before any work (click's code)
     OUT_OF_MEMORY = 3  # out of device memory even under the leanest plan; no partial output
     INTERRUPTED = 130  # Ctrl-C; partial outputs were removed
 
@@ -27,8 +27,8 @@ def _message(exc: BaseException) -> tuple[str, int]:
         return "interrupted", ExitCode.INTERRUPTED
     if isinstance(exc, MemoryError):
         return "out of host memory; try a smaller --mem-budget or --block-batch", ExitCode.ERROR
-    if type(exc).__name__ == "OutOfMemoryError":
-        return "out of device memory even at block batch 1; try --device cpu", ExitCode.ERROR
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, escaping the planner's retries
+        return "out of device memory even at block batch 1; try --device cpu", ExitCode.OUT_OF_MEMORY
     if isinstance(exc, OSError) and exc.errno == 28:
         return f"no space left on device: {exc.filename or ''}".rstrip(": "), ExitCode.ERROR
     if isinstance(exc, PermissionError):
@@ -41,13 +41,14 @@ def _message(exc: BaseException) -> tuple[str, int]:
 def report(exc: BaseException) -> int:
     """Print `exc` as one line (plus the traceback with INFDIT_DEBUG=1) and return the exit code."""
     from rich.console import Console
-    from rich.markup import escape
+    from rich.text import Text
 
     msg, code = _message(exc)
+    msg = " ".join(part.strip() for part in msg.splitlines() if part.strip())  # one line, always
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if os.environ.get("INFDIT_DEBUG"):
         console.print_exception()
-    console.print(f"[bold red]error:[/] {escape(msg)}", markup=True)  # "[/file]" in a message is not markup
+    console.print(Text.assemble(("error:", "bold red"), " ", msg))  # literal: names like [b]x.png stay
     if code == ExitCode.ERROR and not os.environ.get("INFDIT_DEBUG") and msg.startswith("internal error"):
         console.print("set INFDIT_DEBUG=1 for the traceback")
     sys.stderr.flush()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from typing import Protocol
 
-from ..events import BatchDone, PassStarted, PlanChanged, StepDone
+from ..events import BatchDone, Notice, PassStarted, PlanChanged, StepDone
 
 
 class Display(Protocol):
-    def start(self, total_images: int = 1) -> None: ...
+    def start(self, total_images: int = 1, *, calls_per_pass: int | None = None) -> None: ...
     def image(self, name: str) -> None: ...
     def image_done(self) -> None: ...
     def __call__(self, event: object) -> None: ...
@@ -20,7 +20,7 @@ class Display(Protocol):
 class NullDisplay:
     """For --quiet, non-TTY stderr and tests: warnings still reach stderr as plain lines."""
 
-    def start(self, total_images: int = 1) -> None:
+    def start(self, total_images: int = 1, *, calls_per_pass: int | None = None) -> None:
         pass
 
     def image(self, name: str) -> None:
@@ -32,6 +32,8 @@ class NullDisplay:
     def __call__(self, event: object) -> None:
         if isinstance(event, PlanChanged):
             self.warn(f"{event.reason} with {event.old}; continuing with {event.new}")
+        elif isinstance(event, Notice):
+            self.warn(event.text)
 
     def stop(self) -> None:
         pass
@@ -43,14 +45,15 @@ class NullDisplay:
 class RichDisplay:
     """Images x passes x denoising calls x block batches, after rich's dynamic_progress example."""
 
-    def __init__(self) -> None:
+    def __init__(self, console=None) -> None:
         from rich.console import Console, Group
         from rich.live import Live
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.console = Console(stderr=True)
-        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        self.console = console if console is not None else Console(stderr=True)
+        # every task has a total and a unit from its start: "0/39 calls", never "0/?"
+        cols = (TextColumn("{task.description}", markup=False), BarColumn(),
+                TextColumn("{task.completed:.0f}/{task.total:.0f} {task.fields[unit]}"), TimeElapsedColumn(),
                 TimeRemainingColumn())
         self.overall = Progress(*cols, console=self.console)
         self.steps = Progress(*cols, console=self.console)
@@ -58,11 +61,14 @@ class RichDisplay:
         self.live = Live(Group(self.overall, self.steps, self.blocks), console=self.console, refresh_per_second=8)
         self.images_task = self.step_task = self.block_task = None
         self.total_images = 1
+        self.calls_per_pass: int | None = None
+        self.name = ""
 
-    def start(self, total_images: int = 1) -> None:
+    def start(self, total_images: int = 1, *, calls_per_pass: int | None = None) -> None:
         self.total_images = total_images
+        self.calls_per_pass = calls_per_pass
         if total_images > 1:
-            self.images_task = self.overall.add_task("images", total=total_images)
+            self.images_task = self.overall.add_task("images", total=total_images, unit="images")
         self.live.start()
 
     def image(self, name: str) -> None:
@@ -77,26 +83,31 @@ class RichDisplay:
             for t in list(self.steps.task_ids):
                 self.steps.remove_task(t)
             p = event.pass_
-            desc = (f"pass {event.index}/{event.total} {p.scale}x "
+            desc = (f"{self.name + ': ' if self.name else ''}pass {event.index}/{event.total} {p.scale}x "
                     f"{p.in_size[1]}x{p.in_size[0]} -> {p.out_size[1]}x{p.out_size[0]}")
-            self.step_task = self.steps.add_task(desc, total=None)
+            self.step_task = self.steps.add_task(desc, total=self.calls_per_pass or 1, unit="calls")
         elif isinstance(event, StepDone) and self.step_task is not None:
             self.steps.update(self.step_task, total=2 * event.steps - 1, completed=event.calls)
         elif isinstance(event, BatchDone):
             if self.block_task is None:
-                self.block_task = self.blocks.add_task(f"block batches ({event.n}x{event.n})", total=event.total)
+                self.block_task = self.blocks.add_task(f"blocks, {event.n}x{event.n} at a time", total=event.total,
+                                                       unit="batches")
             self.blocks.update(self.block_task, completed=event.index, total=event.total)
             if event.index == event.total:
                 self.blocks.remove_task(self.block_task)
                 self.block_task = None
         elif isinstance(event, PlanChanged):
             self.warn(f"{event.reason} with {event.old}; continuing with {event.new}")
+        elif isinstance(event, Notice):
+            self.warn(event.text)
 
     def stop(self) -> None:
         self.live.stop()
 
     def warn(self, text: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {text}")
+        from rich.text import Text
+
+        self.console.print(Text.assemble(("warning:", "yellow"), " ", text))  # file names printed literally
 
 
 def make_display(quiet: bool) -> Display:

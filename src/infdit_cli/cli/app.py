@@ -11,6 +11,7 @@ from . import bench as bench_cmd
 from . import convert as convert_cmd
 from . import hub_cmds
 from . import upscale as upscale_cmd
+from ..errors import BadRequest
 from ._errors import report
 
 app = typer.Typer(
@@ -33,10 +34,18 @@ app.command(epilog=bench_cmd.EXAMPLES)(bench_cmd.bench)
 def _root() -> None:
     """Upscale images with Inf-DiT, block by block in bounded memory.
 
-    Exit codes: 0 ok; 1 error (one line on stderr says why; for batch: some file failed); 2 bad
-    arguments or impossible request; 130 interrupted (no partial output is left). Set INFDIT_DEBUG=1 for
-    tracebacks.
+    Exit codes: 0 done; 1 a file that cannot be read, decoded or written, or a failure during the work
+    (batch: some file failed, after finishing the others); 2 a wrong command line or an impossible request,
+    found before any work; 3 out of device memory even at the smallest plan; 130 interrupted (no partial
+    output is left). Errors are one line on stderr; set INFDIT_DEBUG=1 (or -v) for the traceback.
     """
+
+
+def _usage_error(e: typer.TyperException) -> BadRequest:
+    ctx = getattr(e, "ctx", None)
+    err = BadRequest(e.format_message() + (f" (see {ctx.command_path} --help)" if ctx is not None else ""))
+    err.exit_code = getattr(e, "exit_code", 2)
+    return err
 
 
 def main() -> None:
@@ -51,8 +60,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(report(KeyboardInterrupt()))
-    except typer.TyperException as e:  # click's usage errors: its own message format, exit 2
-        e.show()
-        sys.exit(getattr(e, "exit_code", 2))
+    except typer.TyperException as e:  # click's usage errors: one line like every other error, exit 2
+        sys.exit(report(_usage_error(e)))
     except BaseException as e:  # noqa: BLE001 - the one place every error becomes one line
         sys.exit(report(e))

@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 
-from ..batch import run_batch
-from ..errors import BadRequest
+from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
 from . import _options as O
+from ._checks import check_target_args
 from ._progress import make_display
 from .upscale import load_upscaler
 
@@ -21,6 +21,8 @@ EXAMPLES = """Examples:
   infdit batch ./photos --res 4096                 # -> ./photos_infdit/, same names
 
   infdit batch ./shoot -o ./big --recursive --scale 4 --glob '*.png'
+
+  infdit batch ./scans --scale 2 --dry-run          # what would be done; nothing loaded
 """
 
 
@@ -45,8 +47,11 @@ def batch(
     offline: O.Offline = False,
     quality: O.Quality = 95,
     color_fix: O.ColorFixOpt = O.ColorFix.none,
+    low_memory: O.LowMemory = None,
     max_pixels: O.MaxPixels = 64 * 2**20,
     overwrite: O.Overwrite = False,
+    dry_run_: Annotated[bool, typer.Option("--dry-run", help=(
+        "List what would be done (each file's size change, skips, refusals); load and compute nothing."))] = False,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json_: O.Json = False,
@@ -54,46 +59,80 @@ def batch(
     """Upscale every image in a folder with one loaded model.
 
     Existing outputs are skipped, so running the same command again resumes an interrupted batch. A file
-    that fails is reported and the rest go on. Exit status: 0 if none failed, 1 otherwise.
+    that fails is reported and the rest go on; a summary table (or --json) ends the run. GIF, BMP and other
+    formats infdit does not write become PNG (photo.gif.png where photo.png is taken). An output folder
+    inside FOLDER is never read back. Exit status: 0 if none failed, 1 otherwise (after finishing the
+    others), 2 for a wrong command line.
     """
     if verbose:
         os.environ["INFDIT_DEBUG"] = "1"
-    if res is None and scale is None:
-        raise BadRequest("give a target: --res 4096, --res 3840x2160 or --scale 2")
-    if not folder.is_dir():
-        raise BadRequest(f"not a directory: {folder}")
+    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory)
+    check_target_args(res, scale)  # usage before the folder, the folder before weights
     out_root = output if output is not None else folder.resolve().with_name(folder.resolve().name + "_infdit")
-    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix)
-    up = load_upscaler(weights, repo, offline, device, dtype, options)
-    from ..batch import find_images
+    items = plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite)
+    if not items:
+        what = f"matching {glob!r}" if glob else f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})"
+        typer.echo(json.dumps(_summary(BatchReport(), dry_run_)) if json_ else
+                   f"nothing to do: no image files {what} in {folder}"
+                   f"{'' if recursive else ' (add --recursive for subfolders)'}", err=not json_)
+        return
+    todo = sum(i.status == "todo" for i in items)
+    if dry_run_:
+        report = BatchReport(preview_batch(items, res=res, scale=scale, max_pixels=max_pixels))
+    else:
+        up = load_upscaler(weights, repo, offline, device, dtype, options) if todo else None
+        display = make_display(quiet)
+        display.start(todo, calls_per_pass=2 * steps - 1)
+        started: set[str] = set()
 
-    total = len(find_images(folder, recursive=recursive, glob=glob, exclude=out_root))
-    display = make_display(quiet)
-    display.start(total)
-    try:
-        report = run_batch(up, folder, out_root, res=res, scale=scale, recursive=recursive, glob=glob,
-                           overwrite=overwrite, quality=quality, max_pixels=max_pixels, on_event=display,
-                           on_item=lambda item: display.image_done(), on_start=lambda p: display.image(p.name))
-    finally:
-        display.stop()
+        def on_start(p: Path) -> None:
+            started.add(str(p))
+            display.image(p.name)
+
+        def on_item(item) -> None:
+            if item.input in started:
+                display.image_done()
+
+        try:
+            report = run_batch(up, folder, out_root, res=res, scale=scale, recursive=recursive, glob=glob,
+                               overwrite=overwrite, quality=quality, max_pixels=max_pixels, on_event=display,
+                               on_item=on_item, on_start=on_start, items=items)
+        finally:
+            display.stop()
     failed = report.count("failed")
     if json_:
-        typer.echo(json.dumps({"done": report.count("done"), "skipped": report.count("skipped"),
-                               "failed": failed, "items": [asdict(i) for i in report.items]}))
+        typer.echo(json.dumps(_summary(report, dry_run_)))
     elif not quiet or failed:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"{folder} -> {out_root}")
-        for col in ("file", "status", "detail"):
-            table.add_column(col)
-        for i in report.items:
-            if i.status != "skipped" or not quiet:
-                style = {"failed": "red", "skipped": "dim"}.get(i.status, "green")
-                detail = i.reason or f"{i.seconds:.1f} s"
-                table.add_row(str(Path(i.input).relative_to(folder)), f"[{style}]{i.status}[/]", detail)
-        console = Console(stderr=True)
-        console.print(table)
-        console.print(f"{report.count('done')} done, {report.count('skipped')} skipped, {failed} failed")
-    if failed:
+        _print_table(report, folder, out_root, quiet=quiet, dry_run=dry_run_)
+    if failed:  # a dry run predicts the real run's status too
         raise typer.Exit(1)
+
+
+def _summary(report: BatchReport, dry_run: bool) -> dict:
+    return {"dry_run": dry_run, "todo": report.count("todo"), "done": report.count("done"),
+            "skipped": report.count("skipped"), "failed": report.count("failed"),
+            "items": [asdict(i) for i in report.items]}
+
+
+def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bool, dry_run: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"{folder} -> {out_root}{' (dry run)' if dry_run else ''}"), title_justify="left")
+    for col in ("file", "status", "detail"):
+        table.add_column(col)
+    for i in report.items:
+        if quiet and i.status != "failed":
+            continue
+        style = {"failed": "red", "skipped": "dim", "todo": "cyan"}.get(i.status, "green")
+        detail = i.reason or f"{i.seconds:.1f} s"
+        if i.warnings:
+            detail += "; " + "; ".join(i.warnings)
+        status = "would upscale" if i.status == "todo" else i.status
+        table.add_row(Text(str(Path(i.input).relative_to(folder))), Text(status, style=style), Text(detail))
+    console = Console(stderr=True, highlight=False)
+    console.print(table)
+    counts = [f"{report.count(k)} {k if k != 'todo' else 'to do'}" for k in ("todo", "done", "skipped", "failed")
+              if k != "todo" or dry_run]
+    console.print(Text(", ".join(counts)))

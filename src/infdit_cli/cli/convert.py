@@ -34,7 +34,14 @@ def convert(
         raise ConvertError(f"output must end in .safetensors: {output}")
     if output.exists() and not overwrite:
         raise ConvertError(f"{output} exists; pass --overwrite to replace it")
-    result = convert_checkpoint(checkpoint, clip_head_width=clip_head_width)
+    try:
+        result = convert_checkpoint(checkpoint, clip_head_width=clip_head_width)
+    except ConvertError as e:  # torch's advice to load with weights_only=False is not ours to pass on
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise
+        what = ("holds objects other than tensors, which infdit never unpickles" if _is_checkpoint(checkpoint)
+                else "is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+        raise ConvertError(f"cannot read {checkpoint}: it {what}") from None
     meta = {"infdit_source": checkpoint.name, "infdit_converter": CONVERTER,
             "infdit_dropped": ",".join(result.dropped)}
     save_model_file(output, result.tensors, result.config, meta, overwrite=overwrite)
@@ -48,3 +55,13 @@ def convert(
             f"{c.num_heads} heads, RoPE table {c.rope_table_size}; dropped {len(result.dropped)} unused "
             f"tensor(s): {', '.join(result.dropped) or 'none'}"
         )
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A torch.save file: a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"

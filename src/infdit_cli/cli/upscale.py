@@ -11,10 +11,11 @@ from typing import Annotated
 import torch
 import typer
 
-from ..errors import BadRequest
 from ..pipeline import UpscalePlan
 from ..planner import format_bytes
+from ..upscaler import default_output
 from . import _options as O
+from ._checks import check_upscale_args
 from ._progress import make_display
 
 EXAMPLES = """Examples:
@@ -69,22 +70,14 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     Raises:
         MemoryBudgetTooSmall, HostMemoryTooSmall: the job cannot fit (exit 2, before any weights load).
     """
-    from PIL import Image
-
     from ..config import PRESETS
     from ..hub import resolve_weights
-    from ..images import load_image
+    from ..images import probe_size
     from ..pipeline import plan_upscale, target_size
     from ..upscaler import resolve_device, resolve_dtype
     from ..weights import read_config
 
-    try:
-        with Image.open(src) as im:
-            size = (im.height, im.width)
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                size = (im.width, im.height)
-    except Exception:  # let the real loader give the one-line reason
-        size = load_image(src).size
+    size = probe_size(src)
     try:
         cfg, source = read_config(resolve_weights(weights, repo=repo, offline=True)), "weights file"
     except Exception:  # noqa: BLE001 - planning needs only the architecture
@@ -129,9 +122,9 @@ def upscale(
     """
     if verbose:
         os.environ["INFDIT_DEBUG"] = "1"
-    if res is None and scale is None:
-        raise BadRequest("give a target: --res 4096, --res 3840x2160 or --scale 2")
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory)
+    check_upscale_args(input, output or default_output(input), res=res, scale=scale, overwrite=overwrite,
+                       max_pixels=max_pixels)  # usage and files before weights: the real mistake first
     info = dry_run(input, weights, repo, offline, device, dtype, res, scale, options)  # refuses what cannot fit
     if dry_run_:
         if json_:
@@ -145,7 +138,8 @@ def upscale(
     out = output if output is not None else None
     up = load_upscaler(weights, repo, offline, device, dtype, options)
     display = make_display(quiet)
-    display.start(1)
+    display.start(1, calls_per_pass=2 * steps - 1)
+    display.image(input.name)
     try:
         result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
                                  max_pixels=max_pixels, on_event=display)
