@@ -47,7 +47,7 @@ class Pass:
     in_size: tuple[int, int]  # (h, w) of this pass's input
     out_size: tuple[int, int]  # in_size * scale
     padded_out: tuple[int, int]  # the whole-block canvas the sampler runs on
-    memory: Plan  # the planner's choice for this pass
+    memory: Plan = None  # the planner's choice for this pass (always set by plan_upscale)
 
 
 @dataclass(frozen=True)
