@@ -145,3 +145,40 @@ def test_batch_empty_folder_says_so(monkeypatch, capsys, tmp_path):
     code, _, err = infdit(monkeypatch, capsys, "batch", tmp_path / "empty", "--scale", "2",
                           "--weights", "/nonexistent.safetensors")
     assert code == 0 and "nothing to do" in err and not (tmp_path / "empty_infdit").exists()
+
+
+# --- before any work: dry runs check what the real run would refuse -----------------------------------------
+
+def test_dry_run_checks_the_output_can_be_written(monkeypatch, capsys, photo):
+    photo.with_name("photo_infdit.png").write_bytes(b"mine")
+    code, out, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", "--dry-run")
+    assert code == 1 and "--overwrite" in one_line(err) and out == ""
+    code, out, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", "--dry-run",
+                            "-o", photo.parent / "nope" / "x.png")
+    assert code == 1 and "output directory does not exist" in one_line(err)
+    code, out, _ = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", "--dry-run", "--overwrite")
+    assert code == 0 and "12x8 -> 24x16" in out
+
+
+def test_batch_dry_run_lists_and_writes_nothing(monkeypatch, capsys, tmp_path):
+    import json
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("photo.png", "photo.gif"):
+        Image.fromarray(np.full((4, 6, 3), 50, np.uint8)).save(root / name)
+    (root / "notes.jpg").write_text("text")
+    code, out, _ = infdit(monkeypatch, capsys, "batch", root, "--scale", "2", "--dry-run", "--json",
+                          "--weights", "/nonexistent.safetensors")
+    items = {i["input"].rsplit("/", 1)[-1]: i for i in json.loads(out)["items"]}
+    assert code == 1  # what the real run would return
+    assert items["photo.gif"]["output"].endswith("photo.gif.png") and items["photo.gif"]["reason"] == "6x4 -> 12x8"
+    assert items["notes.jpg"]["status"] == "failed" and "not an image" in items["notes.jpg"]["reason"]
+    assert not (tmp_path / "in_infdit").exists()
+
+
+def test_batch_usage_before_weights(monkeypatch, capsys, tmp_path):
+    code, _, err = infdit(monkeypatch, capsys, "batch", tmp_path, "--res", "4k", "--weights", "/none.safetensors")
+    assert code == 2 and "--res must be" in one_line(err)
+    code, _, err = infdit(monkeypatch, capsys, "batch", tmp_path, "-o", tmp_path, "--scale", "2")
+    assert code == 2 and "output folder is the input folder" in one_line(err)

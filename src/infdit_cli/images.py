@@ -1,16 +1,15 @@
 """Image files in and out with Pillow: orientation, alpha, grayscale, 16-bit, ICC/EXIF/DPI, atomic saving.
 
 The model sees RGB in [-1, 1]. Everything else about a file (alpha, grayscale, bit depth, colour profile,
-EXIF, resolution) is taken apart on the way in and put back on the way out, deliberately: EXIF is rebuilt
-tag by tag (orientation reset, the source's layout, thumbnail and size tags dropped, malformed tags dropped
-with a notice), never one format's tags handed to another.
+EXIF, resolution) is taken apart on the way in and put back on the way out, deliberately (`metadata.py`
+rebuilds EXIF tag by tag). Nothing is printed: what was dropped or changed is returned as notices, and
+Pillow's and libtiff's own messages are silenced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BadImage, BadRequest, OutputError, OutputExists
+from .metadata import ORIENTATION, read_dpi, read_exif
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
            "resize", "SUFFIXES", "MAX_SIDE"]
@@ -30,21 +30,6 @@ SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".t
 MAX_SIDE = {"PNG": 2**31 - 1, "JPEG": 65535, "WEBP": 16383, "TIFF": 2**31 - 1}
 DEFAULT_MAX_PIXELS = 64 * 2**20  # inputs; above this an image is refused unless --max-pixels says otherwise
 _DPI_FORMATS = ("PNG", "JPEG", "TIFF")  # WebP has no resolution field
-
-# Tags that describe how the *source file* stores its pixels (TIFF layout, resolution, which we write
-# through the output format's own field), or that a converter must not copy: they are never carried.
-_LAYOUT_TAGS = {
-    0x00FE, 0x00FF, 0x0100, 0x0101, 0x0102, 0x0103, 0x0106, 0x0107, 0x0108, 0x0109, 0x010A, 0x0111, 0x0115,
-    0x0116, 0x0117, 0x0118, 0x0119, 0x011A, 0x011B, 0x011C, 0x011D, 0x011E, 0x011F, 0x0120, 0x0121, 0x0122,
-    0x0123, 0x0124, 0x0125, 0x0128, 0x012D, 0x013D, 0x0140, 0x0142, 0x0143, 0x0144, 0x0145, 0x014A, 0x014C,
-    0x0152, 0x0153, 0x0154, 0x0155, 0x0156, 0x015B, 0x0200, 0x0201, 0x0202, 0x0211, 0x0212, 0x0213, 0x0214,
-    0x83BB, 0x8649, 0x8773, 0x935C, 0xC612,  # IPTC, Photoshop, ICC (carried on its own), ...
-}
-_SIZE_TAGS = {0xA002, 0xA003, 0xA005}  # PixelXDimension, PixelYDimension, the Interop IFD pointer
-_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
-_ORIENTATION = 0x0112
-_JPEG_EXIF_LIMIT = 65533  # one APP1 segment
-
 
 @dataclass
 class LoadedImage:
@@ -168,106 +153,11 @@ def probe_size(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         h, w = im.height, im.width
         try:
             with _quiet():
-                if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+                if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):
                     h, w = w, h
         except Exception:  # noqa: BLE001 - unreadable EXIF: load_image drops it with a notice
             pass
     return h, w
-
-
-def _serializes(tag: int, value, ifd: int | None = None) -> bool:
-    from PIL import Image
-
-    e = Image.Exif()
-    if ifd is None:
-        e[tag] = value
-    else:
-        e[ifd] = {tag: value}
-    try:
-        e.tobytes()
-        return True
-    except Exception:  # noqa: BLE001 - wrong-typed values fail in many ways inside Pillow
-        return False
-
-
-def _tag_name(tag: int) -> str:
-    from PIL import ExifTags
-
-    return ExifTags.TAGS.get(tag, f"0x{tag:04X}")
-
-
-def _read_exif(im, name: str, notices: list[str]) -> tuple[int, bytes | None]:
-    """(orientation, rebuilt EXIF bytes or None). Malformed tags are dropped with a notice."""
-    from PIL import Image
-
-    try:
-        with _quiet():
-            src = im.getexif()
-            base = dict(src.items())
-            subs = {}
-            for ifd in (_EXIF_IFD, _GPS_IFD):
-                if ifd in base:
-                    subs[ifd] = dict(src.get_ifd(ifd))
-    except Exception:  # noqa: BLE001
-        notices.append(f"{name}: its EXIF cannot be read; dropped")
-        return 1, None
-    orientation = base.get(_ORIENTATION, 1)
-    if orientation not in range(1, 9):
-        if _ORIENTATION in base:
-            notices.append(f"{name}: EXIF orientation {orientation!r} is not valid; ignored")
-        orientation = 1
-    if not base:
-        return orientation, None
-    out, dropped = Image.Exif(), []
-    for tag, value in base.items():
-        if tag in _LAYOUT_TAGS or tag in (_EXIF_IFD, _GPS_IFD, _ORIENTATION):
-            continue
-        if _serializes(tag, value):
-            out[tag] = value
-        else:
-            dropped.append(_tag_name(tag))
-    for ifd, tags in subs.items():
-        kept = {}
-        for tag, value in tags.items():
-            if tag in _SIZE_TAGS:
-                continue
-            if _serializes(tag, value, ifd):
-                kept[tag] = value
-            else:
-                dropped.append(_tag_name(tag))
-        if kept:
-            out[ifd] = kept
-    out[_ORIENTATION] = 1  # the pixels are upright now
-    if dropped:
-        notices.append(f"{name}: malformed EXIF tag(s) dropped: {', '.join(dropped)}")
-    try:
-        data = out.tobytes()
-        if len(data) > _JPEG_EXIF_LIMIT and _EXIF_IFD in out:
-            out[_EXIF_IFD] = {t: v for t, v in out[_EXIF_IFD].items() if t != 0x927C}  # MakerNote
-            data = out.tobytes()
-            notices.append(f"{name}: EXIF maker note dropped (too large to carry)")
-        if len(data) > _JPEG_EXIF_LIMIT:
-            notices.append(f"{name}: EXIF too large to carry; dropped")
-            return orientation, None
-    except Exception:  # noqa: BLE001
-        notices.append(f"{name}: its EXIF cannot be rewritten; dropped")
-        return orientation, None
-    return orientation, data
-
-
-def _read_dpi(info: dict, name: str, notices: list[str]) -> tuple[float, float] | None:
-    dpi = info.get("dpi")
-    if dpi is None:
-        return None
-    try:
-        if isinstance(dpi, (tuple, list)) and len(dpi) == 2 and not any(isinstance(v, (str, bytes)) for v in dpi):
-            x, y = (float(v) for v in dpi)
-            if all(math.isfinite(v) and v > 0 for v in (x, y)):
-                return x, y
-    except (TypeError, ValueError, ZeroDivisionError):
-        pass
-    notices.append(f"{name}: resolution {dpi!r} is not valid; dropped")
-    return None
 
 
 def _to_tensor(arr) -> torch.Tensor:
@@ -307,8 +197,9 @@ def load_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         notices.append(f"{name} has {frames} frames; only the first is upscaled")
     fmt = im.format
     icc = im.info.get("icc_profile") or None
-    orientation, exif = _read_exif(im, name, notices)
-    dpi = _read_dpi(im.info, name, notices)
+    with _quiet():  # Pillow warns while it re-encodes odd tags
+        orientation, exif = read_exif(im, name, notices)
+    dpi = read_dpi(im.info, name, notices)
     trns = im.info.get("transparency")
     mode = im.mode
     if mode in ("RGB", "RGBA") and ";16" in rawmode:
