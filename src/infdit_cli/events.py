@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice"]
+__all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice", "CheckStarted",
+           "CheckDone", "MeasureDone"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,30 @@ class Notice:
     """Something the user should know that does not stop the work (dropped metadata, first frame only)."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class CheckStarted:
+    """`selftest` began check `index` of `total`."""
+
+    index: int
+    total: int
+    name: str
+
+
+@dataclass(frozen=True)
+class CheckDone:
+    """`selftest` finished a check; `check` is its `selftest.Check` row."""
+
+    index: int
+    total: int
+    check: Any
+
+
+@dataclass(frozen=True)
+class MeasureDone:
+    """`bench` finished measurement `index` of `total` (`label`: what was measured)."""
+
+    index: int
+    total: int
+    label: str
