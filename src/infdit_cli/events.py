@@ -79,8 +79,11 @@ class CheckDone:
 
 @dataclass(frozen=True)
 class MeasureDone:
-    """`bench` finished measurement `index` of `total` (`label`: what was measured)."""
+    """`bench` finished measurement `index` of `total` (`label`: what was measured). `work` of
+    `work_total` done, in FLOPs x calls: proportional to time, for an ETA."""
 
     index: int
     total: int
     label: str
+    work: float
+    work_total: float
