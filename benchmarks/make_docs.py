@@ -73,7 +73,7 @@ def main() -> None:
             t_whole = f"{w['seconds']:.2f}"
             pb, pw = r["paired_seconds"]
             overhead = f"{(pb / pw - 1) * 100:+.1f}% ({pb:.2f} vs {pw:.2f} s)"
-        out.append(f"| {r['res']}² | {r['n']} | {block} | {whole} | {ratio} | {b['seconds']:.2f} | {t_whole} "
+        out.append(f"| {r['size']} | {r['n']} | {block} | {whole} | {ratio} | {b['seconds']:.2f} | {t_whole} "
                    f"| {overhead} |")
     out += [
         "",

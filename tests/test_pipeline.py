@@ -128,7 +128,7 @@ def test_host_memory_refused_before_any_weights(tmp_path):
 
     mem = json.loads(planned.stdout)["plan"]["passes"][-1]["memory"]
     assert mem["low_memory"] and mem["host_peak_bytes"] <= mem["host_budget"]
-    assert mem["device_peak_bytes"] == mem["host_peak_bytes"]  # on the CPU one memory
+    assert mem["device_peak_bytes"] < mem["host_peak_bytes"]  # on the CPU: the same memory less the runtime
 
 
 def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):

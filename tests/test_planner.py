@@ -23,7 +23,7 @@ def test_parse_bytes_rejects(text):
 
 def test_plan_picks_largest_n_that_fits():
     cfg = PRESETS["small"]
-    budget = 1500 * 2**20  # the whole process on the CPU: runtime, weights, state, cache, activations
+    budget = 400 * 2**20  # on the CPU: weights, state, cache, activations (the runtime is the host's)
     p = plan(cfg, (1024, 1024), budget=budget, device="cpu", host_budget=8 << 30, low_memory=False)
     assert not p.whole_image and p.estimate.total <= budget
     bigger = estimate(cfg, (1024, 1024), p.n + 1, device_type="cpu")

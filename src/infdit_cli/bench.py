@@ -15,11 +15,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["CallSpec", "CallMeasurement", "measure", "flops_per_call", "environment"]
+from .engine import denoise
+
+__all__ = ["CallSpec", "CallMeasurement", "BenchRow", "measure", "time_pair", "run_bench", "flops_per_call",
+           "environment"]
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def _setup(spec: CallSpec):
     x = torch.randn(1, 3, h, w, generator=gen)
     lr_up = torch.randn(1, 3, h, w, generator=gen)
     lr = torch.randn(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=gen)
-    image = model.prepare_image(lr.to(dev), torch.randn(1, cfg.vector_dim, generator=gen), state_device=dev)
+    image = (lr.to(dev), torch.randn(1, cfg.vector_dim, generator=gen))  # per-image conditioning: lr, vector
     return model, x.to(dev), lr_up.to(dev), image
 
 
@@ -126,7 +130,7 @@ def _timed_call(model, x: torch.Tensor, lr_up: torch.Tensor, image, spec: CallSp
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    model.denoise(x, 2.0, lr_up=lr_up, image=image, block_batch=spec.n, order=spec.order,
+    denoise(model, x, 2.0, lr_up=lr_up, lr=image[0], vector=image[1], block_batch=spec.n, order=spec.order,
                   cache_device="cpu" if spec.cache_on_host else None)
     if cuda:
         torch.cuda.synchronize()
@@ -182,6 +186,84 @@ def _time_pair_here(a: CallSpec, b: CallSpec, rounds: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+@dataclass(frozen=True)
+class BenchRow:
+    """One output size: the planner's block mode and the whole-image pass, measured or predicted."""
+
+    size: str  # "WxH", as everywhere else
+    height: int
+    width: int
+    n: int
+    cache_on_host: bool
+    block: CallMeasurement
+    block_predicted: int
+    whole: CallMeasurement | None  # None: the whole image does not fit the budget (predicted only)
+    whole_predicted: int
+    calls_per_run: int
+    paired_seconds: tuple[float, float] | None = None  # (block, whole) medians alternated in one process
+
+    @property
+    def block_seconds(self) -> float:
+        """Seconds per block-mode call: the paired median where there is one, so it agrees with `whole_seconds`."""
+        return self.paired_seconds[0] if self.paired_seconds else self.block.seconds
+
+    @property
+    def whole_seconds(self) -> float | None:
+        return self.paired_seconds[1] if self.paired_seconds else None
+
+
+def _report(on_event, index: int, total: int, label: str, work: float, work_total: float) -> tuple[int, float]:
+    from .events import MeasureDone
+
+    if on_event is not None:
+        on_event(MeasureDone(index + 1, total, label, work, work_total))
+    return index + 1, work
+
+
+def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dtype: torch.dtype, steps: int,
+              config_name: str, weights: str | None = None, repeats: int = 3,
+              on_event: Callable[[object], None] | None = None) -> list[BenchRow]:
+    """For each (H, W): plan under `budget`, then measure that plan and the whole-image pass.
+
+    `on_event` receives a `MeasureDone` after each fresh-process measurement; its `work` counts
+    FLOPs x calls, so `work / work_total` tracks the time spent (for an ETA).
+    """
+    from .planner import estimate, plan
+
+    dev = torch.device(device)
+    todo = []  # (h, w, plan, n, whole fits): planned up front so the total work is known
+    for h, w in sizes:
+        p = plan(cfg, (h, w), budget=budget, dtype=dtype, device=dev)
+        grid = max(-(-h // cfg.block_size), -(-w // cfg.block_size))
+        n = min(p.n, max(grid - 1, 1)) if p.whole_image and grid > 1 else p.n  # a real block mode
+        w_est = estimate(cfg, (h, w), None, dtype=dtype, device_type=dev.type, state_on_host=True)
+        todo.append((h, w, p, n, w_est))
+    calls = 1 + repeats  # per fresh-process measurement; the alternated pair makes twice as many
+    fits = [e.total <= budget for *_, e in todo]
+    work_total = sum(flops_per_call(cfg, h, w) * calls * (4 if f else 1) for (h, w, *_), f in zip(todo, fits))
+    work, index = 0.0, 0
+    total = sum(3 if f else 1 for f in fits)
+
+    rows = []
+    for (h, w, p, n, w_est), fits_budget in zip(todo, fits):
+        size = f"{w}x{h}"
+        common = dict(config=config_name, height=h, width=w, device=dev.type,
+                      dtype=str(dtype).removeprefix("torch."), repeats=repeats, weights=weights)
+        flops = flops_per_call(cfg, h, w)
+        block = measure(CallSpec(n=n, cache_on_host=p.cache_on_host, **common))
+        index, work = _report(on_event, index, total, f"{size} n={n}", work + flops * calls, work_total)
+        whole = paired = None
+        if fits_budget:
+            whole = measure(CallSpec(n=None, **common))
+            index, work = _report(on_event, index, total, f"{size} whole image", work + flops * calls, work_total)
+            paired = time_pair(block.spec, whole.spec, rounds=repeats)
+            index, work = _report(on_event, index, total, f"{size} n={n} and whole alternated",
+                                  work + 2 * flops * calls, work_total)
+        rows.append(BenchRow(size, h, w, n, p.cache_on_host, block, block.predicted_bytes, whole, w_est.total,
+                             2 * steps - 1, paired))
+    return rows
+
+
 if __name__ == "__main__":  # the fresh process behind `measure` and `time_pair`
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if len(sys.argv) == 4:
@@ -189,46 +271,3 @@ if __name__ == "__main__":  # the fresh process behind `measure` and `time_pair`
         print(json.dumps(_time_pair_here(*pair, int(sys.argv[3]))))
     else:
         print(json.dumps(_measure_here(CallSpec(**json.loads(sys.argv[1])))))
-
-
-@dataclass(frozen=True)
-class BenchRow:
-    """One resolution: the planner's block mode and the whole-image pass, measured or predicted."""
-
-    res: int
-    n: int
-    cache_on_host: bool
-    block: CallMeasurement | None
-    block_predicted: int
-    whole: CallMeasurement | None  # None: the whole image does not fit the budget (predicted only)
-    whole_predicted: int
-    calls_per_run: int
-    paired_seconds: tuple[float, float] | None = None  # (block, whole) medians alternated in one process
-
-
-def run_bench(cfg, sizes: list[int], *, budget: int, device: str, dtype: torch.dtype, steps: int,
-              config_name: str, weights: str | None = None, repeats: int = 3,
-              on_row=None) -> list[BenchRow]:
-    """For each square size: plan under `budget`, then measure that plan and the whole-image pass."""
-    from .planner import estimate, plan
-
-    dev = torch.device(device)
-    rows = []
-    for res in sizes:
-        p = plan(cfg, (res, res), budget=budget, dtype=dtype, device=dev)
-        grid = -(-res // cfg.block_size)
-        n = min(p.n, max(grid - 1, 1)) if p.whole_image and grid > 1 else p.n  # a real block mode
-        common = dict(config=config_name, height=res, width=res, device=dev.type,
-                      dtype=str(dtype).removeprefix("torch."), repeats=repeats, weights=weights)
-        block = measure(CallSpec(n=n, cache_on_host=p.cache_on_host, **common))
-        w_est = estimate(cfg, (res, res), None, dtype=dtype, device_type=dev.type, state_on_host=True)
-        whole = measure(CallSpec(n=None, **common)) if w_est.total <= budget else None
-        paired = None
-        if whole is not None:
-            paired = time_pair(block.spec, whole.spec, rounds=repeats)
-        row = BenchRow(res, n, p.cache_on_host, block, block.predicted_bytes, whole, w_est.total, 2 * steps - 1,
-                       paired)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return rows

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice", "BytesDone"]
+__all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice", "BytesDone",
+           "CheckStarted", "CheckDone", "MeasureDone"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,33 @@ class BytesDone:
     what: str
     done: int
     total: int | None
+
+
+@dataclass(frozen=True)
+class CheckStarted:
+    """`selftest` began check `index` of `total`."""
+
+    index: int
+    total: int
+    name: str
+
+
+@dataclass(frozen=True)
+class CheckDone:
+    """`selftest` finished a check; `check` is its `selftest.Check` row."""
+
+    index: int
+    total: int
+    check: Any
+
+
+@dataclass(frozen=True)
+class MeasureDone:
+    """`bench` finished measurement `index` of `total` (`label`: what was measured). `work` of
+    `work_total` done, in FLOPs x calls: proportional to time, for an ETA."""
+
+    index: int
+    total: int
+    label: str
+    work: float
+    work_total: float

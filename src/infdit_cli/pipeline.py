@@ -25,7 +25,7 @@ from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
-           "color_fix", "Upsampled"]
+           "color_fix", "Upsampled", "pass_inputs"]
 
 MAX_OUTPUT_SIDE = 65535
 
@@ -224,19 +224,29 @@ def _rows(h: int, w: int, budget: int = 32 * 2**20) -> list[slice]:
     return [slice(r, min(r + step, h)) for r in range(0, h, step)]
 
 
+def pass_inputs(lr_in: torch.Tensor, scale: int, cfg) -> tuple[torch.Tensor, Upsampled, torch.Tensor]:
+    """The model inputs of one pass over `lr_in` (B, 3, h, w) in [-1, 1]: (lr, lr_up, clip_in).
+
+    `lr_up` is the padded input's bicubic upsample by `scale`, clipped to [-1, 1] (the official `concat`),
+    computed per slice (`lr_up[..., :, :]` is the whole image); `lr` the image the LR cross-attention sees,
+    `clip_in` the one CLIP encodes. For 4x both are the input; for the official 2x they are the input at
+    half size, so HR/LR stays 4.
+    """
+    padded = pad_to_blocks(lr_in, cfg.block_size // scale)  # (1, 3, ph, pw), replicate at bottom/right
+    hr = (padded.shape[-2] * scale, padded.shape[-1] * scale)
+    lr_up = Upsampled(padded, hr)
+    if scale == 4:
+        return padded, lr_up, lr_in
+    lr = resize(padded, (hr[0] // cfg.sr_scale, hr[1] // cfg.sr_scale))
+    clip_in = resize(lr_in, (round(lr_in.shape[-2] / 2), round(lr_in.shape[-1] / 2)))
+    return lr, lr_up, clip_in
+
+
 def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options: UpscaleOptions,
               generator, on_event, scratch: Scratch | None, fault) -> tuple[torch.Tensor, Placement]:
     """One sampling run; returns the cropped result and the placement it ended with."""
-    cfg = model.config
-    s = p.scale
-    padded = pad_to_blocks(lr_in, cfg.block_size // s)  # (1, 3, ph, pw), replicate at bottom/right
-    hr = (padded.shape[-2] * s, padded.shape[-1] * s)
-    lr_up = Upsampled(padded, hr)
-    if s == 4:
-        lr, clip_in = padded, lr_in
-    else:  # official 2x: the model's lr is the input at half size, so HR/LR stays 4
-        lr = resize(padded, (hr[0] // cfg.sr_scale, hr[1] // cfg.sr_scale))
-        clip_in = resize(lr_in, (round(lr_in.shape[-2] / 2), round(lr_in.shape[-1] / 2)))
+    lr, lr_up, clip_in = pass_inputs(lr_in, p.scale, model.config)
+    hr = tuple(lr_up.shape[-2:])
     vector = model.encode_image(clip_in)
     sigmas = edm_sigmas(options.steps)
 

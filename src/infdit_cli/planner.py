@@ -57,7 +57,8 @@ class Placement:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted peaks, by part. `total` is the device peak (on the CPU the device is the host)."""
+    """Predicted peaks, by part. `total` is the device peak: what our computation holds on the compute
+    device (on the CPU: in host memory, less the runtime). `host_peak` is the whole process's resident peak."""
 
     weights: int
     state: int  # image-sized sampler state on the compute device (0 when it lives on the host)
@@ -65,12 +66,9 @@ class MemoryEstimate:
     activations: int
     overhead: int
     host: dict[str, int] = field(default_factory=dict)  # resident host bytes by part
-    unified: bool = False  # the device is the host (CPU): one memory, one peak
 
     @property
     def device_peak(self) -> int:
-        if self.unified:
-            return self.host_peak
         return self.weights + self.state + self.cache + self.activations + self.overhead
 
     @property
@@ -194,19 +192,17 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
     # Device.
     weights = params * e
     act = _act_bytes(cfg, bh, bw, batch, e, flash)
-    if on_cpu:  # one memory: everything is counted on the host below; the device view is the same total
-        state = 0 if state_on_host else state_bytes
-        cache = slab
-    else:
-        state = 0 if state_on_host else state_bytes
-        cache = 0 if whole else (_neighbour_bytes(cfg, bh, bw, batch, e) if cache_on_host else slab)
-
     # Host (resident).
     host_state = state_bytes if (on_cpu or state_on_host) else 0
     host_cache = slab if (on_cpu or cache_on_host) else 0
     if low_memory:  # mapped: only a window stays resident
         host_state = min(host_state, LOW_MEMORY_WINDOW + 2 * batch * 3 * bh * cfg.block_size * wp * es)
         host_cache = min(host_cache, LOW_MEMORY_WINDOW)
+    if on_cpu:  # the device's memory is the host's: the same state and cache
+        state, cache = host_state, host_cache
+    else:
+        state = 0 if state_on_host else state_bytes
+        cache = 0 if whole else (_neighbour_bytes(cfg, bh, bw, batch, e) if cache_on_host else slab)
     file_e = _elem(weights_file_dtype) if weights_file_dtype is not None else e
     host = {
         "runtime": HOST_RUNTIME.get(device_type, HOST_RUNTIME["cuda"]),
@@ -216,7 +212,7 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
         "cache": host_cache,
         "images": images + (act if on_cpu else 0),
     }
-    return MemoryEstimate(weights, state, cache, act, DEVICE_SLACK, host, unified=on_cpu)
+    return MemoryEstimate(weights, state, cache, act, DEVICE_SLACK, host)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -279,8 +275,8 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
     """The fastest placement whose predicted peaks fit: device within `budget`, host within `host_budget`.
 
     Args:
-        budget: device bytes for everything of ours, weights included (default: what is free; on the CPU
-            the device is the host, so the default is `host_budget`).
+        budget: device bytes for everything of ours, weights included (default: what is free; on the CPU,
+            where the device's memory is the host's, `host_budget` less the runtime).
         n: fixed block batch (`--block-batch`): everything else is still planned.
         host_budget: resident host bytes available (default: `host_available()`).
         low_memory: True forces memory-mapped state, False forbids it, None lets the planner turn it on
@@ -297,8 +293,9 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
     device = torch.device(device)
     host_budget = host_available() if host_budget is None else int(host_budget)
     on_cpu = device.type == "cpu"
+    defaulted = budget is None
     if budget is None:
-        budget = host_budget if on_cpu else device_free(device)
+        budget = host_budget - HOST_RUNTIME["cpu"] if on_cpu else device_free(device)
         if budget is None:
             raise MemoryBudgetTooSmall(f"cannot ask {device} for its free memory here; give --mem-budget")
     budget = int(budget)
@@ -341,12 +338,10 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
         else:
             leanest = estimate(cfg, size, 1, cache_on_host=placements[-1][0], state_on_host=placements[-1][1],
                                **kw, **lean)
-            if on_cpu:
+            if on_cpu and defaulted:
                 raise HostMemoryTooSmall(
                     f"a {w}x{h} output needs at least {format_bytes(leanest.host_peak)} of host memory, "
-                    + (f"{format_bytes(budget)} is available" if budget == host_budget
-                       else f"the budget is {format_bytes(budget)}")
-                    + f"; try {_host_hint(low_memory)}")
+                    f"{format_bytes(host_budget)} is available; try {_host_hint(low_memory)}")
             raise MemoryBudgetTooSmall(
                 f"a {w}x{h} output needs at least {format_bytes(leanest.total)} on {device.type} "
                 f"(weights {format_bytes(leanest.weights)}); the budget is {format_bytes(budget)}")
@@ -357,7 +352,7 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
         est = estimate(cfg, size, n_dev, cache_on_host=cache_host, state_on_host=state_host,
                        state_dtype=sd, low_memory=mm, **kw)
         tried.append(est.host_peak)
-        if est.host_peak <= host_budget and (not on_cpu or est.host_peak <= budget):
+        if est.host_peak <= host_budget and est.device_peak <= budget:
             placement = Placement(n_dev, choose_order(gh, gw), cache_host, state_host)
             whole = n_dev >= top
             notes = [placement.describe()]

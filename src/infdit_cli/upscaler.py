@@ -64,14 +64,19 @@ def resolve_device(name: str = "auto", *, check: bool = True) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    """`auto` -> bf16 on CUDA where supported, else fp32; never fp16 (see below)."""
+    table = {"fp32": torch.float32, "float32": torch.float32,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if name == "auto":
         if device.type == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()):
             return torch.bfloat16
         return torch.float32
+    if name in ("fp16", "float16", "half"):
+        # The official weights were trained in bf16, whose range fp16 lacks: activations overflow to inf.
+        raise BadRequest("--dtype fp16 is not supported: the bf16-trained weights overflow float16's range; "
+                         "use bf16 (or fp32)")
     if name not in table:
-        raise BadRequest(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32")
+        raise BadRequest(f"unknown dtype {name!r}; use auto, bf16 or fp32")
     return table[name]
 
 

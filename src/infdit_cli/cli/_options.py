@@ -27,8 +27,10 @@ Repo = Annotated[Optional[str], typer.Option(help="Hub repo id for a registry mo
 Offline = Annotated[bool, typer.Option("--offline", help="Use only the HF cache (like HF_HUB_OFFLINE=1).",
                                        rich_help_panel="Model")]
 Device = Annotated[str, typer.Option(help="auto, cuda, cpu or mps.", rich_help_panel="Model")]
-Dtype = Annotated[str, typer.Option(help="auto (bf16 on CUDA if supported, else fp32), bf16, fp16 or fp32.",
-                                    rich_help_panel="Model")]
+Dtype = Annotated[str, typer.Option(
+    help="auto (bf16 on CUDA if supported, else fp32), bf16 or fp32 "
+         "(no fp16: the bf16-trained weights overflow it).",
+    rich_help_panel="Model")]
 Res = Annotated[Optional[str], typer.Option(
     help="Target: long side in pixels (4096, aspect kept) or exact WxH (3840x2160).", rich_help_panel="Size")]
 Scale = Annotated[Optional[float], typer.Option(help="Target as a factor of the input, e.g. 2.5.",

@@ -10,6 +10,7 @@ from . import batch as batch_cmd
 from . import bench as bench_cmd
 from . import convert as convert_cmd
 from . import hub_cmds
+from . import selftest as selftest_cmd
 from . import upscale as upscale_cmd
 from ..errors import BadRequest
 from ._errors import report
@@ -28,6 +29,7 @@ app.command(epilog=convert_cmd.EXAMPLES)(convert_cmd.convert)
 app.command(epilog=hub_cmds.DOWNLOAD_EXAMPLES)(hub_cmds.download)
 app.command()(hub_cmds.info)
 app.command(epilog=bench_cmd.EXAMPLES)(bench_cmd.bench)
+app.command(epilog=selftest_cmd.EXAMPLES)(selftest_cmd.selftest)
 
 
 @app.callback()

@@ -1,0 +1,172 @@
+"""This tree's denoiser call against another revision's, side by side in one run.
+
+    python benchmarks/speed_vs_main.py                 # against HEAD~1: medium model, 512², 1024², 512x1024
+    python benchmarks/speed_vs_main.py --base main~3   # any git revision
+    python benchmarks/speed_vs_main.py --quick         # small sizes, to check the script itself
+
+The base revision is checked out into a temporary `git worktree`. For every size, each round runs the
+base's code and then this tree's, each in its own fresh Python process (PYTHONPATH = that tree's `src`),
+rounds alternating A B A B; each process times `--calls` denoiser calls per mode (whole image, block
+n = 1, 2; default one) after a warm-up call of that mode. Both build the same seeded random model (`weights.random_model`,
+preset `small`: hidden 256, 4 layers) and the same seeded inputs, in float32 on the CPU. Printed: per
+size and mode the median seconds of each side and the ratio base / current (> 1: this tree is faster).
+Only `random_model`, `prepare_image` and `denoise` are called, through a small adapter, so a base with
+another internal API still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_SIZES = [(512, 512), (1024, 1024), (512, 1024)]  # (H, W)
+QUICK_SIZES = [(128, 128), (128, 256)]
+MODES = [None, 1, 2]  # None: the whole-image pass
+
+
+# ---- the worker: runs inside one tree's code ---------------------------------------------------------
+
+
+def _call(model, x, lr_up, lr, vector, n):
+    """A zero-argument denoiser call of mode `n`, for whichever API this tree has."""
+    import inspect
+
+    try:  # the engine owns the call (this main): denoise(model, ...)
+        from infdit_cli.engine import BlockEngine, denoise  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return lambda: denoise(model, x, 2.0, lr_up=lr_up, lr=lr, vector=vector, block_batch=n)
+    params = inspect.signature(model.denoise).parameters
+    if hasattr(model, "prepare_image") and "image" in params:
+        try:
+            image = model.prepare_image(lr, vector)
+        except TypeError:  # another signature: let denoise prepare the image itself
+            image = None
+        if image is not None:
+            return lambda: model.denoise(x, 2.0, lr_up=lr_up, image=image, block_batch=n)
+    return lambda: model.denoise(x, 2.0, lr_up=lr_up, lr=lr, vector=vector, block_batch=n)
+
+
+def worker(h: int, w: int, modes: list, config: str, threads: int | None, calls: int) -> dict:
+    import time
+
+    import torch
+
+    import infdit_cli
+    from infdit_cli.config import PRESETS
+    from infdit_cli.weights import random_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = PRESETS[config]
+    model = random_model(cfg, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, h, w, generator=gen)
+    lr_up = torch.randn(1, 3, h, w, generator=gen)
+    lr = torch.randn(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=gen)
+    vector = torch.randn(1, cfg.vector_dim, generator=gen)
+    seconds, sums = {}, {}
+    for n in modes:
+        call = _call(model, x, lr_up, lr, vector, n)
+        call()  # warm-up
+        ts = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            out = call()
+            ts.append(time.perf_counter() - t0)
+        seconds[str(n)] = statistics.median(ts)
+        sums[str(n)] = float(out.double().sum())
+    return {"code": str(Path(infdit_cli.__file__).resolve()), "seconds": seconds, "sums": sums,
+            "threads": torch.get_num_threads()}
+
+
+# ---- the driver --------------------------------------------------------------------------------------
+
+
+def run_worker(src: Path, h: int, w: int, args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
+    spec = json.dumps({"h": h, "w": w, "modes": MODES, "config": args.config, "threads": args.threads,
+                       "calls": args.calls})
+    res = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"worker for {src} failed: {tail}")
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    if not data["code"].startswith(str(src.resolve())):  # an installed copy shadowing PYTHONPATH
+        raise SystemExit(f"worker imported {data['code']}, not the tree at {src}")
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="HEAD~1", help="git revision to compare against (default HEAD~1)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small sizes and 2 rounds (checks the script)")
+    ap.add_argument("--config", default="small", help="preset (default small: hidden 256, 4 layers)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
+    ap.add_argument("--calls", type=int, default=1, help="timed calls per process and mode (their median)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(worker(spec["h"], spec["w"], spec["modes"], spec["config"], spec["threads"], spec["calls"])))
+        return
+    sizes, rounds = (QUICK_SIZES, min(args.rounds, 2)) if args.quick else (FULL_SIZES, args.rounds)
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.base], capture_output=True,
+                         text=True)
+    if rev.returncode != 0:
+        raise SystemExit(f"unknown git revision {args.base!r}")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True,
+                           text=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="infdit-base-") as tmp:
+        base_tree = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(base_tree),
+                        rev.stdout.strip()], check=True)
+        try:
+            trees = {"base": base_tree / "src", "current": ROOT / "src"}
+            times = {(s, m, t): [] for s in sizes for m in MODES for t in trees}
+            sums = {}
+            threads = None
+            for h, w in sizes:
+                for r in range(rounds):
+                    for name, src in trees.items():  # A B A B ...
+                        data = run_worker(src, h, w, args)
+                        threads = data["threads"]
+                        for m in MODES:
+                            times[((h, w), m, name)].append(data["seconds"][str(m)])
+                            sums[((h, w), m, name)] = data["sums"][str(m)]
+                        print(f"  {w}x{h} round {r + 1}/{rounds} {name}: "
+                              + ", ".join(f"{_mode(m)} {data['seconds'][str(m)]:.2f} s" for m in MODES),
+                              file=sys.stderr, flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
+    print(f"base {args.base} ({rev.stdout.strip()}) vs current {head}{' + uncommitted changes' if dirty else ''}; "
+          f"preset {args.config}, float32, CPU, {threads} threads, {rounds} rounds alternated, "
+          f"{args.calls} timed call(s) per process and mode after a warm-up (median)\n")
+    print("| size (WxH) | mode | base s/call | current s/call | base / current | same output |")
+    print("|---|---|---|---|---|---|")
+    for h, w in sizes:
+        for m in MODES:
+            tb = statistics.median(times[((h, w), m, "base")])
+            tc = statistics.median(times[((h, w), m, "current")])
+            a, b = sums[((h, w), m, "base")], sums[((h, w), m, "current")]
+            same = "yes" if abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1.0) else f"no ({a:.6g} vs {b:.6g})"
+            print(f"| {w}x{h} | {_mode(m)} | {tb:.3f} | {tc:.3f} | {tb / tc:.2f}x | {same} |")
+
+
+def _mode(m) -> str:
+    return "whole" if m is None else f"n={m}"
+
+
+if __name__ == "__main__":
+    main()
