@@ -7,8 +7,9 @@
 The base revision is checked out into a temporary `git worktree`. For every size, each round runs the
 base's code and then this tree's, each in its own fresh Python process (PYTHONPATH = that tree's `src`),
 rounds alternating A B A B; each process times `--calls` denoiser calls per mode (whole image, block
-n = 1, 2; default one) after a warm-up call of that mode. Both build the same seeded random model (`weights.random_model`,
-preset `small`: hidden 256, 4 layers) and the same seeded inputs, in float32 on the CPU. Printed: per
+n = 1, 2; default one) after a warm-up call of that mode. Both build the same seeded random model
+(`weights.random_model`, preset `small`: hidden 256, 4 layers) and the same seeded inputs, in float32 on
+the CPU. Printed: per
 size and mode the median seconds of each side and the ratio base / current (> 1: this tree is faster).
 Only `random_model`, `prepare_image` and `denoise` are called, through a small adapter, so a base with
 another internal API still runs.
@@ -95,7 +96,8 @@ def run_worker(src: Path, h: int, w: int, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
     spec = json.dumps({"h": h, "w": w, "modes": MODES, "config": args.config, "threads": args.threads,
                        "calls": args.calls})
-    res = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
+                         env=env)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"worker for {src} failed: {tail}")
@@ -117,7 +119,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(worker(spec["h"], spec["w"], spec["modes"], spec["config"], spec["threads"], spec["calls"])))
+        print(json.dumps(worker(spec["h"], spec["w"], spec["modes"], spec["config"], spec["threads"],
+                                spec["calls"])))
         return
     sizes, rounds = (QUICK_SIZES, min(args.rounds, 2)) if args.quick else (FULL_SIZES, args.rounds)
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.base], capture_output=True,
@@ -149,8 +152,10 @@ def main() -> None:
                               + ", ".join(f"{_mode(m)} {data['seconds'][str(m)]:.2f} s" for m in MODES),
                               file=sys.stderr, flush=True)
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
-    print(f"base {args.base} ({rev.stdout.strip()}) vs current {head}{' + uncommitted changes' if dirty else ''}; "
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
+                           check=False)
+    extra = " + uncommitted changes" if dirty else ""
+    print(f"base {args.base} ({rev.stdout.strip()}) vs current {head}{extra}; "
           f"preset {args.config}, float32, CPU, {threads} threads, {rounds} rounds alternated, "
           f"{args.calls} timed call(s) per process and mode after a warm-up (median)\n")
     print("| size (WxH) | mode | base s/call | current s/call | base / current | same output |")

@@ -29,7 +29,8 @@ def test_fp16_on_the_command_line_is_one_line_exit_2(tiny_weights, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (16, 16), (10, 200, 30)).save(src)
-    res = run_cli("upscale", src, "--scale", "2", "--dtype", "fp16", "--device", "cpu", "--weights", tiny_weights)
+    res = run_cli("upscale", src, "--scale", "2", "--dtype", "fp16", "--device", "cpu",
+                  "--weights", tiny_weights)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2, res.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and "bf16" in lines[0] and "overflow" in lines[0]

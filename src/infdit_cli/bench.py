@@ -204,7 +204,7 @@ class BenchRow:
 
     @property
     def block_seconds(self) -> float:
-        """Seconds per block-mode call: the paired median where there is one, so it agrees with `whole_seconds`."""
+        """Seconds per block-mode call: the paired median where there is one (agrees with `whole_seconds`)."""
         return self.paired_seconds[0] if self.paired_seconds else self.block.seconds
 
     @property
@@ -212,7 +212,8 @@ class BenchRow:
         return self.paired_seconds[1] if self.paired_seconds else None
 
 
-def _report(on_event, index: int, total: int, label: str, work: float, work_total: float) -> tuple[int, float]:
+def _report(on_event, index: int, total: int, label: str, work: float,
+            work_total: float) -> tuple[int, float]:
     from .events import MeasureDone
 
     if on_event is not None:
@@ -255,7 +256,8 @@ def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dt
         whole = paired = None
         if fits_budget:
             whole = measure(CallSpec(n=None, **common))
-            index, work = _report(on_event, index, total, f"{size} whole image", work + flops * calls, work_total)
+            index, work = _report(on_event, index, total, f"{size} whole image", work + flops * calls,
+                                  work_total)
             paired = time_pair(block.spec, whole.spec, rounds=repeats)
             index, work = _report(on_event, index, total, f"{size} n={n} and whole alternated",
                                   work + 2 * flops * calls, work_total)

@@ -26,7 +26,8 @@ import torch
 from .errors import BadRequest
 from .events import CheckDone, CheckStarted
 
-__all__ = ["Check", "SelftestReport", "Profile", "CUDA_PROFILE", "TOY_PROFILE", "find_fixtures", "run_selftest"]
+__all__ = ["Check", "SelftestReport", "Profile", "CUDA_PROFILE", "TOY_PROFILE", "find_fixtures",
+           "run_selftest"]
 
 RATIO_BF16 = 1.5  # our bf16 RMS from the official fp32 outputs, at most this times the official bf16 path's
 MEMORY_TOL = 0.20  # measured peak within +-20 % of the planner's prediction
@@ -75,11 +76,12 @@ class Profile:
 
 # fp32 on CUDA: TF32 is switched off for the parity checks; the bound leaves room for other kernels'
 # summation order (mem-efficient SDPA, cuBLAS) over the CPU's ~1.3e-6. Not yet measured on a GPU.
-CUDA_PROFILE = Profile("cuda", 3e-5, (640, 640), "official", "bfloat16", 8 * 2**30, (1024, 2048, 4096), (1024, 2048),
-                       (4096, 16384), 3)
+CUDA_PROFILE = Profile("cuda", 3e-5, (640, 640), "official", "bfloat16", 8 * 2**30, (1024, 2048, 4096),
+                       (1024, 2048), (4096, 16384), 3)
 # The toy budget makes n = 1 the plan at both memory sizes (192.7 MiB predicted at 512²): the CPU's peak
 # RSS tracks the planner there; whole-image RSS runs 20-30 % over it.
-TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 193 * 2**20, (256, 512), (256,), (64, 256), 1)
+TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 193 * 2**20, (256, 512), (256,), (64, 256),
+                      1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -207,7 +209,8 @@ def _load_fixture_model(fixture: Path, device: torch.device, dtype: torch.dtype)
     from .convert import convert_checkpoint
     from .weights import load_model, save_model_file
 
-    head_width = json.loads((fixture / "config.json").read_text())["open_clip_model_cfg"]["vision_cfg"]["head_width"]
+    clip_cfg = json.loads((fixture / "config.json").read_text())["open_clip_model_cfg"]
+    head_width = clip_cfg["vision_cfg"]["head_width"]
     res = convert_checkpoint(fixture / "checkpoint.pt", clip_head_width=head_width)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fixture.safetensors"
@@ -275,8 +278,8 @@ def check_block_modes(run: _Run) -> list[Check]:
         rows = []
         for n in (1, 2, 4):
             out = _denoise(m, x, 2.5, lr_up=lr_up, image=image, n=n)
-            rows.append(_bound("parity", f"block n={n} vs whole image ({x.shape[-1]}x{x.shape[-2]})", _maxdiff(out, whole),
-                               run.profile.parity_tol, t0))
+            name = f"block n={n} vs whole image ({x.shape[-1]}x{x.shape[-2]})"
+            rows.append(_bound("parity", name, _maxdiff(out, whole), run.profile.parity_tol, t0))
             t0 = time.perf_counter()
         on_device = _denoise(m, x, 2.5, lr_up=lr_up, image=image, n=2)
         on_host = _denoise(m, x, 2.5, lr_up=lr_up, image=image, n=2, cache_device="cpu")
@@ -307,7 +310,8 @@ def check_bf16(run: _Run) -> list[Check]:
     den = _denoise(m, bio["x"], bio["sigma"], lr_up=bio["concat"], image=(bio["lr"], vector))
     rows.append(_bf16_check(run, "denoised_full", den, t0, "bf16 denoiser call vs official fp32"))
     t0 = time.perf_counter()
-    rows.append(_bf16_check(run, "sample_20", _sample(m, bio, vector, 20), t0, "bf16 20-step sample vs official fp32"))
+    out = _sample(m, bio, vector, 20)
+    rows.append(_bf16_check(run, "sample_20", out, t0, "bf16 20-step sample vs official fp32"))
     run.drop("bf16")
     return rows
 
@@ -323,12 +327,14 @@ def check_memory(run: _Run, size: int) -> Check:
                     cache_on_host=chosen.cache_on_host, device=run.device.type, dtype=p.dtype, repeats=1)
     got = measure(spec)
     err = got.peak_bytes / got.predicted_bytes - 1
-    mode = "whole image" if chosen.whole_image else f"n={chosen.n}, cache {'host' if chosen.cache_on_host else 'device'}"
+    where = "host" if chosen.cache_on_host else "device"
+    mode = "whole image" if chosen.whole_image else f"n={chosen.n}, cache {where}"
     return Check("memory", f"peak {size}² ({p.config}, {p.dtype}, {_gib(p.budget)} plan: {mode})",
                  "pass" if abs(err) <= MEMORY_TOL else "fail",
                  f"measured {_gib(got.peak_bytes)} / predicted {_gib(got.predicted_bytes)} ({err:+.0%})",
                  f"within ±{MEMORY_TOL:.0%}", time.perf_counter() - t0,
-                 {"measured": got.peak_bytes, "predicted": got.predicted_bytes, "n": spec.n, "size": f"{size}x{size}"})
+                 {"measured": got.peak_bytes, "predicted": got.predicted_bytes, "n": spec.n,
+                  "size": f"{size}x{size}"})
 
 
 def check_speed(run: _Run, size: int) -> Check:
@@ -353,9 +359,11 @@ def check_speed(run: _Run, size: int) -> Check:
     else:
         from .bench import measure
 
-        tb, tw = measure(CallSpec(n=n, cache_on_host=chosen.cache_on_host, repeats=p.rounds, **common)).seconds, None
+        spec = CallSpec(n=n, cache_on_host=chosen.cache_on_host, repeats=p.rounds, **common)
+        tb, tw = measure(spec).seconds, None
         value = f"n={n} {tb:.3g} s ({flops / tb / 1e12:.3g} TFLOP/s); whole image does not fit this device"
-    return Check("speed", f"s/call {size}² ({p.config}, {p.dtype})", "info", value, "", time.perf_counter() - t0,
+    return Check("speed", f"s/call {size}² ({p.config}, {p.dtype})", "info", value, "",
+                 time.perf_counter() - t0,
                  {"flops": flops, "n": n, "block_s": tb, "whole_s": tw, "size": f"{size}x{size}"})
 
 
@@ -398,10 +406,12 @@ def check_prefetch(run: _Run) -> Check:
                 times[name].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
     copy = med["host_sync"] - med["device"]
-    hidden = (med["host_sync"] - med["host"]) / copy if copy > 0 else float("nan")
+    hidden = (med["host_sync"] - med["host"]) / copy if copy > 0 else None  # None: no copy cost to hide
+    verdict = "no copy cost measured" if hidden is None else f"{hidden:.0%} of the copy time hidden"
     return Check("speed", f"host-copy time hidden by the prefetch ({size}², n={n})", "info",
                  f"device cache {med['device']:.3g} s, host cache {med['host']:.3g} s (inline copies "
-                 f"{med['host_sync']:.3g} s): {hidden:.0%} of the copy time hidden", "", time.perf_counter() - t0,
+                 f"{med['host_sync']:.3g} s): {verdict}", "",
+                 time.perf_counter() - t0,
                  {**{f"{k}_s": v for k, v in med.items()}, "hidden_fraction": hidden})
 
 
@@ -476,8 +486,9 @@ def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | 
         try:
             got = fn()
         except Exception as e:  # noqa: BLE001 - a check that crashes is a failed row; the others still run
-            got = Check("error", label, "fail", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                        "runs", time.perf_counter() - t0)
+            first = str(e).splitlines()[0] if str(e) else ""
+            got = Check("error", label, "fail", f"{type(e).__name__}: {first}", "runs",
+                        time.perf_counter() - t0)
         for c in got if isinstance(got, list) else [got]:
             checks.append(c)
             if on_event is not None:

@@ -45,7 +45,8 @@ def bench(
     random_weights: Annotated[bool, typer.Option("--random-weights", help=(
         "Measure without downloading: seeded random weights of --config (memory and speed do not depend "
         "on weight values)."))] = False,
-    config: Annotated[str, typer.Option(help="Architecture for --random-weights: official, small or tiny.")] = "official",
+    config: Annotated[str, typer.Option(
+        help="Architecture for --random-weights: official, small or tiny.")] = "official",
     device: O.Device = "auto",
     dtype: O.Dtype = "auto",
     steps: O.Steps = 20,
@@ -125,7 +126,8 @@ class _Progress:
                                      TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
                                      transient=True)
             self.progress.start()
-            self.task = self.progress.add_task("measuring (each configuration in a fresh process)", total=None)
+            self.task = self.progress.add_task("measuring (each configuration in a fresh process)",
+                                               total=None)
 
     def __call__(self, event: object) -> None:
         from ..events import MeasureDone
@@ -148,7 +150,8 @@ def _print_table(rows, header: str, steps: int, device_type: str) -> None:
 
     table = Table(title=header, title_justify="left")
     for col in ("size WxH", "n / cache", "peak block (pred.)", "peak whole (pred.)", "mem whole/block",
-                "s/call block", "s/call whole", "block overhead", "TFLOP/s block", f"run: {2 * steps - 1} calls"):
+                "s/call block", "s/call whole", "block overhead", "TFLOP/s block",
+                f"run: {2 * steps - 1} calls"):
         table.add_column(col, justify="right")
     for r in rows:
         b, w = r.block, r.whole

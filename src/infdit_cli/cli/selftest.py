@@ -29,7 +29,8 @@ def selftest(
     fixtures: Annotated[Optional[Path], typer.Option(
         help="Folder holding upstream-a/ and upstream-a-bf16/ (default: the repository's test data and "
              "../shared/fixtures).")] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the report as Markdown.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Also write the report as Markdown.")] = None,
     overwrite: O.Overwrite = False,
     json_: O.Json = False,
     quiet: O.Quiet = False,
