@@ -82,8 +82,8 @@ def _row(tmp: Path, src: Path, side: int, mode: str, n: int, prev: dict, secs_by
     last = prev.get(mode)
     slope = "-" if last is None else f"{(rss - last[1]) / (side * side - last[0] ** 2):.1f}"
     ratio = f"{secs / secs_by_mode['ram']:.2f}" if mode == "low" and "ram" in secs_by_mode else "-"
-    print(f"| {side}x{side} | {mode} | {rss / MiB:.0f} MiB | {pred / MiB:.0f} MiB | {pred / rss:.2f} | {slope} | "
-          f"{secs:.1f} | {ratio} |", flush=True)
+    print(f"| {side}x{side} | {mode} | {rss / MiB:.0f} MiB | {pred / MiB:.0f} MiB | {pred / rss:.2f} | "
+          f"{slope} | {secs:.1f} | {ratio} |", flush=True)
     prev[mode] = (side, rss)
     dst.unlink()
     leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(".")]

@@ -203,7 +203,9 @@ class BlockEngine:
         c = self.cache
         if c is None or c.slots != slots or c.device != dev or tuple(c.slab.shape[1:]) != entry:
             self.cache = None  # free the old slab first
-            scratch = self.scratch if self.scratch is not None else Scratch(pin=self.model.device.type == "cuda")
+            scratch = self.scratch
+            if scratch is None:  # RAM, pinned for asynchronous copies when the model is on CUDA
+                scratch = Scratch(pin=self.model.device.type == "cuda")
             self.cache = KVCache(slots, entry, dtype, dev, scratch=scratch)
         self.cache.clear()
         if self.model.device.type == "cuda" and dev.type == "cpu" and self._stream is None:
@@ -284,7 +286,8 @@ class BlockEngine:
         prefetch = None
         if cache is not None:
             stream = self._stream if cache.device.type == "cpu" and h.device.type == "cuda" else None
-            prefetch = _Prefetch(lambda layer: _neighbours(cache, rect, layer, h.device), cfg.num_layers, stream)
+            prefetch = _Prefetch(lambda layer: _neighbours(cache, rect, layer, h.device), cfg.num_layers,
+                                 stream)
         later = rect.blocks_needed_later() if cache is not None else []
         kbuf = vbuf = None
         for i in range(cfg.num_layers):

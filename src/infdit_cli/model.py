@@ -157,7 +157,7 @@ class InfDiT(nn.Module):
         return h.flatten(3, 4)
 
     def rope(self, rect: BlockBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the rectangle's token positions, (Gh, Gw, T, d) in the compute dtype, once a rectangle."""
+        """cos/sin of the rectangle's token positions, (Gh, Gw, T, d), in the compute dtype."""
         cfg = self.config
         bt = cfg.block_tokens
         gh, gw = rect.r1 - rect.r0, rect.c1 - rect.c0
@@ -230,7 +230,7 @@ class InfDiT(nn.Module):
         return out.reshape(b, c, gh * bt * p, gw * bt * p)
 
     def _lr_cross_attention(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`cross_attention_forward`: (B, Gh, Gw, T, D) queries against their LR windows -> (B, Gh, Gw, T, D)."""
+        """`cross_attention_forward`: queries (B, Gh, Gw, T, D) against their LR windows -> (B, Gh, Gw, T, D)."""
         x = self.lr_cross
         nh, hd = self.config.num_heads, self.config.head_dim
         q = x.q_norm(x.q(h).unflatten(-1, (nh, hd))) + x.q_pos  # (B, Gh, Gw, T, H, d)

@@ -50,15 +50,15 @@ class Placement:
 
     def describe(self) -> str:
         parts = [f"n={self.n}" if self.n < 1 << 20 else "whole image"]
-        parts += [s for s, on in (("cache on host", self.cache_on_host), ("state on host", self.state_on_host))
-                  if on]
+        where = (("cache on host", self.cache_on_host), ("state on host", self.state_on_host))
+        parts += [s for s, on in where if on]
         return ", ".join(parts)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Predicted peaks, by part. `total` is the device peak: what our computation holds on the compute
-    device (on the CPU: in host memory, less the runtime). `host_peak` is the whole process's resident peak."""
+    device (on the CPU: in host memory, less the runtime); `host_peak` the whole process's resident peak."""
 
     weights: int
     state: int  # image-sized sampler state on the compute device (0 when it lives on the host)
@@ -116,7 +116,7 @@ def param_count(cfg: InfDiTConfig) -> int:
     n += layers * (lin(d, 4 * d) + lin(d, 3 * d) + 2 * hd + lin(d, d) + lin(d, mlp * d) + lin(mlp * d, d))
     n += layers * 4 * d  # re_pos_embed
     lp = cfg.lr_patch_size
-    n += 3 * d * lp * lp + d + lin(d, d) + lin(d, 2 * d) + lin(d, d) + 4 * hd  # lr_cross convs, q, kv, proj, LNs
+    n += 3 * d * lp * lp + d + lin(d, d) + lin(d, 2 * d) + lin(d, d) + 4 * hd  # lr_cross: conv, q, kv, proj, LNs
     n += cfg.block_tokens**2 * d + (3 * cfg.lr_block) ** 2 * d + 2 * d  # q_pos, k_pos, post_norm
     n += lin(d, 2 * d) + lin(d, p * p * cfg.out_channels)  # final layer
     c = cfg.clip
