@@ -230,7 +230,7 @@ class InfDiT(nn.Module):
         return out.reshape(b, c, gh * bt * p, gw * bt * p)
 
     def _lr_cross_attention(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`cross_attention_forward`: queries (B, Gh, Gw, T, D) against their LR windows -> (B, Gh, Gw, T, D)."""
+        """`cross_attention_forward`: block queries (B, Gh, Gw, T, D) against their LR windows."""
         x = self.lr_cross
         nh, hd = self.config.num_heads, self.config.head_dim
         q = x.q_norm(x.q(h).unflatten(-1, (nh, hd))) + x.q_pos  # (B, Gh, Gw, T, H, d)
