@@ -116,7 +116,7 @@ def param_count(cfg: InfDiTConfig) -> int:
     n += layers * (lin(d, 4 * d) + lin(d, 3 * d) + 2 * hd + lin(d, d) + lin(d, mlp * d) + lin(mlp * d, d))
     n += layers * 4 * d  # re_pos_embed
     lp = cfg.lr_patch_size
-    n += 3 * d * lp * lp + d + lin(d, d) + lin(d, 2 * d) + lin(d, d) + 4 * hd  # lr_cross conv, q, kv, proj, LN
+    n += 3 * d * lp * lp + d + lin(d, d) + lin(d, 2 * d) + lin(d, d) + 4 * hd  # lr_cross
     n += cfg.block_tokens**2 * d + (3 * cfg.lr_block) ** 2 * d + 2 * d  # q_pos, k_pos, post_norm
     n += lin(d, 2 * d) + lin(d, p * p * cfg.out_channels)  # final layer
     c = cfg.clip
