@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).with_name("infdit")
 MiB = 2**20
+MARKER = "<!-- Sections below are written from their own benchmark runs; make_docs.py keeps them. -->"
 BENCH = ["bench", "--random-weights", "--config", "small", "--device", "cpu", "--mem-budget", "512MB"]
 
 
@@ -94,7 +95,11 @@ def main() -> None:
         predicted.rstrip(),
         "",
     ]
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(out))
+    doc = ROOT / "docs" / "benchmarks.md"
+    # Sections below the marker come from their own benchmarks (each names its command): kept as they are.
+    old = doc.read_text() if doc.exists() else ""
+    kept = old[old.index(MARKER):] if MARKER in old else MARKER + "\n"
+    doc.write_text("\n".join(out) + "\n" + kept)
 
 
 if __name__ == "__main__":
