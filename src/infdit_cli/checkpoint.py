@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RunFolder", "Saved", "run_folder_for", "weights_identity", "model_identity", "fingerprint",
+__all__ = ["RunFolder", "Saved", "run_folder_for", "describe", "weights_identity", "model_identity", "fingerprint",
            "FORMAT"]
 
 FORMAT = 1
@@ -251,6 +251,17 @@ class RunFolder:
         """`pass 1/2, step 3/20` of the last commit (or of the checkpoint loaded)."""
         m = self._meta
         return "" if m is None else f"pass {m['pass']}/{m['passes']}, step {m['step']}/{m['steps']}"
+
+
+def describe(path: str | Path) -> tuple[str, int] | None:
+    """(`pass 1/2, step 3/20`, bytes on disk) of the run folder at `path`, or None if it holds no checkpoint."""
+    path = Path(path)
+    try:
+        m = json.loads((path / "meta.json").read_text())
+        where = f"pass {m['pass']}/{m['passes']}, step {m['step']}/{m['steps']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return where, sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file())
 
 
 def _show(v) -> str:

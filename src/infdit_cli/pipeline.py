@@ -204,6 +204,11 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
     if mapped:
         scratch = (Scratch(path=run.path) if run is not None else
                    Scratch(scratch_dir if scratch_dir is not None else tempfile.gettempdir()))
+    if on_event is not None:
+        from .bench import flops_per_call
+
+        work = [flops_per_call(model.config, *p.padded_out) for p in up_plan.passes]
+        on_event(JobStarted([w / sum(work) for w in work], 2 * up_plan.steps - 1))
     saved = run.saved if run is not None else None
     first = 0
     if saved is not None:
@@ -212,11 +217,6 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
             x = saved.read_input()  # in the dtype the previous pass returned it: the same arithmetic
         if on_event is not None:
             on_event(Resumed(saved.pass_, saved.passes, saved.step, saved.steps, saved.saved_at, str(run.path)))
-    if on_event is not None:
-        from .bench import flops_per_call
-
-        work = [flops_per_call(model.config, *p.padded_out) for p in up_plan.passes]
-        on_event(JobStarted([w / sum(work) for w in work], 2 * up_plan.steps - 1))
     learned: Placement | None = None
     ok = False
     try:
