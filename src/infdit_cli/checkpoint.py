@@ -219,7 +219,13 @@ class RunFolder:
         return None if self._meta is None else self._meta.get(key)
 
     def committed_files(self) -> tuple[str, ...]:
-        """Files the last commit names (to keep when the rest of the folder is cleaned)."""
+        """Files the last commit on disk names (to keep when the rest of the folder is cleaned). Read from
+        meta.json: a Ctrl-C can land after its rename and before this object learns of it."""
+        try:
+            m = json.loads((self.path / "meta.json").read_text())
+            self._meta = m if m.get("fingerprint") == self.fingerprint else self._meta
+        except (OSError, ValueError, AttributeError):
+            pass
         if self._meta is None:
             return ()
         return tuple(e["file"] for e in (self._meta["x"], self._meta.get("input")) if e)
