@@ -320,3 +320,28 @@ def test_cli_preview_file(tmp_path, tiny_weights):
     o2 = tmp_path / "o2.png"
     bad = run_cli("upscale", src, "-o", o2, *ARGS, "--weights", tiny_weights, "--preview", o2)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --preview")
+
+
+def test_batch_interrupted_mid_file_resumes_it_and_skips_the_done_ones(tmp_path, job, tiny_weights):
+    src, ref = job
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    Image.fromarray(rgb_image(8, 10, 7)).save(root / "a.png")  # small: done before b starts
+    (root / "b.png").write_bytes(src.read_bytes())  # the job: its uninterrupted output is `ref`
+    exe = Path(sys.executable).with_name("infdit")
+    proc = subprocess.Popen([str(exe), "batch", str(root), "-o", str(out), *ARGS, "--weights", str(tiny_weights),
+                             "--checkpoint"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = _stop_at(proc, run_folder_for(out / "b.png"), (1, 2), signal.SIGINT)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted after 1 file(s); b.png: pass ") and "run the same command" in last
+    a_bytes = (out / "a.png").read_bytes()
+    assert not (out / "b.png").exists()
+    res = run_cli("batch", root, "-o", out, *ARGS, "--weights", tiny_weights, "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert {i["input"].rsplit("/", 1)[-1]: i["status"] for i in summary["items"]} == {"a.png": "skipped",
+                                                                                      "b.png": "done"}
+    assert "resuming at pass 1/2, step " in res.stderr
+    assert (out / "b.png").read_bytes() == ref and (out / "a.png").read_bytes() == a_bytes
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
