@@ -345,3 +345,36 @@ def test_batch_interrupted_mid_file_resumes_it_and_skips_the_done_ones(tmp_path,
     assert "resuming at pass 1/2, step " in res.stderr
     assert (out / "b.png").read_bytes() == ref and (out / "a.png").read_bytes() == a_bytes
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_progress_shows_the_whole_job_and_the_resume(tmp_path, lib):
+    """The rich display (as on a terminal) gets a job bar over all passes, weighted by each pass's compute,
+    and starts it at the saved point when resuming."""
+    import io
+
+    from rich.console import Console
+
+    from infdit_cli.cli._progress import RichDisplay
+
+    up, src, _ = lib
+    out = tmp_path / "out.png"
+    _interrupt(up, src, out, at=(2, 1))
+    buf = io.StringIO()
+    display = RichDisplay(Console(file=buf, force_terminal=True, width=150))
+    levels = []
+
+    def on_event(e):
+        display(e)
+        if display.job_task is not None:
+            levels.append(display.overall.tasks[-1].completed)
+
+    display.start(1, calls_per_pass=5)
+    display.image("in.png")
+    up.upscale_file(src, out, scale=8, on_event=on_event)
+    display.stop()
+    text = buf.getvalue()
+    assert "resuming at pass 2/2, step 1/3 (saved " in text and "job, 2 pass(es)" in text
+    w = display.work
+    assert len(w) == 2 and abs(sum(w) - 1) < 1e-9 and w[1] > 2 * w[0]  # pass 2 has 3.5x the pixels
+    resumed = 100 * (w[0] + w[1] * 2 / 5)  # all of pass 1, 2 of pass 2's 5 calls
+    assert abs(levels[1] - resumed) < 1e-6 and abs(levels[-1] - 100) < 1e-6
