@@ -1,14 +1,17 @@
 """What a checkpoint costs per Heun step, in % of the step, by output size (CPU).
 
-One 4x pass per size with checkpoints on (the `small` config, random weights, float32, the planner's
-n), in RAM and under --low-memory (where the mapped state file is the checkpoint: flushed, not copied).
+One 4x pass per size with checkpoints on (`--config`, default `small`; random weights, float32, the
+planner's n), in RAM and under --low-memory (where the mapped state file is the checkpoint: flushed, not copied).
 In the same run, each step's compute time (the time between two steps' ends, minus the checkpoint) is
 set beside the checkpoint's own time (write + fsync of x and meta.json, `CheckpointWritten.seconds`);
 steps after the first only (the first includes CLIP and the noise) and before the last (one call). Also prints the CPU throughput that
 `pipeline.THROUGHPUT["cpu"]` assumes beside the one measured here (FLOPs per call / seconds per call).
 Writes a Markdown table to stdout.
 
-    python benchmarks/checkpoint_cost.py [--sizes 256,512,1024] [--steps 4]
+    python benchmarks/checkpoint_cost.py [--sizes 256,512,1024] [--steps 4] [--config small]
+
+A smaller config makes each step cheaper and so the checkpoint's share larger: an upper bound for the
+official model, whose step costs ~100x the `small` one's at the same size.
 """
 
 import argparse
@@ -54,11 +57,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="256,512,1024", help="output sides (square), comma-separated")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--config", default="small", choices=sorted(PRESETS))
     args = ap.parse_args()
-    cfg = PRESETS["small"]
+    cfg = PRESETS[args.config]
     up = Upscaler(random_model(cfg, seed=0), weights_id="bench")
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"config `small`, CPU, float32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    print(f"config `{args.config}`, CPU, float32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.steps} steps; step time: median over steps 2..{args.steps - 1}, checkpoint: over steps 2..{args.steps}")
     print()
     print("| output | x per checkpoint | step (2 calls) | checkpoint, RAM | % of step | checkpoint, --low-memory "

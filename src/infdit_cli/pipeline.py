@@ -128,8 +128,10 @@ def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], opti
 
 
 # Assumed sustained matmul throughput (FLOP/s) for the time estimate that turns checkpoints on by
-# default: CPU measured here with the tiny and official presets (benchmarks/checkpoint_cost.py prints it);
-# CUDA as a bf16 H100-class card at ~40 % utilisation, fp32 a quarter of it; MPS an M-series GPU.
+# default. CPU: per thread, the low end of what docs/benchmarks.md's `infdit bench` table gives for the
+# `small` config on an idle 2-core Xeon (56-92 GFLOP/s per thread, 256-1024 px); a busier or smaller CPU
+# only turns checkpoints on for shorter jobs than intended. CUDA: a bf16 H100-class card at ~40 %
+# utilisation, fp32 a quarter of it; MPS: an M-series GPU. Assumptions, not measured on those devices.
 THROUGHPUT = {"cpu": 50e9, "cuda": 200e12, "cuda-fp32": 50e12, "mps": 10e12}
 CHECKPOINT_AFTER = 300.0  # seconds: checkpoints are on by default when a job is predicted to take longer
 

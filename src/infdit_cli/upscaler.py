@@ -21,7 +21,8 @@ from .cache import sha256_file
 from .checkpoint import RunFolder, fingerprint, run_folder_for
 from .events import CheckpointDiscarded, Notice, PlanChanged
 from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, check_output, fill_transparent, load_image, resize, save_image
-from .pipeline import CHECKPOINT_AFTER, UpscaleOptions, UpscalePlan, plan_upscale, predicted_seconds, target_size, upscale
+from .pipeline import (CHECKPOINT_AFTER, UpscaleOptions, UpscalePlan, plan_upscale, predicted_seconds, target_size,
+                       upscale)
 
 __all__ = ["Upscaler", "UpscaleResult", "resolve_device", "resolve_dtype", "default_output"]
 
