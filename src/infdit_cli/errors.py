@@ -18,6 +18,7 @@ __all__ = [
     "HostMemoryTooSmall",
     "OutOfMemory",
     "BadRequest",
+    "Interrupted",
 ]
 
 
@@ -93,3 +94,9 @@ class BadRequest(InfditError):
     """The requested size, scale or option combination cannot be done."""
 
     exit_code = 2
+
+
+class Interrupted(InfditError):
+    """Ctrl-C (or SIGTERM) stopped the work; the message says how to resume, where progress was kept."""
+
+    exit_code = 130

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice", "BytesDone",
-           "CheckStarted", "CheckDone", "MeasureDone"]
+           "CheckStarted", "CheckDone", "MeasureDone",
+           "CheckpointWritten", "Resumed", "CheckpointDiscarded", "JobStarted"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +97,44 @@ class MeasureDone:
     label: str
     work: float
     work_total: float
+
+
+@dataclass(frozen=True)
+class CheckpointWritten:
+    """Step `step` of pass `pass_` is saved in the run folder `path` (`nbytes` copied, in `seconds`)."""
+
+    pass_: int
+    passes: int
+    step: int
+    steps: int
+    nbytes: int
+    seconds: float
+    path: str
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Continuing from the checkpoint in `path`: pass `pass_` of `passes`, after step `step` of `steps`."""
+
+    pass_: int
+    passes: int
+    step: int
+    steps: int
+    saved_at: float  # seconds since the epoch
+    path: str
+
+
+@dataclass(frozen=True)
+class CheckpointDiscarded:
+    """The run folder `path` was not used (`reason`: other input, weights or options, or damaged) and removed."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    """The whole job: `work[i]` is pass i's share of the compute (sums to 1), `calls` per pass."""
+
+    work: list[float]
+    calls: int

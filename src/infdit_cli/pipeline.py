@@ -18,14 +18,15 @@ import torch
 
 from .engine import BlockEngine, pad_to_blocks
 from .errors import BadRequest, OutOfMemory
-from .events import PassDone, PassStarted, PlanChanged
+from .checkpoint import RunFolder, Saved
+from .events import CheckpointWritten, JobStarted, PassDone, PassStarted, PlanChanged, Resumed
 from .images import resize
 from .planner import Placement, Plan, plan
 from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
-           "color_fix", "Upsampled", "pass_inputs"]
+           "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "preview_image", "THROUGHPUT"]
 
 MAX_OUTPUT_SIDE = 65535
 
@@ -126,6 +127,31 @@ def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], opti
     return UpscalePlan(input_size, target, passes, options.steps, resample=size != tuple(target))
 
 
+# Assumed sustained matmul throughput (FLOP/s) for the time estimate that turns checkpoints on by
+# default. CPU: per thread, the low end of what docs/benchmarks.md's `infdit bench` table gives for the
+# `small` config on an idle 2-core Xeon (56-92 GFLOP/s per thread, 256-1024 px); a busier or smaller CPU
+# only turns checkpoints on for shorter jobs than intended. CUDA: a bf16 H100-class card at ~40 %
+# utilisation, fp32 a quarter of it; MPS: an M-series GPU. Assumptions, not measured on those devices.
+THROUGHPUT = {"cpu": 50e9, "cuda": 200e12, "cuda-fp32": 50e12, "mps": 10e12}
+CHECKPOINT_AFTER = 300.0  # seconds: checkpoints are on by default when a job is predicted to take longer
+
+
+def predicted_seconds(cfg, up_plan: UpscalePlan, device: torch.device | str, dtype: torch.dtype) -> float:
+    """The job's time from its FLOPs (`bench.flops_per_call` per call, 2*steps-1 calls per pass) over
+    `THROUGHPUT` for the device. A rough figure: for the default of --checkpoint, not a promise."""
+    from .bench import flops_per_call
+
+    dev = torch.device(device).type
+    if dev == "cpu":
+        rate = THROUGHPUT["cpu"] * max(1, torch.get_num_threads())
+    elif dev == "cuda":
+        rate = THROUGHPUT["cuda" if dtype in (torch.bfloat16, torch.float16) else "cuda-fp32"]
+    else:
+        rate = THROUGHPUT.get(dev, THROUGHPUT["mps"])
+    calls = 2 * up_plan.steps - 1
+    return sum(calls * flops_per_call(cfg, *p.padded_out) for p in up_plan.passes) / rate
+
+
 def color_fix(out: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:
     """Transfer the low-frequency colour of `ref` (the upsampled input) to `out`; both (B, 3, H, W) in [-1, 1].
 
@@ -156,22 +182,49 @@ def _low_freq(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
 
 def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOptions = UpscaleOptions(), *,
             generator: torch.Generator | None = None, on_event: Callable[[object], None] | None = None,
-            scratch_dir: str | None = None, fault=None) -> torch.Tensor:
+            scratch_dir: str | None = None, fault=None, run: RunFolder | None = None,
+            on_preview: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Upscale `rgb` (1, 3, h, w) in [0, 1] to `up_plan.target_size`; returns (1, 3, H, W) in [0, 1] on the host.
 
     Noise is drawn on the CPU from `generator` (seeded from `options.seed` when None), so the same seed gives
     the same image whatever n, cache placement or device. A placement learned from running out of memory
     in one pass is kept for the passes after it. Memory-mapped state (`--low-memory`) lives in a scratch
     folder in `scratch_dir` (default: the system's temporary folder), removed however this returns.
+
+    Args:
+        run: a run folder: every finished step is saved there, and its `saved` checkpoint (from
+            `RunFolder.load`) is where this starts. Memory-mapped state then lives in the run folder
+            itself; on an exception the folder keeps only the last checkpoint.
+        on_preview: receives, after every step, the model's current estimate of the pass's result
+            (1, 3, h, w) in [0, 1], downscaled to at most PREVIEW_SIDE px on the long side.
     """
     if generator is None:
         generator = torch.Generator().manual_seed(options.seed)
     x = rgb.float().cpu() * 2 - 1  # [-1, 1]
     mapped = any(p.memory.low_memory for p in up_plan.passes)
-    scratch = Scratch(scratch_dir if scratch_dir is not None else tempfile.gettempdir()) if mapped else None
+    scratch = None
+    if mapped:
+        scratch = (Scratch(path=run.path) if run is not None else
+                   Scratch(scratch_dir if scratch_dir is not None else tempfile.gettempdir()))
+    if on_event is not None:
+        from .bench import flops_per_call
+
+        work = [flops_per_call(model.config, *p.padded_out) for p in up_plan.passes]
+        on_event(JobStarted([w / sum(work) for w in work], 2 * up_plan.steps - 1))
+    saved = run.saved if run is not None else None
+    first = 0
+    if saved is not None:
+        first = saved.pass_ - 1
+        if saved.input_file is not None:
+            x = saved.read_input()  # in the dtype the previous pass returned it: the same arithmetic
+        if on_event is not None:
+            on_event(Resumed(saved.pass_, saved.passes, saved.step, saved.steps, saved.saved_at, str(run.path)))
     learned: Placement | None = None
+    ok = False
     try:
         for i, p in enumerate(up_plan.passes):
+            if i < first:
+                continue
             placement = p.memory.placement
             if learned is not None:  # never go back above what ran out of memory
                 placement = Placement(min(placement.n, learned.n), placement.order,
@@ -179,8 +232,12 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
                                       placement.state_on_host or learned.state_on_host)
             if on_event is not None:
                 on_event(PassStarted(i + 1, len(up_plan.passes), p, None if p.memory.whole_image else placement.n))
+            ckpt = None
+            if run is not None:
+                ckpt = _Checkpointer(run, i + 1, len(up_plan.passes), x if i > 0 else None,
+                                     saved if i == first else None, on_event)
             x, final = _one_pass(model, x, p, placement, options, generator, on_event,
-                                 scratch if p.memory.low_memory else None, fault)
+                                 scratch if p.memory.low_memory else None, fault, ckpt, on_preview)
             if final != p.memory.placement:
                 learned = final
             if on_event is not None:
@@ -188,10 +245,58 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
         if up_plan.resample:
             x = resize(x.float(), up_plan.target_size)
         x = x.float()  # a copy only if the state was bf16; then in place: no second float image
+        ok = True
         return x.clamp_(-1, 1).add_(1).div_(2)
     finally:
-        if scratch is not None:
-            scratch.close()
+        if scratch is not None:  # the last checkpoint's files stay until the output is written
+            scratch.close(keep=() if run is None else tuple(n.removesuffix(".bin") for n in run.committed_files()))
+        if run is not None and not ok:
+            run.tidy()
+
+
+class _Checkpointer:
+    """Saves one pass's steps to a run folder and knows where that pass resumes."""
+
+    def __init__(self, run: RunFolder, pass_: int, passes: int, lr_in: torch.Tensor | None, saved: Saved | None,
+                 on_event) -> None:
+        self.run, self.pass_, self.passes, self.on_event = run, pass_, passes, on_event
+        self.saved = saved
+        self.lr_in = lr_in
+        self.input_entry: dict | None = None
+        if saved is not None and saved.input_file is not None:  # the saved input is this pass's input
+            self.input_entry = run.entry("input")
+
+    def save(self, st: HeunState, step: int, steps: int, rng: torch.Tensor) -> None:
+        if self.lr_in is not None and self.input_entry is None:
+            self.input_entry = self.run.save_input(self.pass_, self.lr_in)
+        mapped_file = None
+        if st.names is not None and st.scratch is not None and st.scratch.path == self.run.path:
+            st.scratch.flush(st.names["x"])
+            mapped_file = st.scratch.file(st.names["x"])
+        nbytes = self.run.save(self.pass_, self.passes, step, steps, st.x, rng=rng, input_entry=self.input_entry,
+                               mapped_file=mapped_file)
+        if self.on_event is not None:
+            self.on_event(CheckpointWritten(self.pass_, self.passes, step, steps, nbytes,
+                                            self.run.last_write_seconds, str(self.run.path)))
+
+
+PREVIEW_SIDE = 2048
+
+
+def preview_image(den: torch.Tensor, size: tuple[int, int], side: int = PREVIEW_SIDE) -> torch.Tensor:
+    """The top-left `size` of `den` (1, 3, H, W) in [-1, 1], as (1, 3, h, w) in [0, 1] with max(h, w) <= side:
+    mean of f x f pixels (f the smallest integer that fits; a last partial row/column of blocks is dropped),
+    computed in row chunks, so a memory-mapped image is never read whole into memory."""
+    h, w = size
+    f = max(1, -(-max(h, w) // side))
+    oh, ow = max(1, h // f), max(1, w // f)
+    out = torch.empty(den.shape[0], 3, oh, ow)
+    rows = max(1, (32 * 2**20) // max(1, 3 * 4 * w * f))  # output rows per chunk
+    for r in range(0, oh, rows):
+        r1 = min(r + rows, oh)
+        part = den[..., r * f : r1 * f, : ow * f].float().cpu()
+        out[..., r:r1, :] = torch.nn.functional.avg_pool2d(part, f) if f > 1 else part
+    return out.clamp_(-1, 1).add_(1).div_(2)
 
 
 class Upsampled:
@@ -243,7 +348,8 @@ def pass_inputs(lr_in: torch.Tensor, scale: int, cfg) -> tuple[torch.Tensor, Ups
 
 
 def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options: UpscaleOptions,
-              generator, on_event, scratch: Scratch | None, fault) -> tuple[torch.Tensor, Placement]:
+              generator, on_event, scratch: Scratch | None, fault, ckpt: _Checkpointer | None = None,
+              on_preview=None) -> tuple[torch.Tensor, Placement]:
     """One sampling run; returns the cropped result and the placement it ended with."""
     lr, lr_up, clip_in = pass_inputs(lr_in, p.scale, model.config)
     hr = tuple(lr_up.shape[-2:])
@@ -255,38 +361,67 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
     state_dev = torch.device("cpu") if placement.state_on_host else model.device
     sdtype = p.memory.state_dtype
     shape = (lr_in.shape[0], 3, *hr)
-    direct = state_dev.type == "cpu" and sdtype == torch.float32
-    noise = None if direct else torch.randn(shape, generator=generator)
-    st = HeunState.allocate(shape, sdtype, state_dev, scratch)
-    if direct:
-        torch.randn(shape, generator=generator, out=st.x)
-    for r in _rows(*hr):
-        src = st.x[..., r, :] if direct else noise[..., r, :].to(state_dev)
-        st.x[..., r, :] = (src * sigmas[0]).add_(lr_up[..., r, :].to(state_dev))
-        st.trim()
-    del noise
+    saved = ckpt.saved if ckpt is not None else None
+    prefix = f"p{ckpt.pass_}_heun" if ckpt is not None else "heun"
+    reuse = (saved.x_file.stem,) if saved is not None and scratch is not None else ()
+    st = HeunState.allocate(shape, sdtype, state_dev, scratch, prefix=prefix, reuse=reuse)
+    done = 0
+    if saved is not None:  # resume: x at step `saved.step`, and the generator as it was after this pass's noise
+        if tuple(saved.x_shape) != shape:
+            raise ValueError(f"checkpoint x is {saved.x_shape}, this pass needs {shape}")
+        if st.names is not None and saved.x_file.stem == st.names["x2"]:
+            st.swap_x()
+        if not (st.names is not None and saved.x_file.stem == st.names["x"] and saved.x_dtype == sdtype):
+            if saved.x_dtype == sdtype:
+                saved.read_x(st.x)
+            else:
+                tmp = torch.empty(shape, dtype=saved.x_dtype)
+                saved.read_x(tmp)
+                st.x.copy_(tmp)
+                del tmp
+        generator.set_state(saved.rng)
+        done = saved.step
+    else:
+        direct = state_dev.type == "cpu" and sdtype == torch.float32
+        noise = None if direct else torch.randn(shape, generator=generator)
+        if direct:
+            torch.randn(shape, generator=generator, out=st.x)
+        for r in _rows(*hr):
+            src = st.x[..., r, :] if direct else noise[..., r, :].to(state_dev)
+            st.x[..., r, :] = (src * sigmas[0]).add_(lr_up[..., r, :].to(state_dev))
+            st.trim()
+        del noise
+    rng = generator.get_state()
 
     engine = BlockEngine(model, lr, vector, lr_up, replace(placement, state_on_host=False), scratch=scratch,
                          on_event=on_event, fault=fault)
-    done = 0
+    preview: list[torch.Tensor] = []
+
+    def denoised(i: int, den: torch.Tensor) -> None:
+        preview[:] = [preview_image(den, p.out_size)]
 
     def step_done(ev) -> None:
         nonlocal done
         done = ev.i
+        if ckpt is not None:
+            ckpt.save(st, ev.i, ev.steps, rng)
         if on_event is not None:
             on_event(ev)
+        if on_preview is not None and preview:
+            on_preview(preview.pop())
 
     state_on_host = state_dev.type == "cpu"
     while True:
         try:
-            sample_heun(engine, st.x, sigmas, callback=step_done, state=st, start=done)
+            sample_heun(engine, st.x, sigmas, callback=step_done, state=st, start=done,
+                        on_denoised=denoised if on_preview is not None else None)
             break
         except OutOfMemory:
             if state_on_host:
                 raise
             # Last rung: the image state leaves the device; the interrupted step restarts from x.
             old = replace(engine.placement, state_on_host=False).describe()
-            st, state_on_host = st.to("cpu", scratch), True
+            st, state_on_host = st.to("cpu", scratch, prefix=f"{prefix}_host"), True
             if on_event is not None:
                 on_event(PlanChanged(old=old, new=replace(engine.placement, state_on_host=True).describe()))
     engine.close()

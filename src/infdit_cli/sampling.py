@@ -45,20 +45,32 @@ class HeunState:
     x2: torch.Tensor
     den: torch.Tensor
     scratch: Scratch | None = None
+    names: dict[str, str] | None = None  # the scratch name behind each image, when allocated there
 
     @classmethod
     def allocate(cls, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", scratch: Scratch | None = None) -> HeunState:
-        """Four images of `shape`; on the host through `scratch` (memory-mapped under --low-memory)."""
+                 device: torch.device | str = "cpu", scratch: Scratch | None = None, *, prefix: str = "heun",
+                 reuse: tuple[str, ...] = ()) -> HeunState:
+        """Four images of `shape`; on the host through `scratch` (memory-mapped under --low-memory).
+
+        `reuse`: scratch names whose existing files are mapped as they are (a checkpoint's x), not cleared.
+        """
         device = torch.device(device)
         if device.type == "cpu" and scratch is not None:
-            t = [scratch.empty(f"heun_{k}", shape, dtype) for k in ("x", "d", "x2", "den")]
-            return cls(*t, scratch=scratch)
+            names = {k: f"{prefix}_{k}" for k in ("x", "d", "x2", "den")}
+            t = [scratch.empty(n, shape, dtype, reuse=n in reuse) for n in names.values()]
+            return cls(*t, scratch=scratch, names=names)
         return cls(*(torch.empty(shape, dtype=dtype, device=device) for _ in range(4)))
 
-    def to(self, device: torch.device | str, scratch: Scratch | None = None) -> HeunState:
+    def swap_x(self) -> None:
+        """x and x2 trade places: the new state was written into x2, so x (a checkpoint) stays intact."""
+        self.x, self.x2 = self.x2, self.x
+        if self.names is not None:
+            self.names["x"], self.names["x2"] = self.names["x2"], self.names["x"]
+
+    def to(self, device: torch.device | str, scratch: Scratch | None = None, *, prefix: str = "heun") -> HeunState:
         """The same state on another device (only x is copied: the rest is scratch between steps)."""
-        new = HeunState.allocate(tuple(self.x.shape), self.x.dtype, device, scratch)
+        new = HeunState.allocate(tuple(self.x.shape), self.x.dtype, device, scratch, prefix=prefix)
         new.x.copy_(self.x)
         return new
 
@@ -85,7 +97,7 @@ def _accepts_out(fn: Callable) -> bool:
 
 def sample_heun(denoise: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, *,
                 callback: Callable[[StepDone], None] | None = None, state: HeunState | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, on_denoised: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Implements Algorithm 2 (Heun steps, deterministic) from Karras et al. (2022).
 
     Args:
@@ -96,8 +108,14 @@ def sample_heun(denoise: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: t
         sigmas: (steps+1,) from `edm_sigmas`, ending in 0.
         callback: receives a `StepDone` after every step.
         state: the four images to work in (default: new ones like x). After a step, `state.x` is the
-            state to resume from.
+            state to resume from (x and x2 trade tensors every step: read them from `state`).
         start: the first step to run (a resumed run).
+        on_denoised: called as (i, D(x_i; sigma_i)) after the first call of step i, with the denoiser's
+            output image itself (valid only during the call: copy what you keep).
+
+    Each step writes x_{i+1} into the Euler image and swaps it with x, so between two `callback`s the
+    previous state is never overwritten in place: a memory-mapped `state.x` is a consistent checkpoint
+    from one `callback` until the first call of the step after the next one.
 
     Returns:
         The final sample: `state.x`.
@@ -125,12 +143,12 @@ def sample_heun(denoise: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: t
         last = float(next_sigma.sum()) < 1e-14
         # Evaluate dx/dt at t_i; Euler step from t_i to t_{i+1}.
         den = call(st.x, sigma)
+        if on_denoised is not None:
+            on_denoised(i, den)  # D(x_i; sigma_i): the model's estimate of the final image at this step
         for r in st.rows():
             x, d, x2 = st.x[..., r, :], st.d[..., r, :], st.x2[..., r, :]
             torch.sub(x, den[..., r, :], out=d).div_(s)  # d = (x - D) / sigma
-            torch.mul(d, dt, out=x2).add_(x)  # x_euler = x + dt * d
-            if last:
-                x.copy_(x2)  # last step: no correction at sigma = 0
+            torch.mul(d, dt, out=x2).add_(x)  # x_euler = x + dt * d (last step: the result, at sigma = 0)
             st.trim()
         calls += 1
         if not last:
@@ -139,9 +157,10 @@ def sample_heun(denoise: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: t
             for r in st.rows():
                 x, d, x2, dn = st.x[..., r, :], st.d[..., r, :], st.x2[..., r, :], den[..., r, :]
                 torch.sub(x2, dn, out=dn).div_(ns)  # d_new = (x_euler - D) / next_sigma
-                x.add_(dn.add_(d).div_(2.0).mul_(dt))  # x + (d + d_new) / 2 * dt
+                torch.add(x, dn.add_(d).div_(2.0).mul_(dt), out=x2)  # x + (d + d_new) / 2 * dt, into x2
                 st.trim()
             calls += 1
+        st.swap_x()  # x_{i+1} is in the former x2; x_i was never overwritten during the step
         if callback is not None:
             callback(StepDone(i=i + 1, steps=steps, calls=calls, sigma=float(sigmas[i + 1])))
     return st.x

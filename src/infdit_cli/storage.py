@@ -26,32 +26,57 @@ class Scratch:
     Args:
         folder: parent directory for a new private scratch folder (`.infdit-<random>`), or None for RAM.
         pin: pin RAM tensors (page-locked, for fast asynchronous copies to CUDA); ignored for files.
+        path: use this folder itself instead (a checkpoint's run folder): `close` then removes only the
+            files this scratch made, and keeps those it is told to.
     """
 
-    def __init__(self, folder: str | Path | None = None, *, pin: bool = False) -> None:
+    def __init__(self, folder: str | Path | None = None, *, pin: bool = False, path: str | Path | None = None
+                 ) -> None:
         self.pin = pin
-        self.path = Path(tempfile.mkdtemp(prefix=".infdit-", dir=folder)) if folder is not None else None
+        self.owned = path is None
+        if path is not None:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self.path: Path | None = Path(path)
+        else:
+            self.path = Path(tempfile.mkdtemp(prefix=".infdit-", dir=folder)) if folder is not None else None
         self._maps: dict[str, mmap.mmap] = {}
+        self._made: set[str] = set()
 
     @property
     def mapped(self) -> bool:
         return self.path is not None
 
-    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A new uninitialised tensor called `name` (a file `name.bin` when mapped)."""
-        self.release(name)
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, reuse: bool = False) -> torch.Tensor:
+        """A new uninitialised tensor called `name` (a file `name.bin` when mapped). With `reuse`, an
+        existing file of exactly the right size is mapped as it is (its contents are the tensor's)."""
         if self.path is None:
             return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
         numel = 1
         for s in shape:
             numel *= s
         nbytes = max(1, numel * torch.empty(0, dtype=dtype).element_size())
-        file = self.path / f"{name}.bin"
-        with open(file, "w+b") as f:
-            f.truncate(nbytes)  # sparse: no disk is used until pages are written
+        file = self.file(name)
+        keep = reuse and file.is_file() and file.stat().st_size == nbytes
+        if not keep:
+            self.release(name)
+        with open(file, "r+b" if keep else "w+b") as f:
+            if not keep:
+                f.truncate(nbytes)  # sparse: no disk is used until pages are written
             mm = mmap.mmap(f.fileno(), nbytes)
         self._maps[name] = mm
+        self._made.add(name)
         return torch.frombuffer(mm, dtype=dtype, count=numel).view(shape)
+
+    def file(self, name: str) -> Path:
+        """The file behind `name` (mapped scratch only)."""
+        assert self.path is not None
+        return self.path / f"{name}.bin"
+
+    def flush(self, name: str) -> None:
+        """Write `name`'s dirty pages to its file and wait for the disk (msync)."""
+        mm = self._maps.get(name)
+        if mm is not None:
+            mm.flush()
 
     def release(self, name: str) -> None:
         """Forget `name`; its file is removed (the mapping lives on while a tensor still views it)."""
@@ -73,11 +98,18 @@ class Scratch:
             return 0
         return sum(os.stat(f).st_blocks * 512 for f in self.path.glob("*.bin"))
 
-    def close(self) -> None:
-        """Remove the folder and everything in it."""
+    def close(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove the folder and everything in it; for a folder given as `path`, only the files this
+        scratch made, except the names in `keep` (flushed first)."""
+        for name in keep:
+            self.flush(name)
         self._maps.clear()
         if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+            if self.owned:
+                shutil.rmtree(self.path, ignore_errors=True)
+            else:
+                for name in self._made - set(keep):
+                    self.file(name).unlink(missing_ok=True)
             self.path = None
 
     def __enter__(self) -> Scratch:

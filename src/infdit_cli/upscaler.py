@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 
 from .errors import BadRequest
-from .events import Notice, PlanChanged
+from .cache import sha256_file
+from .checkpoint import RunFolder, fingerprint, run_folder_for
+from .events import CheckpointDiscarded, Notice, PlanChanged
 from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, check_output, fill_transparent, load_image, resize, save_image
-from .pipeline import UpscaleOptions, UpscalePlan, plan_upscale, target_size, upscale
+from .pipeline import (CHECKPOINT_AFTER, UpscaleOptions, UpscalePlan, plan_upscale, predicted_seconds, target_size,
+                       upscale)
 
 __all__ = ["Upscaler", "UpscaleResult", "resolve_device", "resolve_dtype", "default_output"]
 
@@ -88,13 +91,23 @@ def default_output(path: Path) -> Path:
 class Upscaler:
     """A loaded Inf-DiT model, ready to upscale many images."""
 
-    def __init__(self, model, *, options: UpscaleOptions = UpscaleOptions(), device_budget: int | None = None
-                 ) -> None:
+    def __init__(self, model, *, options: UpscaleOptions = UpscaleOptions(), device_budget: int | None = None,
+                 weights_id: str | None = None) -> None:
         """`device_budget`: device bytes the plans may use when `options.mem_budget` is unset (what was free
-        before the weights were loaded, minus a margin; `from_weights` measures it)."""
+        before the weights were loaded, minus a margin; `from_weights` measures it). `weights_id`: what
+        identifies the weights in a checkpoint's fingerprint (default: a hash of the model's tensors)."""
         self.model = model
         self.options = options
         self.device_budget = device_budget
+        self._weights_id = weights_id
+
+    @property
+    def weights_id(self) -> str:
+        if self._weights_id is None:
+            from .checkpoint import model_identity
+
+            self._weights_id = model_identity(self.model)
+        return self._weights_id
 
     @classmethod
     def from_weights(cls, weights: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -106,8 +119,10 @@ class Upscaler:
         dev = resolve_device(device)
         path = resolve_weights(weights, **resolve_kw)
         free = device_free(dev)  # before our weights: they are counted once, in every plan's estimate
+        from .checkpoint import weights_identity
+
         return cls(load_model(path, device=dev, dtype=resolve_dtype(dtype, dev)), options=options,
-                   device_budget=free)
+                   device_budget=free, weights_id=weights_identity(path))
 
     @property
     def device(self) -> torch.device:
@@ -123,16 +138,37 @@ class Upscaler:
 
     def upscale_tensor(self, rgb: torch.Tensor, up_plan: UpscalePlan, *, options: UpscaleOptions | None = None,
                        on_event: Callable[[object], None] | None = None, scratch_dir: str | Path | None = None,
-                       fault=None) -> torch.Tensor:
-        """(1, 3, h, w) in [0, 1] -> (1, 3, H, W) in [0, 1]. `scratch_dir`: where --low-memory files go."""
+                       fault=None, run: RunFolder | None = None,
+                       on_preview: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """(1, 3, h, w) in [0, 1] -> (1, 3, H, W) in [0, 1]. `scratch_dir`: where --low-memory files go;
+        `run`, `on_preview`: see `pipeline.upscale`."""
         return upscale(self.model, rgb, up_plan, options or self.options, on_event=on_event,
-                       scratch_dir=None if scratch_dir is None else str(scratch_dir), fault=fault)
+                       scratch_dir=None if scratch_dir is None else str(scratch_dir), fault=fault, run=run,
+                       on_preview=on_preview)
+
+    def predicted_seconds(self, up_plan: UpscalePlan) -> float:
+        """The job's time as the checkpoint default estimates it (`pipeline.predicted_seconds`)."""
+        return predicted_seconds(self.model.config, up_plan, self.device, self.model.dtype)
 
     def upscale_file(self, src: str | Path, dst: str | Path | None = None, *, res: str | None = None,
                      scale: float | None = None, options: UpscaleOptions | None = None, quality: int = 95,
                      overwrite: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                     on_event: Callable[[object], None] | None = None) -> UpscaleResult:
-        """Read `src`, upscale, write `dst` (default `<stem>_infdit<suffix>`) atomically."""
+                     on_event: Callable[[object], None] | None = None, checkpoint: bool | None = None,
+                     checkpoint_dir: str | Path | None = None, resume: bool = True,
+                     on_preview: Callable[[torch.Tensor], None] | None = None) -> UpscaleResult:
+        """Read `src`, upscale, write `dst` (default `<stem>_infdit<suffix>`) atomically.
+
+        Args:
+            checkpoint: save the sampler state after every step (True), never (False), or when the job is
+                predicted to take more than `pipeline.CHECKPOINT_AFTER` seconds (None).
+            checkpoint_dir: the run folder (default `.<dst name>.infdit-run` beside `dst`). Removed when
+                the output is written; kept, holding only the last step, when this raises.
+            resume: continue from a run folder whose fingerprint matches (input bytes, weights, target,
+                passes, steps, seed, dtype, colour fix, version); one that does not match, or is damaged,
+                is removed with a `CheckpointDiscarded` event and the job starts over. False: start over.
+            on_preview: gets the model's current estimate of the image after every step (see
+                `pipeline.upscale`).
+        """
         opts = options or self.options
         src = Path(src)
         dst = Path(dst) if dst is not None else default_output(src)
@@ -160,12 +196,27 @@ class Upscaler:
             if on_event is not None:
                 on_event(event)
 
-        out = self.upscale_tensor(rgb, up_plan, options=opts, on_event=relay, scratch_dir=dst.parent)
+        run = None
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else run_folder_for(dst)
+        if checkpoint is None:
+            checkpoint = folder.exists() or self.predicted_seconds(up_plan) > CHECKPOINT_AFTER
+        if checkpoint:
+            run = RunFolder(folder, fingerprint(input_sha256=sha256_file(src), weights=self.weights_id,
+                                                up_plan=up_plan, options=opts, dtype=self.model.dtype))
+            if not resume:
+                run.remove()
+            _, why = run.load()
+            if why is not None and on_event is not None:
+                on_event(CheckpointDiscarded(str(folder), why))
+        out = self.upscale_tensor(rgb, up_plan, options=opts, on_event=relay, scratch_dir=dst.parent, run=run,
+                                  on_preview=on_preview)
         alpha = resize(img.alpha, up_plan.target_size).clamp(0, 1) if img.alpha is not None else None
         (h, w), (th, tw) = img.size, up_plan.target_size
         dpi = (img.dpi[0] * tw / w, img.dpi[1] * th / h) if img.dpi else None  # same physical size
         save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif, dpi=dpi,
                    quality=quality, overwrite=overwrite)
+        if run is not None:
+            run.remove()
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return UpscaleResult(
             input=str(src), output=str(dst), input_size=img.size, output_size=up_plan.target_size,

@@ -49,6 +49,19 @@ LowMemory = Annotated[Optional[bool], typer.Option(
     help="Keep the sampler state and host K/V cache in memory-mapped files next to the output (removed "
          "afterwards): a few bytes of RAM per pixel, some speed. Default: on by itself when RAM is short.",
     rich_help_panel="Memory")]
+Checkpoint = Annotated[Optional[bool], typer.Option(
+    "--checkpoint/--no-checkpoint",
+    help="Save the sampler state after every step in .OUTPUT.infdit-run/ beside the output (12 bytes per "
+         "output pixel), so an interrupted run continues where it stopped. Default: on when the job is "
+         "predicted to take more than 5 minutes, or when a run folder is already there.",
+    rich_help_panel="Long jobs")]
+Resume = Annotated[bool, typer.Option(
+    "--resume/--no-resume",
+    help="Continue from the run folder when its input, weights and options match (default); "
+         "--no-resume starts over.", rich_help_panel="Long jobs")]
+Preview = Annotated[Optional[Path], typer.Option(
+    help="After every step, write the model's current estimate of the image here (at most 2048 px on the "
+         "long side), replacing the previous one.", rich_help_panel="Long jobs")]
 Quality = Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.", rich_help_panel="Output")]
 ColorFixOpt = Annotated[ColorFix, typer.Option(
     help="Low-frequency colour transfer from the input, if colours drift.", rich_help_panel="Output")]

@@ -5,7 +5,19 @@ from __future__ import annotations
 import sys
 from typing import Protocol
 
-from ..events import BatchDone, Notice, PassStarted, PlanChanged, StepDone
+import time
+
+from ..events import BatchDone, CheckpointDiscarded, JobStarted, Notice, PassStarted, PlanChanged, Resumed, StepDone
+
+
+def event_line(event: object) -> str | None:
+    """The line an event prints by itself (resume, discarded checkpoint), or None."""
+    if isinstance(event, Resumed):
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.saved_at))
+        return f"resuming at pass {event.pass_}/{event.passes}, step {event.step}/{event.steps} (saved {saved})"
+    if isinstance(event, CheckpointDiscarded):
+        return f"not resuming from {event.path}: {event.reason}; starting over"
+    return None
 
 
 class Display(Protocol):
@@ -34,6 +46,8 @@ class NullDisplay:
             self.warn(f"{event.reason} with {event.old}; continuing with {event.new}")
         elif isinstance(event, Notice):
             self.warn(event.text)
+        elif (line := event_line(event)) is not None:
+            print(line, file=sys.stderr)
 
     def stop(self) -> None:
         pass
@@ -59,7 +73,9 @@ class RichDisplay:
         self.steps = Progress(*cols, console=self.console)
         self.blocks = Progress(*cols, console=self.console, transient=True)
         self.live = Live(Group(self.overall, self.steps, self.blocks), console=self.console, refresh_per_second=8)
-        self.images_task = self.step_task = self.block_task = None
+        self.images_task = self.step_task = self.block_task = self.job_task = None
+        self.work: list[float] = []
+        self.pass_index = 1
         self.total_images = 1
         self.calls_per_pass: int | None = None
         self.name = ""
@@ -77,9 +93,34 @@ class RichDisplay:
     def image_done(self) -> None:
         if self.images_task is not None:
             self.overall.advance(self.images_task)
+        if self.job_task is not None:
+            self.overall.remove_task(self.job_task)
+            self.job_task = None
+
+    def _job_level(self, pass_index: int, calls: int, calls_per_pass: int) -> float:
+        """Percent of the whole job's compute done at `calls` calls into pass `pass_index` (1-based)."""
+        w = self.work
+        return 100 * (sum(w[: pass_index - 1]) + w[pass_index - 1] * calls / max(1, calls_per_pass))
 
     def __call__(self, event: object) -> None:
-        if isinstance(event, PassStarted):
+        if isinstance(event, JobStarted):
+            self.work, self.calls_per_pass = event.work, event.calls
+            if self.job_task is not None:
+                self.overall.remove_task(self.job_task)
+            name = f"{self.name}: " if self.name and self.total_images == 1 else ""
+            self.job_task = self.overall.add_task(f"{name}job, {len(event.work)} pass(es)", total=100,
+                                                  unit="% of work")
+        elif isinstance(event, Resumed):
+            if self.job_task is not None and self.work:
+                calls = 2 * event.step - (1 if event.step == event.steps else 0)
+                # reset: the saved progress is not speed, so the ETA starts from this run's own pace
+                self.overall.reset(self.job_task, total=100,
+                                   completed=self._job_level(event.pass_, calls, 2 * event.steps - 1))
+            self.console.print(event_line(event), markup=False, highlight=False)
+        elif isinstance(event, CheckpointDiscarded):
+            self.console.print(event_line(event), markup=False, highlight=False)
+        elif isinstance(event, PassStarted):
+            self.pass_index = event.index
             for t in list(self.steps.task_ids):
                 self.steps.remove_task(t)
             p = event.pass_
@@ -88,6 +129,9 @@ class RichDisplay:
             self.step_task = self.steps.add_task(desc, total=self.calls_per_pass or 1, unit="calls")
         elif isinstance(event, StepDone) and self.step_task is not None:
             self.steps.update(self.step_task, total=2 * event.steps - 1, completed=event.calls)
+            if self.job_task is not None and self.work:
+                self.overall.update(self.job_task,
+                                    completed=self._job_level(self.pass_index, event.calls, 2 * event.steps - 1))
         elif isinstance(event, BatchDone):
             if self.block_task is None:
                 self.block_task = self.blocks.add_task(f"blocks, {event.n}x{event.n} at a time", total=event.total,

@@ -13,6 +13,7 @@ import typer
 from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
 from . import _options as O
 from ._checks import check_target_args
+from ..planner import format_bytes
 from ._progress import make_display
 from .upscale import load_upscaler
 
@@ -50,6 +51,8 @@ def batch(
     low_memory: O.LowMemory = None,
     max_pixels: O.MaxPixels = 64 * 2**20,
     overwrite: O.Overwrite = False,
+    checkpoint: O.Checkpoint = None,
+    resume: O.Resume = True,
     dry_run_: Annotated[bool, typer.Option("--dry-run", help=(
         "List what would be done (each file's size change, skips, refusals); load and compute nothing."))] = False,
     quiet: O.Quiet = False,
@@ -84,9 +87,11 @@ def batch(
         display = make_display(quiet)
         display.start(todo, calls_per_pass=2 * steps - 1)
         started: set[str] = set()
+        current: list[Path] = []  # the output of the file in progress
 
         def on_start(p: Path) -> None:
             started.add(str(p))
+            current[:] = [next(Path(i.output) for i in items if i.input == str(p))]
             display.image(p.name)
 
         def on_item(item) -> None:
@@ -96,7 +101,16 @@ def batch(
         try:
             report = run_batch(up, folder, out_root, res=res, scale=scale, recursive=recursive, glob=glob,
                                overwrite=overwrite, quality=quality, max_pixels=max_pixels, on_event=display,
-                               on_item=on_item, on_start=on_start, items=items)
+                               on_item=on_item, on_start=on_start, items=items, checkpoint=checkpoint,
+                               resume=resume)
+        except KeyboardInterrupt:
+            from ..checkpoint import describe, run_folder_for
+            from ..errors import Interrupted
+
+            info = describe(run_folder_for(current[0])) if current else None
+            where = f"; {current[0].name}: {info[0]} saved ({format_bytes(info[1])} on disk)" if info else ""
+            raise Interrupted(f"interrupted after {max(0, len(started) - 1)} file(s){where}; run the same "
+                              "command again to skip the finished files and continue") from None
         finally:
             display.stop()
     failed = report.count("failed")

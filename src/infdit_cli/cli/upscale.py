@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict
@@ -13,6 +14,7 @@ import typer
 
 from ..pipeline import UpscalePlan
 from ..planner import format_bytes
+from ..checkpoint import run_folder_for
 from ..upscaler import default_output
 from . import _options as O
 from ._checks import check_upscale_args
@@ -33,6 +35,56 @@ def load_upscaler(weights, repo, offline, device, dtype, options):
 
     return Upscaler.from_weights(weights, device=device, dtype=dtype, options=options, repo=repo,
                                  offline=offline or None)
+
+
+def check_preview(preview: Path, input: Path, dst: Path) -> None:
+    """--preview names a writable image file that is neither the input nor the output."""
+    from ..errors import BadRequest
+    from ..images import check_output
+
+    if preview.resolve() in (input.resolve(), dst.resolve()):
+        raise BadRequest(f"--preview {preview} is the {'input' if preview.resolve() == input.resolve() else 'output'}"
+                         "; choose another file")
+    check_output(preview, True)
+
+
+def preview_writer(preview: Path | None):
+    """A callback writing each preview to `preview` atomically, or None."""
+    if preview is None:
+        return None
+    from ..images import save_image
+
+    def write(img) -> None:
+        save_image(preview, img, overwrite=True)
+
+    return write
+
+
+@contextlib.contextmanager
+def keep_progress(folder: Path):
+    """On Ctrl-C or a failure with a checkpoint saved, the error's one line ends with how to resume."""
+    from ..checkpoint import describe
+    from ..errors import InfditError, Interrupted
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted{resume_hint(describe(folder), folder)}") from None
+    except InfditError as e:
+        info = describe(folder)
+        if info is None:
+            raise
+        err = type(e)(f"{e}{resume_hint(info, folder)}")
+        err.exit_code = e.exit_code
+        raise err from None
+
+
+def resume_hint(info: tuple[str, int] | None, folder: Path) -> str:
+    if info is None:
+        return ""
+    where, nbytes = info
+    return (f"; {where} saved in {folder} ({format_bytes(nbytes)} on disk): run the same command again to "
+            "resume, or add --no-resume to start over")
 
 
 def plan_lines(plan: UpscalePlan, device: str, dtype: str) -> list[str]:
@@ -109,6 +161,9 @@ def upscale(
     low_memory: O.LowMemory = None,
     max_pixels: O.MaxPixels = 64 * 2**20,
     overwrite: O.Overwrite = False,
+    checkpoint: O.Checkpoint = None,
+    resume: O.Resume = True,
+    preview: O.Preview = None,
     dry_run_: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; compute nothing.")] = False,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
@@ -123,8 +178,11 @@ def upscale(
     if verbose:
         os.environ["INFDIT_DEBUG"] = "1"
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory)
-    check_upscale_args(input, output or default_output(input), res=res, scale=scale, overwrite=overwrite,
+    dst = output or default_output(input)
+    check_upscale_args(input, dst, res=res, scale=scale, overwrite=overwrite,
                        max_pixels=max_pixels)  # usage and files before weights: the real mistake first
+    if preview is not None:
+        check_preview(preview, input, dst)
     info = dry_run(input, weights, repo, offline, device, dtype, res, scale, options)  # refuses what cannot fit
     if dry_run_:
         if json_:
@@ -141,8 +199,10 @@ def upscale(
     display.start(1, calls_per_pass=2 * steps - 1)
     display.image(input.name)
     try:
-        result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
-                                 max_pixels=max_pixels, on_event=display)
+        with keep_progress(run_folder_for(dst)):
+            result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
+                                     max_pixels=max_pixels, on_event=display, checkpoint=checkpoint, resume=resume,
+                                     on_preview=preview_writer(preview))
     finally:
         display.stop()
     if json_:
