@@ -316,7 +316,7 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
         """Largest n fitting the device (or the fixed n if it fits)."""
         for cand in ([n] if n is not None else range(top, 0, -1)):
             est = estimate(cfg, size, cand, cache_on_host=cache_host, state_on_host=state_host, **kw, **lean)
-            if est.total <= budget:
+            if est.total <= budget and (not on_cpu or est.host_peak <= host_budget):
                 return cand
         return None
 

@@ -99,8 +99,8 @@ def plan_lines(plan: UpscalePlan, device: str, dtype: str) -> list[str]:
                                  ("low-memory", mem.low_memory)) if on]
         how = (f"{'whole image' if mem.whole_image else f'n={mem.n} ({mem.n}x{mem.n} blocks)'}, "
                + "".join(f"{w}, " for w in where)
-               + f"predicted peak {format_bytes(mem.estimate.device_peak)} {device}"
-               + ("" if device == "cpu" else f", {format_bytes(mem.estimate.host_peak)} host"))
+               + f"predicted peak {format_bytes(mem.estimate.device_peak)} {device}, "
+               + f"{format_bytes(mem.estimate.host_peak)} host")
         lines.append(f"  pass {i}: {p.scale}x {p.in_size[1]}x{p.in_size[0]} -> {p.out_size[1]}x{p.out_size[0]} "
                      f"(canvas {p.padded_out[1]}x{p.padded_out[0]}); {how}")
     if plan.resample:
