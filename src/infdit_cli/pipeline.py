@@ -156,13 +156,14 @@ def _low_freq(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
 
 def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOptions = UpscaleOptions(), *,
             generator: torch.Generator | None = None, on_event: Callable[[object], None] | None = None,
-            scratch_dir: str | None = None, fault=None) -> torch.Tensor:
+            scratch_dir: str | None = None, fault=None, engine=None) -> torch.Tensor:
     """Upscale `rgb` (1, 3, h, w) in [0, 1] to `up_plan.target_size`; returns (1, 3, H, W) in [0, 1] on the host.
 
     Noise is drawn on the CPU from `generator` (seeded from `options.seed` when None), so the same seed gives
     the same image whatever n, cache placement or device. A placement learned from running out of memory
     in one pass is kept for the passes after it. Memory-mapped state (`--low-memory`) lives in a scratch
     folder in `scratch_dir` (default: the system's temporary folder), removed however this returns.
+    `engine`: what builds each pass's denoiser (default `BlockEngine`; `bands.band_engine` under torchrun).
     """
     if generator is None:
         generator = torch.Generator().manual_seed(options.seed)
@@ -180,7 +181,7 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
             if on_event is not None:
                 on_event(PassStarted(i + 1, len(up_plan.passes), p, None if p.memory.whole_image else placement.n))
             x, final = _one_pass(model, x, p, placement, options, generator, on_event,
-                                 scratch if p.memory.low_memory else None, fault)
+                                 scratch if p.memory.low_memory else None, fault, engine)
             if final != p.memory.placement:
                 learned = final
             if on_event is not None:
@@ -243,7 +244,8 @@ def pass_inputs(lr_in: torch.Tensor, scale: int, cfg) -> tuple[torch.Tensor, Ups
 
 
 def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options: UpscaleOptions,
-              generator, on_event, scratch: Scratch | None, fault) -> tuple[torch.Tensor, Placement]:
+              generator, on_event, scratch: Scratch | None, fault, engine_cls=None
+              ) -> tuple[torch.Tensor, Placement]:
     """One sampling run; returns the cropped result and the placement it ended with."""
     lr, lr_up, clip_in = pass_inputs(lr_in, p.scale, model.config)
     hr = tuple(lr_up.shape[-2:])
@@ -266,7 +268,7 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
         st.trim()
     del noise
 
-    engine = BlockEngine(model, lr, vector, lr_up, replace(placement, state_on_host=False), scratch=scratch,
+    engine = (engine_cls or BlockEngine)(model, lr, vector, lr_up, replace(placement, state_on_host=False), scratch=scratch,
                          on_event=on_event, fault=fault)
     done = 0
 

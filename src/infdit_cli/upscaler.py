@@ -95,6 +95,7 @@ class Upscaler:
         self.model = model
         self.options = options
         self.device_budget = device_budget
+        self.engine = None  # builds each pass's denoiser; None: BlockEngine (bands.band_engine under torchrun)
 
     @classmethod
     def from_weights(cls, weights: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -126,13 +127,16 @@ class Upscaler:
                        fault=None) -> torch.Tensor:
         """(1, 3, h, w) in [0, 1] -> (1, 3, H, W) in [0, 1]. `scratch_dir`: where --low-memory files go."""
         return upscale(self.model, rgb, up_plan, options or self.options, on_event=on_event,
-                       scratch_dir=None if scratch_dir is None else str(scratch_dir), fault=fault)
+                       scratch_dir=None if scratch_dir is None else str(scratch_dir), fault=fault,
+                       engine=self.engine)
 
     def upscale_file(self, src: str | Path, dst: str | Path | None = None, *, res: str | None = None,
                      scale: float | None = None, options: UpscaleOptions | None = None, quality: int = 95,
                      overwrite: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                     on_event: Callable[[object], None] | None = None) -> UpscaleResult:
-        """Read `src`, upscale, write `dst` (default `<stem>_infdit<suffix>`) atomically."""
+                     on_event: Callable[[object], None] | None = None, write: bool = True) -> UpscaleResult:
+        """Read `src`, upscale, write `dst` (default `<stem>_infdit<suffix>`) atomically.
+
+        `write=False`: compute only (the ranks other than 0 of one image under torchrun)."""
         opts = options or self.options
         src = Path(src)
         dst = Path(dst) if dst is not None else default_output(src)
@@ -164,8 +168,9 @@ class Upscaler:
         alpha = resize(img.alpha, up_plan.target_size).clamp(0, 1) if img.alpha is not None else None
         (h, w), (th, tw) = img.size, up_plan.target_size
         dpi = (img.dpi[0] * tw / w, img.dpi[1] * th / h) if img.dpi else None  # same physical size
-        save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif, dpi=dpi,
-                   quality=quality, overwrite=overwrite)
+        if write:
+            save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif,
+                       dpi=dpi, quality=quality, overwrite=overwrite)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return UpscaleResult(
             input=str(src), output=str(dst), input_size=img.size, output_size=up_plan.target_size,

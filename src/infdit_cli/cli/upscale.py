@@ -11,6 +11,7 @@ from typing import Annotated
 import torch
 import typer
 
+from .. import distributed as D
 from ..pipeline import UpscalePlan
 from ..planner import format_bytes
 from ..upscaler import default_output
@@ -136,15 +137,28 @@ def upscale(
             typer.echo(f"  (config: {info['config_from']}; seed {seed})")
         return
     out = output if output is not None else None
-    up = load_upscaler(weights, repo, offline, device, dtype, options)
-    display = make_display(quiet)
-    display.start(1, calls_per_pass=2 * steps - 1)
-    display.image(input.name)
+    world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
+    if world.distributed:
+        device = D.rank_device(device, world)
+        D.init(world, device)
     try:
-        result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
-                                 max_pixels=max_pixels, on_event=display)
+        up = load_upscaler(weights, repo, offline, device, dtype, options)
+        if world.distributed:
+            from ..bands import band_engine
+
+            up.engine = band_engine(world)
+        display = make_display(quiet, main=world.main)
+        display.start(1, calls_per_pass=2 * steps - 1)
+        display.image(input.name)
+        try:
+            result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
+                                     max_pixels=max_pixels, on_event=display, write=world.main)
+        finally:
+            display.stop()
     finally:
-        display.stop()
+        D.teardown()
+    if not world.main:  # rank 0 writes the file and reports
+        return
     if json_:
         typer.echo(json.dumps(asdict(result)))
     elif not quiet:
