@@ -5,7 +5,7 @@ row-major traversal) and then `--nproc-per-node 2` (`BandEngine`), alternately, 
 each run times a few warm denoiser calls and reports the median. The table gives the measured speed-up
 next to the pipeline-fill model of docs/distributed.md.
 
-    python benchmarks/ranks.py [--config tiny] [--size 128x2048] [--n 1] [--calls 3] [--rounds 3]
+    python benchmarks/ranks.py [--config tiny] [--size 128x1024] [--block-batch 1] [--calls 3] [--rounds 3]
 """
 
 import argparse
@@ -65,8 +65,8 @@ def worker(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="tiny")
-    ap.add_argument("--size", default="128x2048", help="HxW of the HR image")
-    ap.add_argument("--n", type=int, default=1)
+    ap.add_argument("--size", default="128x1024", help="HxW of the HR image")
+    ap.add_argument("--block-batch", dest="n", type=int, default=1)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -84,7 +84,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for ranks in (1, 2):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-                   __file__, "--worker", "--config", args.config, "--size", args.size, "--n", str(args.n),
+                   __file__, "--worker", "--config", args.config, "--size", args.size,
+                   "--block-batch", str(args.n),
                    "--calls", str(args.calls)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             runs[ranks].append(json.loads(out.strip().splitlines()[-1])["median"])
