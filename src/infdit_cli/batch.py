@@ -30,6 +30,7 @@ class BatchItem:
     reason: str = ""  # why skipped or failed; for a preview, the planned size change
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # what was dropped or changed (Notice texts)
+    rank: int | None = None  # under torchrun: the rank that upscaled it (None: one process)
 
 
 @dataclass

@@ -183,7 +183,7 @@ def _low_freq(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
 def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOptions = UpscaleOptions(), *,
             generator: torch.Generator | None = None, on_event: Callable[[object], None] | None = None,
             scratch_dir: str | None = None, fault=None, run: RunFolder | None = None,
-            on_preview: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+            on_preview: Callable[[torch.Tensor], None] | None = None, engine=None) -> torch.Tensor:
     """Upscale `rgb` (1, 3, h, w) in [0, 1] to `up_plan.target_size`; returns (1, 3, H, W) in [0, 1] on the host.
 
     Noise is drawn on the CPU from `generator` (seeded from `options.seed` when None), so the same seed gives
@@ -197,6 +197,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
             itself; on an exception the folder keeps only the last checkpoint.
         on_preview: receives, after every step, the model's current estimate of the pass's result
             (1, 3, h, w) in [0, 1], downscaled to at most PREVIEW_SIDE px on the long side.
+        engine: what builds each pass's denoiser (default `BlockEngine`; `bands.band_engine` under
+            torchrun).
     """
     if generator is None:
         generator = torch.Generator().manual_seed(options.seed)
@@ -237,7 +239,7 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
                 ckpt = _Checkpointer(run, i + 1, len(up_plan.passes), x if i > 0 else None,
                                      saved if i == first else None, on_event)
             x, final = _one_pass(model, x, p, placement, options, generator, on_event,
-                                 scratch if p.memory.low_memory else None, fault, ckpt, on_preview)
+                                 scratch if p.memory.low_memory else None, fault, ckpt, on_preview, engine)
             if final != p.memory.placement:
                 learned = final
             if on_event is not None:
@@ -349,7 +351,7 @@ def pass_inputs(lr_in: torch.Tensor, scale: int, cfg) -> tuple[torch.Tensor, Ups
 
 def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options: UpscaleOptions,
               generator, on_event, scratch: Scratch | None, fault, ckpt: _Checkpointer | None = None,
-              on_preview=None) -> tuple[torch.Tensor, Placement]:
+              on_preview=None, engine_cls=None) -> tuple[torch.Tensor, Placement]:
     """One sampling run; returns the cropped result and the placement it ended with."""
     lr, lr_up, clip_in = pass_inputs(lr_in, p.scale, model.config)
     hr = tuple(lr_up.shape[-2:])
@@ -393,8 +395,8 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
         del noise
     rng = generator.get_state()
 
-    engine = BlockEngine(model, lr, vector, lr_up, replace(placement, state_on_host=False), scratch=scratch,
-                         on_event=on_event, fault=fault)
+    engine = (engine_cls or BlockEngine)(model, lr, vector, lr_up, replace(placement, state_on_host=False),
+                                         scratch=scratch, on_event=on_event, fault=fault)
     preview: list[torch.Tensor] = []
 
     def denoised(i: int, den: torch.Tensor) -> None:

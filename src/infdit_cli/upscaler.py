@@ -108,6 +108,7 @@ class Upscaler:
 
             self._weights_id = model_identity(self.model)
         return self._weights_id
+        self.engine = None  # builds each pass's denoiser; None: BlockEngine (bands.band_engine under torchrun)
 
     @classmethod
     def from_weights(cls, weights: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -144,7 +145,7 @@ class Upscaler:
         `run`, `on_preview`: see `pipeline.upscale`."""
         return upscale(self.model, rgb, up_plan, options or self.options, on_event=on_event,
                        scratch_dir=None if scratch_dir is None else str(scratch_dir), fault=fault, run=run,
-                       on_preview=on_preview)
+                       on_preview=on_preview, engine=self.engine)
 
     def predicted_seconds(self, up_plan: UpscalePlan) -> float:
         """The job's time as the checkpoint default estimates it (`pipeline.predicted_seconds`)."""
@@ -155,8 +156,10 @@ class Upscaler:
                      overwrite: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                      on_event: Callable[[object], None] | None = None, checkpoint: bool | None = None,
                      checkpoint_dir: str | Path | None = None, resume: bool = True,
-                     on_preview: Callable[[torch.Tensor], None] | None = None) -> UpscaleResult:
+                     on_preview: Callable[[torch.Tensor], None] | None = None, write: bool = True) -> UpscaleResult:
         """Read `src`, upscale, write `dst` (default `<stem>_infdit<suffix>`) atomically.
+
+        `write=False`: compute only (the ranks other than 0 of one image under torchrun).
 
         Args:
             checkpoint: save the sampler state after every step (True), never (False), or when the job is
@@ -213,8 +216,9 @@ class Upscaler:
         alpha = resize(img.alpha, up_plan.target_size).clamp(0, 1) if img.alpha is not None else None
         (h, w), (th, tw) = img.size, up_plan.target_size
         dpi = (img.dpi[0] * tw / w, img.dpi[1] * th / h) if img.dpi else None  # same physical size
-        save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif, dpi=dpi,
-                   quality=quality, overwrite=overwrite)
+        if write:
+            save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif,
+                       dpi=dpi, quality=quality, overwrite=overwrite)
         if run is not None:
             run.remove()
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None

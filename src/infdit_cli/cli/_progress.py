@@ -24,6 +24,7 @@ class Display(Protocol):
     def start(self, total_images: int = 1, *, calls_per_pass: int | None = None) -> None: ...
     def image(self, name: str) -> None: ...
     def image_done(self) -> None: ...
+    def images(self, done: int) -> None: ...
     def __call__(self, event: object) -> None: ...
     def stop(self) -> None: ...
     def warn(self, text: str) -> None: ...
@@ -39,6 +40,9 @@ class NullDisplay:
         pass
 
     def image_done(self) -> None:
+        pass
+
+    def images(self, done: int) -> None:
         pass
 
     def __call__(self, event: object) -> None:
@@ -102,6 +106,11 @@ class RichDisplay:
         w = self.work
         return 100 * (sum(w[: pass_index - 1]) + w[pass_index - 1] * calls / max(1, calls_per_pass))
 
+    def images(self, done: int) -> None:
+        """Images finished in the whole job (under torchrun, by every rank)."""
+        if self.images_task is not None:
+            self.overall.update(self.images_task, completed=done)
+
     def __call__(self, event: object) -> None:
         if isinstance(event, JobStarted):
             self.work, self.calls_per_pass = event.work, event.calls
@@ -154,7 +163,16 @@ class RichDisplay:
         self.console.print(Text.assemble(("warning:", "yellow"), " ", text))  # file names printed literally
 
 
-def make_display(quiet: bool) -> Display:
+class SilentDisplay(NullDisplay):
+    """Ranks other than 0 under torchrun: their warnings reach rank 0's summary, not the terminal."""
+
+    def warn(self, text: str) -> None:
+        pass
+
+
+def make_display(quiet: bool, *, main: bool = True) -> Display:
+    if not main:
+        return SilentDisplay()
     if quiet or not sys.stderr.isatty():
         return NullDisplay()
     return RichDisplay()

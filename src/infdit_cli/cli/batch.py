@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from .. import distributed as D
 from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
 from . import _options as O
 from ._checks import check_target_args
@@ -72,6 +73,11 @@ def batch(
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory)
     check_target_args(res, scale)  # usage before the folder, the folder before weights
     out_root = output if output is not None else folder.resolve().with_name(folder.resolve().name + "_infdit")
+    world = D.world_from_env()  # under torchrun: this rank's place; one process otherwise
+    if world.distributed and not dry_run_:
+        _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale, steps, weights, repo,
+                     offline, device, dtype, options, quality, max_pixels, quiet, json_)
+        return
     items = plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite)
     if not items:
         what = f"matching {glob!r}" if glob else f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})"
@@ -150,3 +156,49 @@ def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bo
     counts = [f"{report.count(k)} {k if k != 'todo' else 'to do'}" for k in ("todo", "done", "skipped", "failed")
               if k != "todo" or dry_run]
     console.print(Text(", ".join(counts)))
+
+
+def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale, steps, weights, repo, offline,
+                 device, dtype, options, quality, max_pixels, quiet, json_) -> None:
+    """`batch` under torchrun: rank 0's plan, files dealt by size, rank 0 displays and reports the whole job."""
+    device = D.rank_device(device, world)
+    D.init(world, device)
+    try:
+        # Every rank plans (so a bad command line fails everywhere alike), then all take rank 0's plan:
+        # a file rank 0 writes meanwhile must not look "done" to a rank that lists the folder later.
+        items = D.broadcast(plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite),
+                            world)
+        todo = sum(i.status == "todo" for i in items)
+        up = load_upscaler(weights, repo, offline, device, dtype, options) if todo else None
+        display = make_display(quiet, main=world.main)
+        counter = D.Counter(world)
+        display.start(todo, calls_per_pass=2 * steps - 1)
+        started: set[str] = set()
+
+        def on_start(p: Path) -> None:
+            started.add(str(p))
+            display.image(p.name)
+
+        def on_item(item) -> None:
+            if item.input in started:
+                display.images(counter.add(1))
+
+        try:
+            report = D.run_batch_sharded(up, folder, out_root, items, world, res=res, scale=scale,
+                                         max_pixels=max_pixels, on_item=on_item, on_start=on_start,
+                                         on_event=display, recursive=recursive, glob=glob, overwrite=overwrite,
+                                         quality=quality,
+                                         on_idle=lambda: counter.wait(todo, display.images) if world.main else None)
+        finally:
+            display.stop()
+    finally:
+        D.teardown()
+    if report is None:  # not rank 0: its files are in rank 0's summary and exit status
+        return
+    failed = report.count("failed")
+    if json_:
+        typer.echo(json.dumps({**_summary(report, False), "ranks": world.size}))
+    elif not quiet or failed:
+        _print_table(report, folder, out_root, quiet=quiet, dry_run=False)
+    if failed:
+        raise typer.Exit(1)

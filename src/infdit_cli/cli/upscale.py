@@ -12,6 +12,7 @@ from typing import Annotated
 import torch
 import typer
 
+from .. import distributed as D
 from ..pipeline import UpscalePlan
 from ..planner import format_bytes
 from ..checkpoint import run_folder_for
@@ -194,17 +195,31 @@ def upscale(
             typer.echo(f"  (config: {info['config_from']}; seed {seed})")
         return
     out = output if output is not None else None
-    up = load_upscaler(weights, repo, offline, device, dtype, options)
-    display = make_display(quiet)
-    display.start(1, calls_per_pass=2 * steps - 1)
-    display.image(input.name)
+    world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
+    if world.distributed:
+        device = D.rank_device(device, world)
+        D.init(world, device)
     try:
-        with keep_progress(run_folder_for(dst)):
-            result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
-                                     max_pixels=max_pixels, on_event=display, checkpoint=checkpoint, resume=resume,
-                                     on_preview=preview_writer(preview))
+        up = load_upscaler(weights, repo, offline, device, dtype, options)
+        if world.distributed:
+            from ..bands import band_engine
+
+            up.engine = band_engine(world)
+        display = make_display(quiet, main=world.main)
+        display.start(1, calls_per_pass=2 * steps - 1)
+        display.image(input.name)
+        try:
+            with keep_progress(run_folder_for(dst)):
+                result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
+                                         max_pixels=max_pixels, on_event=display, write=world.main,
+                                         checkpoint=checkpoint if world.main else False, resume=resume,
+                                         on_preview=preview_writer(preview) if world.main else None)
+        finally:
+            display.stop()
     finally:
-        display.stop()
+        D.teardown()
+    if not world.main:  # rank 0 writes the file and reports
+        return
     if json_:
         typer.echo(json.dumps(asdict(result)))
     elif not quiet:
