@@ -100,6 +100,7 @@ class Upscaler:
         self.options = options
         self.device_budget = device_budget
         self._weights_id = weights_id
+        self.engine = None  # builds each pass's denoiser; None: BlockEngine (bands.band_engine under torchrun)
 
     @property
     def weights_id(self) -> str:
@@ -108,7 +109,6 @@ class Upscaler:
 
             self._weights_id = model_identity(self.model)
         return self._weights_id
-        self.engine = None  # builds each pass's denoiser; None: BlockEngine (bands.band_engine under torchrun)
 
     @classmethod
     def from_weights(cls, weights: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
