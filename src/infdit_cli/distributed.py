@@ -73,6 +73,10 @@ def teardown() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        try:  # every rank reaches the end before any tears the group down (gloo aborts on a peer gone early)
+            dist.barrier()
+        except (RuntimeError, ValueError):  # a peer already failed: its error is the one to report
+            pass
         dist.destroy_process_group()
 
 
