@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .distributed import World
-from .engine import BlockEngine, KVCache, _evict, pad_to_blocks
+from .engine import BlockEngine, KVCache, _evict
 from .events import BatchDone
 from .planner import batch_device_bytes
 from .schedule import BlockBatch, cache_slots
@@ -68,7 +68,7 @@ class BandEngine(BlockEngine):
         import torch.distributed as dist
 
         cfg, g, model = self.cfg, self.grid, self.model
-        bs, (lo, hi), rank = cfg.block_size, self.band, self.world.rank
+        (lo, hi), rank = self.band, self.world.rank
         dev, dt = model.device, model.dtype
         sends = []
         # Sender and receiver must cut the same rectangle rows: every rank takes the smallest n (the
@@ -82,20 +82,13 @@ class BandEngine(BlockEngine):
             cache = self._band_cache(x.shape[0], dt, n)
             done = torch.ones(g.gh, g.gw, dtype=torch.bool)  # blocks of other bands: nobody here waits on them
             done[:, lo:hi] = False
-            c_in, c_out, c_skip = (t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
+            scales = tuple(t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
             for idx, rect in enumerate(rects):
                 if rect.c0 == lo and lo > 0:
                     self._receive(rect, cache, rank - 1)
                 if self.fault is not None:
                     self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host))
-                ys = slice(rect.r0 * bs, min(rect.r1 * bs, g.h))
-                xs = slice(rect.c0 * bs, min(rect.c1 * bs, g.w))
-                x_r = x[..., ys, xs].to(dev, torch.float32)
-                xin = torch.cat([x_r, self.lr_up[..., ys, xs].to(dev, torch.float32)], dim=1)
-                xin = pad_to_blocks(xin, bs) * c_in
-                f = self._forward(xin.to(dt), rect, step, cache)
-                f = f[..., : x_r.shape[-2], : x_r.shape[-1]].float()
-                out[..., ys, xs] = (f * c_out + x_r * c_skip).to(out.device)
+                self._rect(x, out, rect, step, cache, scales)
                 if rect.c1 == hi and hi < g.gw:  # the next band's left column: send it now, keep going
                     kv = torch.stack([cache.slab[cache.index[(r, hi - 1)]] for r in range(rect.r0, rect.r1)])
                     sends.append((dist.isend(kv, dst=rank + 1), kv))

@@ -251,23 +251,15 @@ class BlockEngine:
 
     def _run(self, x: torch.Tensor, out: torch.Tensor, step) -> None:
         cfg, g, model = self.cfg, self.grid, self.model
-        bs = cfg.block_size
         dev, dt = model.device, model.dtype
         batches = plan_batches(g.gh, g.gw, self.n, self.order)
         cache = self._ensure_cache(x.shape[0], dt)
         done = torch.zeros(g.gh, g.gw, dtype=torch.bool)
-        c_in, c_out, c_skip = (t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
+        scales = tuple(t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
         for idx, rect in enumerate(batches):
             if self.fault is not None:
                 self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host))
-            ys = slice(rect.r0 * bs, min(rect.r1 * bs, g.h))
-            xs = slice(rect.c0 * bs, min(rect.c1 * bs, g.w))
-            x_r = x[..., ys, xs].to(dev, torch.float32)
-            xin = torch.cat([x_r, self.lr_up[..., ys, xs].to(dev, torch.float32)], dim=1)
-            xin = pad_to_blocks(xin, bs) * c_in  # the LR channels are scaled by c_in too
-            f = self._forward(xin.to(dt), rect, step, cache)
-            f = f[..., : x_r.shape[-2], : x_r.shape[-1]].float()
-            out[..., ys, xs] = (f * c_out + x_r * c_skip).to(out.device)
+            self._rect(x, out, rect, step, cache, scales)
             if cache is not None:
                 _evict(cache, rect, done)
             if self.scratch is not None:
@@ -275,6 +267,20 @@ class BlockEngine:
             if self.on_event is not None:
                 self.on_event(BatchDone(index=idx + 1, total=len(batches), n=self.n,
                                         cached_blocks=len(cache) if cache is not None else 0))
+
+    def _rect(self, x: torch.Tensor, out: torch.Tensor, rect: BlockBatch, step, cache: KVCache | None,
+              scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """D(x) on one rectangle into `out`: its slices travel to the model's device and back."""
+        bs, g, dev = self.cfg.block_size, self.grid, self.model.device
+        c_in, c_out, c_skip = scales
+        ys = slice(rect.r0 * bs, min(rect.r1 * bs, g.h))
+        xs = slice(rect.c0 * bs, min(rect.c1 * bs, g.w))
+        x_r = x[..., ys, xs].to(dev, torch.float32)
+        xin = torch.cat([x_r, self.lr_up[..., ys, xs].to(dev, torch.float32)], dim=1)
+        xin = pad_to_blocks(xin, bs) * c_in  # the LR channels are scaled by c_in too
+        f = self._forward(xin.to(self.model.dtype), rect, step, cache)
+        f = f[..., : x_r.shape[-2], : x_r.shape[-1]].float()
+        out[..., ys, xs] = (f * c_out + x_r * c_skip).to(out.device)
 
     def _forward(self, xin: torch.Tensor, rect: BlockBatch, step, cache: KVCache | None) -> torch.Tensor:
         """The network on one rectangle: the model's pieces, with the cache between `layer_qkv` and
