@@ -80,7 +80,7 @@ class BandEngine(BlockEngine):
             rects = [BlockBatch(r0, min(r0 + n, g.gh), c0, min(c0 + n, hi), g.gh, g.gw)
                      for r0 in range(0, g.gh, n) for c0 in range(lo, hi, n)]
             cache = self._band_cache(x.shape[0], dt, n)
-            done = torch.ones(g.gh, g.gw, dtype=torch.bool)  # blocks of other bands: nobody here waits on them
+            done = torch.ones(g.gh, g.gw, dtype=torch.bool)  # other bands: nobody here waits on them
             done[:, lo:hi] = False
             scales = tuple(t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
             for idx, rect in enumerate(rects):
