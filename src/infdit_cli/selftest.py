@@ -78,9 +78,10 @@ class Profile:
 # summation order (mem-efficient SDPA, cuBLAS) over the CPU's ~1.3e-6. Not yet measured on a GPU.
 CUDA_PROFILE = Profile("cuda", 3e-5, (640, 640), "official", "bfloat16", 8 * 2**30, (1024, 2048, 4096),
                        (1024, 2048), (4096, 16384), 3)
-# The toy budget makes n = 1 the plan at both memory sizes (192.7 MiB predicted at 512²): the CPU's peak
-# RSS tracks the planner there; whole-image RSS runs 20-30 % over it.
-TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 193 * 2**20, (256, 512), (256,), (64, 256),
+# The toy budget makes n = 1 the plan at both memory sizes: the CPU's peak RSS tracks the planner there
+# (measured -10 % to +11 % at 512² and 768²); at 256², a 2x2 grid, allocator slack makes it +30 %, and
+# whole-image RSS runs 20-40 % over the plan.
+TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 220 * 2**20, (512, 768), (256,), (64, 256),
                       1)
 
 
