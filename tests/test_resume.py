@@ -2,7 +2,6 @@
 run folders are refused with one line; a preview is written after every step."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from infdit_cli.checkpoint import RunFolder, run_folder_for
+from infdit_cli.checkpoint import run_folder_for
 from infdit_cli.events import CheckpointDiscarded, CheckpointWritten, Resumed, StepDone
 from infdit_cli.pipeline import UpscaleOptions
 from infdit_cli.upscaler import Upscaler
