@@ -222,3 +222,54 @@ def test_cuda_placements_give_identical_pixels(tiny_config, whole):
     assert on_host.device.type == "cpu" and dev.device.type == "cuda"
     assert torch.equal(dev, host) and torch.equal(dev.cpu(), on_host)
     torch.testing.assert_close(on_host, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 2, 4])
+def test_chunked_layers_equal_one_chunk(tiny_model, whole, monkeypatch, chunk_blocks):
+    """A rectangle's per-token work runs over chunks of its blocks (the last one ragged): the result is
+    the one-chunk pass's, whole image and block mode alike."""
+    from infdit_cli import planner
+
+    t = tiny_model.config.block_tokens**2
+    assert planner.chunk_blocks(tiny_model.config, "cpu") >= 15  # the fixture ran as one chunk
+    monkeypatch.setitem(planner.CHUNK_TOKENS, "cpu", chunk_blocks * t)
+    x, lr_up, lr, vec, ref = whole[(48, 80)]  # 3x5 blocks
+    for n in (None, 3):
+        out = denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=n)
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+
+
+def test_chunks_bound_the_mlp_temporaries(tiny_model, monkeypatch):
+    """The MLP's (tokens x 4D) tensors are a chunk's, not the rectangle's: with 2-block chunks they do not
+    grow with the image, while with one chunk for the rectangle they do."""
+    from infdit_cli import planner
+
+    cfg = tiny_model.config
+    bs, t, width = cfg.block_size, cfg.block_tokens**2, cfg.mlp_ratio * cfg.hidden_size
+
+    def largest_mlp(h, w):
+        x, lr_up, lr, vec = _inputs(cfg, h, w)
+        with _Sizes() as rec:
+            denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec)
+        return max(torch.Size(s).numel() for s in rec.shapes if len(s) > 2 and s[-2:] == (t, width))
+
+    monkeypatch.setitem(planner.CHUNK_TOKENS, "cpu", 2 * t)
+    assert largest_mlp(4 * bs, 4 * bs) == largest_mlp(8 * bs, 8 * bs) == 2 * t * width
+    monkeypatch.setitem(planner.CHUNK_TOKENS, "cpu", 1 << 30)
+    assert largest_mlp(8 * bs, 8 * bs) == 64 * t * width
+
+
+@pytest.mark.parametrize("n", [None, 2])
+def test_compiled_layers_equal_eager(tiny_model, whole, n):
+    """`compile=`: the layers' per-token work through torch.compile ("aot_eager" traces and functionalises
+    the graphs like Inductor, without generating code) gives the eager pixels, and a new sigma (a new
+    StepCond) reuses the graphs instead of recompiling."""
+    from torch._dynamo.utils import counters
+
+    x, lr_up, lr, vec, ref = whole[(48, 80)]
+    eng = BlockEngine(tiny_model, lr, vec, lr_up, Placement(n=n or 1 << 30), compile="aot_eager")
+    out = eng(x, 1.7)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    graphs = counters["stats"]["unique_graphs"]
+    eng(x, 0.9)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -137,3 +137,20 @@ def test_every_weight_matters(official_model, io):
     assert effects["lr_cross.k_norm.bias"] < 1e-5  # rounding only
     assert min(v for k, v in effects.items() if k not in inert) > 1e-4  # 100x the float32 noise floor
     assert maxdiff(run(), ref) == 0.0
+
+
+def test_apply_rope_is_the_official_rotation():
+    """`apply_rope(x, cos, signed_sin(sin))` is `dit/embeddings.py`'s `x * cos + rotate_half(x) * sin`."""
+    from infdit_cli.layers import apply_rope, signed_sin
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 4, 8, generator=g)  # (..., T, heads, hd)
+    angles = torch.rand(3, 5, 8, generator=g) * 20
+    cos, sin = angles.cos(), angles.sin()
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((-x1, x0), dim=-1).flatten(-2)  # official rotate_half
+    ref = x * cos[..., None, :] + rotated * sin[..., None, :]
+    torch.testing.assert_close(apply_rope(x, cos, signed_sin(sin)), ref, atol=1e-6, rtol=0)
+    out = torch.empty_like(x)
+    assert apply_rope(x, cos, signed_sin(sin), out=out) is out
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)

@@ -41,7 +41,8 @@ def gather_neighbours(rect: torch.Tensor, left: torch.Tensor | None, top: torch.
     if out is None:
         out = rect.new_empty(b, gh, gw, 4 * t, *rect.shape[4:])
     me, top_left, lft, up = (out[:, :, :, s * t : (s + 1) * t] for s in range(4))  # official segment order
-    me.copy_(rect)
+    if rect.data_ptr() != me.data_ptr() or rect.stride() != me.stride():  # else already in place
+        me.copy_(rect)
     top_left[:, 1:, 1:].copy_(rect[:, :-1, :-1])
     top_left[:, 0].copy_(top[:, :gw])
     top_left[:, 1:, 0].copy_(left[:, :-1])

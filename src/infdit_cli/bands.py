@@ -87,7 +87,8 @@ class BandEngine(BlockEngine):
                 if rect.c0 == lo and lo > 0:
                     self._receive(rect, cache, rank - 1)
                 if self.fault is not None:
-                    self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host))
+                    self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host,
+                                              model.device.type))
                 self._rect(x, out, rect, step, cache, scales)
                 if rect.c1 == hi and hi < g.gw:  # the next band's left column: send it now, keep going
                     kv = torch.stack([cache.slab[cache.index[(r, hi - 1)]] for r in range(rect.r0, rect.r1)])

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from .attention import gather_neighbours
 from .errors import OutOfMemory
 from .events import BatchDone, PlanChanged
-from .planner import Placement, batch_device_bytes, step_down
+from .planner import Placement, batch_device_bytes, chunk_blocks, step_down
 from .schedule import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
 from .storage import Scratch
 
-__all__ = ["BlockEngine", "KVCache", "denoise", "pad_to_blocks", "Fault"]
+__all__ = ["BlockEngine", "KVCache", "denoise", "pad_to_blocks", "Fault", "compiled_kernels"]
 
 Block = tuple[int, int]
 Fault = Callable[[int], None]  # called with a batch's predicted device bytes before it runs; may raise OOM
@@ -136,6 +136,28 @@ class _Prefetch:
 
 
 # --------------------------------------------------------------------------------------------------------
+# torch.compile of the layer pieces (`--compile`)
+# --------------------------------------------------------------------------------------------------------
+
+_COMPILED: dict[str, tuple[Callable, Callable]] = {}
+
+
+def compiled_kernels(backend: str = "inductor") -> tuple[Callable, Callable]:
+    """`torch.compile`d `model.qkv_kernel` and `model.out_kernel`, made once per process and backend.
+
+    They take the layer's weights as arguments, so every layer (and every model) shares their graphs;
+    shapes become dynamic after the first change (edge rectangles, the last chunk), so a pass compiles a
+    few graphs, not one per rectangle.
+    """
+    if backend not in _COMPILED:
+        from .model import out_kernel, qkv_kernel
+
+        _COMPILED[backend] = (torch.compile(qkv_kernel, backend=backend),
+                              torch.compile(out_kernel, backend=backend))
+    return _COMPILED[backend]
+
+
+# --------------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------------
 
@@ -161,11 +183,13 @@ class BlockEngine:
         scratch: where a host-side cache lives (memory-mapped under `--low-memory`); None: RAM.
         on_event: receives `BatchDone` after each rectangle and `PlanChanged` when out of memory.
         fault: test hook called with each batch's predicted device bytes before it runs.
+        compile: run the layers' per-token work through `torch.compile` (`compiled_kernels`): True for
+            Inductor, or a backend name.
     """
 
     def __init__(self, model, lr: torch.Tensor, vector: torch.Tensor, lr_up, placement: Placement, *,
                  scratch: Scratch | None = None, on_event: Callable[[object], None] | None = None,
-                 fault: Fault | None = None) -> None:
+                 fault: Fault | None = None, compile: bool | str = False) -> None:
         cfg = self.cfg = model.config
         self.model = model
         h, w = lr_up.shape[-2:]
@@ -180,6 +204,10 @@ class BlockEngine:
         self.placement = placement
         self.cache: KVCache | None = None
         self._stream = None
+        self._bufs, self._buf_key = None, None
+        self._compiled = None
+        if compile:
+            self._compiled = compiled_kernels("inductor" if compile is True else compile)
 
     # ---- placement and memory ---------------------------------------------------------------------------
 
@@ -214,7 +242,7 @@ class BlockEngine:
 
     def _step_down(self, err: BaseException) -> None:
         """Free what the failed attempt held, then take the next leaner placement (for good)."""
-        self.cache = None
+        self.close()
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
         new = step_down(self.placement, self.grid.gh, self.grid.gw)
@@ -228,6 +256,7 @@ class BlockEngine:
 
     def close(self) -> None:
         self.cache = None
+        self._bufs = self._buf_key = None
 
     # ---- one denoiser call ------------------------------------------------------------------------------
 
@@ -258,7 +287,8 @@ class BlockEngine:
         scales = tuple(t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
         for idx, rect in enumerate(batches):
             if self.fault is not None:
-                self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host))
+                self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host,
+                                              model.device.type))
             self._rect(x, out, rect, step, cache, scales)
             if cache is not None:
                 _evict(cache, rect, done)
@@ -284,31 +314,65 @@ class BlockEngine:
 
     def _forward(self, xin: torch.Tensor, rect: BlockBatch, step, cache: KVCache | None) -> torch.Tensor:
         """The network on one rectangle: the model's pieces, with the cache between `layer_qkv` and
-        `layer_out`."""
+        `layer_out`, each piece run over chunks of blocks (`chunk_blocks`) so that its temporaries stay
+        small and are reused, while the rectangle's queries and gathered keys/values live in buffers kept
+        for the whole pass."""
         model, cfg = self.model, self.cfg
-        h = model.embed(xin)  # (B, Gh, Gw, T, D)
+        h = model.embed(xin).contiguous()  # (B, Gh, Gw, T, D)
+        b, gh, gw, t = h.shape[:4]
         rope = model.rope(rect)
-        lr_ctx = model.lr_context(self.lr_pixel_region(rect), rect, *self.lr_token_size)
+        lr_k, lr_v = model.lr_context(self.lr_pixel_region(rect), rect, *self.lr_token_size)
         prefetch = None
         if cache is not None:
             stream = self._stream if cache.device.type == "cpu" and h.device.type == "cuda" else None
             prefetch = _Prefetch(lambda layer: _neighbours(cache, rect, layer, h.device), cfg.num_layers,
                                  stream)
         later = rect.blocks_needed_later() if cache is not None else []
-        kbuf = vbuf = None
+        qbuf, kbuf, vbuf = self._buffers(b, gh, gw, t, h.dtype, h.device)
+        nb = gh * gw
+        # Block axes flattened: (B, 1, Gh*Gw, ...), chunks are slices of the third axis.
+        hf, qf, kf, vf, lr_k, lr_v = (z.reshape(b, 1, nb, *z.shape[3:])
+                                      for z in (h, qbuf, kbuf, vbuf, lr_k, lr_v))
+        ropef = tuple(z.reshape(1, nb, *z.shape[2:]) for z in rope)
+        per = chunk_blocks(cfg, h.device.type)
+        chunks = [slice(a, min(a + per, nb)) for a in range(0, nb, per)]
         for i in range(cfg.num_layers):
-            q, k, v = model.layer_qkv(i, h, step, rope)
+            for c in chunks:
+                rope_c = (ropef[0][:, c], ropef[1][:, c])
+                dst = (qf[:, :, c], kf[:, :, c, :t], vf[:, :, c, :t])
+                if self._compiled is None:
+                    model.layer_qkv(i, hf[:, :, c], step, rope_c, out=dst)
+                else:  # a compiled graph returns fresh tensors (no out= views into the buffers)
+                    got = model.layer_qkv(i, hf[:, :, c], step, rope_c, kernel=self._compiled[0])
+                    for d, g in zip(dst, got, strict=True):
+                        d.copy_(g)
+            k, v = kbuf[:, :, :, :t], vbuf[:, :, :, :t]
             left_k = left_v = top_k = top_v = None
             if cache is not None:
                 left_k, left_v, top_k, top_v = prefetch.get(i)
-                for r, c in later:
-                    cache.put((r, c), i, k[:, r - rect.r0, c - rect.c0], v[:, r - rect.r0, c - rect.c0])
+                for r, cc in later:
+                    cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
                 if self.scratch is not None and cache.slab.device.type == "cpu" and self.scratch.mapped:
                     self.scratch.trim()  # a mapped cache: keep only this layer's pages resident
-            kbuf = gather_neighbours(k, left_k, top_k, model.re_pos_embed[i], out=kbuf)  # (B,Gh,Gw,4T,H,d)
-            vbuf = gather_neighbours(v, left_v, top_v, out=vbuf)
-            h = model.layer_out(i, h, q, kbuf, vbuf, step, lr_ctx)
+            gather_neighbours(k, left_k, top_k, model.re_pos_embed[i], out=kbuf)  # (B,Gh,Gw,4T,H,d)
+            gather_neighbours(v, left_v, top_v, out=vbuf)
+            kernel = self._compiled[1] if self._compiled is not None else None
+            for c in chunks:
+                model.layer_out(i, hf[:, :, c], qf[:, :, c], kf[:, :, c], vf[:, :, c], step,
+                                (lr_k[:, :, c], lr_v[:, :, c]), kernel=kernel)
         return model.head(h, step)
+
+    def _buffers(self, b: int, gh: int, gw: int, t: int, dtype: torch.dtype, device: torch.device):
+        """The rectangle's queries and gathered keys/values, (B, Gh, Gw, T | 4T, H, d): kept while the
+        rectangles keep their shape (every rectangle but the edge ones, every call of the pass)."""
+        shape = (b, gh, gw, t, self.cfg.num_heads, self.cfg.head_dim)
+        key = (shape, dtype, device)
+        if self._buf_key != key:
+            self._bufs = None  # free the old ones first
+            q = torch.empty(shape, dtype=dtype, device=device)
+            kv = [torch.empty((b, gh, gw, 4 * t, *shape[4:]), dtype=dtype, device=device) for _ in range(2)]
+            self._bufs, self._buf_key = (q, *kv), key
+        return self._bufs
 
     @property
     def lr_token_size(self) -> tuple[int, int]:
@@ -357,7 +421,8 @@ def _evict(cache: KVCache, rect: BlockBatch, done: torch.Tensor) -> None:
 def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch.Tensor, lr: torch.Tensor,
             vector: torch.Tensor | None = None, block_batch: int | None = None, order: Order | str = "auto",
             cache_device: torch.device | str | None = None,
-            on_event: Callable[[object], None] | None = None, fault: Fault | None = None) -> torch.Tensor:
+            on_event: Callable[[object], None] | None = None, fault: Fault | None = None,
+            compile: bool | str = False) -> torch.Tensor:
     """One EDM denoiser call D(x; sigma) = c_skip x + c_out F(c_in [x, lr_up]; c_noise).
 
     Args:
@@ -368,7 +433,7 @@ def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch
         block_batch: None for the whole-image pass, n for n x n block batches with a K/V cache.
         order: "row", "col" or "auto" (the one with the smaller cache).
         cache_device: "cpu" to keep the cache on the host; default the model's device.
-        on_event, fault: see `BlockEngine`.
+        on_event, fault, compile: see `BlockEngine`.
 
     Returns:
         (B, 3, H, W) float32 on x's device.
@@ -380,6 +445,7 @@ def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch
     vector = model.encode_image(lr) if vector is None else vector
     on_host = cache_device is not None and torch.device(cache_device).type == "cpu"
     placement = Placement(n=block_batch or 1 << 30, order=order, cache_on_host=on_host)
-    return BlockEngine(model, lr, vector, lr_up, placement, on_event=on_event, fault=fault)(x, sigma)
+    engine = BlockEngine(model, lr, vector, lr_up, placement, on_event=on_event, fault=fault, compile=compile)
+    return engine(x, sigma)
 
 

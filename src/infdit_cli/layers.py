@@ -14,6 +14,7 @@ __all__ = [
     "rope_frequencies",
     "rope_cos_sin",
     "apply_rope",
+    "signed_sin",
     "edm_scalings",
 ]
 
@@ -55,17 +56,23 @@ def rope_cos_sin(
     return angles.cos(), angles.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1) -> (-x1, x0) on interleaved pairs, as `dit/embeddings.py` `rotate_half`."""
-    x = x.unflatten(-1, (-1, 2))
-    x0, x1 = x.unbind(-1)
-    return torch.stack((-x1, x0), dim=-1).flatten(-2)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with `rotate_half`'s sign folded in: (-sin, +sin) on each interleaved pair."""
+    sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device).repeat(sin.shape[-1] // 2)
+    return sin * sign
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (..., T, heads, hd) by angles (..., T, hd)."""
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Rotate `x` (..., T, heads, hd) by angles given as cos and `signed_sin` (..., T, hd).
+
+    The official `x * cos + rotate_half(x) * sin`, where rotate_half maps each pair (x0, x1) to (-x1, x0):
+    that is the pair-swapped x times the signed sin (the sign flip is exact). Into `out` when given.
+    """
+    cos, ssin = cos.unsqueeze(-2).to(x.dtype), ssin.unsqueeze(-2).to(x.dtype)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    out = torch.mul(x, cos, out=out) if out is not None else x * cos
+    return out.addcmul_(swapped, ssin)
 
 
 def edm_scalings(

@@ -25,10 +25,10 @@ from torch import nn
 from .attention import block_attention, cross_attention, lr_windows
 from .clip import ClipImageEncoder
 from .config import InfDiTConfig
-from .layers import apply_rope, edm_scalings, modulate, rope_cos_sin, timestep_embedding
+from .layers import apply_rope, edm_scalings, rope_cos_sin, signed_sin, timestep_embedding
 from .schedule import BlockBatch
 
-__all__ = ["InfDiT", "StepCond"]
+__all__ = ["InfDiT", "StepCond", "out_kernel", "qkv_kernel"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,9 @@ class StepCond:
     c_skip: torch.Tensor  # (B,) float32
     c_out: torch.Tensor  # (B,)
     c_in: torch.Tensor  # (B,)
-    layer_mods: list[torch.Tensor]  # per layer (B, 1, 1, 1, 4D): shift_msa, scale_msa, shift_mlp, scale_mlp
-    final_mod: torch.Tensor  # (B, 1, 1, 1, 2D): shift, scale
+    # Per layer (shift_msa, gain_msa, shift_mlp, gain_mlp), each (B, 1, 1, 1, D), gain = 1 + scale.
+    layer_mods: list[tuple[torch.Tensor, ...]]
+    final_mod: tuple[torch.Tensor, torch.Tensor]  # (shift, gain), each (B, 1, 1, 1, D)
 
 
 def _mlp(d_in: int, d: int, dd: dict) -> nn.Sequential:
@@ -142,8 +143,8 @@ class InfDiT(nn.Module):
         e = F.silu(emb)
         return StepCond(
             c_skip=c_skip, c_out=c_out, c_in=c_in,
-            layer_mods=[blk.adaLN_modulation(e)[:, None, None, None, :] for blk in self.blocks],
-            final_mod=self.final_layer.adaLN_modulation(e)[:, None, None, None, :],
+            layer_mods=[_shift_gain(blk.adaLN_modulation(e), cfg.hidden_size) for blk in self.blocks],
+            final_mod=_shift_gain(self.final_layer.adaLN_modulation(e), cfg.hidden_size),
         )
 
     # ---- the network on a rectangle of blocks, piece by piece (the engine drives the layer loop) ---------
@@ -157,7 +158,8 @@ class InfDiT(nn.Module):
         return h.flatten(3, 4)
 
     def rope(self, rect: BlockBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the rectangle's token positions, (Gh, Gw, T, d), in the compute dtype."""
+        """cos and pair-signed sin (`layers.signed_sin`) of the rectangle's token positions, (Gh, Gw, T, d),
+        in the compute dtype, computed once per rectangle for every layer."""
         cfg = self.config
         bt = cfg.block_tokens
         gh, gw = rect.r1 - rect.r0, rect.c1 - rect.c0
@@ -165,7 +167,7 @@ class InfDiT(nn.Module):
         cols = torch.arange(rect.c0 * bt, rect.c1 * bt, device=self.device)
         grid_r, grid_c = torch.meshgrid(rows, cols, indexing="ij")
         cos, sin = rope_cos_sin(grid_r, grid_c, cfg.head_dim, cfg.rope_table_size)  # (Gh*bt, Gw*bt, d)
-        return tuple(_to_blocks(t, gh, gw, bt).to(self.dtype) for t in (cos, sin))
+        return tuple(_to_blocks(t, gh, gw, bt).to(self.dtype) for t in (cos, signed_sin(sin)))
 
     def lr_context(self, lr_pixels: torch.Tensor, rect: BlockBatch, hl: int, wl: int):
         """Layer-0 cross-attention keys/values of the rectangle's LR windows, from LR *pixels*.
@@ -192,30 +194,33 @@ class InfDiT(nn.Module):
         v = lr_windows(v, lb).unflatten(-1, (nh, hd))
         return k, v
 
-    def layer_qkv(self, i: int, h: torch.Tensor, step: StepCond, rope: tuple[torch.Tensor, torch.Tensor]):
-        """Layer i's queries and keys (normalised, rotated) and values for the rectangle's own blocks."""
+    def layer_qkv(self, i: int, h: torch.Tensor, step: StepCond, rope: tuple[torch.Tensor, torch.Tensor],
+                  out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, kernel=None):
+        """Layer i's queries and keys (normalised, rotated) and values for blocks of the rectangle.
+
+        h: (B, Gh, Gw, T, D) (any block axes that broadcast against `rope`'s); `out`: optional (q, k, v)
+        tensors of the result's shape (B, Gh, Gw, T, H, d) to write into (views of the engine's buffers);
+        `kernel`: a stand-in for `qkv_kernel` (its `torch.compile`d self), called without `out`.
+        """
         blk, cfg = self.blocks[i], self.config
-        shift_msa, scale_msa = step.layer_mods[i].chunk(4, dim=-1)[:2]
-        a = modulate(_ln(h, cfg.layernorm_eps), shift_msa, scale_msa)
-        q, k, v = blk.qkv(a).unflatten(-1, (3, cfg.num_heads, cfg.head_dim)).unbind(-3)  # (B,Gh,Gw,T,H,d)
-        # Kept for exactness: the official model normalises the keys with the *query* LayerNorm
-        # (`key_layernorm = origin.q_layer_norm[layer_id]`); its k_layer_norm weights are never used.
-        cos, sin = rope
-        return apply_rope(blk.q_norm(q), cos, sin), apply_rope(blk.q_norm(k), cos, sin), v
+        shift, gain = step.layer_mods[i][:2]
+        args = (h, shift, gain, blk.qkv.weight, blk.qkv.bias, blk.q_norm.weight, blk.q_norm.bias, *rope,
+                cfg.num_heads, cfg.layernorm_eps, blk.q_norm.eps)
+        return qkv_kernel(*args, out=out) if kernel is None else kernel(*args)
 
     def layer_out(self, i: int, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  step: StepCond, lr_ctx: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Finish layer i: UniBA attention over the gathered keys/values (B, Gh, Gw, 4T, H, d), which
-        already carry the layer's `re_pos_embed` offsets, then (layer 0) LR cross-attention, then the MLP."""
+                  step: StepCond, lr_ctx: tuple[torch.Tensor, torch.Tensor], kernel=None) -> torch.Tensor:
+        """Finish layer i *in place on h*: UniBA attention over the gathered keys/values
+        (B, Gh, Gw, 4T, H, d), which already carry the layer's `re_pos_embed` offsets, then (layer 0) LR
+        cross-attention, then the MLP. Returns h. `kernel`: a stand-in for `out_kernel` (layers >= 1)."""
         blk, eps = self.blocks[i], self.config.layernorm_eps
-        shift_mlp, scale_mlp = step.layer_mods[i].chunk(4, dim=-1)[2:]
-        h = h + blk.proj(block_attention(q, k, v).flatten(-2))
-        if i == 0:
-            h = h + self._lr_cross_attention(_ln(h, eps), *lr_ctx)
-            m = self.lr_cross.post_norm(h)
-        else:
-            m = _ln(h, eps)
-        return h + blk.fc2(F.gelu(blk.fc1(modulate(m, shift_mlp, scale_mlp)), approximate="tanh"))
+        shift, gain = step.layer_mods[i][2:]
+        mlp = (blk.fc1.weight, blk.fc1.bias, blk.fc2.weight, blk.fc2.bias)
+        if i > 0:
+            return (kernel or out_kernel)(h, q, k, v, blk.proj.weight, blk.proj.bias, shift, gain, *mlp, eps)
+        h += blk.proj(block_attention(q, k, v).flatten(-2))
+        h += self._lr_cross_attention(_ln(h, eps), *lr_ctx)
+        return _mlp_residual(h, torch.addcmul(shift, self.lr_cross.post_norm(h), gain), *mlp)
 
     def head(self, h: torch.Tensor, step: StepCond) -> torch.Tensor:
         """Final layer: tokens (B, Gh, Gw, T, D) -> network output F (B, out_channels, Gh*bs, Gw*bs)."""
@@ -223,8 +228,8 @@ class InfDiT(nn.Module):
         b, gh, gw = h.shape[:3]
         bt, p, c = cfg.block_tokens, cfg.patch_size, cfg.out_channels
         # SAT's final_layernorm, then FinalLayerMixin's norm_final: two non-affine LayerNorms in a row.
-        shift, scale = step.final_mod.chunk(2, dim=-1)
-        h = modulate(_ln(_ln(h, cfg.layernorm_eps), cfg.layernorm_eps), shift, scale)
+        shift, gain = step.final_mod
+        h = _ln_mod(_ln(h, cfg.layernorm_eps), shift, gain, cfg.layernorm_eps)
         out = self.final_layer.linear(h)  # (B, Gh, Gw, T, P), P ordered (p, q, c)
         out = out.reshape(b, gh, gw, bt, bt, p, p, c).permute(0, 7, 1, 3, 5, 2, 4, 6)  # (B,c,Gh,bt,p,Gw,bt,p)
         return out.reshape(b, c, gh * bt * p, gw * bt * p)
@@ -237,9 +242,54 @@ class InfDiT(nn.Module):
         return x.proj(cross_attention(q, k, v).flatten(-2))
 
 
+# --------------------------------------------------------------------------------------------------------
+# A layer's per-token work as functions of tensors (the engine may run them through torch.compile: with
+# the weights as arguments, every layer shares one compiled graph)
+# --------------------------------------------------------------------------------------------------------
+
+
+def qkv_kernel(h, shift, gain, w_qkv, b_qkv, w_qn, b_qn, cos, ssin, heads: int, eps: float, qn_eps: float,
+               out=None):
+    """Modulated LayerNorm, the qkv projection, q/k LayerNorm and RoPE -> (q, k, v) (B, Gh, Gw, T, H, d)."""
+    a = _ln_mod(h, shift, gain, eps)
+    q, k, v = F.linear(a, w_qkv, b_qkv).unflatten(-1, (3, heads, -1)).unbind(-3)
+    # Kept for exactness: the official model normalises the keys with the *query* LayerNorm
+    # (`key_layernorm = origin.q_layer_norm[layer_id]`); its k_layer_norm weights are never used.
+    qo, ko, vo = out if out is not None else (None, None, None)
+    q = apply_rope(F.layer_norm(q, q.shape[-1:], w_qn, b_qn, qn_eps), cos, ssin, out=qo)
+    k = apply_rope(F.layer_norm(k, k.shape[-1:], w_qn, b_qn, qn_eps), cos, ssin, out=ko)
+    return q, k, (v if vo is None else vo.copy_(v))
+
+
+def out_kernel(h, q, k, v, w_proj, b_proj, shift, gain, w_fc1, b_fc1, w_fc2, b_fc2, eps: float):
+    """A layer without cross-attention (every layer but 0), in place on h: UniBA attention, its projection
+    and residual, then the modulated LayerNorm and the MLP residual."""
+    h += F.linear(block_attention(q, k, v).flatten(-2), w_proj, b_proj)
+    return _mlp_residual(h, _ln_mod(h, shift, gain, eps), w_fc1, b_fc1, w_fc2, b_fc2)
+
+
+def _mlp_residual(h, m, w_fc1, b_fc1, w_fc2, b_fc2):
+    h += F.linear(F.gelu(F.linear(m, w_fc1, b_fc1), approximate="tanh"), w_fc2, b_fc2)
+    return h
+
+
 def _ln(t: torch.Tensor, eps: float) -> torch.Tensor:
     """SAT's non-affine LayerNorm."""
     return F.layer_norm(t, t.shape[-1:], eps=eps)
+
+
+def _ln_mod(t: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """`modulate(_ln(t), shift, gain)`; for one image, one LayerNorm with gain/shift as its affine."""
+    if shift.shape[0] == 1:
+        return F.layer_norm(t, t.shape[-1:], gain.reshape(-1), shift.reshape(-1), eps)
+    return torch.addcmul(shift, _ln(t, eps), gain)  # modulate(): x * (1 + scale) + shift
+
+
+def _shift_gain(mod: torch.Tensor, d: int) -> tuple[torch.Tensor, ...]:
+    """An adaLN output (B, 2k*D), chunks (shift, scale) k times -> (shift, 1 + scale, ...), each
+    (B, 1, 1, 1, D)."""
+    parts = [p[:, None, None, None, :] for p in mod.split(d, dim=-1)]
+    return tuple(p if j % 2 == 0 else 1 + p for j, p in enumerate(parts))
 
 
 def _to_blocks(t: torch.Tensor, gh: int, gw: int, bt: int) -> torch.Tensor:

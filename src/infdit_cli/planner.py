@@ -21,18 +21,29 @@ from .config import InfDiTConfig
 from .errors import HostMemoryTooSmall, MemoryBudgetTooSmall
 from .schedule import BlockBatch, cache_slots, choose_order
 
-__all__ = ["Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down", "batch_device_bytes",
-           "parse_bytes", "format_bytes", "param_count", "host_available", "device_free", "HEUN_IMAGES"]
+__all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down",
+           "batch_device_bytes", "parse_bytes", "format_bytes", "param_count", "host_available", "device_free",
+           "HEUN_IMAGES"]
 
-# Live (tokens x hidden) tensors at the attention peak of a layer: h, a, qkv (3), normed+rotated q/k (4),
-# gathered k/v (8), attention output and its projection (2) -> 19 counted; 25 is what the CPU
-# measurements need (allocator slack; docs/benchmarks.md has predicted beside measured).
-ACT_TOKEN_COPIES = 25
-# Layer-0 cross-attention: k/v region (2), the unfolded k/v windows (2 x 2.25 T per block), k + pos (2.25).
-CROSS_WINDOW_COPIES = 6.75
+# The engine runs each layer's per-token work over chunks of a rectangle's blocks, while the rectangle's
+# queries and gathered keys/values stay in buffers: small chunks keep a CPU's temporaries in its caches and
+# its allocator's free lists (measured: 5-10 % faster at 512², a fifth of the page faults); a GPU wants
+# enough tokens per kernel to stay busy (16 official blocks; not measured here).
+CHUNK_TOKENS = {"cpu": 4096}
+CHUNK_TOKENS_DEFAULT = 16384
+# Live (tokens x hidden) tensors. Kept for the whole rectangle during a layer: h, q, gathered k/v (4 + 4)
+# -> 10 counted, 12 fitted; its layer-0 LR windows (keys with positions, values: 2 x 2.25 T per block).
+# For one chunk at the MLP peak: the modulated LayerNorm, fc1 and GELU outputs (4 + 4), fc2's -> 10
+# counted, 8 fitted (the CPU's freed temporaries overlap). Fitted to CPU peak RSS at 512²-1024², whole
+# image and n = 1, 2 (`benchmarks/memory_vs_size.py`; docs/benchmarks.md has predicted beside measured).
+RECT_TOKEN_COPIES = 12
+CHUNK_TOKEN_COPIES = 8
+LR_WINDOW_COPIES = 2
 HEUN_IMAGES = 4  # sampler state: x, d, the Euler point, the denoiser output (the second derivative reuses it)
 SATURATING_N = 4  # 4x4 blocks = 16K tokens per batch: assumed enough to fill a GPU (not measured here)
-DEVICE_SLACK = 64 * 2**20  # allocator slack, kernel workspaces
+# Allocator slack and kernel workspaces (cuBLAS/cuDNN on a GPU); the CPU's is fitted to its peak RSS.
+DEVICE_SLACK = {"cpu": 32 * 2**20}
+DEVICE_SLACK_DEFAULT = 64 * 2**20
 DEVICE_MARGIN = 512 * 2**20  # kept free on a CUDA device below what it reports free (other processes, cuDNN)
 # Resident bytes of the process before any image work: interpreter, torch, open_clip, CUDA context.
 HOST_RUNTIME = {"cpu": 1100 * 2**20, "cuda": 2048 * 2**20, "mps": 1536 * 2**20}
@@ -133,18 +144,23 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _act_bytes(cfg: InfDiTConfig, bh: int, bw: int, batch: int, e: int, flash: bool) -> int:
+def chunk_blocks(cfg: InfDiTConfig, device_type: str) -> int:
+    """Blocks per chunk of a rectangle's per-token work on this kind of device."""
+    return max(1, CHUNK_TOKENS.get(device_type, CHUNK_TOKENS_DEFAULT) // cfg.block_tokens**2)
+
+
+def _act_bytes(cfg: InfDiTConfig, bh: int, bw: int, batch: int, e: int, flash: bool, device_type: str) -> int:
     """Activations of one bh x bw batch on the device."""
     t, d, heads = cfg.block_tokens**2, cfg.hidden_size, cfg.num_heads
-    tokens = batch * bh * bw * t
-    act = ACT_TOKEN_COPIES * tokens * d * e
+    blocks = bh * bw
+    chunk = min(blocks, chunk_blocks(cfg, device_type))
+    tokens, chunk_tokens = batch * blocks * t, batch * chunk * t
+    act = (RECT_TOKEN_COPIES * tokens + CHUNK_TOKEN_COPIES * chunk_tokens) * d * e
     win = (3 * cfg.lr_block) ** 2
-    cross = CROSS_WINDOW_COPIES * batch * bh * bw * win * d * e
-    if not flash:  # the math kernel materialises the attention scores (and their softmax)
-        act += 2 * batch * bh * bw * heads * t * 4 * t * e
-        cross += 2 * batch * bh * bw * heads * t * win * e
-    act = int(max(act, cross + 6 * tokens * d * e))
-    return act + batch * bh * bw * cfg.block_size**2 * (6 + 3) * 4  # the rectangle's pixels in and out
+    act += LR_WINDOW_COPIES * batch * blocks * win * d * e
+    if not flash:  # the math kernel materialises one chunk's attention scores (and their softmax)
+        act += 2 * batch * chunk * heads * t * 4 * t * e
+    return act + batch * blocks * cfg.block_size**2 * (6 + 3) * 4  # the rectangle's pixels in and out
 
 
 def _neighbour_bytes(cfg: InfDiTConfig, bh: int, bw: int, batch: int, e: int) -> int:
@@ -153,12 +169,12 @@ def _neighbour_bytes(cfg: InfDiTConfig, bh: int, bw: int, batch: int, e: int) ->
 
 
 def batch_device_bytes(cfg: InfDiTConfig, rect: BlockBatch, batch: int, dtype: torch.dtype,
-                       cache_on_host: bool) -> int:
+                       cache_on_host: bool, device_type: str = "cuda") -> int:
     """What one rectangle asks of the device beyond weights, state and a device-side cache."""
     e = _elem(dtype)
     bh, bw = rect.r1 - rect.r0, rect.c1 - rect.c0
     extra = _neighbour_bytes(cfg, bh, bw, batch, e) if cache_on_host else 0
-    return _act_bytes(cfg, bh, bw, batch, e, flash=True) + extra
+    return _act_bytes(cfg, bh, bw, batch, e, True, device_type) + extra
 
 
 def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: torch.dtype = torch.float32,
@@ -191,7 +207,7 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
 
     # Device.
     weights = params * e
-    act = _act_bytes(cfg, bh, bw, batch, e, flash)
+    act = _act_bytes(cfg, bh, bw, batch, e, flash, device_type)
     # Host (resident).
     host_state = state_bytes if (on_cpu or state_on_host) else 0
     host_cache = slab if (on_cpu or cache_on_host) else 0
@@ -212,7 +228,8 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
         "cache": host_cache,
         "images": images + (act if on_cpu else 0),
     }
-    return MemoryEstimate(weights, state, cache, act, DEVICE_SLACK, host)
+    slack = DEVICE_SLACK.get(device_type, DEVICE_SLACK_DEFAULT)
+    return MemoryEstimate(weights, state, cache, act, slack, host)
 
 
 # --------------------------------------------------------------------------------------------------------
