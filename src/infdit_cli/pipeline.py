@@ -40,6 +40,7 @@ class UpscaleOptions:
     color_fix: str = "none"  # none | wavelet | adain
     low_memory: bool | None = None  # memory-mapped sampler state: True, False, or None (when RAM is short)
     host_budget: int | None = None  # host bytes; None: what the machine (and its cgroup) can give
+    compile: bool = False  # the layers' per-token work through torch.compile (engine.compiled_kernels)
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,8 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
     rng = generator.get_state()
 
     engine = (engine_cls or BlockEngine)(model, lr, vector, lr_up, replace(placement, state_on_host=False),
-                                         scratch=scratch, on_event=on_event, fault=fault)
+                                         scratch=scratch, on_event=on_event, fault=fault,
+                                         compile=options.compile)
     preview: list[torch.Tensor] = []
 
     def denoised(i: int, den: torch.Tensor) -> None:

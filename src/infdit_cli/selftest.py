@@ -91,12 +91,13 @@ TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 220 * 2**20, 
 
 
 def _denoise(model, x: torch.Tensor, sigma, *, lr_up: torch.Tensor, image, n: int | None = None,
-             cache_device: str | None = None) -> torch.Tensor:
+             cache_device: str | None = None, compile: bool = False) -> torch.Tensor:
     """`image`: (lr, vector), the per-image conditioning."""
     from .engine import denoise
 
     lr, vector = image
-    return denoise(model, x, sigma, lr_up=lr_up, lr=lr, vector=vector, block_batch=n, cache_device=cache_device)
+    return denoise(model, x, sigma, lr_up=lr_up, lr=lr, vector=vector, block_batch=n,
+                   cache_device=cache_device, compile=compile)
 
 
 def _plan(cfg, size: tuple[int, int], budget: int, dtype: torch.dtype, device: torch.device):
@@ -421,6 +422,36 @@ def check_prefetch(run: _Run) -> Check:
                  {**{f"{k}_s": v for k, v in med.items()}, "hidden_fraction": hidden})
 
 
+def check_compile(run: _Run) -> Check:
+    """`--compile`: its one-off compile time, and eager against compiled seconds per call (auto n)."""
+    t0, p = time.perf_counter(), run.profile
+    if run.device.type != "cuda":
+        return Check("speed", "torch.compile (--compile)", "skip", "offered on CUDA only", "", 0.0)
+    m, size = run.model("random"), p.speed_sizes[0]
+    chosen = _plan(m.config, (size, size), p.budget, m.dtype, run.device)
+    n = None if chosen.whole_image else chosen.n
+    cache = "cpu" if chosen.cache_on_host else None
+    x, lr_up, lr, vec = _random_inputs(m.config, size, run.device)
+    image = (lr.to(run.device), vec)
+
+    def call(compiled: bool):
+        return _denoise(m, x, 2.0, lr_up=lr_up, image=image, n=n, cache_device=cache, compile=compiled)
+
+    first = _timed(lambda: call(True), run.device)  # compiles
+    eager_out, compiled_out = call(False), call(True)
+    diff = float((eager_out - compiled_out).abs().max())
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(p.rounds):
+        for mode in (False, True):
+            times[mode].append(_timed(lambda mode=mode: call(mode), run.device))
+    te, tc = statistics.median(times[False]), statistics.median(times[True])
+    mode = "whole image" if n is None else f"n={n}"
+    return Check("speed", f"torch.compile (--compile), {size}² ({p.config}, {p.dtype}, {mode})", "info",
+                 f"eager {te:.3g} s, compiled {tc:.3g} s per call (x{te / tc:.2f}); first compiled call "
+                 f"{first:.3g} s; max |compiled - eager| {diff:.2g}", "", time.perf_counter() - t0,
+                 {"eager_s": te, "compiled_s": tc, "first_call_s": first, "max_diff": diff, "n": n})
+
+
 def check_big_plan(run: _Run) -> Check:
     t0, p = time.perf_counter(), run.profile
     m = run.model("random")
@@ -482,6 +513,7 @@ def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | 
         *[(f"peak memory at {s}²", lambda s=s: check_memory(run, s)) for s in profile.mem_sizes],
         *[(f"speed at {s}²", lambda s=s: check_speed(run, s)) for s in profile.speed_sizes],
         ("prefetch", lambda: check_prefetch(run)),
+        ("torch.compile", lambda: check_compile(run)),
         (f"one call at {profile.big[1]}²", lambda: check_big_plan(run)),
     ]
     t_all, checks = time.perf_counter(), []

@@ -14,9 +14,24 @@ from ..errors import BadRequest
 from ..images import DEFAULT_MAX_PIXELS, SUFFIXES, check_output, probe_size
 from ..pipeline import target_size
 
-__all__ = ["check_target_args", "check_upscale_args"]
+__all__ = ["check_compile", "check_target_args", "check_upscale_args"]
 
 _RES = re.compile(r"^\s*(\d+)(\s*x\s*(\d+))?\s*$", re.IGNORECASE)
+
+
+def check_compile(compile: bool, device: str) -> None:
+    """--compile only where it is offered: a CUDA device.
+
+    Raises:
+        BadRequest: --compile with a device that is not CUDA.
+    """
+    if not compile:
+        return
+    from ..upscaler import resolve_device
+
+    dev = resolve_device(device, check=False)
+    if dev.type != "cuda":
+        raise BadRequest(f"--compile is for CUDA devices; the device here is {dev.type} (drop --compile)")
 
 
 def check_target_args(res: str | None, scale: float | None) -> None:

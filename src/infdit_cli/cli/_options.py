@@ -49,6 +49,10 @@ LowMemory = Annotated[Optional[bool], typer.Option(
     help="Keep the sampler state and host K/V cache in memory-mapped files next to the output (removed "
          "afterwards): a few bytes of RAM per pixel, some speed. Default: on by itself when RAM is short.",
     rich_help_panel="Memory")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="Run the layers through torch.compile (CUDA only): compiles for a minute or two at the "
+                      "start, then each call may be faster; `infdit selftest` measures it.",
+    rich_help_panel="Model")]
 Checkpoint = Annotated[Optional[bool], typer.Option(
     "--checkpoint/--no-checkpoint",
     help="Save the sampler state after every step in .OUTPUT.infdit-run/ beside the output (12 bytes per "
@@ -75,7 +79,8 @@ OutPath = Annotated[Optional[Path], typer.Option("-o", "--output")]
 
 
 def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int | None,
-                 color_fix: ColorFix, low_memory: bool | None = None) -> UpscaleOptions:
+                 color_fix: ColorFix, low_memory: bool | None = None,
+                 compile: bool = False) -> UpscaleOptions:
     budget = None
     if mem_budget is not None:
         try:
@@ -83,4 +88,5 @@ def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int
         except ValueError as e:
             raise BadRequest(f"--mem-budget: {e}") from None
     return UpscaleOptions(steps=steps, seed=seed, block_batch=block_batch if block_batch else "auto",
-                          mem_budget=budget, color_fix=color_fix.value, low_memory=low_memory)
+                          mem_budget=budget, color_fix=color_fix.value, low_memory=low_memory,
+                          compile=compile)

@@ -13,7 +13,7 @@ import typer
 from .. import distributed as D
 from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
 from . import _options as O
-from ._checks import check_target_args
+from ._checks import check_compile, check_target_args
 from ..planner import format_bytes
 from ._progress import make_display
 from .upscale import load_upscaler
@@ -50,6 +50,7 @@ def batch(
     quality: O.Quality = 95,
     color_fix: O.ColorFixOpt = O.ColorFix.none,
     low_memory: O.LowMemory = None,
+    compile_: O.Compile = False,
     max_pixels: O.MaxPixels = 64 * 2**20,
     overwrite: O.Overwrite = False,
     checkpoint: O.Checkpoint = None,
@@ -70,7 +71,8 @@ def batch(
     """
     if verbose:
         os.environ["INFDIT_DEBUG"] = "1"
-    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory)
+    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
+    check_compile(compile_, device)
     check_target_args(res, scale)  # usage before the folder, the folder before weights
     out_root = output if output is not None else folder.resolve().with_name(folder.resolve().name + "_infdit")
     world = D.world_from_env()  # under torchrun: this rank's place; one process otherwise

@@ -18,7 +18,7 @@ from ..planner import format_bytes
 from ..checkpoint import run_folder_for
 from ..upscaler import default_output
 from . import _options as O
-from ._checks import check_upscale_args
+from ._checks import check_compile, check_upscale_args
 from ._progress import make_display
 
 EXAMPLES = """Examples:
@@ -160,6 +160,7 @@ def upscale(
     quality: O.Quality = 95,
     color_fix: O.ColorFixOpt = O.ColorFix.none,
     low_memory: O.LowMemory = None,
+    compile_: O.Compile = False,
     max_pixels: O.MaxPixels = 64 * 2**20,
     overwrite: O.Overwrite = False,
     checkpoint: O.Checkpoint = None,
@@ -178,7 +179,8 @@ def upscale(
     """
     if verbose:
         os.environ["INFDIT_DEBUG"] = "1"
-    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory)
+    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
+    check_compile(compile_, device)
     dst = output or default_output(input)
     check_upscale_args(input, dst, res=res, scale=scale, overwrite=overwrite,
                        max_pixels=max_pixels)  # usage and files before weights: the real mistake first
