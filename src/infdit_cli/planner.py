@@ -27,15 +27,16 @@ __all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "p
 
 # The engine runs each layer's per-token work over chunks of a rectangle's blocks, while the rectangle's
 # queries and gathered keys/values stay in buffers: small chunks keep a CPU's temporaries in its caches and
-# its allocator's free lists (measured: 5-10 % faster at 512², a fifth of the page faults); a GPU wants
-# enough tokens per kernel to stay busy (16 official blocks; not measured here).
-CHUNK_TOKENS = {"cpu": 4096}
+# its allocator's free lists (measured at 512², whole image, small config: 282 K page faults per call in
+# one chunk, 151 K in 4096-token chunks, 74 K in 2048; 5-10 % faster than one chunk, 2048 and 4096 within
+# the noise); a GPU wants enough tokens per kernel to stay busy (16 official blocks; not measured).
+CHUNK_TOKENS = {"cpu": 2048}
 CHUNK_TOKENS_DEFAULT = 16384
 # Live (tokens x hidden) tensors. Kept for the whole rectangle during a layer: h, q, gathered k/v (4 + 4)
 # -> 10 counted, 12 fitted; its layer-0 LR windows (keys with positions, values: 2 x 2.25 T per block).
 # For one chunk at the MLP peak: the modulated LayerNorm, fc1 and GELU outputs (4 + 4), fc2's -> 10
 # counted, 8 fitted (the CPU's freed temporaries overlap). Fitted to CPU peak RSS at 512²-1024², whole
-# image and n = 1, 2 (`benchmarks/memory_vs_size.py`; docs/benchmarks.md has predicted beside measured).
+# image and n = 1, 2 (`benchmarks/memory_vs_plan.py`; docs/benchmarks.md has the table).
 RECT_TOKEN_COPIES = 12
 CHUNK_TOKEN_COPIES = 8
 LR_WINDOW_COPIES = 2
