@@ -273,3 +273,15 @@ def test_compiled_layers_equal_eager(tiny_model, whole, n):
     graphs = counters["stats"]["unique_graphs"]
     eng(x, 0.9)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("n", [None, 2])
+def test_a_batch_of_two_equals_each_alone(tiny_model, n):
+    """B = 2 (per-image modulation, not the one-image LayerNorm-affine path) gives each image's own call."""
+    cfg = tiny_model.config
+    a, b = _inputs(cfg, 48, 80, seed=1), _inputs(cfg, 48, 80, seed=2)
+    x, lr_up, lr, vec = (torch.cat([u, v]) for u, v in zip(a, b))
+    both = denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=n)
+    for i, (x, lr_up, lr, vec) in enumerate((a, b)):
+        alone = denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=n)
+        torch.testing.assert_close(both[i : i + 1], alone, atol=2e-6, rtol=0)

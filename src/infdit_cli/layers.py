@@ -1,4 +1,4 @@
-"""Stateless maths shared by the Inf-DiT model: modulation, time embedding, 2-D RoPE, EDM scalings.
+"""Stateless maths shared by the Inf-DiT model: time embedding, 2-D RoPE, EDM scalings.
 
 Each function reproduces the matching piece of THUDM/Inf-DiT (`dit/model.py`, `dit/embeddings.py`,
 `dit/precond.py`) operation for operation, so float32 results agree to rounding.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "modulate",
     "timestep_embedding",
     "rope_frequencies",
     "rope_cos_sin",
@@ -17,11 +16,6 @@ __all__ = [
     "signed_sin",
     "edm_scalings",
 ]
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation; `shift`/`scale` broadcast against `x` (callers add the token axes)."""
-    return x * (1 + scale) + shift
 
 
 def timestep_embedding(c_noise: torch.Tensor, channels: int = 192, max_positions: int = 10000) -> torch.Tensor:

@@ -279,10 +279,12 @@ def _ln(t: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _ln_mod(t: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """`modulate(_ln(t), shift, gain)`; for one image, one LayerNorm with gain/shift as its affine."""
+    """adaLN modulation of the non-affine LayerNorm, `_ln(t) * gain + shift` (the official
+    `modulate(x, shift, scale) = x * (1 + scale) + shift`, gain = 1 + scale); for one image, one LayerNorm
+    with gain and shift as its affine weight and bias."""
     if shift.shape[0] == 1:
         return F.layer_norm(t, t.shape[-1:], gain.reshape(-1), shift.reshape(-1), eps)
-    return torch.addcmul(shift, _ln(t, eps), gain)  # modulate(): x * (1 + scale) + shift
+    return torch.addcmul(shift, _ln(t, eps), gain)
 
 
 def _shift_gain(mod: torch.Tensor, d: int) -> tuple[torch.Tensor, ...]:
