@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: `infdit selftest` on CUDA, its report written to $OUT (or ./gpu-report).
 #
-#   bash benchmarks/gpu_selftest.sh prepare   # here (with network): wheels and the bf16 fixture into the tree
+#   bash benchmarks/gpu_selftest.sh prepare   # here (with network): wheels and both fixtures into the tree
 #   bash benchmarks/gpu_selftest.sh run       # there: install the wheels, run the selftest
 #   DEVICE=cpu bash benchmarks/gpu_selftest.sh run   # the same script at toy sizes (to check it here)
 #
@@ -31,7 +31,7 @@ run)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl
     export PYTHONPATH="src:/tmp/site" HF_HUB_OFFLINE=1
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" || true
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
     rc=0
     timeout 540 python3 -m infdit_cli selftest --device "${DEVICE:-cuda}" --fixtures .gpu/fixtures -o "$out/report.md" \
         --json > "$out/report.json" 2> "$out/stderr.txt" || rc=$?

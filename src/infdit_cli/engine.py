@@ -363,16 +363,16 @@ class BlockEngine:
         return model.head(h, step)
 
     def _buffers(self, b: int, gh: int, gw: int, t: int, dtype: torch.dtype, device: torch.device):
-        """The rectangle's queries and gathered keys/values, (B, Gh, Gw, T | 4T, H, d): kept while the
-        rectangles keep their shape (every rectangle but the edge ones, every call of the pass)."""
-        shape = (b, gh, gw, t, self.cfg.num_heads, self.cfg.head_dim)
-        key = (shape, dtype, device)
-        if self._buf_key != key:
+        """The rectangle's queries and gathered keys/values, (B, Gh, Gw, T | 4T, H, d): views of buffers
+        allocated for the largest rectangle so far and kept for the pass (edge rectangles use a prefix)."""
+        heads = (self.cfg.num_heads, self.cfg.head_dim)
+        key, blocks = (b, t, dtype, device), gh * gw
+        if self._buf_key is None or self._buf_key[0] != key or self._buf_key[1] < blocks:
             self._bufs = None  # free the old ones first
-            q = torch.empty(shape, dtype=dtype, device=device)
-            kv = [torch.empty((b, gh, gw, 4 * t, *shape[4:]), dtype=dtype, device=device) for _ in range(2)]
-            self._bufs, self._buf_key = (q, *kv), key
-        return self._bufs
+            self._bufs = tuple(torch.empty((b, blocks, s * t, *heads), dtype=dtype, device=device)
+                               for s in (1, 4, 4))
+            self._buf_key = (key, blocks)
+        return tuple(z[:, :blocks].view(b, gh, gw, *z.shape[2:]) for z in self._bufs)
 
     @property
     def lr_token_size(self) -> tuple[int, int]:
