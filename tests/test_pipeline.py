@@ -51,6 +51,19 @@ def reference(tiny_model, rgb):
     return out.clone()
 
 
+def test_compile_option_reaches_the_engine(tiny_model, rgb, reference, monkeypatch):
+    """`UpscaleOptions.compile` runs every pass's layers through torch.compile (a backend name here:
+    "aot_eager" traces like Inductor without generating code), with the eager pixels."""
+    from infdit_cli import engine
+
+    backends = []
+    real = engine.compiled_kernels
+    monkeypatch.setattr(engine, "compiled_kernels", lambda b: backends.append(b) or real("aot_eager"))
+    out, up_plan = _run(tiny_model, rgb, UpscaleOptions(steps=2, block_batch=2, low_memory=False, compile=True))
+    assert backends == ["inductor"] * len(up_plan.passes)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
 def test_low_memory_gives_the_same_bits(tiny_model, rgb, reference, tmp_path):
     out, up_plan = _run(tiny_model, rgb, UpscaleOptions(steps=2, block_batch=2, low_memory=True),
                         scratch_dir=str(tmp_path))

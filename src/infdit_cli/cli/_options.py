@@ -50,8 +50,8 @@ LowMemory = Annotated[Optional[bool], typer.Option(
          "afterwards): a few bytes of RAM per pixel, some speed. Default: on by itself when RAM is short.",
     rich_help_panel="Memory")]
 Compile = Annotated[bool, typer.Option(
-    "--compile", help="Run the layers through torch.compile (CUDA only): compiles for a minute or two at the "
-                      "start, then each call may be faster; `infdit selftest` measures it.",
+    "--compile", help="Run the layers through torch.compile (CUDA only): one compile at the start, then "
+                      "each call may be faster; `infdit selftest` measures both on this GPU.",
     rich_help_panel="Model")]
 Checkpoint = Annotated[Optional[bool], typer.Option(
     "--checkpoint/--no-checkpoint",
