@@ -78,9 +78,9 @@ class Profile:
 # summation order (mem-efficient SDPA, cuBLAS) over the CPU's ~1.3e-6. Not yet measured on a GPU.
 CUDA_PROFILE = Profile("cuda", 3e-5, (640, 640), "official", "bfloat16", 8 * 2**30, (1024, 2048, 4096),
                        (1024, 2048), (4096, 16384), 3)
-# The toy budget makes n = 1 the plan at both memory sizes, where the CPU's peak RSS tracks the planner
-# (measured +1 % to +9 % at 512² and 768² over several runs; `benchmarks/memory_vs_plan.py` has whole-image
-# and n = 2 rows, -11 % to +10 %).
+# The toy budget makes n = 1 the plan at both memory sizes, where the CPU's peak RSS tracks the planner:
+# -13 % to +8 % at 512² and 768², in this checkout's venv and in a fresh one (`benchmarks/memory_vs_plan.py`,
+# docs/benchmarks.md, which also has whole-image and n = 2 rows).
 TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 220 * 2**20, (512, 768), (256,), (64, 256),
                       1)
 
