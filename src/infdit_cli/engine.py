@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .attention import gather_neighbours
 from .errors import OutOfMemory
 from .events import BatchDone, PlanChanged
+from .model import out_kernel, qkv_kernel
 from .planner import Placement, batch_device_bytes, chunk_blocks, step_down
 from .schedule import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
 from .storage import Scratch
@@ -150,8 +151,6 @@ def compiled_kernels(backend: str = "inductor") -> tuple[Callable, Callable]:
     few graphs, not one per rectangle.
     """
     if backend not in _COMPILED:
-        from .model import out_kernel, qkv_kernel
-
         _COMPILED[backend] = (torch.compile(qkv_kernel, backend=backend),
                               torch.compile(out_kernel, backend=backend))
     return _COMPILED[backend]

@@ -442,8 +442,8 @@ def check_compile(run: _Run) -> Check:
     diff = float((eager_out - compiled_out).abs().max())
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(p.rounds):
-        for mode in (False, True):
-            times[mode].append(_timed(lambda mode=mode: call(mode), run.device))
+        for compiled in (False, True):
+            times[compiled].append(_timed(lambda compiled=compiled: call(compiled), run.device))
     te, tc = statistics.median(times[False]), statistics.median(times[True])
     mode = "whole image" if n is None else f"n={n}"
     return Check("speed", f"torch.compile (--compile), {size}² ({p.config}, {p.dtype}, {mode})", "info",
