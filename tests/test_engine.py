@@ -260,15 +260,23 @@ def test_chunks_bound_the_mlp_temporaries(tiny_model, monkeypatch):
 
 
 @pytest.mark.parametrize("n", [None, 2])
-def test_compiled_layers_equal_eager(tiny_model, whole, n):
+def test_compiled_layers_equal_eager(tiny_model, whole, n, monkeypatch):
     """`compile=`: the layers' per-token work through torch.compile ("aot_eager" traces and functionalises
     the graphs like Inductor, without generating code) gives the eager pixels, and a new sigma (a new
     StepCond) reuses the graphs instead of recompiling."""
     from torch._dynamo.utils import counters
 
+    used, real = [], engine_mod.compiled_kernels
+
+    def spy(backend):
+        qkv, out = real(backend)
+        return (lambda *a: used.append("qkv") or qkv(*a)), (lambda *a: used.append("out") or out(*a))
+
+    monkeypatch.setattr(engine_mod, "compiled_kernels", spy)
     x, lr_up, lr, vec, ref = whole[(48, 80)]
     eng = BlockEngine(tiny_model, lr, vec, lr_up, Placement(n=n or 1 << 30), compile="aot_eager")
     out = eng(x, 1.7)
+    assert {"qkv", "out"} <= set(used)  # the compiled kernels ran, not the eager ones
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
     graphs = counters["stats"]["unique_graphs"]
     eng(x, 0.9)
