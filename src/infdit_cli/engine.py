@@ -421,7 +421,7 @@ def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch
             vector: torch.Tensor | None = None, block_batch: int | None = None, order: Order | str = "auto",
             cache_device: torch.device | str | None = None,
             on_event: Callable[[object], None] | None = None, fault: Fault | None = None,
-            compile: bool | str = False) -> torch.Tensor:
+            compile: bool | str = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """One EDM denoiser call D(x; sigma) = c_skip x + c_out F(c_in [x, lr_up]; c_noise).
 
     Args:
@@ -433,9 +433,10 @@ def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch
         order: "row", "col" or "auto" (the one with the smaller cache).
         cache_device: "cpu" to keep the cache on the host; default the model's device.
         on_event, fault, compile: see `BlockEngine`.
+        out: where to write the result (any dtype; default a new float32 tensor like x).
 
     Returns:
-        (B, 3, H, W) float32 on x's device.
+        `out`: (B, 3, H, W) on x's device.
     """
     if lr_up.shape != x.shape:
         raise ValueError(f"lr_up {tuple(lr_up.shape)} must match x {tuple(x.shape)}")
@@ -445,6 +446,6 @@ def denoise(model, x: torch.Tensor, sigma: float | torch.Tensor, *, lr_up: torch
     on_host = cache_device is not None and torch.device(cache_device).type == "cpu"
     placement = Placement(n=block_batch or 1 << 30, order=order, cache_on_host=on_host)
     engine = BlockEngine(model, lr, vector, lr_up, placement, on_event=on_event, fault=fault, compile=compile)
-    return engine(x, sigma)
+    return engine(x, sigma, out)
 
 

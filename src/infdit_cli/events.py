@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice", "BytesDone",
-           "CheckStarted", "CheckDone", "MeasureDone",
+           "SelftestStarted", "CheckStarted", "CheckDone", "MeasureDone",
            "CheckpointWritten", "Resumed", "CheckpointDiscarded", "JobStarted"]
 
 
@@ -67,6 +67,19 @@ class BytesDone:
     what: str
     done: int
     total: int | None
+
+
+@dataclass(frozen=True)
+class SelftestStarted:
+    """`selftest` is about to run `planned` checks, each (label, predicted seconds), within `time_budget`
+    seconds (None: no limit); `rate` is the FLOP/s the predictions assume."""
+
+    device: str
+    profile: str
+    environment: dict
+    time_budget: float | None
+    rate: float
+    planned: list
 
 
 @dataclass(frozen=True)

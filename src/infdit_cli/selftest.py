@@ -27,7 +27,7 @@ from .errors import BadRequest
 from .events import CheckDone, CheckStarted
 
 __all__ = ["Check", "SelftestReport", "Profile", "CUDA_PROFILE", "TOY_PROFILE", "find_fixtures",
-           "run_selftest"]
+           "calibrate", "run_selftest"]
 
 RATIO_BF16 = 1.5  # our bf16 RMS from the official fp32 outputs, at most this times the official bf16 path's
 MEMORY_TOL = 0.20  # measured peak within +-20 % of the planner's prediction
@@ -72,17 +72,23 @@ class Profile:
     speed_sizes: tuple[int, ...]
     big: tuple[int, int]  # (input side, output side) of the one big 4x plan run
     rounds: int  # alternated timing rounds
+    # What a check costs beyond its FLOPs (the time budget's predictions; each row reports its prediction
+    # beside what it took, so a run calibrates them): a fresh measuring process (imports, device start,
+    # random model), one denoiser call's fixed cost, one cold `torch.compile`.
+    process_s: float = 5.0
+    call_s: float = 0.15
+    compile_s: float = 0.0
 
 
 # fp32 on CUDA: TF32 is switched off for the parity checks; the bound leaves room for other kernels'
 # summation order (mem-efficient SDPA, cuBLAS) over the CPU's ~1.3e-6. Not yet measured on a GPU.
 CUDA_PROFILE = Profile("cuda", 3e-5, (640, 640), "official", "bfloat16", 8 * 2**30, (1024, 2048, 4096),
-                       (1024, 2048), (4096, 16384), 3)
+                       (1024, 2048), (4096, 16384), 3, process_s=15.0, call_s=0.05, compile_s=120.0)
 # The toy budget makes n = 1 the plan at both memory sizes, where the CPU's peak RSS tracks the planner:
 # -13 % to +8 % at 512² and 768², in this checkout's venv and in a fresh one (`benchmarks/memory_vs_plan.py`,
 # docs/benchmarks.md, which also has whole-image and n = 2 rows).
 TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 220 * 2**20, (512, 768), (256,), (64, 256),
-                      1)
+                      1, process_s=5.0, call_s=0.15, compile_s=0.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -91,13 +97,14 @@ TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 220 * 2**20, 
 
 
 def _denoise(model, x: torch.Tensor, sigma, *, lr_up: torch.Tensor, image, n: int | None = None,
-             cache_device: str | None = None, compile: bool = False) -> torch.Tensor:
+             cache_device: str | None = None, compile: bool = False, out: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """`image`: (lr, vector), the per-image conditioning."""
     from .engine import denoise
 
     lr, vector = image
     return denoise(model, x, sigma, lr_up=lr_up, lr=lr, vector=vector, block_batch=n,
-                   cache_device=cache_device, compile=compile)
+                   cache_device=cache_device, compile=compile, out=out)
 
 
 def _plan(cfg, size: tuple[int, int], budget: int, dtype: torch.dtype, device: torch.device):
@@ -384,11 +391,11 @@ def _random_inputs(cfg, side: int, state: torch.device, gen_seed: int = 0):
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -453,27 +460,43 @@ def check_compile(run: _Run) -> Check:
 
 
 def check_big_plan(run: _Run) -> Check:
+    """One call of the big plan with the plan's own storage: state in its dtype (memory-mapped when the
+    plan says so), the LR conditioning upsampled per rectangle as the pipeline does, not held."""
+    from .pipeline import Upsampled
+    from .storage import Scratch
+
     t0, p = time.perf_counter(), run.profile
     m = run.model("random")
     lr_side, side = p.big
     chosen = _plan(m.config, (side, side), p.budget, m.dtype, run.device)
     state = torch.device("cpu") if chosen.state_on_host else run.device
-    x, lr_up, lr, vec = _random_inputs(m.config, side, state)
-    image = (lr, vec)
     n = None if chosen.whole_image else chosen.n
     cache = "cpu" if chosen.cache_on_host else None
     mode = "whole image" if n is None else f"n={n}, cache {'host' if cache else 'device'}, " \
                                           f"state {'host' if chosen.state_on_host else 'device'}"
     name = f"one call, {lr_side}² -> {side}² plan ({p.config}, {p.dtype}, {_gib(p.budget)}: {mode})"
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    sec = _timed(lambda: _denoise(m, x, 2.0, lr_up=lr_up, image=image, n=n, cache_device=cache), run.device)
+    g = torch.Generator().manual_seed(0)
+    lr = torch.rand(1, 3, lr_side, lr_side, generator=g) * 2 - 1
+    vec = torch.randn(1, m.config.vector_dim, generator=g)
+    shape, sdtype = (1, 3, side, side), chosen.state_dtype
+    with Scratch(tempfile.gettempdir()) if chosen.low_memory else contextlib.nullcontext() as scratch:
+        if scratch is not None:
+            x, out = (scratch.empty(k, shape, sdtype) for k in ("x", "out"))
+        else:
+            x, out = (torch.empty(shape, dtype=sdtype, device=state) for _ in range(2))
+        for r0 in range(0, side, 512):  # noise row by row: no float32 image beside the state
+            x[..., r0 : r0 + 512, :] = torch.randn(1, 3, min(512, side - r0), side, generator=g).to(x)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+            torch.cuda.reset_peak_memory_stats(run.device)
+        sec = _timed(lambda: _denoise(m, x, 2.0, lr_up=Upsampled(lr, (side, side)), image=(lr, vec), n=n,
+                                      cache_device=cache, out=out), run.device)
+        del x, out
     numbers = {"seconds": sec, "predicted": chosen.estimate.total, "budget": p.budget, "n": n}
     if run.device.type != "cuda":
         return Check("plan", name, "info", f"{sec:.3g} s; peak not measured off CUDA (predicted "
                      f"{_gib(chosen.estimate.total)})", "", time.perf_counter() - t0, numbers)
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated(run.device)
     numbers["measured"] = peak
     return Check("plan", name, "pass" if peak <= p.budget else "fail",
                  f"{sec:.3g} s, peak {_gib(peak)} (predicted {_gib(chosen.estimate.total)})",
@@ -485,50 +508,131 @@ def check_big_plan(run: _Run) -> Check:
 # --------------------------------------------------------------------------------------------------------
 
 
+def calibrate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a (4096 x 1024) @ (1024 x 4096) matmul on `device` in `dtype`: best of 3 after a warm-up
+    (a fraction of a second). The time budget's predictions divide a check's FLOPs by half of it."""
+    a = torch.randn(4096, 1024, device=device, dtype=dtype)
+    b = torch.randn(1024, 4096, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        best = min(best, _timed(lambda: a @ b, device))
+    return 2 * 4096 * 1024 * 4096 / best
+
+
+@dataclass(frozen=True)
+class _Step:
+    label: str
+    run: Callable[[], Check | list[Check]]
+    predicted: float  # seconds
+    group: str
+
+
+def _steps(run: _Run, rate: float) -> list[_Step]:
+    """The checks in order of importance (correctness, memory, speed, the big plan, compile), each with
+    its predicted seconds: its FLOPs at `rate`, plus the profile's fixed costs."""
+    from .bench import flops_per_call
+    from .config import PRESETS
+
+    p = run.profile
+    cfg = PRESETS[p.config]
+    fx = _fixture_config(run.fixture_a)
+    fh, fw = (int(v) for v in run.io["x"].shape[-2:])
+    bh, bw = p.block_image
+
+    def calls(k: int, c, h: int, w: int) -> float:
+        return k * (flops_per_call(c, h, w) / rate + p.call_s)
+
+    load = 2.0  # convert + load one fixture checkpoint
+    steps = [
+        _Step("fp32 denoiser call", lambda: check_fp32_call(run), load + calls(1, fx, fh, fw), "parity"),
+        _Step("fp32 20-step sample", lambda: check_fp32_sample(run), calls(39, fx, fh, fw), "parity"),
+        _Step("block modes and cache placement", lambda: check_block_modes(run), calls(6, fx, bh, bw), "parity"),
+        _Step("bf16 vs the official bf16 path", lambda: check_bf16(run), load + calls(41, fx, fh, fw), "bf16"),
+        *[_Step(f"peak memory at {s}²", lambda s=s: check_memory(run, s), p.process_s + calls(2, cfg, s, s),
+                "memory") for s in p.mem_sizes],
+        *[_Step(f"speed at {s}²", lambda s=s: check_speed(run, s),
+                p.process_s + calls(2 * (p.rounds + 1), cfg, s, s), "speed") for s in p.speed_sizes],
+    ]
+    s = p.speed_sizes[-1]
+    steps.append(_Step("prefetch", lambda: check_prefetch(run),
+                       calls(3 * (p.rounds + 1), cfg, s, s) if run.device.type == "cuda" else 0.0, "speed"))
+    big = p.big[1]
+    steps.append(_Step(f"one call at {big}²", lambda: check_big_plan(run), p.process_s + calls(1, cfg, big, big),
+                       "plan"))
+    s = p.speed_sizes[0]
+    steps.append(_Step("torch.compile", lambda: check_compile(run),
+                       p.compile_s + calls(3 + 2 * p.rounds, cfg, s, s) if run.device.type == "cuda" else 0.0,
+                       "speed"))
+    return steps
+
+
+def _fixture_config(fixture: Path):
+    """The fixture model's `InfDiTConfig`, from its official arguments (for the FLOP count only)."""
+    import json
+
+    from .config import InfDiTConfig
+
+    argv = json.loads((fixture / "config.json").read_text())["argv"]
+    get = {a.lstrip("-").replace("-", "_"): b for a, b in zip(argv, argv[1:]) if a.startswith("--")}
+    return InfDiTConfig(hidden_size=int(get["hidden_size"]), num_layers=int(get["num_layers"]),
+                        num_heads=int(get["num_attention_heads"]), vector_dim=int(get["vector_dim"]),
+                        patch_size=int(get["patch_size"]), clip=None)
+
+
 def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | None = None,
-                 profile: Profile | None = None,
+                 profile: Profile | None = None, time_budget: float | None = None,
                  on_event: Callable[[object], None] | None = None) -> SelftestReport:
     """Run every check on `device` and return the rows; a failing check is a row, not an exception.
+
+    Each row is sent to `on_event` (`CheckDone`) the moment its check ends, so a caller can keep it even
+    if the run is killed later.
 
     Args:
         device: auto, cuda, cpu or mps.
         fixtures: a folder holding `upstream-a/` and `upstream-a-bf16/` (default: the repository's).
         profile: the sizes; default `CUDA_PROFILE` on CUDA, else `TOY_PROFILE`.
-        on_event: receives `CheckStarted` and `CheckDone`.
+        time_budget: seconds for the whole run: a check whose predicted time would overrun it is not
+            started; its row says so ("skip", with the prediction). None: no limit.
+        on_event: receives `SelftestStarted`, then `CheckStarted` and `CheckDone` per check.
 
     Raises:
         BadRequest: a fixture is not found, or the device does not exist here.
     """
     from .bench import environment
+    from .events import SelftestStarted
     from .upscaler import resolve_device
 
+    t_all = time.perf_counter()
     dev = resolve_device(str(device))
     profile = profile or (CUDA_PROFILE if dev.type == "cuda" else TOY_PROFILE)
     run = _Run(dev, profile, *find_fixtures(fixtures))
-    steps: list[tuple[str, Callable[[], Check | list[Check]]]] = [
-        ("fp32 denoiser call", lambda: check_fp32_call(run)),
-        ("fp32 20-step sample", lambda: check_fp32_sample(run)),
-        ("block modes and cache placement", lambda: check_block_modes(run)),
-        ("bf16 vs the official bf16 path", lambda: check_bf16(run)),
-        *[(f"peak memory at {s}²", lambda s=s: check_memory(run, s)) for s in profile.mem_sizes],
-        *[(f"speed at {s}²", lambda s=s: check_speed(run, s)) for s in profile.speed_sizes],
-        ("prefetch", lambda: check_prefetch(run)),
-        ("torch.compile", lambda: check_compile(run)),
-        (f"one call at {profile.big[1]}²", lambda: check_big_plan(run)),
-    ]
-    t_all, checks = time.perf_counter(), []
-    for i, (label, fn) in enumerate(steps, 1):
+    rate = 0.5 * calibrate(dev, getattr(torch, profile.dtype))
+    steps = _steps(run, rate)
+    env = environment()
+    if on_event is not None:
+        on_event(SelftestStarted(str(dev), profile.name, env, time_budget, rate,
+                                 [(s.label, s.predicted) for s in steps]))
+    checks = []
+    for i, step in enumerate(steps, 1):
         if on_event is not None:
-            on_event(CheckStarted(i, len(steps), label))
+            on_event(CheckStarted(i, len(steps), step.label))
         t0 = time.perf_counter()
-        try:
-            got = fn()
-        except Exception as e:  # noqa: BLE001 - a check that crashes is a failed row; the others still run
-            first = str(e).splitlines()[0] if str(e) else ""
-            got = Check("error", label, "fail", f"{type(e).__name__}: {first}", "runs",
-                        time.perf_counter() - t0)
-        for c in got if isinstance(got, list) else [got]:
+        left = None if time_budget is None else time_budget - (t0 - t_all)
+        if left is not None and step.predicted > left:
+            got = Check(step.group, step.label, "skip",
+                        f"not run: predicted {step.predicted:.0f} s, {max(left, 0):.0f} s left of the "
+                        f"{time_budget:.0f} s time budget", "", 0.0)
+        else:
+            try:
+                got = step.run()
+            except Exception as e:  # noqa: BLE001 - a check that crashes is a failed row; the others still run
+                first = str(e).splitlines()[0] if str(e) else ""
+                got = Check("error", step.label, "fail", f"{type(e).__name__}: {first}", "runs",
+                            time.perf_counter() - t0)
+        rows = got if isinstance(got, list) else [got]
+        for c in rows:
+            c.numbers.setdefault("predicted_s", round(step.predicted / len(rows), 3))
             checks.append(c)
             if on_event is not None:
                 on_event(CheckDone(i, len(steps), c))
-    return SelftestReport(str(dev), profile.name, environment(), checks, time.perf_counter() - t_all)
+    return SelftestReport(str(dev), profile.name, env, checks, time.perf_counter() - t_all)

@@ -30,7 +30,15 @@ def selftest(
         help="Folder holding upstream-a/ and upstream-a-bf16/ (default: the repository's test data and "
              "../shared/fixtures).")] = None,
     output: Annotated[Optional[Path], typer.Option(
-        "-o", "--output", help="Also write the report as Markdown.")] = None,
+        "-o", "--output", help="Also write the report as Markdown (rewritten after every check, so a run "
+                               "that is killed leaves the rows it finished).")] = None,
+    jsonl: Annotated[Optional[Path], typer.Option(
+        "--jsonl", help="Append one JSON line per finished check to this file, the moment it finishes "
+                        "(first line: device, environment and the plan of checks; last: the verdict).")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(
+        "--time-budget", min=1.0, max=86400.0, metavar="SECONDS",
+        help="Do not start a check whose predicted time would overrun this many seconds for the whole "
+             "run; its row says so.")] = None,
     overwrite: O.Overwrite = False,
     json_: O.Json = False,
     quiet: O.Quiet = False,
@@ -45,25 +53,81 @@ def selftest(
     """
     from ..selftest import run_selftest
 
-    if output is not None:  # before any work
-        if output.exists() and not overwrite:
-            raise OutputExists(f"{output} exists; pass --overwrite to replace it")
-        if not output.parent.is_dir():
-            raise BadRequest(f"output directory does not exist: {output.parent}")
+    for path in (output, jsonl):  # before any work
+        if path is None:
+            continue
+        if path.exists() and not overwrite:
+            raise OutputExists(f"{path} exists; pass --overwrite to replace it")
+        if not path.parent.is_dir():
+            raise BadRequest(f"output directory does not exist: {path.parent}")
+    command = " ".join(["infdit", "selftest", *sys.argv[2:]])
     display = _Display(enabled=not quiet and sys.stderr.isatty())
+    sink = _Sink(jsonl, output, command, lines=not quiet and not sys.stderr.isatty())
     try:
-        report = run_selftest(device=device, fixtures=fixtures, on_event=display)
+        report = run_selftest(device=device, fixtures=fixtures, time_budget=time_budget,
+                              on_event=lambda e: (sink(e), display(e)))
     finally:
         display.stop()
-    if output is not None:
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(markdown(report, " ".join(["infdit", "selftest", *sys.argv[2:]])))
-        os.replace(tmp, output)
+    sink.finish(report)
     if json_:
         typer.echo(json.dumps({**asdict(report), "passed": report.passed}))
     else:
         _print_table(report)
     raise typer.Exit(0 if report.passed else 1)
+
+
+class _Sink:
+    """Keeps every finished row on disk as it comes: a JSON line appended (flushed and fsynced) to
+    `jsonl`, the Markdown report rewritten (atomically) at `output`, and a plain line on stderr."""
+
+    def __init__(self, jsonl: Path | None, output: Path | None, command: str, lines: bool) -> None:
+        self.jsonl, self.output, self.command, self.lines = jsonl, output, command, lines
+        self.started = None
+        self.checks: list = []
+        if jsonl is not None:
+            jsonl.write_text("")
+
+    def _append(self, record: dict) -> None:
+        if self.jsonl is None:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _markdown(self, report) -> None:
+        if self.output is not None:
+            tmp = self.output.with_name(f".{self.output.name}.tmp")
+            tmp.write_text(markdown(report, self.command))
+            os.replace(tmp, self.output)
+
+    def __call__(self, event: object) -> None:
+        from ..events import CheckDone, SelftestStarted
+        from ..selftest import SelftestReport
+
+        if isinstance(event, SelftestStarted):
+            self.started = event
+            self._append({"kind": "start", **asdict(event)})
+            if self.lines:
+                budget = "no time budget" if event.time_budget is None else f"time budget {event.time_budget:.0f} s"
+                total = sum(s for _, s in event.planned)
+                print(f"selftest on {event.device} ({event.profile} sizes): {len(event.planned)} checks, "
+                      f"predicted {total:.0f} s, {budget}", file=sys.stderr, flush=True)
+        elif isinstance(event, CheckDone):
+            c = event.check
+            self.checks.append(c)
+            self._append({"kind": "check", "index": event.index, "total": event.total, **asdict(c)})
+            if self.lines:
+                print(f"[{event.index}/{event.total}] {_MARK[c.status]} {c.name}: {c.value} ({c.seconds:.1f} s)",
+                      file=sys.stderr, flush=True)
+            st = self.started
+            if st is not None:
+                self._markdown(SelftestReport(st.device, st.profile, st.environment, list(self.checks),
+                                              sum(x.seconds for x in self.checks)))
+
+    def finish(self, report) -> None:
+        self._append({"kind": "end", "passed": report.passed, "seconds": report.seconds})
+        self._markdown(report)
 
 
 class _Display:
@@ -100,7 +164,7 @@ def _print_table(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    verdict = "all checks passed" if report.passed else "SOME CHECKS FAILED"
+    verdict = ("all checks passed" if report.passed else "SOME CHECKS FAILED") + _not_run(report)
     table = Table(title=f"infdit selftest on {report.device} ({report.profile} sizes): {verdict}, "
                         f"{report.seconds:.0f} s", title_justify="left")
     for col in ("", "check", "measured", "criterion", "s"):
@@ -111,6 +175,11 @@ def _print_table(report) -> None:
     Console().print(table)
 
 
+def _not_run(report) -> str:
+    k = sum(c.status == "skip" and c.value.startswith("not run:") for c in report.checks)
+    return f" ({k} not run: time budget)" if k else ""
+
+
 def markdown(report, command: str) -> str:
     """The report as a Markdown section: command, environment, one table."""
     env = ", ".join(f"{k} {v}" for k, v in report.environment.items())
@@ -118,7 +187,8 @@ def markdown(report, command: str) -> str:
         f"## `infdit selftest` on {report.device} ({report.profile} sizes)",
         "",
         f"Command: `{command}`. {env}. "
-        f"{'All checks passed' if report.passed else 'Some checks FAILED'} in {report.seconds:.0f} s.",
+        f"{'All checks passed' if report.passed else 'Some checks FAILED'}{_not_run(report)} in "
+        f"{report.seconds:.0f} s.",
         "",
         "| | group | check | measured | criterion | s |",
         "|---|---|---|---|---|---|",
