@@ -43,6 +43,8 @@ run)
             .whl/*.whl
     fi
     export PYTHONPATH="src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    # The GPU machine's memory grows on demand (MemTotal starts low): plan its host side from what it has.
+    [ "${DEVICE:-cuda}" = cpu ] || export INFDIT_HOST_MEMORY="${INFDIT_HOST_MEMORY:-96GB}"
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
     if ! timeout 60 "$py" benchmarks/gpu_preflight.py > "$out/preflight.txt" 2>&1; then
         cat "$out/preflight.txt"

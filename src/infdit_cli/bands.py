@@ -52,17 +52,9 @@ class BandEngine(BlockEngine):
         self.band = self.bands[world.rank]
 
     def _band_cache(self, batch: int, dtype: torch.dtype, n: int) -> KVCache:
-        cfg, (lo, hi) = self.cfg, self.band
+        lo, hi = self.band
         # own entries (a band's row-major bound) plus the received left column (n rows and the corner)
-        slots = cache_slots(self.grid.gh, hi - lo, n, "row") + n + 1
-        dev = torch.device("cpu") if self.placement.cache_on_host else self.model.device
-        entry = (cfg.num_layers, 2, batch, cfg.block_tokens**2, cfg.num_heads, cfg.head_dim)
-        c = self.cache
-        if c is None or c.slots != slots or c.device != dev or tuple(c.slab.shape[1:]) != entry:
-            self.cache = None
-            self.cache = KVCache(slots, entry, dtype, dev)
-        self.cache.clear()
-        return self.cache
+        return self._cache_of(cache_slots(self.grid.gh, hi - lo, n, "row") + n + 1, batch, dtype)
 
     def _run(self, x: torch.Tensor, out: torch.Tensor, step) -> None:
         import torch.distributed as dist

@@ -31,7 +31,7 @@ from .planner import Placement, batch_device_bytes, chunk_blocks, step_down
 from .schedule import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
 from .storage import Scratch
 
-__all__ = ["BlockEngine", "KVCache", "denoise", "pad_to_blocks", "Fault", "compiled_kernels"]
+__all__ = ["BlockEngine", "KVCache", "denoise", "pad_to_blocks", "Fault", "compiled_kernels", "release_cached"]
 
 Block = tuple[int, int]
 Fault = Callable[[int], None]  # called with a batch's predicted device bytes before it runs; may raise OOM
@@ -49,6 +49,14 @@ def pad_to_blocks(t: torch.Tensor, multiple: int) -> torch.Tensor:
     if ph == 0 and pw == 0:
         return t
     return F.pad(t, (0, pw, 0, ph), mode="replicate")
+
+
+def release_cached(device: torch.device) -> None:
+    """Give the caching allocator's free blocks on `device` back to the driver (that device, not the
+    current one: `--device cuda:1`); nothing elsewhere."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -220,11 +228,16 @@ class BlockEngine:
         return choose_order(self.grid.gh, self.grid.gw) if o == "auto" else o
 
     def _ensure_cache(self, batch: int, dtype: torch.dtype) -> KVCache | None:
-        g, cfg = self.grid, self.cfg
+        g = self.grid
         if self.n >= max(g.gh, g.gw):
             self.cache = None
             return None
-        slots = cache_slots(g.gh, g.gw, self.n, self.order)
+        return self._cache_of(cache_slots(g.gh, g.gw, self.n, self.order), batch, dtype)
+
+    def _cache_of(self, slots: int, batch: int, dtype: torch.dtype) -> KVCache:
+        """The pass's cache with `slots` entries (kept while it fits), emptied. On the host next to a CUDA
+        model it is pinned (else unpinned: copies then wait) and fetched ahead on a side stream."""
+        cfg = self.cfg
         dev = torch.device("cpu") if self.placement.cache_on_host else self.model.device
         entry = (cfg.num_layers, 2, batch, cfg.block_tokens**2, cfg.num_heads, cfg.head_dim)
         c = self.cache
@@ -239,11 +252,11 @@ class BlockEngine:
             self._stream = torch.cuda.Stream(self.model.device)
         return self.cache
 
-    def _step_down(self, err: BaseException) -> None:
-        """Free what the failed attempt held, then take the next leaner placement (for good)."""
+    def _step_down(self) -> None:
+        """Free what the failed attempt held, then take the next leaner placement (for good). Called after
+        the `except` has ended: while it runs, its traceback keeps the failed attempt's tensors alive."""
         self.close()
-        if self.model.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached(self.model.device)
         new = step_down(self.placement, self.grid.gh, self.grid.gw)
         if new is None:
             raise OutOfMemory(
@@ -268,14 +281,15 @@ class BlockEngine:
             raise ValueError(f"x {tuple(x.shape)} does not match lr_up {tuple(self.lr_up.shape)}")
         if out is None:
             out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        sigma_t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b).to(x.device)
+        sigma_t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b).cpu()
         step = self.model.prepare_step(sigma_t, self.vector)
         while True:
             try:
                 self._run(x, out, step)
                 return out
-            except torch.OutOfMemoryError as e:
-                self._step_down(e)
+            except torch.OutOfMemoryError:
+                pass
+            self._step_down()
 
     def _run(self, x: torch.Tensor, out: torch.Tensor, step) -> None:
         cfg, g, model = self.cfg, self.grid, self.model

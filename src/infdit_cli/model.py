@@ -133,9 +133,14 @@ class InfDiT(nn.Module):
 
     @torch.no_grad()
     def prepare_step(self, sigma: torch.Tensor, vector: torch.Tensor) -> StepCond:
-        """Per-sigma constants. `sigma` (B,) float32."""
+        """Per-sigma constants. `sigma` (B,) float32.
+
+        The EDM scalings are computed on the CPU in float64 and rounded once to float32, wherever sigma and
+        the state live, so a state on the host and one on the GPU see the same constants to the bit.
+        """
         cfg = self.config
-        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, cfg.sigma_data)
+        c_skip, c_out, c_in, c_noise = (c.float() for c in edm_scalings(sigma.detach().to("cpu", torch.float64),
+                                                                         cfg.sigma_data))
         dev, dt = self.device, self.dtype
         emb = self.t_embedder(timestep_embedding(c_noise.to(dev), cfg.time_channels).to(dt))
         emb = emb + self.y_embedder(vector.to(dev, dt))
@@ -150,12 +155,19 @@ class InfDiT(nn.Module):
     # ---- the network on a rectangle of blocks, piece by piece (the engine drives the layer loop) ---------
 
     def embed(self, xin: torch.Tensor) -> torch.Tensor:
-        """(B, 6, Gh*bs, Gw*bs) `cat(x, lr_up) * c_in` -> tokens (B, Gh, Gw, T, D), row-major in a block."""
-        bt = self.config.block_tokens
-        h = self.x_embedder(xin)  # (B, D, Gh*bt, Gw*bt)
-        gh, gw = h.shape[2] // bt, h.shape[3] // bt
-        h = h.unflatten(2, (gh, bt)).unflatten(4, (gw, bt)).permute(0, 2, 4, 3, 5, 1)  # (B,Gh,Gw,bt,bt,D)
-        return h.flatten(3, 4)
+        """(B, 6, Gh*bs, Gw*bs) `cat(x, lr_up) * c_in` -> tokens (B, Gh, Gw, T, D), row-major in a block.
+
+        `x_embedder` is a convolution with stride = kernel = p, so it is one matmul over the image's
+        p x p patches (the same sums; no 32-bit index limit on a (D, H/p, W/p) output of billions of
+        elements, and the tokens come out in block order directly).
+        """
+        cfg, bt, p = self.config, self.config.block_tokens, self.config.patch_size
+        b, c, hh, ww = xin.shape
+        gh, gw = hh // (bt * p), ww // (bt * p)
+        patches = xin.reshape(b, c, gh, bt, p, gw, bt, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B,Gh,Gw,bt,bt,C,p,p)
+        patches = patches.reshape(b, gh, gw, bt * bt, c * p * p)
+        w = self.x_embedder.weight.reshape(cfg.hidden_size, c * p * p)
+        return F.linear(patches, w, self.x_embedder.bias)
 
     def rope(self, rect: BlockBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and pair-signed sin (`layers.signed_sin`) of the rectangle's token positions, (Gh, Gw, T, d),

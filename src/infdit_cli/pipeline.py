@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .engine import BlockEngine, pad_to_blocks
+from .engine import BlockEngine, pad_to_blocks, release_cached
 from .errors import BadRequest, OutOfMemory
 from .checkpoint import RunFolder, Saved
 from .events import CheckpointWritten, JobStarted, PassDone, PassStarted, PlanChanged, Resumed
@@ -423,11 +423,15 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
         except OutOfMemory:
             if state_on_host:
                 raise
-            # Last rung: the image state leaves the device; the interrupted step restarts from x.
-            old = replace(engine.placement, state_on_host=False).describe()
-            st, state_on_host = st.to("cpu", scratch, prefix=f"{prefix}_host"), True
-            if on_event is not None:
-                on_event(PlanChanged(old=old, new=replace(engine.placement, state_on_host=True).describe()))
+        # Last rung, once the except has let go of the failed step's tensors: the image state leaves the
+        # device (the interrupted step restarts from x, which no step overwrites), and n starts again from
+        # the pass's plan, now that the device holds no image (the engine steps down from there if needed).
+        old = replace(engine.placement, state_on_host=False).describe()
+        st, state_on_host = st.to("cpu", scratch, prefix=f"{prefix}_host"), True
+        release_cached(model.device)
+        engine.placement = replace(placement, state_on_host=False)
+        if on_event is not None:
+            on_event(PlanChanged(old=old, new=replace(engine.placement, state_on_host=True).describe()))
     engine.close()
     final = replace(engine.placement, state_on_host=state_on_host)
     out = st.x

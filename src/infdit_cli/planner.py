@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .config import InfDiTConfig
-from .errors import HostMemoryTooSmall, MemoryBudgetTooSmall
+from .errors import BadRequest, HostMemoryTooSmall, MemoryBudgetTooSmall
 from .schedule import BlockBatch, cache_slots, choose_order
 
 __all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down",
@@ -260,7 +260,14 @@ def _own_rss() -> int:
 
 def host_available() -> int:
     """Host bytes this process can hold: MemAvailable (and the cgroup limit's headroom, where one applies)
-    plus what the process already holds."""
+    plus what the process already holds; `INFDIT_HOST_MEMORY` (e.g. 96GB) instead, where the kernel's
+    figures do not tell (a VM whose memory grows on demand starts with a low MemTotal)."""
+    override = os.environ.get("INFDIT_HOST_MEMORY")
+    if override:
+        try:
+            return parse_bytes(override)
+        except ValueError:
+            raise BadRequest(f"INFDIT_HOST_MEMORY: not a memory size: {override!r} (try 96GB)") from None
     avail = None
     try:
         with open("/proc/meminfo") as f:

@@ -133,11 +133,11 @@ def sample_heun(denoise: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: t
 
     st = state
     s_in = st.x.new_ones(st.x.shape[0], dtype=torch.float32)
-    sigmas = sigmas.to(st.x.device, st.x.dtype)
+    sigmas = sigmas.to(st.x.device, torch.float32)  # float32 also for a bf16 state: sigmas and steps unrounded
     steps = len(sigmas) - 1
     calls = 2 * start - (1 if start == steps else 0)
     for i in range(start, steps):
-        sigma, next_sigma = sigmas[i] * s_in.to(st.x.dtype), sigmas[i + 1] * s_in.to(st.x.dtype)
+        sigma, next_sigma = sigmas[i] * s_in, sigmas[i + 1] * s_in
         s, ns = sigma.view(-1, 1, 1, 1), next_sigma.view(-1, 1, 1, 1)
         dt = (next_sigma - sigma).view(-1, 1, 1, 1)
         last = float(next_sigma.sum()) < 1e-14

@@ -491,7 +491,6 @@ def check_big_plan(run: _Run) -> Check:
             torch.cuda.reset_peak_memory_stats(run.device)
         sec = _timed(lambda: _denoise(m, x, 2.0, lr_up=Upsampled(lr, (side, side)), image=(lr, vec), n=n,
                                       cache_device=cache, out=out), run.device)
-        del x, out
     numbers = {"seconds": sec, "predicted": chosen.estimate.total, "budget": p.budget, "n": n}
     if run.device.type != "cuda":
         return Check("plan", name, "info", f"{sec:.3g} s; peak not measured off CUDA (predicted "

@@ -13,6 +13,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -20,12 +21,29 @@ import torch
 __all__ = ["Scratch"]
 
 
+def _pin(t: torch.Tensor) -> bool:
+    """Page-lock `t`'s memory where it is (cudaHostRegister): exactly its bytes, where `pin_memory=True`
+    would round the block up to a power of two (a 22 GiB K/V slab would pin 32 GiB) and keep it cached
+    after it is freed. False when CUDA refuses."""
+    try:
+        rt = torch.cuda.cudart()
+        return rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) == rt.cudaError.success
+    except (RuntimeError, AssertionError, AttributeError):
+        return False
+
+
+def _unpin(t: torch.Tensor) -> None:
+    torch.cuda.synchronize()  # no copy from these pages may still be in flight
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
 class Scratch:
     """Allocates named CPU tensors, in RAM (`folder=None`) or as memory-mapped files in a new folder.
 
     Args:
         folder: parent directory for a new private scratch folder (`.infdit-<random>`), or None for RAM.
-        pin: pin RAM tensors (page-locked, for fast asynchronous copies to CUDA); ignored for files.
+        pin: pin RAM tensors (page-locked, for fast asynchronous copies to CUDA) for as long as this
+            scratch lives; ignored for files. Set to False when CUDA refuses to pin.
         path: use this folder itself instead (a checkpoint's run folder): `close` then removes only the
             files this scratch made, and keeps those it is told to.
     """
@@ -50,7 +68,13 @@ class Scratch:
         """A new uninitialised tensor called `name` (a file `name.bin` when mapped). With `reuse`, an
         existing file of exactly the right size is mapped as it is (its contents are the tensor's)."""
         if self.path is None:
-            return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+            t = torch.empty(shape, dtype=dtype)
+            if self.pin:
+                if _pin(t):
+                    weakref.finalize(self, _unpin, t)  # holds t: unpinned first, freed after
+                else:  # refused (page-locked memory is limited): unpinned works, its copies just wait
+                    self.pin = False
+            return t
         numel = 1
         for s in shape:
             numel *= s

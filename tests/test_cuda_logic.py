@@ -1,0 +1,219 @@
+"""The CUDA-only logic, checked on the CPU: stream order of the host-cache prefetch, what is alive when
+the out-of-memory ladder steps down, pinned memory as allocated and refused, device-independent EDM
+constants, float32 sigmas beside a bf16 state, and the patch embedding as one matmul."""
+
+import contextlib
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import infdit_cli.engine as engine_mod
+from infdit_cli.config import PRESETS
+from infdit_cli.engine import BlockEngine, denoise
+from infdit_cli.layers import edm_scalings
+from infdit_cli.planner import Placement, host_available
+from infdit_cli.sampling import edm_sigmas, sample_heun
+from infdit_cli.storage import Scratch
+
+
+def _inputs(cfg, h=48, w=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lr = torch.rand(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=g) * 2 - 1
+    lr_up = torch.rand(1, 3, h, w, generator=g) * 2 - 1
+    x = lr_up + torch.randn(1, 3, h, w, generator=g)
+    return x, lr_up, lr, torch.randn(1, cfg.vector_dim, generator=g)
+
+
+class _FakeStream:
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log, self.device = name, log, torch.device("cuda", 0)
+
+    def wait_stream(self, other) -> None:
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+def test_prefetch_fetches_on_the_side_stream_after_the_compute_stream(monkeypatch):
+    """Layer i+1's neighbours are fetched on the side stream, which first waits for the compute stream
+    (host entries may still be being written); the compute stream waits for the side stream before it
+    uses them, and records them as used on it (they were allocated on the side stream)."""
+    log: list[str] = []
+    side, compute = _FakeStream("side", log), _FakeStream("compute", log)
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(f"enter {stream.name}")
+        yield
+        log.append(f"exit {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(f"record on {s.name}"))
+
+    def fetch(layer):
+        log.append(f"fetch {layer}")
+        return torch.zeros(1), torch.zeros(1), None, None  # left k/v, no top row
+
+    pf = engine_mod._Prefetch(fetch, 2, side)
+    for layer in range(2):
+        pf.get(layer)
+        log.append(f"compute {layer}")
+    assert log == [
+        "side waits compute", "enter side", "fetch 0", "exit side",
+        "compute waits side", "record on compute", "record on compute",
+        "side waits compute", "enter side", "fetch 1", "exit side", "compute 0",
+        "compute waits side", "record on compute", "record on compute", "compute 1",
+    ]
+
+
+def test_step_down_runs_after_the_failed_attempt_is_freed(tiny_model, monkeypatch):
+    """An out-of-memory in the middle of a layer (host K/V cache, fetches pending): by the time the engine
+    steps down, the failed attempt's activations are gone (inside the `except`, its traceback would keep
+    them, and emptying the CUDA cache would release nothing); the call then equals n=1 from the start."""
+    cfg = tiny_model.config
+    x, lr_up, lr, vec = _inputs(cfg)
+    alive, seen, raised = [], [], []
+    real_out, real_step_down = tiny_model.layer_out, engine_mod.step_down
+
+    def layer_out(i, h, *a, **k):
+        if i == 1 and not raised:  # layer 1 of the first rectangle: layer 0's K/V already in the cache
+            raised.append(True)
+            alive.append(weakref.ref(h._base))  # the rectangle's tokens, a local of the failed frames
+            raise torch.OutOfMemoryError("simulated")
+        return real_out(i, h, *a, **k)
+
+    def step_down(p, gh, gw):
+        seen.append([r() is None for r in alive])
+        return real_step_down(p, gh, gw)
+
+    monkeypatch.setattr(tiny_model, "layer_out", layer_out)
+    monkeypatch.setattr(engine_mod, "step_down", step_down)
+    eng = BlockEngine(tiny_model, lr, vec, lr_up, Placement(n=2, cache_on_host=True))
+    out = eng(x, 1.7)
+    assert seen == [[True]]
+    assert eng.placement.n == 1
+    monkeypatch.undo()
+    assert torch.equal(out, denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=1,
+                                    cache_device="cpu"))
+
+
+def test_edm_constants_are_float64_rounded_once():
+    """c_in, c_out, c_skip are computed in float64 on the CPU and rounded once, whatever device sigma is on:
+    a state on the host and one on the GPU then see the same constants (float32 maths differs in the
+    last bit for some sigmas)."""
+    sigma = torch.cat([edm_sigmas(20)[:-1], torch.logspace(-3, 1.7, 300)]).float()
+    from infdit_cli.weights import random_model
+
+    model = random_model(PRESETS["tiny"])
+    step = model.prepare_step(sigma, torch.zeros(len(sigma), model.config.vector_dim))
+    want = [c.float() for c in edm_scalings(sigma.double(), model.config.sigma_data)[:3]]
+    for got, ref in zip((step.c_skip, step.c_out, step.c_in), want):
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
+def test_bf16_state_keeps_float32_sigmas():
+    """A bf16 sampler state must not round the sigmas (or the steps between them) to bf16."""
+    seen = []
+
+    def den(x, sigma):
+        seen.append(sigma.clone())
+        return torch.zeros_like(x)
+
+    sigmas = edm_sigmas(4)
+    sample_heun(den, torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16), sigmas)
+    want = [sigmas[0], sigmas[1], sigmas[1], sigmas[2], sigmas[2], sigmas[3], sigmas[3]]
+    assert all(s.dtype == torch.float32 for s in seen)
+    assert [float(s[0]) for s in seen] == [float(s) for s in want]
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_patch_embedding_is_one_matmul(tiny_model):
+    """The stride = kernel patch embedding runs as a matmul (no convolution: cuDNN's 32-bit indexing fails
+    past 2^31 output elements, n ~ 46 at the official width) with the convolution's numbers."""
+    cfg = tiny_model.config
+    xin = torch.randn(1, cfg.in_channels, 2 * cfg.block_size, 3 * cfg.block_size)
+    with _Ops() as ops:
+        got = tiny_model.embed(xin)
+    assert not [n for n in ops.names if "convolution" in n]
+    conv = F.conv2d(xin, tiny_model.x_embedder.weight, tiny_model.x_embedder.bias, stride=cfg.patch_size)
+    bt = cfg.block_tokens
+    ref = conv.unflatten(2, (2, bt)).unflatten(4, (3, bt)).permute(0, 2, 4, 3, 5, 1).flatten(3, 4)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)  # float32 sums in another order
+
+
+class _FakeCudart:
+    class cudaError:  # noqa: N801 - the real enum's name
+        success = 0
+
+    def __init__(self, answer: int, log: list) -> None:
+        self.answer, self.log = answer, log
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802
+        self.log.append(("register", ptr, size))
+        return self.answer
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.log.append(("unregister", ptr))
+        return 0
+
+
+def test_host_cache_is_pinned_in_place_for_as_long_as_it_lives(monkeypatch):
+    """The cache's pages are registered as they are (exactly their bytes: the pinned allocator would round
+    a slab up to a power of two and keep it after it is freed), and unregistered, after the device is
+    synchronised, before the memory is freed."""
+    log: list = []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(0, log))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("synchronize",)))
+    scratch = Scratch(pin=True)
+    t = scratch.empty("kv_cache", (3, 1000), torch.float32)
+    ptr = t.data_ptr()
+    assert log == [("register", ptr, 12000)] and scratch.pin
+    freed = weakref.ref(t)
+    del t
+    assert freed() is not None  # still held for the unregistering
+    del scratch
+    assert log[1:] == [("synchronize",), ("unregister", ptr)] and freed() is None
+
+
+def test_pinning_refused_falls_back_to_ordinary_memory(monkeypatch):
+    """cudaHostRegister can refuse (page-locked memory is limited); that is no out-of-memory the ladder
+    would see. The cache then lives in ordinary memory instead of failing the job."""
+    log: list = []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(2, log))  # cudaErrorMemoryAllocation
+    scratch = Scratch(pin=True)
+    t = scratch.empty("kv_cache", (2, 3), torch.float32)
+    assert t.shape == (2, 3) and scratch.pin is False and log[0][0] == "register"
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: (_ for _ in ()).throw(AssertionError("no CUDA")))
+    assert Scratch(pin=True).empty("kv_cache", (2,), torch.float32).shape == (2,)  # a CPU-only build
+
+
+def test_host_memory_override(monkeypatch):
+    from infdit_cli.errors import BadRequest
+
+    monkeypatch.setenv("INFDIT_HOST_MEMORY", "96GB")
+    assert host_available() == 96 * 2**30
+    monkeypatch.setenv("INFDIT_HOST_MEMORY", "lots")
+    with pytest.raises(BadRequest, match="INFDIT_HOST_MEMORY"):
+        host_available()
+
+
+def test_inductor_on_the_cpu_equals_eager(tiny_model):
+    """`compile=True` is Inductor: generated kernels (C++ on the CPU) give the eager pixels."""
+    pytest.importorskip("torch._inductor")
+    cfg = tiny_model.config
+    x, lr_up, lr, vec = _inputs(cfg)
+    eager = denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=2)
+    compiled = denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=2, compile=True)
+    torch.testing.assert_close(compiled, eager, atol=2e-6, rtol=0)
