@@ -80,7 +80,7 @@ def environment() -> dict[str, str]:
         "cpu_threads": str(torch.get_num_threads()),
     }
     if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = str(torch.version.cuda)
     return env
 
@@ -128,12 +128,12 @@ def _timed_call(model, x: torch.Tensor, lr_up: torch.Tensor, image, spec: CallSp
     """Seconds for one denoiser call of `spec`'s mode (synchronised on CUDA)."""
     cuda = x.device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(x.device)
     t0 = time.perf_counter()
     denoise(model, x, 2.0, lr_up=lr_up, lr=image[0], vector=image[1], block_batch=spec.n, order=spec.order,
                   cache_device="cpu" if spec.cache_on_host else None)
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(x.device)
     return time.perf_counter() - t0
 
 
@@ -143,14 +143,14 @@ def _measure_here(spec: CallSpec) -> dict:
     model, x, lr_up, image = _setup(spec)
     cfg, dev = model.config, x.device
     if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
     else:
         before = _rss()
     times = [_timed_call(model, x, lr_up, image, spec) for _ in range(1 + spec.repeats)][1:]  # drop warm-up
     if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
+        peak = torch.cuda.max_memory_allocated(dev) - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     h, w = spec.height, spec.width
