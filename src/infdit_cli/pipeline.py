@@ -17,13 +17,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from .engine import BlockEngine, pad_to_blocks
-from .errors import BadRequest, OutOfMemory
+from .errors import BadRequest, NonFinite, OutOfMemory
 from .checkpoint import RunFolder, Saved
-from .events import CheckpointWritten, JobStarted, PassDone, PassStarted, PlanChanged, Resumed
+from .events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from .images import resize
 from .planner import Placement, Plan, plan
 from .sampling import HeunState, edm_sigmas, sample_heun
-from .storage import Scratch
+from .storage import Scratch, reclaim_stale
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
            "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "preview_image", "THROUGHPUT"]
@@ -207,8 +207,17 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
     mapped = any(p.memory.low_memory for p in up_plan.passes)
     scratch = None
     if mapped:
-        scratch = (Scratch(path=run.path) if run is not None else
-                   Scratch(scratch_dir if scratch_dir is not None else tempfile.gettempdir()))
+        if run is None:
+            parent = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
+            for path, pid, freed in reclaim_stale(parent):  # left by a run that was killed
+                if on_event is not None:
+                    from .planner import format_bytes
+
+                    on_event(Notice(f"removed the scratch folder {path} of a stopped run (pid {pid}): "
+                                    f"{format_bytes(freed)} freed"))
+            scratch = Scratch(parent)
+        else:
+            scratch = Scratch(safe=run.folder())
     if on_event is not None:
         from .bench import flops_per_call
 
@@ -248,6 +257,10 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
         if up_plan.resample:
             x = resize(x.float(), up_plan.target_size)
         x = x.float()  # a copy only if the state was bf16; then in place: no second float image
+        for r in _rows(*x.shape[-2:]):
+            if not bool(torch.isfinite(x[..., r, :]).all()):
+                raise NonFinite("the upscaled image holds NaN or Inf (broken weights or an unstable dtype); "
+                                "no output was written")
         ok = True
         return x.clamp_(-1, 1).add_(1).div_(2)
     finally:

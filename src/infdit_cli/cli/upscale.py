@@ -69,8 +69,10 @@ def keep_progress(folder: Path):
 
     try:
         yield
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted{resume_hint(describe(folder), folder)}") from None
+    except KeyboardInterrupt as e:
+        err = Interrupted(f"{getattr(e, 'what', 'interrupted')}{resume_hint(describe(folder), folder)}")
+        err.exit_code = getattr(e, "exit_code", 130)
+        raise err from None
     except InfditError as e:
         info = describe(folder)
         if info is None:
