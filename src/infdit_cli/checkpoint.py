@@ -339,17 +339,21 @@ class RunFolder:
     def disk_bytes(self) -> int:
         return 0 if self.safe is None or self.safe.fd < 0 else self.safe.disk_bytes()
 
-    def remove(self) -> None:
-        """Delete the files infdit recorded here and the folder (refused, UnsafePath, if it is not ours)."""
+    def remove(self, strict: bool = True) -> bool:
+        """Delete the files infdit recorded here and the folder (refused, UnsafePath, if it is not ours).
+        False if files infdit did not make keep the folder (they stay); `strict` raises UnsafePath then."""
         self._meta = None
         if self.safe is None or self.safe.fd < 0:
             if not os.path.lexists(self.path):
-                return
+                return True
             self.safe = SafeFolder(self.path, KIND, create=False)
         safe, self.safe = self.safe, None
         if not safe.remove():
-            raise UnsafePath(f"{KIND} {self.path} holds files infdit did not make; they were left there: "
-                             "move them away")
+            if strict:
+                raise UnsafePath(f"{KIND} {self.path} holds files infdit did not make; they were left there: "
+                                 "move them away")
+            return False
+        return True
 
     def where(self) -> str:
         """`pass 1/2, step 3/20` of the last commit (or of the checkpoint loaded)."""

@@ -26,7 +26,8 @@ from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch, reclaim_stale
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
-           "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "preview_image", "THROUGHPUT"]
+           "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "preview_image", "THROUGHPUT",
+           "disk_need", "check_disk"]
 
 MAX_OUTPUT_SIDE = 65535
 
@@ -151,6 +152,43 @@ def predicted_seconds(cfg, up_plan: UpscalePlan, device: torch.device | str, dty
         rate = THROUGHPUT.get(dev, THROUGHPUT["mps"])
     calls = 2 * up_plan.steps - 1
     return sum(calls * flops_per_call(cfg, *p.padded_out) for p in up_plan.passes) / rate
+
+
+def disk_need(up_plan: UpscalePlan, checkpoint: bool) -> dict[str, int]:
+    """Disk bytes the job's files take at their peak, beside the output: the --low-memory scratch files of
+    every pass (`Plan.estimate.disk`; a run folder keeps each pass's until the end) and, with checkpoints,
+    the largest pass's two x files (the new one is complete before the old one goes) and its input. The
+    output file itself is not counted."""
+    scratch = sum(p.memory.estimate.disk for p in up_plan.passes)
+    ckpt = 0
+    if checkpoint:
+        for p in up_plan.passes:
+            es = torch.empty(0, dtype=p.memory.state_dtype).element_size()
+            x = 3 * p.padded_out[0] * p.padded_out[1] * es
+            inp = 3 * p.in_size[0] * p.in_size[1] * 4 if p is not up_plan.passes[0] else 0
+            ckpt = max(ckpt, (0 if p.memory.low_memory else 2 * x) + inp)
+    return {"scratch_bytes": scratch, "checkpoint_bytes": ckpt, "total_bytes": scratch + ckpt}
+
+
+def check_disk(folder, need: dict[str, int]) -> int | None:
+    """Refuse (DiskTooSmall, exit 2) a job whose files do not fit the free space of `folder`; returns the
+    free bytes (None where the folder cannot be asked)."""
+    import shutil
+
+    from .errors import DiskTooSmall
+    from .planner import format_bytes
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if need["total_bytes"] > free:
+        parts = [f"{what} {format_bytes(need[k])}" for what, k in (("scratch", "scratch_bytes"),
+                                                                    ("checkpoints", "checkpoint_bytes")) if need[k]]
+        raise DiskTooSmall(f"not enough disk in {folder}: the job needs {format_bytes(need['total_bytes'])} "
+                           f"({', '.join(parts)}), {format_bytes(free)} is free; free some space, write the "
+                           "output elsewhere, or drop --low-memory/--checkpoint")
+    return free
 
 
 def color_fix(out: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:

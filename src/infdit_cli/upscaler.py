@@ -23,8 +23,8 @@ from .cache import sha256_file
 from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
 from .events import CheckpointDiscarded, Notice, PlanChanged
 from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, check_output, fill_transparent, load_image, resize, save_image
-from .pipeline import (CHECKPOINT_AFTER, UpscaleOptions, UpscalePlan, plan_upscale, predicted_seconds, target_size,
-                       upscale)
+from .pipeline import (CHECKPOINT_AFTER, UpscaleOptions, UpscalePlan, check_disk, disk_need, plan_upscale,
+                       predicted_seconds, target_size, upscale)
 
 __all__ = ["Upscaler", "UpscaleResult", "resolve_device", "resolve_dtype", "default_output"]
 
@@ -215,6 +215,7 @@ class Upscaler:
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else run_folder_for(dst)
         if checkpoint is None:
             checkpoint = os.path.lexists(folder) or self.predicted_seconds(up_plan) > CHECKPOINT_AFTER
+        check_disk(folder.parent if checkpoint else dst.parent, disk_need(up_plan, bool(checkpoint)))  # before any work: DiskTooSmall
         if checkpoint:
             run = RunFolder(folder, fingerprint(input_sha256=sha256_file(src), weights=self.weights_id,
                                                 up_plan=up_plan, options=opts, dtype=self.model.dtype))
@@ -231,8 +232,8 @@ class Upscaler:
         if write:
             save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif,
                        dpi=dpi, quality=quality, overwrite=overwrite)
-        if run is not None:
-            run.remove()
+        if run is not None and not run.remove(strict=False) and on_event is not None:
+            on_event(Notice(f"kept the run folder {folder}: it holds files infdit did not make"))
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return UpscaleResult(
             input=str(src), output=str(dst), input_size=img.size, output_size=up_plan.target_size,
