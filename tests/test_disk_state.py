@@ -356,7 +356,8 @@ def test_a_stale_scratch_folder_is_reclaimed(job, tmp_path, tiny_weights):
 
 def test_a_second_run_to_the_same_output_is_refused_at_once(job, tmp_path, tiny_weights):
     src, ref = job[:2]
-    out = tmp_path / "out.png"
+    out = tmp_path / "o" / "out.png"
+    out.parent.mkdir()
     folder = run_folder_for(out)
     first = _start(src, out, tiny_weights, "--checkpoint")
     deadline = time.monotonic() + 60
@@ -375,7 +376,7 @@ def test_a_second_run_to_the_same_output_is_refused_at_once(job, tmp_path, tiny_
         b_root = tmp_path / "b"
         b_root.mkdir()
         (b_root / "out.png").write_bytes(src.read_bytes())
-        res = run_cli("batch", b_root, "-o", tmp_path, *ARGS, "--weights", tiny_weights, "--json")
+        res = run_cli("batch", b_root, "-o", out.parent, *ARGS, "--weights", tiny_weights, "--json")
         assert res.returncode == 1
         item = json.loads(res.stdout)["items"][0]
         assert item["status"] == "failed" and "another infdit is writing" in item["reason"]
@@ -384,7 +385,7 @@ def test_a_second_run_to_the_same_output_is_refused_at_once(job, tmp_path, tiny_
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert out.read_bytes() == ref  # the first run's output: as a lone run's
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "out.png"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.png"]
 
 
 # -- non-finite results ------------------------------------------------------------------------------------
@@ -414,24 +415,23 @@ def test_a_nan_step_keeps_the_last_good_checkpoint(tmp_path, tiny_model):
 
     src = tmp_path / "in.png"
     Image.fromarray(rgb_image(12, 14)).save(src)
-    up = Upscaler(tiny_model, options=UpscaleOptions(steps=STEPS))
-    forward = tiny_model.forward
+    from infdit_cli.engine import BlockEngine
+
     done = []
 
-    def poisoned(*a, **kw):
-        y = forward(*a, **kw)
-        return y.fill_(float("nan")) if len(done) >= 2 else y
+    class Poisoned(BlockEngine):  # the denoiser's output turns to NaN from the third step on
+        def __call__(self, x, sigma, out=None):
+            y = super().__call__(x, sigma, out=out)
+            return y.fill_(float("nan")) if len(done) >= 2 else y
 
     def on_event(e):
         if isinstance(e, StepDone):
             done.append(e)
 
-    tiny_model.forward = poisoned
-    try:
-        with pytest.raises(NonFinite, match="after pass 1 step 3"):
-            up.upscale_file(src, tmp_path / "out.png", scale=8, checkpoint=True, on_event=on_event)
-    finally:
-        del tiny_model.forward
+    up = Upscaler(tiny_model, options=UpscaleOptions(steps=STEPS))
+    up.engine = Poisoned
+    with pytest.raises(NonFinite, match="after pass 1 step 3"):
+        up.upscale_file(src, tmp_path / "out.png", scale=8, checkpoint=True, on_event=on_event)
     folder = run_folder_for(tmp_path / "out.png")
     assert _saved(folder) == (1, 2) and not (tmp_path / "out.png").exists()
     m = json.loads((folder / "meta.json").read_text())
