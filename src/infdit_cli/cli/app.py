@@ -60,9 +60,21 @@ def _on_signal(signum, frame) -> None:
 
 
 def main() -> None:
+    before = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):  # timeout, systemd, Slurm, docker stop; a closed terminal
         if signal.getsignal(sig) is signal.SIG_DFL:  # SIG_IGN stays (nohup)
-            signal.signal(sig, _on_signal)
+            try:
+                before[sig] = signal.signal(sig, _on_signal)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+    try:
+        _main()
+    finally:  # main() run in-process (tests, embedding) leaves the handlers as it found them
+        for sig, old in before.items():
+            signal.signal(sig, old)
+
+
+def _main() -> None:
     try:
         rc = app(standalone_mode=False)  # returns the code of a typer.Exit (Ctrl-C arrives as Exit(130))
         if rc == 130:
