@@ -136,7 +136,10 @@ def test_host_memory_refused_before_any_weights(tmp_path):
     assert line.startswith("error: a ") and "of host memory" in line and "available" in line
     assert "--low-memory" in line
     planned = run_cli("upscale", src, "--res", "40000", "--device", "cpu", "--dry-run", "--json")
-    assert planned.returncode == 0, planned.stderr  # the planner turns --low-memory on by itself
+    # the planner turns --low-memory on by itself; the plan is shown even where the disk is too small for
+    # its ~220 GiB of scratch files, which the dry run then refuses as the real run would (issue 21)
+    assert planned.returncode == 0 or (planned.returncode == 2 and planned.stderr.startswith(
+        "error: not enough disk in ")), planned.stderr
     import json
 
     mem = json.loads(planned.stdout)["plan"]["passes"][-1]["memory"]

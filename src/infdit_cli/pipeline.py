@@ -170,9 +170,9 @@ def disk_need(up_plan: UpscalePlan, checkpoint: bool) -> dict[str, int]:
     return {"scratch_bytes": scratch, "checkpoint_bytes": ckpt, "total_bytes": scratch + ckpt}
 
 
-def check_disk(folder, need: dict[str, int]) -> int | None:
+def check_disk(folder, need: dict[str, int], refuse: bool = True) -> int | None:
     """Refuse (DiskTooSmall, exit 2) a job whose files do not fit the free space of `folder`; returns the
-    free bytes (None where the folder cannot be asked)."""
+    free bytes (None where the folder cannot be asked). `refuse=False`: only return them."""
     import shutil
 
     from .errors import DiskTooSmall
@@ -182,7 +182,7 @@ def check_disk(folder, need: dict[str, int]) -> int | None:
         free = shutil.disk_usage(folder).free
     except OSError:
         return None
-    if need["total_bytes"] > free:
+    if need["total_bytes"] > free and refuse:
         parts = [f"{what} {format_bytes(need[k])}" for what, k in (("scratch", "scratch_bytes"),
                                                                     ("checkpoints", "checkpoint_bytes")) if need[k]]
         raise DiskTooSmall(f"not enough disk in {folder}: the job needs {format_bytes(need['total_bytes'])} "

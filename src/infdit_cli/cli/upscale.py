@@ -143,7 +143,7 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     target = target_size(size, res=res, scale=scale)
     plan = plan_upscale(cfg, size, target, options, dtype=dt, device=dev)
     info = {"plan": plan, "device": dev.type, "dtype": str(dt).removeprefix("torch."), "config_from": source}
-    if dst is not None:  # the disk the job's files need beside the output; refused (exit 2) if it is not free
+    if dst is not None:  # the disk the job's files need beside the output (`refuse_disk` checks it)
         from ..pipeline import CHECKPOINT_AFTER, check_disk, disk_need, predicted_seconds
 
         if checkpoint is None:
@@ -151,8 +151,17 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
                           or predicted_seconds(cfg, plan, dev, dt) > CHECKPOINT_AFTER)
         need = disk_need(plan, bool(checkpoint))
         folder = dst.parent if str(dst.parent) else Path(".")
-        info["disk"] = {**need, "folder": str(folder), "free_bytes": check_disk(folder, need)}
+        info["disk"] = {**need, "folder": str(folder), "free_bytes": check_disk(folder, need, refuse=False)}
     return info
+
+
+def refuse_disk(info: dict) -> None:
+    """DiskTooSmall (exit 2) when the job's scratch and checkpoint files do not fit the free disk."""
+    from ..pipeline import check_disk
+
+    d = info.get("disk")
+    if d is not None and d["free_bytes"] is not None:
+        check_disk(d["folder"], d)
 
 
 def upscale(
@@ -213,6 +222,8 @@ def upscale(
                        f"{format_bytes(d['scratch_bytes'])}, checkpoints {format_bytes(d['checkpoint_bytes'])})"
                        + (f", {format_bytes(d['free_bytes'])} free" if d["free_bytes"] is not None else ""))
             typer.echo(f"  (config: {info['config_from']}; seed {seed})")
+    refuse_disk(info)  # exit 2 before any weights load (after the dry run's plan is shown)
+    if dry_run_:
         return
     out = output if output is not None else None
     world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
