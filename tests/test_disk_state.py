@@ -60,6 +60,19 @@ def _rerun(src, out, weights, *extra):
     return run_cli("upscale", src, "-o", out, *ARGS, "--weights", weights, *extra)
 
 
+def _rerun_here(monkeypatch, capsys, src, out, weights, *extra) -> subprocess.CompletedProcess:
+    """`infdit upscale` through the CLI's own `main`, in this process (no interpreter start per case)."""
+    from infdit_cli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["infdit", "upscale", str(src), "-o", str(out), *ARGS, "--weights",
+                                      str(weights), *extra])
+    monkeypatch.delenv("INFDIT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main()
+    o, err = capsys.readouterr()
+    return subprocess.CompletedProcess([], e.value.code, o, err)
+
+
 # -- 6. SIGTERM and SIGHUP -------------------------------------------------------------------------------
 
 def test_sigterm_keeps_the_checkpoint_and_resumes_bit_identical(job, tmp_path, tiny_weights):
@@ -95,7 +108,8 @@ def test_sighup_is_handled_like_ctrl_c(job, tmp_path, tiny_weights):
 # -- 1. a link or a foreign thing at the run-folder path ---------------------------------------------------
 
 @pytest.mark.parametrize("what", ["link", "file", "foreign-folder"])
-def test_a_run_folder_path_that_is_not_ours_is_refused_and_left_alone(job, tmp_path, tiny_weights, what):
+def test_a_run_folder_path_that_is_not_ours_is_refused_and_left_alone(job, tmp_path, tiny_weights, what,
+                                                                       monkeypatch, capsys):
     src = job[0]
     out = tmp_path / "out.png"
     folder = run_folder_for(out)
@@ -114,7 +128,7 @@ def test_a_run_folder_path_that_is_not_ours_is_refused_and_left_alone(job, tmp_p
         victim = folder
     before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} if victim.is_dir() else None
     for extra in ((), ("--checkpoint",), ("--no-resume",)):  # the default turns checkpoints on: it exists
-        res = _rerun(src, out, tiny_weights, *extra)
+        res = _rerun_here(monkeypatch, capsys, src, out, tiny_weights, *extra)
         assert res.returncode == 1, res.stderr
         last = _one_line(res.stderr)
         assert last.startswith(f"error: run folder {folder} "), last
@@ -127,7 +141,7 @@ def test_a_run_folder_path_that_is_not_ours_is_refused_and_left_alone(job, tmp_p
         assert folder.read_text() == "a file of mine"
     if what == "link":
         assert folder.is_symlink()
-    res = _rerun(src, out, tiny_weights, "--no-checkpoint")  # the way out the README names
+    res = _rerun_here(monkeypatch, capsys, src, out, tiny_weights, "--no-checkpoint")  # the README's way out
     assert res.returncode == 0, res.stderr
     assert out.read_bytes() == job[1]
 
@@ -230,7 +244,8 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_checkpoint_is_one_line_then_a_correct_fresh_run(job, tmp_path, tiny_weights, damage):
+def test_a_damaged_checkpoint_is_one_line_then_a_correct_fresh_run(job, tmp_path, tiny_weights, damage,
+                                                                   monkeypatch, capsys):
     src, ref = job[:2]
     out, folder = _copy_run(job, tmp_path)
     x = folder / json.loads((folder / "meta.json").read_text())["x"]["file"]
@@ -249,7 +264,7 @@ def test_a_damaged_checkpoint_is_one_line_then_a_correct_fresh_run(job, tmp_path
             f.truncate(x.stat().st_size - 12)
     else:
         _edit(folder, **DAMAGE[damage])
-    res = _rerun(src, out, tiny_weights)
+    res = _rerun_here(monkeypatch, capsys, src, out, tiny_weights)
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ": damaged: " in ln]
     assert len(lines) == 1 and lines[0].startswith(f"not resuming from {folder}: damaged: "), res.stderr
