@@ -158,22 +158,33 @@ def _plant(folder: Path, victims: Path, names: list[str]) -> dict[str, bytes]:
     return _files(victims)
 
 
-def test_links_planted_where_infdit_writes_are_replaced_not_followed(job, tmp_path, tiny_weights):
-    """Links at the names the resumed run writes and maps (--low-memory: the state files, pass 2's input):
-    each is replaced by a new file of ours (O_EXCL), no target is written, the result is exact."""
+@pytest.mark.parametrize("mode", ["ram", "low-memory"])
+def test_links_planted_where_infdit_writes_are_not_followed(job, tmp_path, tiny_weights, mode):
+    """Links at the names a resumed run writes: the fixed temporary names of before (`x.p1.s3.bin.tmp`,
+    `meta.json.tmp`), and under --low-memory the state files it maps and pass 2's input. No target is
+    written, the result is exact; links at names infdit never uses stay where they are (and keep the folder,
+    with a warning)."""
     src, ref = job[:2]
     out, folder = _copy_run(job, tmp_path)
     saved = _saved(folder)
-    names = ["p1_heun_x.bin", "p1_heun_x2.bin", "p1_heun_d.bin", "p2_heun_x.bin", "p2_heun_den.bin"]
-    if saved[0] == 1:
-        names.append("input.p2.bin")
+    if mode == "ram":
+        names = ["meta.json.tmp", "input.p2.bin.tmp"] + [f"x.p{p}.s{k}.bin.tmp" for p in (1, 2) for k in range(1, 5)]
+    else:
+        names = ["p1_heun_x.bin", "p1_heun_x2.bin", "p1_heun_d.bin", "p2_heun_x.bin", "p2_heun_den.bin"]
+        if saved[0] == 1:
+            names.append("input.p2.bin")
     before = _plant(folder, tmp_path / "victims", names)
-    res = _rerun(src, out, tiny_weights, "--low-memory")
+    res = _rerun(src, out, tiny_weights, *(["--low-memory"] if mode == "low-memory" else []))
     assert res.returncode == 0, res.stderr
     assert f"resuming at pass {saved[0]}/2, step {saved[1]}/{STEPS}" in res.stderr
     assert out.read_bytes() == ref
     assert _files(tmp_path / "victims") == before  # every target unchanged
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "victims"]
+    if mode == "ram":
+        assert f"warning: kept the run folder {folder}: it holds files infdit did not make" in res.stderr
+        assert sorted(p.name for p in folder.iterdir()) == sorted(names)  # only the planted links, untouched
+        assert all(p.is_symlink() for p in folder.iterdir())
+    else:  # each link was replaced by a file of infdit's (O_EXCL), then removed with the folder
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "victims"]
 
 
 def test_a_linked_state_file_is_never_read(job, tmp_path, tiny_weights):
