@@ -3,7 +3,8 @@
 One 4x pass per size with checkpoints on (`--config`, default `small`; random weights, float32, the
 planner's n), in RAM and under --low-memory (where the mapped state file is the checkpoint: flushed, not copied).
 In the same run, each step's compute time (the time between two steps' ends, minus the checkpoint) is
-set beside the checkpoint's own time (write + fsync of x and meta.json, `CheckpointWritten.seconds`);
+set beside the checkpoint's own time (write + fsync of x and meta.json, `CheckpointWritten.seconds`, which
+includes the sha256 and the finite check taken while writing, issue 21);
 steps after the first only (the first includes CLIP and the noise) and before the last (one call). Also prints the CPU throughput that
 `pipeline.THROUGHPUT["cpu"]` assumes beside the one measured here (FLOPs per call / seconds per call).
 Writes a Markdown table to stdout.
@@ -53,6 +54,26 @@ def run(up: Upscaler, size: int, steps: int, low_memory: bool, folder: Path) -> 
     return {"step": step, "ckpt": cost, "bytes": 3 * size * size * 4}
 
 
+def verify_cost(size: int, rounds: int = 3) -> float:
+    """Seconds for what a checkpoint adds to the write since issue 21 (sha256 of x's bytes and its finite
+    check, chunk by chunk as `checkpoint.write_tensor` does), on a float32 x of a size x size output."""
+    import hashlib
+
+    from infdit_cli.checkpoint import _bytes_view, _rows
+
+    x = torch.randn(1, 3, size, size)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        h = hashlib.sha256()
+        for r in _rows(x):
+            part = x[..., r, :].contiguous()
+            bool(torch.isfinite(part).all())
+            h.update(_bytes_view(part))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="256,512,1024", help="output sides (square), comma-separated")
@@ -66,16 +87,18 @@ def main() -> None:
           f"{args.steps} steps; step time: median over steps 2..{args.steps - 1}, checkpoint: over steps 2..{args.steps}")
     print()
     print("| output | x per checkpoint | step (2 calls) | checkpoint, RAM | % of step | checkpoint, --low-memory "
-          "| % of step | measured CPU FLOP/s per thread |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| % of step | of which sha256 + finite check | % of step | measured CPU FLOP/s per thread |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=".") as d:
         for size in sizes:
             ram = run(up, size, args.steps, False, Path(d))
             mapped = run(up, size, args.steps, True, Path(d))
             rate = 2 * flops_per_call(cfg, size, size) / ram["step"] / torch.get_num_threads()
+            verify = verify_cost(size)
             print(f"| {size}² | {ram['bytes'] / 2**20:.1f} MiB | {ram['step']:.2f} s | {ram['ckpt'] * 1e3:.1f} ms | "
                   f"{100 * ram['ckpt'] / ram['step']:.2f} % | {mapped['ckpt'] * 1e3:.1f} ms | "
-                  f"{100 * mapped['ckpt'] / mapped['step']:.2f} % | {rate / 1e9:.0f} G |")
+                  f"{100 * mapped['ckpt'] / mapped['step']:.2f} % | {verify * 1e3:.1f} ms | "
+                  f"{100 * verify / ram['step']:.2f} % | {rate / 1e9:.0f} G |")
     print()
     print(f"Assumed by the checkpoint default: {THROUGHPUT['cpu'] / 1e9:.0f} GFLOP/s per thread on the CPU.")
 

@@ -24,6 +24,15 @@ def run_cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProces
     return res
 
 
+def default_signals() -> None:
+    """preexec_fn for children that get signals: SIGINT (and SIGTERM, SIGHUP) at their defaults, whatever
+    this process inherited (a background job of a non-interactive shell starts with SIGINT ignored)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def official_file(tmp_path_factory) -> Path:
     """The upstream-a checkpoint converted by the installed `infdit convert` command."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import default_signals, run_cli
 
 FAST = ["--steps", "2", "--device", "cpu"]
 
@@ -190,7 +190,7 @@ def test_sigint_leaves_no_partial_file(tmp_path, tiny_weights):
     exe = Path(sys.executable).with_name("infdit")
     proc = subprocess.Popen([str(exe), "upscale", str(src), "-o", str(out), "--scale", "4", "--steps", "200",
                              "--device", "cpu", "--weights", str(tiny_weights)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     time.sleep(4)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)

@@ -118,6 +118,19 @@ def test_130_interrupted(monkeypatch, capsys, photo, tiny_weights):
     assert code == 130 and "interrupted" in one_line(err)
 
 
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_143_129_terminated(monkeypatch, capsys, photo, tiny_weights, sig, code):
+    import signal
+
+    def term(*a, **k):
+        raise errors.Signalled(getattr(signal, sig))
+
+    monkeypatch.setattr(Upscaler, "upscale_file", term)
+    rc, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights", tiny_weights)
+    assert rc == code and one_line(err) == f"error: terminated by {sig}"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() restored the handlers it set
+
+
 def test_batch_1_after_finishing_the_others(monkeypatch, capsys, tmp_path, tiny_weights):
     root = tmp_path / "in"
     root.mkdir()

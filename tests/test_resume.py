@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import default_signals, run_cli
 from infdit_cli.checkpoint import run_folder_for
 from infdit_cli.events import CheckpointDiscarded, CheckpointWritten, Resumed, StepDone
 from infdit_cli.pipeline import UpscaleOptions
@@ -46,10 +46,11 @@ def _saved(folder: Path) -> tuple[int, int] | None:
         return None
 
 
-def _start(src, out, weights, *extra) -> subprocess.Popen:
+def _start(src, out, weights, *extra, cmd="upscale") -> subprocess.Popen:
     exe = Path(sys.executable).with_name("infdit")
-    return subprocess.Popen([str(exe), "upscale", str(src), "-o", str(out), *ARGS, "--weights", str(weights),
-                             *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([str(exe), cmd, str(src), "-o", str(out), *ARGS, "--weights", str(weights),
+                             *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)
 
 
 def _stop_at(proc: subprocess.Popen, folder: Path, at: tuple[int, int], sig: int) -> str:
@@ -84,7 +85,7 @@ def test_stopped_run_resumes_to_the_same_bytes(tmp_path, job, tiny_weights, sig,
         assert "on disk): run the same command again to resume" in last
         # only the last checkpoint is kept: meta.json, x of that step, and pass 2's input
         names = sorted(p.name for p in folder.iterdir())
-        assert names == sorted(["meta.json", f"x.p{saved[0]}.s{saved[1]}.bin"]
+        assert names == sorted([".infdit", "meta.json", f"x.p{saved[0]}.s{saved[1]}.bin"]
                                + (["input.p2.bin"] if saved[0] == 2 else [])), names
     else:
         assert proc.returncode == -signal.SIGKILL
@@ -106,7 +107,8 @@ def test_low_memory_state_is_the_checkpoint(tmp_path, job, tiny_weights):
     assert proc.returncode == 130, err
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["x"]["file"].startswith(f"p{meta['pass']}_heun_x")  # the sampler's own mapped file
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["meta.json", "input.p2.bin", meta["x"]["file"]])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([".infdit", "meta.json", "input.p2.bin",
+                                                                  meta["x"]["file"]])
     res = run_cli("upscale", src, "-o", out, *ARGS, "--weights", tiny_weights, "--low-memory", "--block-batch", "2")
     assert res.returncode == 0, res.stderr
     assert "resuming at pass 2/2" in res.stderr
@@ -327,9 +329,7 @@ def test_batch_interrupted_mid_file_resumes_it_and_skips_the_done_ones(tmp_path,
     root.mkdir()
     Image.fromarray(rgb_image(8, 10, 7)).save(root / "a.png")  # small: done before b starts
     (root / "b.png").write_bytes(src.read_bytes())  # the job: its uninterrupted output is `ref`
-    exe = Path(sys.executable).with_name("infdit")
-    proc = subprocess.Popen([str(exe), "batch", str(root), "-o", str(out), *ARGS, "--weights", str(tiny_weights),
-                             "--checkpoint"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start(root, out, tiny_weights, "--checkpoint", cmd="batch")
     err = _stop_at(proc, run_folder_for(out / "b.png"), (1, 2), signal.SIGINT)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]

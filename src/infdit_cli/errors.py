@@ -19,6 +19,12 @@ __all__ = [
     "OutOfMemory",
     "BadRequest",
     "Interrupted",
+    "Signalled",
+    "UnsafePath",
+    "Busy",
+    "DiskFull",
+    "DiskTooSmall",
+    "NonFinite",
 ]
 
 
@@ -75,8 +81,6 @@ class MemoryBudgetTooSmall(InfditError):
 
     exit_code = 2
 
-    exit_code = 2
-
 
 class HostMemoryTooSmall(InfditError):
     """The host cannot hold even the leanest plan for the job."""
@@ -97,6 +101,48 @@ class BadRequest(InfditError):
 
 
 class Interrupted(InfditError):
-    """Ctrl-C (or SIGTERM) stopped the work; the message says how to resume, where progress was kept."""
+    """Ctrl-C, SIGTERM or SIGHUP stopped the work; the message says how to resume, where progress was kept.
+    Exit 128 + the signal's number: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP)."""
 
     exit_code = 130
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived (the CLI's handler raises it): handled everywhere Ctrl-C is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def what(self) -> str:
+        import signal
+
+        return f"terminated by {signal.Signals(self.signum).name}"
+
+
+class UnsafePath(InfditError):
+    """A run folder, scratch folder or lock path that is not infdit's own (a link, a file, another user's or
+    an unmarked folder): refused, never written into or deleted."""
+
+
+class Busy(InfditError):
+    """Another infdit process is writing the same output."""
+
+
+class DiskFull(InfditError):
+    """The disk filled up during the work (scratch or checkpoint files)."""
+
+
+class DiskTooSmall(InfditError):
+    """The job's scratch and checkpoint files do not fit on the disk (found before any weights load)."""
+
+    exit_code = 2
+
+
+class NonFinite(InfditError):
+    """The sampler state or the image holds NaN or Inf: no output is written."""

@@ -17,16 +17,17 @@ from dataclasses import dataclass, replace
 import torch
 
 from .engine import BlockEngine, pad_to_blocks, release_cached
-from .errors import BadRequest, OutOfMemory
+from .errors import BadRequest, NonFinite, OutOfMemory
 from .checkpoint import RunFolder, Saved
-from .events import CheckpointWritten, JobStarted, PassDone, PassStarted, PlanChanged, Resumed
+from .events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from .images import resize
 from .planner import Placement, Plan, plan
 from .sampling import HeunState, edm_sigmas, sample_heun
-from .storage import Scratch
+from .storage import Scratch, reclaim_stale
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
-           "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "preview_image", "THROUGHPUT"]
+           "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "preview_image", "THROUGHPUT",
+           "disk_need", "check_disk"]
 
 MAX_OUTPUT_SIDE = 65535
 
@@ -153,6 +154,43 @@ def predicted_seconds(cfg, up_plan: UpscalePlan, device: torch.device | str, dty
     return sum(calls * flops_per_call(cfg, *p.padded_out) for p in up_plan.passes) / rate
 
 
+def disk_need(up_plan: UpscalePlan, checkpoint: bool) -> dict[str, int]:
+    """Disk bytes the job's files take at their peak, beside the output: the --low-memory scratch files of
+    every pass (`Plan.estimate.disk`; a run folder keeps each pass's until the end) and, with checkpoints,
+    the largest pass's two x files (the new one is complete before the old one goes) and its input. The
+    output file itself is not counted."""
+    scratch = sum(p.memory.estimate.disk for p in up_plan.passes)
+    ckpt = 0
+    if checkpoint:
+        for p in up_plan.passes:
+            es = torch.empty(0, dtype=p.memory.state_dtype).element_size()
+            x = 3 * p.padded_out[0] * p.padded_out[1] * es
+            inp = 3 * p.in_size[0] * p.in_size[1] * 4 if p is not up_plan.passes[0] else 0
+            ckpt = max(ckpt, (0 if p.memory.low_memory else 2 * x) + inp)
+    return {"scratch_bytes": scratch, "checkpoint_bytes": ckpt, "total_bytes": scratch + ckpt}
+
+
+def check_disk(folder, need: dict[str, int], refuse: bool = True) -> int | None:
+    """Refuse (DiskTooSmall, exit 2) a job whose files do not fit the free space of `folder`; returns the
+    free bytes (None where the folder cannot be asked). `refuse=False`: only return them."""
+    import shutil
+
+    from .errors import DiskTooSmall
+    from .planner import format_bytes
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if need["total_bytes"] > free and refuse:
+        parts = [f"{what} {format_bytes(need[k])}" for what, k in (("scratch", "scratch_bytes"),
+                                                                    ("checkpoints", "checkpoint_bytes")) if need[k]]
+        raise DiskTooSmall(f"not enough disk in {folder}: the job needs {format_bytes(need['total_bytes'])} "
+                           f"({', '.join(parts)}), {format_bytes(free)} is free; free some space, write the "
+                           "output elsewhere, or drop --low-memory/--checkpoint")
+    return free
+
+
 def color_fix(out: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:
     """Transfer the low-frequency colour of `ref` (the upsampled input) to `out`; both (B, 3, H, W) in [-1, 1].
 
@@ -207,8 +245,17 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
     mapped = any(p.memory.low_memory for p in up_plan.passes)
     scratch = None
     if mapped:
-        scratch = (Scratch(path=run.path) if run is not None else
-                   Scratch(scratch_dir if scratch_dir is not None else tempfile.gettempdir()))
+        if run is None:
+            parent = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
+            for path, pid, freed in reclaim_stale(parent):  # left by a run that was killed
+                if on_event is not None:
+                    from .planner import format_bytes
+
+                    on_event(Notice(f"removed the scratch folder {path} of a stopped run (pid {pid}): "
+                                    f"{format_bytes(freed)} freed"))
+            scratch = Scratch(parent)
+        else:
+            scratch = Scratch(safe=run.folder())
     if on_event is not None:
         from .bench import flops_per_call
 
@@ -248,6 +295,10 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
         if up_plan.resample:
             x = resize(x.float(), up_plan.target_size)
         x = x.float()  # a copy only if the state was bf16; then in place: no second float image
+        for r in _rows(*x.shape[-2:]):
+            if not bool(torch.isfinite(x[..., r, :]).all()):
+                raise NonFinite("the upscaled image holds NaN or Inf (broken weights or an unstable dtype); "
+                                "no output was written")
         ok = True
         return x.clamp_(-1, 1).add_(1).div_(2)
     finally:

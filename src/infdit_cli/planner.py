@@ -81,6 +81,7 @@ class MemoryEstimate:
     activations: int
     overhead: int
     host: dict[str, int] = field(default_factory=dict)  # resident host bytes by part
+    disk: int = 0  # --low-memory: bytes of the memory-mapped files (allocated on disk before the pass)
 
     @property
     def device_peak(self) -> int:
@@ -112,7 +113,8 @@ class Plan:
 
     @property
     def memory(self) -> dict[str, int]:
-        return {"device_peak_bytes": self.estimate.device_peak, "host_peak_bytes": self.estimate.host_peak}
+        return {"device_peak_bytes": self.estimate.device_peak, "host_peak_bytes": self.estimate.host_peak,
+                "scratch_disk_bytes": self.estimate.disk}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -233,7 +235,8 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
         "images": images + (act if on_cpu else 0),
     }
     slack = DEVICE_SLACK.get(device_type, DEVICE_SLACK_DEFAULT)
-    return MemoryEstimate(weights, state, cache, act, slack, host)
+    disk = state_bytes + (slab if on_cpu or cache_on_host else 0) if low_memory else 0
+    return MemoryEstimate(weights, state, cache, act, slack, host, disk)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -5,20 +5,295 @@ the process keeps only what it is working on resident: after each piece of work 
 which drops the mapped pages from this process (`madvise(MADV_DONTNEED)`; the data stays in the file and
 the page cache, which the kernel writes back and reclaims as it needs). The folder is removed by `close`,
 which the pipeline calls on success, on error and on Ctrl-C.
+
+Every folder infdit leaves state in (scratch and run folders) is a `SafeFolder`: a real directory (never a
+link), owned by this user, not writable by group or others, holding infdit's marker file `.infdit`, which
+records the name of every file infdit creates there before it is created. Files inside are opened relative
+to the folder's descriptor with O_NOFOLLOW (and O_EXCL when new); removal deletes only the names the marker
+records, then the marker, then the (then empty) folder: a folder is never emptied by listing it. A scratch
+folder's marker also records its owner's pid and stays flock-ed while the owner lives, so any later run can
+tell an abandoned scratch folder (SIGKILL, power cut) from a live one and reclaim it (`reclaim_stale`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
-import shutil
+import re
+import secrets
+import stat
 import tempfile
 import weakref
 from pathlib import Path
 
 import torch
 
-__all__ = ["Scratch"]
+from .errors import DiskFull, UnsafePath
+
+__all__ = ["Scratch", "SafeFolder", "reclaim_stale", "allocate", "MARKER"]
+
+MARKER = ".infdit"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def allocate(fd: int, nbytes: int, where: Path) -> None:
+    """Give the file `fd` `nbytes` of real disk blocks (posix_fallocate), so a full disk is an error now and
+    never a SIGBUS when a mapped page is written later. DiskFull names `where`."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, nbytes)
+        else:  # pragma: no cover - macOS: no posix_fallocate; a plain (possibly sparse) size
+            os.ftruncate(fd, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"no space left in {where} for {_size(nbytes)} of state files") from None
+        raise
+
+
+def _size(n: int) -> str:
+    from .planner import format_bytes
+
+    return format_bytes(n)
+
+
+class SafeFolder:
+    """A folder infdit made and owns (see the module doc). `create`: make it (mode 0700) if nothing is at
+    `path`; else whatever is there must pass `check`.
+
+    Raises:
+        UnsafePath: `path` is a link, a file, another user's folder, writable by others, or has no marker.
+    """
+
+    def __init__(self, path: str | Path, kind: str, *, create: bool = True, pid: bool = False,
+                 fresh: bool = False) -> None:
+        self.path = Path(path)
+        self.kind = kind
+        self.lock_fd = None
+        made = fresh  # `path` was just made by this process (mkdtemp)
+        if create and not os.path.lexists(self.path):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # a --checkpoint-dir's parents
+                os.mkdir(self.path, 0o700)
+                made = True
+            except FileExistsError:
+                pass
+        self.fd = self._open_dir()
+        try:
+            if made:
+                self._write_marker(pid)
+            else:
+                self._check_marker()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    # -- checks -------------------------------------------------------------------------------------------
+    def _refuse(self, why: str) -> UnsafePath:
+        return UnsafePath(f"{self.kind} {self.path} {why}; infdit never writes into or deletes what it did "
+                          "not make: move it away or remove it")
+
+    def _open_dir(self) -> int:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            raise self._refuse("does not exist") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise self._refuse("is a symbolic link")
+        if not stat.S_ISDIR(st.st_mode):
+            raise self._refuse("is not a folder")
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
+        except OSError as e:
+            raise self._refuse(f"cannot be opened ({e.strerror})") from None
+        st = os.fstat(fd)
+        why = None
+        if not stat.S_ISDIR(st.st_mode):
+            why = "is not a folder"
+        elif hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            why = f"belongs to another user (uid {st.st_uid})"
+        elif st.st_mode & 0o022:
+            why = f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+        if why:
+            os.close(fd)
+            raise self._refuse(why)
+        return fd
+
+    def _check_marker(self) -> None:
+        try:
+            fd = os.open(MARKER, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
+        except OSError:
+            raise self._refuse(f"has no {MARKER} marker (not made by infdit)") from None
+        try:
+            st = os.fstat(fd)
+            head = os.read(fd, 64).split(b"\n", 1)[0] if stat.S_ISREG(st.st_mode) else b""
+        finally:
+            os.close(fd)
+        if head != f"infdit {self.kind}".encode():
+            raise self._refuse(f"has a foreign {MARKER} marker (not made by infdit as a {self.kind})")
+
+    def _write_marker(self, pid: bool) -> None:
+        # Written under a temporary name, locked (scratch), then renamed: a marker is never seen unlocked
+        # while its owner lives.
+        tmp = f"{MARKER}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=self.fd)
+        if pid:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.lock_fd = fd
+        os.write(fd, f"infdit {self.kind}\n{'pid ' + str(os.getpid()) if pid else ''}\n".encode())
+        os.replace(tmp, MARKER, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        if not pid:
+            os.close(fd)
+
+    # -- records ------------------------------------------------------------------------------------------
+    def _record(self, name: str) -> None:
+        if not _NAME.fullmatch(name) or name == MARKER:
+            raise ValueError(f"bad file name {name!r}")
+        fd = os.open(MARKER, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
+        try:
+            os.write(fd, f"+{name}\n".encode())
+        finally:
+            os.close(fd)
+
+    def records(self) -> list[str]:
+        """The names of every file infdit made here (in the order made, without repeats)."""
+        try:
+            fd = os.open(MARKER, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
+        except OSError:
+            return []
+        try:
+            data = b""
+            while chunk := os.read(fd, 1 << 16):
+                data += chunk
+        finally:
+            os.close(fd)
+        names = [ln[1:] for ln in data.decode("utf-8", "replace").splitlines() if ln.startswith("+")]
+        return list(dict.fromkeys(n for n in names if _NAME.fullmatch(n)))
+
+    def owner_pid(self) -> int | None:
+        try:
+            fd = os.open(MARKER, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
+            try:
+                lines = os.read(fd, 256).decode("utf-8", "replace").splitlines()
+            finally:
+                os.close(fd)
+            return int(lines[1].removeprefix("pid ")) if len(lines) > 1 and lines[1].startswith("pid ") else None
+        except (OSError, ValueError):
+            return None
+
+    # -- files --------------------------------------------------------------------------------------------
+    def create(self, name: str) -> int:
+        """A new file `name` (recorded first, then O_CREAT|O_EXCL|O_NOFOLLOW, 0600); an old one is replaced."""
+        self._record(name)
+        self.unlink(name)
+        return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=self.fd)
+
+    def temp(self, name: str) -> tuple[str, int]:
+        """A new temporary file for `name`, named uniquely for this process: (its name, its fd)."""
+        tmp = f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        return tmp, self.create(tmp)
+
+    def open(self, name: str, *, write: bool = False) -> int:
+        """An existing regular file `name` (never through a link)."""
+        fd = os.open(name, (os.O_RDWR if write else os.O_RDONLY) | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"{name} is not a regular file")
+        return fd
+
+    def size(self, name: str) -> int | None:
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def replace(self, src: str, dst: str) -> None:
+        """Rename `src` to `dst` (recorded) and make it durable (fsync of the folder)."""
+        self._record(dst)
+        os.replace(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            pass
+
+    def unlink(self, name: str) -> None:
+        try:
+            os.unlink(name, dir_fd=self.fd)  # never follows: a link is removed, not its target
+        except FileNotFoundError:
+            pass
+
+    def disk_bytes(self, names=None) -> int:
+        total = 0
+        for n in self.records() if names is None else names:
+            try:
+                st = os.stat(n, dir_fd=self.fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_blocks * 512
+        return total
+
+    def remove(self) -> bool:
+        """Delete every file the marker records, the marker, and the folder if it is then empty (False if
+        something infdit did not make stays in it: the folder is then kept)."""
+        for n in self.records():
+            self.unlink(n)
+        self.unlink(MARKER)
+        self.close()
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if getattr(self, "lock_fd", None) is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def reclaim_stale(parent: str | Path) -> list[tuple[Path, int | None, int]]:
+    """Remove the scratch folders in `parent` whose owner is gone (their marker is not locked); returns
+    (folder, owner pid, bytes freed) for each. Folders without our marker are left alone."""
+    out = []
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(".infdit-")]
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            sf = SafeFolder(e.path, "scratch folder", create=False)
+        except (UnsafePath, OSError):
+            continue
+        try:
+            fd = os.open(MARKER, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=sf.fd)
+        except OSError:
+            sf.close()
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its owner lives
+            os.close(fd)
+            sf.close()
+            continue
+        pid, freed = sf.owner_pid(), sf.disk_bytes()
+        sf.remove()
+        os.close(fd)
+        out.append((Path(e.path), pid, freed))
+    return out
 
 
 def _pin(t: torch.Tensor) -> bool:
@@ -41,22 +316,23 @@ class Scratch:
     """Allocates named CPU tensors, in RAM (`folder=None`) or as memory-mapped files in a new folder.
 
     Args:
-        folder: parent directory for a new private scratch folder (`.infdit-<random>`), or None for RAM.
+        folder: parent directory for a new private scratch folder (`.infdit-<random>`, its marker holding
+            this process's pid, locked while it lives), or None for RAM.
         pin: pin RAM tensors (page-locked, for fast asynchronous copies to CUDA) for as long as this
             scratch lives; ignored for files. Set to False when CUDA refuses to pin.
-        path: use this folder itself instead (a checkpoint's run folder): `close` then removes only the
+        safe: use this `SafeFolder` instead (a checkpoint's run folder): `close` then removes only the
             files this scratch made, and keeps those it is told to.
     """
 
-    def __init__(self, folder: str | Path | None = None, *, pin: bool = False, path: str | Path | None = None
+    def __init__(self, folder: str | Path | None = None, *, pin: bool = False, safe: SafeFolder | None = None
                  ) -> None:
         self.pin = pin
-        self.owned = path is None
-        if path is not None:
-            Path(path).mkdir(parents=True, exist_ok=True)
-            self.path: Path | None = Path(path)
-        else:
-            self.path = Path(tempfile.mkdtemp(prefix=".infdit-", dir=folder)) if folder is not None else None
+        self.owned = safe is None
+        self.safe: SafeFolder | None = safe
+        if safe is None and folder is not None:
+            path = tempfile.mkdtemp(prefix=".infdit-", dir=folder)  # 0700, a fresh name: nobody else's
+            self.safe = SafeFolder(path, "scratch folder", create=False, pid=True, fresh=True)
+        self.path: Path | None = self.safe.path if self.safe is not None else None
         self._maps: dict[str, mmap.mmap] = {}
         self._made: set[str] = set()
 
@@ -65,8 +341,9 @@ class Scratch:
         return self.path is not None
 
     def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, reuse: bool = False) -> torch.Tensor:
-        """A new uninitialised tensor called `name` (a file `name.bin` when mapped). With `reuse`, an
-        existing file of exactly the right size is mapped as it is (its contents are the tensor's)."""
+        """A new uninitialised tensor called `name` (a file `name.bin` when mapped, its disk allocated now).
+        With `reuse`, an existing file of exactly the right size is mapped as it is (its contents are the
+        tensor's)."""
         if self.path is None:
             t = torch.empty(shape, dtype=dtype)
             if self.pin:
@@ -79,16 +356,19 @@ class Scratch:
         for s in shape:
             numel *= s
         nbytes = max(1, numel * torch.empty(0, dtype=dtype).element_size())
-        file = self.file(name)
-        keep = reuse and file.is_file() and file.stat().st_size == nbytes
+        fname = f"{name}.bin"
+        keep = reuse and self.safe.size(fname) == nbytes
         if not keep:
             self.release(name)
-        with open(file, "r+b" if keep else "w+b") as f:
-            if not keep:
-                f.truncate(nbytes)  # sparse: no disk is used until pages are written
-            mm = mmap.mmap(f.fileno(), nbytes)
-        self._maps[name] = mm
         self._made.add(name)
+        fd = self.safe.open(fname, write=True) if keep else self.safe.create(fname)
+        try:
+            if not keep:
+                allocate(fd, nbytes, self.path)
+            mm = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        self._maps[name] = mm
         return torch.frombuffer(mm, dtype=dtype, count=numel).view(shape)
 
     def file(self, name: str) -> Path:
@@ -105,8 +385,8 @@ class Scratch:
     def release(self, name: str) -> None:
         """Forget `name`; its file is removed (the mapping lives on while a tensor still views it)."""
         self._maps.pop(name, None)
-        if self.path is not None:
-            (self.path / f"{name}.bin").unlink(missing_ok=True)
+        if self.safe is not None:
+            self.safe.unlink(f"{name}.bin")
 
     def trim(self) -> None:
         """Drop every mapped page from this process's resident memory (no-op in RAM)."""
@@ -118,22 +398,23 @@ class Scratch:
 
     def disk_bytes(self) -> int:
         """Bytes the scratch files hold on disk now."""
-        if self.path is None:
+        if self.safe is None:
             return 0
-        return sum(os.stat(f).st_blocks * 512 for f in self.path.glob("*.bin"))
+        return self.safe.disk_bytes([f"{n}.bin" for n in self._made])
 
     def close(self, keep: tuple[str, ...] = ()) -> None:
-        """Remove the folder and everything in it; for a folder given as `path`, only the files this
-        scratch made, except the names in `keep` (flushed first)."""
+        """Remove the folder and the files this scratch made; for a folder given as `safe`, only the files
+        this scratch made, except the names in `keep` (flushed first)."""
         for name in keep:
             self.flush(name)
         self._maps.clear()
-        if self.path is not None:
+        if self.safe is not None:
             if self.owned:
-                shutil.rmtree(self.path, ignore_errors=True)
+                self.safe.remove()
             else:
                 for name in self._made - set(keep):
-                    self.file(name).unlink(missing_ok=True)
+                    self.safe.unlink(f"{name}.bin")
+            self.safe = None
             self.path = None
 
     def __enter__(self) -> Scratch:

@@ -9,6 +9,8 @@ This is the library entry point the CLI wraps:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,11 +20,11 @@ import torch
 
 from .errors import BadRequest
 from .cache import sha256_file
-from .checkpoint import RunFolder, fingerprint, run_folder_for
+from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
 from .events import CheckpointDiscarded, Notice, PlanChanged
 from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, check_output, fill_transparent, load_image, resize, save_image
-from .pipeline import (CHECKPOINT_AFTER, UpscaleOptions, UpscalePlan, plan_upscale, predicted_seconds, target_size,
-                       upscale)
+from .pipeline import (CHECKPOINT_AFTER, UpscaleOptions, UpscalePlan, check_disk, disk_need, plan_upscale,
+                       predicted_seconds, target_size, upscale)
 
 __all__ = ["Upscaler", "UpscaleResult", "resolve_device", "resolve_dtype", "default_output"]
 
@@ -81,6 +83,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise BadRequest(f"unknown dtype {name!r}; use auto, bf16 or fp32")
     return table[name]
+
+
+def _nothing():
+    return contextlib.nullcontext()
 
 
 def default_output(path: Path) -> Path:
@@ -176,6 +182,12 @@ class Upscaler:
         src = Path(src)
         dst = Path(dst) if dst is not None else default_output(src)
         fmt = check_output(dst, overwrite)  # before any work: no compute for an output that cannot be written
+        with output_lock(dst) if write else _nothing():  # one writer per output (Busy at once)
+            return self._upscale_file(src, dst, fmt, res, scale, opts, quality, overwrite, max_pixels, on_event,
+                                      checkpoint, checkpoint_dir, resume, on_preview, write)
+
+    def _upscale_file(self, src, dst, fmt, res, scale, opts, quality, overwrite, max_pixels, on_event, checkpoint,
+                      checkpoint_dir, resume, on_preview, write) -> UpscaleResult:
         img = load_image(src, max_pixels=max_pixels)
         notices = list(img.notices)
         if img.alpha is not None and fmt == "JPEG":
@@ -202,7 +214,8 @@ class Upscaler:
         run = None
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else run_folder_for(dst)
         if checkpoint is None:
-            checkpoint = folder.exists() or self.predicted_seconds(up_plan) > CHECKPOINT_AFTER
+            checkpoint = os.path.lexists(folder) or self.predicted_seconds(up_plan) > CHECKPOINT_AFTER
+        check_disk(folder.parent if checkpoint else dst.parent, disk_need(up_plan, bool(checkpoint)))  # before any work: DiskTooSmall
         if checkpoint:
             run = RunFolder(folder, fingerprint(input_sha256=sha256_file(src), weights=self.weights_id,
                                                 up_plan=up_plan, options=opts, dtype=self.model.dtype))
@@ -219,8 +232,8 @@ class Upscaler:
         if write:
             save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif,
                        dpi=dpi, quality=quality, overwrite=overwrite)
-        if run is not None:
-            run.remove()
+        if run is not None and not run.remove(strict=False) and on_event is not None:
+            on_event(Notice(f"kept the run folder {folder}: it holds files infdit did not make"))
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return UpscaleResult(
             input=str(src), output=str(dst), input_size=img.size, output_size=up_plan.target_size,

@@ -17,6 +17,8 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad arguments or an impossible request, found before any work (click's code)
     OUT_OF_MEMORY = 3  # out of device memory even under the leanest plan; no partial output
     INTERRUPTED = 130  # Ctrl-C; partial outputs were removed
+    HANGUP = 129  # SIGHUP, handled as Ctrl-C
+    TERMINATED = 143  # SIGTERM, handled as Ctrl-C
 
 
 def _message(exc: BaseException) -> tuple[str, int]:
@@ -24,6 +26,8 @@ def _message(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, InfditError):
         return str(exc), exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
+        if getattr(exc, "signum", None):  # errors.Signalled: SIGTERM / SIGHUP
+            return exc.what, exc.exit_code
         return "interrupted", ExitCode.INTERRUPTED
     if isinstance(exc, MemoryError):
         return "out of host memory; try a smaller --mem-budget or --block-batch", ExitCode.ERROR

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -38,8 +39,8 @@ def _root() -> None:
 
     Exit codes: 0 done; 1 a file that cannot be read, decoded or written, or a failure during the work
     (batch: some file failed, after finishing the others); 2 a wrong command line or an impossible request,
-    found before any work; 3 out of device memory even at the smallest plan; 130 interrupted (no partial
-    output is left). Errors are one line on stderr; set INFDIT_DEBUG=1 (or -v) for the traceback.
+    found before any work; 3 out of device memory even at the smallest plan; 130 interrupted (Ctrl-C), 143
+    terminated (SIGTERM), 129 hung up (SIGHUP): no partial output is left, the last checkpoint is kept. Errors are one line on stderr; set INFDIT_DEBUG=1 (or -v) for the traceback.
     """
 
 
@@ -50,7 +51,30 @@ def _usage_error(e: typer.TyperException) -> BadRequest:
     return err
 
 
+def _on_signal(signum, frame) -> None:
+    from ..errors import Signalled
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise Signalled(signum)
+
+
 def main() -> None:
+    before = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # timeout, systemd, Slurm, docker stop; a closed terminal
+        if signal.getsignal(sig) is signal.SIG_DFL:  # SIG_IGN stays (nohup)
+            try:
+                before[sig] = signal.signal(sig, _on_signal)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+    try:
+        _main()
+    finally:  # main() run in-process (tests, embedding) leaves the handlers as it found them
+        for sig, old in before.items():
+            signal.signal(sig, old)
+
+
+def _main() -> None:
     try:
         rc = app(standalone_mode=False)  # returns the code of a typer.Exit (Ctrl-C arrives as Exit(130))
         if rc == 130:
@@ -60,8 +84,9 @@ def main() -> None:
         raise
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(report(KeyboardInterrupt()))
+    except typer.Abort as e:  # click turns KeyboardInterrupt (and our Signalled) into Abort
+        cause = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
+        sys.exit(report(cause))
     except typer.TyperException as e:  # click's usage errors: one line like every other error, exit 2
         sys.exit(report(_usage_error(e)))
     except BaseException as e:  # noqa: BLE001 - the one place every error becomes one line

@@ -111,14 +111,16 @@ def batch(
                                overwrite=overwrite, quality=quality, max_pixels=max_pixels, on_event=display,
                                on_item=on_item, on_start=on_start, items=items, checkpoint=checkpoint,
                                resume=resume)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             from ..checkpoint import describe, run_folder_for
             from ..errors import Interrupted
 
             info = describe(run_folder_for(current[0])) if current else None
             where = f"; {current[0].name}: {info[0]} saved ({format_bytes(info[1])} on disk)" if info else ""
-            raise Interrupted(f"interrupted after {max(0, len(started) - 1)} file(s){where}; run the same "
-                              "command again to skip the finished files and continue") from None
+            err = Interrupted(f"{getattr(e, 'what', 'interrupted')} after {max(0, len(started) - 1)} file(s)"
+                              f"{where}; run the same command again to skip the finished files and continue")
+            err.exit_code = getattr(e, "exit_code", 130)
+            raise err from None
         finally:
             display.stop()
     failed = report.count("failed")

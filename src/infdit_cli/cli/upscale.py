@@ -15,7 +15,7 @@ import typer
 from .. import distributed as D
 from ..pipeline import UpscalePlan
 from ..planner import format_bytes
-from ..checkpoint import run_folder_for
+from ..checkpoint import output_lock, run_folder_for
 from ..upscaler import default_output
 from . import _options as O
 from ._checks import check_compile, check_upscale_args
@@ -69,8 +69,10 @@ def keep_progress(folder: Path):
 
     try:
         yield
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted{resume_hint(describe(folder), folder)}") from None
+    except KeyboardInterrupt as e:
+        err = Interrupted(f"{getattr(e, 'what', 'interrupted')}{resume_hint(describe(folder), folder)}")
+        err.exit_code = getattr(e, "exit_code", 130)
+        raise err from None
     except InfditError as e:
         info = describe(folder)
         if info is None:
@@ -117,7 +119,8 @@ def plan_json(plan: UpscalePlan) -> dict:
     return out
 
 
-def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, scale, options) -> dict:
+def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, scale, options, *,
+            dst: Path | None = None, checkpoint: bool | None = None) -> dict:
     """The plan without loading any weights (the config comes from the file's header, else the official one).
 
     Raises:
@@ -139,7 +142,26 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     dt = resolve_dtype(dtype, dev)
     target = target_size(size, res=res, scale=scale)
     plan = plan_upscale(cfg, size, target, options, dtype=dt, device=dev)
-    return {"plan": plan, "device": dev.type, "dtype": str(dt).removeprefix("torch."), "config_from": source}
+    info = {"plan": plan, "device": dev.type, "dtype": str(dt).removeprefix("torch."), "config_from": source}
+    if dst is not None:  # the disk the job's files need beside the output (`refuse_disk` checks it)
+        from ..pipeline import CHECKPOINT_AFTER, check_disk, disk_need, predicted_seconds
+
+        if checkpoint is None:
+            checkpoint = (os.path.lexists(run_folder_for(dst))
+                          or predicted_seconds(cfg, plan, dev, dt) > CHECKPOINT_AFTER)
+        need = disk_need(plan, bool(checkpoint))
+        folder = dst.parent if str(dst.parent) else Path(".")
+        info["disk"] = {**need, "folder": str(folder), "free_bytes": check_disk(folder, need, refuse=False)}
+    return info
+
+
+def refuse_disk(info: dict) -> None:
+    """DiskTooSmall (exit 2) when the job's scratch and checkpoint files do not fit the free disk."""
+    from ..pipeline import check_disk
+
+    d = info.get("disk")
+    if d is not None and d["free_bytes"] is not None:
+        check_disk(d["folder"], d)
 
 
 def upscale(
@@ -186,7 +208,8 @@ def upscale(
                        max_pixels=max_pixels)  # usage and files before weights: the real mistake first
     if preview is not None:
         check_preview(preview, input, dst)
-    info = dry_run(input, weights, repo, offline, device, dtype, res, scale, options)  # refuses what cannot fit
+    info = dry_run(input, weights, repo, offline, device, dtype, res, scale, options, dst=dst,
+                   checkpoint=checkpoint)  # refuses what cannot fit, in memory or on disk
     if dry_run_:
         if json_:
             typer.echo(json.dumps({"input": str(input), **{k: (plan_json(v) if k == "plan" else v)
@@ -194,14 +217,23 @@ def upscale(
         else:
             for line in plan_lines(info["plan"], info["device"], info["dtype"]):
                 typer.echo(line)
+            d = info["disk"]
+            typer.echo(f"  disk: {format_bytes(d['total_bytes'])} in {d['folder']} (scratch "
+                       f"{format_bytes(d['scratch_bytes'])}, checkpoints {format_bytes(d['checkpoint_bytes'])})"
+                       + (f", {format_bytes(d['free_bytes'])} free" if d["free_bytes"] is not None else ""))
             typer.echo(f"  (config: {info['config_from']}; seed {seed})")
+    refuse_disk(info)  # exit 2 before any weights load (after the dry run's plan is shown)
+    if dry_run_:
         return
     out = output if output is not None else None
     world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
     if world.distributed:
         device = D.rank_device(device, world)
         D.init(world, device)
+    held = contextlib.ExitStack()
     try:
+        if world.main:  # one writer per output, before the weights load: a second run is refused at once
+            held.enter_context(output_lock(dst))
         up = load_upscaler(weights, repo, offline, device, dtype, options)
         if world.distributed:
             from ..bands import band_engine
@@ -219,6 +251,7 @@ def upscale(
         finally:
             display.stop()
     finally:
+        held.close()
         D.teardown()
     if not world.main:  # rank 0 writes the file and reports
         return
