@@ -28,6 +28,10 @@ class FakeHub:
     cut_next_get_at: int | None = None  # send only this many bytes of the next GET, then drop it
     cut_every_get_at: int | None = None  # the same for every GET (a link that always breaks)
     throttle_s: float = 0.0  # pause after each 256 KiB sent (to make two clients overlap)
+    range_offset: int = 0  # a 206 answer starts this many bytes away from the asked offset (a broken proxy)
+    claim_length: int | None = None  # Content-Length to announce instead of the real one (sends nothing)
+    stall_next_get_at: int | None = None  # send this many bytes of the next GET, then stall (no close)
+    stall_s: float = 5.0
     log: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
 
     def start(self) -> str:
@@ -79,6 +83,15 @@ class FakeHub:
                     start = int(mm.group(1))
                 if start >= len(data) > 0:
                     return self._error(416)
+                if start:
+                    start = max(0, start + hub.range_offset)
+                if hub.claim_length is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Type", content_type or "application/octet-stream")
+                    self.send_header("Content-Length", str(hub.claim_length))
+                    self.end_headers()
+                    self.close_connection = True
+                    return
                 self.send_response(206 if start else 200)
                 if commit:
                     self.send_header("X-Repo-Commit", commit)
@@ -98,6 +111,13 @@ class FakeHub:
                 if cut is not None:
                     self.wfile.write(payload[:cut])
                     self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if hub.stall_next_get_at is not None:
+                    stall, hub.stall_next_get_at = hub.stall_next_get_at, None
+                    self.wfile.write(payload[:stall])
+                    self.wfile.flush()
+                    time.sleep(hub.stall_s)  # the client's read times out meanwhile
                     self.close_connection = True
                     return
                 for i in range(0, len(payload), 1 << 18):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import BadImage, BadRequest, InfditError
 from .events import Notice
-from .images import SUFFIXES
+from .images import SUFFIXES, is_infdit_output
 
 __all__ = ["BatchItem", "BatchReport", "find_images", "plan_batch", "preview_batch", "run_batch",
            "IMAGE_SUFFIXES"]
@@ -115,6 +115,8 @@ def plan_batch(root: Path, out_root: Path, *, recursive: bool = False, glob: str
             item.reason = f"output {dst} would also be written for {', '.join(map(str, rivals))}; rename one"
         elif dst.exists() and not overwrite:
             item.status, item.reason = "skipped", "output exists"
+        elif is_infdit_output(src):  # an earlier run's output left among the inputs (another -o)
+            item.status, item.reason = "skipped", "an infdit output (its Software tag), not an input"
         items.append(item)
     return items
 

@@ -107,12 +107,13 @@ def _rss() -> int:
 def _setup(spec: CallSpec):
     """The model and seeded inputs one worker process measures: (model, x, lr_up, image)."""
     from .config import PRESETS
+    from .hub import fetch_clip_tower
     from .weights import load_model, random_model
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     dtype, dev = getattr(torch, spec.dtype), torch.device(spec.device)
-    model = load_model(spec.weights, device=dev, dtype=dtype) if spec.weights else \
+    model = load_model(spec.weights, device=dev, dtype=dtype, clip_tower=fetch_clip_tower) if spec.weights else \
         random_model(PRESETS[spec.config], seed=0, device=dev, dtype=dtype)
     cfg = model.config
     gen = torch.Generator().manual_seed(0)

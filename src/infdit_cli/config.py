@@ -21,8 +21,25 @@ class ClipConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
+        _check_fields(self, "clip.", {"embed_dim": 16384, "width": 16384, "layers": 256, "head_width": 16384,
+                                      "patch_size": 1024, "image_size": 4096})
+        if not (isinstance(self.mlp_ratio, (int, float)) and not isinstance(self.mlp_ratio, bool)
+                and 0 < self.mlp_ratio <= 64):
+            raise ValueError(f"clip.mlp_ratio must be a number in (0, 64], got {self.mlp_ratio!r}")
         if self.width % self.head_width:
-            raise ValueError(f"CLIP width {self.width} is not divisible by head_width {self.head_width}")
+            raise ValueError(f"clip.width {self.width} is not divisible by clip.head_width {self.head_width}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"clip.image_size {self.image_size} is not a multiple of clip.patch_size "
+                             f"{self.patch_size}")
+
+
+def _check_fields(cfg, prefix: str, bounds: dict[str, int]) -> None:
+    """Each named field is an int in 1..bound: a file's config is checked before anything is built from it
+    (a 7-byte edit must not ask for 30000 layers, and 0 heads must not divide by zero)."""
+    for name, top in bounds.items():
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top:
+            raise ValueError(f"{prefix}{name} must be an integer from 1 to {top}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,14 @@ class InfDiTConfig:
     clip: ClipConfig | None = field(default_factory=ClipConfig)  # None: no CLIP tower in this file
 
     def __post_init__(self) -> None:
+        _check_fields(self, "", {"hidden_size": 16384, "num_layers": 256, "num_heads": 1024, "patch_size": 64,
+                                 "in_channels": 64, "out_channels": 64, "block_size": 4096, "vector_dim": 16384,
+                                 "sr_scale": 16, "lr_patch_size": 64, "rope_table_size": 65536,
+                                 "mlp_ratio": 64, "time_channels": 16384})
+        for name in ("layernorm_eps", "sigma_data"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e6):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
@@ -78,10 +103,18 @@ class InfDiTConfig:
     @classmethod
     def from_json(cls, text: str) -> InfDiTConfig:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         clip = data.pop("clip", None)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+            raise ValueError(f"unknown config fields: {sorted(unknown)[:5]}")
+        if clip is not None:
+            if not isinstance(clip, dict):
+                raise ValueError("clip must be an object or null")
+            unknown = set(clip) - set(ClipConfig.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown clip fields: {sorted(unknown)[:5]}")
         return cls(**data, clip=ClipConfig(**clip) if clip is not None else None)
 
     def with_(self, **changes: object) -> InfDiTConfig:

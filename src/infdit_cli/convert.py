@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +102,18 @@ def _need(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
 
 
 def infer_config(sd: dict[str, torch.Tensor], clip_head_width: int = 64) -> InfDiTConfig:
-    """Every hyper-parameter from official tensor shapes (keys in the official naming)."""
+    """Every hyper-parameter from official tensor shapes (keys in the official naming).
+
+    Raises:
+        ConvertError: a tensor is missing, or the shapes make no valid config (zero or absurd sizes).
+    """
+    try:
+        return _infer_config(sd, clip_head_width)
+    except (ZeroDivisionError, ValueError, IndexError) as e:
+        raise ConvertError(f"not an Inf-DiT checkpoint: {' '.join(str(e).split())[:200]}") from None
+
+
+def _infer_config(sd: dict[str, torch.Tensor], clip_head_width: int) -> InfDiTConfig:
     patch_w = _need(sd, "mixins.patch_embed.proj.weight")  # (D, in, p, p)
     hidden, in_ch, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[2]
     layers = len({int(m.group(1)) for k in sd if (m := re.match(r"transformer\.layers\.(\d+)\.", k))})
@@ -126,16 +138,13 @@ def infer_config(sd: dict[str, torch.Tensor], clip_head_width: int = 64) -> InfD
         conv = _need(sd, v + "conv1.weight")  # (width, 3, p, p)
         width, cpatch = conv.shape[0], conv.shape[-1]
         grid = math.isqrt(_need(sd, v + "positional_embedding").shape[0] - 1)
-        clip = ClipConfig(
+        clip = dict(
             embed_dim=_need(sd, v + "proj").shape[1], width=width,
             layers=len({k.split(".")[5] for k in sd if k.startswith(v + "transformer.resblocks.")}),
             head_width=clip_head_width, patch_size=cpatch, image_size=grid * cpatch,
             mlp_ratio=_need(sd, v + "transformer.resblocks.0.mlp.c_fc.weight").shape[0] / width,
         )
-    try:
-        return InfDiTConfig(**cfg, clip=clip)
-    except ValueError as e:
-        raise ConvertError(f"not an Inf-DiT checkpoint: {e}") from None
+    return InfDiTConfig(**cfg, clip=ClipConfig(**clip) if clip is not None else None)
 
 
 def _check_rope_table(sd: dict[str, torch.Tensor], cfg: InfDiTConfig) -> None:
@@ -150,6 +159,16 @@ def _check_rope_table(sd: dict[str, torch.Tensor], cfg: InfDiTConfig) -> None:
         raise ConvertError("the checkpoint's RoPE table is not the 2-D RoPE Inf-DiT uses")
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A torch.save file: a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def convert_checkpoint(path: str | Path, *, clip_head_width: int = 64) -> ConvertResult:
     """Read an official checkpoint and return our config and renamed tensors (nothing is written)."""
     from .weights import check_state_dict
@@ -158,8 +177,14 @@ def convert_checkpoint(path: str | Path, *, clip_head_width: int = 64) -> Conver
     if not path.is_file():
         raise ConvertError(f"no such file: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's business
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-pickles, truncation and foreign classes
+        if "weights_only" in str(e) or "Weights only" in str(e):  # torch's advice to unpickle anyway: not ours
+            what = ("holds objects other than tensors, which infdit never unpickles" if _is_checkpoint(path)
+                    else "is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+            raise ConvertError(f"cannot read {path}: it {what}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(f"cannot read {path} as a PyTorch checkpoint: {first}") from None
     if not isinstance(obj, dict) or "module" not in obj or not isinstance(obj["module"], dict):

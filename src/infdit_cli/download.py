@@ -26,7 +26,9 @@ from .events import BytesDone, Notice
 
 __all__ = ["fetch_url", "download_checkpoint", "cached_checkpoint", "Downloaded", "check_url", "check_sha256"]
 
-TIMEOUT_S = 10.0  # connect and per-read; an unreachable host fails within this, once
+# Connect and per-read, seconds; an unreachable host fails within this, once. INFDIT_DOWNLOAD_TIMEOUT for a
+# slow link (or a test of a stalled one).
+TIMEOUT_S = float(os.environ.get("INFDIT_DOWNLOAD_TIMEOUT") or 10.0)
 ATTEMPTS = 4  # a connection lost mid-transfer is resumed this many times before giving up
 CHUNK = 1 << 20
 OnEvent = Callable[[object], None] | None
@@ -95,6 +97,26 @@ def _open(url: str, start: int, timeout: float):
         raise DownloadError(f"cannot reach {host}: {e or type(e).__name__}") from None
 
 
+def _range_start(resp) -> int | None:
+    """Where a 206 answer's bytes start (`Content-Range: bytes START-END/TOTAL`), or None if it does not say."""
+    import re
+
+    m = re.match(r"\s*bytes\s+(\d+)-", resp.headers.get("Content-Range") or "")
+    return int(m.group(1)) if m else None
+
+
+def _check_free(folder: Path, need: int, url: str) -> None:
+    """Refuse a transfer the disk cannot hold, before its first byte."""
+    import shutil
+
+    from .planner import format_bytes
+
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DownloadError(f"{url} needs {format_bytes(need)} more, {folder} has {format_bytes(free)} free; "
+                            f"free space or set INFDIT_CACHE to a bigger disk")
+
+
 def fetch_url(url: str, dest: Path, *, sha256: str | None = None, on_event: OnEvent = None,
               timeout: float = TIMEOUT_S) -> str:
     """Download `url` to `dest` (resuming `<dest>.part`), verify `sha256` if given; return the digest.
@@ -109,6 +131,11 @@ def fetch_url(url: str, dest: Path, *, sha256: str | None = None, on_event: OnEv
     total = None
     for _ in range(ATTEMPTS):
         resp = _open(url, done, timeout)
+        if resp is not None and done and resp.status == 206 and _range_start(resp) != done:
+            resp.close()  # a 206 from another offset than asked: appending it would corrupt the file
+            resp = _open(url, 0, timeout)
+            h, done = hashlib.sha256(), 0
+            part.unlink(missing_ok=True)
         if resp is None or (done and resp.status != 206):  # 416, or a server that ignores Range
             h, done = hashlib.sha256(), 0
             part.unlink(missing_ok=True)
@@ -120,9 +147,12 @@ def fetch_url(url: str, dest: Path, *, sha256: str | None = None, on_event: OnEv
                                     f"expired or need a browser)")
             length = resp.headers.get("Content-Length")
             total = done + int(length) if length and length.isdigit() else None
+            if total is not None:
+                _check_free(part.parent, total - done, url)
             try:
                 with part.open("ab" if done else "wb") as f:
-                    while chunk := resp.read(CHUNK):
+                    # read1: what has arrived, up to CHUNK; a stalled read then loses nothing it received
+                    while chunk := resp.read1(CHUNK):
                         f.write(chunk)
                         h.update(chunk)
                         done += len(chunk)

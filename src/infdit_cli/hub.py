@@ -57,6 +57,25 @@ class ModelSpec:
     release_size: int | None = None
     clip_head_width: int = 64  # for converting the release (not recoverable from shapes)
 
+    def __post_init__(self) -> None:
+        """A manifest names a file inside a repo: no path tricks, no other types (it may come from
+        $INFDIT_REGISTRY, a folder anyone could have written)."""
+        for name in ("name", "filename", "license", "source", "conversion", "description"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
+        parts = self.filename.split("/")
+        if any(p in ("", ".", "..") or not _FILE_PART.fullmatch(p) for p in parts):
+            raise ValueError(f"filename {self.filename[:80]!r} is not a file name inside a repo")
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"name {self.name[:80]!r} is not a model name")
+        if self.repo_id is not None and (not isinstance(self.repo_id, str) or self.repo_id.count("/") != 1
+                                         or not all(_NAME.fullmatch(p) for p in self.repo_id.split("/"))):
+            raise ValueError(f"repo_id {str(self.repo_id)[:80]!r} is not a Hub repo id")
+        if self.release_url is not None and not (isinstance(self.release_url, str) and is_url(self.release_url)):
+            raise ValueError("release_url must be an http(s) URL")
+        if not isinstance(self.clip_head_width, int) or not 1 <= self.clip_head_width <= 16384:
+            raise ValueError("clip_head_width must be an integer from 1 to 16384")
+
 
 def _manifest_files() -> list[tuple[str, str]]:
     """(where, JSON text) of every manifest: $INFDIT_REGISTRY first, then the packaged ones."""
@@ -75,9 +94,12 @@ def registry() -> dict[str, ModelSpec]:
     out: dict[str, ModelSpec] = {}
     for where, text in _manifest_files():
         try:
-            spec = ModelSpec(**json.loads(text))
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            spec = ModelSpec(**data)
         except (TypeError, ValueError) as e:
-            raise WeightsError(f"bad model manifest {where}: {e}") from None
+            raise WeightsError(f"bad model manifest {where}: {' '.join(str(e).split())[:200]}") from None
         out.setdefault(spec.name, spec)
     return out
 
@@ -156,11 +178,11 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
         return hit.path
     path = Path(text).expanduser()
     explicit_local = text.startswith(("/", "./", "../", "~")) or "\\" in text
-    if path.exists() or explicit_local or ("/" not in text and path.suffix in _WEIGHT_SUFFIXES):
+    if path.is_file() or explicit_local or ("/" not in text and path.suffix in _WEIGHT_SUFFIXES):
         if not path.is_file():
             raise WeightsNotFound(f"no such weights file: {path}")
         return path
-    known = registry()
+    known = registry()  # a folder that happens to have a model's name does not shadow the model
     if text in known:
         spec = known[text]
         repo_id = _repo_for(text, spec, repo)
@@ -175,6 +197,8 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
         if hit is not None:
             return hit.path
         raise WeightsNotFound(f"no weights for {text} yet: run `{download_command(text)}`")
+    if path.is_dir():
+        raise WeightsNotFound(f"{path} is a folder, not a weights file")
     if "/" not in text:
         raise InvalidReference(f"unknown model {text!r} (known: {', '.join(sorted(known))}) and no such file")
     repo_id, filename, rev = parse_reference(text)

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import BadImage, BadRequest, OutputError, OutputExists
+from .errors import BadImage, BadRequest, InfditError, OutputError, OutputExists
 from .metadata import ORIENTATION, read_dpi, read_exif
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
-           "resize", "SUFFIXES", "MAX_SIDE"]
+           "resize", "SUFFIXES", "MAX_SIDE", "check_format_size", "is_infdit_output", "PROVENANCE"]
 
 SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 MAX_SIDE = {"PNG": 2**31 - 1, "JPEG": 65535, "WEBP": 16383, "TIFF": 2**31 - 1}
@@ -149,7 +149,7 @@ def probe_size(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         BadImage: as `load_image` would for a missing, unreadable or oversized file.
     """
     path = Path(path)
-    with _open(path, max_pixels, load=False) as im:
+    with _decoding(path), _open(path, max_pixels, load=False) as im:
         h, w = im.height, im.width
         try:
             with _quiet():
@@ -181,8 +181,27 @@ def load_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     listed in `notices`; nothing is printed.
 
     Raises:
-        BadImage: missing, unreadable, truncated, not an image, or larger than `max_pixels`.
+        BadImage: missing, unreadable, truncated, not an image, larger than `max_pixels`, or anything a
+            decoder raises on the way (a fuzzed file that opens but cannot be decoded).
     """
+    with _decoding(path):
+        return _load_image(path, max_pixels)
+
+
+@contextlib.contextmanager
+def _decoding(path: str | Path):
+    """Whatever a decoder raises while a file is read is that file's fault: one BadImage line."""
+    try:
+        yield
+    except InfditError:
+        raise
+    except MemoryError:
+        raise BadImage(f"{path}: not enough memory to decode it") from None
+    except Exception as e:  # noqa: BLE001 - plugins raise ValueError, struct.error, IndexError, SyntaxError...
+        raise BadImage(f"{path} is damaged or unsupported: {_one_line(e)}") from None
+
+
+def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     import numpy as np
     from PIL import Image
 
@@ -305,6 +324,44 @@ def fill_transparent(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return torch.where(known > 0, rgb, filled)
 
 
+PROVENANCE = "infdit"  # the EXIF/TIFF Software tag of every file infdit writes
+_SOFTWARE = 0x0131
+
+
+def _with_provenance(exif: bytes | None) -> bytes:
+    from PIL import Image
+
+    out = Image.Exif()
+    if exif:
+        out.load(exif)
+    out[_SOFTWARE] = PROVENANCE
+    return out.tobytes()
+
+
+def is_infdit_output(path: str | Path) -> bool:
+    """Whether the file at `path` says it was written by infdit (its Software tag); False for anything that
+    cannot be read."""
+    from PIL import Image
+
+    try:
+        with _quiet(), Image.open(path) as im:
+            software = im.getexif().get(_SOFTWARE) or im.info.get("Software")
+    except Exception:  # noqa: BLE001 - unreadable: the real run reports it
+        return False
+    return isinstance(software, str) and software.strip("\x00 ") == PROVENANCE
+
+
+def check_format_size(fmt: str, size: tuple[int, int]) -> None:
+    """An output of `size` (H, W) fits the format `fmt` (WebP: 16383 px per side, JPEG: 65535).
+
+    Raises:
+        BadRequest: it does not (exit 2).
+    """
+    if max(size) > MAX_SIDE[fmt]:
+        raise BadRequest(f"{fmt} cannot hold {size[1]}x{size[0]} (at most {MAX_SIDE[fmt]} px per side); "
+                         "choose .png or .tif")
+
+
 def check_output(path: Path, overwrite: bool) -> str:
     """The Pillow format for `path`, after checking it can be written: a known suffix, an existing and
     writable folder, and no file in the way unless `overwrite`. Callers check before computing,
@@ -380,8 +437,9 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
     kw: dict = {}
     if icc:
         kw["icc_profile"] = icc
-    if exif:
-        kw["exif"] = exif
+    kw["exif"] = _with_provenance(exif)  # `batch` knows its own outputs by it (never upscales them again)
+    if fmt == "TIFF":
+        kw["software"] = PROVENANCE
     if dpi is not None and fmt in _DPI_FORMATS:
         kw["dpi"] = (round(dpi[0], 3), round(dpi[1], 3))
     if fmt in ("JPEG", "WEBP"):

@@ -71,21 +71,28 @@ def target_size(size: tuple[int, int], *, res: str | None = None, scale: float |
     h, w = size
     if (res is None) == (scale is None):
         raise BadRequest("give exactly one of --res and --scale")
+    too_big = f"exceeds {MAX_OUTPUT_SIDE} px per side"
     if scale is not None:
         if not (scale > 1 and math.isfinite(scale)):
-            raise BadRequest(f"--scale must be greater than 1, got {scale}")
+            raise BadRequest(f"--scale must be greater than 1, got {scale:.4g}")
+        if max(h, w) * scale > MAX_OUTPUT_SIDE + 0.5:  # before any rounding: 1e308 would overflow it
+            raise BadRequest(f"--scale {scale:.4g} makes {w}x{h} {w * scale:.4g}x{h * scale:.4g}, which {too_big}")
         out = (round(h * scale), round(w * scale))
     else:
         text = res.lower().strip()
         try:
-            if "x" in text:
-                tw, th = (int(v) for v in text.split("x"))
-                out = (th, tw)
-            else:
-                long = int(text)
-                out = (round(h * long / max(h, w)), round(w * long / max(h, w)))
+            sides = [int(v) for v in text.split("x")]
         except ValueError:
             raise BadRequest(f"--res must be a long side like 4096 or WxH like 3840x2160, got {res!r}") from None
+        if len(sides) > 2:
+            raise BadRequest(f"--res must be a long side like 4096 or WxH like 3840x2160, got {res!r}")
+        if max(sides) > MAX_OUTPUT_SIDE:
+            raise BadRequest(f"--res {res.strip()[:20]}{'...' if len(res.strip()) > 20 else ''} {too_big}")
+        if len(sides) == 2:
+            out = (sides[1], sides[0])
+        else:
+            long = sides[0]
+            out = (round(h * long / max(h, w)), round(w * long / max(h, w)))
     if min(out) < 1:
         raise BadRequest(f"target size {out[1]}x{out[0]} is empty")
     if out[0] <= h and out[1] <= w:

@@ -629,8 +629,9 @@ def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | 
                 got = Check("error", step.label, "fail", f"{type(e).__name__}: {first}", "runs",
                             time.perf_counter() - t0)
         rows = got if isinstance(got, list) else [got]
-        for c in rows:
-            c.numbers.setdefault("predicted_s", round(step.predicted / len(rows), 3))
+        for c in rows:  # the check's prediction and when it was started (or skipped), on every row of it
+            c.numbers.setdefault("predicted_s", round(step.predicted, 3))
+            c.numbers.setdefault("started_s", round(t0 - t_all, 3))
             checks.append(c)
             if on_event is not None:
                 on_event(CheckDone(i, len(steps), c))

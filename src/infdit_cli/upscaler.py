@@ -22,7 +22,7 @@ from .errors import BadRequest
 from .cache import sha256_file
 from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
 from .events import CheckpointDiscarded, Notice, PlanChanged
-from .images import DEFAULT_MAX_PIXELS, MAX_SIDE, check_output, fill_transparent, load_image, resize, save_image
+from .images import DEFAULT_MAX_PIXELS, check_format_size, check_output, fill_transparent, load_image, resize, save_image
 from .pipeline import (CHECKPOINT_AFTER, UpscaleOptions, UpscalePlan, check_disk, disk_need, plan_upscale,
                        predicted_seconds, target_size, upscale)
 
@@ -119,7 +119,7 @@ class Upscaler:
     @classmethod
     def from_weights(cls, weights: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
                      options: UpscaleOptions = UpscaleOptions(), **resolve_kw) -> Upscaler:
-        from .hub import resolve_weights
+        from .hub import fetch_clip_tower, resolve_weights
         from .planner import device_free
         from .weights import load_model
 
@@ -128,7 +128,8 @@ class Upscaler:
         free = device_free(dev)  # before our weights: they are counted once, in every plan's estimate
         from .checkpoint import weights_identity
 
-        return cls(load_model(path, device=dev, dtype=resolve_dtype(dtype, dev)), options=options,
+        return cls(load_model(path, device=dev, dtype=resolve_dtype(dtype, dev), clip_tower=fetch_clip_tower),
+                   options=options,
                    device_budget=free, weights_id=weights_identity(path))
 
     @property
@@ -196,9 +197,7 @@ class Upscaler:
             for text in notices:
                 on_event(Notice(text))
         up_plan = self.plan(img.size, res=res, scale=scale, options=opts)
-        if max(up_plan.target_size) > MAX_SIDE[fmt]:
-            raise BadRequest(f"{fmt} cannot hold {up_plan.target_size[1]}x{up_plan.target_size[0]} "
-                             f"(at most {MAX_SIDE[fmt]} px per side); choose .png or .tif")
+        check_format_size(fmt, up_plan.target_size)
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -11,11 +11,12 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .config import InfDiTConfig
+from .config import ClipConfig, InfDiTConfig
 from .errors import WeightsError, WeightsNotFound
 
 __all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict", "expected_shapes"]
@@ -157,8 +158,9 @@ def read_config(path: str | Path) -> InfDiTConfig:
         raise WeightsError(f"{path} has no infdit_config metadata: not a file made by `infdit convert`")
     try:
         return InfDiTConfig.from_json(meta["infdit_config"])
-    except (ValueError, TypeError) as e:
-        raise WeightsError(f"{path}: invalid infdit_config metadata: {e}") from None
+    except (ValueError, TypeError, RecursionError) as e:  # json's errors are ValueErrors
+        reason = " ".join(str(e).split())[:200]
+        raise WeightsError(f"{path}: invalid infdit_config metadata: {reason}") from None
 
 
 def _looks_like_pickle(path: Path) -> bool:
@@ -167,13 +169,17 @@ def _looks_like_pickle(path: Path) -> bool:
     return head == b"PK" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")  # zip / raw pickle
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32):
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
+               clip_tower: Callable[[int], tuple[ClipConfig, dict[str, torch.Tensor]]] | None = None):
     """Load a converted `.safetensors` file into an `InfDiT` in eval mode.
 
     Args:
         path: a file written by `infdit convert` (or `save_model_file`).
         device: where the model runs.
         dtype: parameter dtype; None keeps the file's.
+        clip_tower: for a file without the CLIP vision tower: called with the vector size, returns the
+            tower's config and tensors (`hub.fetch_clip_tower` fetches open_clip's). The file format
+            knows nothing of where weights come from: the caller that resolved the file decides.
 
     Raises:
         WeightsNotFound: no file at `path`.
@@ -191,10 +197,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         sd = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
-    if cfg.clip is None:  # a file without the CLIP tower: open_clip's weights from the Hub
-        from .hub import fetch_clip_tower
-
-        clip_cfg, clip_sd = fetch_clip_tower(cfg.vector_dim)
+    if cfg.clip is None:  # a file without the CLIP tower: the caller's (open_clip's weights from the Hub)
+        if clip_tower is None:
+            raise WeightsError(f"{path} has no CLIP vision tower, and no source for one was given")
+        clip_cfg, clip_sd = clip_tower(cfg.vector_dim)
         cfg = cfg.with_(clip=clip_cfg)
         sd.update(clip_sd)
     check_state_dict(sd, cfg)

@@ -7,11 +7,12 @@ and an output that cannot be written before any work, never as a weights error f
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
 from ..errors import BadRequest
-from ..images import DEFAULT_MAX_PIXELS, SUFFIXES, check_output, probe_size
+from ..images import DEFAULT_MAX_PIXELS, SUFFIXES, check_format_size, check_output, probe_size
 from ..pipeline import target_size
 
 __all__ = ["check_compile", "check_target_args", "check_upscale_args"]
@@ -45,7 +46,7 @@ def check_target_args(res: str | None, scale: float | None) -> None:
     if res is not None and scale is not None:
         raise BadRequest("give either --res or --scale, not both")
     if scale is not None and not (math.isfinite(scale) and scale > 1):
-        raise BadRequest(f"--scale must be greater than 1, got {scale}")
+        raise BadRequest(f"--scale must be greater than 1, got {scale:.4g}")
     if res is not None:
         m = _RES.match(res)
         if m is None or int(m.group(1)) < 1 or (m.group(3) is not None and int(m.group(3)) < 1):
@@ -67,7 +68,21 @@ def check_upscale_args(src: Path, dst: Path, *, res: str | None, scale: float | 
     check_target_args(res, scale)
     if dst.suffix.lower() not in SUFFIXES:
         check_output(dst, overwrite)  # raises BadRequest naming the suffixes infdit writes
+    if same_file(src, dst):
+        raise BadRequest(f"the output {dst} is the input itself; infdit never replaces its input "
+                         "(--overwrite included): choose another -o")
     size = probe_size(src, max_pixels=max_pixels)
-    target_size(size, res=res, scale=scale)
+    check_format_size(SUFFIXES[dst.suffix.lower()], target_size(size, res=res, scale=scale))
     check_output(dst, overwrite)
     return size
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """`a` and `b` name one file: the same path once resolved (links followed), or the same inode (hard
+    links, case-insensitive file systems)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -7,6 +7,7 @@ import sys
 from enum import IntEnum
 
 from ..errors import InfditError
+from ._text import safe
 
 __all__ = ["ExitCode", "report"]
 
@@ -48,7 +49,7 @@ def report(exc: BaseException) -> int:
     from rich.text import Text
 
     msg, code = _message(exc)
-    msg = " ".join(part.strip() for part in msg.splitlines() if part.strip())  # one line, always
+    msg = safe(msg.strip())  # one line, always: a newline in a name (or a library's message) shows as \n
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if os.environ.get("INFDIT_DEBUG"):
         console.print_exception()

@@ -8,6 +8,7 @@ from typing import Protocol
 import time
 
 from ..events import BatchDone, CheckpointDiscarded, JobStarted, Notice, PassStarted, PlanChanged, Resumed, StepDone
+from ._text import safe
 
 
 def event_line(event: object) -> str | None:
@@ -51,13 +52,13 @@ class NullDisplay:
         elif isinstance(event, Notice):
             self.warn(event.text)
         elif (line := event_line(event)) is not None:
-            print(line, file=sys.stderr)
+            print(safe(line), file=sys.stderr)
 
     def stop(self) -> None:
         pass
 
     def warn(self, text: str) -> None:
-        print(f"warning: {text}", file=sys.stderr)
+        print(f"warning: {safe(text)}", file=sys.stderr)
 
 
 class RichDisplay:
@@ -125,9 +126,9 @@ class RichDisplay:
                 # reset: the saved progress is not speed, so the ETA starts from this run's own pace
                 self.overall.reset(self.job_task, total=100,
                                    completed=self._job_level(event.pass_, calls, 2 * event.steps - 1))
-            self.console.print(event_line(event), markup=False, highlight=False)
+            self.console.print(safe(event_line(event)), markup=False, highlight=False)
         elif isinstance(event, CheckpointDiscarded):
-            self.console.print(event_line(event), markup=False, highlight=False)
+            self.console.print(safe(event_line(event)), markup=False, highlight=False)
         elif isinstance(event, PassStarted):
             self.pass_index = event.index
             for t in list(self.steps.task_ids):
@@ -160,7 +161,7 @@ class RichDisplay:
     def warn(self, text: str) -> None:
         from rich.text import Text
 
-        self.console.print(Text.assemble(("warning:", "yellow"), " ", text))  # file names printed literally
+        self.console.print(Text.assemble(("warning:", "yellow"), " ", safe(text)))  # names literal, escaped
 
 
 class SilentDisplay(NullDisplay):

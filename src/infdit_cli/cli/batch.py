@@ -16,6 +16,7 @@ from . import _options as O
 from ._checks import check_compile, check_target_args
 from ..planner import format_bytes
 from ._progress import make_display
+from ._text import safe
 from .upscale import load_upscaler
 
 EXAMPLES = """Examples:
@@ -143,7 +144,7 @@ def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bo
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"{folder} -> {out_root}{' (dry run)' if dry_run else ''}"), title_justify="left")
+    table = Table(title=Text(safe(f"{folder} -> {out_root}{' (dry run)' if dry_run else ''}")), title_justify="left")
     for col in ("file", "status", "detail"):
         table.add_column(col)
     for i in report.items:
@@ -154,7 +155,7 @@ def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bo
         if i.warnings:
             detail += "; " + "; ".join(i.warnings)
         status = "would upscale" if i.status == "todo" else i.status
-        table.add_row(Text(str(Path(i.input).relative_to(folder))), Text(status, style=style), Text(detail))
+        table.add_row(Text(safe(Path(i.input).relative_to(folder))), Text(status, style=style), Text(safe(detail)))
     console = Console(stderr=True, highlight=False)
     console.print(table)
     counts = [f"{report.count(k)} {k if k != 'todo' else 'to do'}" for k in ("todo", "done", "skipped", "failed")

@@ -18,7 +18,7 @@ def convert(
     checkpoint: Annotated[Path, typer.Argument(help="The official mp_rank_00_model_states.pt.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .safetensors file to write.")],
     clip_head_width: Annotated[int, typer.Option(
-        help="CLIP vision tower width per attention head (not recoverable from weight shapes; "
+        min=1, max=16384, help="CLIP vision tower width per attention head (not recoverable from weight shapes; "
              "64 for ViT-L-14 and every open_clip ViT).")] = 64,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
@@ -34,34 +34,20 @@ def convert(
         raise ConvertError(f"output must end in .safetensors: {output}")
     if output.exists() and not overwrite:
         raise ConvertError(f"{output} exists; pass --overwrite to replace it")
-    try:
-        result = convert_checkpoint(checkpoint, clip_head_width=clip_head_width)
-    except ConvertError as e:  # torch's advice to load with weights_only=False is not ours to pass on
-        if "weights_only" not in str(e) and "Weights only" not in str(e):
-            raise
-        what = ("holds objects other than tensors, which infdit never unpickles" if _is_checkpoint(checkpoint)
-                else "is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-        raise ConvertError(f"cannot read {checkpoint}: it {what}") from None
+    result = convert_checkpoint(checkpoint, clip_head_width=clip_head_width)
     meta = {"infdit_source": checkpoint.name, "infdit_converter": CONVERTER,
             "infdit_dropped": ",".join(result.dropped)}
     save_model_file(output, result.tensors, result.config, meta, overwrite=overwrite)
     if not quiet:
         from rich.console import Console
+        from rich.text import Text
+
+        from ._text import safe
 
         n = sum(t.numel() for t in result.tensors.values())
         c = result.config
-        Console(stderr=True, highlight=False).print(
+        Console(stderr=True, highlight=False).print(Text(safe(
             f"wrote {output}: {n / 1e6:.1f} M parameters, hidden {c.hidden_size}, {c.num_layers} layers, "
             f"{c.num_heads} heads, RoPE table {c.rope_table_size}; dropped {len(result.dropped)} unused "
             f"tensor(s): {', '.join(result.dropped) or 'none'}"
-        )
-
-
-def _is_checkpoint(path: Path) -> bool:
-    """A torch.save file: a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+        )))

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import _options as O
+from ._text import safe
 
 def _models() -> str:
     try:
@@ -57,7 +58,9 @@ class _DownloadDisplay:
             self.progress.update(self.task, completed=event.done, total=event.total)
         elif isinstance(event, Notice):
             self.stop()
-            self.console.print(event.text)
+            from rich.text import Text
+
+            self.console.print(Text(safe(event.text)))
 
     def stop(self) -> None:
         if self.task is not None:
@@ -74,7 +77,7 @@ def download(
     sha256: Annotated[Optional[str], typer.Option(
         help="Expected sha256 of the downloaded file (64 hex digits, any case); default: the manifest's.")] = None,
     clip_head_width: Annotated[Optional[int], typer.Option(
-        min=1, help="CLIP width per attention head for converting an official checkpoint "
+        min=1, max=16384, help="CLIP width per attention head for converting an official checkpoint "
                     "(default: the manifest's, else 64).")] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the downloaded official checkpoint in the cache "
                                                       "after converting it.")] = False,
@@ -106,7 +109,7 @@ def download(
         typer.echo(json.dumps({"path": str(got.path), "sha256": got.sha256, "source": got.source,
                                "source_sha256": got.source_sha256, "cached": got.cached}))
     else:
-        typer.echo(str(got.path))
+        typer.echo(safe(got.path))
 
 
 def _silent_tqdm():
@@ -165,10 +168,10 @@ def info(
     if json_:
         typer.echo(json.dumps(data))
         return
-    typer.echo(f"{path}  ({format_bytes(data['file_bytes'])}, {', '.join(dtypes)})")
+    typer.echo(safe(f"{path}  ({format_bytes(data['file_bytes'])}, {', '.join(dtypes)})"))
     if data["source"]:
-        typer.echo(f"converted from: {data['source']}"
-                   + (f" (sha256 {meta['infdit_source_sha256']})" if meta.get("infdit_source_sha256") else ""))
+        typer.echo(safe(f"converted from: {data['source']}"
+                        + (f" (sha256 {meta['infdit_source_sha256']})" if meta.get("infdit_source_sha256") else "")))
     typer.echo(f"parameters: {total / 1e6:.1f} M (DiT {data['dit_parameters'] / 1e6:.1f} M, "
                f"CLIP vision {clip_params / 1e6:.1f} M)")
     typer.echo(f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads x {cfg.head_dim}, "

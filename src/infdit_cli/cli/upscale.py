@@ -17,6 +17,7 @@ from ..pipeline import UpscalePlan
 from ..planner import format_bytes
 from ..checkpoint import output_lock, run_folder_for
 from ..upscaler import default_output
+from ._text import safe
 from . import _options as O
 from ._checks import check_compile, check_upscale_args
 from ._progress import make_display
@@ -216,7 +217,7 @@ def upscale(
                                                             for k, v in info.items()}}, default=str))
         else:
             for line in plan_lines(info["plan"], info["device"], info["dtype"]):
-                typer.echo(line)
+                typer.echo(safe(line))
             d = info["disk"]
             typer.echo(f"  disk: {format_bytes(d['total_bytes'])} in {d['folder']} (scratch "
                        f"{format_bytes(d['scratch_bytes'])}, checkpoints {format_bytes(d['checkpoint_bytes'])})"
@@ -259,4 +260,4 @@ def upscale(
         typer.echo(json.dumps(asdict(result)))
     elif not quiet:
         h, w = result.output_size
-        typer.echo(f"wrote {result.output} ({w}x{h}) in {result.seconds:.1f} s, seed {result.seed}", err=True)
+        typer.echo(safe(f"wrote {result.output} ({w}x{h}) in {result.seconds:.1f} s, seed {result.seed}"), err=True)
