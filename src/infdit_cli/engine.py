@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .attention import gather_neighbours
 from .errors import OutOfMemory
 from .events import BatchDone, PlanChanged
-from .model import out_kernel, qkv_kernel
+from .model import out_kernel, qkv_into
 from .planner import Placement, batch_device_bytes, chunk_blocks, step_down
 from .schedule import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
 from .storage import Scratch
@@ -152,14 +152,15 @@ _COMPILED: dict[str, tuple[Callable, Callable]] = {}
 
 
 def compiled_kernels(backend: str = "inductor") -> tuple[Callable, Callable]:
-    """`torch.compile`d `model.qkv_kernel` and `model.out_kernel`, made once per process and backend.
+    """`torch.compile`d `model.qkv_into` and `model.out_kernel`, made once per process and backend; both
+    write into their arguments (the engine's buffers, the residual stream), so no copies follow them.
 
     They take the layer's weights as arguments, so every layer (and every model) shares their graphs;
     shapes become dynamic after the first change (edge rectangles, the last chunk), so a pass compiles a
     few graphs, not one per rectangle.
     """
     if backend not in _COMPILED:
-        _COMPILED[backend] = (torch.compile(qkv_kernel, backend=backend),
+        _COMPILED[backend] = (torch.compile(qkv_into, backend=backend),
                               torch.compile(out_kernel, backend=backend))
     return _COMPILED[backend]
 
@@ -353,12 +354,8 @@ class BlockEngine:
             for c in chunks:
                 rope_c = (ropef[0][:, c], ropef[1][:, c])
                 dst = (qf[:, :, c], kf[:, :, c, :t], vf[:, :, c, :t])
-                if self._compiled is None:
-                    model.layer_qkv(i, hf[:, :, c], step, rope_c, out=dst)
-                else:  # a compiled graph returns fresh tensors (no out= views into the buffers)
-                    got = model.layer_qkv(i, hf[:, :, c], step, rope_c, kernel=self._compiled[0])
-                    for d, g in zip(dst, got, strict=True):
-                        d.copy_(g)
+                kernel = self._compiled[0] if self._compiled is not None else None
+                model.layer_qkv(i, hf[:, :, c], step, rope_c, out=dst, kernel=kernel)
             k, v = kbuf[:, :, :, :t], vbuf[:, :, :, :t]
             left_k = left_v = top_k = top_v = None
             if cache is not None:

@@ -28,7 +28,7 @@ from .config import InfDiTConfig
 from .layers import apply_rope, edm_scalings, rope_cos_sin, signed_sin, timestep_embedding
 from .schedule import BlockBatch
 
-__all__ = ["InfDiT", "StepCond", "out_kernel", "qkv_kernel"]
+__all__ = ["InfDiT", "StepCond", "out_kernel", "qkv_kernel", "qkv_into"]
 
 
 @dataclass(frozen=True)
@@ -212,13 +212,17 @@ class InfDiT(nn.Module):
 
         h: (B, Gh, Gw, T, D) (any block axes that broadcast against `rope`'s); `out`: optional (q, k, v)
         tensors of the result's shape (B, Gh, Gw, T, H, d) to write into (views of the engine's buffers);
-        `kernel`: a stand-in for `qkv_kernel` (its `torch.compile`d self), called without `out`.
+        `kernel`: a stand-in for `qkv_into` (its `torch.compile`d self), called with `out`'s tensors as its
+        last three arguments.
         """
         blk, cfg = self.blocks[i], self.config
         shift, gain = step.layer_mods[i][:2]
         args = (h, shift, gain, blk.qkv.weight, blk.qkv.bias, blk.q_norm.weight, blk.q_norm.bias, *rope,
                 cfg.num_heads, cfg.layernorm_eps, blk.q_norm.eps)
-        return qkv_kernel(*args, out=out) if kernel is None else kernel(*args)
+        if kernel is None:
+            return qkv_kernel(*args, out=out)
+        kernel(*args, *out)
+        return out
 
     def layer_out(self, i: int, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   step: StepCond, lr_ctx: tuple[torch.Tensor, torch.Tensor], kernel=None) -> torch.Tensor:
@@ -271,6 +275,16 @@ def qkv_kernel(h, shift, gain, w_qkv, b_qkv, w_qn, b_qn, cos, ssin, heads: int, 
     q = apply_rope(F.layer_norm(q, q.shape[-1:], w_qn, b_qn, qn_eps), cos, ssin, out=qo)
     k = apply_rope(F.layer_norm(k, k.shape[-1:], w_qn, b_qn, qn_eps), cos, ssin, out=ko)
     return q, k, (v if vo is None else vo.copy_(v))
+
+
+def qkv_into(h, shift, gain, w_qkv, b_qkv, w_qn, b_qn, cos, ssin, heads: int, eps: float, qn_eps: float,
+             qo, ko, vo) -> None:
+    """`qkv_kernel` writing its results into (qo, ko, vo): compiled, the copies are the generated kernels'
+    own stores into the engine's buffers, not three extra passes over them."""
+    q, k, v = qkv_kernel(h, shift, gain, w_qkv, b_qkv, w_qn, b_qn, cos, ssin, heads, eps, qn_eps)
+    qo.copy_(q)
+    ko.copy_(k)
+    vo.copy_(v)
 
 
 def out_kernel(h, q, k, v, w_proj, b_proj, shift, gain, w_fc1, b_fc1, w_fc2, b_fc2, eps: float):
