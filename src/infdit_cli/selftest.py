@@ -508,14 +508,14 @@ def check_big_plan(run: _Run) -> Check:
 
 
 def calibrate(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a (4096 x 1024) @ (1024 x 4096) matmul on `device` in `dtype`: best of 3 after a warm-up
-    (a fraction of a second). The time budget's predictions divide a check's FLOPs by half of it."""
-    a = torch.randn(4096, 1024, device=device, dtype=dtype)
-    b = torch.randn(1024, 4096, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(4):
-        best = min(best, _timed(lambda: a @ b, device))
-    return 2 * 4096 * 1024 * 4096 / best
+    """FLOP/s of one matmul on `device` in `dtype`, best of 3 after a warm-up (about a second): (4096 x 1024)
+    @ (1024 x 4096) on the CPU, 8192^3 on a GPU (a smaller one would time the launch, not the GPU). The
+    time budget's predictions divide a check's FLOPs by half of it."""
+    m, k, n = (8192, 8192, 8192) if device.type == "cuda" else (4096, 1024, 4096)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    times = [_timed(lambda: a @ b, device) for _ in range(4)]
+    return 2 * m * k * n / min(times[1:])
 
 
 @dataclass(frozen=True)
