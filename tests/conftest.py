@@ -71,3 +71,26 @@ def tiny_weights(tmp_path_factory, tiny_model) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     save_model_file(path, tiny_model.state_dict(), tiny_model.config)
     return path
+
+
+# A release server on 127.0.0.1 serving the official-format fixture checkpoint (test_download, test_boundaries).
+CKPT = (DATA / "checkpoint.pt").read_bytes()
+RELEASE = "/f/6e313f7e1236468e973b/"  # the shape of the official link: a path plus ?dl=1
+
+
+@pytest.fixture
+def release(tmp_path):
+    """(fake server, the release URL, an environment with a private cache and the Hub online, tmp_path)."""
+    from hubserver import FakeHub
+
+    fake = FakeHub(plain={RELEASE: CKPT})
+    base = fake.start()
+    env = {**os.environ, "INFDIT_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": base}
+    for k in ("INFDIT_REPO", "INFDIT_WEIGHTS", "INFDIT_REGISTRY"):
+        env.pop(k, None)
+    yield fake, f"{base}{RELEASE}?dl=1", env, tmp_path
+    try:
+        fake.stop()
+    except Exception:
+        pass

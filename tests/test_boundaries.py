@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DATA, run_cli
-from hubserver import FakeHub
+from conftest import CKPT, RELEASE, run_cli
 
 FAST = ["--steps", "2", "--device", "cpu"]
 CONTROL = {chr(c) for c in [*range(0, 32), *range(0x7F, 0xA0)]} - {"\n"}
@@ -92,22 +91,6 @@ def test_json_output_stays_raw(tmp_path, tiny_weights):
 
 
 # -- 2. downloads ------------------------------------------------------------------------------------------
-
-CKPT = (DATA / "checkpoint.pt").read_bytes()
-RELEASE = "/f/release/"
-
-
-@pytest.fixture
-def release(tmp_path):
-    fake = FakeHub(plain={RELEASE: CKPT})
-    base = fake.start()
-    env = {**os.environ, "INFDIT_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": base}
-    for k in ("INFDIT_REPO", "INFDIT_WEIGHTS", "INFDIT_REGISTRY"):
-        env.pop(k, None)
-    yield fake, f"{base}{RELEASE}?dl=1", env, tmp_path
-    fake.stop()
-
 
 def _part(tmp_path) -> list[Path]:
     return list((tmp_path / "cache").rglob("*.part"))

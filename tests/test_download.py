@@ -16,27 +16,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import DATA, run_cli
-from hubserver import FakeHub
+from conftest import CKPT, RELEASE, run_cli
 
-CKPT = (DATA / "checkpoint.pt").read_bytes()
 DIGEST = hashlib.sha256(CKPT).hexdigest()
-RELEASE = "/f/6e313f7e1236468e973b/"  # the shape of the official link: a path plus ?dl=1
-
-
-@pytest.fixture
-def release(tmp_path):
-    fake = FakeHub(plain={RELEASE: CKPT})
-    base = fake.start()
-    env = {**os.environ, "INFDIT_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": base}
-    for k in ("INFDIT_REPO", "INFDIT_WEIGHTS", "INFDIT_REGISTRY"):
-        env.pop(k, None)
-    yield fake, f"{base}{RELEASE}?dl=1", env, tmp_path
-    try:
-        fake.stop()
-    except Exception:
-        pass
 
 
 def _one_line(res) -> str:
