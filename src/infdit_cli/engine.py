@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import gather_neighbours
+from .attention import gather_keys, neighbour_index
 from .errors import OutOfMemory
 from .events import BatchDone, PlanChanged
 from .model import out_kernel, qkv_into
@@ -212,7 +212,7 @@ class BlockEngine:
         self.placement = placement
         self.cache: KVCache | None = None
         self._stream = None
-        self._bufs, self._buf_key = None, None
+        self._bufs, self._buf_key, self._chunk_bufs = None, None, None
         self._compiled = None
         if compile:
             self._compiled = compiled_kernels("inductor" if compile is True else compile)
@@ -269,7 +269,7 @@ class BlockEngine:
 
     def close(self) -> None:
         self.cache = None
-        self._bufs = self._buf_key = None
+        self._bufs = self._buf_key = self._chunk_bufs = None
 
     # ---- one denoiser call ------------------------------------------------------------------------------
 
@@ -328,61 +328,88 @@ class BlockEngine:
 
     def _forward(self, xin: torch.Tensor, rect: BlockBatch, step, cache: KVCache | None) -> torch.Tensor:
         """The network on one rectangle: the model's pieces, with the cache between `layer_qkv` and
-        `layer_out`, each piece run over chunks of blocks (`chunk_blocks`) so that its temporaries stay
-        small and are reused, while the rectangle's queries and gathered keys/values live in buffers kept
-        for the whole pass."""
+        `layer_out`, each piece run over chunks of blocks (`chunk_blocks`).
+
+        A layer computes the rectangle's queries, keys and values into buffers kept for the pass (the keys
+        and values in a table with the cached left column and row above behind them: `neighbour_index`);
+        then, chunk by chunk, it gathers the chunk's 4-segment keys/values and its LR windows into
+        chunk-sized buffers and finishes the chunk. Nothing image-sized is gathered: what a chunk reads
+        stays in the CPU's caches, and every n, the whole image included, does the same work per block.
+        """
         model, cfg = self.model, self.cfg
         h = model.embed(xin).contiguous()  # (B, Gh, Gw, T, D)
         b, gh, gw, t = h.shape[:4]
+        nb, dev = gh * gw, h.device
         rope = model.rope(rect)
-        lr_k, lr_v = model.lr_context(self.lr_pixel_region(rect), rect, *self.lr_token_size)
+        lr_ctx = model.lr_context(self.lr_pixel_region(rect), rect, *self.lr_token_size)
         prefetch = None
         if cache is not None:
-            stream = self._stream if cache.device.type == "cpu" and h.device.type == "cuda" else None
-            prefetch = _Prefetch(lambda layer: _neighbours(cache, rect, layer, h.device), cfg.num_layers,
-                                 stream)
+            stream = self._stream if cache.device.type == "cpu" and dev.type == "cuda" else None
+            prefetch = _Prefetch(lambda layer: _neighbours(cache, rect, layer, dev), cfg.num_layers, stream)
         later = rect.blocks_needed_later() if cache is not None else []
-        qbuf, kbuf, vbuf = self._buffers(b, gh, gw, t, h.dtype, h.device)
-        nb = gh * gw
+        has_left, has_top = cache is not None and rect.c0 > 0, cache is not None and rect.r0 > 0
+        index = neighbour_index(gh, gw, has_left, has_top).to(dev)
+        qbuf, ktab, vtab = self._buffers(b, nb + gh + gw + 1, t, h.dtype, dev)
         # Block axes flattened: (B, 1, Gh*Gw, ...), chunks are slices of the third axis.
-        hf, qf, kf, vf, lr_k, lr_v = (z.reshape(b, 1, nb, *z.shape[3:])
-                                      for z in (h, qbuf, kbuf, vbuf, lr_k, lr_v))
+        hf = h.reshape(b, 1, nb, *h.shape[3:])
+        qf = qbuf[:, :nb].unsqueeze(1)
+        kf, vf = ktab[:, :nb].unsqueeze(1), vtab[:, :nb].unsqueeze(1)
         ropef = tuple(z.reshape(1, nb, *z.shape[2:]) for z in rope)
-        per = chunk_blocks(cfg, h.device.type)
+        per = chunk_blocks(cfg, dev.type)
         chunks = [slice(a, min(a + per, nb)) for a in range(0, nb, per)]
+        blocks = torch.arange(nb, device=dev)
+        rows, cols = blocks // gw, blocks % gw
         for i in range(cfg.num_layers):
             for c in chunks:
                 rope_c = (ropef[0][:, c], ropef[1][:, c])
-                dst = (qf[:, :, c], kf[:, :, c, :t], vf[:, :, c, :t])
+                dst = (qf[:, :, c], kf[:, :, c], vf[:, :, c])
                 kernel = self._compiled[0] if self._compiled is not None else None
                 model.layer_qkv(i, hf[:, :, c], step, rope_c, out=dst, kernel=kernel)
-            k, v = kbuf[:, :, :, :t], vbuf[:, :, :, :t]
-            left_k = left_v = top_k = top_v = None
             if cache is not None:
                 left_k, left_v, top_k, top_v = prefetch.get(i)
+                k, v = (z[:, :nb].view(b, gh, gw, *z.shape[2:]) for z in (ktab, vtab))
                 for r, cc in later:
                     cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
+                for tab, left, top in ((ktab, left_k, top_k), (vtab, left_v, top_v)):
+                    if left is not None:
+                        tab[:, nb : nb + gh].copy_(left)
+                    if top is not None:
+                        tab[:, nb + gh : nb + gh + gw + 1].copy_(top)
                 if self.scratch is not None and cache.slab.device.type == "cpu" and self.scratch.mapped:
                     self.scratch.trim()  # a mapped cache: keep only this layer's pages resident
-            gather_neighbours(k, left_k, top_k, model.re_pos_embed[i], out=kbuf)  # (B,Gh,Gw,4T,H,d)
-            gather_neighbours(v, left_v, top_v, out=vbuf)
             kernel = self._compiled[1] if self._compiled is not None else None
             for c in chunks:
-                model.layer_out(i, hf[:, :, c], qf[:, :, c], kf[:, :, c], vf[:, :, c], step,
-                                (lr_k[:, :, c], lr_v[:, :, c]), kernel=kernel)
+                kg, vg = self._chunk_buffers(b, c.stop - c.start, t, h.dtype, dev)
+                idx = index[c.start * 4 : c.stop * 4]
+                kc = gather_keys(ktab, idx, model.re_pos_embed[i], out=kg).unsqueeze(1)  # (B,1,N,4T,H,d)
+                vc = gather_keys(vtab, idx, out=vg).unsqueeze(1)
+                lr = None
+                if i == 0:
+                    lr = tuple(z.unsqueeze(1) for z in model.lr_windows(lr_ctx, rows[c], cols[c]))
+                model.layer_out(i, hf[:, :, c], qf[:, :, c], kc, vc, step, lr, kernel=kernel)
         return model.head(h, step)
 
-    def _buffers(self, b: int, gh: int, gw: int, t: int, dtype: torch.dtype, device: torch.device):
-        """The rectangle's queries and gathered keys/values, (B, Gh, Gw, T | 4T, H, d): views of buffers
-        allocated for the largest rectangle so far and kept for the pass (edge rectangles use a prefix)."""
+    def _buffers(self, b: int, entries: int, t: int, dtype: torch.dtype, device: torch.device):
+        """The rectangle's queries (B, E, T, H, d) and its key/value tables (`neighbour_index`), allocated
+        for the largest rectangle so far and kept for the pass (smaller rectangles use a prefix)."""
         heads = (self.cfg.num_heads, self.cfg.head_dim)
-        key, blocks = (b, t, dtype, device), gh * gw
-        if self._buf_key is None or self._buf_key[0] != key or self._buf_key[1] < blocks:
-            self._bufs = None  # free the old ones first
-            self._bufs = tuple(torch.empty((b, blocks, s * t, *heads), dtype=dtype, device=device)
-                               for s in (1, 4, 4))
-            self._buf_key = (key, blocks)
-        return tuple(z[:, :blocks].view(b, gh, gw, *z.shape[2:]) for z in self._bufs)
+        key = (b, t, dtype, device)
+        if self._buf_key is None or self._buf_key[0] != key or self._buf_key[1] < entries:
+            self._bufs = self._chunk_bufs = None  # free the old ones first
+            self._bufs = tuple(torch.empty((b, entries, t, *heads), dtype=dtype, device=device) for _ in range(3))
+            self._chunk_bufs = {}
+            self._buf_key = (key, entries)
+        return self._bufs
+
+    def _chunk_buffers(self, b: int, blocks: int, t: int, dtype: torch.dtype, device: torch.device):
+        """A chunk's gathered keys and values, (B, blocks*4, T, H, d) each, kept for the pass (a pass's
+        chunks come in at most a few sizes: the full one and the rectangles' last)."""
+        bufs = self._chunk_bufs.get(blocks)
+        if bufs is None:
+            heads = (self.cfg.num_heads, self.cfg.head_dim)
+            bufs = self._chunk_bufs[blocks] = tuple(
+                torch.empty((b, blocks * 4, t, *heads), dtype=dtype, device=device) for _ in range(2))
+        return bufs
 
     @property
     def lr_token_size(self) -> tuple[int, int]:
@@ -401,7 +428,7 @@ class BlockEngine:
 def _neighbours(cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
     """Left column (rows r0..r1-1 at c0-1) and top row (row r0-1, columns c0-1..c1-1) from the cache.
 
-    At the image's left/top edge the grid is replicate-padded: None lets `gather_neighbours` pad, and the
+    At the image's left/top edge the grid is replicate-padded: None lets `neighbour_index` pad, and the
     top row's first entry is clamped to column 0.
     """
     left_k = left_v = top_k = top_v = None

@@ -181,13 +181,17 @@ class InfDiT(nn.Module):
         cos, sin = rope_cos_sin(grid_r, grid_c, cfg.head_dim, cfg.rope_table_size)  # (Gh*bt, Gw*bt, d)
         return tuple(_to_blocks(t, gh, gw, bt).to(self.dtype) for t in (cos, signed_sin(sin)))
 
-    def lr_context(self, lr_pixels: torch.Tensor, rect: BlockBatch, hl: int, wl: int):
-        """Layer-0 cross-attention keys/values of the rectangle's LR windows, from LR *pixels*.
+    def lr_context(self, lr_pixels: torch.Tensor, rect: BlockBatch, hl: int, wl: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer-0 cross-attention keys/values of the LR tokens around the rectangle, from LR *pixels*.
 
         Args:
             lr_pixels: (B, 3, h', w') the LR pixels under the rectangle plus one LR block all round, clipped
                 to the (block-padded) LR image: `engine.lr_pixel_region`.
             rect: the rectangle; hl, wl: the LR token map's size (padded image / lr_patch_size).
+
+        Returns:
+            (k, v): (B, (Gh+2) lb, (Gw+2) lb, D) each, k normalised; `lr_windows` cuts the blocks' windows.
 
         The official model projects the whole LR image (`proj_lr`, a stride=kernel convolution, so local)
         and zero-pads the *projected* map (`Unfold(padding=16)`); projecting just this region and padding
@@ -202,8 +206,16 @@ class InfDiT(nn.Module):
         region = F.pad(tok, pad) if any(pad) else tok  # (B, (Gh+2)lb, (Gw+2)lb, D)
         k, v = x.kv(region).chunk(2, dim=-1)  # (B, Hr, Wr, D) each
         k = x.k_norm(k.unflatten(-1, (nh, hd))).flatten(-2)  # per-token LN commutes with the window cut
-        k = lr_windows(k, lb).unflatten(-1, (nh, hd)) + x.k_pos  # (B, Gh, Gw, W, H, d)
-        v = lr_windows(v, lb).unflatten(-1, (nh, hd))
+        return k, v
+
+    def lr_windows(self, ctx: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LR windows of blocks (rows[i], cols[i]) of the rectangle `ctx` (`lr_context`) belongs to:
+        keys (with `k_pos`) and values, (B, N, W, H, d) each, W = (3 lb)^2."""
+        x, lb = self.lr_cross, self.config.lr_block
+        nh, hd = self.config.num_heads, self.config.head_dim
+        k = lr_windows(ctx[0], lb, rows, cols).unflatten(-1, (nh, hd)) + x.k_pos
+        v = lr_windows(ctx[1], lb, rows, cols).unflatten(-1, (nh, hd))
         return k, v
 
     def layer_qkv(self, i: int, h: torch.Tensor, step: StepCond, rope: tuple[torch.Tensor, torch.Tensor],
