@@ -3,6 +3,8 @@
     python benchmarks/speed_vs_main.py                 # against HEAD~1: medium model, 512², 1024², 512x1024
     python benchmarks/speed_vs_main.py --base main~3   # any git revision
     python benchmarks/speed_vs_main.py --quick         # small sizes, to check the script itself
+    python benchmarks/speed_vs_main.py --base 7608f75 --sizes 512,1024,2048 --json runs.json
+    python benchmarks/speed_vs_main.py --report runs.json   # the tables again, with today's planner
 
 The base revision is checked out into a temporary `git worktree`. For every size, each round runs the
 base's code and then this tree's, each in its own fresh Python process (PYTHONPATH = that tree's `src`),
@@ -10,7 +12,10 @@ rounds alternating A B A B; each process times `--calls` denoiser calls per mode
 n = 1, 2; default one) after a warm-up call of that mode. Both build the same seeded random model
 (`weights.random_model`, preset `small`: hidden 256, 4 layers) and the same seeded inputs, in float32 on
 the CPU. Printed: per
-size and mode the median seconds of each side and the ratio base / current (> 1: this tree is faster).
+size and mode the median seconds of each side and the ratio base / current (> 1: this tree is faster);
+then, for this tree, each mode against the whole image and the planner's choice (`planner.plan` on the
+CPU with this machine's memory, and the cost model's predicted seconds per mode, `costs.call_seconds`)
+against the fastest mode measured.
 Only `random_model`, `prepare_image` and `denoise` are called, through a small adapter, so a base with
 another internal API still runs.
 """
@@ -109,6 +114,10 @@ def run_worker(src: Path, h: int, w: int, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", help="comma-separated sides or HxW (default 512, 1024, 512x1024)")
+    ap.add_argument("--modes", default="whole,1,2", help="comma-separated: whole and block batches n")
+    ap.add_argument("--json", help="write the raw timings here")
+    ap.add_argument("--report", help="print the tables from a --json file (no runs)")
     ap.add_argument("--base", default="HEAD~1", help="git revision to compare against (default HEAD~1)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small sizes and 2 rounds (checks the script)")
@@ -122,7 +131,14 @@ def main() -> None:
         print(json.dumps(worker(spec["h"], spec["w"], spec["modes"], spec["config"], spec["threads"],
                                 spec["calls"])))
         return
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return
+    global MODES
+    MODES = [None if m == "whole" else int(m) for m in args.modes.split(",")]
     sizes, rounds = (QUICK_SIZES, min(args.rounds, 2)) if args.quick else (FULL_SIZES, args.rounds)
+    if args.sizes:
+        sizes = [tuple(int(v) for v in (s.split("x") if "x" in s else (s, s))) for s in args.sizes.split(",")]
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.base], capture_output=True,
                          text=True)
     if rev.returncode != 0:
@@ -155,18 +171,63 @@ def main() -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
                            check=False)
     extra = " + uncommitted changes" if dirty else ""
-    print(f"base {args.base} ({rev.stdout.strip()}) vs current {head}{extra}; "
-          f"preset {args.config}, float32, CPU, {threads} threads, {rounds} rounds alternated, "
-          f"{args.calls} timed call(s) per process and mode after a warm-up (median)\n")
+    runs = {"title": f"base {args.base} ({rev.stdout.strip()}) vs current {head}{extra}; "
+                     f"preset {args.config}, float32, CPU, {threads} threads, {rounds} rounds alternated, "
+                     f"{args.calls} timed call(s) per process and mode after a warm-up (median)",
+            "config": args.config, "threads": threads, "sizes": sizes, "modes": MODES,
+            "times": [[list(k[0]), k[1], k[2], v] for k, v in times.items()],
+            "sums": [[list(k[0]), k[1], k[2], v] for k, v in sums.items()]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1))
+    report(runs)
+
+
+def report(runs: dict) -> None:
+    sizes, modes = [tuple(s) for s in runs["sizes"]], runs["modes"]
+    times = {(tuple(s), m, t): v for s, m, t, v in runs["times"]}
+    sums = {(tuple(s), m, t): v for s, m, t, v in runs["sums"]}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(runs["title"] + "\n")
     print("| size (WxH) | mode | base s/call | current s/call | base / current | same output |")
     print("|---|---|---|---|---|---|")
     for h, w in sizes:
-        for m in MODES:
-            tb = statistics.median(times[((h, w), m, "base")])
-            tc = statistics.median(times[((h, w), m, "current")])
+        for m in modes:
+            tb, tc = med[((h, w), m, "base")], med[((h, w), m, "current")]
             a, b = sums[((h, w), m, "base")], sums[((h, w), m, "current")]
             same = "yes" if abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1.0) else f"no ({a:.6g} vs {b:.6g})"
             print(f"| {w}x{h} | {_mode(m)} | {tb:.3f} | {tc:.3f} | {tb / tc:.2f}x | {same} |")
+    try:
+        choice_table(runs, sizes, modes, med)
+    except ImportError as e:  # a tree without the cost model
+        print(f"\n(no planner table: {e})")
+
+
+def choice_table(runs: dict, sizes, modes, med) -> None:
+    """This tree: every mode against the whole image, and the planner's choice against the fastest."""
+    import torch
+
+    from infdit_cli import costs
+    from infdit_cli.config import PRESETS
+    from infdit_cli.planner import plan
+
+    cfg = PRESETS[runs["config"]]
+    rate = costs.calibration(cfg, torch.device("cpu"), torch.float32, threads=runs["threads"])
+    print("\nThis tree: each mode against the whole image; the planner's choice (this machine's memory) "
+          "against the fastest mode measured; the cost model's prediction per mode.\n")
+    print("| size (WxH) | mode | s/call | / whole | predicted s | planner's choice | choice / fastest |")
+    print("|---|---|---|---|---|---|---|")
+    for h, w in sizes:
+        p = plan(cfg, (h, w), device="cpu", low_memory=False)
+        chosen = None if p.whole_image else p.n
+        fastest = min(med[((h, w), m, "current")] for m in modes)
+        whole = med.get(((h, w), None, "current"))
+        for m in modes:
+            t = med[((h, w), m, "current")]
+            pred = costs.call_seconds(cfg, (h, w), m or 1 << 30, rate)
+            mark = "yes" if m == chosen else ""
+            ratio = f"{t / fastest:.2f}" if m == chosen else ""
+            rel = f"{t / whole:.2f}" if whole else "-"
+            print(f"| {w}x{h} | {_mode(m)} | {t:.3f} | {rel} | {pred:.2f} | {mark} | {ratio} |")
 
 
 def _mode(m) -> str:
