@@ -5,8 +5,9 @@ planner's n), in RAM and under --low-memory (where the mapped state file is the 
 In the same run, each step's compute time (the time between two steps' ends, minus the checkpoint) is
 set beside the checkpoint's own time (write + fsync of x and meta.json, `CheckpointWritten.seconds`, which
 includes the sha256 and the finite check taken while writing, issue 21);
-steps after the first only (the first includes CLIP and the noise) and before the last (one call). Also prints the CPU throughput that
-`pipeline.THROUGHPUT["cpu"]` assumes beside the one measured here (FLOPs per call / seconds per call).
+steps after the first only (the first includes CLIP and the noise) and before the last (one call). Also prints
+the compute rate `calibrate.calibration` measured for this model on this CPU beside the one measured here
+(FLOPs per call / seconds per call).
 Writes a Markdown table to stdout.
 
     python benchmarks/checkpoint_cost.py [--sizes 256,512,1024] [--steps 4] [--config small]
@@ -28,7 +29,8 @@ from PIL import Image
 from infdit_cli.bench import flops_per_call
 from infdit_cli.config import PRESETS
 from infdit_cli.events import CheckpointWritten, StepDone
-from infdit_cli.pipeline import THROUGHPUT, UpscaleOptions
+from infdit_cli.calibrate import calibration
+from infdit_cli.pipeline import UpscaleOptions
 from infdit_cli.upscaler import Upscaler
 from infdit_cli.weights import random_model
 
@@ -100,7 +102,9 @@ def main() -> None:
                   f"{100 * mapped['ckpt'] / mapped['step']:.2f} % | {verify * 1e3:.1f} ms | "
                   f"{100 * verify / ram['step']:.2f} % | {rate / 1e9:.0f} G |")
     print()
-    print(f"Assumed by the checkpoint default: {THROUGHPUT['cpu'] / 1e9:.0f} GFLOP/s per thread on the CPU.")
+    rates = calibration(cfg, torch.device("cpu"), torch.float32)
+    print(f"Calibrated for the time estimate (and the checkpoint default): {rates.flops / 1e9:.0f} GFLOP/s "
+          f"({torch.get_num_threads()} threads).")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ n = 1, 2; default one) after a warm-up call of that mode. Both build the same se
 the CPU. Printed: per
 size and mode the median seconds of each side and the ratio base / current (> 1: this tree is faster);
 then, for this tree, each mode against the whole image and the planner's choice (`planner.plan` on the
-CPU with this machine's memory, and the cost model's predicted seconds per mode, `costs.call_seconds`)
+CPU with this machine's memory and its calibrated rates, and the cost model's predicted seconds per
+mode, `planner.call_seconds`)
 against the fastest mode measured.
 Only `random_model`, `prepare_image` and `denoise` are called, through a small adapter, so a base with
 another internal API still runs.
@@ -206,24 +207,24 @@ def choice_table(runs: dict, sizes, modes, med) -> None:
     """This tree: every mode against the whole image, and the planner's choice against the fastest."""
     import torch
 
-    from infdit_cli import costs
+    from infdit_cli.calibrate import calibration
     from infdit_cli.config import PRESETS
-    from infdit_cli.planner import plan
+    from infdit_cli.planner import call_seconds, plan
 
     cfg = PRESETS[runs["config"]]
-    rate = costs.calibration(cfg, torch.device("cpu"), torch.float32, threads=runs["threads"])
+    rates = calibration(cfg, torch.device("cpu"), torch.float32, threads=runs["threads"])
     print("\nThis tree: each mode against the whole image; the planner's choice (this machine's memory) "
           "against the fastest mode measured; the cost model's prediction per mode.\n")
     print("| size (WxH) | mode | s/call | / whole | predicted s | planner's choice | choice / fastest |")
     print("|---|---|---|---|---|---|---|")
     for h, w in sizes:
-        p = plan(cfg, (h, w), device="cpu", low_memory=False)
+        p = plan(cfg, (h, w), device="cpu", low_memory=False, rates=rates)
         chosen = None if p.whole_image else p.n
         fastest = min(med[((h, w), m, "current")] for m in modes)
         whole = med.get(((h, w), None, "current"))
         for m in modes:
             t = med[((h, w), m, "current")]
-            pred = costs.call_seconds(cfg, (h, w), m or 1 << 30, rate)
+            pred = call_seconds(cfg, (h, w), m or 1 << 30, rates)
             mark = "yes" if m == chosen else ""
             ratio = f"{t / fastest:.2f}" if m == chosen else ""
             rel = f"{t / whole:.2f}" if whole else "-"

@@ -118,8 +118,8 @@ def test_out_of_memory_at_the_leanest_plan_exits_3_without_output(tmp_path, tiny
                           "--scale", "4", "--steps", "2", "--device", "cpu", "--weights", str(tiny_weights),
                           "--block-batch", "2", "--low-memory"], capture_output=True, text=True)
     assert res.returncode == 3, res.stderr
-    *warnings, last = res.stderr.strip().splitlines()
-    assert last.startswith("error: out of device memory even at block batch 1"), res.stderr
+    first, *warnings, last = res.stderr.strip().splitlines()
+    assert first.startswith("predicted ") and last.startswith("error: out of device memory even at block batch 1")
     assert warnings == ["warning: out of memory with n=2; continuing with n=1",  # each step down, once
                         "warning: out of memory with n=1; continuing with n=1, cache on host"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

@@ -3,7 +3,7 @@ import torch
 
 from infdit_cli.config import PRESETS
 from infdit_cli.errors import HostMemoryTooSmall, MemoryBudgetTooSmall
-from infdit_cli.planner import estimate, param_count, parse_bytes, plan
+from infdit_cli.planner import Rates, call_seconds, estimate, param_count, parse_bytes, plan
 from infdit_cli.schedule import cache_bound, choose_order, plan_batches
 
 OFFICIAL = PRESETS["official"]
@@ -29,6 +29,61 @@ def test_plan_picks_largest_n_that_fits():
     bigger = estimate(cfg, (1024, 1024), p.n + 1, device_type="cpu")
     assert bigger.total > budget  # n+1 would not fit: n is the largest
     assert f"n={p.n}" in p.reason
+
+
+# The cost model (`planner.call_seconds`): a call's FLOPs at `flops`, each tensor operation the engine issues
+# at `op_seconds`, and what crosses between host and device at `copy_bytes`. A GPU's compute and launch cost
+# (H100-class in bf16) with two kinds of link: PCIe-like copies, and copies as good as free.
+PCIE = Rates(flops=400e12, op_seconds=10e-6, copy_bytes=12e9)
+FREE_COPIES = Rates(flops=400e12, op_seconds=10e-6, copy_bytes=1e15)
+GPU = dict(dtype=torch.bfloat16, device="cuda", host_budget=256 << 30)
+
+
+def _seconds(n, cache_on_host, rates, size=(4096, 4096), state_on_host=False):
+    return call_seconds(OFFICIAL, size, n, rates, dtype=torch.bfloat16, device_type="cuda",
+                        cache_on_host=cache_on_host, state_on_host=state_on_host)
+
+
+def test_the_planner_picks_the_faster_of_two_plans_that_fit():
+    """A 14 GiB budget at 4096^2: a larger n fits only with the K/V cache on the host. Over PCIe the host
+    cache's traffic (every rectangle's neighbours, every layer) costs more than the smaller n's extra
+    rectangles: the cache stays on the device. With free copies the larger n's fewer operations win."""
+    budget = 14 << 30
+    pcie = plan(OFFICIAL, (4096, 4096), budget=budget, rates=PCIE, **GPU)
+    free = plan(OFFICIAL, (4096, 4096), budget=budget, rates=FREE_COPIES, **GPU)
+    assert not pcie.cache_on_host and free.cache_on_host and free.n > pcie.n
+    assert estimate(OFFICIAL, (4096, 4096), free.n, dtype=torch.bfloat16, device_type="cuda").total > budget
+    assert _seconds(pcie.n, False, PCIE) < _seconds(free.n, True, PCIE)  # each is the faster by its rates
+    assert _seconds(free.n, True, FREE_COPIES) < _seconds(pcie.n, False, FREE_COPIES)
+    assert free.seconds_per_call == pytest.approx(_seconds(free.n, True, FREE_COPIES))
+    assert "per call" in free.reason
+
+
+def test_memory_decides_when_only_the_slower_plan_fits():
+    """The whole image would be the fastest (fewest operations for the same FLOPs), but only n=2 fits."""
+    budget = 8 << 30 | 1 << 29  # 8.5 GiB
+    p = plan(OFFICIAL, (4096, 4096), budget=budget, rates=FREE_COPIES, **GPU)
+    assert p.n < 32 and p.estimate.total <= budget
+    assert estimate(OFFICIAL, (4096, 4096), p.n + 1, dtype=torch.bfloat16, device_type="cuda").total > budget
+    assert _seconds(32, False, FREE_COPIES) < p.seconds_per_call
+
+
+def test_the_choice_is_the_fastest_of_everything_that_fits():
+    """Against a brute force over every n and placement, at budgets from tight to ample: the plan's
+    predicted time is the least of those that fit. At 4096^2 (32 x 32 blocks) with room for n=10, n=8 is
+    taken: n=9 and 10 have the same 4 x 4 rectangles and more chunks (81 blocks = 6 chunks of 16, not 4)."""
+    size, kw = (4096, 4096), dict(dtype=torch.bfloat16, device_type="cuda")
+    for budget in [9 << 30, 11 << 30, 14 << 30, 20 << 30, 30 << 30, 64 << 30]:
+        p = plan(OFFICIAL, size, budget=budget, rates=PCIE, **GPU)
+        fits = [(_seconds(n, cache, PCIE, state_on_host=state), n, cache, state) for n in range(1, 33)
+                for cache, state in ((False, False), (True, False), (True, True))
+                if estimate(OFFICIAL, size, n, cache_on_host=cache, state_on_host=state, **kw).total <= budget]
+        assert p.seconds_per_call == pytest.approx(min(fits)[0]), budget
+    room_for_10 = estimate(OFFICIAL, size, 10, **kw).total  # and not for 11
+    p = plan(OFFICIAL, size, budget=room_for_10, rates=PCIE, **GPU)
+    assert estimate(OFFICIAL, size, 11, **kw).total > room_for_10
+    assert (p.n, p.cache_on_host) == (8, False)
+    assert _seconds(10, False, PCIE) > _seconds(9, False, PCIE) > _seconds(8, False, PCIE)
 
 
 def test_plan_whole_image_when_it_fits():

@@ -265,23 +265,23 @@ def test_checkpoints_default_from_the_time_estimate(tmp_path, lib, monkeypatch):
     assert sum(isinstance(e, CheckpointWritten) for e in seen) == 6
 
 
-def test_official_estimate_is_in_the_issue_range(tiny_config):
+def test_official_estimate_is_in_the_issue_range():
     """The estimate behind the default: a 4096^2 job of the official model is ~70 PFLOP (issue 16), so
-    minutes on a CUDA card and far beyond 5 minutes on the CPU; a 512^2 job on CUDA takes seconds."""
-    from types import SimpleNamespace
-
-    from infdit_cli.bench import flops_per_call
+    minutes on a CUDA card (nominal rates) and far beyond 5 minutes on a 2-core CPU's; a 512^2 job on
+    CUDA takes seconds."""
     from infdit_cli.config import PRESETS
-    from infdit_cli.pipeline import predicted_seconds
+    from infdit_cli.pipeline import UpscaleOptions, plan_upscale
+    from infdit_cli.planner import Rates, flops_per_call
 
     cfg = PRESETS["official"]
-    big = SimpleNamespace(steps=20, passes=[SimpleNamespace(padded_out=(4096, 4096))])
     assert 50e15 < 39 * flops_per_call(cfg, 4096, 4096) < 90e15
-    s = predicted_seconds(cfg, big, "cuda", torch.bfloat16)
+    gpu = UpscaleOptions(mem_budget=80 << 30, host_budget=256 << 30)
+    s = plan_upscale(cfg, (1024, 1024), (4096, 4096), gpu, dtype=torch.bfloat16, device="cuda").seconds
     assert 60 < s < 3600, s
-    assert predicted_seconds(cfg, big, "cpu", torch.float32) > 300
-    small = SimpleNamespace(steps=20, passes=[SimpleNamespace(padded_out=(512, 512))])
-    assert predicted_seconds(cfg, small, "cuda", torch.bfloat16) < 300
+    cpu = Rates(flops=100e9, op_seconds=5e-6, copy_bytes=5e9)  # what calibrate measures on a 2-core Xeon
+    opts = UpscaleOptions(mem_budget=200 << 30, host_budget=256 << 30)
+    assert plan_upscale(cfg, (1024, 1024), (4096, 4096), opts, rates=cpu).seconds > 300
+    assert plan_upscale(cfg, (128, 128), (512, 512), gpu, dtype=torch.bfloat16, device="cuda").seconds < 300
 
 
 # -- preview --------------------------------------------------------------------------------------------

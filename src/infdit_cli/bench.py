@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .engine import denoise
+from .planner import flops_per_call
 
 __all__ = ["CallSpec", "CallMeasurement", "BenchRow", "measure", "time_pair", "run_bench", "flops_per_call",
            "environment"]
@@ -49,25 +50,6 @@ class CallMeasurement:
     seconds: float  # median of the timed calls
     tokens: int
     flops: float
-
-
-def flops_per_call(cfg, height: int, width: int) -> float:
-    """Matmul FLOPs of one denoiser call (2 per multiply-add), the same for every n.
-
-    Per token and layer: qkv 3D^2, proj D^2, MLP 2*r*D^2 (r = mlp_ratio), attention scores and values
-    2 * 4T * D (4 key segments of T tokens). Layer 0 adds the LR cross-attention: q and proj 2D^2,
-    scores and values 2 * 9*lb^2 * D, and the k/v projection of the LR tokens 2D^2 per LR token.
-    The final layer adds D * p^2 * c per token; patch embedding in_ch * p^2 * D.
-    """
-    t = cfg.block_tokens**2
-    d = cfg.hidden_size
-    gh, gw = -(-height // cfg.block_size), -(-width // cfg.block_size)
-    tokens = gh * gw * t
-    lr_tokens = gh * gw * cfg.lr_block**2
-    per_layer = (4 + 2 * cfg.mlp_ratio) * d * d + 2 * 4 * t * d
-    cross = 2 * d * d + 2 * 9 * cfg.lr_block**2 * d
-    per_token = cfg.num_layers * per_layer + cross + d * cfg.patch_size**2 * (cfg.out_channels + cfg.in_channels)
-    return 2.0 * (tokens * per_token + lr_tokens * 2 * d * d)
 
 
 def environment() -> dict[str, str]:

@@ -213,6 +213,7 @@ class BlockEngine:
         self.cache: KVCache | None = None
         self._stream = None
         self._bufs, self._buf_key, self._chunk_bufs = None, None, None
+        self._index_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._compiled = None
         if compile:
             self._compiled = compiled_kernels("inductor" if compile is True else compile)
@@ -347,8 +348,8 @@ class BlockEngine:
             stream = self._stream if cache.device.type == "cpu" and dev.type == "cuda" else None
             prefetch = _Prefetch(lambda layer: _neighbours(cache, rect, layer, dev), cfg.num_layers, stream)
         later = rect.blocks_needed_later() if cache is not None else []
-        has_left, has_top = cache is not None and rect.c0 > 0, cache is not None and rect.r0 > 0
-        index = neighbour_index(gh, gw, has_left, has_top).to(dev)
+        index, rows, cols = self._indices(gh, gw, cache is not None and rect.c0 > 0,
+                                          cache is not None and rect.r0 > 0, dev)
         qbuf, ktab, vtab = self._buffers(b, nb + gh + gw + 1, t, h.dtype, dev)
         # Block axes flattened: (B, 1, Gh*Gw, ...), chunks are slices of the third axis.
         hf = h.reshape(b, 1, nb, *h.shape[3:])
@@ -357,8 +358,6 @@ class BlockEngine:
         ropef = tuple(z.reshape(1, nb, *z.shape[2:]) for z in rope)
         per = chunk_blocks(cfg, dev.type)
         chunks = [slice(a, min(a + per, nb)) for a in range(0, nb, per)]
-        blocks = torch.arange(nb, device=dev)
-        rows, cols = blocks // gw, blocks % gw
         for i in range(cfg.num_layers):
             for c in chunks:
                 rope_c = (ropef[0][:, c], ropef[1][:, c])
@@ -388,6 +387,16 @@ class BlockEngine:
                     lr = tuple(z.unsqueeze(1) for z in model.lr_windows(lr_ctx, rows[c], cols[c]))
                 model.layer_out(i, hf[:, :, c], qf[:, :, c], kc, vc, step, lr, kernel=kernel)
         return model.head(h, step)
+
+    def _indices(self, gh: int, gw: int, has_left: bool, has_top: bool, device: torch.device):
+        """`neighbour_index` and each block's (row, column) for a gh x gw rectangle, on the device; made
+        once per shape (a pass has a few: full, edge and first-row/column rectangles)."""
+        key = (gh, gw, has_left, has_top, device)
+        if key not in self._index_cache:
+            blocks = torch.arange(gh * gw)
+            self._index_cache[key] = tuple(z.to(device) for z in (neighbour_index(gh, gw, has_left, has_top),
+                                                                   blocks // gw, blocks % gw))
+        return self._index_cache[key]
 
     def _buffers(self, b: int, entries: int, t: int, dtype: torch.dtype, device: torch.device):
         """The rectangle's queries (B, E, T, H, d) and its key/value tables (`neighbour_index`), allocated

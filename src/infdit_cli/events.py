@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice", "BytesDone",
@@ -147,7 +147,12 @@ class CheckpointDiscarded:
 
 @dataclass(frozen=True)
 class JobStarted:
-    """The whole job: `work[i]` is pass i's share of the compute (sums to 1), `calls` per pass."""
+    """The whole job: `work[i]` is pass i's share of the compute (sums to 1), `calls` per pass, `seconds[i]`
+    pass i's predicted wall time (the cost model's) on `device`; `gpu_seconds`: on a CPU, when the job is
+    predicted to take over an hour, what a CUDA GPU would take (`pipeline.gpu_seconds`)."""
 
     work: list[float]
     calls: int
+    seconds: list[float] = field(default_factory=list)
+    device: str = ""
+    gpu_seconds: float | None = None

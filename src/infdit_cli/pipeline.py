@@ -21,12 +21,12 @@ from .errors import BadRequest, NonFinite, OutOfMemory
 from .checkpoint import RunFolder, Saved
 from .events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from .images import resize
-from .planner import Placement, Plan, plan
+from .planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
 from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch, reclaim_stale
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
-           "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "preview_image", "THROUGHPUT",
+           "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "gpu_seconds", "preview_image",
            "disk_need", "check_disk"]
 
 MAX_OUTPUT_SIDE = 65535
@@ -51,6 +51,7 @@ class Pass:
     out_size: tuple[int, int]  # in_size * scale
     padded_out: tuple[int, int]  # the whole-block canvas the sampler runs on
     memory: Plan = None  # the planner's choice for this pass (always set by plan_upscale)
+    seconds: float = 0.0  # predicted: its calls at the plan's `seconds_per_call`
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class UpscalePlan:
     @property
     def model_calls(self) -> int:
         return len(self.passes) * (2 * self.steps - 1)
+
+    @property
+    def seconds(self) -> float:
+        """Predicted wall time of the model passes (the cost model with the plans' rates)."""
+        return sum(p.seconds for p in self.passes)
 
 
 def target_size(size: tuple[int, int], *, res: str | None = None, scale: float | None = None) -> tuple[int, int]:
@@ -104,8 +110,9 @@ def target_size(size: tuple[int, int], *, res: str | None = None, scale: float |
 
 def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], options: UpscaleOptions, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 weights_file_dtype: torch.dtype | None = None) -> UpscalePlan:
-    """The fewest 4x/2x passes whose result covers `target`, each with its memory plan.
+                 weights_file_dtype: torch.dtype | None = None, rates: Rates | None = None) -> UpscalePlan:
+    """The fewest 4x/2x passes whose result covers `target`, each with its memory plan and predicted time
+    (`rates`: the device's, from `calibrate.calibration`; default the planner's nominal ones).
 
     Raises:
         MemoryBudgetTooSmall, HostMemoryTooSmall: some pass cannot fit (before any weights are loaded).
@@ -130,35 +137,29 @@ def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], opti
             n = int(options.block_batch)
         mem = plan(cfg, padded_out, budget=options.mem_budget, dtype=dtype, device=device, n=n,
                    host_budget=options.host_budget, low_memory=options.low_memory, scale=s,
-                   weights_file_dtype=weights_file_dtype)
-        passes.append(Pass(s, size, (size[0] * s, size[1] * s), padded_out, mem))
+                   weights_file_dtype=weights_file_dtype, rates=rates)
+        calls = 2 * options.steps - 1
+        passes.append(Pass(s, size, (size[0] * s, size[1] * s), padded_out, mem, calls * mem.seconds_per_call))
         size = (size[0] * s, size[1] * s)
     return UpscalePlan(input_size, target, passes, options.steps, resample=size != tuple(target))
 
 
-# Assumed sustained matmul throughput (FLOP/s) for the time estimate that turns checkpoints on by
-# default. CPU: per thread, the low end of what docs/benchmarks.md's `infdit bench` table gives for the
-# `small` config on an idle 2-core Xeon (56-92 GFLOP/s per thread, 256-1024 px); a busier or smaller CPU
-# only turns checkpoints on for shorter jobs than intended. CUDA: a bf16 H100-class card at ~40 %
-# utilisation, fp32 a quarter of it; MPS: an M-series GPU. Assumptions, not measured on those devices.
-THROUGHPUT = {"cpu": 50e9, "cuda": 200e12, "cuda-fp32": 50e12, "mps": 10e12}
 CHECKPOINT_AFTER = 300.0  # seconds: checkpoints are on by default when a job is predicted to take longer
+SLOW_ON_CPU = 3600.0  # seconds: a CPU job predicted to take longer says what a GPU would take
 
 
-def predicted_seconds(cfg, up_plan: UpscalePlan, device: torch.device | str, dtype: torch.dtype) -> float:
-    """The job's time from its FLOPs (`bench.flops_per_call` per call, 2*steps-1 calls per pass) over
-    `THROUGHPUT` for the device. A rough figure: for the default of --checkpoint, not a promise."""
-    from .bench import flops_per_call
+def predicted_seconds(up_plan: UpscalePlan) -> float:
+    """The job's predicted wall time (`UpscalePlan.seconds`): for the default of --checkpoint and the
+    plan's first line."""
+    return up_plan.seconds
 
-    dev = torch.device(device).type
-    if dev == "cpu":
-        rate = THROUGHPUT["cpu"] * max(1, torch.get_num_threads())
-    elif dev == "cuda":
-        rate = THROUGHPUT["cuda" if dtype in (torch.bfloat16, torch.float16) else "cuda-fp32"]
-    else:
-        rate = THROUGHPUT.get(dev, THROUGHPUT["mps"])
-    calls = 2 * up_plan.steps - 1
-    return sum(calls * flops_per_call(cfg, *p.padded_out) for p in up_plan.passes) / rate
+
+def gpu_seconds(cfg, up_plan: UpscalePlan) -> float:
+    """What the same job would take on a CUDA GPU by the nominal rates (bf16, an H100-class card at ~40 %
+    of its peak: `planner.NOMINAL_RATES`), whole image or n as large as such a card holds."""
+    rates = nominal_rates("cuda", torch.bfloat16)
+    return sum((2 * up_plan.steps - 1) * call_seconds(cfg, p.padded_out, 1 << 30, rates, dtype=torch.bfloat16,
+                                                      device_type="cuda") for p in up_plan.passes)
 
 
 def disk_need(up_plan: UpscalePlan, checkpoint: bool) -> dict[str, int]:
@@ -264,10 +265,12 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
         else:
             scratch = Scratch(safe=run.folder())
     if on_event is not None:
-        from .bench import flops_per_call
-
         work = [flops_per_call(model.config, *p.padded_out) for p in up_plan.passes]
-        on_event(JobStarted([w / sum(work) for w in work], 2 * up_plan.steps - 1))
+        gpu = None
+        if model.device.type == "cpu" and up_plan.seconds > SLOW_ON_CPU:
+            gpu = gpu_seconds(model.config, up_plan)
+        on_event(JobStarted([w / sum(work) for w in work], 2 * up_plan.steps - 1,
+                            [p.seconds for p in up_plan.passes], model.device.type, gpu))
     saved = run.saved if run is not None else None
     first = 0
     if saved is not None:

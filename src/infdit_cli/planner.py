@@ -23,7 +23,8 @@ from .schedule import BlockBatch, cache_slots, choose_order
 
 __all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down",
            "batch_device_bytes", "parse_bytes", "format_bytes", "param_count", "host_available", "device_free",
-           "HEUN_IMAGES"]
+           "HEUN_IMAGES", "Rates", "NOMINAL_RATES", "nominal_rates", "flops_per_call", "layer_flops",
+           "call_seconds", "format_seconds"]
 
 # The engine runs each layer's per-token work over chunks of a rectangle's blocks, while the rectangle's
 # queries and gathered keys/values stay in buffers: small chunks keep a CPU's temporaries in its caches and
@@ -32,16 +33,16 @@ __all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "p
 # the noise); a GPU wants enough tokens per kernel to stay busy (16 official blocks; not measured).
 CHUNK_TOKENS = {"cpu": 2048}
 CHUNK_TOKENS_DEFAULT = 16384
-# Live (tokens x hidden) tensors. Kept for the whole rectangle during a layer: h, q, gathered k/v (4 + 4)
-# -> 10 counted, 12 fitted; its layer-0 LR windows (keys with positions, values: 2 x 2.25 T per block).
-# For one chunk at the MLP peak: the modulated LayerNorm, fc1 and GELU outputs (4 + 4), fc2's -> 10
-# counted, 8 fitted (the CPU's freed temporaries overlap). Fitted to CPU peak RSS at 512²-1024², whole
-# image and n = 1, 2 (`benchmarks/memory_vs_plan.py`; docs/benchmarks.md has the table).
-RECT_TOKEN_COPIES = 12
-CHUNK_TOKEN_COPIES = 8
+# Live (tokens x hidden) tensors. Kept for the whole rectangle during a layer: h, q and the key and value
+# tables (4), and at the head its two LayerNorms and projection -> 7 counted, 8 fitted. For one chunk:
+# its gathered 4-segment keys and values (8) and, at the MLP peak, the modulated LayerNorm, fc1 and GELU
+# outputs and fc2's (8) -> 16. The rectangle's LR tokens (keys and values, one LR block all round) and
+# the chunk's LR windows (2 x 9 lb^2 per block). Fitted to CPU peak RSS at 512^2-1024^2, whole image and
+# n = 1, 2 (`benchmarks/memory_vs_plan.py`; docs/benchmarks.md has the table).
+RECT_TOKEN_COPIES = 8
+CHUNK_TOKEN_COPIES = 16
 LR_WINDOW_COPIES = 2
 HEUN_IMAGES = 4  # sampler state: x, d, the Euler point, the denoiser output (the second derivative reuses it)
-SATURATING_N = 4  # 4x4 blocks = 16K tokens per batch: assumed enough to fill a GPU (not measured here)
 # Allocator slack and kernel workspaces (cuBLAS/cuDNN on a GPU). The CPU's is fitted to its peak RSS, which
 # varies by environment: one 512² n = 1 call measured 120-127 MiB in one venv on this machine and
 # 149-150 MiB in a fresh one with the same packages (CI's); 48 MiB sits between.
@@ -52,6 +53,38 @@ DEVICE_MARGIN = 512 * 2**20  # kept free on a CUDA device below what it reports 
 # CPU's fitted to `benchmarks/host_memory.py`: 949-971 MiB peak for a whole 1024² job of the micro config).
 HOST_RUNTIME = {"cpu": 1000 * 2**20, "cuda": 2048 * 2**20, "mps": 1536 * 2**20}
 LOW_MEMORY_WINDOW = 256 * 2**20  # resident pages of memory-mapped state/cache between two trims, at most
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What a device does per second: the cost model's coefficients (`call_seconds`). Measured by
+    `calibrate.calibration` (a few seconds, cached per device, dtype, torch version and model shape);
+    `nominal_rates` where nothing was measured."""
+
+    flops: float  # FLOP/s of the model's per-token work: one layer on one chunk (matmuls, attention, norms)
+    op_seconds: float  # fixed cost of one tensor operation: Python, dispatch, a kernel launch
+    copy_bytes: float  # bytes/s of a large copy: host <-> device next to a GPU, memory to memory on the CPU
+    source: str = "assumed"  # "measured": calibrated on this device
+
+    @property
+    def measured(self) -> bool:
+        return self.source == "measured"
+
+
+# Where nothing was measured (`plan(..., rates=None)`, `--dry-run` callers that do not calibrate): the low
+# end of what `calibrate` measured on an idle 2-core Xeon for the CPU (per thread), and for CUDA a bf16
+# H100-class card at ~40 % of its peak (fp32 a quarter), PCIe 4 copies. Assumptions, used for ordering.
+NOMINAL_RATES = {"cpu": Rates(25e9, 20e-6, 4e9), "cuda": Rates(400e12, 10e-6, 12e9),
+                 "cuda-fp32": Rates(100e12, 10e-6, 12e9), "mps": Rates(10e12, 20e-6, 20e9)}
+
+
+def nominal_rates(device_type: str, dtype: torch.dtype = torch.float32) -> Rates:
+    if device_type == "cpu":
+        r = NOMINAL_RATES["cpu"]
+        return replace(r, flops=r.flops * max(1, torch.get_num_threads()))
+    if device_type == "cuda":
+        return NOMINAL_RATES["cuda" if dtype in (torch.bfloat16, torch.float16) else "cuda-fp32"]
+    return NOMINAL_RATES.get(device_type, NOMINAL_RATES["mps"])
 
 
 @dataclass(frozen=True)
@@ -105,6 +138,8 @@ class Plan:
     budget: int  # device bytes planned for
     host_budget: int  # host bytes available
     reason: str
+    seconds_per_call: float = 0.0  # the cost model's prediction (`call_seconds`) with the plan's `rates`
+    rates: Rates | None = None
 
     n = property(lambda self: self.placement.n)
     order = property(lambda self: self.placement.order)
@@ -162,8 +197,9 @@ def _act_bytes(cfg: InfDiTConfig, bh: int, bw: int, batch: int, e: int, flash: b
     chunk = min(blocks, chunk_blocks(cfg, device_type))
     tokens, chunk_tokens = batch * blocks * t, batch * chunk * t
     act = (RECT_TOKEN_COPIES * tokens + CHUNK_TOKEN_COPIES * chunk_tokens) * d * e
-    win = (3 * cfg.lr_block) ** 2
-    act += LR_WINDOW_COPIES * batch * blocks * win * d * e
+    lb = cfg.lr_block
+    act += 2 * batch * (bh + 2) * (bw + 2) * lb * lb * d * e  # the rectangle's LR keys and values
+    act += LR_WINDOW_COPIES * batch * chunk * (3 * lb) ** 2 * d * e  # the chunk's LR windows
     if not flash:  # the math kernel materialises one chunk's attention scores (and their softmax)
         act += 2 * batch * chunk * heads * t * 4 * t * e
     return act + batch * blocks * cfg.block_size**2 * (6 + 3) * 4  # the rectangle's pixels in and out
@@ -240,6 +276,103 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
 
 
 # --------------------------------------------------------------------------------------------------------
+# Time
+# --------------------------------------------------------------------------------------------------------
+
+# Tensor operations the engine issues (counted in engine.py; each costs `Rates.op_seconds` beyond its FLOPs):
+OPS_PER_CHUNK_LAYER = 24  # qkv (norms, projection, RoPE: 11), gather (3), attention and MLP (10)
+OPS_PER_RECT = 40  # slices in and out, embedding, RoPE tables, LR context, head, the step's bookkeeping
+OPS_PER_RECT_LAYER = 4  # the key table's neighbours, the cache's trim and bookkeeping
+OPS_PER_CACHED_BLOCK = 2  # per layer: each cached neighbour fetched and each block kept for later (k, v)
+OPS_PER_LAYER0_CHUNK = 12  # layer 0's LR windows and cross-attention
+STATE_BYTES_PER_PIXEL = 3 * 4 * 8  # per call: x, lr_up in, the output out, the sampler's image arithmetic
+
+
+def layer_flops(cfg: InfDiTConfig, tokens: int) -> float:
+    """FLOPs of one layer's per-token work on `tokens` tokens (2 per multiply-add): qkv 3D^2, proj D^2,
+    MLP 2rD^2, attention scores and values 2 * 4T * D."""
+    d, t = cfg.hidden_size, cfg.block_tokens**2
+    return 2.0 * tokens * ((4 + 2 * cfg.mlp_ratio) * d * d + 2 * 4 * t * d)
+
+
+def flops_per_call(cfg: InfDiTConfig, height: int, width: int) -> float:
+    """Matmul FLOPs of one denoiser call (2 per multiply-add), the same for every n.
+
+    Per token and layer: `layer_flops`. Layer 0 adds the LR cross-attention: q and proj 2D^2, scores and
+    values 2 * 9*lb^2 * D, and the k/v projection of the LR tokens 2D^2 per LR token. The final layer adds
+    D * p^2 * c per token; patch embedding in_ch * p^2 * D.
+    """
+    t = cfg.block_tokens**2
+    d = cfg.hidden_size
+    gh, gw = -(-height // cfg.block_size), -(-width // cfg.block_size)
+    tokens = gh * gw * t
+    lr_tokens = gh * gw * cfg.lr_block**2
+    cross = 2 * d * d + 2 * 9 * cfg.lr_block**2 * d
+    per_token = cross + d * cfg.patch_size**2 * (cfg.out_channels + cfg.in_channels)
+    return cfg.num_layers * layer_flops(cfg, tokens) + 2.0 * (tokens * per_token + lr_tokens * 2 * d * d)
+
+
+def call_seconds(cfg: InfDiTConfig, size: tuple[int, int], n: int, rates: Rates, *, batch: int = 1,
+                 dtype: torch.dtype = torch.float32, device_type: str = "cpu", cache_on_host: bool = False,
+                 state_on_host: bool = False) -> float:
+    """Predicted seconds of one denoiser call whose output is `size` (H, W), in n x n blocks.
+
+    compute (`flops_per_call`, plus each rectangle's ring of LR tokens, at `rates.flops`) + tensor
+    operations (`OPS_*` per chunk, rectangle, layer and cached block, at `rates.op_seconds`) + copies at
+    `rates.copy_bytes` (a host-side cache's neighbours next to a GPU; the image state's slices; on the CPU
+    the sampler's image arithmetic). Apart from the LR ring the compute is the same for every n: what n
+    changes is how many rectangles, chunks and cached blocks the call has, and what crosses to the device.
+    """
+    h, w = size
+    gh, gw = -(-h // cfg.block_size), -(-w // cfg.block_size)
+    n = min(n, max(gh, gw))
+    per = chunk_blocks(cfg, device_type)
+    t, layers = cfg.block_tokens**2, cfg.num_layers
+    rows, cols = _spans(gh, n), _spans(gw, n)
+    rects = len(rows) * len(cols)
+    chunks = sum(kr * kc * -(-(rh * rw) // per) for rh, kr in _counts(rows) for rw, kc in _counts(cols))
+    cached = 0
+    if rects > 1:  # block mode, any order: per rectangle and layer, the blocks kept for later rectangles
+        r, c = len(rows) - 1, len(cols) - 1  # (last row, last column) and the neighbours read (left, above)
+        cached = gw * r + gh * c - r * c + gh * c + r * (gw + len(cols))
+    ops = (rects * OPS_PER_RECT + chunks * (layers * OPS_PER_CHUNK_LAYER + OPS_PER_LAYER0_CHUNK)
+           + layers * (rects * OPS_PER_RECT_LAYER + cached * OPS_PER_CACHED_BLOCK))
+    # Each rectangle projects the LR tokens of a one-block ring around it too (`InfDiT.lr_context`): k and v,
+    # 2 x D^2 multiply-adds per LR token, beyond the call's own (`flops_per_call`).
+    ring = 2 * len(cols) * gh + 2 * len(rows) * gw + 4 * rects
+    extra = ring * cfg.lr_block**2 * 4.0 * cfg.hidden_size**2
+    moved = 0.0
+    if cache_on_host and device_type != "cpu":
+        moved += layers * cached * 2 * batch * t * cfg.hidden_size * _elem(dtype)
+    if state_on_host or device_type == "cpu":
+        moved += batch * STATE_BYTES_PER_PIXEL * gh * gw * cfg.block_size**2
+    return (batch * (flops_per_call(cfg, h, w) + extra) / rates.flops + ops * rates.op_seconds
+            + moved / rates.copy_bytes)
+
+
+def _spans(cells: int, n: int) -> list[int]:
+    return [min(n, cells - a) for a in range(0, cells, n)]
+
+
+def _counts(spans: list[int]) -> list[tuple[int, int]]:
+    """(span, how many): at most two kinds, the full one and the edge's."""
+    return [(v, spans.count(v)) for v in sorted(set(spans))]
+
+
+def format_seconds(s: float) -> str:
+    """'0.4 s', '12 s', '3 min', '2.5 h', '3.1 days'."""
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 2 * 3600:
+        return f"{s / 60:.0f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+# --------------------------------------------------------------------------------------------------------
 # What the machine has
 # --------------------------------------------------------------------------------------------------------
 
@@ -302,8 +435,9 @@ def device_free(device: torch.device) -> int | None:
 def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1,
          n: int | None = None, host_budget: int | None = None, low_memory: bool | None = None,
-         scale: int = 4, weights_file_dtype: torch.dtype | None = None) -> Plan:
-    """The fastest placement whose predicted peaks fit: device within `budget`, host within `host_budget`.
+         scale: int = 4, weights_file_dtype: torch.dtype | None = None, rates: Rates | None = None) -> Plan:
+    """The fastest placement whose predicted peaks fit: device within `budget`, host within `host_budget`,
+    fastest by the cost model (`call_seconds` with `rates`).
 
     Args:
         budget: device bytes for everything of ours, weights included (default: what is free; on the CPU,
@@ -312,10 +446,13 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
         host_budget: resident host bytes available (default: `host_available()`).
         low_memory: True forces memory-mapped state, False forbids it, None lets the planner turn it on
             when the host is short.
+        rates: the device's calibrated rates (`calibrate.calibration`); default `nominal_rates`.
 
-    Device placements are tried fastest first: everything on the device; the K/V cache on the host; cache
-    and image state on the host (on the CPU only the first). Then, only if the host is short: the sampler
-    state in bf16 (when the model computes in bf16, as the official sampler does), then memory-mapped state.
+    Device placements: everything on the device; the K/V cache on the host; cache and image state on the
+    host (on the CPU only the first). Of every (placement, n) that fits, the one with the least predicted
+    time (ties: the larger n, then the earlier placement): usually the largest n, but not an n that leaves
+    ragged edge rectangles with more chunks than the n below it. Then, only if the host is short: the sampler state in bf16 (when
+    the model computes in bf16, as the official sampler does), then memory-mapped state.
 
     Raises:
         MemoryBudgetTooSmall: not even n = 1 with everything on the host fits the device budget.
@@ -350,19 +487,24 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
             if est.total <= budget and (not on_cpu or est.host_peak <= host_budget):
                 return cand
         return None
+    # (Memory grows with n, so every n below the largest fits too.)
 
-    best: tuple | None = None
+    rates = rates if rates is not None else nominal_rates(device.type, dtype)
+
+    def seconds(cand: int, cache_host: bool, state_host: bool) -> float:
+        return call_seconds(cfg, size, cand, rates, batch=batch, dtype=dtype, device_type=device.type,
+                            cache_on_host=cache_host, state_on_host=state_host)
+
+    options = []
     for cache_host, state_host in placements:
-        cand = device_choice(cache_host, state_host)
-        if cand is None:
-            continue
-        if best is None or cand > best[0]:
-            best = (cand, cache_host, state_host)
-        # Host transfers cost time: keep things on the device while batches stay big enough to keep it
-        # busy (SATURATING_N^2 blocks), else move the cache/state off for a bigger n.
-        if n is not None or cand >= min(SATURATING_N, top):
-            best = (cand, cache_host, state_host)
-            break
+        largest = device_choice(cache_host, state_host)
+        if largest is not None:
+            options += [(seconds(cand, cache_host, state_host), -cand, cache_host, state_host)
+                        for cand in ([largest] if n is not None else range(largest, 0, -1))]
+    # The least time; among equals the larger n, then the earlier placement (min keeps the first).
+    best = min(options, key=lambda o: o[:2]) if options else None
+    if best is not None:
+        best = (-best[1], *best[2:])
     if best is None:
         if n is not None:  # the user fixed n: run it as lean as we can and let out-of-memory handling act
             best = (n, *placements[-1])
@@ -391,10 +533,11 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
                 notes.append("sampler state bf16")
             if mm:
                 notes.append("low-memory (memory-mapped state)")
+            per_call = seconds(n_dev, cache_host, state_host)
             reason = (f"{', '.join(notes)}: predicted {format_bytes(est.device_peak)} on {device.type} "
                       f"(budget {format_bytes(budget)}), {format_bytes(est.host_peak)} on the host "
-                      f"({format_bytes(host_budget)} available)")
-            return Plan(placement, whole, sd, mm, est, budget, host_budget, reason)
+                      f"({format_bytes(host_budget)} available), {format_seconds(per_call)} per call")
+            return Plan(placement, whole, sd, mm, est, budget, host_budget, reason, per_call, rates)
     raise HostMemoryTooSmall(
         f"a {w}x{h} output needs {format_bytes(min(tried))} of host memory, {format_bytes(host_budget)} is "
         f"available; try {_host_hint(low_memory)}")

@@ -366,19 +366,30 @@ def check_speed(run: _Run, size: int) -> Check:
     whole_fits = estimate(cfg, (size, size), None, dtype=dtype, device_type=run.device.type,
                           state_on_host=True).total <= 0.9 * (device_free(run.device) or host_available())
     flops = flops_per_call(cfg, size, size)
+    from .calibrate import calibration
+    from .planner import call_seconds
+
+    rates = calibration(cfg, run.device, dtype)  # the cost model's prediction beside the measurement
+    kw = dict(dtype=dtype, device_type=run.device.type)
+    pb = call_seconds(cfg, (size, size), n, rates, cache_on_host=chosen.cache_on_host, **kw)
+    pw = call_seconds(cfg, (size, size), 1 << 30, rates, **kw)
     if whole_fits:
         tb, tw = time_pair(block, CallSpec(n=None, **common), rounds=p.rounds)
         value = (f"whole {tw:.3g} s ({flops / tw / 1e12:.3g} TFLOP/s), n={n} {tb:.3g} s "
-                 f"({flops / tb / 1e12:.3g} TFLOP/s), block overhead {tb / tw - 1:+.0%}")
+                 f"({flops / tb / 1e12:.3g} TFLOP/s), block overhead {tb / tw - 1:+.0%}; "
+                 f"predicted whole {pw:.3g} s, n={n} {pb:.3g} s")
     else:
         from .bench import measure
 
         spec = CallSpec(n=n, cache_on_host=chosen.cache_on_host, repeats=p.rounds, **common)
         tb, tw = measure(spec).seconds, None
-        value = f"n={n} {tb:.3g} s ({flops / tb / 1e12:.3g} TFLOP/s); whole image does not fit this device"
+        value = (f"n={n} {tb:.3g} s ({flops / tb / 1e12:.3g} TFLOP/s; predicted {pb:.3g} s); whole image "
+                 "does not fit this device")
     return Check("speed", f"s/call {size}² ({p.config}, {p.dtype})", "info", value, "",
                  time.perf_counter() - t0,
-                 {"flops": flops, "n": n, "block_s": tb, "whole_s": tw, "size": f"{size}x{size}"})
+                 {"flops": flops, "n": n, "block_s": tb, "whole_s": tw, "size": f"{size}x{size}",
+                  "predicted_block_s": pb, "predicted_whole_s": pw, "calibrated_flops": rates.flops,
+                  "calibrated_op_s": rates.op_seconds, "calibrated_copy_bytes": rates.copy_bytes})
 
 
 def _random_inputs(cfg, side: int, state: torch.device, gen_seed: int = 0):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadRequest
+from .planner import Rates
 from .cache import sha256_file
 from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
 from .events import CheckpointDiscarded, Notice, PlanChanged
@@ -39,6 +40,7 @@ class UpscaleResult:
     block_batch: list[int | None]  # n of each pass (None: whole image)
     model_calls: int
     seconds: float
+    predicted_seconds: float  # what the plan predicted for the model passes (the cost model, `UpscalePlan.seconds`)
     peak_memory: int | None  # bytes on the compute device (CUDA), None where not measured
     seed: int
     memory: list[dict[str, int]] = field(default_factory=list)  # each pass's predicted device/host peaks
@@ -98,14 +100,17 @@ class Upscaler:
     """A loaded Inf-DiT model, ready to upscale many images."""
 
     def __init__(self, model, *, options: UpscaleOptions = UpscaleOptions(), device_budget: int | None = None,
-                 weights_id: str | None = None) -> None:
+                 weights_id: str | None = None, rates: Rates | None = None) -> None:
         """`device_budget`: device bytes the plans may use when `options.mem_budget` is unset (what was free
         before the weights were loaded, minus a margin; `from_weights` measures it). `weights_id`: what
-        identifies the weights in a checkpoint's fingerprint (default: a hash of the model's tensors)."""
+        identifies the weights in a checkpoint's fingerprint (default: a hash of the model's tensors).
+        `rates`: the cost model's rates for plans and their predicted times (default: this device's,
+        `calibrate.calibration`, measured on first use and cached)."""
         self.model = model
         self.options = options
         self.device_budget = device_budget
         self._weights_id = weights_id
+        self._rates = rates
         self.engine = None  # builds each pass's denoiser; None: BlockEngine (bands.band_engine under torchrun)
 
     @property
@@ -136,13 +141,22 @@ class Upscaler:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def rates(self) -> Rates:
+        if self._rates is None:
+            from .calibrate import calibration
+
+            self._rates = calibration(self.model.config, self.device, self.model.dtype)
+        return self._rates
+
     def plan(self, input_size: tuple[int, int], *, res: str | None = None, scale: float | None = None,
              options: UpscaleOptions | None = None) -> UpscalePlan:
         opts = options or self.options
         if opts.mem_budget is None and self.device_budget is not None:
             opts = replace(opts, mem_budget=self.device_budget)
         target = target_size(input_size, res=res, scale=scale)
-        return plan_upscale(self.model.config, input_size, target, opts, dtype=self.model.dtype, device=self.device)
+        return plan_upscale(self.model.config, input_size, target, opts, dtype=self.model.dtype, device=self.device,
+                            rates=self.rates)
 
     def upscale_tensor(self, rgb: torch.Tensor, up_plan: UpscalePlan, *, options: UpscaleOptions | None = None,
                        on_event: Callable[[object], None] | None = None, scratch_dir: str | Path | None = None,
@@ -155,8 +169,8 @@ class Upscaler:
                        on_preview=on_preview, engine=self.engine)
 
     def predicted_seconds(self, up_plan: UpscalePlan) -> float:
-        """The job's time as the checkpoint default estimates it (`pipeline.predicted_seconds`)."""
-        return predicted_seconds(self.model.config, up_plan, self.device, self.model.dtype)
+        """The job's predicted time (`pipeline.predicted_seconds`): the checkpoint default's figure."""
+        return predicted_seconds(up_plan)
 
     def upscale_file(self, src: str | Path, dst: str | Path | None = None, *, res: str | None = None,
                      scale: float | None = None, options: UpscaleOptions | None = None, quality: int = 95,
@@ -239,6 +253,7 @@ class Upscaler:
             passes=[p.scale for p in up_plan.passes],
             block_batch=[None if p.memory.whole_image else p.memory.n for p in up_plan.passes],
             memory=[p.memory.memory for p in up_plan.passes],
-            model_calls=up_plan.model_calls, seconds=time.perf_counter() - t0, peak_memory=peak, seed=opts.seed,
+            model_calls=up_plan.model_calls, seconds=time.perf_counter() - t0,
+            predicted_seconds=round(up_plan.seconds, 3), peak_memory=peak, seed=opts.seed,
             plan_changes=changes,
         )

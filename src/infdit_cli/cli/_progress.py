@@ -8,7 +8,18 @@ from typing import Protocol
 import time
 
 from ..events import BatchDone, CheckpointDiscarded, JobStarted, Notice, PassStarted, PlanChanged, Resumed, StepDone
+from ..planner import format_seconds
 from ._text import safe
+
+
+def job_line(event: JobStarted) -> str:
+    """The job's first line: its predicted time, and on a slow CPU job what a GPU would take."""
+    line = (f"predicted {format_seconds(sum(event.seconds))} on {event.device or 'this device'} "
+            f"({len(event.seconds)} pass(es), {event.calls * len(event.seconds)} model calls)")
+    if event.gpu_seconds is not None:
+        line += (f"; a CUDA GPU (H100-class, bf16) would take about {format_seconds(event.gpu_seconds)}: "
+                 "Ctrl-C stops, the same command resumes")
+    return line
 
 
 def event_line(event: object) -> str | None:
@@ -32,7 +43,11 @@ class Display(Protocol):
 
 
 class NullDisplay:
-    """For --quiet, non-TTY stderr and tests: warnings still reach stderr as plain lines."""
+    """For --quiet, non-TTY stderr and tests: warnings still reach stderr as plain lines; without `quiet`
+    also the job's first line (`job_line`)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
 
     def start(self, total_images: int = 1, *, calls_per_pass: int | None = None) -> None:
         pass
@@ -47,7 +62,9 @@ class NullDisplay:
         pass
 
     def __call__(self, event: object) -> None:
-        if isinstance(event, PlanChanged):
+        if isinstance(event, JobStarted) and event.seconds and not self.quiet:
+            print(safe(job_line(event)), file=sys.stderr)
+        elif isinstance(event, PlanChanged):
             self.warn(f"{event.reason} with {event.old}; continuing with {event.new}")
         elif isinstance(event, Notice):
             self.warn(event.text)
@@ -114,6 +131,8 @@ class RichDisplay:
 
     def __call__(self, event: object) -> None:
         if isinstance(event, JobStarted):
+            if event.seconds:
+                self.console.print(safe(job_line(event)), markup=False, highlight=False)
             self.work, self.calls_per_pass = event.work, event.calls
             if self.job_task is not None:
                 self.overall.remove_task(self.job_task)
@@ -167,6 +186,9 @@ class RichDisplay:
 class SilentDisplay(NullDisplay):
     """Ranks other than 0 under torchrun: their warnings reach rank 0's summary, not the terminal."""
 
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+
     def warn(self, text: str) -> None:
         pass
 
@@ -175,5 +197,5 @@ def make_display(quiet: bool, *, main: bool = True) -> Display:
     if not main:
         return SilentDisplay()
     if quiet or not sys.stderr.isatty():
-        return NullDisplay()
+        return NullDisplay(quiet=quiet)
     return RichDisplay()

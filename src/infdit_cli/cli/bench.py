@@ -90,10 +90,15 @@ def bench(
         except WeightsNotFound as e:
             raise WeightsNotFound(f"{e}; or measure without weights: --random-weights") from None
         cfg, source = inspect_file(weights_path)[0], weights_path
+    from ..calibrate import calibration
+
+    rates = calibration(cfg, dev, dt, refresh=True)  # the time estimates of later plans use these
     env = environment()
     dt_name = str(dt).removeprefix("torch.")
     header = (f"{source} ({cfg.hidden_size} hidden, {cfg.num_layers} layers), {dev.type} {dt_name}, "
-              f"budget {format_bytes(budget)}; " + ", ".join(f"{k} {v}" for k, v in env.items()))
+              f"budget {format_bytes(budget)}; " + ", ".join(f"{k} {v}" for k, v in env.items())
+              + f"\ncalibrated (cached for the time estimates): {rates.flops / 1e9:.1f} GFLOP/s per layer's "
+              f"work, {rates.op_seconds * 1e6:.1f} us per tensor operation, {rates.copy_bytes / 1e9:.1f} GB/s copies")
     display = _Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         rows = run_bench(cfg, sizes, budget=budget, device=str(dev), dtype=dt, steps=steps,
@@ -102,7 +107,8 @@ def bench(
         display.stop()
     if json_:
         typer.echo(json.dumps({"environment": env, "weights": source, "budget": budget, "device": dev.type,
-                               "dtype": dt_name, "rows": [_row_json(r) for r in rows]}))
+                               "dtype": dt_name, "calibration": asdict(rates),
+                               "rows": [_row_json(r) for r in rows]}))
         return
     _print_table(rows, header, steps, dev.type)
 

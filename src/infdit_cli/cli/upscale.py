@@ -14,7 +14,7 @@ import typer
 
 from .. import distributed as D
 from ..pipeline import UpscalePlan
-from ..planner import format_bytes
+from ..planner import format_bytes, format_seconds
 from ..checkpoint import output_lock, run_folder_for
 from ..upscaler import default_output
 from ._text import safe
@@ -91,7 +91,7 @@ def resume_hint(info: tuple[str, int] | None, folder: Path) -> str:
             "resume, or add --no-resume to start over")
 
 
-def plan_lines(plan: UpscalePlan, device: str, dtype: str) -> list[str]:
+def plan_lines(plan: UpscalePlan, device: str, dtype: str, gpu: float | None = None) -> list[str]:
     ih, iw = plan.input_size
     th, tw = plan.target_size
     lines = [f"{iw}x{ih} -> {tw}x{th}: {len(plan.passes)} model pass(es), {plan.model_calls} model calls "
@@ -104,12 +104,18 @@ def plan_lines(plan: UpscalePlan, device: str, dtype: str) -> list[str]:
         how = (f"{'whole image' if mem.whole_image else f'n={mem.n} ({mem.n}x{mem.n} blocks)'}, "
                + "".join(f"{w}, " for w in where)
                + f"predicted peak {format_bytes(mem.estimate.device_peak)} {device}, "
-               + f"{format_bytes(mem.estimate.host_peak)} host")
+               + f"{format_bytes(mem.estimate.host_peak)} host, {format_seconds(p.seconds)}")
         lines.append(f"  pass {i}: {p.scale}x {p.in_size[1]}x{p.in_size[0]} -> {p.out_size[1]}x{p.out_size[0]} "
                      f"(canvas {p.padded_out[1]}x{p.padded_out[0]}); {how}")
     if plan.resample:
         last = plan.passes[-1].out_size
         lines.append(f"  resample {last[1]}x{last[0]} -> {tw}x{th} (antialiased bicubic)")
+    rates = plan.passes[0].memory.rates if plan.passes else None
+    how = "rates measured on this device" if rates is not None and rates.measured else "assumed rates"
+    lines.append(f"  time: predicted {format_seconds(plan.seconds)} ({how})")
+    if gpu is not None:
+        lines.append(f"  (more than an hour on the CPU: a CUDA GPU, H100-class in bf16, would take about "
+                     f"{format_seconds(gpu)})")
     return lines
 
 
@@ -117,6 +123,7 @@ def plan_json(plan: UpscalePlan) -> dict:
     out = asdict(plan)
     for p, d in zip(plan.passes, out["passes"]):
         d["memory"].update(p.memory.memory)  # device_peak_bytes, host_peak_bytes
+    out["seconds"] = plan.seconds  # predicted, all passes
     return out
 
 
@@ -130,7 +137,7 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     from ..config import PRESETS
     from ..hub import resolve_weights
     from ..images import probe_size
-    from ..pipeline import plan_upscale, target_size
+    from ..pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
     from ..upscaler import resolve_device, resolve_dtype
     from ..weights import read_config
 
@@ -142,18 +149,31 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     dev = resolve_device(device, check=False)
     dt = resolve_dtype(dtype, dev)
     target = target_size(size, res=res, scale=scale)
-    plan = plan_upscale(cfg, size, target, options, dtype=dt, device=dev)
-    info = {"plan": plan, "device": dev.type, "dtype": str(dt).removeprefix("torch."), "config_from": source}
+    plan = plan_upscale(cfg, size, target, options, dtype=dt, device=dev, rates=device_rates(cfg, dev, dt))
+    info = {"plan": plan, "device": dev.type, "dtype": str(dt).removeprefix("torch."), "config_from": source,
+            "predicted_seconds": plan.seconds, "gpu_seconds": None}
+    if dev.type == "cpu" and plan.seconds > SLOW_ON_CPU:
+        info["gpu_seconds"] = gpu_seconds(cfg, plan)
     if dst is not None:  # the disk the job's files need beside the output (`refuse_disk` checks it)
-        from ..pipeline import CHECKPOINT_AFTER, check_disk, disk_need, predicted_seconds
+        from ..pipeline import CHECKPOINT_AFTER, check_disk, disk_need
 
         if checkpoint is None:
-            checkpoint = (os.path.lexists(run_folder_for(dst))
-                          or predicted_seconds(cfg, plan, dev, dt) > CHECKPOINT_AFTER)
+            checkpoint = os.path.lexists(run_folder_for(dst)) or plan.seconds > CHECKPOINT_AFTER
         need = disk_need(plan, bool(checkpoint))
         folder = dst.parent if str(dst.parent) else Path(".")
         info["disk"] = {**need, "folder": str(folder), "free_bytes": check_disk(folder, need, refuse=False)}
     return info
+
+
+def device_rates(cfg, dev, dt):
+    """The device's calibrated rates (`calibrate.calibration`: measured once, cached), or None (the
+    planner's nominal ones) for a device this machine does not have (`--device cuda --dry-run` here)."""
+    from ..calibrate import calibration
+
+    if (dev.type == "cuda" and not torch.cuda.is_available()) or (
+            dev.type == "mps" and not torch.backends.mps.is_available()):
+        return None
+    return calibration(cfg, dev, dt)
 
 
 def refuse_disk(info: dict) -> None:
@@ -216,7 +236,7 @@ def upscale(
             typer.echo(json.dumps({"input": str(input), **{k: (plan_json(v) if k == "plan" else v)
                                                             for k, v in info.items()}}, default=str))
         else:
-            for line in plan_lines(info["plan"], info["device"], info["dtype"]):
+            for line in plan_lines(info["plan"], info["device"], info["dtype"], info["gpu_seconds"]):
                 typer.echo(safe(line))
             d = info["disk"]
             typer.echo(f"  disk: {format_bytes(d['total_bytes'])} in {d['folder']} (scratch "
