@@ -284,13 +284,18 @@ class BlockEngine:
             out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         sigma_t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b).cpu()
         step = self.model.prepare_step(sigma_t, self.vector)
-        while True:
-            try:
-                self._run(x, out, step)
-                return out
-            except torch.OutOfMemoryError:
-                pass
+        while not self._attempt(x, out, step):
             self._step_down()
+        return out
+
+    def _attempt(self, x: torch.Tensor, out: torch.Tensor, step) -> bool:
+        """One try at the call: False when it ran out of device memory (the caller then steps down, once
+        this frame, and with it the failed attempt's tensors, is gone)."""
+        try:
+            self._run(x, out, step)
+            return True
+        except torch.OutOfMemoryError:
+            return False
 
     def _run(self, x: torch.Tensor, out: torch.Tensor, step) -> None:
         cfg, g, model = self.cfg, self.grid, self.model
@@ -339,7 +344,7 @@ class BlockEngine:
         prefetch = None
         if cache is not None:
             stream = self._stream if cache.device.type == "cpu" and h.device.type == "cuda" else None
-            prefetch = _Prefetch(lambda layer: _neighbours(cache, rect, layer, h.device), cfg.num_layers,
+            prefetch = _Prefetch(lambda layer: self._neighbours(cache, rect, layer, h.device), cfg.num_layers,
                                  stream)
         later = rect.blocks_needed_later() if cache is not None else []
         qbuf, kbuf, vbuf = self._buffers(b, gh, gw, t, h.dtype, h.device)
@@ -362,6 +367,7 @@ class BlockEngine:
                 left_k, left_v, top_k, top_v = prefetch.get(i)
                 for r, cc in later:
                     cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
+                self._layer_done(rect, i, cache)
                 if self.scratch is not None and cache.slab.device.type == "cpu" and self.scratch.mapped:
                     self.scratch.trim()  # a mapped cache: keep only this layer's pages resident
             gather_neighbours(k, left_k, top_k, model.re_pos_embed[i], out=kbuf)  # (B,Gh,Gw,4T,H,d)
@@ -371,6 +377,14 @@ class BlockEngine:
                 model.layer_out(i, hf[:, :, c], qf[:, :, c], kf[:, :, c], vf[:, :, c], step,
                                 (lr_k[:, :, c], lr_v[:, :, c]), kernel=kernel)
         return model.head(h, step)
+
+    def _neighbours(self, cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
+        """Layer `layer`'s cached left and top neighbours of `rect` (`BandEngine` receives its left edge's
+        first)."""
+        return _neighbours(cache, rect, layer, device)
+
+    def _layer_done(self, rect: BlockBatch, layer: int, cache: KVCache) -> None:
+        """Called once layer `layer` of `rect` is in the cache (`BandEngine` sends its right edge on)."""
 
     def _buffers(self, b: int, gh: int, gw: int, t: int, dtype: torch.dtype, device: torch.device):
         """The rectangle's queries and gathered keys/values, (B, Gh, Gw, T | 4T, H, d): views of buffers
