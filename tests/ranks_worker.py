@@ -2,7 +2,7 @@
 faults injected through the engine's hook. Writes rank 0's JSON to the path given; each rank's exit status
 says how it ended.
 
-    ranks_worker.py MODE OUT   MODE: stepdown | budget | kill
+    ranks_worker.py MODE OUT   MODE: stepdown | budget | kill | stop
 """
 
 import json
@@ -79,13 +79,13 @@ def main(mode: str, out_path: str) -> None:
             ref = upscaler(D.World(), opts).upscale_tensor(rgb(), p)
             result["every_rank"] = every
             result["max_abs"] = float((got - ref).abs().max())
-    elif mode == "kill":
+    elif mode in ("kill", "stop"):  # rank 1 dies (SIGKILL) or hangs (SIGSTOP) at its 4th rectangle
         count = {"n": 0}
 
         def fault(nbytes: int) -> None:
             count["n"] += 1
             if world.rank == 1 and count["n"] == 4:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
 
         up = upscaler(world, opts)
         up.upscale_tensor(rgb(), up.plan(SIZE, scale=4), fault=fault)

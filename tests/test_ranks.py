@@ -98,27 +98,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_killed_rank_fails_the_others_within_the_timeout(tmp_path):
-    """Without torchrun (whose agent would stop the others itself): rank 1 SIGKILLs itself mid-call; rank 0
-    must exit non-zero within INFDIT_RANK_TIMEOUT (plus start-up), not wait for ever."""
-    port, limit = _free_port(), 10
-    procs = []
+def _two_ranks(mode: str, tmp_path: Path, limit: float) -> list[subprocess.Popen]:
+    """ranks_worker.py MODE on 2 ranks without torchrun (whose agent would stop the others itself)."""
+    port, procs = _free_port(), []
     for rank in range(2):
         env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "INFDIT_RANK_TIMEOUT": str(limit)}
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "ranks_worker.py"), "kill", str(tmp_path / "r")],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "ranks_worker.py"), mode, str(tmp_path / "r")],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_a_killed_rank_fails_the_others_at_once(tmp_path):
+    """Rank 1 SIGKILLs itself mid-call: rank 0 exits non-zero well within INFDIT_RANK_TIMEOUT (gloo sees the
+    connection close), never waits for ever."""
+    limit = 20
+    procs = _two_ranks("kill", tmp_path, limit)
     try:
         assert procs[1].wait(timeout=60) == -9  # it did die mid-call
         died = time.monotonic()
-        code = procs[0].wait(timeout=limit + 30)
-        assert code != 0
-        assert time.monotonic() - died <= limit + 5
+        assert procs[0].wait(timeout=limit + 30) != 0
+        assert time.monotonic() - died <= limit
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _stop(procs)
+
+
+def test_a_hung_rank_fails_the_others_after_the_timeout(tmp_path):
+    """Rank 1 stops (SIGSTOP) mid-call, its sockets open: rank 0 exits non-zero once INFDIT_RANK_TIMEOUT
+    has passed, and not before."""
+    limit = 5
+    procs = _two_ranks("stop", tmp_path, limit)
+    try:
+        stat = Path(f"/proc/{procs[1].pid}/stat")
+        end = time.monotonic() + 60
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.monotonic() < end and procs[0].poll() is None
+            time.sleep(0.02)
+        stopped = time.monotonic()
+        assert procs[0].wait(timeout=limit + 30) != 0
+        assert limit - 1 <= time.monotonic() - stopped <= limit + 5
+    finally:
+        _stop(procs)
 
 
 # --- exit codes through the launcher -----------------------------------------------------------------------

@@ -34,7 +34,8 @@ def _message(exc: BaseException) -> tuple[str, int]:
         return "out of host memory; try a smaller --mem-budget or --block-batch", ExitCode.ERROR
     if type(exc).__name__ == "OutOfMemoryError":  # torch's, escaping the planner's retries
         return "out of device memory even at block batch 1; try --device cpu", ExitCode.OUT_OF_MEMORY
-    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError", "DistError"):
+    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError", "DistError") or (
+            type(exc) is RuntimeError and "gloo/transport" in str(exc)):  # gloo: a peer gone or timed out
         return ("lost contact with another rank (it failed, was killed, or did not answer within "
                 "INFDIT_RANK_TIMEOUT); its own error, if any, is on its stderr"), ExitCode.ERROR
     if isinstance(exc, OSError) and exc.errno == 28:
