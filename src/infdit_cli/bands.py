@@ -47,10 +47,12 @@ class BandEngine(BlockEngine):
     placement (`distributed.agree_plan`; n is agreed again here, `all_reduce(MIN)`).
 
     Out of memory is collective: a rank that runs out keeps every message of the call it owes (it sends
-    its right edge's remaining layers from any slot of its cache, flagged as failed, and receives what its
-    left neighbour sends) without computing, so no send or receive is left unpaired; one `all_reduce`
-    after the last rectangle tells every rank whether any failed, and then all step down to the same
-    leaner placement and redo the call from the same x. At the leanest, every rank raises the same
+    its right edge's remaining layers from any slot of its cache and receives what its left neighbour
+    sends) without computing, so no send or receive is left unpaired; one `all_reduce` after the last
+    rectangle tells every rank whether any failed, and then all step down to the same leaner placement
+    and redo the call from the same x. (The ranks to its right compute the rest of the call on what it
+    sent, in vain: a failure flag per row would spare that, but one more message per row made every call
+    of benchmarks/ranks.py about 7 % slower on the 2-core test machine, where messages cost latency.) At the leanest, every rank raises the same
     `OutOfMemory` (marked `collective`: rank 0 alone reports it).
     """
 
@@ -59,7 +61,7 @@ class BandEngine(BlockEngine):
         self.world = world
         self.bands = column_bands(self.grid.gw, world.size)
         self.band = self.bands[world.rank]
-        self._sends: list[tuple] = []  # (work, tensor, rectangle index) of isends not yet waited for
+        self._sends: list[tuple] = []  # (work, tensor, rectangle row) of isends not yet waited for
         self._rx = self._tx = 0  # layers of the current rectangle received from the left / sent to the right
         self._spare: torch.Tensor | None = None  # what a failed rank sends and receives into
 
@@ -119,7 +121,7 @@ class BandEngine(BlockEngine):
             self._sends = []
             for idx, rect in enumerate(rects):
                 self._rx = self._tx = 0
-                self._idx = idx
+                self._idx = rect.r0 // n  # the rectangle row: what the sends are kept by
                 if not failed:
                     try:
                         if self.fault is not None:
@@ -130,9 +132,10 @@ class BandEngine(BlockEngine):
                         failed = True
                 if failed:
                     self._pass_on(rect, cache, x.shape[0])
-                failed = self._row_flag(rect, failed) or failed
                 if not failed:
-                    self._wait_sends(before=idx)  # the copies of rows before this one can go
+                    # the copies sent two rows back can go: the next rank, a row behind, has them by now
+                    # (waiting on the last row's would stall this rank on the next one's every jitter)
+                    self._wait_sends(before=self._idx - 1)
                     _evict(cache, rect, done)
                     if self.on_event is not None:
                         self.on_event(BatchDone(index=idx + 1, total=len(rects), n=n, cached_blocks=len(cache)))
@@ -196,22 +199,6 @@ class BandEngine(BlockEngine):
             for _ in range((layers - self._tx) * (rect.r1 - rect.r0)):
                 self._sends.append((dist.isend(spare, dst=rank + 1), spare, self._idx))
         self._rx = self._tx = layers
-
-    def _row_flag(self, rect: BlockBatch, failed: bool) -> bool:
-        """After the rectangle: whether the left band failed (received at the left edge), and ours (with
-        what came from the left) passed on at the right edge. Small CPU tensors: gloo, never a GPU sync."""
-        import torch.distributed as dist
-
-        (lo, hi), rank = self.band, self.world.rank
-        upstream = False
-        if rect.c0 == lo and lo > 0:
-            flag = torch.zeros(1, dtype=torch.int32)
-            dist.recv(flag, src=rank - 1)
-            upstream = bool(flag[0])
-        if rect.c1 == hi and hi < self.grid.gw:
-            flag = torch.tensor([int(failed or upstream)], dtype=torch.int32)
-            self._sends.append((dist.isend(flag, dst=rank + 1), flag, self._idx))
-        return upstream
 
     def _wait_sends(self, before: int | None = None) -> None:
         keep = []
