@@ -100,7 +100,10 @@ def main() -> None:
                    __file__, "--worker", "--config", args.config, "--size", args.size,
                    "--block-batch", str(args.n),
                    "--calls", str(args.calls)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode != 0:
+                sys.exit(f"{ranks} ranks failed ({res.returncode}):\n{res.stderr[-3000:]}")
+            out = res.stdout
             runs[ranks].append(json.loads(out.strip().splitlines()[-1])["median"])
     t1 = statistics.median(runs[counts[0]]) if counts[0] == 1 else None
     print(f"config `{args.config}` ({cfg.num_layers} layers), HR {args.hw[1]}x{args.hw[0]} ({gw}x{gh} blocks), "
