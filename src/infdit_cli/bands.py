@@ -80,8 +80,9 @@ class BandEngine(BlockEngine):
         dist.all_reduce(failed)  # every rank learns which ran out of memory: the same decision everywhere
         if bool(failed.any()):
             if self.on_event is not None:
-                ranks = ", ".join(str(r) for r in failed.nonzero().flatten().tolist())
-                self.on_event(Notice(f"out of device memory on rank {ranks}: every rank steps down"))
+                ranks = failed.nonzero().flatten().tolist()
+                which = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+                self.on_event(Notice(f"out of device memory on {which}: every rank steps down"))
             return False
         self._share(out)
         return True
