@@ -185,3 +185,22 @@ def test_out_of_memory_at_the_leanest_plan_is_3_on_every_rank(tmp_path, tiny_wei
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "out of device memory" in errors[0], res.stderr[-2000:]  # one line, rank 0's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.png"]  # no partial output
+
+
+def test_launcher_sigterm_is_143_with_one_line(tmp_path, tiny_weights):
+    src = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 200, 3), dtype=np.uint8)).save(src)
+    cmd = [sys.executable, "-m", "infdit_cli.launch", "--standalone", "--nproc-per-node=2", "--", "upscale",
+           str(src), "-o", str(tmp_path / "out.png"), "--scale", "4", "--steps", "50", "--device", "cpu",
+           "--weights", str(tiny_weights), "--block-batch", "2", "-q", "--no-checkpoint"]
+    p = subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)  # the ranks are sampling (50 steps take far longer)
+        assert p.poll() is None
+        p.terminate()
+        _, err = p.communicate(timeout=60)
+    finally:
+        _stop([p])
+    assert p.returncode == 143, err[-2000:]
+    assert [line for line in err.splitlines() if line.strip()] == ["error: terminated by SIGTERM"]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["big.png"]  # no partial output
