@@ -129,7 +129,9 @@ def test_no_weights_names_the_one_command(tmp_path):
     res = run_cli("upscale", img, "--res", "64", "--device", "cpu", env=env)
     assert res.returncode == 1
     assert _one_line(res) == "error: no weights for infdit-4x yet: run `infdit download`"
-    assert not (tmp_path / "cache").exists()  # resolving never creates or fetches anything
+    # resolving never creates or fetches anything (the plan's time calibration is the cache's only file)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["calibration.json"]
+    assert not (tmp_path / "hf").exists()
 
 
 def test_clip_tower_from_hub_when_file_has_none(hub, tmp_path, tiny_model, tiny_weights):

@@ -20,7 +20,8 @@ import torch
 
 from .distributed import World
 from .engine import BlockEngine, KVCache, _evict
-from .events import BatchDone
+from .errors import OutOfMemory
+from .events import BatchDone, Notice
 from .planner import batch_device_bytes
 from .schedule import BlockBatch, cache_slots
 
@@ -42,7 +43,17 @@ class BandEngine(BlockEngine):
     """`BlockEngine` over this rank's column band; `engine(x, sigma, out)` = D(x; sigma) on every rank.
 
     Same arguments as `BlockEngine`, plus `world` (the process group must be initialised). Every rank
-    calls it with the same x (the pipeline draws the same noise from the same seed on each).
+    calls it with the same x (the pipeline draws the same noise from the same seed on each) and the same
+    placement (`distributed.agree_plan`; n is agreed again here, `all_reduce(MIN)`).
+
+    Out of memory is collective: a rank that runs out keeps every message of the call it owes (it sends
+    its right edge's remaining layers from any slot of its cache and receives what its left neighbour
+    sends) without computing, so no send or receive is left unpaired; one `all_reduce` after the last
+    rectangle tells every rank whether any failed, and then all step down to the same leaner placement
+    and redo the call from the same x. (The ranks to its right compute the rest of the call on what it
+    sent, in vain: a failure flag per row would spare that, but one more message per row made every call
+    of benchmarks/ranks.py about 7 % slower on the 2-core test machine, where messages cost latency.) At the leanest, every rank raises the same
+    `OutOfMemory` (marked `collective`: rank 0 alone reports it).
     """
 
     def __init__(self, *args, world: World, **kw) -> None:
@@ -50,58 +61,154 @@ class BandEngine(BlockEngine):
         self.world = world
         self.bands = column_bands(self.grid.gw, world.size)
         self.band = self.bands[world.rank]
+        self._sends: list[tuple] = []  # (work, tensor, rectangle row) of isends not yet waited for
+        self._rx = self._tx = 0  # layers of the current rectangle received from the left / sent to the right
+        self._spare: torch.Tensor | None = None  # what a failed rank sends and receives into
 
     def _band_cache(self, batch: int, dtype: torch.dtype, n: int) -> KVCache:
         lo, hi = self.band
         # own entries (a band's row-major bound) plus the received left column (n rows and the corner)
         return self._cache_of(cache_slots(self.grid.gh, hi - lo, n, "row") + n + 1, batch, dtype)
 
-    def _run(self, x: torch.Tensor, out: torch.Tensor, step) -> None:
+    # ---- one try, decided together ----------------------------------------------------------------------
+
+    def _attempt(self, x: torch.Tensor, out: torch.Tensor, step) -> bool:
+        import torch.distributed as dist
+
+        failed = torch.zeros(self.world.size, dtype=torch.int32)
+        failed[self.world.rank] = not self._band_pass(x, out, step)
+        dist.all_reduce(failed)  # every rank learns which ran out of memory: the same decision everywhere
+        if bool(failed.any()):
+            if self.on_event is not None:
+                ranks = failed.nonzero().flatten().tolist()
+                which = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+                self.on_event(Notice(f"out of device memory on {which}: every rank steps down"))
+            return False
+        self._share(out)
+        return True
+
+    def _step_down(self) -> None:
+        try:
+            super()._step_down()
+        except OutOfMemory as e:
+            e.collective = True  # raised on every rank alike
+            raise
+
+    def _band_pass(self, x: torch.Tensor, out: torch.Tensor, step) -> bool:
+        """This rank's band of D(x) into `out`; False when it ran out of device memory (its messages are
+        all sent and received all the same)."""
         import torch.distributed as dist
 
         cfg, g, model = self.cfg, self.grid, self.model
-        (lo, hi), rank = self.band, self.world.rank
+        lo, hi = self.band
         dev, dt = model.device, model.dtype
-        sends = []
-        # Sender and receiver must cut the same rectangle rows: every rank takes the smallest n (the
-        # planner's n may differ where the GPUs' free memory does).
+        # Sender and receiver must cut the same rectangle rows: every rank takes the smallest n.
         agreed = torch.tensor([self.n])
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         n = min(int(agreed), g.gh)
+        failed = False
+        self._spare = None
         if hi > lo:
             rects = [BlockBatch(r0, min(r0 + n, g.gh), c0, min(c0 + n, hi), g.gh, g.gw)
                      for r0 in range(0, g.gh, n) for c0 in range(lo, hi, n)]
-            cache = self._band_cache(x.shape[0], dt, n)
+            cache = None
+            try:
+                cache = self._band_cache(x.shape[0], dt, n)
+                scales = tuple(t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
+            except torch.OutOfMemoryError:
+                failed = True
             done = torch.ones(g.gh, g.gw, dtype=torch.bool)  # other bands: nobody here waits on them
             done[:, lo:hi] = False
-            scales = tuple(t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
+            self._sends = []
             for idx, rect in enumerate(rects):
-                if rect.c0 == lo and lo > 0:
-                    self._receive(rect, cache, rank - 1)
-                if self.fault is not None:
-                    self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host,
-                                              model.device.type))
-                self._rect(x, out, rect, step, cache, scales)
-                if rect.c1 == hi and hi < g.gw:  # the next band's left column: send it now, keep going
-                    kv = torch.stack([cache.slab[cache.index[(r, hi - 1)]] for r in range(rect.r0, rect.r1)])
-                    sends.append((dist.isend(kv, dst=rank + 1), kv))
-                _evict(cache, rect, done)
-                if self.on_event is not None:
-                    self.on_event(BatchDone(index=idx + 1, total=len(rects), n=n, cached_blocks=len(cache)))
-        for work, _ in sends:
-            work.wait()
-        self._share(out)
+                self._rx = self._tx = 0
+                self._idx = rect.r0 // n  # the rectangle row: what the sends are kept by
+                if not failed:
+                    try:
+                        if self.fault is not None:
+                            self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host,
+                                                          model.device.type))
+                        self._rect(x, out, rect, step, cache, scales)
+                    except torch.OutOfMemoryError:
+                        failed = True
+                if failed:
+                    self._pass_on(rect, cache, x.shape[0])
+                if not failed:
+                    # the copies sent two rows back can go: the next rank, a row behind, has them by now
+                    # (waiting on the last row's would stall this rank on the next one's every jitter)
+                    self._wait_sends(before=self._idx - 1)
+                    _evict(cache, rect, done)
+                    if self.on_event is not None:
+                        self.on_event(BatchDone(index=idx + 1, total=len(rects), n=n, cached_blocks=len(cache)))
+        self._wait_sends()
+        self._spare = None
+        return not failed
 
-    def _receive(self, rect: BlockBatch, cache: KVCache, src: int) -> None:
-        """The left band's last column for this rectangle's rows (every layer), into the cache."""
+    # ---- the messages between neighbouring bands --------------------------------------------------------
+
+    def _neighbours(self, cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
+        """At the band's left edge, layer `layer` of the left band's last column first (rank - 1 sends it
+        as soon as that layer is done), straight into this rank's cache."""
         import torch.distributed as dist
 
-        rows = rect.r1 - rect.r0
-        buf = torch.empty((rows, *cache.slab.shape[1:]), dtype=cache.slab.dtype, device=cache.device)
-        dist.recv(buf, src=src)
-        for i, r in enumerate(range(rect.r0, rect.r1)):
-            for layer in range(self.cfg.num_layers):
-                cache.put((r, rect.c0 - 1), layer, buf[i, layer, 0], buf[i, layer, 1])
+        lo = self.band[0]
+        if rect.c0 == lo and lo > 0:
+            for r in range(rect.r0, rect.r1):
+                if (r, lo - 1) not in cache.index:
+                    cache.index[(r, lo - 1)] = cache.free.pop()
+                dist.recv(cache.slab[cache.index[(r, lo - 1)], layer], src=self.world.rank - 1)
+            self._rx += 1
+        return super()._neighbours(cache, rect, layer, device)
+
+    def _layer_done(self, rect: BlockBatch, layer: int, cache: KVCache) -> None:
+        """At the band's right edge, this layer's K/V of the last column to rank + 1 at once: it starts its
+        layer `layer` while this rank computes the next."""
+        import torch.distributed as dist
+
+        hi = self.band[1]
+        if rect.c1 == hi and hi < self.grid.gw:
+            if cache.device.type == "cpu" and self.model.device.type == "cuda":
+                torch.cuda.current_stream(self.model.device).synchronize()  # the host copies have landed
+            # copies: the slots may be evicted and reused before the sends complete; all made before the
+            # first send, so running out of memory here leaves the layer wholly unsent (`_pass_on` sends it)
+            kv = [cache.slab[cache.index[(r, hi - 1)], layer].clone() for r in range(rect.r0, rect.r1)]
+            for t in kv:
+                self._sends.append((dist.isend(t, dst=self.world.rank + 1), t, self._idx))
+            self._tx += 1
+
+    def _spare_entry(self, cache: KVCache | None, batch: int) -> torch.Tensor:
+        """One block-layer entry of the cache's shape and place, for a failed rank's messages."""
+        if cache is not None:
+            return cache.slab[0, 0]
+        if self._spare is None:
+            c = self.cfg
+            where = torch.device("cpu") if self.placement.cache_on_host else self.model.device
+            self._spare = torch.empty((2, batch, c.block_tokens**2, c.num_heads, c.head_dim), dtype=self.model.dtype,
+                                      device=where)
+        return self._spare
+
+    def _pass_on(self, rect: BlockBatch, cache: KVCache | None, batch: int) -> None:
+        """A failed rank's part of the protocol for `rect`: the layers still to receive and to send."""
+        import torch.distributed as dist
+
+        (lo, hi), rank, layers = self.band, self.world.rank, self.cfg.num_layers
+        spare = self._spare_entry(cache, batch)
+        if rect.c0 == lo and lo > 0:
+            for _ in range((layers - self._rx) * (rect.r1 - rect.r0)):
+                dist.recv(spare, src=rank - 1)
+        if rect.c1 == hi and hi < self.grid.gw:
+            for _ in range((layers - self._tx) * (rect.r1 - rect.r0)):
+                self._sends.append((dist.isend(spare, dst=rank + 1), spare, self._idx))
+        self._rx = self._tx = layers
+
+    def _wait_sends(self, before: int | None = None) -> None:
+        keep = []
+        for work, t, idx in self._sends:
+            if before is None or idx < before:
+                work.wait()
+            else:
+                keep.append((work, t, idx))
+        self._sends = keep
 
     def _share(self, out: torch.Tensor) -> None:
         """Every band of D(x) to every rank (one broadcast per band, from its owner)."""

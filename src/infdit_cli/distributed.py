@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["World", "world_from_env", "init", "teardown", "rank_device", "shard", "broadcast", "gather",
-           "Counter"]
+           "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT", "write_exit_code"]
+
+TIMEOUT_DEFAULT = 600.0  # seconds a collective or a receive waits for the other ranks (NCCL's own default)
 
 
 @dataclass(frozen=True)
@@ -57,16 +59,86 @@ def rank_device(name: str, world: World) -> str:
     return name
 
 
+def timeout_seconds(env: dict[str, str] | None = None) -> float:
+    """How long a rank waits for the others in a collective or a receive: `INFDIT_RANK_TIMEOUT` seconds
+    (default `TIMEOUT_DEFAULT`). A rank that died makes the others fail after at most this long (on gloo
+    usually at once: the dead peer's sockets close)."""
+    env = os.environ if env is None else env
+    text = env.get("INFDIT_RANK_TIMEOUT", "")
+    try:
+        value = float(text) if text else TIMEOUT_DEFAULT
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        from .errors import BadRequest
+
+        raise BadRequest(f"INFDIT_RANK_TIMEOUT must be a positive number of seconds, got {text[:20]!r}")
+    return value
+
+
 def init(world: World, device: str = "cpu") -> None:
-    """Join the process group (once). gloo for objects and CPU tensors; NCCL too when on CUDA."""
+    """Join the process group (once). gloo for objects and CPU tensors; NCCL too when on CUDA. Every wait
+    on another rank ends after `timeout_seconds()` with an error, never a hang."""
+    import datetime
+
     import torch.distributed as dist
 
+    global _JOINED
     if not world.distributed or dist.is_initialized():
         return
+    _JOINED = True
+    timeout = datetime.timedelta(seconds=timeout_seconds())
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(torch.device(rank_device(device, world)))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=world.rank, world_size=world.size)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=world.rank, world_size=world.size,
+                            timeout=timeout)
+
+
+_JOINED = False
+
+
+def joined() -> bool:
+    """Whether this process ever joined a process group (before that, every rank has met the same command
+    line and files: what fails then fails alike on all)."""
+    return _JOINED
+
+
+def agree_plan(world: World):
+    """For `Upscaler.agree`: every rank's plan of each pass merged into the leanest (`planner.leanest`),
+    the same on every rank. Ranks plan from their own free device memory; sender and receiver must hold
+    the same n and keep their caches (and state) on the same side, or their messages would not pair."""
+    from dataclasses import replace
+
+    from .planner import leanest
+
+    def agree(up_plan):
+        if not world.distributed:
+            return up_plan
+        import torch.distributed as dist
+
+        every = [None] * world.size
+        dist.all_gather_object(every, [p.memory for p in up_plan.passes])
+        if any(len(plans) != len(up_plan.passes) for plans in every):  # same input and options: never
+            raise RuntimeError("the ranks planned different numbers of passes")
+        passes = [replace(p, memory=leanest([plans[i] for plans in every])) for i, p in enumerate(up_plan.passes)]
+        return replace(up_plan, passes=passes)
+
+    return agree
+
+
+def write_exit_code(code: int, env: dict[str, str] | None = None) -> None:
+    """Under `infdit_cli.launch`: this rank's exit code into `$INFDIT_EXIT_FILE.RANK`, where the launcher
+    reads it after torchrun ends (torchrun itself only says 0 or 1). Nothing otherwise; never raises."""
+    env = os.environ if env is None else env
+    path = env.get("INFDIT_EXIT_FILE")
+    if not path:
+        return
+    try:
+        with open(f"{path}.{env.get('RANK', '0')}", "w") as f:
+            f.write(f"{int(code)}\n")
+    except OSError:
+        pass
 
 
 def teardown() -> None:

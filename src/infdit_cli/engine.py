@@ -285,13 +285,18 @@ class BlockEngine:
             out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         sigma_t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b).cpu()
         step = self.model.prepare_step(sigma_t, self.vector)
-        while True:
-            try:
-                self._run(x, out, step)
-                return out
-            except torch.OutOfMemoryError:
-                pass
+        while not self._attempt(x, out, step):
             self._step_down()
+        return out
+
+    def _attempt(self, x: torch.Tensor, out: torch.Tensor, step) -> bool:
+        """One try at the call: False when it ran out of device memory (the caller then steps down, once
+        this frame, and with it the failed attempt's tensors, is gone)."""
+        try:
+            self._run(x, out, step)
+            return True
+        except torch.OutOfMemoryError:
+            return False
 
     def _run(self, x: torch.Tensor, out: torch.Tensor, step) -> None:
         cfg, g, model = self.cfg, self.grid, self.model
@@ -346,7 +351,7 @@ class BlockEngine:
         prefetch = None
         if cache is not None:
             stream = self._stream if cache.device.type == "cpu" and dev.type == "cuda" else None
-            prefetch = _Prefetch(lambda layer: _neighbours(cache, rect, layer, dev), cfg.num_layers, stream)
+            prefetch = _Prefetch(lambda layer: self._neighbours(cache, rect, layer, dev), cfg.num_layers, stream)
         later = rect.blocks_needed_later() if cache is not None else []
         index, rows, cols = self._indices(gh, gw, cache is not None and rect.c0 > 0,
                                           cache is not None and rect.r0 > 0, dev)
@@ -369,6 +374,7 @@ class BlockEngine:
                 k, v = (z[:, :nb].view(b, gh, gw, *z.shape[2:]) for z in (ktab, vtab))
                 for r, cc in later:
                     cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
+                self._layer_done(rect, i, cache)
                 for tab, left, top in ((ktab, left_k, top_k), (vtab, left_v, top_v)):
                     if left is not None:
                         tab[:, nb : nb + gh].copy_(left)
@@ -387,6 +393,14 @@ class BlockEngine:
                     lr = tuple(z.unsqueeze(1) for z in model.lr_windows(lr_ctx, rows[c], cols[c]))
                 model.layer_out(i, hf[:, :, c], qf[:, :, c], kc, vc, step, lr, kernel=kernel)
         return model.head(h, step)
+
+    def _neighbours(self, cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
+        """Layer `layer`'s cached left and top neighbours of `rect` (`BandEngine` receives its left edge's
+        first)."""
+        return _neighbours(cache, rect, layer, device)
+
+    def _layer_done(self, rect: BlockBatch, layer: int, cache: KVCache) -> None:
+        """Called once layer `layer` of `rect` is in the cache (`BandEngine` sends its right edge on)."""
 
     def _indices(self, gh: int, gw: int, has_left: bool, has_top: bool, device: torch.device):
         """`neighbour_index` and each block's (row, column) for a gh x gw rectangle, on the device; made

@@ -21,7 +21,7 @@ from .config import InfDiTConfig
 from .errors import BadRequest, HostMemoryTooSmall, MemoryBudgetTooSmall
 from .schedule import BlockBatch, cache_slots, choose_order
 
-__all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down",
+__all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down", "leanest",
            "batch_device_bytes", "parse_bytes", "format_bytes", "param_count", "host_available", "device_free",
            "HEUN_IMAGES", "Rates", "NOMINAL_RATES", "nominal_rates", "flops_per_call", "layer_flops",
            "call_seconds", "format_seconds"]
@@ -558,6 +558,23 @@ def step_down(p: Placement, grid_h: int, grid_w: int) -> Placement | None:
     if not p.cache_on_host:
         return replace(p, cache_on_host=True)
     return None
+
+
+def leanest(plans: list[Plan]) -> Plan:
+    """One plan that every rank can run (under torchrun each rank plans from its own free memory): the
+    smallest n, the cache and the state on the host where any rank has them there, the narrowest state
+    dtype, memory-mapped files where any rank needs them; the estimate is that of the plan with the
+    smallest n (ties: the first). The same list gives the same plan on every rank."""
+    base = min(plans, key=lambda p: p.placement.n)
+    placement = Placement(n=base.placement.n, order=base.placement.order,
+                          cache_on_host=any(p.cache_on_host for p in plans),
+                          state_on_host=any(p.state_on_host for p in plans))
+    dtype = min((p.state_dtype for p in plans), key=lambda d: torch.empty(0, dtype=d).element_size())
+    if len({(p.placement, p.state_dtype, p.low_memory) for p in plans}) == 1:
+        return plans[0]
+    return replace(base, placement=placement, whole_image=all(p.whole_image for p in plans), state_dtype=dtype,
+                   low_memory=any(p.low_memory for p in plans),
+                   reason=f"{base.reason}; the leanest of {len(plans)} ranks' plans")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ class Upscaler:
         self._weights_id = weights_id
         self._rates = rates
         self.engine = None  # builds each pass's denoiser; None: BlockEngine (bands.band_engine under torchrun)
+        # makes a plan the job's (distributed.agree_plan under torchrun: the leanest of the ranks'); None: as is
+        self.agree: Callable[[UpscalePlan], UpscalePlan] | None = None
 
     @property
     def weights_id(self) -> str:
@@ -155,8 +157,9 @@ class Upscaler:
         if opts.mem_budget is None and self.device_budget is not None:
             opts = replace(opts, mem_budget=self.device_budget)
         target = target_size(input_size, res=res, scale=scale)
-        return plan_upscale(self.model.config, input_size, target, opts, dtype=self.model.dtype, device=self.device,
-                            rates=self.rates)
+        up_plan = plan_upscale(self.model.config, input_size, target, opts, dtype=self.model.dtype,
+                               device=self.device, rates=self.rates)
+        return self.agree(up_plan) if self.agree is not None else up_plan
 
     def upscale_tensor(self, rgb: torch.Tensor, up_plan: UpscalePlan, *, options: UpscaleOptions | None = None,
                        on_event: Callable[[object], None] | None = None, scratch_dir: str | Path | None = None,

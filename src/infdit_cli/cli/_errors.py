@@ -34,6 +34,10 @@ def _message(exc: BaseException) -> tuple[str, int]:
         return "out of host memory; try a smaller --mem-budget or --block-batch", ExitCode.ERROR
     if type(exc).__name__ == "OutOfMemoryError":  # torch's, escaping the planner's retries
         return "out of device memory even at block batch 1; try --device cpu", ExitCode.OUT_OF_MEMORY
+    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError", "DistError") or (
+            type(exc) is RuntimeError and "gloo/transport" in str(exc)):  # gloo: a peer gone or timed out
+        return ("lost contact with another rank (it failed, was killed, or did not answer within "
+                "INFDIT_RANK_TIMEOUT); its own error, if any, is on its stderr"), ExitCode.ERROR
     if isinstance(exc, OSError) and exc.errno == 28:
         return f"no space left on device: {exc.filename or ''}".rstrip(": "), ExitCode.ERROR
     if isinstance(exc, PermissionError):
@@ -43,12 +47,28 @@ def _message(exc: BaseException) -> tuple[str, int]:
     return f"internal error: {type(exc).__name__}: {exc}", ExitCode.ERROR
 
 
+def _said_by_rank_0(exc: BaseException, code: int) -> bool:
+    """Under torchrun, what every rank meets alike is reported by rank 0 alone: anything before the ranks
+    joined (the same command line and files on every rank), the command line, an out-of-memory all ranks
+    stepped down to together (`collective`), Ctrl-C and SIGTERM (torchrun passes them to every rank).
+    Another rank's own failure is still printed by it."""
+    from ..distributed import joined
+
+    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if rank == "0" or size in ("", "1"):
+        return False
+    return (not joined() or code in (ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.HANGUP, ExitCode.TERMINATED)
+            or getattr(exc, "collective", False))
+
+
 def report(exc: BaseException) -> int:
     """Print `exc` as one line (plus the traceback with INFDIT_DEBUG=1) and return the exit code."""
     from rich.console import Console
     from rich.text import Text
 
     msg, code = _message(exc)
+    if _said_by_rank_0(exc, code):
+        return int(code)
     msg = safe(msg.strip())  # one line, always: a newline in a name (or a library's message) shows as \n
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if os.environ.get("INFDIT_DEBUG"):

@@ -68,7 +68,14 @@ def main() -> None:
             except ValueError:  # not the main thread: signals stay as they are
                 pass
     try:
-        _main()
+        try:
+            _main()
+        except SystemExit as e:  # under infdit_cli.launch: the code where the launcher reads it
+            from ..distributed import write_exit_code
+
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            write_exit_code(code)
+            raise
     finally:  # main() run in-process (tests, embedding) leaves the handlers as it found them
         for sig, old in before.items():
             signal.signal(sig, old)

@@ -193,7 +193,10 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
                                          max_pixels=max_pixels, on_item=on_item, on_start=on_start,
                                          on_event=display, recursive=recursive, glob=glob, overwrite=overwrite,
                                          quality=quality,
-                                         on_idle=lambda: counter.wait(todo, display.images) if world.main else None)
+                                         # every rank waits here, polling the store, not in the gather
+                                         # (whose INFDIT_RANK_TIMEOUT a long share of another rank exceeds)
+                                         on_idle=lambda: counter.wait(todo, display.images if world.main
+                                                                      else lambda v: None))
         finally:
             display.stop()
     finally:

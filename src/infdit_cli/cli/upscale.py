@@ -260,6 +260,7 @@ def upscale(
             from ..bands import band_engine
 
             up.engine = band_engine(world)
+            up.agree = D.agree_plan(world)  # one placement for all ranks, before the first call
         display = make_display(quiet, main=world.main)
         display.start(1, calls_per_pass=2 * steps - 1)
         display.image(input.name)
