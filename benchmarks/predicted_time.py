@@ -2,8 +2,9 @@
 
     python benchmarks/predicted_time.py [--configs tiny,small] [--sizes 256,1024] [--steps 20]
 
-For each config and output side: a random model of that preset, this device's calibrated rates
-(`calibrate.calibration`, measured first if not cached), one 4x pass planned as `infdit upscale` plans it
+For each config and output side: a random model of that preset, this device's rates measured afresh
+(`calibrate.calibration(refresh=True)`, so the rates and the run see the same machine, however loaded),
+one 4x pass planned as `infdit upscale` plans it
 (this machine's memory), then `Upscaler.upscale_tensor` timed on a random image (the model passes only:
 what the prediction covers). Printed as a Markdown table, measured / predicted per row.
 """
@@ -34,10 +35,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name in args.configs.split(","):
         cfg = PRESETS[name]
-        rates = calibration(cfg, torch.device("cpu"), torch.float32)
-        up = Upscaler(random_model(cfg, seed=0), options=UpscaleOptions(steps=args.steps), rates=rates,
-                      weights_id="bench")
+        model = random_model(cfg, seed=0)
         for side in (int(s) for s in args.sizes.split(",")):
+            rates = calibration(cfg, torch.device("cpu"), torch.float32, refresh=True)
+            up = Upscaler(model, options=UpscaleOptions(steps=args.steps), rates=rates, weights_id="bench")
             rgb = torch.rand(1, 3, side // 4, side // 4, generator=torch.Generator().manual_seed(0))
             plan = up.plan((side // 4, side // 4), scale=4)
             t0 = time.perf_counter()

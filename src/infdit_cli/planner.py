@@ -286,6 +286,7 @@ OPS_PER_RECT_LAYER = 4  # the key table's neighbours, the cache's trim and bookk
 OPS_PER_CACHED_BLOCK = 2  # per layer: each cached neighbour fetched and each block kept for later (k, v)
 OPS_PER_LAYER0_CHUNK = 12  # layer 0's LR windows and cross-attention
 STATE_BYTES_PER_PIXEL = 3 * 4 * 8  # per call: x, lr_up in, the output out, the sampler's image arithmetic
+MAPPED_BYTES = 1e9  # bytes/s of memory-mapped state's traffic when its pages go to disk (assumed: an SSD)
 
 
 def layer_flops(cfg: InfDiTConfig, tokens: int) -> float:
@@ -449,9 +450,10 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
         rates: the device's calibrated rates (`calibrate.calibration`); default `nominal_rates`.
 
     Device placements: everything on the device; the K/V cache on the host; cache and image state on the
-    host (on the CPU only the first). Of every (placement, n) that fits, the one with the least predicted
-    time (ties: the larger n, then the earlier placement): usually the largest n, but not an n that leaves
-    ragged edge rectangles with more chunks than the n below it. Then, only if the host is short: the sampler state in bf16 (when
+    host (on the CPU only the first). Of every (placement, n) that fits the device and the host, the one
+    with the least predicted time (ties: the larger n, then the earlier placement): usually the largest n,
+    but not an n that leaves ragged edge rectangles with more chunks than the n below it, and not one that
+    needs memory-mapped state (its disk traffic counted at `MAPPED_BYTES`) where one in RAM is as fast. Then, only if the host is short: the sampler state in bf16 (when
     the model computes in bf16, as the official sampler does), then memory-mapped state.
 
     Raises:
@@ -491,18 +493,37 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
 
     rates = rates if rates is not None else nominal_rates(device.type, dtype)
 
-    def seconds(cand: int, cache_host: bool, state_host: bool) -> float:
-        return call_seconds(cfg, size, cand, rates, batch=batch, dtype=dtype, device_type=device.type,
-                            cache_on_host=cache_host, state_on_host=state_host)
+    storage = [(mm, sd) for mm in mapped for sd in state_dtypes]  # RAM first; in RAM, float32 first
 
-    options = []
+    def seconds(cand: int, cache_host: bool, state_host: bool, mm: bool = False) -> float:
+        """The call's predicted time; memory-mapped state adds its traffic at `MAPPED_BYTES` per second."""
+        t = call_seconds(cfg, size, cand, rates, batch=batch, dtype=dtype, device_type=device.type,
+                         cache_on_host=cache_host, state_on_host=state_host)
+        return t + (batch * STATE_BYTES_PER_PIXEL * gh * gw * cfg.block_size**2 / MAPPED_BYTES if mm else 0.0)
+
+    def host_fit(cand: int, cache_host: bool, state_host: bool) -> bool | None:
+        """Whether the host holds this plan in RAM (False) or only memory-mapped (True); None: neither."""
+        for mm, sd in storage:
+            est = estimate(cfg, size, cand, cache_on_host=cache_host, state_on_host=state_host, state_dtype=sd,
+                           low_memory=mm, **kw)
+            if est.host_peak <= host_budget and est.device_peak <= budget:
+                return mm
+        return None
+
+    options, unhosted = [], []  # (seconds, -n, cache_host, state_host): fitting the host too / the device only
     for cache_host, state_host in placements:
         largest = device_choice(cache_host, state_host)
-        if largest is not None:
-            options += [(seconds(cand, cache_host, state_host), -cand, cache_host, state_host)
-                        for cand in ([largest] if n is not None else range(largest, 0, -1))]
-    # The least time; among equals the larger n, then the earlier placement (min keeps the first).
-    best = min(options, key=lambda o: o[:2]) if options else None
+        if largest is None:
+            continue
+        for cand in ([largest] if n is not None else range(largest, 0, -1)):
+            mm = host_fit(cand, cache_host, state_host)
+            if mm is None:
+                unhosted.append((seconds(cand, cache_host, state_host), -cand, cache_host, state_host))
+            else:
+                options.append((seconds(cand, cache_host, state_host, mm), -cand, cache_host, state_host))
+    # The least time; among equals the larger n, then the earlier placement (min keeps the first). Plans the
+    # host cannot hold only when none can (the host step below then says what it would need).
+    best = min(options or unhosted, key=lambda o: o[:2]) if options or unhosted else None
     if best is not None:
         best = (-best[1], *best[2:])
     if best is None:
@@ -521,7 +542,7 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
     n_dev, cache_host, state_host = best
     # The host: same device choice, then leaner host storage until it fits.
     tried = []
-    for mm, sd in [(mm, sd) for mm in mapped for sd in state_dtypes]:  # RAM first; in RAM, float32 first
+    for mm, sd in storage:
         est = estimate(cfg, size, n_dev, cache_on_host=cache_host, state_on_host=state_host,
                        state_dtype=sd, low_memory=mm, **kw)
         tried.append(est.host_peak)
@@ -533,7 +554,7 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
                 notes.append("sampler state bf16")
             if mm:
                 notes.append("low-memory (memory-mapped state)")
-            per_call = seconds(n_dev, cache_host, state_host)
+            per_call = seconds(n_dev, cache_host, state_host, mm)
             reason = (f"{', '.join(notes)}: predicted {format_bytes(est.device_peak)} on {device.type} "
                       f"(budget {format_bytes(budget)}), {format_bytes(est.host_peak)} on the host "
                       f"({format_bytes(host_budget)} available), {format_seconds(per_call)} per call")
