@@ -165,3 +165,20 @@ def test_schedule_covers_grid_once():
             assert sorted(seen) == [(i, j) for i in range(gh) for j in range(gw)]
     assert choose_order(10, 3) == "row" and choose_order(3, 10) == "col"
     assert cache_bound(3, 10, 2, "col") < cache_bound(3, 10, 2, "row")
+
+
+def test_memory_mapped_state_only_when_nothing_in_ram_is_as_fast():
+    """16384^2 on a 24 GiB card with 32 GiB of host memory: n=28 with the image state on the host needs it
+    memory-mapped (its disk traffic counted at MAPPED_BYTES); n=20 with the state on the device fits in
+    RAM and is chosen. The mapped plan would be the faster without that traffic."""
+    from infdit_cli.planner import MAPPED_BYTES, STATE_BYTES_PER_PIXEL
+
+    size, host = (16384, 16384), 32 << 30
+    p = plan(OFFICIAL, size, budget=24 << 30, rates=PCIE, dtype=torch.bfloat16, device="cuda", host_budget=host)
+    assert not p.low_memory and not p.state_on_host and p.estimate.host_peak <= host
+    kw = dict(dtype=torch.bfloat16, device_type="cuda", cache_on_host=True, state_on_host=True)
+    ram = estimate(OFFICIAL, size, 28, **kw, state_dtype=torch.bfloat16)
+    mapped = estimate(OFFICIAL, size, 28, **kw, low_memory=True)
+    assert ram.host_peak > host >= mapped.host_peak and mapped.total <= 24 << 30
+    mapped_s = _seconds(28, True, PCIE, size, state_on_host=True)
+    assert mapped_s < p.seconds_per_call < mapped_s + STATE_BYTES_PER_PIXEL * size[0] * size[1] / MAPPED_BYTES
