@@ -92,7 +92,7 @@ def batch(
     if dry_run_:
         report = BatchReport(preview_batch(items, res=res, scale=scale, max_pixels=max_pixels))
     else:
-        up = load_upscaler(weights, repo, offline, device, dtype, options) if todo else None
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet) if todo else None
         display = make_display(quiet)
         display.start(todo, calls_per_pass=2 * steps - 1)
         started: set[str] = set()
@@ -174,7 +174,7 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
         items = D.broadcast(plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite),
                             world)
         todo = sum(i.status == "todo" for i in items)
-        up = load_upscaler(weights, repo, offline, device, dtype, options) if todo else None
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet) if todo else None
         display = make_display(quiet, main=world.main)
         counter = D.Counter(world)
         display.start(todo, calls_per_pass=2 * steps - 1)

@@ -32,8 +32,11 @@ EXAMPLES = """Examples:
 """
 
 
-def load_upscaler(weights, repo, offline, device, dtype, options):
+def load_upscaler(weights, repo, offline, device, dtype, options, quiet: bool = False):
     from ..upscaler import Upscaler
+    from ._fetch import ensure_weights
+
+    ensure_weights(weights, repo, offline, quiet)  # first use: fetched once, like `infdit download`
 
     return Upscaler.from_weights(weights, device=device, dtype=dtype, options=options, repo=repo,
                                  offline=offline or None)
@@ -235,7 +238,7 @@ def upscale(
     try:
         if world.main:  # one writer per output, before the weights load: a second run is refused at once
             held.enter_context(output_lock(dst))
-        up = load_upscaler(weights, repo, offline, device, dtype, options)
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet)
         if world.distributed:
             from ..bands import band_engine
 
