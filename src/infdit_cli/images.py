@@ -210,7 +210,9 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     notices: list[str] = []
     im = _open(path, max_pixels, load=False)
     frames = getattr(im, "n_frames", 1)
-    rawmode = im.tile[0][3] if im.tile and isinstance(im.tile[0][3], str) else ""
+    args = im.tile[0][3] if im.tile else ""
+    args = args[0] if isinstance(args, tuple) and args else args  # TIFF: (rawmode, ...)
+    rawmode = args if isinstance(args, str) else ""
     im = _open(path, max_pixels, load=True)  # fresh: n_frames may have moved the frame pointer
     if frames > 1:
         notices.append(f"{name} has {frames} frames; only the first is upscaled")
@@ -221,7 +223,8 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     dpi = read_dpi(im.info, name, notices)
     trns = im.info.get("transparency")
     mode = im.mode
-    if mode in ("RGB", "RGBA") and ";16" in rawmode:
+    deep = mode in ("RGB", "RGBA", "LA") and ";16" in rawmode and fmt in ("PNG", "TIFF")
+    if mode in ("RGB", "RGBA") and ";16" in rawmode and not deep:
         notices.append(f"{name}: 16-bit RGB is read as 8-bit (Pillow holds no 16-bit RGB); the output is 8-bit")
 
     gray, bits, alpha = False, 8, None
@@ -272,12 +275,70 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
         if isinstance(trns, tuple) and len(trns) == 3:  # tRNS colour key: one RGB triple
             key = tuple(v >> 8 if max(trns) > 255 else v for v in trns)  # 16-bit key on 8-bit samples
             alpha = _to_tensor((arr != np.array(key, dtype=arr.dtype)).any(-1).astype(np.float32))
+    if deep:  # 16-bit colour or grey+alpha: the samples at full depth (pypng, tifffile), same orientation
+        arr16 = _orient(_read16(path, fmt), orientation)
+        value = arr16.astype(np.float32) / 65535.0
+        colour = 1 if value.shape[-1] in (1, 2) else 3
+        rgb = _to_tensor(value[..., :colour] if colour == 3 else value[..., 0])
+        if value.shape[-1] in (2, 4):
+            alpha = _to_tensor(value[..., colour])
+        bits = 16
     if alpha is not None and bool((alpha >= 1).all()):
         alpha = None  # fully opaque: no alpha to carry
     if rgb.shape[1] == 1:
         rgb = rgb.expand(-1, 3, -1, -1).contiguous()
     return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=bits, icc=icc, exif=exif, source_format=fmt,
                        dpi=dpi, notices=notices)
+
+
+def _read16(path: Path, fmt: str):
+    """(H, W, C) uint16 samples of a 16-bit PNG (pypng) or TIFF (tifffile, first page), as stored (not
+    oriented). Pillow reads these as 8-bit; these two libraries keep every level."""
+    import numpy as np
+
+    if fmt == "PNG":
+        import png
+
+        w, h, rows, info = png.Reader(filename=str(path)).asDirect()  # tRNS becomes an alpha plane
+        arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, info["planes"])
+        if info["bitdepth"] != 16:
+            raise BadImage(f"{path}: expected 16-bit samples, found {info['bitdepth']}-bit")
+        return arr
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tif:
+        page = tif.pages[0]
+        arr = page.asarray()
+        spp = page.samplesperpixel
+    if arr.ndim == 3 and arr.shape[-1] != spp and arr.shape[0] == spp:
+        arr = np.moveaxis(arr, 0, -1)  # planar
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[-1] < 1:
+        raise BadImage(f"{path}: unsupported 16-bit TIFF layout {arr.dtype} {arr.shape}")
+    return arr[..., : 4 if arr.shape[-1] >= 4 else arr.shape[-1]]
+
+
+def _orient(a, orientation: int):
+    """numpy's version of the EXIF orientation transposes `_TRANSPOSE` names (Pillow's, on an (H, W, C))."""
+    import numpy as np
+
+    op = _TRANSPOSE.get(orientation)
+    if op == "FLIP_LEFT_RIGHT":
+        a = a[:, ::-1]
+    elif op == "FLIP_TOP_BOTTOM":
+        a = a[::-1]
+    elif op == "ROTATE_180":
+        a = a[::-1, ::-1]
+    elif op == "ROTATE_90":  # counter-clockwise
+        a = np.rot90(a, 1)
+    elif op == "ROTATE_270":
+        a = np.rot90(a, -1)
+    elif op == "TRANSPOSE":
+        a = a.swapaxes(0, 1)
+    elif op == "TRANSVERSE":
+        a = a[::-1, ::-1].swapaxes(0, 1)
+    return np.ascontiguousarray(a)
 
 
 def _cmyk_to_rgb(im, icc: bytes | None):
@@ -421,6 +482,8 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
     path = Path(path)
     fmt = check_output(path, overwrite)
     sixteen = bits == 16 and gray and alpha is None and fmt in ("PNG", "TIFF")
+    if bits == 16 and fmt in ("PNG", "TIFF") and not sixteen:  # colour or with alpha: pypng / tifffile
+        return _atomic(path, fmt, overwrite, lambda tmp: _save16(tmp, fmt, rgb, alpha, gray, icc, exif, dpi))
     if gray:
         rgb = rgb.clamp(0, 1)
         lum = rgb[0, 0] * 0.299 + rgb[0, 1] * 0.587 + rgb[0, 2] * 0.114  # ITU-R 601, Pillow's L
@@ -444,12 +507,20 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
         kw["dpi"] = (round(dpi[0], 3), round(dpi[1], 3))
     if fmt in ("JPEG", "WEBP"):
         kw["quality"] = quality
+    def write(tmp: str) -> None:
+        with _quiet(c_stderr=fmt == "TIFF"):
+            im.save(tmp, format=fmt, **kw)
+
+    return _atomic(path, fmt, overwrite, write)
+
+
+def _atomic(path: Path, fmt: str, overwrite: bool, write) -> Path:
+    """`write(tmp)` into a temporary file beside `path`, then rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".part", dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any tool's
-        with _quiet(c_stderr=fmt == "TIFF"):
-            im.save(tmp, format=fmt, **kw)
+        write(tmp)
         if path.exists() and not overwrite:  # appeared while we computed
             raise OutputExists(f"{path} exists; pass --overwrite to replace it")
         os.replace(tmp, path)
@@ -457,6 +528,61 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
+    """16-bit colour (or grey+alpha) to PNG with pypng, to TIFF with tifffile; ICC, EXIF (PNG eXIf; TIFF:
+    the Software tag only) and DPI carried."""
+    import io
+    import zlib
+
+    import numpy as np
+
+    rgb = rgb.clamp(0, 1)
+    if gray:
+        planes = [rgb[0, 0] * 0.299 + rgb[0, 1] * 0.587 + rgb[0, 2] * 0.114]
+    else:
+        planes = [rgb[0, c] for c in range(3)]
+    if alpha is not None:
+        planes.append(alpha[0, 0].clamp(0, 1))
+    arr = (torch.stack(planes, -1) * 65535).round().numpy().astype(np.uint16)
+    h, w, c = arr.shape
+    if fmt == "PNG":
+        import png
+
+        buf = io.BytesIO()
+        png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16).write_array(buf, arr.reshape(-1))
+        data = buf.getvalue()
+        extra = b""
+        if icc:
+            extra += _png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc))
+        if dpi is not None:
+            import struct
+
+            extra += _png_chunk(b"pHYs", struct.pack(">IIB", round(dpi[0] / 0.0254), round(dpi[1] / 0.0254), 1))
+        extra += _png_chunk(b"eXIf", _with_provenance(exif))
+        at = 8 + 25  # after the signature and IHDR (13 bytes of data + 12)
+        with open(tmp, "wb") as f:
+            f.write(data[:at] + extra + data[at:])
+        return
+    import tifffile
+
+    kw: dict = {"photometric": "minisblack" if c in (1, 2) else "rgb", "software": PROVENANCE}
+    if c in (2, 4):
+        kw["extrasamples"] = ("unassalpha",)
+    if icc:
+        kw["iccprofile"] = icc
+    if dpi is not None:
+        kw["resolution"] = (float(dpi[0]), float(dpi[1]))
+        kw["resolutionunit"] = "INCH"
+    tifffile.imwrite(tmp, arr if c > 1 else arr[..., 0], metadata=None, **kw)
 
 
 def _to_uint8(rgb: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:

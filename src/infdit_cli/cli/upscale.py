@@ -184,6 +184,7 @@ def upscale(
     repo: O.Repo = None,
     offline: O.Offline = False,
     quality: O.Quality = 95,
+    depth: O.Depth = None,
     color_fix: O.ColorFixOpt = O.ColorFix.none,
     low_memory: O.LowMemory = None,
     compile_: O.Compile = False,
@@ -210,6 +211,7 @@ def upscale(
     dst = output or default_output(input)
     check_upscale_args(input, dst, res=res, scale=scale, overwrite=overwrite,
                        max_pixels=max_pixels)  # usage and files before weights: the real mistake first
+    O.check_depth(depth, dst)
     if preview is not None:
         check_preview(preview, input, dst)
     info = dry_run(input, weights, repo, offline, device, dtype, res, scale, options, dst=dst,
@@ -251,7 +253,8 @@ def upscale(
                 result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
                                          max_pixels=max_pixels, on_event=display, write=world.main,
                                          checkpoint=checkpoint if world.main else False, resume=resume,
-                                         on_preview=preview_writer(preview) if world.main else None)
+                                         on_preview=preview_writer(preview) if world.main else None,
+                                         depth=depth)
         finally:
             display.stop()
     finally:
