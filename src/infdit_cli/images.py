@@ -279,6 +279,7 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
         arr16 = _orient(_read16(path, fmt), orientation)
         value = arr16.astype(np.float32) / 65535.0
         colour = 1 if value.shape[-1] in (1, 2) else 3
+        gray = colour == 1  # Pillow shows 16-bit grey+alpha as RGBA
         rgb = _to_tensor(value[..., :colour] if colour == 3 else value[..., 0])
         if value.shape[-1] in (2, 4):
             alpha = _to_tensor(value[..., colour])
