@@ -80,7 +80,7 @@ def test_rgba16_tiff_comes_out_16bit_with_metadata(rgba16_tif, tmp_path, w):
         assert tags["InterColorProfile"].value == b"\0" * 128 + b"x"
         assert tags["Software"].value == "infdit"
         assert tags["XResolution"].value == (600, 1) and tags["ResolutionUnit"].value == 2
-        assert tags["ExtraSamples"].value == 2  # unassociated alpha, as the input
+        assert tuple(tags["ExtraSamples"].value) == (2,)  # unassociated alpha, as the input
 
 
 def test_png16_carries_icc_exif_dpi(tmp_path, w):
