@@ -147,3 +147,11 @@ def test_batch_keeps_16bit(rgb16_png, rgba16_tif, tmp_path, w):
     for name in ("scan.png", "export.tif"):
         arr, depth = _read16(out / name)
         assert depth == 16 and min(_levels(arr)) > 256, name
+
+
+def test_batch_depth_8(rgb16_png, tmp_path, w):
+    """--depth 8 in batch writes a 16-bit input as 8-bit."""
+    out = tmp_path / "out"
+    res = run_cli("batch", tmp_path, "-o", out, "--scale", "2", "--depth", "8", *FAST, *w, "--json")
+    assert res.returncode == 0, res.stderr
+    assert _read16(out / "scan.png")[1] == 8
