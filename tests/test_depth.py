@@ -55,7 +55,7 @@ def rgb16_png(tmp_path):
 def rgba16_tif(tmp_path):
     src = tmp_path / "export.tif"
     tifffile.imwrite(src, _ramp(4), photometric="rgb", extrasamples=("unassalpha",), iccprofile=b"\0" * 128 + b"x",
-                     resolution=(300.0, 300.0), resolutionunit="INCH")
+                     resolution=(300.0, 300.0), resolutionunit="INCH", extratags=[(271, "s", 0, "ScanCo", True)])
     return src
 
 
@@ -78,7 +78,7 @@ def test_rgba16_tiff_comes_out_16bit_with_metadata(rgba16_tif, tmp_path, w):
     with tifffile.TiffFile(out) as t:
         tags = t.pages[0].tags
         assert tags["InterColorProfile"].value == b"\0" * 128 + b"x"
-        assert tags["Software"].value == "infdit"
+        assert tags["Software"].value == "infdit" and tags["Make"].value == "ScanCo"
         assert tags["XResolution"].value == (600, 1) and tags["ResolutionUnit"].value == 2
         assert tuple(tags["ExtraSamples"].value) == (2,)  # unassociated alpha, as the input
 

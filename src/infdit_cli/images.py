@@ -1,4 +1,4 @@
-"""Image files in and out with Pillow: orientation, alpha, grayscale, 16-bit, ICC/EXIF/DPI, atomic saving.
+"""Image files in and out with Pillow (16-bit colour PNG/TIFF: pypng, tifffile): orientation, alpha, grayscale, 16-bit, ICC/EXIF/DPI, atomic saving.
 
 The model sees RGB in [-1, 1]. Everything else about a file (alpha, grayscale, bit depth, colour profile,
 EXIF, resolution) is taken apart on the way in and put back on the way out, deliberately (`metadata.py`
@@ -177,7 +177,8 @@ _GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N")
 def load_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read an image file for upscaling: the first frame, upright, with its metadata taken apart.
 
-    Anything dropped or changed on the way (malformed EXIF, extra frames, 16-bit RGB read as 8-bit) is
+    Anything dropped or changed on the way (malformed EXIF, extra frames, 16-bit colour outside PNG/TIFF
+    read as 8-bit) is
     listed in `notices`; nothing is printed.
 
     Raises:
@@ -471,8 +472,8 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
 
     The file appears complete or not at all: it is written to a temporary file in the same directory,
     given the mode the umask allows (as any tool's output), and renamed. An existing file is only replaced
-    with `overwrite`. 16-bit is written for grayscale without alpha to PNG and TIFF (Pillow has no
-    16-bit RGB or grey+alpha); `dpi` goes to PNG, JPEG and TIFF.
+    with `overwrite`. `bits=16` writes PNG and TIFF at 16 bits (grey with Pillow; colour and grey+alpha
+    with pypng / tifffile, `_save16`); JPEG and WebP are 8-bit. `dpi` goes to PNG, JPEG and TIFF.
 
     Raises:
         BadRequest, OutputExists, OutputError: see `check_output`.
@@ -539,8 +540,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
-    """16-bit colour (or grey+alpha) to PNG with pypng, to TIFF with tifffile; ICC, EXIF (PNG eXIf; TIFF:
-    the Software tag only) and DPI carried."""
+    """16-bit colour (or grey+alpha) to PNG with pypng, to TIFF with tifffile; ICC, EXIF (PNG: eXIf; TIFF:
+    the main IFD's text tags and Software, not the Exif sub-IFD) and DPI carried."""
     import io
     import zlib
 
@@ -583,7 +584,17 @@ def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
     if dpi is not None:
         kw["resolution"] = (float(dpi[0]), float(dpi[1]))
         kw["resolutionunit"] = "INCH"
+    if exif:  # the main IFD's text tags (description, make, model, date, artist, copyright)
+        from PIL import Image
+
+        tags = Image.Exif()
+        tags.load(exif)
+        kw["extratags"] = [(t, "s", 0, tags[t], True) for t in _TIFF_TEXT_TAGS
+                           if isinstance(tags.get(t), str) and tags[t].isascii()]
     tifffile.imwrite(tmp, arr if c > 1 else arr[..., 0], metadata=None, **kw)
+
+
+_TIFF_TEXT_TAGS = (270, 271, 272, 306, 315, 33432)
 
 
 def _to_uint8(rgb: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
