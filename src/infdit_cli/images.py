@@ -1,4 +1,5 @@
-"""Image files in and out with Pillow (16-bit colour PNG/TIFF: pypng, tifffile): orientation, alpha, grayscale, 16-bit, ICC/EXIF/DPI, atomic saving.
+"""Image files in and out: orientation, alpha, grayscale, 16-bit, ICC/EXIF/DPI, atomic saving (Pillow;
+16-bit colour PNG and TIFF: pypng and tifffile).
 
 The model sees RGB in [-1, 1]. Everything else about a file (alpha, grayscale, bit depth, colour profile,
 EXIF, resolution) is taken apart on the way in and put back on the way out, deliberately (`metadata.py`
