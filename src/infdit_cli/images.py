@@ -548,15 +548,16 @@ def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
 
     import numpy as np
 
-    rgb = rgb.clamp(0, 1)
-    if gray:
-        planes = [rgb[0, 0] * 0.299 + rgb[0, 1] * 0.587 + rgb[0, 2] * 0.114]
-    else:
-        planes = [rgb[0, c] for c in range(3)]
-    if alpha is not None:
-        planes.append(alpha[0, 0].clamp(0, 1))
-    arr = (torch.stack(planes, -1) * 65535).round().numpy().astype(np.uint16)
-    h, w, c = arr.shape
+    h, w = rgb.shape[-2:]
+    c = (1 if gray else 3) + (alpha is not None)
+    arr = np.empty((h, w, c), np.uint16)
+    step = max(1, 2**22 // (c * w))  # a few rows at a time: no float copy of the whole image
+    for r in range(0, h, step):
+        part = rgb[0, :, r : r + step].clamp(0, 1)
+        planes = [part[0] * 0.299 + part[1] * 0.587 + part[2] * 0.114] if gray else list(part)
+        if alpha is not None:
+            planes.append(alpha[0, 0, r : r + step].clamp(0, 1))
+        arr[r : r + step] = (torch.stack(planes, -1) * 65535).round().numpy().astype(np.uint16)
     if fmt == "PNG":
         import png
 
