@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import CKPT, RELEASE, run_cli
+from infdit_cli.planner import format_bytes
 
 DIGEST = hashlib.sha256(CKPT).hexdigest()
 
@@ -77,25 +78,70 @@ def test_resumes_verifies_converts_caches_then_works_offline(release, official_f
     assert outs[0].shape == (64, 96, 3) and np.array_equal(outs[0], outs[1])
 
 
-def test_default_model_is_one_command(release):
-    """`infdit download` then `infdit upscale` with no --weights: the README's flow, with the release
-    URL of the default model pointed at the local server (a manifest in INFDIT_REGISTRY overrides)."""
-    fake, url, env, tmp_path = release
+def _default_model_env(tmp_path, url, env) -> dict:
+    """The default model's release URL pointed at the local server (a manifest in INFDIT_REGISTRY
+    overrides the packaged one)."""
     reg = tmp_path / "registry"
     reg.mkdir()
     (reg / "infdit-4x.json").write_text(json.dumps({
         "name": "infdit-4x", "repo_id": None, "filename": "infdit-4x.safetensors", "revision": None,
         "sha256": None, "size": None, "license": "test", "source": "test", "conversion": "test",
-        "release_url": url, "release_sha256": DIGEST, "clip_head_width": 32}))
-    env = {**env, "INFDIT_REGISTRY": str(reg)}
+        "release_url": url, "release_sha256": DIGEST, "release_size": len(CKPT), "clip_head_width": 32}))
+    return {**env, "INFDIT_REGISTRY": str(reg)}
+
+
+UPSCALE = ("--scale", "2", "--steps", "2", "--device", "cpu")
+
+
+def test_default_model_is_one_command(release):
+    """On a fresh cache `infdit upscale` with no --weights downloads, verifies, converts and upscales in one
+    command (one line first); the second run makes no request; --dry-run never downloads."""
+    fake, url, env, tmp_path = release
+    env = _default_model_env(tmp_path, url, env)
     src = _image(tmp_path)
-    before = run_cli("upscale", src, "--scale", "2", "--steps", "2", "--device", "cpu", env=env)
-    assert before.returncode == 1 and _one_line(before).endswith("run `infdit download`")
-    assert run_cli("download", "--quiet", env=env).returncode == 0
-    fake.stop()
-    res = run_cli("upscale", src, "-o", tmp_path / "out.png", "--scale", "2", "--steps", "2", "--device", "cpu",
-                  env=env)
+    dry = run_cli("upscale", src, *UPSCALE, "--dry-run", "--json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert fake.log == [] and _cache_files(tmp_path) == []  # --dry-run never downloads
+    res = run_cli("upscale", src, "-o", tmp_path / "out.png", *UPSCALE, env=env)
     assert res.returncode == 0, res.stderr
+    assert _gets(fake) == [None]
+    first = res.stderr.strip().splitlines()[0]
+    assert first == (f"downloading infdit-4x ({format_bytes(len(CKPT))}) once into {tmp_path / 'cache'}; "
+                     "later runs use it offline"), res.stderr
+    assert Image.open(tmp_path / "out.png").size == (96, 64)
+    assert [f for f in _cache_files(tmp_path) if f.endswith((".pt", ".part"))] == []
+    n = len(fake.log)
+    again = run_cli("upscale", src, "-o", tmp_path / "again.png", *UPSCALE, env=env)
+    assert again.returncode == 0, again.stderr
+    assert len(fake.log) == n and "downloading" not in again.stderr  # from the cache, no request
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "out.png")))
+
+
+@pytest.mark.parametrize("how", ["--offline", "HF_HUB_OFFLINE", "INFDIT_OFFLINE"])
+def test_first_use_offline_keeps_the_one_line_error(release, how):
+    fake, url, env, tmp_path = release
+    env = _default_model_env(tmp_path, url, env)
+    args = ("--offline",) if how == "--offline" else ()
+    if how != "--offline":
+        env[how] = "1"
+    res = run_cli("upscale", _image(tmp_path), *UPSCALE, *args, env=env)
+    assert res.returncode == 1 and _one_line(res).endswith("run `infdit download`")
+    assert fake.log == []
+
+
+def test_interrupted_first_download_resumes_on_the_next_upscale(release):
+    fake, url, env, tmp_path = release
+    env = _default_model_env(tmp_path, url, env)
+    src = _image(tmp_path)
+    fake.cut_every_get_at = 100_000
+    res = run_cli("upscale", src, "-o", tmp_path / "out.png", *UPSCALE, env=env)
+    assert res.returncode == 1 and "run the command again to resume" in res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.stderr and not (tmp_path / "out.png").exists()
+    assert [f for f in _cache_files(tmp_path) if f.endswith(".part")]  # the resumable part is kept
+    fake.cut_every_get_at = None
+    res = run_cli("upscale", src, "-o", tmp_path / "out.png", *UPSCALE, env=env)
+    assert res.returncode == 0, res.stderr
+    assert _gets(fake)[-1] == "bytes=400000-"
     assert Image.open(tmp_path / "out.png").size == (96, 64)
 
 

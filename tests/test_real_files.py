@@ -160,12 +160,13 @@ CASES = [
     Case("trns-rgb.png", _keyed_save("RGB"), mode="RGBA", alpha="left"),
     Case("trns-gray.png", _keyed_save("L"), mode="LA", alpha="left"),
     Case("trns-1bit.png", _keyed_save("1"), mode="LA", alpha="left"),
-    Case("trns-gray16.png", _keyed_save("I;16"), mode="LA", alpha="left"),  # Pillow has no 16-bit grey+alpha
+    Case("trns-gray16.png", _keyed_save("I;16"), mode="RGBA", alpha="left"),  # 16-bit grey+alpha (pypng), which
+    # Pillow shows as RGBA
     Case("trns-palette.png", _palette(True), mode="RGBA", alpha="left"),
     Case("palette.png", _palette(False)),
     Case("la.png", _save(lambda: Image.fromarray(NOISE[..., 0], "L").convert("LA")), mode="L"),  # opaque
     Case("gray16.png", _save(lambda: Image.fromarray(NOISE[..., 0].astype(np.uint16) * 257)), mode="I;16"),
-    Case("rgb16.png", lambda p: png_rgb16(p, NOISE.astype(np.uint16) * 257), notice="16-bit RGB is read as 8-bit"),
+    Case("rgb16.png", lambda p: png_rgb16(p, NOISE.astype(np.uint16) * 257)),  # full depth, written 16-bit
     Case("still.gif", _save(lambda: Image.fromarray(NOISE).quantize(64))),
     Case("anim.gif", lambda p: frames(3)[0].save(p, save_all=True, append_images=frames(3)[1:], duration=50),
          notice="3 frames"),

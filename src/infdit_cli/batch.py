@@ -146,12 +146,12 @@ def run_batch(upscaler, root: Path, out_root: Path, *, res: str | None, scale: f
               on_item: Callable[[BatchItem], None] | None = None,
               on_start: Callable[[Path], None] | None = None,
               items: list[BatchItem] | None = None, checkpoint: bool | None = None,
-              resume: bool = True) -> BatchReport:
+              resume: bool = True, depth: int | None = None) -> BatchReport:
     """Upscale every image under `root` into the mirrored tree `out_root`; failures are recorded, not raised.
 
     `items` is a `plan_batch` result to run (planned here when None). Only KeyboardInterrupt and
     SystemExit stop the batch; the file being written then leaves no output behind, only its run folder
-    when checkpoints are on (`checkpoint`, `resume`: as `Upscaler.upscale_file`), so a re-run skips the
+    when checkpoints are on (`checkpoint`, `resume`, `depth`: as `Upscaler.upscale_file`), so a re-run skips the
     finished files and continues that one from its last step.
     """
     if items is None:
@@ -161,7 +161,7 @@ def run_batch(upscaler, root: Path, out_root: Path, *, res: str | None, scale: f
         if item.status == "todo":
             _run_one(upscaler, item, res=res, scale=scale, quality=quality, overwrite=overwrite,
                      max_pixels=max_pixels, on_event=on_event, on_start=on_start, checkpoint=checkpoint,
-                     resume=resume)
+                     resume=resume, depth=depth)
         report.items.append(item)
         if on_item is not None:
             on_item(item)
@@ -169,7 +169,7 @@ def run_batch(upscaler, root: Path, out_root: Path, *, res: str | None, scale: f
 
 
 def _run_one(upscaler, item: BatchItem, *, res, scale, quality, overwrite, max_pixels, on_event,
-             on_start, checkpoint=None, resume=True) -> None:
+             on_start, checkpoint=None, resume=True, depth=None) -> None:
     src, dst = Path(item.input), Path(item.output)
 
     def emit(event: object) -> None:
@@ -183,7 +183,8 @@ def _run_one(upscaler, item: BatchItem, *, res, scale, quality, overwrite, max_p
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         result = upscaler.upscale_file(src, dst, res=res, scale=scale, quality=quality, overwrite=overwrite,
-                                       max_pixels=max_pixels, on_event=emit, checkpoint=checkpoint, resume=resume)
+                                       max_pixels=max_pixels, on_event=emit, checkpoint=checkpoint, resume=resume,
+                                       depth=depth)
         item.status, item.seconds = "done", result.seconds
     except Exception as e:  # noqa: BLE001 - one bad file never stops the rest, whatever it raises
         item.status, item.reason = "failed", _error_text(e)

@@ -1,4 +1,5 @@
-"""Image files in and out with Pillow: orientation, alpha, grayscale, 16-bit, ICC/EXIF/DPI, atomic saving.
+"""Image files in and out: orientation, alpha, grayscale, 16-bit, ICC/EXIF/DPI, atomic saving (Pillow;
+16-bit colour PNG and TIFF: pypng and tifffile).
 
 The model sees RGB in [-1, 1]. Everything else about a file (alpha, grayscale, bit depth, colour profile,
 EXIF, resolution) is taken apart on the way in and put back on the way out, deliberately (`metadata.py`
@@ -177,7 +178,8 @@ _GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N")
 def load_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read an image file for upscaling: the first frame, upright, with its metadata taken apart.
 
-    Anything dropped or changed on the way (malformed EXIF, extra frames, 16-bit RGB read as 8-bit) is
+    Anything dropped or changed on the way (malformed EXIF, extra frames, 16-bit colour outside PNG/TIFF
+    read as 8-bit) is
     listed in `notices`; nothing is printed.
 
     Raises:
@@ -210,7 +212,9 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     notices: list[str] = []
     im = _open(path, max_pixels, load=False)
     frames = getattr(im, "n_frames", 1)
-    rawmode = im.tile[0][3] if im.tile and isinstance(im.tile[0][3], str) else ""
+    args = im.tile[0][3] if im.tile else ""
+    args = args[0] if isinstance(args, tuple) and args else args  # TIFF: (rawmode, ...)
+    rawmode = args if isinstance(args, str) else ""
     im = _open(path, max_pixels, load=True)  # fresh: n_frames may have moved the frame pointer
     if frames > 1:
         notices.append(f"{name} has {frames} frames; only the first is upscaled")
@@ -221,7 +225,8 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     dpi = read_dpi(im.info, name, notices)
     trns = im.info.get("transparency")
     mode = im.mode
-    if mode in ("RGB", "RGBA") and ";16" in rawmode:
+    deep = mode in ("RGB", "RGBA", "LA") and ";16" in rawmode and fmt in ("PNG", "TIFF")
+    if mode in ("RGB", "RGBA") and ";16" in rawmode and not deep:
         notices.append(f"{name}: 16-bit RGB is read as 8-bit (Pillow holds no 16-bit RGB); the output is 8-bit")
 
     gray, bits, alpha = False, 8, None
@@ -272,12 +277,71 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
         if isinstance(trns, tuple) and len(trns) == 3:  # tRNS colour key: one RGB triple
             key = tuple(v >> 8 if max(trns) > 255 else v for v in trns)  # 16-bit key on 8-bit samples
             alpha = _to_tensor((arr != np.array(key, dtype=arr.dtype)).any(-1).astype(np.float32))
+    if deep:  # 16-bit colour or grey+alpha: the samples at full depth (pypng, tifffile), same orientation
+        arr16 = _orient(_read16(path, fmt), orientation)
+        value = arr16.astype(np.float32) / 65535.0
+        colour = 1 if value.shape[-1] in (1, 2) else 3
+        gray = colour == 1  # Pillow shows 16-bit grey+alpha as RGBA
+        rgb = _to_tensor(value[..., :colour] if colour == 3 else value[..., 0])
+        if value.shape[-1] in (2, 4):
+            alpha = _to_tensor(value[..., colour])
+        bits = 16
     if alpha is not None and bool((alpha >= 1).all()):
         alpha = None  # fully opaque: no alpha to carry
     if rgb.shape[1] == 1:
         rgb = rgb.expand(-1, 3, -1, -1).contiguous()
     return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=bits, icc=icc, exif=exif, source_format=fmt,
                        dpi=dpi, notices=notices)
+
+
+def _read16(path: Path, fmt: str):
+    """(H, W, C) uint16 samples of a 16-bit PNG (pypng) or TIFF (tifffile, first page), as stored (not
+    oriented). Pillow reads these as 8-bit; these two libraries keep every level."""
+    import numpy as np
+
+    if fmt == "PNG":
+        import png
+
+        w, h, rows, info = png.Reader(filename=str(path)).asDirect()  # tRNS becomes an alpha plane
+        arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, info["planes"])
+        if info["bitdepth"] != 16:
+            raise BadImage(f"{path}: expected 16-bit samples, found {info['bitdepth']}-bit")
+        return arr
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tif:
+        page = tif.pages[0]
+        arr = page.asarray()
+        spp = page.samplesperpixel
+    if arr.ndim == 3 and arr.shape[-1] != spp and arr.shape[0] == spp:
+        arr = np.moveaxis(arr, 0, -1)  # planar
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[-1] < 1:
+        raise BadImage(f"{path}: unsupported 16-bit TIFF layout {arr.dtype} {arr.shape}")
+    return arr[..., : 4 if arr.shape[-1] >= 4 else arr.shape[-1]]
+
+
+def _orient(a, orientation: int):
+    """numpy's version of the EXIF orientation transposes `_TRANSPOSE` names (Pillow's, on an (H, W, C))."""
+    import numpy as np
+
+    op = _TRANSPOSE.get(orientation)
+    if op == "FLIP_LEFT_RIGHT":
+        a = a[:, ::-1]
+    elif op == "FLIP_TOP_BOTTOM":
+        a = a[::-1]
+    elif op == "ROTATE_180":
+        a = a[::-1, ::-1]
+    elif op == "ROTATE_90":  # counter-clockwise
+        a = np.rot90(a, 1)
+    elif op == "ROTATE_270":
+        a = np.rot90(a, -1)
+    elif op == "TRANSPOSE":
+        a = a.swapaxes(0, 1)
+    elif op == "TRANSVERSE":
+        a = a[::-1, ::-1].swapaxes(0, 1)
+    return np.ascontiguousarray(a)
 
 
 def _cmyk_to_rgb(im, icc: bytes | None):
@@ -409,8 +473,8 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
 
     The file appears complete or not at all: it is written to a temporary file in the same directory,
     given the mode the umask allows (as any tool's output), and renamed. An existing file is only replaced
-    with `overwrite`. 16-bit is written for grayscale without alpha to PNG and TIFF (Pillow has no
-    16-bit RGB or grey+alpha); `dpi` goes to PNG, JPEG and TIFF.
+    with `overwrite`. `bits=16` writes PNG and TIFF at 16 bits (grey with Pillow; colour and grey+alpha
+    with pypng / tifffile, `_save16`); JPEG and WebP are 8-bit. `dpi` goes to PNG, JPEG and TIFF.
 
     Raises:
         BadRequest, OutputExists, OutputError: see `check_output`.
@@ -421,6 +485,8 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
     path = Path(path)
     fmt = check_output(path, overwrite)
     sixteen = bits == 16 and gray and alpha is None and fmt in ("PNG", "TIFF")
+    if bits == 16 and fmt in ("PNG", "TIFF") and not sixteen:  # colour or with alpha: pypng / tifffile
+        return _atomic(path, fmt, overwrite, lambda tmp: _save16(tmp, fmt, rgb, alpha, gray, icc, exif, dpi))
     if gray:
         rgb = rgb.clamp(0, 1)
         lum = rgb[0, 0] * 0.299 + rgb[0, 1] * 0.587 + rgb[0, 2] * 0.114  # ITU-R 601, Pillow's L
@@ -444,12 +510,20 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
         kw["dpi"] = (round(dpi[0], 3), round(dpi[1], 3))
     if fmt in ("JPEG", "WEBP"):
         kw["quality"] = quality
+    def write(tmp: str) -> None:
+        with _quiet(c_stderr=fmt == "TIFF"):
+            im.save(tmp, format=fmt, **kw)
+
+    return _atomic(path, fmt, overwrite, write)
+
+
+def _atomic(path: Path, fmt: str, overwrite: bool, write) -> Path:
+    """`write(tmp)` into a temporary file beside `path`, then rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".part", dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any tool's
-        with _quiet(c_stderr=fmt == "TIFF"):
-            im.save(tmp, format=fmt, **kw)
+        write(tmp)
         if path.exists() and not overwrite:  # appeared while we computed
             raise OutputExists(f"{path} exists; pass --overwrite to replace it")
         os.replace(tmp, path)
@@ -457,6 +531,72 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
+    """16-bit colour (or grey+alpha) to PNG with pypng, to TIFF with tifffile; ICC, EXIF (PNG: eXIf; TIFF:
+    the main IFD's text tags and Software, not the Exif sub-IFD) and DPI carried."""
+    import io
+    import zlib
+
+    import numpy as np
+
+    h, w = rgb.shape[-2:]
+    c = (1 if gray else 3) + (alpha is not None)
+    arr = np.empty((h, w, c), np.uint16)
+    step = max(1, 2**22 // (c * w))  # a few rows at a time: no float copy of the whole image
+    for r in range(0, h, step):
+        part = rgb[0, :, r : r + step].clamp(0, 1)
+        planes = [part[0] * 0.299 + part[1] * 0.587 + part[2] * 0.114] if gray else list(part)
+        if alpha is not None:
+            planes.append(alpha[0, 0, r : r + step].clamp(0, 1))
+        arr[r : r + step] = (torch.stack(planes, -1) * 65535).round().numpy().astype(np.uint16)
+    if fmt == "PNG":
+        import png
+
+        buf = io.BytesIO()
+        png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16).write_array(buf, arr.reshape(-1))
+        data = buf.getvalue()
+        extra = b""
+        if icc:
+            extra += _png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc))
+        if dpi is not None:
+            import struct
+
+            extra += _png_chunk(b"pHYs", struct.pack(">IIB", round(dpi[0] / 0.0254), round(dpi[1] / 0.0254), 1))
+        extra += _png_chunk(b"eXIf", _with_provenance(exif))
+        at = 8 + 25  # after the signature and IHDR (13 bytes of data + 12)
+        with open(tmp, "wb") as f:
+            f.write(data[:at] + extra + data[at:])
+        return
+    import tifffile
+
+    kw: dict = {"photometric": "minisblack" if c in (1, 2) else "rgb", "software": PROVENANCE}
+    if c in (2, 4):
+        kw["extrasamples"] = ("unassalpha",)
+    if icc:
+        kw["iccprofile"] = icc
+    if dpi is not None:
+        kw["resolution"] = (float(dpi[0]), float(dpi[1]))
+        kw["resolutionunit"] = "INCH"
+    if exif:  # the main IFD's text tags (description, make, model, date, artist, copyright)
+        from PIL import Image
+
+        tags = Image.Exif()
+        tags.load(exif)
+        kw["extratags"] = [(t, "s", 0, tags[t], True) for t in _TIFF_TEXT_TAGS
+                           if isinstance(tags.get(t), str) and tags[t].isascii()]
+    tifffile.imwrite(tmp, arr if c > 1 else arr[..., 0], metadata=None, **kw)
+
+
+_TIFF_TEXT_TAGS = (270, 271, 272, 306, 315, 33432)
 
 
 def _to_uint8(rgb: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:

@@ -180,7 +180,8 @@ class Upscaler:
                      overwrite: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                      on_event: Callable[[object], None] | None = None, checkpoint: bool | None = None,
                      checkpoint_dir: str | Path | None = None, resume: bool = True,
-                     on_preview: Callable[[torch.Tensor], None] | None = None, write: bool = True) -> UpscaleResult:
+                     on_preview: Callable[[torch.Tensor], None] | None = None, write: bool = True,
+                     depth: int | None = None) -> UpscaleResult:
         """Read `src`, upscale, write `dst` (default `<stem>_infdit<suffix>`) atomically.
 
         `write=False`: compute only (the ranks other than 0 of one image under torchrun).
@@ -195,6 +196,8 @@ class Upscaler:
                 is removed with a `CheckpointDiscarded` event and the job starts over. False: start over.
             on_preview: gets the model's current estimate of the image after every step (see
                 `pipeline.upscale`).
+            depth: bits per sample of a PNG or TIFF output, 8 or 16; None: the input's. JPEG and WebP
+                are always 8-bit.
         """
         opts = options or self.options
         src = Path(src)
@@ -202,10 +205,10 @@ class Upscaler:
         fmt = check_output(dst, overwrite)  # before any work: no compute for an output that cannot be written
         with output_lock(dst) if write else _nothing():  # one writer per output (Busy at once)
             return self._upscale_file(src, dst, fmt, res, scale, opts, quality, overwrite, max_pixels, on_event,
-                                      checkpoint, checkpoint_dir, resume, on_preview, write)
+                                      checkpoint, checkpoint_dir, resume, on_preview, write, depth)
 
     def _upscale_file(self, src, dst, fmt, res, scale, opts, quality, overwrite, max_pixels, on_event, checkpoint,
-                      checkpoint_dir, resume, on_preview, write) -> UpscaleResult:
+                      checkpoint_dir, resume, on_preview, write, depth=None) -> UpscaleResult:
         img = load_image(src, max_pixels=max_pixels)
         notices = list(img.notices)
         if img.alpha is not None and fmt == "JPEG":
@@ -246,7 +249,8 @@ class Upscaler:
         (h, w), (th, tw) = img.size, up_plan.target_size
         dpi = (img.dpi[0] * tw / w, img.dpi[1] * th / h) if img.dpi else None  # same physical size
         if write:
-            save_image(dst, out, alpha=alpha, gray=img.gray, bits=img.bits, icc=img.icc, exif=img.exif,
+            bits = (depth or img.bits) if fmt in ("PNG", "TIFF") else 8
+            save_image(dst, out, alpha=alpha, gray=img.gray, bits=bits, icc=img.icc, exif=img.exif,
                        dpi=dpi, quality=quality, overwrite=overwrite)
         if run is not None and not run.remove(strict=False) and on_event is not None:
             on_event(Notice(f"kept the run folder {folder}: it holds files infdit did not make"))

@@ -67,6 +67,10 @@ Resume = Annotated[bool, typer.Option(
 Preview = Annotated[Optional[Path], typer.Option(
     help="After every step, write the model's current estimate of the image here (at most 2048 px on the "
          "long side), replacing the previous one.", rich_help_panel="Long jobs")]
+Depth = Annotated[Optional[int], typer.Option(
+    "--depth", min=8, max=16, metavar="8|16",
+    help="Bits per sample of a PNG or TIFF output (default: the input's; JPEG and WebP are always 8).",
+    rich_help_panel="Output")]
 Quality = Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.", rich_help_panel="Output")]
 ColorFixOpt = Annotated[ColorFix, typer.Option(
     help="Low-frequency colour transfer from the input, if colours drift.", rich_help_panel="Output")]
@@ -91,3 +95,17 @@ def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int
     return UpscaleOptions(steps=steps, seed=seed, block_batch=block_batch if block_batch else "auto",
                           mem_budget=budget, color_fix=color_fix.value, low_memory=low_memory,
                           compile=compile)
+
+
+def check_depth(depth: int | None, dst: Path | None = None) -> None:
+    """--depth is 8 or 16; 16 only for a PNG or TIFF output (JPEG and WebP hold 8 bits; exit 2)."""
+    if depth is None:
+        return
+    if depth not in (8, 16):
+        raise BadRequest(f"--depth must be 8 or 16, not {depth}")
+    if depth == 16 and dst is not None:
+        from ..images import SUFFIXES
+
+        fmt = SUFFIXES.get(dst.suffix.lower())
+        if fmt in ("JPEG", "WEBP"):
+            raise BadRequest(f"--depth 16: {dst} is {fmt}, which holds 8 bits per sample; write .png or .tif")

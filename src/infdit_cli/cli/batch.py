@@ -49,6 +49,7 @@ def batch(
     repo: O.Repo = None,
     offline: O.Offline = False,
     quality: O.Quality = 95,
+    depth: O.Depth = None,
     color_fix: O.ColorFixOpt = O.ColorFix.none,
     low_memory: O.LowMemory = None,
     compile_: O.Compile = False,
@@ -75,11 +76,12 @@ def batch(
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
     check_compile(compile_, device)
     check_target_args(res, scale)  # usage before the folder, the folder before weights
+    O.check_depth(depth)  # 8 or 16; JPEG and WebP outputs stay 8-bit whatever it says
     out_root = output if output is not None else folder.resolve().with_name(folder.resolve().name + "_infdit")
     world = D.world_from_env()  # under torchrun: this rank's place; one process otherwise
     if world.distributed and not dry_run_:
         _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale, steps, weights, repo,
-                     offline, device, dtype, options, quality, max_pixels, quiet, json_)
+                     offline, device, dtype, options, quality, max_pixels, quiet, json_, depth)
         return
     items = plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite)
     if not items:
@@ -92,7 +94,7 @@ def batch(
     if dry_run_:
         report = BatchReport(preview_batch(items, res=res, scale=scale, max_pixels=max_pixels))
     else:
-        up = load_upscaler(weights, repo, offline, device, dtype, options) if todo else None
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet) if todo else None
         display = make_display(quiet)
         display.start(todo, calls_per_pass=2 * steps - 1)
         started: set[str] = set()
@@ -111,7 +113,7 @@ def batch(
             report = run_batch(up, folder, out_root, res=res, scale=scale, recursive=recursive, glob=glob,
                                overwrite=overwrite, quality=quality, max_pixels=max_pixels, on_event=display,
                                on_item=on_item, on_start=on_start, items=items, checkpoint=checkpoint,
-                               resume=resume)
+                               resume=resume, depth=depth)
         except KeyboardInterrupt as e:
             from ..checkpoint import describe, run_folder_for
             from ..errors import Interrupted
@@ -164,7 +166,7 @@ def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bo
 
 
 def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale, steps, weights, repo, offline,
-                 device, dtype, options, quality, max_pixels, quiet, json_) -> None:
+                 device, dtype, options, quality, max_pixels, quiet, json_, depth=None) -> None:
     """`batch` under torchrun: rank 0's plan, files dealt by size, rank 0 displays and reports the whole job."""
     device = D.rank_device(device, world)
     D.init(world, device)
@@ -174,7 +176,7 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
         items = D.broadcast(plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite),
                             world)
         todo = sum(i.status == "todo" for i in items)
-        up = load_upscaler(weights, repo, offline, device, dtype, options) if todo else None
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet) if todo else None
         display = make_display(quiet, main=world.main)
         counter = D.Counter(world)
         display.start(todo, calls_per_pass=2 * steps - 1)
@@ -192,7 +194,7 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
             report = D.run_batch_sharded(up, folder, out_root, items, world, res=res, scale=scale,
                                          max_pixels=max_pixels, on_item=on_item, on_start=on_start,
                                          on_event=display, recursive=recursive, glob=glob, overwrite=overwrite,
-                                         quality=quality,
+                                         quality=quality, depth=depth,
                                          # every rank waits here, polling the store, not in the gather
                                          # (whose INFDIT_RANK_TIMEOUT a long share of another rank exceeds)
                                          on_idle=lambda: counter.wait(todo, display.images if world.main

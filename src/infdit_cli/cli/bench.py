@@ -85,6 +85,9 @@ def bench(
         from ..hub import resolve_weights
         from ..weights import inspect_file
 
+        from ._fetch import ensure_weights
+
+        ensure_weights(weights, None, False, quiet)  # first use: fetched once (not under HF/INFDIT_OFFLINE)
         try:
             weights_path = str(resolve_weights(weights))
         except WeightsNotFound as e:

@@ -32,8 +32,11 @@ EXAMPLES = """Examples:
 """
 
 
-def load_upscaler(weights, repo, offline, device, dtype, options):
+def load_upscaler(weights, repo, offline, device, dtype, options, quiet: bool = False):
     from ..upscaler import Upscaler
+    from ._fetch import ensure_weights
+
+    ensure_weights(weights, repo, offline, quiet)  # first use: fetched once, like `infdit download`
 
     return Upscaler.from_weights(weights, device=device, dtype=dtype, options=options, repo=repo,
                                  offline=offline or None)
@@ -201,6 +204,7 @@ def upscale(
     repo: O.Repo = None,
     offline: O.Offline = False,
     quality: O.Quality = 95,
+    depth: O.Depth = None,
     color_fix: O.ColorFixOpt = O.ColorFix.none,
     low_memory: O.LowMemory = None,
     compile_: O.Compile = False,
@@ -227,6 +231,7 @@ def upscale(
     dst = output or default_output(input)
     check_upscale_args(input, dst, res=res, scale=scale, overwrite=overwrite,
                        max_pixels=max_pixels)  # usage and files before weights: the real mistake first
+    O.check_depth(depth, dst)
     if preview is not None:
         check_preview(preview, input, dst)
     info = dry_run(input, weights, repo, offline, device, dtype, res, scale, options, dst=dst,
@@ -255,7 +260,7 @@ def upscale(
     try:
         if world.main:  # one writer per output, before the weights load: a second run is refused at once
             held.enter_context(output_lock(dst))
-        up = load_upscaler(weights, repo, offline, device, dtype, options)
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet)
         if world.distributed:
             from ..bands import band_engine
 
@@ -269,7 +274,8 @@ def upscale(
                 result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
                                          max_pixels=max_pixels, on_event=display, write=world.main,
                                          checkpoint=checkpoint if world.main else False, resume=resume,
-                                         on_preview=preview_writer(preview) if world.main else None)
+                                         on_preview=preview_writer(preview) if world.main else None,
+                                         depth=depth)
         finally:
             display.stop()
     finally:

@@ -1,0 +1,74 @@
+"""Weights on first use: a registry model not in the cache is fetched once, through `infdit download`'s path.
+
+The CLI calls `ensure_weights` after every check that needs no weights (usage, input, output, plan) and before
+loading: one line says what is fetched, how big it is and where it goes, then the download's progress bar.
+Offline (`--offline`, HF_HUB_OFFLINE=1, INFDIT_OFFLINE=1) keeps the one-line "no weights yet" error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ._text import safe
+
+__all__ = ["ensure_weights", "offline_mode"]
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def offline_mode(flag: bool) -> bool:
+    """--offline, HF_HUB_OFFLINE or INFDIT_OFFLINE."""
+    return bool(flag) or any(os.environ.get(k, "").strip().lower() in _TRUE
+                             for k in ("HF_HUB_OFFLINE", "INFDIT_OFFLINE"))
+
+
+def _size_text(spec) -> str:
+    from ..planner import format_bytes
+
+    size = spec.release_size if spec.release_url and not spec.repo_id else spec.size
+    return f" ({format_bytes(size)})" if isinstance(size, int) and size > 0 else ""
+
+
+def ensure_weights(weights, repo, offline: bool, quiet: bool) -> None:
+    """Download the registry model `weights` (default: $INFDIT_WEIGHTS, else infdit-4x) if it is not cached.
+
+    Does nothing for files, URLs, Hub references or a model already in the cache, and nothing offline (the
+    loader then gives its one-line error). Errors are `infdit download`'s (one line; a `.part` is kept and
+    resumed by the next run).
+    """
+    from ..errors import WeightsNotFound
+    from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, download, registry, resolve_weights
+    from ..cache import cache_root
+
+    name = str(weights if weights is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL)
+    if offline_mode(offline):
+        return
+    try:
+        known = registry()
+    except Exception:  # noqa: BLE001 - a bad manifest is reported by the loader, in its words
+        return
+    if name not in known:
+        return
+    try:
+        resolve_weights(name, repo=repo, offline=True)
+        return
+    except WeightsNotFound:
+        pass
+    except Exception:  # noqa: BLE001 - anything else: the loader says it
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    from .hub_cmds import _DownloadDisplay, _silent_tqdm
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(Text(safe(f"downloading {name}{_size_text(known[name])} once into {cache_root()}; "
+                            "later runs use it offline")))
+    show = not quiet and sys.stderr.isatty()
+    display = _DownloadDisplay() if show else None
+    try:
+        download(name, repo=repo, offline=False, on_event=display, tqdm_class=None if show else _silent_tqdm())
+    finally:
+        if display is not None:
+            display.stop()
