@@ -34,8 +34,8 @@ def test_plan_picks_largest_n_that_fits():
 # The cost model (`planner.call_seconds`): a call's FLOPs at `flops`, each tensor operation the engine issues
 # at `op_seconds`, and what crosses between host and device at `copy_bytes`. A GPU's compute and launch cost
 # (H100-class in bf16) with two kinds of link: PCIe-like copies, and copies as good as free.
-PCIE = Rates(flops=400e12, op_seconds=10e-6, copy_bytes=12e9)
-FREE_COPIES = Rates(flops=400e12, op_seconds=10e-6, copy_bytes=1e15)
+PCIE = Rates(flops=400e12, op_seconds=2e-6, copy_bytes=12e9)
+FREE_COPIES = Rates(flops=400e12, op_seconds=2e-6, copy_bytes=1e15)
 GPU = dict(dtype=torch.bfloat16, device="cuda", host_budget=256 << 30)
 
 

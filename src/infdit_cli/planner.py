@@ -74,8 +74,8 @@ class Rates:
 # Where nothing was measured (`plan(..., rates=None)`, `--dry-run` callers that do not calibrate): the low
 # end of what `calibrate` measured on an idle 2-core Xeon for the CPU (per thread), and for CUDA a bf16
 # H100-class card at ~40 % of its peak (fp32 a quarter), PCIe 4 copies. Assumptions, used for ordering.
-NOMINAL_RATES = {"cpu": Rates(25e9, 20e-6, 4e9), "cuda": Rates(400e12, 10e-6, 12e9),
-                 "cuda-fp32": Rates(100e12, 10e-6, 12e9), "mps": Rates(10e12, 20e-6, 20e9)}
+NOMINAL_RATES = {"cpu": Rates(25e9, 3e-6, 4e9), "cuda": Rates(400e12, 2e-6, 12e9),
+                 "cuda-fp32": Rates(100e12, 2e-6, 12e9), "mps": Rates(10e12, 3e-6, 20e9)}
 
 
 def nominal_rates(device_type: str, dtype: torch.dtype = torch.float32) -> Rates:
@@ -279,7 +279,11 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
 # Time
 # --------------------------------------------------------------------------------------------------------
 
-# Tensor operations the engine issues (counted in engine.py; each costs `Rates.op_seconds` beyond its FLOPs):
+# Tensor operations the engine issues (counted in engine.py; each costs `Rates.op_seconds` beyond its FLOPs,
+# times DISPATCHES_PER_OP: what one of them costs in views, strides and outputs around its kernel, fitted to
+# the torch profiler's count, 1766 aten calls per call of the tiny preset at 256^2 against 160 counted here,
+# and to `benchmarks/predicted_time.py`; docs/benchmarks.md).
+DISPATCHES_PER_OP = 10
 OPS_PER_CHUNK_LAYER = 24  # qkv (norms, projection, RoPE: 11), gather (3), attention and MLP (10)
 OPS_PER_RECT = 40  # slices in and out, embedding, RoPE tables, LR context, head, the step's bookkeeping
 OPS_PER_RECT_LAYER = 4  # the key table's neighbours, the cache's trim and bookkeeping
@@ -347,8 +351,8 @@ def call_seconds(cfg: InfDiTConfig, size: tuple[int, int], n: int, rates: Rates,
         moved += layers * cached * 2 * batch * t * cfg.hidden_size * _elem(dtype)
     if state_on_host or device_type == "cpu":
         moved += batch * STATE_BYTES_PER_PIXEL * gh * gw * cfg.block_size**2
-    return (batch * (flops_per_call(cfg, h, w) + extra) / rates.flops + ops * rates.op_seconds
-            + moved / rates.copy_bytes)
+    return (batch * (flops_per_call(cfg, h, w) + extra) / rates.flops
+            + ops * DISPATCHES_PER_OP * rates.op_seconds + moved / rates.copy_bytes)
 
 
 def _spans(cells: int, n: int) -> list[int]:
