@@ -1,7 +1,6 @@
 """16-bit in, 16-bit out: 16-bit RGB PNG and RGBA TIFF (made here, with a gradient 8 bits would band) are read at
 full depth and written 16-bit by default; 8-bit stays 8-bit; --depth chooses; ICC, EXIF and DPI are carried."""
 
-
 import numpy as np
 import png
 import pytest
