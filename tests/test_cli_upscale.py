@@ -189,7 +189,8 @@ def test_sigint_leaves_no_partial_file(tmp_path, tiny_weights):
     out = tmp_path / "big_up.png"
     exe = Path(sys.executable).with_name("infdit")
     proc = subprocess.Popen([str(exe), "upscale", str(src), "-o", str(out), "--scale", "4", "--steps", "200",
-                             "--device", "cpu", "--weights", str(tiny_weights)],
+                             "--device", "cpu", "--weights", str(tiny_weights),
+                             "--no-checkpoint"],  # (whether it would checkpoint depends on the machine's speed)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     time.sleep(4)
     assert proc.poll() is None, proc.communicate()

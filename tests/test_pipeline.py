@@ -153,8 +153,8 @@ def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):
     exe = Path(sys.executable).with_name("infdit")
     proc = subprocess.Popen([str(exe), "upscale", str(src), "-o", str(tmp_path / "out.png"), "--scale", "4",
                              "--steps", "400", "--device", "cpu", "--weights", str(tiny_weights), "--low-memory",
-                             "--block-batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_signals)
+                             "--block-batch", "2", "--no-checkpoint"],  # (a job this long would checkpoint)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".infdit-") for p in tmp_path.iterdir()):  # sampling has begun
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
