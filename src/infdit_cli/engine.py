@@ -353,8 +353,7 @@ class BlockEngine:
             stream = self._stream if cache.device.type == "cpu" and dev.type == "cuda" else None
             prefetch = _Prefetch(lambda layer: self._neighbours(cache, rect, layer, dev), cfg.num_layers, stream)
         later = rect.blocks_needed_later() if cache is not None else []
-        index, rows, cols = self._indices(gh, gw, cache is not None and rect.c0 > 0,
-                                          cache is not None and rect.r0 > 0, dev)
+        index, rows, cols = self._indices(gh, gw, False, False, dev)  # (no neighbours: the image's corner)
         qbuf, ktab, vtab = self._buffers(b, nb + gh + gw + 1, t, h.dtype, dev)
         # Block axes flattened: (B, 1, Gh*Gw, ...), chunks are slices of the third axis.
         hf = h.reshape(b, 1, nb, *h.shape[3:])
@@ -371,6 +370,8 @@ class BlockEngine:
                 model.layer_qkv(i, hf[:, :, c], step, rope_c, out=dst, kernel=kernel)
             if cache is not None:
                 left_k, left_v, top_k, top_v = prefetch.get(i)
+                # what the table holds decides where each block's segments come from (None: an image edge)
+                index = self._indices(gh, gw, left_k is not None, top_k is not None, dev)[0]
                 k, v = (z[:, :nb].view(b, gh, gw, *z.shape[2:]) for z in (ktab, vtab))
                 for r, cc in later:
                     cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
