@@ -1,9 +1,11 @@
 """Measurements of one denoiser call: peak memory and seconds, each configuration in a fresh process.
 
-Peak memory is what the call adds on top of what was resident before it (model, inputs): on CUDA
+Peak memory is what a call adds on top of what was resident before it (model, inputs): on CUDA
 `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, on the CPU the process's peak RSS
-(`ru_maxrss`) minus its RSS just before the call. The planner's prediction of that same quantity is
-reported beside it.
+(`VmHWM`, reset through `/proc/self/clear_refs`) minus its RSS just before the call. On the CPU the
+measured call follows a warm-up call and a `malloc_trim`: the library code a first call pages in (tens
+of MiB, and how much depends on the CPU's kernels) and heap the allocator kept from the warm-up are not
+the call's working memory. The planner's prediction of that same quantity is reported beside it.
 """
 
 from __future__ import annotations
@@ -78,12 +80,35 @@ def measure(spec: CallSpec, timeout: float = 1800) -> CallMeasurement:
     return CallMeasurement(spec=spec, **data)
 
 
-def _rss() -> int:
+def _status(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
+
+
+def _rss() -> int:
+    return _status("VmRSS")
+
+
+def _reset_host_peak() -> bool:
+    """Give the heap's free memory back (glibc `malloc_trim`) and reset the peak RSS (`VmHWM`) to the
+    RSS now; False where the kernel does not allow it (then the peak since the process began counts)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _setup(spec: CallSpec):
@@ -129,11 +154,16 @@ def _measure_here(spec: CallSpec) -> dict:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
+        _timed_call(model, x, lr_up, image, spec)  # warm-up (not timed)
     else:
+        _timed_call(model, x, lr_up, image, spec)  # warm-up: pages the kernels' code in (not timed)
+        hwm = _reset_host_peak()
         before = _rss()
-    times = [_timed_call(model, x, lr_up, image, spec) for _ in range(1 + spec.repeats)][1:]  # drop warm-up
+    times = [_timed_call(model, x, lr_up, image, spec) for _ in range(spec.repeats)]
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - before
+    elif hwm:
+        peak = _status("VmHWM") - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     h, w = spec.height, spec.width
