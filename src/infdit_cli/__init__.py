@@ -1,12 +1,37 @@
-"""infdit: Inf-DiT image upscaling, exact to the published model and frugal with memory."""
+"""infdit: Inf-DiT image upscaling, exact to the published model and frugal with memory.
 
-from .config import InfDiTConfig, ModelConfig
-from .engine import BlockEngine, denoise
-from .model import InfDiT
-from .pipeline import UpscaleOptions, upscale
-from .upscaler import Upscaler, UpscaleResult
-from .weights import load_model
+The names below are imported on first use (PEP 562), so `import infdit_cli` and its light modules (the
+launcher, the CLI's --help) start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["BlockEngine", "InfDiT", "InfDiTConfig", "ModelConfig", "UpscaleOptions", "Upscaler", "UpscaleResult",
-           "denoise", "load_model", "upscale"]
+
+_EXPORTS = {"InfDiTConfig": "config", "ModelConfig": "config", "BlockEngine": "engine", "denoise": "engine",
+            "InfDiT": "model", "UpscaleOptions": "pipeline", "upscale": "pipeline", "Upscaler": "upscaler",
+            "UpscaleResult": "upscaler", "load_model": "weights"}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import InfDiTConfig, ModelConfig
+    from .engine import BlockEngine, denoise
+    from .model import InfDiT
+    from .pipeline import UpscaleOptions, upscale
+    from .upscaler import Upscaler, UpscaleResult
+    from .weights import load_model
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -13,7 +13,8 @@ this process) on `python -m infdit_cli COMMAND ...`; every rank writes its exit 
   rank, which stops as one process would).
 
 torchrun's own log lines and failure report are left out (set INFDIT_DEBUG=1 to see them); the ranks'
-output is untouched. A launcher usage error exits 2.
+output is untouched. Where no rank could say why the job ended (a signal that arrived while the ranks were
+still starting, a rank killed outright), the launcher says it, in one line. A launcher usage error exits 2.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-__all__ = ["launch", "job_code", "main"]
+__all__ = ["launch", "job_code", "unreported", "main"]
 
 USAGE = ("usage: python -m infdit_cli.launch [TORCHRUN OPTIONS] -- COMMAND [ARGS]...\n"
          "  e.g. python -m infdit_cli.launch --standalone --nproc-per-node 8 -- upscale map.png --res 16384")
@@ -42,6 +43,42 @@ def job_code(codes: dict[int, int], torchrun_failed: bool, signum: int | None = 
         if codes[rank] != 0:
             return codes[rank]
     return 1 if torchrun_failed else 0
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP before torchrun's own handlers are in place (the launcher still starting)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    raise _Stopped(signum)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def unreported(codes: dict[int, int], killed: dict[int, int], signum: int | None) -> str | None:
+    """The launcher's own line where no rank wrote an exit code to go with the job's end (each rank writes
+    it after its own error line): the launcher's signal (the ranks' message for it), else a rank that died
+    by a signal (`killed`: rank -> signal number); None where a rank has already said it."""
+    if signum is not None:
+        if 0 in codes:
+            return None
+        return "interrupted" if signum == 2 else f"terminated by {_signal_name(signum)}"
+    if killed and not any(codes.values()):
+        rank = min(killed)
+        return (f"rank {rank} was killed by {_signal_name(killed[rank])} (out of host memory? see the "
+                f"system log); set INFDIT_DEBUG=1 for torchrun's report")
+    return None
 
 
 def _read_codes(base: str) -> dict[int, int]:
@@ -80,15 +117,18 @@ def launch(torchrun_args: Sequence[str], command: Sequence[str], *, entry: Seque
         base = os.path.join(folder, "exit")
         old = os.environ.get("INFDIT_EXIT_FILE")
         os.environ["INFDIT_EXIT_FILE"] = base  # the ranks inherit it
-        failed, signum = False, None
+        failed, signum, killed = False, None, {}
         try:
             args = parse_args([*torchrun_args, *entry, *command])
             _quiet_torchrun()
             run(args)
-        except ChildFailedError:
+        except ChildFailedError as e:
             failed = True
+            killed = {rank: -f.exitcode for rank, f in e.failures.items() if f.exitcode < 0}
         except SignalException as e:
             signum = int(e.sigval)
+        except _Stopped as e:
+            signum = e.signum
         except KeyboardInterrupt:
             signum = 2
         finally:
@@ -96,7 +136,11 @@ def launch(torchrun_args: Sequence[str], command: Sequence[str], *, entry: Seque
                 os.environ.pop("INFDIT_EXIT_FILE", None)
             else:
                 os.environ["INFDIT_EXIT_FILE"] = old
-        return job_code(_read_codes(base), failed, signum)
+        codes = _read_codes(base)
+        line = unreported(codes, killed, signum)
+        if line:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        return job_code(codes, failed, signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,10 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: give torchrun's options, then --, then the infdit command\n{USAGE}", file=sys.stderr)
         return 2
     cut = argv.index("--")
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # until torchrun's handlers take over (they raise alike)
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _on_signal)
     try:
         return launch(argv[:cut], argv[cut + 1:])
     except SystemExit as e:  # torchrun's argparse: a wrong option, already printed
         return e.code if isinstance(e.code, int) else 2
+    except (_Stopped, KeyboardInterrupt) as e:  # before torchrun began (the launcher importing torch)
+        signum = getattr(e, "signum", 2)
+        print(f"error: {unreported({}, {}, signum)}", file=sys.stderr, flush=True)
+        return job_code({}, False, signum)
 
 
 if __name__ == "__main__":
