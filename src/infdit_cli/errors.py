@@ -25,6 +25,7 @@ __all__ = [
     "DiskFull",
     "DiskTooSmall",
     "NonFinite",
+    "describe",
 ]
 
 
@@ -146,3 +147,30 @@ class DiskTooSmall(InfditError):
 
 class NonFinite(InfditError):
     """The sampler state or the image holds NaN or Inf: no output is written."""
+
+
+def describe(exc: BaseException) -> tuple[str, int]:
+    """Any exception as (one line for the user, exit code): the CLI's error funnel and the server's JSON
+    errors say the same thing."""
+    # Order matters: subclasses before their bases.
+    if isinstance(exc, InfditError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        if getattr(exc, "signum", None):  # errors.Signalled: SIGTERM / SIGHUP
+            return exc.what, exc.exit_code
+        return "interrupted", 130
+    if isinstance(exc, MemoryError):
+        return "out of host memory; try a smaller --mem-budget or --block-batch", 1
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, escaping the planner's retries
+        return "out of device memory even at block batch 1; try --device cpu", 3
+    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError", "DistError") or (
+            type(exc) is RuntimeError and "gloo/transport" in str(exc)):  # gloo: a peer gone or timed out
+        return ("lost contact with another rank (it failed, was killed, or did not answer within "
+                "INFDIT_RANK_TIMEOUT); its own error, if any, is on its stderr"), 1
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return f"no space left on device: {exc.filename or ''}".rstrip(": "), 1
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename}", 1
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1
+    return f"internal error: {type(exc).__name__}: {exc}", 1

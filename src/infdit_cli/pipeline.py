@@ -27,7 +27,7 @@ from .storage import Scratch, reclaim_stale
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
            "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "gpu_seconds", "preview_image",
-           "disk_need", "check_disk"]
+           "disk_need", "check_disk", "plan_lines", "plan_json"]
 
 MAX_OUTPUT_SIDE = 65535
 
@@ -499,3 +499,47 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
     if options.color_fix != "none":
         out = color_fix(out.float(), lr_up[..., :, :].to(out.device), options.color_fix)
     return out[..., : p.out_size[0], : p.out_size[1]].cpu(), final
+
+
+def plan_lines(plan: UpscalePlan, device: str, dtype: str, gpu: float | None = None) -> list[str]:
+    """The plan as `infdit upscale --dry-run` prints it (and `infdit serve` shows it): one line for the job,
+    one per pass (mode, placement, predicted peaks and time), the resample, the predicted time."""
+    from .planner import format_bytes, format_seconds
+
+    ih, iw = plan.input_size
+    th, tw = plan.target_size
+    lines = [f"{iw}x{ih} -> {tw}x{th}: {len(plan.passes)} model pass(es), {plan.model_calls} model calls "
+             f"({plan.steps} steps), {device} {dtype}"]
+    for i, p in enumerate(plan.passes, 1):
+        mem = p.memory
+        where = [s for s, on in (("cache on host", mem.cache_on_host), ("state on host", mem.state_on_host),
+                                 ("state bf16", mem.state_dtype != torch.float32),
+                                 ("low-memory", mem.low_memory)) if on]
+        how = (f"{'whole image' if mem.whole_image else f'n={mem.n} ({mem.n}x{mem.n} blocks)'}, "
+               + "".join(f"{w}, " for w in where)
+               + f"predicted peak {format_bytes(mem.estimate.device_peak)} {device}, "
+               + f"{format_bytes(mem.estimate.host_peak)} host, {format_seconds(p.seconds)}")
+        lines.append(f"  pass {i}: {p.scale}x {p.in_size[1]}x{p.in_size[0]} -> {p.out_size[1]}x{p.out_size[0]} "
+                     f"(canvas {p.padded_out[1]}x{p.padded_out[0]}); {how}")
+    if plan.resample:
+        last = plan.passes[-1].out_size
+        lines.append(f"  resample {last[1]}x{last[0]} -> {tw}x{th} (antialiased bicubic)")
+    rates = plan.passes[0].memory.rates if plan.passes else None
+    how = "rates measured on this device" if rates is not None and rates.measured else "assumed rates"
+    lines.append(f"  time: predicted {format_seconds(plan.seconds)} ({how})")
+    if gpu is not None:
+        lines.append(f"  (more than an hour on the CPU: a CUDA GPU, H100-class in bf16, would take about "
+                     f"{format_seconds(gpu)})")
+    return lines
+
+
+def plan_json(plan: UpscalePlan) -> dict:
+    """The plan as JSON-able data (`--dry-run --json`, `infdit serve`): every field, each pass's predicted
+    peaks, and the predicted seconds of all passes."""
+    from dataclasses import asdict
+
+    out = asdict(plan)
+    for p, d in zip(plan.passes, out["passes"]):
+        d["memory"].update(p.memory.memory)  # device_peak_bytes, host_peak_bytes
+    out["seconds"] = plan.seconds  # predicted, all passes
+    return out

@@ -149,6 +149,11 @@ class SafeFolder:
             os.close(fd)
 
     # -- records ------------------------------------------------------------------------------------------
+    def record(self, name: str) -> None:
+        """Record `name` as infdit's before something else writes it here (a file made by another library,
+        which `remove` should then delete)."""
+        self._record(name)
+
     def _record(self, name: str) -> None:
         if not _NAME.fullmatch(name) or name == MARKER:
             raise ValueError(f"bad file name {name!r}")

@@ -6,7 +6,7 @@ import os
 import sys
 from enum import IntEnum
 
-from ..errors import InfditError
+from ..errors import describe
 from ._text import safe
 
 __all__ = ["ExitCode", "report"]
@@ -20,31 +20,6 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # Ctrl-C; partial outputs were removed
     HANGUP = 129  # SIGHUP, handled as Ctrl-C
     TERMINATED = 143  # SIGTERM, handled as Ctrl-C
-
-
-def _message(exc: BaseException) -> tuple[str, int]:
-    # Order matters: subclasses before their bases.
-    if isinstance(exc, InfditError):
-        return str(exc), exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        if getattr(exc, "signum", None):  # errors.Signalled: SIGTERM / SIGHUP
-            return exc.what, exc.exit_code
-        return "interrupted", ExitCode.INTERRUPTED
-    if isinstance(exc, MemoryError):
-        return "out of host memory; try a smaller --mem-budget or --block-batch", ExitCode.ERROR
-    if type(exc).__name__ == "OutOfMemoryError":  # torch's, escaping the planner's retries
-        return "out of device memory even at block batch 1; try --device cpu", ExitCode.OUT_OF_MEMORY
-    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError", "DistError") or (
-            type(exc) is RuntimeError and "gloo/transport" in str(exc)):  # gloo: a peer gone or timed out
-        return ("lost contact with another rank (it failed, was killed, or did not answer within "
-                "INFDIT_RANK_TIMEOUT); its own error, if any, is on its stderr"), ExitCode.ERROR
-    if isinstance(exc, OSError) and exc.errno == 28:
-        return f"no space left on device: {exc.filename or ''}".rstrip(": "), ExitCode.ERROR
-    if isinstance(exc, PermissionError):
-        return f"permission denied: {exc.filename}", ExitCode.ERROR
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), ExitCode.ERROR
-    return f"internal error: {type(exc).__name__}: {exc}", ExitCode.ERROR
 
 
 def _said_by_rank_0(exc: BaseException, code: int) -> bool:
@@ -66,7 +41,7 @@ def report(exc: BaseException) -> int:
     from rich.console import Console
     from rich.text import Text
 
-    msg, code = _message(exc)
+    msg, code = describe(exc)
     if _said_by_rank_0(exc, code):
         return int(code)
     msg = safe(msg.strip())  # one line, always: a newline in a name (or a library's message) shows as \n

@@ -12,6 +12,7 @@ from . import bench as bench_cmd
 from . import convert as convert_cmd
 from . import hub_cmds
 from . import selftest as selftest_cmd
+from . import serve as serve_cmd
 from . import upscale as upscale_cmd
 from ..errors import BadRequest
 from ._errors import report
@@ -31,6 +32,7 @@ app.command(epilog=hub_cmds.DOWNLOAD_EXAMPLES)(hub_cmds.download)
 app.command()(hub_cmds.info)
 app.command(epilog=bench_cmd.EXAMPLES)(bench_cmd.bench)
 app.command(epilog=selftest_cmd.EXAMPLES)(selftest_cmd.selftest)
+app.command(epilog=serve_cmd.EXAMPLES)(serve_cmd.serve)
 
 
 @app.callback()

@@ -1,0 +1,162 @@
+"""`infdit serve`: a local job server with a web page (the optional extra `infdit[serve]`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import _options as O
+
+EXAMPLES = """Examples:
+
+  infdit serve                                   # http://127.0.0.1:7860/ on this machine only
+
+  infdit serve --host 0.0.0.0 --port 8080        # the network too: prints the address with its token
+
+  infdit serve --jobs /data/infdit-jobs --allow-paths /data/photos --mem-budget 20GB
+"""
+
+INSTALL_HINT = 'infdit serve needs the web server packages: pip install "infdit[serve]"'
+
+
+def default_jobs() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "infdit" / "jobs"
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, made here so a port in use is one clear line (exit 1), not a server log."""
+    from ..errors import BadRequest, InfditError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise BadRequest(f"--host {host}: {e.strerror or e}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise InfditError(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                          + (" (another server is there; choose another --port)" if e.errno == 98 else "")) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but this machine's loopback needs "
+                                           "a token (given, or made and printed once).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one, printed).")] = 7860,
+    jobs: Annotated[Optional[Path], typer.Option(help=(
+        "The jobs folder: inputs, run folders, previews and results, kept across restarts. "
+        "Default: ~/.local/share/infdit/jobs."))] = None,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="INFDIT_TOKEN", help="Every request must carry it (Authorization: Bearer, or ?token= in the "
+                                    "page's address). Default: none on loopback, a new one otherwise.")] = None,
+    allow_paths: Annotated[Optional[Path], typer.Option(help=(
+        "Also accept jobs naming an image file under this folder on the server (JSON {\"path\": ...}), "
+        "not only uploads."))] = None,
+    max_bytes: Annotated[str, typer.Option(help="Largest upload, e.g. 100MB.")] = "100MB",
+    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse uploads with more pixels than this.")]
+        = 16 * 2**20,
+    mem_budget: O.MemBudget = None,
+    block_batch: O.BlockBatch = None,
+    device: O.Device = "auto",
+    dtype: O.Dtype = "auto",
+    weights: O.Weights = None,
+    repo: O.Repo = None,
+    offline: O.Offline = False,
+    quiet: O.Quiet = False,
+) -> None:
+    """Serve a web page and a JSON API for upscaling jobs: a queue, plans with predicted time, live
+    previews, results to download; jobs continue after a restart.
+
+    The model is loaded once and runs one job at a time. Jobs live in the jobs folder: stop the server
+    (Ctrl-C, SIGTERM, a crash) and start it again, and the job that was running continues from its last
+    step, then the queue.
+    """
+    from ..errors import BadRequest, Interrupted
+    from ..planner import parse_bytes
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise BadRequest(INSTALL_HINT) from None
+    limit = parse_bytes(max_bytes)
+    if token is not None and len(token) < 8:
+        raise BadRequest("--token must be at least 8 characters")
+    if allow_paths is not None and not allow_paths.is_dir():
+        raise BadRequest(f"--allow-paths {allow_paths} is not a folder")
+    made_token = token is None and not loopback(host)
+    if made_token:
+        token = secrets.token_urlsafe(24)
+    sock = bind(host, port)  # before the weights: a taken port is said at once
+
+    from ..serve.app import create_app
+    from ..serve.jobs import JobRunner, JobStore
+    from .upscale import load_upscaler
+
+    store = JobStore(jobs or default_jobs())  # UnsafePath, Busy (another server on it): before the weights
+    try:
+        options = O.make_options(20, 0, mem_budget, block_batch, O.ColorFix.none)
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet)
+        up.rates  # calibrated now (cached per device), not during the first request's plan
+        runner = JobRunner(store, up, max_pixels=max_pixels,
+                           on_error=None if quiet else lambda line: print(f"infdit serve: {line}", file=sys.stderr))
+        app = create_app(runner, token=token, max_bytes=limit, allow_paths=allow_paths,
+                         info={"version": _version(), "device": up.device.type,
+                               "dtype": str(up.model.dtype).removeprefix("torch.")})
+        shown = sock.getsockname()
+        address = f"http://{f'[{shown[0]}]' if ':' in shown[0] else shown[0]}:{shown[1]}/"
+        for line in store.skipped:
+            print(f"warning: {line}", file=sys.stderr)
+        if not quiet or made_token:
+            waiting = len(runner.queue())
+            print(f"infdit serve: {address}{f'?token={token}' if made_token else ''}  (jobs in {store.root}"
+                  f"{f'; {waiting} queued' if waiting else ''}; {up.device.type} "
+                  f"{str(up.model.dtype).removeprefix('torch.')}; Ctrl-C stops, jobs continue at the next start)",
+                  file=sys.stderr, flush=True)
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                app.closing()  # end the event streams first: open streams would hold the stop up
+                super().handle_exit(sig, frame)
+
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                lifespan="on")
+        try:
+            Server(config).run(sockets=[sock])
+        except KeyboardInterrupt as e:  # uvicorn re-raises the signal it stopped for, after a clean stop
+            waiting = len(runner.queue())
+            err = Interrupted(f"{getattr(e, 'what', 'interrupted')}; the server stopped"
+                              + (f", {waiting} job(s) wait for its next start" if waiting else ""))
+            err.exit_code = getattr(e, "exit_code", 130)
+            raise err from None
+    finally:
+        store.close()
+        sock.close()
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -1,0 +1,319 @@
+"""`infdit serve` against a real server process on 127.0.0.1 with the tiny model: the API, the event stream,
+previews, results equal to `infdit upscale`, cancel, bad uploads, the token, the jobs folder's lock, and a
+job that survives SIGKILL of its server."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "INFDIT_OFFLINE": "1"}
+
+
+class Server:
+    """`infdit serve --port 0 ...` in its own process; `url` once it listens."""
+
+    def __init__(self, jobs: Path, weights: Path, *args: str, cache: Path) -> None:
+        self.err_path = jobs.parent / f"serve-{uuid.uuid4().hex[:6]}.err"
+        self.err = open(self.err_path, "w")
+        cmd = [sys.executable, "-m", "infdit_cli", "serve", "--port", "0", "--jobs", str(jobs),
+               "--weights", str(weights), "--device", "cpu", *args]
+        self.proc = subprocess.Popen(cmd, env={**ENV, "INFDIT_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
+                                     stderr=self.err)
+        self.url = self.token = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            m = re.search(r"infdit serve: (http://\S+?/)(\?token=(\S+))?\s", self.stderr())
+            if m:
+                self.url, self.token = m.group(1).replace("0.0.0.0", "127.0.0.1"), m.group(3)
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"the server did not start: {self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.err.close()
+        return self.proc.returncode
+
+
+def request(url: str, *, method: str = "GET", data: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body bytes); errors are answers too."""
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def multipart(fields: dict, file: tuple[str, bytes] | None) -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for k, v in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    if file is not None:
+        name, data = file
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def post_image(server: Server, path: str, image: Path | bytes, name: str = "photo.png", headers=None, **fields):
+    data = image.read_bytes() if isinstance(image, Path) else image
+    body, h = multipart({k: str(v) for k, v in fields.items()}, (name, data))
+    status, _, out = request(server.url + path.lstrip("/"), method="POST", data=body, headers={**h, **(headers or {})})
+    return status, json.loads(out) if out else None
+
+
+def get_json(server: Server, path: str, headers=None):
+    status, _, out = request(server.url + path.lstrip("/"), headers=headers)
+    return status, json.loads(out)
+
+
+def wait_for(server: Server, job_id: str, pred, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, job = get_json(server, f"api/jobs/{job_id}")
+        if pred(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never got there: {job}")
+
+
+class Events:
+    """The server's event stream, read in a thread: (event name, data) pairs."""
+
+    def __init__(self, server: Server) -> None:
+        self.seen: list[tuple[str, dict]] = []
+        self.resp = urllib.request.urlopen(server.url + "api/events", timeout=120)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        name = None
+        try:
+            for raw in self.resp:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    self.seen.append((name, json.loads(line[6:])))
+        except Exception:  # noqa: BLE001 - the server went away
+            pass
+
+
+def image(path: Path, h: int, w: int, seed: int = 0) -> Path:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def pixels(data_or_path) -> np.ndarray:
+    from io import BytesIO
+
+    src = BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
+    with Image.open(src) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture()
+def cache(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "serve-cache"  # one calibration for every server here
+
+
+def test_a_job_through_the_api_equals_infdit_upscale(tmp_path, tiny_weights, cache):
+    src = image(tmp_path / "photo.png", 40, 48)
+    ref = tmp_path / "ref.png"
+    run_cli("upscale", src, "-o", ref, "--scale", "4", "--steps", "3", "--device", "cpu", "--weights", tiny_weights,
+            "-q", check=True, env={**ENV, "INFDIT_CACHE": str(cache)})
+    server = Server(tmp_path / "jobs", tiny_weights, cache=cache)
+    try:
+        status, info = get_json(server, "api/info")
+        assert status == 200 and info["device"] == "cpu" and info["token_required"] is False
+        status, plan = post_image(server, "api/plan", src, scale=4, steps=3)
+        assert status == 200, plan
+        assert plan["output_size"] == [160, 192] and plan["lines"][0].startswith("48x40 -> 192x160")
+        assert plan["predicted_seconds"] > 0
+        assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [".infdit", "lock"]  # a plan keeps nothing
+        events = Events(server)
+        status, job = post_image(server, "api/jobs", src, name="my photo.png", scale=4, steps=3)
+        assert status == 201, job
+        assert job["name"] == "my photo.png" and job["state"] in ("queued", "running")
+        assert "input_file" not in job  # no server paths in the API
+        done = wait_for(server, job["id"], lambda j: j["state"] in ("done", "failed"))
+        assert done["state"] == "done", done
+        assert done["progress"]["fraction"] == 1.0 and done["progress"]["step"] == 3 and done["preview"] == 3
+        status, headers, body = request(server.url + done["result_url"].lstrip("/"))
+        assert status == 200 and headers["content-disposition"] == "attachment; filename*=utf-8''my%20photo_infdit.png"
+        assert np.array_equal(pixels(body), pixels(ref))  # the same image `infdit upscale` writes
+        status, headers, body = request(server.url + done["preview_url"].lstrip("/"))
+        assert status == 200 and headers["content-type"] == "image/jpeg" and pixels(body).shape == (160, 192, 3)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                n == "job" and d["id"] == job["id"] and d["state"] == "done" for n, d in events.seen):
+            time.sleep(0.1)
+        names = [n for n, d in events.seen if d.get("job", d.get("id")) == job["id"]]
+        assert names.count("StepDone") == 3 and "JobStarted" in names and "PassDone" in names
+        fractions = [d["progress"]["fraction"] for n, d in events.seen if n == "job" and d["id"] == job["id"]]
+        assert fractions[-1] == 1.0 and fractions == sorted(fractions) and len(set(fractions)) >= 3
+        # A second server on the same jobs folder is refused at once, before any weights load.
+        res = run_cli("serve", "--port", "0", "--jobs", tmp_path / "jobs", "--weights", tiny_weights, env=ENV,
+                      timeout=60)
+        assert res.returncode == 1 and res.stderr.strip().startswith(
+            f"error: another infdit serve is using the jobs folder {tmp_path / 'jobs'} (pid "), res.stderr
+        # Delete: the job's folder goes; an unknown job is 404.
+        status, _, _ = request(server.url + f"api/jobs/{job['id']}", method="DELETE")
+        assert status == 204 and not (tmp_path / "jobs" / job["id"]).exists()
+        assert get_json(server, f"api/jobs/{job['id']}")[0] == 404
+    finally:
+        assert server.stop() in (0, 143), server.stderr()
+    assert "Traceback" not in server.stderr()
+
+
+def test_cancel_a_running_and_a_queued_job(tmp_path, tiny_weights, cache):
+    src = image(tmp_path / "wide.png", 64, 200)
+    server = Server(tmp_path / "jobs", tiny_weights, cache=cache)
+    try:
+        _, running = post_image(server, "api/jobs", src, scale=4, steps=200)
+        _, queued = post_image(server, "api/jobs", src, scale=4, steps=200)
+        wait_for(server, running["id"], lambda j: j["progress"]["step"] >= 1)
+        assert get_json(server, f"api/jobs/{queued['id']}")[1]["position"] == 2
+        status, _, body = request(server.url + f"api/jobs/{running['id']}/result")
+        assert status == 409 and json.loads(body)["error"].endswith("its result is there when it is done")
+        for job in (queued, running):
+            status, _, body = request(server.url + f"api/jobs/{job['id']}/cancel", method="POST")
+            assert status == 200, body
+        for job in (queued, running):
+            got = wait_for(server, job["id"], lambda j: j["state"] != "running", timeout=30)
+            assert got["state"] == "cancelled" and got["result_url"] is None
+            assert not (tmp_path / "jobs" / job["id"] / "run").exists()  # its checkpoints are gone
+        status, _, body = request(server.url + f"api/jobs/{running['id']}/cancel", method="POST")
+        assert status == 400 and json.loads(body) == {"error": f"job {running['id']} is cancelled; only a queued "
+                                                               "or running job can be cancelled", "exit_code": 2}
+    finally:
+        server.stop()
+
+
+def test_bad_uploads_are_one_json_error_and_leave_nothing(tmp_path, tiny_weights, cache):
+    server = Server(tmp_path / "jobs", tiny_weights, "--max-bytes", "50KB", "--max-pixels", "4000", cache=cache)
+    try:
+        cases = [
+            (b"this is not an image", {"scale": 4}, 415, "photo.png is not an image Pillow can read"),
+            (image(tmp_path / "big.png", 80, 80).read_bytes(), {"scale": 4}, 413,
+             "photo.png has more than 4000 pixels; raise --max-pixels if it is trusted"),
+            (os.urandom(60_000), {"scale": 4}, 413, None),  # over --max-bytes
+            (image(tmp_path / "ok.png", 30, 30).read_bytes(), {"scale": 0.5}, 400,
+             "--scale must be greater than 1, got 0.5"),
+            (image(tmp_path / "ok2.png", 30, 30).read_bytes(), {"scale": 4, "steps": "many"}, 400,
+             "steps must be an integer, got 'many'"),
+            (image(tmp_path / "ok3.png", 30, 30).read_bytes(), {"res": "4096", "scale": 2}, 400, None),
+            (b"", {"scale": 4}, 415, "photo.png is empty (0 bytes)"),
+        ]
+        for data, fields, status, message in cases:
+            for path in ("api/plan", "api/jobs"):
+                got, body = post_image(server, path, data, **fields)
+                assert got == status, (fields, body)
+                assert set(body) == {"error", "exit_code"} and "\n" not in body["error"], body
+                if message is not None:
+                    assert body["error"] == message
+        assert "upload is" in post_image(server, "api/jobs", os.urandom(60_000), scale=4)[1]["error"]
+        # A page of another site cannot submit through this machine's browser.
+        got, body = post_image(server, "api/jobs", image(tmp_path / "x.png", 20, 20), scale=4,
+                               headers={"Origin": "http://evil.example"})
+        assert got == 403 and body["error"] == "refused: a request from a page of another site"
+        assert get_json(server, "api/jobs")[1] == {"jobs": []}
+        assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [".infdit", "lock"]  # nothing kept
+    finally:
+        server.stop()
+    assert "Traceback" not in server.stderr()
+
+
+def test_a_network_bind_needs_the_token(tmp_path, tiny_weights, cache):
+    server = Server(tmp_path / "jobs", tiny_weights, "--host", "0.0.0.0", cache=cache)
+    try:
+        assert server.token and len(server.token) >= 24  # made and printed once
+        status, body = get_json(server, "api/jobs")
+        assert status == 401 and body["error"].startswith("this server needs its token")
+        assert request(server.url)[0] == 401  # the page too
+        assert get_json(server, "api/jobs", headers={"Authorization": "Bearer wrong-token"})[0] == 401
+        assert get_json(server, "api/jobs", headers={"Authorization": f"Bearer {server.token}"})[0] == 200
+        assert get_json(server, f"api/jobs?token={server.token}")[0] == 200
+        assert post_image(server, "api/plan", image(tmp_path / "a.png", 20, 20), scale=4)[0] == 401
+    finally:
+        server.stop()
+
+
+def test_a_job_survives_sigkill_of_its_server_and_ends_identical(tmp_path, tiny_weights, cache):
+    src = image(tmp_path / "wide.png", 64, 200, seed=3)
+    ref = tmp_path / "ref.png"
+    run_cli("upscale", src, "-o", ref, "--scale", "4", "--steps", "30", "--seed", "7", "--device", "cpu",
+            "--weights", tiny_weights, "-q", "--no-checkpoint", check=True, env={**ENV, "INFDIT_CACHE": str(cache)})
+    jobs = tmp_path / "jobs"
+    server = Server(jobs, tiny_weights, cache=cache)
+    try:
+        _, job = post_image(server, "api/jobs", src, scale=4, steps=30, seed=7)
+        before = wait_for(server, job["id"], lambda j: j["progress"]["step"] >= 4)
+        assert before["state"] == "running"
+    finally:
+        server.stop(signal.SIGKILL)
+    assert json.loads((jobs / job["id"] / "job.json").read_text())["state"] == "running"  # as the kill left it
+    server = Server(jobs, tiny_weights, cache=cache)
+    try:
+        events = Events(server)
+        done = wait_for(server, job["id"], lambda j: j["state"] in ("done", "failed"))
+        assert done["state"] == "done", done
+        resumed = [d for n, d in events.seen if n == "Resumed"]
+        assert resumed and resumed[0]["step"] >= 4  # it continued, it did not start over
+        _, _, body = request(server.url + done["result_url"].lstrip("/"))
+        assert np.array_equal(pixels(body), pixels(ref))
+        assert done["started"] == before["started"] and done["progress"]["elapsed"] >= before["progress"]["elapsed"]
+    finally:
+        server.stop()
+
+
+def test_without_the_serve_extra_it_says_how_to_install(tmp_path):
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "fastapi.py").write_text("raise ImportError('blocked for the test')\n")
+    res = subprocess.run([sys.executable, "-m", "infdit_cli", "serve"], capture_output=True, text=True,
+                         env={**ENV, "PYTHONPATH": str(blocker)}, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == 'error: infdit serve needs the web server packages: pip install "infdit[serve]"'
+
+
+def test_options_are_checked_like_the_cli():
+    from infdit_cli.errors import BadRequest
+    from infdit_cli.serve.jobs import JobOptions
+
+    assert JobOptions(scale=4, format="JPEG".lower()).check().format == "jpg"
+    for bad, message in [(JobOptions(), "give a target"), (JobOptions(res="4096", scale=2), "give a target"),
+                         (JobOptions(scale=4, steps=0), "steps must be 1 to 1000"),
+                         (JobOptions(scale=4, format="gif"), "format must be one of"),
+                         (JobOptions(scale=4, color_fix="x"), "color_fix must be")]:
+        with pytest.raises(BadRequest, match=message):
+            bad.check()
