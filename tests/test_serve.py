@@ -219,9 +219,29 @@ def test_cancel_a_running_and_a_queued_job(tmp_path, tiny_weights, cache):
         server.stop()
 
 
+def post_json(server: Server, path: str, body: dict):
+    status, _, out = request(server.url + path, method="POST", data=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+    return status, json.loads(out)
+
+
 def test_bad_uploads_are_one_json_error_and_leave_nothing(tmp_path, tiny_weights, cache):
-    server = Server(tmp_path / "jobs", tiny_weights, "--max-bytes", "50KB", "--max-pixels", "4000", cache=cache)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image(photos / "ok.png", 30, 30)
+    image(tmp_path / "secret.png", 30, 30)
+    (photos / "escape.png").symlink_to(tmp_path / "secret.png")
+    server = Server(tmp_path / "jobs", tiny_weights, "--max-bytes", "50KB", "--max-pixels", "4000",
+                    "--allow-paths", str(photos), cache=cache)
     try:
+        # --allow-paths: a file under the folder is planned like an upload; nothing outside it, links included.
+        status, plan = post_json(server, "api/plan", {"path": "ok.png", "scale": 4})
+        assert status == 200 and plan["output_size"] == [120, 120] and plan["name"] == "ok.png"
+        for path in ("../secret.png", "escape.png", str(tmp_path / "secret.png")):
+            status, body = post_json(server, "api/jobs", {"path": path, "scale": 4})
+            assert status == 400 and body["error"].endswith("is outside the folder the server allows (--allow-paths)")
+        assert post_json(server, "api/jobs", {"path": "nope.png", "scale": 4}) == (
+            415, {"error": "no such file under --allow-paths: nope.png", "exit_code": 1})
         cases = [
             (b"this is not an image", {"scale": 4}, 415, "photo.png is not an image Pillow can read"),
             (image(tmp_path / "big.png", 80, 80).read_bytes(), {"scale": 4}, 413,
@@ -263,6 +283,9 @@ def test_a_network_bind_needs_the_token(tmp_path, tiny_weights, cache):
         assert get_json(server, "api/jobs", headers={"Authorization": "Bearer wrong-token"})[0] == 401
         assert get_json(server, "api/jobs", headers={"Authorization": f"Bearer {server.token}"})[0] == 200
         assert get_json(server, f"api/jobs?token={server.token}")[0] == 200
+        status, _, out = request(server.url + f"api/plan?token={server.token}", method="POST", data=b"{}",
+                                 headers={"Content-Type": "application/json"})
+        assert status == 400 and json.loads(out)["error"].startswith("this server takes uploads only")
         assert post_image(server, "api/plan", image(tmp_path / "a.png", 20, 20), scale=4)[0] == 401
     finally:
         server.stop()

@@ -444,10 +444,21 @@ class JobRunner:
                 job.state, self.current = "running", job.id
                 job.started = job.started or time.time()
                 job.cancel_requested = False
-                self.store.save(job)
-            self.publish("job", self.snapshot(job))
             try:
+                self.store.save(job)
+                self.publish("job", self.snapshot(job))
                 self._run(job)
+            except Exception as e:  # noqa: BLE001 - the state file itself failed (a full disk): the job
+                with self.lock:  # fails, the worker goes on with the next one
+                    job.state, job.finished = "failed", time.time()
+                    job.error, job.exit_code = describe(e)
+                    try:
+                        self.store.save(job)
+                    except Exception:  # noqa: BLE001 - said in the API and the log; the disk is the problem
+                        pass
+                if self.on_error is not None:
+                    self.on_error(f"job {job.id} ({job.name}) failed: {job.error}")
+                self.publish("job", self.snapshot(job))
             finally:
                 self.current = None
 
