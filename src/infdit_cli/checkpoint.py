@@ -294,7 +294,7 @@ class RunFolder:
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "pass": pass_, "passes": passes, "step": step,
                 "steps": steps, "saved_at": time.time(), "x": _entry(name, x, digest), "input": input_entry,
                 "rng": bytes(rng.tolist()).hex()}
-        _write_atomic(safe, "meta.json", json.dumps(meta).encode())
+        safe.write("meta.json", json.dumps(meta).encode(), "a checkpoint")
         old, self._meta = self._meta, meta
         if old is not None:  # files of the previous commit that this one no longer names
             keep = {meta["x"]["file"], (input_entry or {}).get("file")}
@@ -541,18 +541,3 @@ def read_tensor(safe: SafeFolder, name: str, into: torch.Tensor) -> None:
                 raise ValueError(f"{name} is shorter than its header says")
             if host is not part:
                 part.copy_(host)
-
-
-def _write_atomic(safe: SafeFolder, name: str, data: bytes) -> None:
-    tmp, fd = safe.temp(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        safe.replace(tmp, name)
-    except OSError as e:
-        safe.unlink(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(f"no space left in {safe.path} for a checkpoint") from None
-        raise

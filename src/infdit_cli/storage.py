@@ -225,6 +225,25 @@ class SafeFolder:
         except OSError:
             pass
 
+    def write(self, name: str, data: bytes, what: str = "a file") -> None:
+        """Replace `name` with `data` atomically and durably (a temporary file, fsync, rename).
+
+        Raises:
+            DiskFull: no space (or quota) left here for `what`; the temporary file is removed.
+        """
+        tmp, fd = self.temp(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.replace(tmp, name)
+        except BaseException as e:
+            self.unlink(tmp)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left in {self.path} for {what}") from None
+            raise
+
     def unlink(self, name: str) -> None:
         try:
             os.unlink(name, dir_fd=self.fd)  # never follows: a link is removed, not its target

@@ -14,7 +14,7 @@ import typer
 
 from .. import distributed as D
 from ..pipeline import plan_json, plan_lines
-from ..planner import format_bytes, format_seconds
+from ..planner import format_bytes
 from ..checkpoint import output_lock, run_folder_for
 from ..upscaler import default_output
 from ._text import safe

@@ -95,6 +95,7 @@ class Job:
     exit_code: int | None = None
     result_file: str | None = None
     result_bytes: int | None = None
+    resumed: dict | None = None  # {"pass", "step"}: where the last restart continued from
     cancel_requested: bool = False
 
     def to_json(self) -> dict:
@@ -134,7 +135,8 @@ class JobStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.folder = SafeFolder(self.root, "jobs folder")
+        empty = self.root.is_dir() and not self.root.is_symlink() and not os.listdir(self.root)
+        self.folder = SafeFolder(self.root, "jobs folder", fresh=empty)  # an empty folder made for it is fine
         try:
             fd = self.folder.open("lock", write=True)
         except FileNotFoundError:
@@ -172,7 +174,8 @@ class JobStore:
             except FileNotFoundError:
                 continue  # a job being made, or one being deleted: no state file yet / any more
             except (OSError, ValueError, KeyError, TypeError, UnsafePath) as e:
-                self.skipped.append(f"jobs folder: left {name} alone: {describe(e)[0] if isinstance(e, UnsafePath) else e}")
+                why = describe(e)[0] if isinstance(e, OSError | UnsafePath) else f"its job.json is damaged ({e})"
+                self.skipped.append(f"left {self.root / name} alone: {why}")
                 continue
             if job.state == "running":  # the server stopped while it ran: it resumes first
                 job.state = "queued"
@@ -198,7 +201,7 @@ class JobStore:
         """Replace the job's state file atomically."""
         folder = self.job_folder(job.id, create=False)
         try:
-            write_file(folder, "job.json", json.dumps(job.to_json(), indent=1).encode())
+            folder.write("job.json", json.dumps(job.to_json(), indent=1).encode(), "a job's state")
         finally:
             folder.close()
 
@@ -213,19 +216,6 @@ class JobStore:
         folder.unlink("job.json")  # first: a half-removed job is never read back
         folder.remove()
         self.jobs.pop(job.id, None)
-
-
-def write_file(folder: SafeFolder, name: str, data: bytes) -> None:
-    tmp, fd = folder.temp(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        folder.unlink(tmp)
-        raise
-    folder.replace(tmp, name)
 
 
 class _Cancelled(Exception):
@@ -331,12 +321,13 @@ class JobRunner:
         return sorted(waiting, key=lambda j: (j.started is None, j.created, j.id))
 
     def position(self, job: Job) -> int | None:
+        """0 for the running job, 1, 2, ... for the queued ones in the order they will run, else None."""
         if job.state == "running":
             return 0
         if job.state != "queued":
             return None
-        ids = [j.id for j in self.queue()]
-        return ids.index(job.id) + (1 if self.current is not None else 0) + 1 if job.id in ids else None
+        ids = [j.id for j in self.queue()]  # 1: the next to run
+        return ids.index(job.id) + 1 if job.id in ids else None
 
     def snapshot(self, job: Job) -> dict:
         with self.lock:
@@ -389,7 +380,7 @@ class JobRunner:
             job = Job(id=job_id, name=name, options=options, input_file=input_file, input_size=img.size,
                       output_size=plan.target_size, predicted_seconds=round(plan.seconds, 3), plan_lines=lines,
                       created=time.time(), warnings=list(img.notices))
-            write_file(folder, "job.json", json.dumps(job.to_json(), indent=1).encode())
+            folder.write("job.json", json.dumps(job.to_json(), indent=1).encode(), "a job's state")
         except BaseException:
             folder.remove()
             raise
@@ -472,6 +463,8 @@ class JobRunner:
             if self.stopping:
                 raise _Stopping()
             show = progress.update(event)
+            if isinstance(event, Resumed):
+                job.resumed = {"pass": event.pass_, "step": event.step}
             if isinstance(event, Notice | PlanChanged):
                 job.warnings.append(event.text if isinstance(event, Notice) else f"plan {event.old} -> {event.new} "
                                     f"({event.reason})")
@@ -487,7 +480,7 @@ class JobRunner:
         def on_preview(img) -> None:
             folder = self.store.job_folder(job.id, create=False)
             try:
-                write_file(folder, "preview.jpg", preview_jpeg(img))
+                folder.write("preview.jpg", preview_jpeg(img), "a preview")
             finally:
                 folder.close()
             job.preview += 1
