@@ -299,10 +299,18 @@ def test_a_job_survives_sigkill_of_its_server_and_ends_identical(tmp_path, tiny_
             "--weights", tiny_weights, "-q", "--no-checkpoint", check=True, env={**ENV, "INFDIT_CACHE": str(cache)})
     jobs = tmp_path / "jobs"
     server = Server(jobs, tiny_weights, cache=cache)
-    try:
+    try:  # SIGTERM: a clean stop; the job waits, queued, for the next start
         _, job = post_image(server, "api/jobs", src, scale=4, steps=30, seed=7)
-        before = wait_for(server, job["id"], lambda j: j["progress"]["step"] >= 4)
-        assert before["state"] == "running"
+        first = wait_for(server, job["id"], lambda j: j["progress"]["step"] >= 2)
+    finally:
+        assert server.stop(signal.SIGTERM) == 143
+    assert server.stderr().splitlines()[1:] == [
+        "error: terminated by SIGTERM; the server stopped, 1 job(s) wait for its next start"]
+    assert json.loads((jobs / job["id"] / "job.json").read_text())["state"] == "queued"
+    server = Server(jobs, tiny_weights, cache=cache)
+    try:  # SIGKILL: no clean-up at all
+        before = wait_for(server, job["id"], lambda j: j["progress"]["step"] >= first["progress"]["step"] + 2)
+        assert before["state"] == "running" and before["resumed"]["step"] >= 2
     finally:
         server.stop(signal.SIGKILL)
     assert json.loads((jobs / job["id"] / "job.json").read_text())["state"] == "running"  # as the kill left it

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -94,7 +97,7 @@ def serve(
     (Ctrl-C, SIGTERM, a crash) and start it again, and the job that was running continues from its last
     step, then the queue.
     """
-    from ..errors import BadRequest, Interrupted
+    from ..errors import BadRequest, InfditError, Interrupted
     from ..planner import parse_bytes
 
     try:
@@ -130,27 +133,49 @@ def serve(
         address = f"http://{f'[{shown[0]}]' if ':' in shown[0] else shown[0]}:{shown[1]}/"
         for line in store.skipped:
             print(f"warning: {line}", file=sys.stderr)
-        if not quiet or made_token:
-            waiting = len(runner.queue())
-            print(f"infdit serve: {address}{f'?token={token}' if made_token else ''}  (jobs in {store.root}"
-                  f"{f'; {waiting} queued' if waiting else ''}; {up.device.type} "
-                  f"{str(up.model.dtype).removeprefix('torch.')}; Ctrl-C stops, jobs continue at the next start)",
-                  file=sys.stderr, flush=True)
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame) -> None:
-                app.closing()  # end the event streams first: open streams would hold the stop up
-                super().handle_exit(sig, frame)
-
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                                 lifespan="on")
+        server = uvicorn.Server(config)
+        # The web server runs in a thread, the jobs in this (main) thread, where torch's CPU work runs
+        # fastest; signals reach this thread and stop both.
+        web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="infdit-web", daemon=True)
+        got: list[int] = []
+
+        def on_signal(signum, frame) -> None:
+            got.append(signum)
+            runner.request_stop()
+            app.closing()  # end the event streams first: open streams would hold the stop up
+            server.should_exit = True
+            if len(got) > 1:
+                server.force_exit = True
+
+        before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
-            Server(config).run(sockets=[sock])
-        except KeyboardInterrupt as e:  # uvicorn re-raises the signal it stopped for, after a clean stop
+            web.start()
+            while not server.started and web.is_alive():
+                time.sleep(0.05)
+            if not server.started and not got:
+                raise InfditError(f"the web server did not start on {address}")
+            if not quiet or made_token:
+                waiting = len(runner.queue())
+                print(f"infdit serve: {address}{f'?token={token}' if made_token else ''}  (jobs in {store.root}"
+                      f"{f'; {waiting} queued' if waiting else ''}; {up.device.type} "
+                      f"{str(up.model.dtype).removeprefix('torch.')}; Ctrl-C stops, jobs continue at the next "
+                      "start)", file=sys.stderr, flush=True)
+            runner.run(alive=web.is_alive)
+        finally:
+            server.should_exit = True
+            app.closing()
+            web.join(30)
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+        if got:
             waiting = len(runner.queue())
-            err = Interrupted(f"{getattr(e, 'what', 'interrupted')}; the server stopped"
+            what = "interrupted" if got[0] == signal.SIGINT else f"terminated by {signal.Signals(got[0]).name}"
+            err = Interrupted(f"{what}; the server stopped"
                               + (f", {waiting} job(s) wait for its next start" if waiting else ""))
-            err.exit_code = getattr(e, "exit_code", 130)
-            raise err from None
+            err.exit_code = 128 + got[0]
+            raise err
     finally:
         store.close()
         sock.close()

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -65,6 +66,25 @@ class Hub:
     def close(self) -> None:
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._put, None)
+
+
+async def in_thread(fn, *args):
+    """`fn(*args)` in a new thread that ends with it. Not a pool's: a thread that lives on after torch ran in it
+    keeps its OpenMP team, and the job thread's CPU work ran 4-5 % slower beside one
+    (benchmarks/serve_overhead.py). Decoding and planning an upload run torch."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def call() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
+            loop.call_soon_threadsafe(lambda err=e: done.cancelled() or done.set_exception(err))
+        else:
+            loop.call_soon_threadsafe(lambda: done.cancelled() or done.set_result(result))
+
+    threading.Thread(target=call, name="infdit-upload", daemon=True).start()
+    return await done
 
 
 class _TooLarge(Exception):
@@ -184,9 +204,9 @@ def page_html() -> str:
 
 def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 100 * 2**20,
                allow_paths: Path | None = None, info: dict | None = None) -> object:
-    """The ASGI application: the API and page over `runner` (started and stopped with the app). Call its
-    `closing()` when the server begins to stop (a signal): the event streams end, so no connection
-    holds the stop up."""
+    """The ASGI application: the API and page over `runner`, whose jobs the caller runs (`runner.run()`,
+    or `runner.start()` for a thread). Call its `closing()` when the server begins to stop (a signal): the
+    event streams end, so no connection holds the stop up."""
     from contextlib import asynccontextmanager
 
     hub = Hub()
@@ -196,12 +216,10 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
     @asynccontextmanager
     async def lifespan(app):
         hub.loop = asyncio.get_running_loop()
-        runner.start()
         try:
             yield
         finally:
             hub.close()
-            await run_in_threadpool(runner.stop)
 
     app = FastAPI(title="infdit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -299,7 +317,7 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
     async def api_plan(request: Request):
         path, name, options = await _upload(request)
         try:
-            img, plan, lines = await run_in_threadpool(runner.plan, path, name, options)
+            img, plan, lines = await in_thread(runner.plan, path, name, options)
         finally:
             store.folder.unlink(path.name)
         return {"name": name, "input_size": list(img.size), "output_size": list(plan.target_size),
@@ -310,7 +328,7 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
     async def api_submit(request: Request):
         path, name, options = await _upload(request)
         try:
-            job = await run_in_threadpool(runner.submit, path, name, options)
+            job = await in_thread(runner.submit, path, name, options)
         finally:
             store.folder.unlink(path.name)  # moved into the job when accepted
         return JSONResponse(runner.snapshot(job), status_code=201)
