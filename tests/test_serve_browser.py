@@ -1,0 +1,101 @@
+"""The web page of `infdit serve` in a real browser: Debian's Chromium, headless, driven by Playwright.
+
+It picks an image, sees the plan, starts the job, watches the progress move and the preview appear,
+downloads the result and checks its size. A screenshot is saved (and to $INFDIT_SCREENSHOT when set:
+docs/serve.png is made that way). Skipped where Chromium or Playwright is missing, unless
+INFDIT_REQUIRE_BROWSER=1 (CI), where that is a failure.
+"""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_serve import Server, image
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def _need_browser():
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        reason = "Playwright is not installed (pip install playwright)"
+    else:
+        if os.path.exists(CHROMIUM):
+            return
+        reason = "Chromium is not installed (apt-get install chromium)"
+    if os.environ.get("INFDIT_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_factory):
+    _need_browser()
+    pytest.importorskip("fastapi")
+    from playwright.sync_api import expect, sync_playwright
+
+    src = image(tmp_path / "holiday photo.png", 48, 64, seed=5)
+    server = Server(tmp_path / "jobs", tiny_weights, cache=tmp_path_factory.getbasetemp() / "serve-cache")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 390, "height": 1100}, accept_downloads=True)
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(server.url)
+                expect(page.locator("#info")).to_contain_text("cpu float32")
+                page.set_input_files("#file", str(src))
+                page.fill("#scale", "4")
+                page.fill("#steps", "40")
+                expect(page.locator("#plan-lines")).to_contain_text("64x48 -> 256x192: 1 model pass(es), 79 model "
+                                                                    "calls (40 steps)")
+                expect(page.locator("#plan")).to_contain_text("256×192")
+                page.click("#start")
+                job = page.locator(".job").first
+                expect(job.locator(".name")).to_have_text("holiday photo.png")
+                expect(job.locator("a.download")).to_be_hidden()  # until the job is done
+                # A phone-sized page: nothing wider than the screen.
+                assert page.evaluate("document.documentElement.scrollWidth") <= 390
+                fractions = set()
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and len(fractions) < 3:
+                    value = job.locator("progress").evaluate("p => p.value")
+                    if 0 < value < 1:
+                        fractions.add(value)
+                    if job.locator(".state").inner_text() == "done":
+                        break
+                    time.sleep(0.05)
+                assert len(fractions) >= 2, fractions  # the bar moved while the job ran
+                preview = job.locator("img.preview")
+                expect(preview).to_be_visible(timeout=60_000)
+                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=preview.element_handle(),
+                                       timeout=60_000)
+                shot = tmp_path / "serve.png"
+                page.screenshot(path=str(shot), full_page=True)
+                if os.environ.get("INFDIT_SCREENSHOT"):
+                    shutil.copy(shot, os.environ["INFDIT_SCREENSHOT"])
+                expect(job.locator(".state")).to_have_text("done", timeout=120_000)
+                expect(job.locator("progress")).to_have_js_property("value", 1)
+                with page.expect_download() as info:
+                    job.locator("a.download").click()
+                download = info.value
+                assert download.suggested_filename == "holiday photo_infdit.png"
+                out = tmp_path / "result.png"
+                download.save_as(out)
+                with Image.open(out) as im:
+                    assert im.size == (256, 192)
+                    assert np.asarray(im).std() > 0  # an image, not a blank
+                expect(job.locator("button.cancel")).to_be_hidden()
+                assert errors == []
+            finally:
+                browser.close()
+    finally:
+        server.stop()
