@@ -99,3 +99,34 @@ def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_
                 browser.close()
     finally:
         server.stop()
+
+
+def test_the_page_carries_the_token(tmp_path, tiny_weights, tmp_path_factory):
+    _need_browser()
+    pytest.importorskip("fastapi")
+    from playwright.sync_api import expect, sync_playwright
+
+    src = image(tmp_path / "a.png", 24, 24)
+    server = Server(tmp_path / "jobs", tiny_weights, "--host", "0.0.0.0",
+                    cache=tmp_path_factory.getbasetemp() / "serve-cache")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                assert page.goto(server.url).status == 401  # no token, no page
+                page.goto(f"{server.url}?token={server.token}")
+                expect(page.locator("#info")).to_contain_text("cpu float32")
+                page.set_input_files("#file", str(src))
+                page.fill("#scale", "2")
+                page.fill("#steps", "2")
+                page.click("#start")  # the plan, the upload, the event stream and the preview all carry it
+                job = page.locator(".job").first
+                expect(job.locator(".state")).to_have_text("done", timeout=60_000)
+                page.wait_for_function("img => img.complete && img.naturalWidth > 0",
+                                       arg=job.locator("img.preview").element_handle(), timeout=30_000)
+                assert job.locator("a.download").get_attribute("href").endswith(f"?token={server.token}")
+            finally:
+                browser.close()
+    finally:
+        server.stop()
