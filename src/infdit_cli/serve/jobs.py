@@ -294,9 +294,10 @@ class _Progress:
 
 
 class JobRunner:
-    """The server's one worker: a thread that runs the queued jobs one at a time on the loaded model.
+    """The server's one worker: runs the queued jobs one at a time on the loaded model (`run`, in the
+    caller's thread; `start` for a thread of its own).
 
-    `publish(kind, data)` is called (from the worker thread) with `("job", job JSON)` on every change and
+    `publish(kind, data)` is called (from the jobs' thread) with `("job", job JSON)` on every change and
     with each library event as `(class name, {"job": id, ...its fields})`.
     """
 
