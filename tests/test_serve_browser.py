@@ -53,6 +53,12 @@ def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_
                 page.goto(server.url)
                 expect(page.locator("#info")).to_contain_text("cpu float32")
                 page.set_input_files("#file", str(src))
+                page.fill("#res", "not a size")  # a plan the server refuses: its one line, in red, and no Start
+                error = page.locator("#plan-error")
+                expect(error).to_contain_text("not a size")
+                assert error.evaluate("e => getComputedStyle(e).color") == "rgb(192, 38, 45)"
+                assert "\n" not in error.inner_text()
+                expect(page.locator("#start")).to_be_disabled()
                 page.fill("#scale", "4")
                 page.fill("#steps", "40")
                 expect(page.locator("#plan-lines")).to_contain_text("64x48 -> 256x192: 1 model pass(es), 79 model "
