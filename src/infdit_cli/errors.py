@@ -26,6 +26,8 @@ __all__ = [
     "DiskTooSmall",
     "NonFinite",
     "describe",
+    "signal_name",
+    "stopped_by",
 ]
 
 
@@ -121,9 +123,7 @@ class Signalled(KeyboardInterrupt):
 
     @property
     def what(self) -> str:
-        import signal
-
-        return f"terminated by {signal.Signals(self.signum).name}"
+        return stopped_by(self.signum)
 
 
 class UnsafePath(InfditError):
@@ -147,6 +147,20 @@ class DiskTooSmall(InfditError):
 
 class NonFinite(InfditError):
     """The sampler state or the image holds NaN or Inf: no output is written."""
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def stopped_by(signum: int) -> str:
+    """A stop by `signum` as the one-line error says it: "interrupted" (SIGINT), else "terminated by SIGTERM"."""
+    return "interrupted" if signum == 2 else f"terminated by {signal_name(signum)}"
 
 
 def describe(exc: BaseException) -> tuple[str, int]:

@@ -25,6 +25,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from .errors import signal_name, stopped_by
+
 __all__ = ["launch", "job_code", "unreported", "main"]
 
 USAGE = ("usage: python -m infdit_cli.launch [TORCHRUN OPTIONS] -- COMMAND [ARGS]...\n"
@@ -57,15 +59,6 @@ def _on_signal(signum, frame) -> None:
     raise _Stopped(signum)
 
 
-def _signal_name(signum: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
 def unreported(codes: dict[int, int], killed: dict[int, int], signum: int | None) -> str | None:
     """The launcher's own line where no rank wrote an exit code to go with the job's end (each rank writes
     it after its own error line): the launcher's signal (the ranks' message for it), else a rank that died
@@ -73,10 +66,10 @@ def unreported(codes: dict[int, int], killed: dict[int, int], signum: int | None
     if signum is not None:
         if 0 in codes:
             return None
-        return "interrupted" if signum == 2 else f"terminated by {_signal_name(signum)}"
+        return stopped_by(signum)
     if killed and not any(codes.values()):
         rank = min(killed)
-        return (f"rank {rank} was killed by {_signal_name(killed[rank])} (out of host memory? see the "
+        return (f"rank {rank} was killed by {signal_name(killed[rank])} (out of host memory? see the "
                 f"system log); set INFDIT_DEBUG=1 for torchrun's report")
     return None
 

@@ -97,7 +97,7 @@ def serve(
     (Ctrl-C, SIGTERM, a crash) and start it again, and the job that was running continues from its last
     step, then the queue.
     """
-    from ..errors import BadRequest, InfditError, Interrupted
+    from ..errors import BadRequest, InfditError, Interrupted, stopped_by
     from ..planner import parse_bytes
 
     try:
@@ -171,8 +171,7 @@ def serve(
                 signal.signal(sig, handler)
         if got:
             waiting = len(runner.queue())
-            what = "interrupted" if got[0] == signal.SIGINT else f"terminated by {signal.Signals(got[0]).name}"
-            err = Interrupted(f"{what}; the server stopped"
+            err = Interrupted(f"{stopped_by(got[0])}; the server stopped"
                               + (f", {waiting} job(s) wait for its next start" if waiting else ""))
             err.exit_code = 128 + got[0]
             raise err

@@ -188,7 +188,7 @@ def _options(form) -> JobOptions:
 
     return JobOptions(res=text("res"), scale=number("scale", float, None), steps=number("steps", int, 20),
                       seed=number("seed", int, 0), format=(text("format") or "png").lower(),
-                      color_fix=(text("color_fix") or "none").lower()).check()
+                      color_fix=(text("color_fix") or "none").lower())  # checked by the runner
 
 
 def _display_name(name: str | None) -> str:

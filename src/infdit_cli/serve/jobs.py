@@ -205,13 +205,17 @@ class JobStore:
         finally:
             folder.close()
 
-    def remove(self, job: Job) -> None:
-        """The job's files: its run folder, then what its marker records, then the folder."""
+    def drop_run(self, job: Job) -> None:
+        """The job's run folder (its checkpoints), if it has one."""
         from ..checkpoint import RunFolder
 
         run = self.path(job, "run")
         if os.path.lexists(run):
             RunFolder(run, {}).remove(strict=False)
+
+    def remove(self, job: Job) -> None:
+        """The job's files: its run folder, then what its marker records, then the folder."""
+        self.drop_run(job)
         folder = self.job_folder(job.id, create=False)
         folder.unlink("job.json")  # first: a half-removed job is never read back
         folder.remove()
@@ -536,14 +540,10 @@ class JobRunner:
         self.store.save(job)
 
     def _drop_run(self, job: Job) -> None:
-        from ..checkpoint import RunFolder
-
-        run = self.store.path(job, "run")
-        if os.path.lexists(run):
-            try:
-                RunFolder(run, {}).remove(strict=False)
-            except (OSError, InfditError):
-                pass
+        try:  # a cancelled job's checkpoints; a folder that will not go stays, the job is cancelled anyway
+            self.store.drop_run(job)
+        except (OSError, InfditError):
+            pass
 
 
 def preview_jpeg(img) -> bytes:
