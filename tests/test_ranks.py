@@ -4,6 +4,7 @@ fails the others in bounded time, and the job's exit code through `infdit_cli.la
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from infdit_cli.distributed import timeout_seconds
+from infdit_cli.distributed import ExitRecord, another_rank_failed, read_exit_codes, timeout_seconds, write_exit_code
 from infdit_cli.errors import BadRequest
 from infdit_cli.launch import job_code, unreported
 from infdit_cli.planner import Placement, leanest, plan
@@ -49,27 +50,54 @@ def test_leanest_takes_the_leanest_of_each_decision():
     assert leanest([host, b]) == m  # the order of the ranks does not matter
 
 
+def rec(code: int, after: bool = False, said: bool = False) -> ExitRecord:
+    return ExitRecord(code, after, said)
+
+
 def test_job_code_prefers_rank_0_then_the_first_failing_rank():
-    assert job_code({0: 0, 1: 0}, False) == 0
-    assert job_code({0: 3, 1: 3}, True) == 3
-    assert job_code({0: 2, 1: 0}, True) == 2
-    assert job_code({0: 0, 1: 1, 2: 3}, True) == 1
-    assert job_code({0: 1}, True) == 1  # rank 1 killed: wrote nothing
+    assert job_code({0: rec(0), 1: rec(0)}, False) == 0
+    assert job_code({0: rec(3, said=True), 1: rec(3)}, True) == 3
+    assert job_code({0: rec(2, said=True), 1: rec(0)}, True) == 2
+    assert job_code({0: rec(0), 1: rec(1), 2: rec(3)}, True) == 1
+    assert job_code({0: rec(1)}, True) == 1  # rank 1 killed: wrote nothing
     assert job_code({}, True) == 1 and job_code({}, False) == 0
-    assert job_code({0: 1, 1: 1}, True, signum=2) == 130
+    assert job_code({0: rec(1), 1: rec(1)}, True, signum=2) == 130
     assert job_code({}, True, signum=15) == 143
 
 
+def test_job_code_is_the_cause_not_what_followed_it():
+    # rank 2 ran out of memory on its own; rank 0 lost contact, rank 1 was stopped by torchrun after it
+    assert job_code({0: rec(1, after=True), 1: rec(143, after=True), 2: rec(3, said=True)}, True) == 3
+    assert job_code({0: rec(143, after=True), 1: rec(2, said=True)}, True) == 2
+    assert job_code({0: rec(1, after=True)}, True) == 1  # only followers recorded: still a failure
+
+
 def test_the_launcher_speaks_only_where_no_rank_did():
-    # A signal: rank 0 wrote its code after its own line, so the launcher adds none; no code, one line.
-    assert unreported({0: 143, 1: 143}, {}, 15) is None
-    assert unreported({1: 143}, {}, 15) == "terminated by SIGTERM"  # rank 0 killed while it was starting
+    # The launcher's signal: rank 0 said it, so the launcher adds nothing; no rank said it: one line.
+    assert unreported({0: rec(143, said=True), 1: rec(143)}, {}, 15) is None
+    assert unreported({1: rec(143)}, {}, 15) == "terminated by SIGTERM"  # rank 0 killed while it was starting
     assert unreported({}, {}, 2) == "interrupted"
     assert unreported({}, {}, 1) == "terminated by SIGHUP"
-    # A rank killed outright (the OOM killer): named, unless some rank reported a failure of its own.
-    assert unreported({0: 0}, {1: 9}, None).startswith("rank 1 was killed by SIGKILL")
-    assert unreported({0: 1}, {1: 9}, None) is None
-    assert unreported({0: 0, 1: 0}, {}, None) is None
+    # A rank killed outright (the OOM killer): always named (no rank could know it), with or without a line.
+    assert unreported({0: rec(0)}, {1: 9}, None).startswith("rank 1 was killed by SIGKILL")
+    assert unreported({0: rec(1, said=True)}, {1: 9}, None).startswith("rank 1 was killed by SIGKILL")
+    assert unreported({0: rec(0), 1: rec(0)}, {}, None) is None
+    # One rank stopped by a signal sent to it alone (it stays silent: stops are rank 0's to say).
+    assert unreported({0: rec(1, after=True), 1: rec(143)}, {}, None) == "rank 1 was terminated by SIGTERM"
+    assert unreported({0: rec(1, after=True), 1: rec(1, said=True)}, {}, None) is None
+
+
+def test_exit_records_round_trip(tmp_path):
+    base = str(tmp_path / "exit")
+    for rank, (code, after, said) in enumerate([(0, False, False), (1, True, False), (143, False, True)]):
+        write_exit_code(code, after=after, said=said, env={"INFDIT_EXIT_FILE": base, "RANK": str(rank)})
+    (tmp_path / "exit.7").write_text("not a code\n")  # damaged: left out
+    (tmp_path / "exit.3.tmp").write_text("1 own said\n")  # being written: left out
+    assert read_exit_codes(base) == {0: rec(0), 1: rec(1, after=True), 2: rec(143, said=True)}
+    env = {"INFDIT_EXIT_FILE": base, "RANK": "0"}
+    assert another_rank_failed(stops=True, env=env)  # rank 2's own 143
+    assert not another_rank_failed(stops=False, env=env)  # a stop is not a failure; rank 1 only followed
+    assert not another_rank_failed(stops=True, env={"RANK": "0"})  # not under the launcher
 
 
 def test_rank_timeout_from_the_environment():
@@ -162,17 +190,20 @@ def test_a_hung_rank_fails_the_others_after_the_timeout(tmp_path):
 
 # --- exit codes through the launcher -----------------------------------------------------------------------
 
-def launcher(*args: str, entry: str | None = None, cwd=None) -> subprocess.CompletedProcess:
+def launcher(*args: str, entry: str | None = None, fault: str | None = None, cwd=None, env=None
+             ) -> subprocess.CompletedProcess:
     """`python -m infdit_cli.launch --standalone --nproc-per-node 2 -- ARGS` (or with a test script as the
-    ranks' program); prints each rank's code file as JSON on stdout first."""
+    ranks' program, `fault` its first argument); prints each rank's exit code as JSON on stdout first."""
     code = ("import json, sys; from infdit_cli import launch as L\n"
-            "read = L._read_codes\n"
-            "def spy(base):\n    c = read(base); print(json.dumps(c), flush=True); return c\n"
-            "L._read_codes = spy\n"
+            "from infdit_cli import distributed as D\n"
+            "read = D.read_exit_codes\n"
+            "def spy(base):\n    c = read(base); print(json.dumps({r: e.code for r, e in c.items()}), flush=True)"
+            "; return c\n"
+            "D.read_exit_codes = spy\n"
             "entry = ['-m', 'infdit_cli'] if sys.argv[1] == '-' else [sys.argv[1]]\n"
             "sys.exit(L.launch(['--standalone', '--nproc-per-node=2'], sys.argv[2:], entry=entry))")
-    return subprocess.run([sys.executable, "-c", code, entry or "-", *args], capture_output=True, text=True,
-                          env=ENV, cwd=cwd, timeout=120)
+    return subprocess.run([sys.executable, "-c", code, entry or "-", *([fault] if fault else []), *args],
+                          capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=cwd, timeout=120)
 
 
 def test_launcher_usage_error_is_2_with_one_line(tmp_path):
@@ -191,7 +222,7 @@ def test_out_of_memory_at_the_leanest_plan_is_3_on_every_rank(tmp_path, tiny_wei
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 100, 3), dtype=np.uint8)).save(src)
     res = launcher("upscale", str(src), "-o", str(tmp_path / "out.png"), "--scale", "4", "--steps", "2",
                    "--device", "cpu", "--weights", str(tiny_weights), "--block-batch", "2",
-                   entry=str(HERE / "oom_cli.py"), cwd=tmp_path)
+                   entry=str(HERE / "fault_cli.py"), fault="oom", cwd=tmp_path)
     assert res.returncode == 3, res.stderr[-2000:]
     assert json.loads(res.stdout.splitlines()[0]) == {"0": 3, "1": 3}  # every rank exits 3
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
@@ -199,27 +230,90 @@ def test_out_of_memory_at_the_leanest_plan_is_3_on_every_rank(tmp_path, tiny_wei
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.png"]  # no partial output
 
 
-@pytest.mark.parametrize("after", [8.0, 1.5], ids=["sampling", "starting"])
-def test_launcher_sigterm_is_143_with_one_line(tmp_path, tiny_weights, after):
+def _long_job(tmp_path: Path, tiny_weights: Path) -> subprocess.Popen:
+    """An `upscale` through the launcher on 2 ranks that samples for far longer than a test waits."""
     src = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 200, 3), dtype=np.uint8)).save(src)
     cmd = [sys.executable, "-m", "infdit_cli.launch", "--standalone", "--nproc-per-node=2", "--", "upscale",
            str(src), "-o", str(tmp_path / "out.png"), "--scale", "4", "--steps", "50", "--device", "cpu",
            "--weights", str(tiny_weights), "--block-batch", "2", "-q", "--no-checkpoint"]
-    p = subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_after(p: subprocess.Popen, after: float, send) -> tuple[str, float]:
+    """`send()` (a signal) `after` seconds into the job `p`: (its stderr, seconds from the signal to its end)."""
     try:
-        # After 8 s the ranks are sampling (50 steps take far longer); after 1.5 s the launcher or the ranks
-        # are still importing, before any handler of theirs (CI's slower machine met that at 8 s).
         time.sleep(after)
         assert p.poll() is None
-        p.terminate()
+        send()
+        sent = time.monotonic()
         _, err = p.communicate(timeout=60)
+        return err, time.monotonic() - sent
     finally:
         _stop([p])
+
+
+@pytest.mark.parametrize("after", [8.0, 1.5], ids=["sampling", "starting"])
+def test_launcher_sigterm_is_143_with_one_line(tmp_path, tiny_weights, after):
+    p = _long_job(tmp_path, tiny_weights)
+    # After 8 s the ranks are sampling (50 steps take far longer); after 1.5 s the launcher or the ranks
+    # are still importing, before any handler of theirs (CI's slower machine met that at 8 s).
+    err, took = _signal_after(p, after, p.terminate)
     assert p.returncode == 143, err[-2000:]
+    # The ranks stop by themselves, in seconds. A rank waiting at a barrier for a peer that left mid-exchange
+    # would be killed by torchrun 30 s after its SIGTERM (this failed in CI: the lock file was left behind).
+    assert took < 20, (took, err[-2000:])
     lines = [line for line in err.splitlines() if line.strip()]
     # The rank's own line names SIGTERM; under load torchrun's agent has been seen to stop the ranks first
     # (1 run in 4 here), and then it reads "interrupted"; where no rank could speak, the launcher's line
     # names SIGTERM. Either way one line, and the launcher's code 143.
     assert lines in (["error: terminated by SIGTERM"], ["error: interrupted"]), err[-2000:]
     assert sorted(q.name for q in tmp_path.iterdir()) == ["big.png"]  # no partial output
+
+
+def test_one_ranks_own_error_ends_the_job_at_once_with_its_line(tmp_path, tiny_weights):
+    """Rank 1's disk fills mid-call while rank 0 waits on it: the job ends in seconds, not after
+    INFDIT_RANK_TIMEOUT (rank 1 leaves the group without a barrier; rank 0 meets the closed connection,
+    finds rank 1's record and stays silent), with rank 1's line and code."""
+    src = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 100, 3), dtype=np.uint8)).save(src)
+    start = time.monotonic()
+    res = launcher("upscale", str(src), "-o", str(tmp_path / "out.png"), "--scale", "4", "--steps", "3",
+                   "--device", "cpu", "--weights", str(tiny_weights), "--block-batch", "2", "-q",
+                   entry=str(HERE / "fault_cli.py"), fault="disk", cwd=tmp_path, env={"INFDIT_RANK_TIMEOUT": "300"})
+    took = time.monotonic() - start
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert json.loads(res.stdout.splitlines()[0]) == {"0": 1, "1": 1}
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines == ["error: no space left on device: /scratch/injected"], res.stderr[-2000:]
+    assert took < 60, took  # with a barrier on the way out: 300 s and more (INFDIT_RANK_TIMEOUT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.png"]  # no partial output, no lock file
+
+
+def _child(parent: int, rank: int, wait: float = 30) -> int:
+    """The pid of `parent`'s child process with RANK=`rank` in its environment."""
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        for d in Path("/proc").iterdir():
+            try:
+                if (d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent
+                        and f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0")):
+                    return int(d.name)
+            except (OSError, ValueError, IndexError):
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"no rank {rank} under pid {parent}")
+
+
+def test_sigterm_to_one_rank_alone_ends_the_job_with_one_line(tmp_path, tiny_weights):
+    """`kill` of rank 1 alone, mid-sampling: 143 in seconds, one line (rank 1 stays silent, as ranks do for
+    stops; rank 0 either finds rank 1's record and leaves the line to the launcher, or gets torchrun's
+    SIGTERM first and says it), no partial output."""
+    p = _long_job(tmp_path, tiny_weights)
+    rank1 = _child(p.pid, 1)
+    err, took = _signal_after(p, 8.0, lambda: os.kill(rank1, signal.SIGTERM))  # sampling by then
+    assert p.returncode == 143, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines in (["error: rank 1 was terminated by SIGTERM"], ["error: terminated by SIGTERM"]), err[-2000:]
+    assert took < 20, took
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["big.png"]

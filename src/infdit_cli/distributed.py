@@ -11,6 +11,7 @@ The process group is gloo on the CPU; with CUDA it is "cpu:gloo,cuda:nccl", so s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["World", "world_from_env", "init", "teardown", "rank_device", "shard", "broadcast", "gather",
-           "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT", "write_exit_code"]
+__all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "shard", "broadcast", "gather",
+           "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT",
+           "ExitRecord", "STOP_CODES", "write_exit_code", "read_exit_codes", "another_rank_failed"]
 
 TIMEOUT_DEFAULT = 600.0  # seconds a collective or a receive waits for the other ranks (NCCL's own default)
 
@@ -127,29 +129,113 @@ def agree_plan(world: World):
     return agree
 
 
-def write_exit_code(code: int, env: dict[str, str] | None = None) -> None:
-    """Under `infdit_cli.launch`: this rank's exit code into `$INFDIT_EXIT_FILE.RANK`, where the launcher
+STOP_CODES = frozenset({129, 130, 143})  # SIGHUP, SIGINT, SIGTERM: a stop, not a failure of the rank's own
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """What a rank leaves for the launcher in `$INFDIT_EXIT_FILE.RANK`: its exit code; `after`: it failed
+    because another rank did first (lost contact with it, or stopped by torchrun once it had failed);
+    `said`: it printed the job's error line."""
+
+    code: int
+    after: bool = False
+    said: bool = False
+
+
+def write_exit_code(code: int, *, after: bool = False, said: bool = False, env: dict[str, str] | None = None
+                    ) -> None:
+    """Under `infdit_cli.launch`: this rank's `ExitRecord` into `$INFDIT_EXIT_FILE.RANK`, where the launcher
     reads it after torchrun ends (torchrun itself only says 0 or 1). Nothing otherwise; never raises."""
     env = os.environ if env is None else env
     path = env.get("INFDIT_EXIT_FILE")
     if not path:
         return
-    try:
-        with open(f"{path}.{env.get('RANK', '0')}", "w") as f:
-            f.write(f"{int(code)}\n")
+    final = f"{path}.{env.get('RANK', '0')}"
+    try:  # whole or absent: another rank may be reading it now (`another_rank_failed`)
+        with open(final + ".tmp", "w") as f:
+            f.write(f"{int(code)} {'after' if after else 'own'} {'said' if said else 'silent'}\n")
+        os.replace(final + ".tmp", final)
     except OSError:
         pass
 
 
-def teardown() -> None:
+def read_exit_codes(base: str) -> dict[int, ExitRecord]:
+    """Every rank's `ExitRecord` written so far under `base` (`$INFDIT_EXIT_FILE`), by rank."""
+    out = {}
+    folder, stem = os.path.split(base)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return out
+    for name in names:
+        rank = name.removeprefix(stem + ".")
+        if not (name.startswith(stem + ".") and rank.isdigit()):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                words = f.read(100).split()
+            out[int(rank)] = ExitRecord(int(words[0]), "after" in words[1:], "said" in words[1:])
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def another_rank_failed(*, stops: bool, wait: float = 0.0, env: dict[str, str] | None = None) -> bool:
+    """Under `infdit_cli.launch`: whether another rank has recorded a failure of its own (non-zero, not
+    `after` one; a stop by a signal counts where `stops`), looking for up to `wait` seconds (a peer that
+    failed first may still be reporting when this rank meets the closed connection)."""
+    env = os.environ if env is None else env
+    base, me = env.get("INFDIT_EXIT_FILE"), env.get("RANK", "0")
+    if not base:
+        return False
+    end = time.monotonic() + wait
+    while True:
+        for rank, rec in read_exit_codes(base).items():
+            if str(rank) != me and rec.code and not rec.after and (stops or rec.code not in STOP_CODES):
+                return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def group(world: World, device: str = "cpu"):
+    """The process group around a `with` block: `init` on entry, `teardown` on leaving, clean only where the
+    block ended normally. A no-op for one process."""
+    init(world, device)
+    try:
+        yield
+    except BaseException:
+        teardown(clean=False)
+        raise
+    teardown(clean=True)
+
+
+def teardown(clean: bool = True) -> None:
+    """Leave the process group. `clean` (this rank's work ended normally): every rank reaches the end before
+    any leaves (gloo fails a peer still receiving from one gone early). Otherwise at once: after an error or
+    a signal this rank may be mid-exchange, and a barrier could pair with a peer's unfinished receive and
+    hold both until torchrun kills them or INFDIT_RANK_TIMEOUT passes; the peers meet the closed
+    connections and fail at once."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        try:  # every rank reaches the end before any tears the group down (gloo aborts on a peer gone early)
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        try:
             dist.barrier()
         except (RuntimeError, ValueError):  # a peer already failed: its error is the one to report
             pass
         dist.destroy_process_group()
+        return
+    try:  # abort: no waiting for work in flight (destroy's shutdown may wait on it)
+        dist.distributed_c10d._abort_process_group()
+    except Exception:  # noqa: BLE001 - a backend without abort: leave as cleanly as it can
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - leaving anyway; the error that brought us here is the one to report
+            pass
 
 
 def broadcast(obj, world: World):

@@ -26,6 +26,7 @@ __all__ = [
     "DiskTooSmall",
     "NonFinite",
     "describe",
+    "lost_contact",
     "signal_name",
     "stopped_by",
 ]
@@ -163,6 +164,12 @@ def stopped_by(signum: int) -> str:
     return "interrupted" if signum == 2 else f"terminated by {signal_name(signum)}"
 
 
+def lost_contact(exc: BaseException) -> bool:
+    """Whether `exc` is torch.distributed's failure to reach another rank (gone, or past the timeout)."""
+    return type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError", "DistError") or (
+        type(exc) is RuntimeError and "gloo/transport" in str(exc))  # gloo: a peer gone or timed out
+
+
 def describe(exc: BaseException) -> tuple[str, int]:
     """Any exception as (one line for the user, exit code): the CLI's error funnel and the server's JSON
     errors say the same thing."""
@@ -177,8 +184,7 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return "out of host memory; try a smaller --mem-budget or --block-batch", 1
     if type(exc).__name__ == "OutOfMemoryError":  # torch's, escaping the planner's retries
         return "out of device memory even at block batch 1; try --device cpu", 3
-    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError", "DistError") or (
-            type(exc) is RuntimeError and "gloo/transport" in str(exc)):  # gloo: a peer gone or timed out
+    if lost_contact(exc):
         return ("lost contact with another rank (it failed, was killed, or did not answer within "
                 "INFDIT_RANK_TIMEOUT); its own error, if any, is on its stderr"), 1
     if isinstance(exc, OSError) and exc.errno == 28:

@@ -2,19 +2,22 @@
 
 torchrun reports any rank's failure in its own words and exits 1, so a script cannot tell a wrong
 command line (2) from out of memory (3) or Ctrl-C (130). This runs torchrun (`torch.distributed.run`, in
-this process) on `python -m infdit_cli COMMAND ...`; every rank writes its exit code to
-`$INFDIT_EXIT_FILE.RANK` (`distributed.write_exit_code`), and the launcher exits with the job's code:
+this process) on `python -m infdit_cli COMMAND ...`; every rank records its exit code in
+`$INFDIT_EXIT_FILE.RANK` (`distributed.ExitRecord`: the code, whether it only followed another rank's
+failure, whether it printed the line), and the launcher exits with the job's code:
 
-- rank 0's code when it is not 0 (rank 0 reports what every rank met alike: usage, a collective out of
-  memory, an interrupt);
-- else the first other rank's non-zero code (a failure of that rank alone);
-- else 1 when torchrun failed without any rank saying why (a rank killed by a signal), 0 otherwise;
 - 130, 143 or 129 when the launcher itself got SIGINT, SIGTERM or SIGHUP (torchrun passes it on to every
-  rank, which stops as one process would).
+  rank, which stops as one process would);
+- else the code of a rank's own failure: rank 0's (rank 0 reports what every rank met alike: usage, a
+  collective out of memory), else the first other rank's. A rank that failed only because another did
+  (it lost contact with it, or torchrun stopped it with SIGTERM once the other failed) stays silent and
+  counts last;
+- else 1 when torchrun failed without any rank saying why (a rank killed by a signal), 0 otherwise.
 
 torchrun's own log lines and failure report are left out (set INFDIT_DEBUG=1 to see them); the ranks'
-output is untouched. Where no rank could say why the job ended (a signal that arrived while the ranks were
-still starting, a rank killed outright), the launcher says it, in one line. A launcher usage error exits 2.
+output is untouched. Where no rank printed a line for how the job ended (a signal that arrived while the
+ranks were still starting, a rank killed outright), the launcher says it, in one line. A launcher usage
+error exits 2.
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import signal_name, stopped_by
+
+if TYPE_CHECKING:  # the launcher imports torch only after its signal handlers are in place
+    from .distributed import ExitRecord
 
 __all__ = ["launch", "job_code", "unreported", "main"]
 
@@ -35,15 +42,14 @@ USAGE = ("usage: python -m infdit_cli.launch [TORCHRUN OPTIONS] -- COMMAND [ARGS
 _SIGNAL_CODES = {2: 130, 15: 143, 1: 129}  # SIGINT, SIGTERM, SIGHUP: as one infdit process exits
 
 
-def job_code(codes: dict[int, int], torchrun_failed: bool, signum: int | None = None) -> int:
-    """The job's exit code from each rank's (`codes`, by rank; a rank that wrote none is absent)."""
+def job_code(records: dict[int, ExitRecord], torchrun_failed: bool, signum: int | None = None) -> int:
+    """The job's exit code from each rank's record (`records`, by rank; a rank that wrote none is absent)."""
     if signum is not None:
         return _SIGNAL_CODES.get(signum, 128 + signum)
-    if codes.get(0, 0) != 0:
-        return codes[0]
-    for rank in sorted(codes):
-        if codes[rank] != 0:
-            return codes[rank]
+    for after in (False, True):  # a rank's own failure before one that only followed it
+        failed = {rank: r.code for rank, r in records.items() if r.code and r.after == after}
+        if failed:
+            return failed.get(0) or failed[min(failed)]
     return 1 if torchrun_failed else 0
 
 
@@ -59,33 +65,23 @@ def _on_signal(signum, frame) -> None:
     raise _Stopped(signum)
 
 
-def unreported(codes: dict[int, int], killed: dict[int, int], signum: int | None) -> str | None:
-    """The launcher's own line where no rank wrote an exit code to go with the job's end (each rank writes
-    it after its own error line): the launcher's signal (the ranks' message for it), else a rank that died
-    by a signal (`killed`: rank -> signal number); None where a rank has already said it."""
+def unreported(records: dict[int, ExitRecord], killed: dict[int, int], signum: int | None) -> str | None:
+    """The launcher's own line, where the ranks' records say none printed one for how the job ended: the
+    launcher's signal (as the ranks would say it), a rank stopped by a signal sent to it alone; and always a
+    rank killed by a signal (`killed`: rank -> signal number), which no rank could report. None otherwise."""
+    said = any(r.said for r in records.values())
     if signum is not None:
-        if 0 in codes:
-            return None
-        return stopped_by(signum)
-    if killed and not any(codes.values()):
+        return None if said else stopped_by(signum)
+    if killed:
         rank = min(killed)
         return (f"rank {rank} was killed by {signal_name(killed[rank])} (out of host memory? see the "
                 f"system log); set INFDIT_DEBUG=1 for torchrun's report")
-    return None
-
-
-def _read_codes(base: str) -> dict[int, int]:
-    out = {}
-    folder, stem = os.path.split(base)
-    for name in os.listdir(folder):
-        rank = name.removeprefix(stem + ".")
-        if name.startswith(stem + ".") and rank.isdigit():
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    out[int(rank)] = int(f.read().strip())
-            except (OSError, ValueError):
-                pass
-    return out
+    code = job_code(records, False)
+    if said or not code:
+        return None
+    rank = min(rank for rank, r in records.items() if r.code == code)
+    stop = {c: s for s, c in _SIGNAL_CODES.items()}.get(code)
+    return f"rank {rank} was {stopped_by(stop)}" if stop else f"rank {rank} failed with exit code {code}"
 
 
 def _quiet_torchrun() -> None:
@@ -104,6 +100,8 @@ def launch(torchrun_args: Sequence[str], command: Sequence[str], *, entry: Seque
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    from .distributed import read_exit_codes
 
     _quiet_torchrun()
     with tempfile.TemporaryDirectory(prefix="infdit-launch-") as folder:
@@ -129,11 +127,14 @@ def launch(torchrun_args: Sequence[str], command: Sequence[str], *, entry: Seque
                 os.environ.pop("INFDIT_EXIT_FILE", None)
             else:
                 os.environ["INFDIT_EXIT_FILE"] = old
-        codes = _read_codes(base)
-        line = unreported(codes, killed, signum)
+        records = read_exit_codes(base)
+        # A rank that recorded how it ended and then died by torchrun's SIGTERM on its way out (once another
+        # rank failed, torchrun stops the rest) was not killed: its record stands.
+        killed = {rank: sig for rank, sig in killed.items() if rank not in records}
+        line = unreported(records, killed, signum)
         if line:
             print(f"error: {line}", file=sys.stderr, flush=True)
-        return job_code(codes, failed, signum)
+        return job_code(records, failed, signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     except (_Stopped, KeyboardInterrupt) as e:  # before torchrun began (the launcher importing torch)
         signum = getattr(e, "signum", 2)
-        print(f"error: {unreported({}, {}, signum)}", file=sys.stderr, flush=True)
+        print(f"error: {stopped_by(signum)}", file=sys.stderr, flush=True)
         return job_code({}, False, signum)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from enum import IntEnum
+from typing import NamedTuple
 
-from ..errors import describe
+from ..errors import describe, lost_contact
 from ._text import safe
 
-__all__ = ["ExitCode", "report"]
+__all__ = ["ExitCode", "Reported", "report"]
 
 
 class ExitCode(IntEnum):
@@ -36,14 +37,45 @@ def _said_by_rank_0(exc: BaseException, code: int) -> bool:
             or getattr(exc, "collective", False))
 
 
-def report(exc: BaseException) -> int:
-    """Print `exc` as one line (plus the traceback with INFDIT_DEBUG=1) and return the exit code."""
+class Reported(NamedTuple):
+    """What `report` did: the exit code; `said`: it printed the line; `after`: this rank's failure followed
+    another rank's own (see `_after_another_rank`)."""
+
+    code: int
+    said: bool = False
+    after: bool = False
+
+
+LOST_CONTACT_WAIT = 5.0  # seconds a rank that lost contact looks for the failed rank's own record
+
+
+def _after_another_rank(exc: BaseException, code: int) -> bool:
+    """Under `infdit_cli.launch`, whether this rank failed only because another had failed on its own first,
+    which that rank has reported: torchrun stops the others with SIGTERM once one rank fails, and a rank
+    waiting on the failed one meets a closed connection. Such a rank stays silent (the cause is the one
+    line) and its record says so (the launcher exits with the cause's code)."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1") or not os.environ.get("INFDIT_EXIT_FILE"):
+        return False  # one process, or no launcher to read the records (and no torch import for this)
+    from ..distributed import STOP_CODES, another_rank_failed, joined
+
+    if not joined():
+        return False
+    if code in STOP_CODES:  # a SIGTERM from torchrun after another rank's failure (not the launcher's own)
+        return another_rank_failed(stops=False)
+    if lost_contact(exc):
+        return another_rank_failed(stops=True, wait=LOST_CONTACT_WAIT)
+    return False
+
+
+def report(exc: BaseException) -> Reported:
+    """Print `exc` as one line (plus the traceback with INFDIT_DEBUG=1), unless another rank says it."""
     from rich.console import Console
     from rich.text import Text
 
     msg, code = describe(exc)
-    if _said_by_rank_0(exc, code):
-        return int(code)
+    after = _after_another_rank(exc, code)
+    if after or _said_by_rank_0(exc, code):
+        return Reported(int(code), after=after)
     msg = safe(msg.strip())  # one line, always: a newline in a name (or a library's message) shows as \n
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if os.environ.get("INFDIT_DEBUG"):
@@ -52,4 +84,4 @@ def report(exc: BaseException) -> int:
     if code == ExitCode.ERROR and not os.environ.get("INFDIT_DEBUG") and msg.startswith("internal error"):
         console.print("set INFDIT_DEBUG=1 for the traceback")
     sys.stderr.flush()
-    return int(code)
+    return Reported(int(code), said=True)

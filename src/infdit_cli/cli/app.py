@@ -15,7 +15,7 @@ from . import selftest as selftest_cmd
 from . import serve as serve_cmd
 from . import upscale as upscale_cmd
 from ..errors import BadRequest
-from ._errors import report
+from ._errors import Reported, report
 
 app = typer.Typer(
     name="infdit",
@@ -61,42 +61,66 @@ def _on_signal(signum, frame) -> None:
     raise Signalled(signum)
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def main() -> None:
-    before = {}
+    before = {sig: signal.getsignal(sig) for sig in _STOPS}
     for sig in (signal.SIGTERM, signal.SIGHUP):  # timeout, systemd, Slurm, docker stop; a closed terminal
-        if signal.getsignal(sig) is signal.SIG_DFL:  # SIG_IGN stays (nohup)
+        if before[sig] is signal.SIG_DFL:  # SIG_IGN stays (nohup)
             try:
-                before[sig] = signal.signal(sig, _on_signal)
+                signal.signal(sig, _on_signal)
             except ValueError:  # not the main thread: signals stay as they are
                 pass
     try:
-        try:
-            _main()
-        except SystemExit as e:  # under infdit_cli.launch: the code where the launcher reads it
-            from ..distributed import write_exit_code
+        done = _main()
+        _hold_stops()  # the work is over: a stop now must not turn the exit into a traceback
+        from ..distributed import write_exit_code
 
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            write_exit_code(code)
-            raise
+        write_exit_code(done.code, after=done.after, said=done.said)  # under infdit_cli.launch, for it to read
+        sys.exit(done.code)
     finally:  # main() run in-process (tests, embedding) leaves the handlers as it found them
         for sig, old in before.items():
-            signal.signal(sig, old)
+            if old is not None:
+                try:
+                    signal.signal(sig, old)
+                except ValueError:
+                    pass
 
 
-def _main() -> None:
+def _main() -> Reported:
     try:
         rc = app(standalone_mode=False)  # returns the code of a typer.Exit (Ctrl-C arrives as Exit(130))
         if rc == 130:
-            sys.exit(report(KeyboardInterrupt()))
-        sys.exit(rc if isinstance(rc, int) else 0)
-    except SystemExit:
-        raise
+            return _failed(KeyboardInterrupt())
+        return Reported(rc if isinstance(rc, int) else 0)
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            return Reported(e.code or 0)
+        print(e.code, file=sys.stderr)
+        return Reported(1, said=True)
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        return Reported(e.exit_code)
     except typer.Abort as e:  # click turns KeyboardInterrupt (and our Signalled) into Abort
-        cause = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
-        sys.exit(report(cause))
+        return _failed(e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt())
     except typer.TyperException as e:  # click's usage errors: one line like every other error, exit 2
-        sys.exit(report(_usage_error(e)))
+        return _failed(_usage_error(e))
     except BaseException as e:  # noqa: BLE001 - the one place every error becomes one line
-        sys.exit(report(e))
+        return _failed(e)
+
+
+def _failed(exc: BaseException) -> Reported:
+    """The error funnel, with the stops held off first (`_hold_stops`)."""
+    _hold_stops()
+    return report(exc)
+
+
+def _hold_stops() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP ignored until the process ends (`main` restores them): a stop while the
+    error line is printed (a second Ctrl-C; torchrun stopping the ranks once one has failed) must not turn
+    it into a traceback."""
+    for sig in _STOPS:
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass

@@ -169,8 +169,7 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
                  device, dtype, options, quality, max_pixels, quiet, json_, depth=None) -> None:
     """`batch` under torchrun: rank 0's plan, files dealt by size, rank 0 displays and reports the whole job."""
     device = D.rank_device(device, world)
-    D.init(world, device)
-    try:
+    with D.group(world, device):
         # Every rank plans (so a bad command line fails everywhere alike), then all take rank 0's plan:
         # a file rank 0 writes meanwhile must not look "done" to a rank that lists the folder later.
         items = D.broadcast(plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite),
@@ -201,8 +200,6 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
                                                                       else lambda v: None))
         finally:
             display.stop()
-    finally:
-        D.teardown()
     if report is None:  # not rank 0: its files are in rank 0's summary and exit status
         return
     failed = report.count("failed")

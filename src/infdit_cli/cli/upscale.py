@@ -219,9 +219,7 @@ def upscale(
     world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
     if world.distributed:
         device = D.rank_device(device, world)
-        D.init(world, device)
-    held = contextlib.ExitStack()
-    try:
+    with D.group(world, device), contextlib.ExitStack() as held:  # the lock goes first, then the group
         if world.main:  # one writer per output, before the weights load: a second run is refused at once
             held.enter_context(output_lock(dst))
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet)
@@ -242,9 +240,6 @@ def upscale(
                                          depth=depth)
         finally:
             display.stop()
-    finally:
-        held.close()
-        D.teardown()
     if not world.main:  # rank 0 writes the file and reports
         return
     if json_:
