@@ -80,8 +80,9 @@ def unreported(records: dict[int, ExitRecord], killed: dict[int, int], signum: i
     if said or not code:
         return None
     rank = min(rank for rank, r in records.items() if r.code == code)
-    stop = {c: s for s, c in _SIGNAL_CODES.items()}.get(code)
-    return f"rank {rank} was {stopped_by(stop)}" if stop else f"rank {rank} failed with exit code {code}"
+    if code in _SIGNAL_CODES.values():  # 128 + the signal's number
+        return f"rank {rank} was {stopped_by(code - 128)}"
+    return f"rank {rank} failed with exit code {code}"
 
 
 def _quiet_torchrun() -> None:
