@@ -227,11 +227,11 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     notices: list[str] = []
     try:
         im = _open(path, max_pixels, load=False)
+        deep_tiff = im.format == "TIFF" and _tiff_is_deep(im)
         frames = getattr(im, "n_frames", 1)
         args = im.tile[0][3] if im.tile else ""
         args = args[0] if isinstance(args, tuple) and args else args  # TIFF: (rawmode, ...)
         rawmode = args if isinstance(args, str) else ""
-        deep_tiff = im.format == "TIFF" and _tiff_is_deep(im)
         im = _open(path, max_pixels, load=True)  # fresh: n_frames may have moved the frame pointer
     except _Undecodable as e:
         if not _is_tiff(path):
