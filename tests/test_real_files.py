@@ -407,6 +407,9 @@ def test_grey_alpha_tiff_oriented(tmp_path):
     img = load_image(tmp_path / "rot.tif")
     assert probe_size(tmp_path / "rot.tif") == img.size == (src.shape[1], src.shape[0])
     assert np.array_equal(_samples(img), np.rot90(src, -1))
+    for read in (load_image, probe_size):  # the pixel limit holds here too
+        with pytest.raises(InfditError, match="more than 100 pixels"):
+            read(tmp_path / "rot.tif", max_pixels=100)
 
 
 def test_upscale_grey_alpha_lzw_tiff_end_to_end(monkeypatch, capsys, tmp_path, tiny_weights):

@@ -103,7 +103,12 @@ def _is_tiff(path: Path) -> bool:
 class _Undecodable(BadImage):
     """Pillow opened the file's bytes but could not decode them (not: missing, empty, too large, forbidden).
     A TIFF then goes to tifffile, which reads layouts Pillow has no mode for (16-bit grey+alpha, 16-bit
-    lossless JPEG); the line stands if tifffile cannot read it either."""
+    lossless JPEG); the line stands if tifffile cannot read it either. `opened`: Pillow read the header and
+    failed on the data."""
+
+    def __init__(self, message: str, *, opened: bool = False):
+        super().__init__(message)
+        self.opened = opened
 
 
 def _open(path: Path, max_pixels: int | None, *, load: bool):
@@ -121,6 +126,7 @@ def _open(path: Path, max_pixels: int | None, *, load: bool):
         raise BadImage(f"{path}: {e.strerror or e}") from None
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
+    im = None
     try:
         with _quiet(c_stderr=_is_tiff(path)):
             im = Image.open(path)
@@ -139,7 +145,8 @@ def _open(path: Path, max_pixels: int | None, *, load: bool):
     except MemoryError:
         raise BadImage(f"{path}: not enough memory to decode it") from None
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, struct.error...
-        raise _Undecodable(f"{path} is damaged or truncated: {_one_line(e)}") from None
+        raise _Undecodable(f"{path} is damaged or truncated: {_one_line(e)}", opened=im is not None
+                           ) from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
     return im
@@ -408,7 +415,9 @@ def _tiff_read(path: Path, max_pixels: int | None, failure: BadImage | None, *, 
     def cannot(compression: int | None) -> BaseException:
         kind = _COMPRESSION.get(compression, f"compression {compression}")
         missing = compression not in (None, *_TIFFFILE_OWN) and not _has_imagecodecs()
-        if missing and (failure is not None or compression not in _PILLOW_DECODES_16):
+        # Pillow read the header but libtiff failed on data in a compression it has: damaged, codec or not
+        damaged = getattr(failure, "opened", False) and compression in _PILLOW_DECODES_16
+        if missing and not damaged and (failure is not None or compression not in _PILLOW_DECODES_16):
             return BadImage(f"{path}: this {kind}-compressed TIFF needs the imagecodecs package to be read "
                             "(pip install imagecodecs)")
         if failure is not None:
