@@ -345,10 +345,11 @@ def _read16(path: Path, fmt: str):
     return arr
 
 
-_COMPRESSION = {1: "uncompressed", 5: "LZW", 7: "JPEG", 8: "Deflate", 32946: "Deflate", 32773: "PackBits",
-                34925: "LZMA", 50000: "Zstd", 50001: "WebP", 34887: "LERC"}
+_COMPRESSION = {5: "LZW", 7: "JPEG", 8: "Deflate", 32946: "Deflate", 32773: "PackBits", 34925: "LZMA",
+                50000: "Zstd", 50001: "WebP", 50002: "JPEG XL", 34887: "LERC"}
 _TIFFFILE_OWN = (1, 8, 32946, 32773)  # decoded by tifffile itself (zlib, its PackBits); others: imagecodecs
-_PILLOW_DECODES_16 = (5, 8, 32946, 32773)  # libtiff in Pillow: 16-bit samples right (colour at 8 bits)
+_LIBTIFF_HAS = (5, 8, 32946, 32773)  # LZW, Deflate, PackBits: in every libtiff
+_PILLOW_DECODES_16 = (*_LIBTIFF_HAS, 34925, 50000)  # and LZMA, Zstd: Pillow's 16-bit samples right, at 8 bits
 _TIFF_TEXT = (270, 271, 272, 305, 306, 315, 33432)  # description, make, model, software, date, artist, (c)
 
 
@@ -413,19 +414,20 @@ def _tiff_read(path: Path, max_pixels: int | None, failure: BadImage | None, *, 
     import tifffile
 
     def cannot(compression: int | None) -> BaseException:
-        kind = _COMPRESSION.get(compression, f"compression {compression}")
+        known = _COMPRESSION.get(compression)
+        kind, tail = (f"{known}-compressed ", "") if known else ("", f" (compression {compression})")
         missing = compression not in (None, *_TIFFFILE_OWN) and not _has_imagecodecs()
         # Pillow read the header but libtiff failed on data in a compression it has: damaged, codec or not
-        damaged = getattr(failure, "opened", False) and compression in _PILLOW_DECODES_16
+        damaged = getattr(failure, "opened", False) and compression in _LIBTIFF_HAS
         if missing and not damaged and (failure is not None or compression not in _PILLOW_DECODES_16):
-            return BadImage(f"{path}: this {kind}-compressed TIFF needs the imagecodecs package to be read "
+            return BadImage(f"{path}: this {kind}TIFF{tail} needs the imagecodecs package to be read "
                             "(pip install imagecodecs)")
         if failure is not None:
             return failure
         if compression not in _PILLOW_DECODES_16:  # raw: nothing to miss; JPEG: Pillow's decode is wrong
             return BadImage(f"{path} is damaged or truncated: its 16-bit samples cannot be decoded")
         why = "the imagecodecs package is missing" if missing else "they did not decode"
-        return _NoFullDepth(f"its {kind}-compressed 16-bit samples cannot be read at full depth ({why})")
+        return _NoFullDepth(f"its {kind}16-bit samples{tail} cannot be read at full depth ({why})")
 
     compression = None
     try:
