@@ -100,6 +100,17 @@ def _is_tiff(path: Path) -> bool:
     return _sniff(path) == "TIFF"
 
 
+class _Undecodable(BadImage):
+    """Pillow opened the file's bytes but could not decode them (not: missing, empty, too large, forbidden).
+    A TIFF then goes to tifffile, which reads layouts Pillow has no mode for (16-bit grey+alpha, 16-bit
+    lossless JPEG); the line stands if tifffile cannot read it either. `opened`: Pillow read the header and
+    failed on the data."""
+
+    def __init__(self, message: str, *, opened: bool = False):
+        super().__init__(message)
+        self.opened = opened
+
+
 def _open(path: Path, max_pixels: int | None, *, load: bool):
     """Image.open (and load) with every failure turned into one BadImage line naming `path`."""
     from PIL import Image, UnidentifiedImageError
@@ -115,6 +126,7 @@ def _open(path: Path, max_pixels: int | None, *, load: bool):
         raise BadImage(f"{path}: {e.strerror or e}") from None
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
+    im = None
     try:
         with _quiet(c_stderr=_is_tiff(path)):
             im = Image.open(path)
@@ -125,14 +137,16 @@ def _open(path: Path, max_pixels: int | None, *, load: bool):
     except UnidentifiedImageError:
         kind = _sniff(path)
         if kind is not None:  # the start of a known format: a damaged file, not a foreign one
-            raise BadImage(f"{path} is damaged or truncated: it starts like a {kind} but cannot be read") from None
+            raise _Undecodable(f"{path} is damaged or truncated: it starts like a {kind} but cannot be read"
+                               ) from None
         raise BadImage(f"{path} is not an image Pillow can read") from None
     except PermissionError:
         raise BadImage(f"{path}: permission denied") from None
     except MemoryError:
         raise BadImage(f"{path}: not enough memory to decode it") from None
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, struct.error...
-        raise BadImage(f"{path} is damaged or truncated: {_one_line(e)}") from None
+        raise _Undecodable(f"{path} is damaged or truncated: {_one_line(e)}", opened=im is not None
+                           ) from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
     return im
@@ -150,7 +164,15 @@ def probe_size(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         BadImage: as `load_image` would for a missing, unreadable or oversized file.
     """
     path = Path(path)
-    with _decoding(path), _open(path, max_pixels, load=False) as im:
+    with _decoding(path):
+        try:
+            im = _open(path, max_pixels, load=False)
+        except _Undecodable as e:
+            if not _is_tiff(path):
+                raise
+            t = _tiff_read(path, max_pixels, e, pixels=False)  # a layout only tifffile reads
+            return (t.w, t.h) if t.orientation in (5, 6, 7, 8) else (t.h, t.w)
+    with _decoding(path), im:
         h, w = im.height, im.width
         try:
             with _quiet():
@@ -210,12 +232,18 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     path = Path(path)
     name = str(path)
     notices: list[str] = []
-    im = _open(path, max_pixels, load=False)
-    frames = getattr(im, "n_frames", 1)
-    args = im.tile[0][3] if im.tile else ""
-    args = args[0] if isinstance(args, tuple) and args else args  # TIFF: (rawmode, ...)
-    rawmode = args if isinstance(args, str) else ""
-    im = _open(path, max_pixels, load=True)  # fresh: n_frames may have moved the frame pointer
+    try:
+        im = _open(path, max_pixels, load=False)
+        deep_tiff = im.format == "TIFF" and _tiff_is_deep(im)
+        frames = getattr(im, "n_frames", 1)
+        args = im.tile[0][3] if im.tile else ""
+        args = args[0] if isinstance(args, tuple) and args else args  # TIFF: (rawmode, ...)
+        rawmode = args if isinstance(args, str) else ""
+        im = _open(path, max_pixels, load=True)  # fresh: n_frames may have moved the frame pointer
+    except _Undecodable as e:
+        if not _is_tiff(path):
+            raise
+        return _load_tiff_direct(path, max_pixels, e)  # a layout Pillow has no mode for
     if frames > 1:
         notices.append(f"{name} has {frames} frames; only the first is upscaled")
     fmt = im.format
@@ -225,7 +253,7 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     dpi = read_dpi(im.info, name, notices)
     trns = im.info.get("transparency")
     mode = im.mode
-    deep = mode in ("RGB", "RGBA", "LA") and ";16" in rawmode and fmt in ("PNG", "TIFF")
+    deep = (mode in ("RGB", "RGBA", "LA") and ";16" in rawmode and fmt == "PNG") or deep_tiff
     if mode in ("RGB", "RGBA") and ";16" in rawmode and not deep:
         notices.append(f"{name}: 16-bit RGB is read as 8-bit (Pillow holds no 16-bit RGB); the output is 8-bit")
 
@@ -260,7 +288,7 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
         else:  # I or F: 32-bit; guess the range from the values
             a = arr.astype(np.float64)
             top = float(a.max(initial=0))
-            bits = 8 if top <= 255 and mode == "I" else 16
+            bits = 8 if top <= 255 and mode == "I" and ";16" not in rawmode else 16  # older Pillow: I;16 as I
             value = a if mode == "F" and top <= 1.0 else a / (255.0 if bits == 8 else 65535.0)
         rgb = _to_tensor(value)
         if trns is not None and isinstance(trns, (int, float)):  # tRNS colour key: one grey value
@@ -277,7 +305,7 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
         if isinstance(trns, tuple) and len(trns) == 3:  # tRNS colour key: one RGB triple
             key = tuple(v >> 8 if max(trns) > 255 else v for v in trns)  # 16-bit key on 8-bit samples
             alpha = _to_tensor((arr != np.array(key, dtype=arr.dtype)).any(-1).astype(np.float32))
-    if deep:  # 16-bit colour or grey+alpha: the samples at full depth (pypng, tifffile), same orientation
+    if deep and fmt == "PNG":  # 16-bit colour or grey+alpha: the samples at full depth (pypng), oriented
         arr16 = _orient(_read16(path, fmt), orientation)
         value = arr16.astype(np.float32) / 65535.0
         colour = 1 if value.shape[-1] in (1, 2) else 3
@@ -286,6 +314,16 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
         if value.shape[-1] in (2, 4):
             alpha = _to_tensor(value[..., colour])
         bits = 16
+    elif deep:  # a 16-bit TIFF: tifffile (Pillow holds colour at 8 bits, and misreads some layouts)
+        try:
+            t = _tiff_read(path, max_pixels, None, pixels=True)
+        except _NoFullDepth as e:  # a codec missing or failing: Pillow's decode (full depth for grey)
+            if not gray:
+                notices.append(f"{name}: {e}; read as 8-bit, the output is 8-bit")
+        else:
+            gray, bits = t.colour.shape[-1] == 1, t.bits
+            rgb = _to_tensor(_orient(t.colour, orientation))
+            alpha = _to_tensor(_orient(t.alpha, orientation)) if t.alpha is not None else None
     if alpha is not None and bool((alpha >= 1).all()):
         alpha = None  # fully opaque: no alpha to carry
     if rgb.shape[1] == 1:
@@ -295,31 +333,210 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
 
 
 def _read16(path: Path, fmt: str):
-    """(H, W, C) uint16 samples of a 16-bit PNG (pypng) or TIFF (tifffile, first page), as stored (not
-    oriented). Pillow reads these as 8-bit; these two libraries keep every level."""
+    """(H, W, C) uint16 samples of a 16-bit PNG (pypng), as stored (not oriented). Pillow reads these as
+    8-bit; pypng keeps every level. (TIFF: `_tiff_read`.)"""
     import numpy as np
+    import png
 
-    if fmt == "PNG":
-        import png
+    w, h, rows, info = png.Reader(filename=str(path)).asDirect()  # tRNS becomes an alpha plane
+    arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, info["planes"])
+    if info["bitdepth"] != 16:
+        raise BadImage(f"{path}: expected 16-bit samples, found {info['bitdepth']}-bit")
+    return arr
 
-        w, h, rows, info = png.Reader(filename=str(path)).asDirect()  # tRNS becomes an alpha plane
-        arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, info["planes"])
-        if info["bitdepth"] != 16:
-            raise BadImage(f"{path}: expected 16-bit samples, found {info['bitdepth']}-bit")
-        return arr
+
+_COMPRESSION = {5: "LZW", 7: "JPEG", 8: "Deflate", 32946: "Deflate", 32773: "PackBits", 34925: "LZMA",
+                50000: "Zstd", 50001: "WebP", 50002: "JPEG XL", 34887: "LERC"}
+_TIFFFILE_OWN = (1, 8, 32946, 32773)  # decoded by tifffile itself (zlib, its PackBits); others: imagecodecs
+_LIBTIFF_HAS = (5, 8, 32946, 32773)  # LZW, Deflate, PackBits: in every libtiff
+_PILLOW_DECODES_16 = (*_LIBTIFF_HAS, 34925, 50000)  # and LZMA, Zstd: Pillow's 16-bit samples right, at 8 bits
+_TIFF_TEXT = (270, 271, 272, 305, 306, 315, 33432)  # description, make, model, software, date, artist, (c)
+
+
+class _NoFullDepth(Exception):
+    """tifffile cannot decode a compressed TIFF Pillow reads at 8 bits: why, in our words."""
+
+
+@dataclass
+class _Tiff:
+    h: int
+    w: int
+    orientation: int
+    bits: int
+    frames: int
+    tags: dict  # code -> value, the first page's
+    colour: object = None  # (H, W, 1 or 3) float32 in [0, 1], as stored (not oriented)
+    alpha: object = None  # (H, W) float32 in [0, 1] (unassociated), or None
+
+
+@contextlib.contextmanager
+def _tifffile_quiet():
+    """tifffile logs what it finds odd: its words never reach the user."""
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _tiff_is_deep(im) -> bool:
+    """A TIFF Pillow opened whose samples are 16-bit grey or RGB (with or without alpha). tifffile reads
+    these: Pillow holds colour at 8 bits, and decodes uncompressed planar colour and lossless 16-bit JPEG
+    wrongly, without a word."""
+    try:
+        bits = im.tag_v2.get(258, (1,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        photometric = int(im.tag_v2.get(262, -1))
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return 16 in bits and photometric in (0, 1, 2)
+
+
+def _has_imagecodecs() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("imagecodecs") is not None
+
+
+def _tiff_read(path: Path, max_pixels: int | None, failure: BadImage | None, *, pixels: bool) -> _Tiff:
+    """The first page of a TIFF through tifffile: its size, orientation and (`pixels`) samples, as floats.
+
+    `failure` is Pillow's line for a file Pillow could not open: raised if tifffile cannot read it either
+    (or the line that the imagecodecs package is needed, where that is why). `failure` None (Pillow read the
+    file at 8 bits): a compressed file tifffile cannot decode raises `_NoFullDepth`, an uncompressed one
+    BadImage (damaged: tifffile needs no codec for it).
+    """
+    import numpy as np
     import tifffile
 
-    with tifffile.TiffFile(str(path)) as tif:
-        page = tif.pages[0]
-        arr = page.asarray()
-        spp = page.samplesperpixel
+    def cannot(compression: int | None) -> BaseException:
+        known = _COMPRESSION.get(compression)
+        kind, tail = (f"{known}-compressed ", "") if known else ("", f" (compression {compression})")
+        missing = compression not in (None, *_TIFFFILE_OWN) and not _has_imagecodecs()
+        # Pillow read the header but libtiff failed on data in a compression it has: damaged, codec or not
+        damaged = getattr(failure, "opened", False) and compression in _LIBTIFF_HAS
+        if missing and not damaged and (failure is not None or compression not in _PILLOW_DECODES_16):
+            return BadImage(f"{path}: this {kind}TIFF{tail} needs the imagecodecs package to be read "
+                            "(pip install imagecodecs)")
+        if failure is not None:
+            return failure
+        if compression not in _PILLOW_DECODES_16:  # raw: nothing to miss; JPEG: Pillow's decode is wrong
+            return BadImage(f"{path} is damaged or truncated: its 16-bit samples cannot be decoded")
+        why = "the imagecodecs package is missing" if missing else "they did not decode"
+        return _NoFullDepth(f"its {kind}16-bit samples{tail} cannot be read at full depth ({why})")
+
+    compression = None
+    try:
+        with _tifffile_quiet(), tifffile.TiffFile(str(path)) as tif:
+            page = tif.pages.first
+            compression = int(page.compression)
+            tags = {t.code: t.value for t in page.tags.values()}
+            h, w = int(page.imagelength), int(page.imagewidth)
+            spp, photometric = int(page.samplesperpixel), int(page.photometric)
+            extra = tuple(int(e) for e in page.extrasamples)
+            bits = int(page.bitspersample)
+            frames = len(tif.pages)
+            if max_pixels is not None and h * w > max_pixels:
+                raise BadImage(f"{path} has more than {max_pixels} pixels; raise --max-pixels if it is "
+                               "trusted")
+            arr = page.asarray() if pixels else None
+    except BadImage:
+        raise
+    except MemoryError:
+        raise BadImage(f"{path}: not enough memory to decode it") from None
+    except Exception:  # noqa: BLE001 - tifffile and its codecs raise many kinds; their words are not shown
+        raise cannot(compression) from None
+    try:
+        orientation = int(tags.get(ORIENTATION, 1))
+    except (TypeError, ValueError):
+        orientation = 1
+    t = _Tiff(h=h, w=w, orientation=orientation if orientation in range(1, 9) else 1, bits=bits,
+              frames=frames, tags=tags)
+    colours = {0: 1, 1: 1, 2: 3}.get(photometric)
+    if colours is None and photometric == 6 and compression == 7:  # YCbCr JPEG: tifffile gives RGB
+        colours = 3
+    if colours is None or bits not in (8, 16) or spp < colours:
+        raise failure if failure is not None else BadImage(f"{path}: unsupported TIFF layout ({bits}-bit, "
+                                                           f"{spp} samples, photometric {photometric})")
+    if not pixels:
+        return t
     if arr.ndim == 3 and arr.shape[-1] != spp and arr.shape[0] == spp:
         arr = np.moveaxis(arr, 0, -1)  # planar
     if arr.ndim == 2:
         arr = arr[..., None]
-    if arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[-1] < 1:
-        raise BadImage(f"{path}: unsupported 16-bit TIFF layout {arr.dtype} {arr.shape}")
-    return arr[..., : 4 if arr.shape[-1] >= 4 else arr.shape[-1]]
+    if arr.ndim != 3 or arr.dtype not in (np.uint8, np.uint16) or arr.shape[:2] != (h, w):
+        raise failure if failure is not None else BadImage(f"{path}: unsupported TIFF layout {arr.dtype} "
+                                                           f"{arr.shape}")
+    top = float(np.iinfo(arr.dtype).max)
+    colour = arr[..., :colours].astype(np.float32) / top
+    if photometric == 0:  # min-is-white
+        colour = 1 - colour
+    kind = extra[0] if spp > colours and extra else 0  # 1 associated (premultiplied), 2 unassociated alpha
+    if kind in (1, 2):
+        alpha = arr[..., colours].astype(np.float32) / top
+        if kind == 1:
+            colour = np.where(alpha[..., None] > 0, colour / np.maximum(alpha[..., None], 1e-12), 0)
+        t.alpha = alpha
+    t.colour = np.clip(colour, 0, 1).astype(np.float32, copy=False)
+    return t
+
+
+def _load_tiff_direct(path: Path, max_pixels: int | None, failure: BadImage) -> LoadedImage:
+    """A TIFF Pillow cannot open (16-bit grey+alpha, lossless 16-bit JPEG...), through tifffile: samples at
+    their depth, orientation, ICC, resolution and the main IFD's text tags as EXIF; or `failure`."""
+    from PIL import Image
+
+    name = str(path)
+    notices: list[str] = []
+    t = _tiff_read(path, max_pixels, failure, pixels=True)
+    if t.frames > 1:
+        notices.append(f"{name} has {t.frames} frames; only the first is upscaled")
+    tags = Image.Exif()
+    for code in _TIFF_TEXT:
+        if isinstance(t.tags.get(code), str):
+            tags[code] = t.tags[code]
+    if ORIENTATION in t.tags:
+        tags[ORIENTATION] = t.tags[ORIENTATION]
+    with _quiet():
+        _, exif = read_exif(_ExifOnly(tags), name, notices)
+    dpi = read_dpi({"dpi": _tiff_dpi(t.tags)} if 282 in t.tags and 283 in t.tags else {}, name, notices)
+    if dpi is not None and t.orientation >= 5:
+        dpi = (dpi[1], dpi[0])
+    icc = t.tags.get(34675)
+    gray = t.colour.shape[-1] == 1
+    rgb = _to_tensor(_orient(t.colour, t.orientation))
+    alpha = _to_tensor(_orient(t.alpha, t.orientation)) if t.alpha is not None else None
+    if alpha is not None and bool((alpha >= 1).all()):
+        alpha = None
+    if gray:
+        rgb = rgb.expand(-1, 3, -1, -1).contiguous()
+    return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=t.bits, icc=icc if isinstance(icc, bytes) and icc
+                       else None, exif=exif, source_format="TIFF", dpi=dpi, notices=notices)
+
+
+class _ExifOnly:
+    """What `read_exif` asks of a Pillow image, for tags read by tifffile."""
+
+    def __init__(self, exif):
+        self._exif = exif
+
+    def getexif(self):
+        return self._exif
+
+
+def _tiff_dpi(tags: dict):
+    """Pillow's `dpi` for a TIFF's resolution tags: per inch, per centimetre x 2.54; None without a unit."""
+    unit = tags.get(296, 2)
+    try:
+        x, y = (v[0] / v[1] if isinstance(v, tuple) else float(v) for v in (tags[282], tags[283]))
+        factor = {2: 1.0, 3: 2.54}.get(int(unit))
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        return (tags.get(282), tags.get(283))  # read_dpi drops it with a notice
+    return None if factor is None else (x * factor, y * factor)
 
 
 def _orient(a, orientation: int):
