@@ -443,7 +443,8 @@ def check_output(path: Path, overwrite: bool) -> str:
                          f"{', '.join(sorted(SUFFIXES))}")
     if path.is_dir():
         raise OutputError(f"{path} is a directory")
-    if path.exists() and not overwrite:
+    # lexists: a dangling link is there too (the user's link: with --overwrite replaced, never its target)
+    if os.path.lexists(path) and not overwrite:
         raise OutputExists(f"{path} exists; pass --overwrite to replace it")
     parent = path.parent
     if not parent.is_dir():
@@ -524,7 +525,7 @@ def _atomic(path: Path, fmt: str, overwrite: bool, write) -> Path:
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any tool's
         write(tmp)
-        if path.exists() and not overwrite:  # appeared while we computed
+        if os.path.lexists(path) and not overwrite:  # appeared while we computed (a dangling link too)
             raise OutputExists(f"{path} exists; pass --overwrite to replace it")
         os.replace(tmp, path)
     except BaseException:
