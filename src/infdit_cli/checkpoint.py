@@ -456,40 +456,52 @@ def _take_lock(path: Path, output: Path) -> int:
             if _no_space(e):
                 raise DiskFull(f"no space left in {path.parent} for the lock file {path.name}") from None
             raise
-        st = os.fstat(fd)
-        if not created:
-            why = _not_ours(fd, st)
-            if why:
-                os.close(fd)
-                raise UnsafePath(f"lock file {path} is not infdit's ({why}); move it away, or remove it")
+        mine = [created]  # a file this run may remove: made by it, or an earlier infdit's lock it now holds
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pid = _lock_pid(os.pread(fd, 64, 0))
-            os.close(fd)
-            raise Busy(f"another infdit is writing {output} (pid {pid})") from None
-        if not created and not _ours(os.pread(fd, 64, 0)):  # read again under the lock: a holder's is complete
-            os.close(fd)
-            raise UnsafePath(f"lock file {path} is not infdit's (its content is not an infdit lock); move it "
-                             "away, or remove it")
-        if not _same(path, st):
-            os.close(fd)  # the holder removed it as we locked: take the new one
-            continue
-        try:
-            os.ftruncate(fd, 0)
-            data = LOCK_TEXT.format(pid=os.getpid()).encode()
-            if os.pwrite(fd, data, 0) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-        except OSError as e:
-            if created:  # nothing new left behind: not even an empty file
+            if _claim(path, output, fd, created, mine):
+                return fd
+        except BaseException as e:  # a refusal, a full disk, a stop: nothing new left behind
+            if mine[0]:
                 _drop_lock(path, fd)
             else:
                 os.close(fd)
-            if _no_space(e):
+            if isinstance(e, OSError) and _no_space(e):
                 raise DiskFull(f"no space left in {path.parent} for the lock file {path.name}") from None
             raise
-        return fd
+        os.close(fd)  # the holder removed it as we locked: take the new one
     raise Busy(f"another infdit is writing {output}")
+
+
+def _claim(path: Path, output: Path, fd: int, created: bool, mine: list) -> bool:
+    """Lock `fd` (the file at `path`) and write our `LOCK_TEXT` into it; False if the file at `path` is no
+    longer the one open (take the new one). `mine[0]` becomes True once a file found there is known to be an
+    earlier infdit's lock, held by this run. Raises Busy, UnsafePath, OSError; `fd` is closed by the caller."""
+    st = os.fstat(fd)
+    if not created:
+        why = _not_ours(fd, st)
+        if why:
+            raise UnsafePath(f"lock file {path} is not infdit's ({why}); move it away, or remove it")
+    for wait in range(200 if created else 1):  # our new file: another run only checks it for a moment
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if wait + 1 < (200 if created else 1):
+                time.sleep(0.01)
+                continue
+            raise Busy(f"another infdit is writing {output} (pid {_lock_pid(os.pread(fd, 64, 0))})") from None
+    if not _same(path, st):
+        return False
+    if not created:
+        if not _ours(os.pread(fd, 64, 0)):  # read under the lock: a holder writes it while holding it
+            raise UnsafePath(f"lock file {path} is not infdit's (its content is not an infdit lock); move it "
+                             "away, or remove it")
+        mine[0] = True
+    os.ftruncate(fd, 0)
+    data = LOCK_TEXT.format(pid=os.getpid()).encode()
+    if os.pwrite(fd, data, 0) != len(data):
+        raise OSError(errno.ENOSPC, "short write")
+    return True
 
 
 def _not_ours(fd: int, st: os.stat_result) -> str | None:
