@@ -448,7 +448,8 @@ def test_the_lock_path_takes_only_an_earlier_infdit_lock(job, tmp_path, tiny_wei
         return
     assert res.returncode == 1, res.stderr
     line = _one_line(res.stderr)
-    assert line.startswith(f"error: lock file {lock} is not infdit's (") and line.endswith("move it away, or remove it")
+    assert line.startswith(f"error: lock file {lock} is not infdit's (")
+    assert line.endswith("move it away, or remove it")
     assert ("2 links" in line) if what == "hardlink" else ("content is not an infdit lock" in line)
     assert lock.read_bytes() == before and not out.exists()
     if what == "hardlink":

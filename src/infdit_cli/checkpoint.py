@@ -475,7 +475,7 @@ def _take_lock(path: Path, output: Path) -> int:
 def _claim(path: Path, output: Path, fd: int, created: bool, mine: list) -> bool:
     """Lock `fd` (the file at `path`) and write our `LOCK_TEXT` into it; False if the file at `path` is no
     longer the one open (take the new one). `mine[0]` becomes True once a file found there is known to be an
-    earlier infdit's lock, held by this run. Raises Busy, UnsafePath, OSError; `fd` is closed by the caller."""
+    earlier infdit's lock, held by this run. Raises Busy, UnsafePath, OSError; the caller closes `fd`."""
     st = os.fstat(fd)
     if not created:
         why = _not_ours(fd, st)
@@ -524,7 +524,7 @@ def _same(path: Path, st: os.stat_result) -> bool:
 
 
 def _drop_lock(path: Path, fd: int) -> None:
-    """Remove the lock file if it is still the one open as `fd` (not a file put there meanwhile), then close."""
+    """Remove the lock file if it is still the one open as `fd` (not a file put there since); close `fd`."""
     try:
         if _same(path, os.fstat(fd)):
             os.unlink(path)
