@@ -233,6 +233,26 @@ def test_output_that_is_the_input_is_refused_even_with_overwrite(tmp_path, tiny_
     assert src.read_bytes() == before
 
 
+def test_a_dangling_link_as_output_is_an_existing_path(tmp_path, tiny_weights, monkeypatch, capsys):
+    """A dangling symlink at -o (issue 30 item 7) is refused without --overwrite (the link stays, nothing is
+    created at its target); with --overwrite the link itself is replaced by the output, never its target."""
+    src = _png(tmp_path / "in.png")
+    target = tmp_path / "elsewhere" / "never.png"  # its folder does not exist: following the link would fail
+    out = tmp_path / "out.png"
+    out.symlink_to(target)
+    line = _line(_here(monkeypatch, capsys, "upscale", src, "-o", out, "--scale", "2", *FAST, "--weights",
+                       tiny_weights), 1)
+    assert line == f"error: {out} exists; pass --overwrite to replace it"
+    assert out.is_symlink() and os.readlink(out) == str(target) and not target.parent.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "in.png", "out.png"][1:]
+    target.parent.mkdir()  # now the target could be created: with --overwrite it still is not
+    res = _here(monkeypatch, capsys, "upscale", src, "-o", out, "--scale", "2", "--overwrite", *FAST,
+                "--weights", tiny_weights)
+    assert res.returncode == 0, res.stderr
+    assert not out.is_symlink() and Image.open(out).size == (32, 24)
+    assert list(target.parent.iterdir()) == []
+
+
 def test_batch_skips_its_own_earlier_outputs(tmp_path, tiny_weights):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -416,6 +416,122 @@ def test_a_second_run_to_the_same_output_is_refused_at_once(job, tmp_path, tiny_
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.png"]
 
 
+# -- 7b. the lock file's path (issue 30 item 6) ---------------------------------------------------------------
+
+def _lock(out: Path) -> Path:
+    return out.with_name(f".{out.name}.infdit-lock")
+
+
+@pytest.mark.parametrize("what", ["file", "hardlink", "stale", "stale-legacy"])
+def test_the_lock_path_takes_only_an_earlier_infdit_lock(job, tmp_path, tiny_weights, monkeypatch, capsys, what):
+    """A user's file at the lock path (any content, or a hard link to another file, even one whose content
+    looks like a lock) is refused in one line naming it, byte-identical afterwards; an earlier infdit's lock
+    that no process holds (this version's form, or the bare pid of earlier ones) is taken and removed."""
+    from infdit_cli.checkpoint import LOCK_TEXT
+
+    src, ref = job[:2]
+    out = tmp_path / "out.png"
+    lock = _lock(out)
+    keep = tmp_path / "keep.txt"
+    if what == "file":
+        lock.write_bytes(b"my notes\n")
+    elif what == "hardlink":
+        keep.write_bytes(b"4242\n")  # a lock's content, but another file's too
+        os.link(keep, lock)
+    else:
+        lock.write_text(LOCK_TEXT.format(pid=999999) if what == "stale" else "999999\n")
+    before = lock.read_bytes()
+    res = _rerun_here(monkeypatch, capsys, src, out, tiny_weights)
+    if what.startswith("stale"):
+        assert res.returncode == 0, res.stderr
+        assert out.read_bytes() == ref and not os.path.lexists(lock)
+        return
+    assert res.returncode == 1, res.stderr
+    line = _one_line(res.stderr)
+    assert line.startswith(f"error: lock file {lock} is not infdit's (")
+    assert line.endswith("move it away, or remove it")
+    assert ("2 links" in line) if what == "hardlink" else ("content is not an infdit lock" in line)
+    assert lock.read_bytes() == before and not out.exists()
+    if what == "hardlink":
+        assert keep.read_bytes() == before and os.stat(keep).st_nlink == 2
+
+
+def test_a_lock_file_replaced_during_the_run_is_left_alone(job, tmp_path, tiny_weights, monkeypatch, capsys):
+    """A file put at the lock path during the run (after ours was removed) is not ours: kept at the end."""
+    from infdit_cli.upscaler import Upscaler
+
+    src, ref = job[:2]
+    out = tmp_path / "out.png"
+    lock = _lock(out)
+    real = Upscaler.upscale_file
+
+    def swap_then_run(self, *a, **k):
+        assert lock.exists()
+        lock.unlink()
+        lock.write_bytes(b"the user's own file\n")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Upscaler, "upscale_file", swap_then_run)
+    res = _rerun_here(monkeypatch, capsys, src, out, tiny_weights)
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == ref and lock.read_bytes() == b"the user's own file\n"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs filled up but for `room` bytes (root, a kernel that allows it; else skipped: the lock
+    part has a patched stand-in below)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode == 0):
+        yield None
+        return
+
+    def fill(room: int) -> Path:
+        filler = disk / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        os.truncate(filler, max(0, filler.stat().st_size - room))
+        return filler
+
+    try:
+        yield fill
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("room", [0, 8192], ids=["at-the-lock", "at-the-output"])
+def test_a_full_disk_names_the_folder_and_leaves_nothing_new(job, tmp_path, tiny_weights, monkeypatch, capsys,
+                                                            full_disk, room):
+    """No space for the lock file, or room for the lock but not the output: one line naming the folder, and
+    the folder as it was (no 0-byte lock, no temporary file)."""
+    src = job[0]
+    disk = tmp_path / "disk"
+    out = disk / "out.png"
+    if full_disk is None:
+        if room:
+            pytest.skip("needs a tmpfs (root)")
+        import errno
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", full)  # the lock's content is written with pwrite
+    else:
+        full_disk(room)
+    before = sorted(p.name for p in disk.iterdir())
+    res = _rerun_here(monkeypatch, capsys, src, out, tiny_weights, "--no-checkpoint")
+    assert res.returncode == 1, res.stderr
+    what = out.name if room else f"the lock file {_lock(out).name}"
+    assert _one_line(res.stderr) == f"error: no space left in {disk} for {what}"
+    assert sorted(p.name for p in disk.iterdir()) == before
+
+
 # -- non-finite results ------------------------------------------------------------------------------------
 
 def test_nan_weights_give_one_line_and_no_output(job, tmp_path, tiny_model):

@@ -196,3 +196,55 @@ def test_batch_usage_before_weights(monkeypatch, capsys, tmp_path):
     assert code == 2 and "--res must be" in one_line(err)
     code, _, err = infdit(monkeypatch, capsys, "batch", tmp_path, "-o", tmp_path, "--scale", "2")
     assert code == 2 and "output folder is the input folder" in one_line(err)
+
+
+# -- a stop before the sampling starts (issue 30 item 5): real signals, so real processes ------------------
+
+_HOLD = {  # Python run before the CLI's main: holds the run in one phase, touching MARK once it is there
+    "import": ("class _Hold:\n"  # the command's own import of torch (main's handlers are in place by then)
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'torch':\n"
+               "            hold()\n"
+               "sys.meta_path.insert(0, _Hold())\n"),
+    "plan": ("import infdit_cli.pipeline as P\n_real = P.plan_upscale\n"
+             "def _held(*a, **k):\n    hold()\n    return _real(*a, **k)\nP.plan_upscale = _held\n"),
+    "weights": ("from infdit_cli.upscaler import Upscaler\n_real = Upscaler.from_weights.__func__\n"
+                "def _held(cls, *a, **k):\n    hold()\n    return _real(cls, *a, **k)\n"
+                "Upscaler.from_weights = classmethod(_held)\n"),
+}
+
+
+@pytest.mark.parametrize("phase,sig,debug", [("import", "SIGTERM", False), ("plan", "SIGTERM", False),
+                                             ("plan", "SIGHUP", True), ("weights", "SIGTERM", True),
+                                             ("weights", "SIGHUP", False)])
+def test_a_stop_before_sampling_is_143_or_129_with_its_line(tmp_path, photo, tiny_weights, phase, sig, debug):
+    """SIGTERM / SIGHUP while the command imports torch, while the plan is made, while the weights load:
+    exit 143 / 129 and the one line, no traceback even with INFDIT_DEBUG=1, nothing left beside the output
+    (the lock taken before the weights load is gone)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import default_signals
+
+    mark = tmp_path / "held"
+    out = tmp_path / "out" / "big.png"
+    out.parent.mkdir()
+    code = (f"import pathlib, sys, time\nMARK = {str(mark)!r}\n"
+            "def hold():\n    pathlib.Path(MARK).touch()\n    time.sleep(120)\n"
+            f"{_HOLD[phase]}from infdit_cli.cli.app import main\nsys.argv = ['infdit'] + sys.argv[1:]\nmain()\n")
+    env = {**os.environ, "INFDIT_DEBUG": "1"} if debug else {k: v for k, v in os.environ.items()
+                                                             if k != "INFDIT_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-c", code, "upscale", str(photo), "-o", str(out), "--scale", "2",
+                             *FAST, "--weights", str(tiny_weights), "--checkpoint"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+    deadline = time.monotonic() + 120
+    while not mark.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == {"SIGTERM": 143, "SIGHUP": 129}[sig], err
+    assert err.strip() == f"error: terminated by {sig}", err  # one line: no traceback, no ValueError
+    assert list(out.parent.iterdir()) == []

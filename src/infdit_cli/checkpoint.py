@@ -382,12 +382,18 @@ def describe(path: str | Path) -> tuple[str, int] | None:
 
 @contextlib.contextmanager
 def output_lock(output: str | Path):
-    """Hold the one-writer lock of `output` (flock on `.<name>.infdit-lock` beside it, holding the pid);
-    nested use in one process is free. The lock file is removed on release.
+    """Hold the one-writer lock of `output` (flock on `.<name>.infdit-lock` beside it, holding
+    `LOCK_TEXT`); nested use in one process is free.
+
+    The lock file is created with O_CREAT | O_EXCL | O_NOFOLLOW. A file already there is taken only if it
+    is an earlier infdit's lock (`_ours`: a regular file of this user's, with one link, whose content says
+    so) that no process holds; anything else is refused, untouched. On release the file is removed only
+    if it is still the one this process created or took (same inode): a file put there meanwhile stays.
 
     Raises:
         Busy: another process holds it (`another infdit is writing <output> (pid N)`), at once.
-        UnsafePath: the lock path is a link or not a regular file of ours.
+        UnsafePath: the lock path is a link, or a file that is not an infdit lock.
+        DiskFull: no space for the lock file (nothing is left behind).
     """
     output = Path(output)
     path = output.with_name(f".{output.name}.infdit-lock")
@@ -405,46 +411,127 @@ def output_lock(output: str | Path):
         yield
     finally:
         del _LOCKS[key]
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        os.close(fd)
+        _drop_lock(path, fd)
 
 
 _LOCKS: dict[str, list] = {}
+LOCK_TEXT = "infdit output lock\npid {pid}\n"  # what says a lock file is infdit's (with `_LOCK_RE`)
+_LOCK_RE = re.compile(rb"(?:infdit output lock\n)?pid (\d{1,10})\n|(\d{1,10})\n")  # the 2nd: before 0.2
+
+
+def _ours(content: bytes) -> bool:
+    return _LOCK_RE.fullmatch(content) is not None
+
+
+def _lock_pid(content: bytes) -> str:
+    m = _LOCK_RE.fullmatch(content)
+    return (m.group(1) or m.group(2)).decode() if m else "?"
+
+
+def _no_space(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _take_lock(path: Path, output: Path) -> int:
     for _ in range(10):
+        created = True
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:  # a symbolic link too (O_EXCL never follows one)
+            created = False
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except FileNotFoundError:  # its holder removed it meanwhile: create it
+                continue
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UnsafePath(f"lock file {path} is a symbolic link; move it away") from None
+                if e.errno in (errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM):
+                    raise UnsafePath(f"lock file {path} is not infdit's (not a file of yours); move it away"
+                                     ) from None
+                raise
         except FileNotFoundError:  # the output's folder is missing: check_output reports it
             raise
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UnsafePath(f"lock file {path} is a symbolic link; move it away") from None
+            if _no_space(e):
+                raise DiskFull(f"no space left in {path.parent} for the lock file {path.name}") from None
             raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            os.close(fd)
-            raise UnsafePath(f"lock file {path} is not infdit's (not a file of yours); move it away")
+        mine = [created]  # a file this run may remove: made by it, or an earlier infdit's lock it now holds
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pid = os.read(fd, 32).decode("ascii", "replace").strip()
-            os.close(fd)
-            raise Busy(f"another infdit is writing {output} (pid {pid or '?'})") from None
-        try:
-            now = os.lstat(path)
-        except OSError:
-            now = None
-        if now is not None and (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            return fd
+            if _claim(path, output, fd, created, mine):
+                return fd
+        except BaseException as e:  # a refusal, a full disk, a stop: nothing new left behind
+            if mine[0]:
+                _drop_lock(path, fd)
+            else:
+                os.close(fd)
+            if isinstance(e, OSError) and _no_space(e):
+                raise DiskFull(f"no space left in {path.parent} for the lock file {path.name}") from None
+            raise
         os.close(fd)  # the holder removed it as we locked: take the new one
     raise Busy(f"another infdit is writing {output}")
+
+
+def _claim(path: Path, output: Path, fd: int, created: bool, mine: list) -> bool:
+    """Lock `fd` (the file at `path`) and write our `LOCK_TEXT` into it; False if the file at `path` is no
+    longer the one open (take the new one). `mine[0]` becomes True once a file found there is known to be an
+    earlier infdit's lock, held by this run. Raises Busy, UnsafePath, OSError; the caller closes `fd`."""
+    st = os.fstat(fd)
+    if not created:
+        why = _not_ours(fd, st)
+        if why:
+            raise UnsafePath(f"lock file {path} is not infdit's ({why}); move it away, or remove it")
+    for wait in range(200 if created else 1):  # our new file: another run only checks it for a moment
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if wait + 1 < (200 if created else 1):
+                time.sleep(0.01)
+                continue
+            raise Busy(f"another infdit is writing {output} (pid {_lock_pid(os.pread(fd, 64, 0))})") from None
+    if not _same(path, st):
+        return False
+    if not created:
+        if not _ours(os.pread(fd, 64, 0)):  # read under the lock: a holder writes it while holding it
+            raise UnsafePath(f"lock file {path} is not infdit's (its content is not an infdit lock); move it "
+                             "away, or remove it")
+        mine[0] = True
+    os.ftruncate(fd, 0)
+    data = LOCK_TEXT.format(pid=os.getpid()).encode()
+    if os.pwrite(fd, data, 0) != len(data):
+        raise OSError(errno.ENOSPC, "short write")
+    return True
+
+
+def _not_ours(fd: int, st: os.stat_result) -> str | None:
+    """Why the file already at the lock path (open as `fd`) is not one infdit may take, or None."""
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return "not a regular file of yours"
+    if st.st_nlink != 1:
+        return f"it has {st.st_nlink} links: another file's content"
+    if st.st_size > 64:
+        return "its content is not an infdit lock"
+    return None  # the content is read under the flock (a holder writes it while holding it)
+
+
+def _same(path: Path, st: os.stat_result) -> bool:
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
+def _drop_lock(path: Path, fd: int) -> None:
+    """Remove the lock file if it is still the one open as `fd` (not a file put there since); close `fd`."""
+    try:
+        if _same(path, os.fstat(fd)):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _need(ok, why: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import BadImage, BadRequest, InfditError, OutputError, OutputExists
+from .errors import BadImage, BadRequest, DiskFull, InfditError, OutputError, OutputExists
 from .metadata import ORIENTATION, read_dpi, read_exif
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
@@ -660,7 +660,8 @@ def check_output(path: Path, overwrite: bool) -> str:
                          f"{', '.join(sorted(SUFFIXES))}")
     if path.is_dir():
         raise OutputError(f"{path} is a directory")
-    if path.exists() and not overwrite:
+    # lexists: a dangling link is there too (the user's link: with --overwrite replaced, never its target)
+    if os.path.lexists(path) and not overwrite:
         raise OutputExists(f"{path} exists; pass --overwrite to replace it")
     parent = path.parent
     if not parent.is_dir():
@@ -736,16 +737,20 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
 
 def _atomic(path: Path, fmt: str, overwrite: bool, write) -> Path:
     """`write(tmp)` into a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".part", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".part", dir=path.parent)
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any tool's
         write(tmp)
-        if path.exists() and not overwrite:  # appeared while we computed
+        if os.path.lexists(path) and not overwrite:  # appeared while we computed (a dangling link too)
             raise OutputExists(f"{path} exists; pass --overwrite to replace it")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT: the folder, not the temp name
+            raise DiskFull(f"no space left in {path.parent} for {path.name}") from None
         raise
     return path
 

@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 
 from ..errors import BadRequest
-from ..images import DEFAULT_MAX_PIXELS, SUFFIXES, check_format_size, check_output, probe_size
-from ..pipeline import target_size
 
-__all__ = ["check_compile", "check_target_args", "check_upscale_args"]
+DEFAULT_MAX_PIXELS = 64 * 2**20  # images.DEFAULT_MAX_PIXELS (a test holds them equal); images imports torch
+
+__all__ = ["check_compile", "check_target_args", "check_upscale_args", "DEFAULT_MAX_PIXELS"]
 
 _RES = re.compile(r"^\s*(\d+)(\s*x\s*(\d+))?\s*$", re.IGNORECASE)
 
@@ -65,6 +65,9 @@ def check_upscale_args(src: Path, dst: Path, *, res: str | None, scale: float | 
         BadImage: the input is missing, unreadable or too large.
         OutputExists, OutputError: the output cannot be written.
     """
+    from ..images import SUFFIXES, check_format_size, check_output, probe_size  # kept off start-up (torch)
+    from ..pipeline import target_size
+
     check_target_args(res, scale)
     if dst.suffix.lower() not in SUFFIXES:
         check_output(dst, overwrite)  # raises BadRequest naming the suffixes infdit writes

@@ -28,11 +28,11 @@ def _said_by_rank_0(exc: BaseException, code: int) -> bool:
     joined (the same command line and files on every rank), the command line, an out-of-memory all ranks
     stepped down to together (`collective`), Ctrl-C and SIGTERM (torchrun passes them to every rank).
     Another rank's own failure is still printed by it."""
-    from ..distributed import joined
-
     rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     if rank == "0" or size in ("", "1"):
-        return False
+        return False  # one process: no torch import for this (a usage error answers at once)
+    from ..distributed import joined
+
     return (not joined() or code in (ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.HANGUP, ExitCode.TERMINATED)
             or getattr(exc, "collective", False))
 
@@ -67,6 +67,14 @@ def _after_another_rank(exc: BaseException, code: int) -> bool:
     return False
 
 
+def _stop(exc: BaseException) -> bool:
+    """Ctrl-C, SIGTERM or SIGHUP (raw, or as the `Interrupted` line with the resume hint): a stop is no
+    failure of infdit's, and has no traceback, INFDIT_DEBUG or not."""
+    from ..errors import Interrupted
+
+    return isinstance(exc, (KeyboardInterrupt, Interrupted))
+
+
 def report(exc: BaseException) -> Reported:
     """Print `exc` as one line (plus the traceback with INFDIT_DEBUG=1), unless another rank says it."""
     from rich.console import Console
@@ -78,8 +86,10 @@ def report(exc: BaseException) -> Reported:
         return Reported(int(code), after=after)
     msg = safe(msg.strip())  # one line, always: a newline in a name (or a library's message) shows as \n
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    if os.environ.get("INFDIT_DEBUG"):
-        console.print_exception()
+    if os.environ.get("INFDIT_DEBUG") and not _stop(exc) and exc.__traceback__ is not None:
+        from rich.traceback import Traceback  # the exception's own: report may run outside its except block
+
+        console.print(Traceback.from_exception(type(exc), exc, exc.__traceback__))
     console.print(Text.assemble(("error:", "bold red"), " ", msg))  # literal: names like [b]x.png stay
     if code == ExitCode.ERROR and not os.environ.get("INFDIT_DEBUG") and msg.startswith("internal error"):
         console.print("set INFDIT_DEBUG=1 for the traceback")

@@ -9,8 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import BadRequest
-from ..pipeline import UpscaleOptions
-from ..planner import parse_bytes
 
 
 class ColorFix(str, Enum):
@@ -86,6 +84,9 @@ OutPath = Annotated[Optional[Path], typer.Option("-o", "--output")]
 def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int | None,
                  color_fix: ColorFix, low_memory: bool | None = None,
                  compile: bool = False) -> UpscaleOptions:
+    from ..pipeline import UpscaleOptions  # kept off start-up (torch)
+    from ..planner import parse_bytes
+
     budget = None
     if mem_budget is not None:
         try:

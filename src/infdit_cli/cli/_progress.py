@@ -8,12 +8,13 @@ from typing import Protocol
 import time
 
 from ..events import BatchDone, CheckpointDiscarded, JobStarted, Notice, PassStarted, PlanChanged, Resumed, StepDone
-from ..planner import format_seconds
 from ._text import safe
 
 
 def job_line(event: JobStarted) -> str:
     """The job's first line: its predicted time, and on a slow CPU job what a GPU would take."""
+    from ..planner import format_seconds  # kept off start-up (the planner imports torch)
+
     line = (f"predicted {format_seconds(sum(event.seconds))} on {event.device or 'this device'} "
             f"({len(event.seconds)} pass(es), {event.calls * len(event.seconds)} model calls)")
     if event.gpu_seconds is not None:

@@ -10,14 +10,10 @@ from typing import Annotated
 
 import typer
 
-from .. import distributed as D
-from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
 from . import _options as O
 from ._checks import check_compile, check_target_args
-from ..planner import format_bytes
 from ._progress import make_display
 from ._text import safe
-from .upscale import load_upscaler
 
 EXAMPLES = """Examples:
 
@@ -71,6 +67,12 @@ def batch(
     inside FOLDER is never read back. Exit status: 0 if none failed, 1 otherwise (after finishing the
     others), 2 for a wrong command line.
     """
+    check_target_args(res, scale)  # the commonest usage error, answered before torch loads
+    from .. import distributed as D  # the library (torch) is kept off start-up: --help and usage errors
+    from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
+    from ..planner import format_bytes
+    from .upscale import load_upscaler
+
     if verbose:
         os.environ["INFDIT_DEBUG"] = "1"
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
@@ -168,6 +170,10 @@ def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bo
 def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale, steps, weights, repo, offline,
                  device, dtype, options, quality, max_pixels, quiet, json_, depth=None) -> None:
     """`batch` under torchrun: rank 0's plan, files dealt by size, rank 0 displays and reports the whole job."""
+    from .. import distributed as D  # kept off start-up (torch)
+    from ..batch import plan_batch
+    from .upscale import load_upscaler
+
     device = D.rank_device(device, world)
     with D.group(world, device):
         # Every rank plans (so a bad command line fails everywhere alike), then all take rank 0's plan:

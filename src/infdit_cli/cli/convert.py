@@ -7,9 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..convert import CONVERTER, convert_checkpoint
 from ..errors import ConvertError
-from ..weights import save_model_file
 
 EXAMPLES = "infdit convert mp_rank_00_model_states.pt -o infdit-4x.safetensors"
 
@@ -30,6 +28,9 @@ def convert(
     takes the safetensors file written here. Keys the official model never uses are dropped and listed;
     every hyper-parameter is inferred from tensor shapes and stored in the file's metadata.
     """
+    from ..convert import CONVERTER, convert_checkpoint  # kept off start-up (torch)
+    from ..weights import save_model_file
+
     if output.suffix != ".safetensors":
         raise ConvertError(f"output must end in .safetensors: {output}")
     if output.exists() and not overwrite:

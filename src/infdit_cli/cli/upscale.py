@@ -9,17 +9,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
-from .. import distributed as D
-from ..pipeline import plan_json, plan_lines
-from ..planner import format_bytes
-from ..checkpoint import output_lock, run_folder_for
-from ..upscaler import default_output
 from ._text import safe
 from . import _options as O
-from ._checks import check_compile, check_upscale_args
+from ._checks import check_compile, check_target_args, check_upscale_args
 from ._progress import make_display
 
 EXAMPLES = """Examples:
@@ -89,6 +83,8 @@ def keep_progress(folder: Path):
 def resume_hint(info: tuple[str, int] | None, folder: Path) -> str:
     if info is None:
         return ""
+    from ..planner import format_bytes  # kept off start-up (the planner imports torch)
+
     where, nbytes = info
     return (f"; {where} saved in {folder} ({format_bytes(nbytes)} on disk): run the same command again to "
             "resume, or add --no-resume to start over")
@@ -101,6 +97,7 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     Raises:
         MemoryBudgetTooSmall, HostMemoryTooSmall: the job cannot fit (exit 2, before any weights load).
     """
+    from ..checkpoint import run_folder_for  # these (torch) are kept off start-up
     from ..config import PRESETS
     from ..hub import resolve_weights
     from ..images import probe_size
@@ -135,6 +132,8 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
 def device_rates(cfg, dev, dt):
     """The device's calibrated rates (`calibrate.calibration`: measured once, cached), or None (the
     planner's nominal ones) for a device this machine does not have (`--device cuda --dry-run` here)."""
+    import torch  # kept off start-up
+
     from ..calibrate import calibration
 
     if (dev.type == "cuda" and not torch.cuda.is_available()) or (
@@ -188,6 +187,13 @@ def upscale(
     one antialiased resample to the exact size. Memory is planned from --mem-budget: the image is computed
     in n x n blocks of 128 px with a K/V cache, n as large as fits.
     """
+    check_target_args(res, scale)  # the commonest usage error, answered before torch loads
+    from .. import distributed as D  # the library (torch) is kept off start-up: --help and usage errors
+    from ..checkpoint import output_lock, run_folder_for
+    from ..pipeline import plan_json, plan_lines
+    from ..planner import format_bytes
+    from ..upscaler import default_output
+
     if verbose:
         os.environ["INFDIT_DEBUG"] = "1"
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
