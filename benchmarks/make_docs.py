@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).with_name("infdit")
 MiB = 2**20
 MARKER = "<!-- Sections below are written from their own benchmark runs; make_docs.py keeps them. -->"
-BENCH = ["bench", "--random-weights", "--config", "small", "--device", "cpu", "--mem-budget", "512MB"]
+BENCH = ["bench", "--random-weights", "--config", "small", "--device", "cpu", "--mem-budget", "512MB",
+         "--res", "256,512,1024"]
 
 
 def run(cmd: list[str]) -> str:
@@ -35,7 +36,8 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    bench = json.loads(run([str(BIN), *BENCH, "--json"]))
+    lines = [json.loads(ln) for ln in run([str(BIN), *BENCH, "--json"]).splitlines()]  # JSON lines
+    bench = {**lines[0], "rows": [o for o in lines if o["event"] == "row"]}
     memory = run([sys.executable, "benchmarks/memory_vs_size.py"])
     predicted = run([sys.executable, "benchmarks/predicted_official.py"])
     env = bench["environment"]
