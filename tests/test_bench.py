@@ -146,7 +146,7 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
     seen = _count_calls(monkeypatch, bench_mod)
     monkeypatch.setattr(calibrate_mod, "calibration", lambda *a, **k: planner_mod.Rates(1e9, 1e-6, 1e9))
     # 1 s per call at 256², growing with the area: 256² and 512² rows (16 and 64 s) run, 1024² (256 s) not
-    monkeypatch.setattr(planner_mod, "call_seconds", lambda cfg, size, n, rates, **k: size[0] * size[1] / 256**2)
+    monkeypatch.setattr(planner_mod, "call_seconds", lambda cfg, size, n, rates, **k: size[0] * size[1] / 65536)
     base = ["bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--repeats", "3"]
     res = CliRunner().invoke(app, [*base, "--json"])
     assert res.exit_code == 0, res.output
@@ -166,7 +166,8 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
     seen.clear()
     monkeypatch.setattr(planner_mod, "call_seconds", lambda cfg, size, n, rates, **k: size[0] * size[1] / 6554)
     res = CliRunner().invoke(app, [*base, "--json"])
-    assert [json.loads(ln)["event"] for ln in res.output.splitlines()] == ["bench", "row", "skipped", "skipped"]
+    events = [json.loads(ln)["event"] for ln in res.output.splitlines()]
+    assert events == ["bench", "row", "skipped", "skipped"]
     assert {(h, w) for h, w, _ in seen} == {(256, 256)}
 
     seen.clear()
@@ -277,7 +278,8 @@ def test_bench_streams_json_lines_to_a_pipe_and_sigterm_ends_it_with_143():
     # 256x16: its whole image (22.7 MB predicted) is over the 22.5 MB budget, so its row is one worker's;
     # 16x1024 (block mode 22.2 MB) is still being measured when the signal comes.
     proc = subprocess.Popen([str(exe), "bench", "--random-weights", "--config", "tiny", "--device", "cpu",
-                             "--res", "256x16,16x1024", "--mem-budget", "22500000", "--repeats", "20", "--json"],
+                             "--res", "256x16,16x1024", "--mem-budget", "22500000", "--repeats", "20",
+                             "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_signals)
     try:

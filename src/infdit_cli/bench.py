@@ -358,9 +358,9 @@ def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dt
     `rates`: the device's calibrated rates, for the plans and their predicted times (default nominal).
     `row_limit`: sizes after the first whose measurements are predicted to take longer (seconds, all calls
     of the size) are not measured but returned as `Skipped` (the first always runs, so a calibration taken
-    on a busy machine, which predicts everything long, still leaves one row). `on_row` receives each row as soon as it is measured (or
-    skipped). `on_event` receives a `MeasureDone` after each fresh-process measurement; its `work` counts
-    FLOPs x calls, so `work / work_total` tracks the time spent (for an ETA).
+    on a busy machine, which predicts everything long, still leaves one row). `on_row` receives each row
+    as soon as it is measured (or skipped). `on_event` receives a `MeasureDone` after each fresh-process
+    measurement; its `work` counts FLOPs x calls, so `work / work_total` tracks the time spent (an ETA).
     """
     from .planner import call_seconds, estimate, plan
 

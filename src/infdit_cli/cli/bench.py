@@ -57,7 +57,8 @@ def bench(
     json_: Annotated[bool, typer.Option("--json", help=(
         "JSON lines on stdout, each written as soon as it is known: first {\"event\": \"bench\"} (weights, "
         "device, budget, environment, calibration), then one {\"event\": \"row\"} per measured size or "
-        "{\"event\": \"skipped\"} per skipped one. No summary follows: the last size's line is the last line."))] = False,
+        "{\"event\": \"skipped\"} per skipped one. No summary follows: the last size's line is the last "
+        "line."))] = False,
     quiet: O.Quiet = False,
 ) -> None:
     """Measure peak memory and speed of the block engine against the whole-image pass.
