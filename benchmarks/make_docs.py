@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).with_name("infdit")
 MiB = 2**20
 MARKER = "<!-- Sections below are written from their own benchmark runs; make_docs.py keeps them. -->"
-BENCH = ["bench", "--random-weights", "--config", "small", "--device", "cpu", "--mem-budget", "512MB"]
+BENCH = ["bench", "--random-weights", "--config", "small", "--device", "cpu", "--mem-budget", "512MB",
+         "--res", "256,512,1024"]
 
 
 def run(cmd: list[str]) -> str:
@@ -35,7 +36,8 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    bench = json.loads(run([str(BIN), *BENCH, "--json"]))
+    lines = [json.loads(ln) for ln in run([str(BIN), *BENCH, "--json"]).splitlines()]  # JSON lines
+    bench = {**lines[0], "rows": [o for o in lines if o["event"] == "row"]}
     memory = run([sys.executable, "benchmarks/memory_vs_size.py"])
     predicted = run([sys.executable, "benchmarks/predicted_official.py"])
     env = bench["environment"]
@@ -53,7 +55,8 @@ def main() -> None:
         "## `infdit bench` on the CPU (small config: hidden 256, 4 layers, 4 heads; random weights)",
         "",
         f"Command: `infdit {' '.join(BENCH)}`. Peak = what one denoiser call adds to the resident model and",
-        "inputs (peak RSS); time = median of 3 warm calls, each configuration in its own process. The",
+        "inputs (peak RSS); time = median of 3 warm calls, each configuration in its own process, its engine",
+        "and K/V cache built once before them (the `setup` field, not in the timed calls). The",
         "overhead column is measured differently, as the guide asks for ratios measured in one run: block and",
         "whole calls alternated 3 times in one process after a warm-up, medians compared.",
         "Block mode runs the planner's n under the budget",
