@@ -187,3 +187,18 @@ def test_the_page_carries_the_token(tmp_path, tiny_weights, tmp_path_factory):
                 browser.close()
     finally:
         server.stop()
+
+
+def test_the_model_label_names_the_kind(official_file, tiny_weights, monkeypatch, tmp_path):
+    """What the page shows of the model (`/api/info`'s "model"): a registry model is official, a file
+    `infdit convert` made is converted, a file with no conversion record is a random test model, warned."""
+    from infdit_cli.cli.serve import model_label
+
+    monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("INFDIT_WEIGHTS", raising=False)
+    assert model_label(None, None) == {"name": "infdit-4x", "kind": "official", "warning": None}
+    assert model_label(str(official_file), None) == {"name": "upstream-a.safetensors", "kind": "converted",
+                                                     "warning": None}
+    random = model_label(str(tiny_weights), None)
+    assert random["name"] == "tiny.safetensors" and random["kind"] == "random test model"
+    assert "noise" in random["warning"]

@@ -26,7 +26,8 @@ EXAMPLES = """Examples:
   infdit serve --jobs /data/infdit-jobs --allow-paths /data/photos --mem-budget 20GB
 """
 
-INSTALL_HINT = 'infdit serve needs the web server packages: pip install "infdit[serve]"'
+INSTALL_HINT = ('infdit serve needs the web server packages: pip install fastapi uvicorn python-multipart '
+                '(the serve extra: pip install ".[serve]" in the infdit clone)')
 
 
 def default_jobs() -> Path:
