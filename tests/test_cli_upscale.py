@@ -284,7 +284,6 @@ def test_the_eta_is_the_plans_until_measured_progress_replaces_it():
     display = RichDisplay(Console(file=io.StringIO(), force_terminal=True, width=120))
     for progress in (display.overall, display.steps):
         progress.get_time = lambda: now[0]
-    display.said_plan = True
     display(JobStarted([1.0], 39, [100.0], "cpu"))
     p = SimpleNamespace(scale=4, in_size=(20, 24), out_size=(80, 96), seconds=100.0)
     display(PassStarted(1, 1, p, None))

@@ -108,6 +108,7 @@ def test_default_model_is_one_command(release):
     assert _gets(fake) == [None]
     plan, first = res.stderr.strip().splitlines()[:2]  # the plan's first line, then the download's
     assert plan.startswith("predicted ") and "on cpu (1 pass(es), 3 model calls)" in plan, res.stderr
+    assert res.stderr.count("predicted ") == 1  # not again when the job starts
     assert first == (f"downloading infdit-4x ({format_bytes(len(CKPT))}) once into {tmp_path / 'cache'}; "
                      "later runs use it offline"), res.stderr
     assert Image.open(tmp_path / "out.png").size == (96, 64)

@@ -62,6 +62,45 @@ def event_line(event: object) -> str | None:
     return None
 
 
+class FirstLines:
+    """A job's first lines, said once: the plan's first line, then any notes (why --device auto is the CPU).
+
+    Called (no arguments) just before a download starts (`_fetch.ensure_weights`' `before`); otherwise the
+    display says them at the job's start (`say`), where the job's own line, planned with the loaded model,
+    takes the plan's place when `job_is_plan` (one image); a batch's per-file lines follow its own plan.
+    Nothing is said for a job that fails before it starts: its error stays one line."""
+
+    def __init__(self, lines, quiet: bool = False, *, job_is_plan: bool = False) -> None:
+        self.lines = list(lines)
+        self.quiet = quiet
+        self.job_is_plan = job_is_plan
+        self.said = False
+
+    def __call__(self) -> None:
+        self.say(lambda line: print(line, file=sys.stderr, flush=True))
+
+    def say(self, emit, job: str | None = None) -> str | None:
+        """Emit the lines (once; escaped by `safe`); returns `job` where it is still to be said (never
+        where it is the plan's line, said here or before the download)."""
+        if self.said:
+            return None if self.job_is_plan else job
+        self.said = True
+        lines = list(self.lines)
+        if self.job_is_plan and job is not None and lines:
+            lines[0], job = job, None
+        if not self.quiet:
+            for line in lines:
+                if line:
+                    emit(safe(line))
+        return job
+
+
+def _job_name(display) -> str:
+    """The file a job's line names: the batch's file; none for one image (its line is the plan's)."""
+    first = display.first
+    return "" if first is not None and first.job_is_plan else display.name
+
+
 class Display(Protocol):
     def start(self, total_images: int = 1, *, calls_per_pass: int | None = None) -> None: ...
     def image(self, name: str) -> None: ...
@@ -79,7 +118,7 @@ class NullDisplay:
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.name = ""  # the file in progress (batch): its first line names it
-        self.said_plan = False  # the plan's first line was printed already (before the weights loaded)
+        self.first: FirstLines | None = None  # said at the first job's start, unless said before a download
 
     def start(self, total_images: int = 1, *, calls_per_pass: int | None = None) -> None:
         pass
@@ -94,8 +133,12 @@ class NullDisplay:
         pass
 
     def __call__(self, event: object) -> None:
-        if isinstance(event, JobStarted) and event.seconds and not self.quiet and not self.said_plan:
-            print(safe(job_line(event, self.name)), file=sys.stderr)
+        if isinstance(event, JobStarted):
+            line = job_line(event, _job_name(self)) if event.seconds else None
+            if self.first is not None:
+                line = self.first.say(lambda text: print(text, file=sys.stderr), line)
+            if line is not None and not self.quiet:
+                print(safe(line), file=sys.stderr)
         elif isinstance(event, PlanChanged):
             self.warn(f"{event.reason} with {event.old}; continuing with {event.new}")
         elif isinstance(event, Notice):
@@ -133,7 +176,7 @@ class RichDisplay:
         self.total_images = 1
         self.calls_per_pass: int | None = None
         self.name = ""
-        self.said_plan = False  # the plan's first line was printed already (before the weights loaded)
+        self.first: FirstLines | None = None  # said at the first job's start, unless said before a download
         self.resumed_at: tuple[int, int] | None = None  # (pass, calls) of a resumed run, for its pass's bar
 
     def start(self, total_images: int = 1, *, calls_per_pass: int | None = None) -> None:
@@ -165,8 +208,11 @@ class RichDisplay:
 
     def __call__(self, event: object) -> None:
         if isinstance(event, JobStarted):
-            if event.seconds and not self.said_plan:
-                self.console.print(safe(job_line(event, self.name)), markup=False, highlight=False)
+            line = job_line(event, _job_name(self)) if event.seconds else None
+            if self.first is not None:
+                line = self.first.say(lambda text: self.console.print(text, markup=False, highlight=False), line)
+            if line is not None:
+                self.console.print(safe(line), markup=False, highlight=False)
             self.work, self.calls_per_pass = event.work, event.calls
             self.resumed_at = None
             if self.job_task is not None:

@@ -15,9 +15,9 @@ from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_
 from . import _options as O
 from ._checks import check_compile, check_target_args
 from ..planner import format_bytes
-from ._progress import make_display
+from ._progress import FirstLines, make_display
 from ._text import safe
-from .upscale import load_upscaler, say_once
+from .upscale import load_upscaler
 
 EXAMPLES = """Examples:
 
@@ -94,10 +94,11 @@ def batch(
     if dry_run_:
         report = BatchReport(preview_batch(items, res=res, scale=scale, max_pixels=max_pixels))
     else:
-        first = say_once(batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels),
-                         quiet) if todo else None  # the plan before any download starts
+        first = FirstLines(batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels),
+                           quiet) if todo else None  # the plan before any download starts, else at the start
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first) if todo else None
         display = make_display(quiet)
+        display.first = first
         display.start(todo, calls_per_pass=2 * steps - 1)
         started: set[str] = set()
         current: list[Path] = []  # the output of the file in progress
@@ -263,10 +264,11 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
         items = D.broadcast(plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite),
                             world)
         todo = sum(i.status == "todo" for i in items)
-        first = say_once(batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels),
-                         quiet or not world.main) if todo else None
+        first = FirstLines(batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels),
+                           quiet or not world.main) if todo else None
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first) if todo else None
         display = make_display(quiet, main=world.main)
+        display.first = first
         counter = D.Counter(world)
         display.start(todo, calls_per_pass=2 * steps - 1)
         started: set[str] = set()

@@ -119,15 +119,16 @@ def serve(
     from ..serve.app import create_app
     from ..serve.jobs import JobRunner, JobStore
     from ..upscaler import resolve_device
-    from ._progress import device_note
-    from .upscale import load_upscaler, say_once
+    from ._progress import FirstLines, device_note
+    from .upscale import load_upscaler
 
     store = JobStore(jobs or default_jobs())  # UnsafePath, Busy (another server on it): before the weights
     try:
         options = O.make_options(20, 0, mem_budget, block_batch, O.ColorFix.none)
         # why --device auto is the CPU: said before any download starts
-        first = say_once([device_note(device, resolve_device(device, check=False).type)], quiet)
+        first = FirstLines([device_note(device, resolve_device(device, check=False).type)], quiet)
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first)
+        first()  # (said already where a download came first)
         up.rates  # calibrated now (cached per device), not during the first request's plan
         runner = JobRunner(store, up, max_pixels=max_pixels,
                            on_error=None if quiet else lambda line: print(f"infdit serve: {line}", file=sys.stderr))

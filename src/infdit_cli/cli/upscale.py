@@ -20,7 +20,7 @@ from ..upscaler import default_output
 from ._text import safe
 from . import _options as O
 from ._checks import check_compile, check_upscale_args
-from ._progress import make_display
+from ._progress import FirstLines, make_display
 
 EXAMPLES = """Examples:
 
@@ -33,36 +33,15 @@ EXAMPLES = """Examples:
 
 
 def load_upscaler(weights, repo, offline, device, dtype, options, quiet: bool = False, first=None):
-    """The loaded model. `first` (`say_once`: the plan's first line, the CPU-fallback line) is said before
-    any download starts, else once the model is loaded (so a missing or bad weights file stays one line)."""
+    """The loaded model. `first` (`_progress.FirstLines`: the plan's first line, the CPU-fallback line) is
+    called just before a download starts, if one does."""
     from ..upscaler import Upscaler
     from ._fetch import ensure_weights
 
     ensure_weights(weights, repo, offline, quiet, before=first)  # first use: fetched once, like `infdit download`
 
-    up = Upscaler.from_weights(weights, device=device, dtype=dtype, options=options, repo=repo,
-                               offline=offline or None)
-    if first is not None:
-        first()
-    return up
-
-
-def say_once(lines, quiet: bool = False):
-    """A callable printing `lines` (None entries skipped) to stderr the first time it is called only."""
-    import sys
-
-    said: list[bool] = []
-
-    def say() -> None:
-        if said:
-            return
-        said.append(True)
-        if not quiet:
-            for line in lines:
-                if line:
-                    print(safe(line), file=sys.stderr, flush=True)
-
-    return say
+    return Upscaler.from_weights(weights, device=device, dtype=dtype, options=options, repo=repo,
+                                 offline=offline or None)
 
 
 def first_lines(info: dict, requested_device: str) -> list[str | None]:
@@ -255,7 +234,7 @@ def upscale(
                            f"{format_bytes(d['checkpoint_bytes'])})"
                            + (f", {format_bytes(d['free_bytes'])} free" if d["free_bytes"] is not None else ""))
             typer.echo(f"  (config: {info['config_from']}; seed {seed})")
-        say_once([first_lines(info, device)[1]], quiet)()  # why auto is the CPU, on stderr
+        FirstLines([first_lines(info, device)[1]], quiet)()  # why auto is the CPU, on stderr
     refuse_disk(info)  # exit 2 before any weights load (after the dry run's plan is shown)
     if dry_run_:
         return
@@ -267,8 +246,8 @@ def upscale(
     with D.group(world, device), contextlib.ExitStack() as held:  # the lock goes first, then the group
         if world.main:  # one writer per output, before the weights load: a second run is refused at once
             held.enter_context(output_lock(dst))
-        # the plan's first line before any download starts (else once the weights are loaded)
-        first = say_once(first_lines(info, requested), quiet or not world.main)
+        # the plan's first line before any download starts, else at the job's start (the job's own)
+        first = FirstLines(first_lines(info, requested), quiet or not world.main, job_is_plan=True)
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first)
         if world.distributed:
             from ..bands import band_engine
@@ -276,7 +255,7 @@ def upscale(
             up.engine = band_engine(world)
             up.agree = D.agree_plan(world)  # one placement for all ranks, before the first call
         display = make_display(quiet, main=world.main)
-        display.said_plan = True  # `first` said it
+        display.first = first
         display.start(1, calls_per_pass=2 * steps - 1)
         display.image(input.name)
         try:
