@@ -110,3 +110,44 @@ def test_ctrl_c_stops_the_batch(tmp_path):
         run_batch(FlakyUpscaler({"a.png": KeyboardInterrupt()}), root, out, res=None, scale=2, recursive=False,
                   glob=None, overwrite=False, quality=95, max_pixels=None)
     assert not (out / "b.png").exists()
+
+
+def test_batch_lines_name_each_file_and_the_plan_comes_first(tmp_path, monkeypatch, capsys, tiny_weights):
+    """The batch's plan in one line first, then each file's predicted time naming the file (its path in the
+    folder: two subfolders may hold one name)."""
+    from test_download import run_main
+
+    root = tmp_path / "in"
+    img(root / "a.png", (12, 10)), img(root / "sub" / "a.png", (12, 10))
+    monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "cache"))
+    code, lines = run_main(monkeypatch, capsys, "batch", root, "-o", tmp_path / "out", "--recursive", "--scale", "2",
+                           "--steps", "2", "--device", "cpu", "--weights", tiny_weights)
+    assert code == 0, lines
+    assert lines[0].startswith("2 file(s) to upscale: predicted ") and "on cpu (2 pass(es), 6 model calls)" in lines[0]
+    predicted = [ln for ln in lines if "predicted" in ln]
+    assert [ln.split(": predicted ")[0] for ln in predicted] == ["2 file(s) to upscale", "a.png", "sub/a.png"], lines
+
+
+def test_table_title_shortens_paths_instead_of_wrapping(tmp_path, monkeypatch, capsys):
+    """At 120 columns a title with long paths is one line: the folders' last names kept whole, "..." for the
+    rest; short paths are left alone, relative to the current folder."""
+    from infdit_cli.cli.batch import shorten_path, table_title
+    from test_download import run_main
+
+    assert shorten_path("/a/bb/ccc", 20) == "/a/bb/ccc"
+    assert shorten_path("/data/photos/holiday_2026", 20) == ".../holiday_2026"
+    assert shorten_path("/x/" + "n" * 30, 12) == "..." + "n" * 9
+    monkeypatch.chdir(tmp_path)
+    assert table_title(tmp_path / "in", tmp_path / "out", True, 120) == "in -> out (dry run)"
+
+    deep = tmp_path.joinpath(*[f"a_folder_with_a_rather_long_name_{i}" for i in range(3)])
+    root, out = deep / "photos_of_the_summer", deep / "photos_of_the_summer_upscaled_to_four_k"
+    img(root / "a.png")
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.chdir("/")
+    code, lines = run_main(monkeypatch, capsys, "batch", root, "-o", out, "--scale", "2", "--dry-run")
+    assert code == 0, lines
+    title, border = lines[0], lines[1]
+    assert len(title) <= 120 and title.endswith("/photos_of_the_summer_upscaled_to_four_k (dry run)"), lines
+    assert title.startswith(".../") and "/photos_of_the_summer -> .../" in title
+    assert border.startswith("┏") and all(len(ln) <= 120 for ln in lines)

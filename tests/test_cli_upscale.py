@@ -242,3 +242,64 @@ def test_help_reads_well():
     for cmd in ([], ["upscale"], ["batch"], ["convert"], ["download"], ["info"]):
         res = run_cli(*cmd, "--help")
         assert res.returncode == 0 and "Usage" in res.stdout
+
+
+def test_a_dry_run_without_disk_files_has_no_disk_line(tmp_path, w, monkeypatch, capsys):
+    """`--dry-run --device cuda` of a job with no scratch and no checkpoints prints no `disk: 0 B` line; a job
+    with checkpoints says what they take."""
+    src = tmp_path / "a.png"
+    Image.fromarray(rgb_image(20, 24)).save(src)
+    monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "cache"))
+    args = ("upscale", src, "--scale", "2", "--dry-run", "--device", "cuda", "--mem-budget", "8GB", *w)
+    res = _dry(monkeypatch, capsys, args)
+    assert "time: predicted" in res and "disk:" not in res, res
+    res = _dry(monkeypatch, capsys, (*args, "--checkpoint"))
+    assert "  disk: " in res and "checkpoints " in res and "disk: 0 B" not in res, res
+
+
+def _dry(monkeypatch, capsys, args) -> str:
+    """stdout of an in-process `infdit ARGS`."""
+    from infdit_cli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["infdit", *map(str, args)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_eta_is_the_plans_until_measured_progress_replaces_it():
+    """The job's ETA: before its first step the plan's prediction less the time spent (marked ~), not
+    -:--:--; once a step is done the measured pace, even where steps are slower than rich's 30 s window
+    of speed samples (-:--:-- at 40 % before)."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from infdit_cli.cli._progress import RichDisplay
+    from infdit_cli.events import JobStarted, PassStarted, StepDone
+
+    now = [1000.0]
+    display = RichDisplay(Console(file=io.StringIO(), force_terminal=True, width=120))
+    for progress in (display.overall, display.steps):
+        progress.get_time = lambda: now[0]
+    display(JobStarted([1.0], 39, [100.0], "cpu"))
+    p = SimpleNamespace(scale=4, in_size=(20, 24), out_size=(80, 96), seconds=100.0)
+    display(PassStarted(1, 1, p, None))
+
+    def eta(progress, task_id) -> str:
+        task = next(t for t in progress.tasks if t.id == task_id)
+        return progress.columns[-1].render(task).plain
+
+    assert eta(display.overall, display.job_task) == "~0:01:40"  # the plan's 100 s
+    assert eta(display.steps, display.step_task) == "~0:01:40"
+    now[0] += 10
+    assert eta(display.overall, display.job_task) == "~0:01:30"  # 10 s spent, nothing measured yet
+    now[0] += 30  # 40 s in: 16 of 39 calls, 41 %: 40 s * 59 / 41 left
+    display(StepDone(8, 20, 16, 0.5))
+    assert eta(display.overall, display.job_task) == "0:00:58"
+    assert eta(display.steps, display.step_task) == "0:00:58"
+    # without a plan's prediction nothing is invented
+    display(JobStarted([1.0], 39, [], "cpu"))
+    assert eta(display.overall, display.job_task) == "-:--:--"

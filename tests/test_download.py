@@ -106,7 +106,9 @@ def test_default_model_is_one_command(release):
     res = run_cli("upscale", src, "-o", tmp_path / "out.png", *UPSCALE, env=env)
     assert res.returncode == 0, res.stderr
     assert _gets(fake) == [None]
-    first = res.stderr.strip().splitlines()[0]
+    plan, first = res.stderr.strip().splitlines()[:2]  # the plan's first line, then the download's
+    assert plan.startswith("predicted ") and "on cpu (1 pass(es), 3 model calls)" in plan, res.stderr
+    assert res.stderr.count("predicted ") == 1  # not again when the job starts
     assert first == (f"downloading infdit-4x ({format_bytes(len(CKPT))}) once into {tmp_path / 'cache'}; "
                      "later runs use it offline"), res.stderr
     assert Image.open(tmp_path / "out.png").size == (96, 64)
@@ -289,3 +291,63 @@ def test_verified_once_then_trusted_until_the_file_changes(tmp_path, monkeypatch
     assert cache.verified_sha256(f) == hashlib.sha256(b"abd").hexdigest()
     assert len(calls) == 2
     assert cache.same_digest(digest.upper(), digest) and not cache.same_digest(digest, None)
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, list[str]]:
+    """`infdit ARGS` in this process: (exit code, stderr lines)."""
+    from infdit_cli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["infdit", *map(str, args)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    return done.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("cuda", [None, "12.8"], ids=["cpu-only-torch", "no-driver-or-device"])
+def test_the_plan_and_the_cpu_fallback_come_before_the_download(tmp_path, monkeypatch, capsys, cuda):
+    """`infdit upscale` on a fresh cache with --device auto on a machine without a GPU: the plan's first line
+    (with a GPU's time: the job is over an hour on this CPU) and why it runs on the CPU come before the
+    download's first line; the download (to a port nothing listens on) then fails in one line."""
+    import torch
+
+    import infdit_cli.calibrate as calibrate
+    from infdit_cli.planner import Rates
+
+    with socket.socket() as s:  # a port nothing listens on: the download cannot start
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}{RELEASE}?dl=1"
+    env = _default_model_env(tmp_path, url, {})
+    for k in ("INFDIT_WEIGHTS", "INFDIT_REPO", "INFDIT_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {**env, "INFDIT_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
+                 "HF_HUB_OFFLINE": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(calibrate, "calibration", lambda *a, **k: Rates(2e9, 3e-6, 4e9, source="measured"))
+    src = _image(tmp_path)
+    code, lines = run_main(monkeypatch, capsys, "upscale", src, "-o", tmp_path / "out.png", "--scale", "4")
+    assert code == 1, lines
+    plan, fallback, fetch, error = lines
+    assert plan.startswith("predicted ") and " on cpu (1 pass(es), 39 model calls)" in plan, plan
+    assert "a CUDA GPU (H100-class, bf16) would take about" in plan  # the job is days on this CPU
+    assert fallback.startswith("running on the CPU: this torch")
+    if cuda is None:
+        assert "CPU-only build" in fallback and "install a CUDA build of torch" in fallback
+    else:
+        assert "built for CUDA 12.8 but finds no GPU" in fallback and "nvidia-smi" in fallback
+    assert fetch.startswith("downloading infdit-4x"), fetch
+    assert error.startswith("error:") and f"127.0.0.1:{port}" in error
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_named_cpu_has_no_fallback_line_and_cached_weights_say_the_plan_once(tmp_path, monkeypatch, capsys,
+                                                                                 tiny_weights):
+    """--device cpu is a choice, not a fallback; with the weights here the plan's line comes once (before the
+    first call, not again from the job's start)."""
+    monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "cache"))
+    code, lines = run_main(monkeypatch, capsys, "upscale", _image(tmp_path), "-o", tmp_path / "out.png",
+                        "--scale", "2", "--steps", "2", "--device", "cpu", "--weights", tiny_weights)
+    assert code == 0, lines
+    assert [ln.split(" on ")[0].split()[0] for ln in lines] == ["predicted", "wrote"], lines

@@ -333,7 +333,8 @@ def test_without_the_serve_extra_it_says_how_to_install(tmp_path):
     res = subprocess.run([sys.executable, "-m", "infdit_cli", "serve"], capture_output=True, text=True,
                          env={**ENV, "PYTHONPATH": str(blocker)}, timeout=60)
     assert res.returncode == 2
-    assert res.stderr.strip() == 'error: infdit serve needs the web server packages: pip install "infdit[serve]"'
+    assert res.stderr.strip() == ('error: infdit serve needs the web server packages: pip install fastapi uvicorn '
+                                  'python-multipart (the serve extra: pip install ".[serve]" in the infdit clone)')
 
 
 def test_options_are_checked_like_the_cli():

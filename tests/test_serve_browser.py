@@ -36,6 +36,30 @@ def _need_browser():
     pytest.skip(reason)
 
 
+def _overflows(page) -> list[str]:
+    """What is wider than its box: the document, the header, each section and each job card."""
+    return page.evaluate("""() => {
+      const out = [];
+      const d = document.documentElement;
+      if (d.scrollWidth > d.clientWidth) out.push(`document ${d.scrollWidth} > ${d.clientWidth}`);
+      for (const e of document.querySelectorAll("header, section, .job, .banner, .fields label")) {
+        if (e.scrollWidth > e.clientWidth) out.push(`${e.tagName}.${e.className} ${e.scrollWidth} > ${e.clientWidth}`);
+      }
+      return out;
+    }""")
+
+
+def _placeholder_fits(page, selector: str) -> bool:
+    """The input's placeholder fits its content box (measured in its own font)."""
+    return page.evaluate("""(sel) => {
+      const e = document.querySelector(sel), cs = getComputedStyle(e);
+      const ctx = document.createElement("canvas").getContext("2d");
+      ctx.font = `${cs.fontStyle} ${cs.fontWeight} ${cs.fontSize} ${cs.fontFamily}`;
+      const room = e.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+      return ctx.measureText(e.placeholder).width <= room;
+    }""", selector)
+
+
 def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_factory):
     _need_browser()
     pytest.importorskip("fastapi")
@@ -52,6 +76,12 @@ def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.goto(server.url)
                 expect(page.locator("#info")).to_contain_text("cpu float32")
+                # the loaded model: its name and kind, and a warning that a random model makes noise
+                expect(page.locator("#model")).to_contain_text("tiny.safetensors")
+                expect(page.locator("#model .kind")).to_have_text("random test model")
+                expect(page.locator("#model-warning")).to_be_visible()
+                expect(page.locator("#model-warning")).to_contain_text("noise")
+                assert _placeholder_fits(page, "#res"), "the res field's placeholder is cut off at 390 px"
                 page.set_input_files("#file", str(src))
                 page.fill("#res", "not a size")  # a plan the server refuses: its one line, in red, and no Start
                 error = page.locator("#plan-error")
@@ -68,8 +98,9 @@ def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_
                 job = page.locator(".job").first
                 expect(job.locator(".name")).to_have_text("holiday photo.png")
                 expect(job.locator("a.download")).to_be_hidden()  # until the job is done
-                # A phone-sized page: nothing wider than the screen.
+                # A phone-sized page: nothing wider than the screen, nor than its card.
                 assert page.evaluate("document.documentElement.scrollWidth") <= 390
+                assert _overflows(page) == []
                 fractions = set()
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline and len(fractions) < 3:
@@ -90,6 +121,26 @@ def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_
                     shutil.copy(shot, os.environ["INFDIT_SCREENSHOT"])
                 expect(job.locator(".state")).to_have_text("done", timeout=120_000)
                 expect(job.locator("progress")).to_have_js_property("value", 1)
+                assert _overflows(page) == []
+                shots = {390: tmp_path / "serve-390.png"}
+                page.screenshot(path=str(shots[390]), full_page=True)
+                # A desktop-sized page: nothing overflows, and the finished job's full bar spans its card
+                page.set_viewport_size({"width": 1280, "height": 900})
+                assert page.evaluate("document.documentElement.clientWidth") == 1280
+                assert _overflows(page) == []
+                assert _placeholder_fits(page, "#res")
+                bar, inner = job.evaluate("""c => {
+                  const cs = getComputedStyle(c);
+                  return [c.querySelector("progress").getBoundingClientRect().width,
+                          c.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight)];
+                }""")
+                assert bar >= inner - 1, (bar, inner)
+                shots[1280] = tmp_path / "serve-1280.png"
+                page.screenshot(path=str(shots[1280]), full_page=True)
+                if os.environ.get("INFDIT_SCREENSHOTS"):  # a folder: both sizes, to look at
+                    for width, shot_ in shots.items():
+                        shutil.copy(shot_, Path(os.environ["INFDIT_SCREENSHOTS"]) / f"serve-{width}.png")
+                page.set_viewport_size({"width": 390, "height": 1100})
                 with page.expect_download() as info:
                     job.locator("a.download").click()
                 download = info.value
@@ -136,3 +187,18 @@ def test_the_page_carries_the_token(tmp_path, tiny_weights, tmp_path_factory):
                 browser.close()
     finally:
         server.stop()
+
+
+def test_the_model_label_names_the_kind(official_file, tiny_weights, monkeypatch, tmp_path):
+    """What the page shows of the model (`/api/info`'s "model"): a registry model is official, a file
+    `infdit convert` made is converted, a file with no conversion record is a random test model, warned."""
+    from infdit_cli.cli.serve import model_label
+
+    monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("INFDIT_WEIGHTS", raising=False)
+    assert model_label(None, None) == {"name": "infdit-4x", "kind": "official", "warning": None}
+    assert model_label(str(official_file), None) == {"name": "upstream-a.safetensors", "kind": "converted",
+                                                     "warning": None}
+    random = model_label(str(tiny_weights), None)
+    assert random["name"] == "tiny.safetensors" and random["kind"] == "random test model"
+    assert "noise" in random["warning"]

@@ -2,6 +2,7 @@
 
 The CLI calls `ensure_weights` after every check that needs no weights (usage, input, output, plan) and before
 loading: one line says what is fetched, how big it is and where it goes, then the download's progress bar.
+`before` (the command's plan line, the CPU-fallback line) is called first, so the job is known before the wait.
 Offline (`--offline`, HF_HUB_OFFLINE=1, INFDIT_OFFLINE=1) keeps the one-line "no weights yet" error.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from ._text import safe
 
@@ -30,12 +32,15 @@ def _size_text(spec) -> str:
     return f" ({format_bytes(size)})" if isinstance(size, int) and size > 0 else ""
 
 
-def ensure_weights(weights, repo, offline: bool, quiet: bool) -> None:
+def ensure_weights(weights, repo, offline: bool, quiet: bool, before: Callable[[], None] | None = None) -> None:
     """Download the registry model `weights` (default: $INFDIT_WEIGHTS, else infdit-4x) if it is not cached.
 
     Does nothing for files, URLs, Hub references or a model already in the cache, and nothing offline (the
     loader then gives its one-line error). Errors are `infdit download`'s (one line; a `.part` is kept and
     resumed by the next run).
+
+    `before` is called just before a download starts: here for a registry model, or before the loader
+    fetches a Hub reference that is not in the HF cache yet.
     """
     from ..errors import WeightsNotFound
     from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, download, registry, resolve_weights
@@ -49,6 +54,8 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool) -> None:
     except Exception:  # noqa: BLE001 - a bad manifest is reported by the loader, in its words
         return
     if name not in known:
+        if before is not None and "/" in name:
+            _before_hub_fetch(name, repo, before)
         return
     try:
         resolve_weights(name, repo=repo, offline=True)
@@ -57,6 +64,8 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool) -> None:
         pass
     except Exception:  # noqa: BLE001 - anything else: the loader says it
         return
+    if before is not None:
+        before()
     from rich.console import Console
     from rich.text import Text
 
@@ -72,3 +81,16 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool) -> None:
     finally:
         if display is not None:
             display.stop()
+
+
+def _before_hub_fetch(name: str, repo, before: Callable[[], None]) -> None:
+    """`before()` where `name` is a Hub reference the loader will download (not in the HF cache)."""
+    from ..errors import HubError
+    from ..hub import resolve_weights
+
+    try:
+        resolve_weights(name, repo=repo, offline=True)  # a cache look-up only
+    except HubError:  # "not in the HF cache": the loader fetches it
+        before()
+    except Exception:  # noqa: BLE001 - a missing file, an URL not downloaded: the loader's one line
+        pass

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ..errors import BadRequest
+
+if TYPE_CHECKING:  # the library imports torch: kept off start-up
+    from ..pipeline import UpscaleOptions
 
 
 class ColorFix(str, Enum):

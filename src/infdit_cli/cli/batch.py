@@ -6,14 +6,17 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from . import _options as O
 from ._checks import check_compile, check_target_args
-from ._progress import make_display
+from ._progress import FirstLines, make_display
 from ._text import safe
+
+if TYPE_CHECKING:  # the library imports torch: kept off start-up
+    from ..batch import BatchReport
 
 EXAMPLES = """Examples:
 
@@ -96,8 +99,11 @@ def batch(
     if dry_run_:
         report = BatchReport(preview_batch(items, res=res, scale=scale, max_pixels=max_pixels))
     else:
-        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet) if todo else None
+        first = FirstLines(batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels),
+                           quiet) if todo else None  # the plan before any download starts, else at the start
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first) if todo else None
         display = make_display(quiet)
+        display.first = first
         display.start(todo, calls_per_pass=2 * steps - 1)
         started: set[str] = set()
         current: list[Path] = []  # the output of the file in progress
@@ -105,7 +111,7 @@ def batch(
         def on_start(p: Path) -> None:
             started.add(str(p))
             current[:] = [next(Path(i.output) for i in items if i.input == str(p))]
-            display.image(p.name)
+            display.image(_shown_name(p, folder))
 
         def on_item(item) -> None:
             if item.input in started:
@@ -137,6 +143,49 @@ def batch(
         raise typer.Exit(1)
 
 
+def _shown_name(p: Path, folder: Path) -> str:
+    """A file as the batch names it: its path inside the folder (two subfolders may hold one name)."""
+    try:
+        return str(Path(p).relative_to(folder))
+    except ValueError:
+        return Path(p).name
+
+
+def batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels) -> list[str | None]:
+    """The batch's plan in one line (files to do, predicted time on this device in all, passes, model
+    calls; over an hour on a CPU, what a GPU would take) and, where --device auto fell back to the CPU, why.
+    Each file is planned from its header alone; one that cannot be planned is left out here (the run
+    reports it)."""
+    from ..images import probe_size
+    from ..pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
+    from ..upscaler import resolve_device, resolve_dtype
+    from ._progress import device_note, plan_line
+    from .upscale import device_rates, plan_config
+
+    todo = [i for i in items if i.status == "todo"]
+    cfg, _ = plan_config(weights, repo)
+    dev = resolve_device(device, check=False)
+    dt = resolve_dtype(dtype, dev)
+    rates = device_rates(cfg, dev, dt)
+    seconds = gpu = 0.0
+    passes = calls = 0
+    for item in todo:
+        try:
+            size = probe_size(Path(item.input), max_pixels=max_pixels)
+            plan = plan_upscale(cfg, size, target_size(size, res=res, scale=scale), options, dtype=dt, device=dev,
+                                rates=rates)
+        except Exception:  # noqa: BLE001 - this file fails later, with its own line in the table
+            continue
+        seconds += plan.seconds
+        passes += len(plan.passes)
+        calls += plan.model_calls
+        gpu += gpu_seconds(cfg, plan) if dev.type == "cpu" else 0.0
+    slow = dev.type == "cpu" and seconds > SLOW_ON_CPU
+    return [plan_line(seconds, passes, calls, dev.type, gpu if slow else None,
+                      f"{len(todo)} file(s) to upscale"),
+            device_note(device, dev.type)]
+
+
 def _summary(report: BatchReport, dry_run: bool) -> dict:
     return {"dry_run": dry_run, "todo": report.count("todo"), "done": report.count("done"),
             "skipped": report.count("skipped"), "failed": report.count("failed"),
@@ -148,7 +197,11 @@ def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bo
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(safe(f"{folder} -> {out_root}{' (dry run)' if dry_run else ''}")), title_justify="left")
+    console = Console(stderr=True, highlight=False)
+    # the title on its own line, paths shortened to the terminal's width (a table's title wraps at the
+    # table's own width, mid-word in a long path)
+    console.print(Text(table_title(folder, out_root, dry_run, console.width), no_wrap=True, overflow="ellipsis"))
+    table = Table()
     for col in ("file", "status", "detail"):
         table.add_column(col)
     for i in report.items:
@@ -160,11 +213,50 @@ def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bo
             detail += "; " + "; ".join(i.warnings)
         status = "would upscale" if i.status == "todo" else i.status
         table.add_row(Text(safe(Path(i.input).relative_to(folder))), Text(status, style=style), Text(safe(detail)))
-    console = Console(stderr=True, highlight=False)
     console.print(table)
     counts = [f"{report.count(k)} {k if k != 'todo' else 'to do'}" for k in ("todo", "done", "skipped", "failed")
               if k != "todo" or dry_run]
     console.print(Text(", ".join(counts)))
+
+
+def table_title(folder: Path, out_root: Path, dry_run: bool, width: int) -> str:
+    """`FOLDER -> OUTPUT` for the batch table, each path as the user would type it from here (relative to
+    the current folder when inside it, ~ for the home folder), and shortened from the left, whole names
+    first, where the line would be wider than `width`."""
+    tail = " (dry run)" if dry_run else ""
+    a, b = safe(_from_here(folder)), safe(_from_here(out_root))
+    if len(a) + len(b) + 4 + len(tail) <= width:
+        return f"{a} -> {b}{tail}"
+    room = max(12, width - 4 - len(tail))
+    a2 = shorten_path(a, max(6, room // 2))
+    b2 = shorten_path(b, max(6, room - len(a2)))
+    a2 = shorten_path(a, max(6, room - len(b2)))  # what the output's path left over
+    return f"{a2} -> {b2}{tail}"
+
+
+def _from_here(p: Path) -> str:
+    try:
+        rel = os.path.relpath(Path(p).resolve(), Path.cwd())
+    except (OSError, ValueError):
+        rel = str(p)
+    if not rel.startswith(".."):
+        return rel
+    home = os.path.expanduser("~")
+    text = str(Path(p).resolve())
+    return "~" + text[len(home):] if home not in ("/", "") and text.startswith(home + os.sep) else text
+
+
+def shorten_path(text: str, room: int) -> str:
+    """`text` in at most `room` characters: the last path names that fit after ".../", else the end of the
+    last name after "..."."""
+    if len(text) <= room:
+        return text
+    parts = text.split(os.sep)
+    for k in range(len(parts) - 1, 0, -1):
+        cut = "..." + os.sep + os.sep.join(parts[-k:])
+        if len(cut) <= room:
+            return cut
+    return "..." + text[-max(1, room - 3):]
 
 
 def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale, steps, weights, repo, offline,
@@ -181,15 +273,18 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
         items = D.broadcast(plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite),
                             world)
         todo = sum(i.status == "todo" for i in items)
-        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet) if todo else None
+        first = FirstLines(batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels),
+                           quiet or not world.main) if todo else None
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first) if todo else None
         display = make_display(quiet, main=world.main)
+        display.first = first
         counter = D.Counter(world)
         display.start(todo, calls_per_pass=2 * steps - 1)
         started: set[str] = set()
 
         def on_start(p: Path) -> None:
             started.add(str(p))
-            display.image(p.name)
+            display.image(_shown_name(p, folder))
 
         def on_item(item) -> None:
             if item.input in started:

@@ -26,7 +26,8 @@ EXAMPLES = """Examples:
   infdit serve --jobs /data/infdit-jobs --allow-paths /data/photos --mem-budget 20GB
 """
 
-INSTALL_HINT = 'infdit serve needs the web server packages: pip install "infdit[serve]"'
+INSTALL_HINT = ('infdit serve needs the web server packages: pip install fastapi uvicorn python-multipart '
+                '(the serve extra: pip install ".[serve]" in the infdit clone)')
 
 
 def default_jobs() -> Path:
@@ -117,18 +118,24 @@ def serve(
 
     from ..serve.app import create_app
     from ..serve.jobs import JobRunner, JobStore
+    from ..upscaler import resolve_device
+    from ._progress import FirstLines, device_note
     from .upscale import load_upscaler
 
     store = JobStore(jobs or default_jobs())  # UnsafePath, Busy (another server on it): before the weights
     try:
         options = O.make_options(20, 0, mem_budget, block_batch, O.ColorFix.none)
-        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet)
+        # why --device auto is the CPU: said before any download starts
+        first = FirstLines([device_note(device, resolve_device(device, check=False).type)], quiet)
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first)
+        first()  # (said already where a download came first)
         up.rates  # calibrated now (cached per device), not during the first request's plan
         runner = JobRunner(store, up, max_pixels=max_pixels,
                            on_error=None if quiet else lambda line: print(f"infdit serve: {line}", file=sys.stderr))
         app = create_app(runner, token=token, max_bytes=limit, allow_paths=allow_paths,
                          info={"version": _version(), "device": up.device.type,
-                               "dtype": str(up.model.dtype).removeprefix("torch.")})
+                               "dtype": str(up.model.dtype).removeprefix("torch."),
+                               "model": model_label(weights, repo)})
         shown = sock.getsockname()
         address = f"http://{f'[{shown[0]}]' if ':' in shown[0] else shown[0]}:{shown[1]}/"
         for line in store.skipped:
@@ -178,6 +185,37 @@ def serve(
     finally:
         store.close()
         sock.close()
+
+
+def model_label(weights, repo) -> dict:
+    """What the page says of the loaded model: {"name", "kind", "warning"}. `kind` is "official" (a registry
+    model, or a file converted from its release), "converted" (a file `infdit convert`/`download` made from
+    another checkpoint) or "random test model" (a file with no conversion record, as the test and
+    benchmark models are: its output is noise)."""
+    from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, registry, resolve_weights
+
+    name = str(weights if weights is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL)
+    meta: dict = {}
+    try:
+        from safetensors import safe_open
+
+        path = resolve_weights(name, repo=repo, offline=True)  # loaded already: a cache look-up
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - the label only; the model itself is loaded
+        path = None
+    known = registry()
+    releases = {spec.release_url: n for n, spec in known.items() if spec.release_url}
+    if name in known:
+        return {"name": name, "kind": "official", "warning": None}
+    shown = path.name if path is not None else name
+    if meta.get("infdit_source") in releases:
+        return {"name": f"{shown} ({releases[meta['infdit_source']]})", "kind": "official", "warning": None}
+    if meta.get("infdit_converter"):
+        return {"name": shown, "kind": "converted", "warning": None}
+    return {"name": shown, "kind": "random test model",
+            "warning": "a random test model (no conversion record): it makes noise, not an upscaled image; "
+                       "start the server with the official model (infdit-4x) for real results"}
 
 
 def _version() -> str:

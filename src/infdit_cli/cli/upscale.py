@@ -14,7 +14,7 @@ import typer
 from ._text import safe
 from . import _options as O
 from ._checks import check_compile, check_target_args, check_upscale_args
-from ._progress import make_display
+from ._progress import FirstLines, make_display
 
 EXAMPLES = """Examples:
 
@@ -26,14 +26,26 @@ EXAMPLES = """Examples:
 """
 
 
-def load_upscaler(weights, repo, offline, device, dtype, options, quiet: bool = False):
+def load_upscaler(weights, repo, offline, device, dtype, options, quiet: bool = False, first=None):
+    """The loaded model. `first` (`_progress.FirstLines`: the plan's first line, the CPU-fallback line) is
+    called just before a download starts, if one does."""
     from ..upscaler import Upscaler
     from ._fetch import ensure_weights
 
-    ensure_weights(weights, repo, offline, quiet)  # first use: fetched once, like `infdit download`
+    ensure_weights(weights, repo, offline, quiet, before=first)  # first use: fetched once, like `infdit download`
 
     return Upscaler.from_weights(weights, device=device, dtype=dtype, options=options, repo=repo,
                                  offline=offline or None)
+
+
+def first_lines(info: dict, requested_device: str) -> list[str | None]:
+    """The plan's first line (as the job's own: predicted time on this device, passes, calls; a CPU job
+    over an hour adds the GPU estimate) and, where --device auto fell back to the CPU, why."""
+    from ._progress import device_note, plan_line
+
+    plan = info["plan"]
+    return [plan_line(plan.seconds, len(plan.passes), plan.model_calls, info["device"], info["gpu_seconds"]),
+            device_note(requested_device, info["device"])]
 
 
 def check_preview(preview: Path, input: Path, dst: Path) -> None:
@@ -98,18 +110,12 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
         MemoryBudgetTooSmall, HostMemoryTooSmall: the job cannot fit (exit 2, before any weights load).
     """
     from ..checkpoint import run_folder_for  # these (torch) are kept off start-up
-    from ..config import PRESETS
-    from ..hub import resolve_weights
     from ..images import probe_size
     from ..pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
     from ..upscaler import resolve_device, resolve_dtype
-    from ..weights import read_config
 
     size = probe_size(src)
-    try:
-        cfg, source = read_config(resolve_weights(weights, repo=repo, offline=True)), "weights file"
-    except Exception:  # noqa: BLE001 - planning needs only the architecture
-        cfg, source = PRESETS["official"], "official architecture (weights not available)"
+    cfg, source = plan_config(weights, repo)
     dev = resolve_device(device, check=False)
     dt = resolve_dtype(dtype, dev)
     target = target_size(size, res=res, scale=scale)
@@ -127,6 +133,20 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
         folder = dst.parent if str(dst.parent) else Path(".")
         info["disk"] = {**need, "folder": str(folder), "free_bytes": check_disk(folder, need, refuse=False)}
     return info
+
+
+def plan_config(weights, repo):
+    """(config, where it came from) for planning without loading weights: the file's header where the
+    weights are here, else the official architecture (a registry model not downloaded yet is the official
+    one)."""
+    from ..config import PRESETS
+    from ..hub import resolve_weights
+    from ..weights import read_config
+
+    try:
+        return read_config(resolve_weights(weights, repo=repo, offline=True)), "weights file"
+    except Exception:  # noqa: BLE001 - planning needs only the architecture
+        return PRESETS["official"], "official architecture (weights not available)"
 
 
 def device_rates(cfg, dev, dt):
@@ -214,27 +234,34 @@ def upscale(
             for line in plan_lines(info["plan"], info["device"], info["dtype"], info["gpu_seconds"]):
                 typer.echo(safe(line))
             d = info["disk"]
-            typer.echo(f"  disk: {format_bytes(d['total_bytes'])} in {d['folder']} (scratch "
-                       f"{format_bytes(d['scratch_bytes'])}, checkpoints {format_bytes(d['checkpoint_bytes'])})"
-                       + (f", {format_bytes(d['free_bytes'])} free" if d["free_bytes"] is not None else ""))
+            if d["total_bytes"]:  # a job with no scratch and no checkpoints needs no disk line
+                typer.echo(f"  disk: {format_bytes(d['total_bytes'])} in {d['folder']} (scratch "
+                           f"{format_bytes(d['scratch_bytes'])}, checkpoints "
+                           f"{format_bytes(d['checkpoint_bytes'])})"
+                           + (f", {format_bytes(d['free_bytes'])} free" if d["free_bytes"] is not None else ""))
             typer.echo(f"  (config: {info['config_from']}; seed {seed})")
+        FirstLines([first_lines(info, device)[1]], quiet)()  # why auto is the CPU, on stderr
     refuse_disk(info)  # exit 2 before any weights load (after the dry run's plan is shown)
     if dry_run_:
         return
     out = output if output is not None else None
+    requested = device
     world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
     if world.distributed:
         device = D.rank_device(device, world)
     with D.group(world, device), contextlib.ExitStack() as held:  # the lock goes first, then the group
         if world.main:  # one writer per output, before the weights load: a second run is refused at once
             held.enter_context(output_lock(dst))
-        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet)
+        # the plan's first line before any download starts, else at the job's start (the job's own)
+        first = FirstLines(first_lines(info, requested), quiet or not world.main, job_is_plan=True)
+        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first)
         if world.distributed:
             from ..bands import band_engine
 
             up.engine = band_engine(world)
             up.agree = D.agree_plan(world)  # one placement for all ranks, before the first call
         display = make_display(quiet, main=world.main)
+        display.first = first
         display.start(1, calls_per_pass=2 * steps - 1)
         display.image(input.name)
         try:
