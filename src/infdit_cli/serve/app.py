@@ -43,6 +43,7 @@ from .jobs import JobOptions, JobRunner, QueueFull
 __all__ = ["create_app", "Hub", "LOOPBACK_NAMES"]
 
 KEEPALIVE_S = 15.0
+MAX_DECODES = 2  # uploads decoded at once, at most (and within the pixel budget)
 DECODE_WAIT_S = 60.0  # how long an upload waits for the decode budget before it is answered 503
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 _CHUNK = 1 << 20
@@ -251,24 +252,27 @@ class _Guard:
 
 
 class _Budget:
-    """Pixels being decoded at once, at most `total` (the pixel limit): the decodes' memory is bounded by
-    one largest allowed image, however many uploads arrive together. Single event loop; no lock."""
+    """Uploads being decoded at once: at most MAX_DECODES, and together at most `total` pixels (the pixel
+    limit, as their headers declare them), so the decodes' memory is bounded by one largest allowed image
+    however many uploads arrive together. Single event loop; no lock."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.used = total, 0
+        self.total, self.used, self.count = total, 0, 0
 
     async def acquire(self, n: int, wait_s: float) -> int:
         n = min(max(n, 1), self.total)
         deadline = time.monotonic() + wait_s
-        while self.used + n > self.total:
+        while self.used + n > self.total or self.count >= MAX_DECODES:
             if time.monotonic() > deadline:
                 raise _Overloaded("the server is busy decoding other uploads; try again in a moment")
             await asyncio.sleep(0.02)
         self.used += n
+        self.count += 1
         return n
 
     def release(self, n: int) -> None:
         self.used -= n
+        self.count -= 1
 
 
 def _shown(path: str) -> str:
