@@ -147,13 +147,18 @@ def test_allow_paths_never_reads_through_a_swapped_link(guarded):
     assert status == 200 and json.loads(out)["input_size"] == [30, 30]
     stop = threading.Event()
     flips = [0]
+    os.symlink(outside, photos / "sub.link")
+    exchange = _renameat2_exchange()
 
-    def flip():  # the folder `sub`, then a link named `sub` to the outside folder, and back, as fast as it goes
+    def flip():  # `sub` is the folder, then a link to the folder outside, and back, as fast as it goes
         while not stop.is_set():
-            os.rename(photos / "sub", photos / "sub.real")
-            os.symlink(outside, photos / "sub")
-            os.unlink(photos / "sub")
-            os.rename(photos / "sub.real", photos / "sub")
+            if exchange is not None:  # one atomic swap: `sub` is always one or the other
+                exchange(photos / "sub", photos / "sub.link")
+            else:
+                os.rename(photos / "sub", photos / "sub.real")
+                os.rename(photos / "sub.link", photos / "sub")
+                os.rename(photos / "sub", photos / "sub.link")
+                os.rename(photos / "sub.real", photos / "sub")
             flips[0] += 1
 
     flipper = threading.Thread(target=flip, daemon=True)
@@ -164,6 +169,9 @@ def test_allow_paths_never_reads_through_a_swapped_link(guarded):
     finally:
         stop.set()
         flipper.join()
+        if (photos / "sub").is_symlink():
+            exchange(photos / "sub", photos / "sub.link")
+        (photos / "sub.link").unlink()
     sizes = [json.loads(out)["input_size"] for status, _, out in answers if status == 200]
     refused = [one_line(s, out)["error"] for s, _, out in answers if s != 200]
     assert [20, 24] not in sizes  # the outside file's size: never read
@@ -171,6 +179,23 @@ def test_allow_paths_never_reads_through_a_swapped_link(guarded):
     assert all(e in ("sub/ok.png is outside the folder the server allows (--allow-paths)",
                      "no such file under --allow-paths: sub/ok.png") for e in refused), set(refused)
     assert (guarded.root / "jobs" / ".infdit").stat().st_size < 2 * 4096  # 300+ temporary names, compacted
+
+
+def _renameat2_exchange():
+    """renameat2(RENAME_EXCHANGE) through libc (Linux), or None."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+
+    def exchange(a: Path, b: Path) -> None:
+        if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(a))
+
+    return exchange
 
 
 def test_the_queue_limit_answers_429(guarded):
