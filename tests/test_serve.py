@@ -30,10 +30,10 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "INFDIT_OFFLINE": "1"}
 class Server:
     """`infdit serve --port 0 ...` in its own process; `url` once it listens."""
 
-    def __init__(self, jobs: Path, weights: Path, *args: str, cache: Path) -> None:
+    def __init__(self, jobs: Path, weights: Path, *args: str, cache: Path, prefix: tuple[str, ...] = ()) -> None:
         self.err_path = jobs.parent / f"serve-{uuid.uuid4().hex[:6]}.err"
         self.err = open(self.err_path, "w")
-        cmd = [sys.executable, "-m", "infdit_cli", "serve", "--port", "0", "--jobs", str(jobs),
+        cmd = [*prefix, sys.executable, "-m", "infdit_cli", "serve", "--port", "0", "--jobs", str(jobs),
                "--weights", str(weights), "--device", "cpu", *args]
         self.proc = subprocess.Popen(cmd, env={**ENV, "INFDIT_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
                                      stderr=self.err)

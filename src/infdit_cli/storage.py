@@ -25,6 +25,7 @@ import re
 import secrets
 import stat
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 
@@ -38,6 +39,13 @@ MARKER = ".infdit"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+COMPACT_AT = 4096  # a marker over this (and over twice its size after the last rewrite) is rewritten
+# Markers are appended to and rewritten under one lock per process (a folder is written by one process:
+# the jobs folder's flock, the output's lock); `_GONE`: per folder (st_dev, st_ino), the recorded names
+# this process itself removed or renamed away, which a rewrite may drop; `_COMPACTED`: the size after it.
+_MARKER_LOCK = threading.Lock()
+_GONE: dict[tuple[int, int], set[str]] = {}
+_COMPACTED: dict[tuple[int, int], int] = {}
 
 
 def allocate(fd: int, nbytes: int, where: Path) -> None:
@@ -82,6 +90,8 @@ class SafeFolder:
             except FileExistsError:
                 pass
         self.fd = self._open_dir()
+        st = os.fstat(self.fd)
+        self._key = (st.st_dev, st.st_ino)
         try:
             if made:
                 self._write_marker(pid)
@@ -157,11 +167,87 @@ class SafeFolder:
     def _record(self, name: str) -> None:
         if not _NAME.fullmatch(name) or name == MARKER:
             raise ValueError(f"bad file name {name!r}")
-        fd = os.open(MARKER, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
+        with _MARKER_LOCK:
+            _GONE.get(self._key, set()).discard(name)  # recorded again: kept by a rewrite until it goes again
+            fd = os.open(MARKER, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
+            try:
+                os.write(fd, f"+{name}\n".encode())
+            finally:
+                os.close(fd)
+
+    def _gone(self, name: str) -> None:
+        """`name` was removed or renamed away by this process: a rewrite of the marker may drop it."""
+        with _MARKER_LOCK:
+            _GONE.setdefault(self._key, set()).add(name)
+        self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
         try:
-            os.write(fd, f"+{name}\n".encode())
-        finally:
-            os.close(fd)
+            size = os.stat(MARKER, dir_fd=self.fd, follow_symlinks=False).st_size
+        except OSError:
+            return
+        if size > max(COMPACT_AT, 2 * _COMPACTED.get(self._key, 0)):
+            self.compact()
+
+    def compact(self) -> bool:
+        """Rewrite the marker with its header and, once each, the recorded names that still exist or that this
+        process did not remove itself (a name recorded and not yet created stays). Atomic (a new file under a
+        temporary name, O_EXCL|O_NOFOLLOW, fsync, rename over the marker), so a crash leaves the old marker or
+        the new one. Not for a scratch folder's marker, which its owner holds locked: False then, or when the
+        marker cannot be read or rewritten (it stays as it was)."""
+        with _MARKER_LOCK:
+            try:
+                fd = os.open(MARKER, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
+            except OSError:
+                return False
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return False
+                data = b""
+                while chunk := os.read(fd, 1 << 16):
+                    data += chunk
+            finally:
+                os.close(fd)
+            lines = data.decode("utf-8", "replace").split("\n")
+            head = [ln for ln in lines[:2] if not ln.startswith("+")]
+            if len(head) != 2 or head[0] != f"infdit {self.kind}" or head[1].startswith("pid "):
+                return False
+            gone = _GONE.get(self._key, set())
+            keep = []
+            for n in dict.fromkeys(ln[1:] for ln in lines[2:] if ln.startswith("+")):
+                if not _NAME.fullmatch(n):
+                    continue
+                if n in gone:
+                    try:
+                        os.stat(n, dir_fd=self.fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    except OSError:
+                        pass
+                keep.append(n)
+            text = "\n".join(head) + "\n" + "".join(f"+{n}\n" for n in keep)
+            tmp = f"{MARKER}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600,
+                             dir_fd=self.fd)
+            except OSError:
+                return False
+            try:
+                try:
+                    os.write(fd, text.encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, MARKER, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            except OSError:  # a full disk: the old marker stays, whole
+                try:
+                    os.unlink(tmp, dir_fd=self.fd)
+                except OSError:
+                    pass
+                return False
+            _GONE[self._key] = gone & set(keep)  # a dropped name is no longer in the marker to drop
+            _COMPACTED[self._key] = len(text)
+            return True
 
     def records(self) -> list[str]:
         """The names of every file infdit made here (in the order made, without repeats)."""
@@ -193,7 +279,7 @@ class SafeFolder:
     def create(self, name: str) -> int:
         """A new file `name` (recorded first, then O_CREAT|O_EXCL|O_NOFOLLOW, 0600); an old one is replaced."""
         self._record(name)
-        self.unlink(name)
+        self._unlink(name)  # not `unlink`: the name stays recorded, it is made again at once
         return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=self.fd)
 
     def temp(self, name: str) -> tuple[str, int]:
@@ -224,6 +310,7 @@ class SafeFolder:
             os.fsync(self.fd)
         except OSError:
             pass
+        self._gone(src)
 
     def write(self, name: str, data: bytes, what: str = "a file") -> None:
         """Replace `name` with `data` atomically and durably (a temporary file, fsync, rename).
@@ -245,6 +332,12 @@ class SafeFolder:
             raise
 
     def unlink(self, name: str) -> None:
+        """Remove `name` (a link itself, never its target); the marker may then be rewritten compactly."""
+        self._unlink(name)
+        if name != MARKER:
+            self._gone(name)
+
+    def _unlink(self, name: str) -> None:
         try:
             os.unlink(name, dir_fd=self.fd)  # never follows: a link is removed, not its target
         except FileNotFoundError:
@@ -265,8 +358,11 @@ class SafeFolder:
         """Delete every file the marker records, the marker, and the folder if it is then empty (False if
         something infdit did not make stays in it: the folder is then kept)."""
         for n in self.records():
-            self.unlink(n)
-        self.unlink(MARKER)
+            self._unlink(n)
+        self._unlink(MARKER)
+        with _MARKER_LOCK:
+            _GONE.pop(self._key, None)
+            _COMPACTED.pop(self._key, None)
         self.close()
         try:
             os.rmdir(self.path)

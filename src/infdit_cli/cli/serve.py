@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import signal
 import socket
@@ -79,9 +80,14 @@ def serve(
     allow_paths: Annotated[Optional[Path], typer.Option(help=(
         "Also accept jobs naming an image file under this folder on the server (JSON {\"path\": ...}), "
         "not only uploads."))] = None,
+    allow_host: Annotated[Optional[list[str]], typer.Option(help=(
+        "Also answer to this host name (the Host header; repeatable), e.g. the machine's name on the "
+        "network. Always answered: 127.0.0.1, localhost, [::1]; on a network bind also its address."))] = None,
     max_bytes: Annotated[str, typer.Option(help="Largest upload, e.g. 100MB.")] = "100MB",
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse uploads with more pixels than this.")]
         = 16 * 2**20,
+    max_queue: Annotated[int, typer.Option(min=1, help="Most queued jobs; more are refused (429) until "
+                                                       "some have run.")] = 100,
     mem_budget: O.MemBudget = None,
     block_batch: O.BlockBatch = None,
     device: O.Device = "auto",
@@ -99,18 +105,14 @@ def serve(
     step, then the queue.
     """
     from ..errors import BadRequest, InfditError, Interrupted, stopped_by
-    from ..planner import parse_bytes
 
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise BadRequest(INSTALL_HINT) from None
-    limit = parse_bytes(max_bytes)
-    if token is not None and len(token) < 8:
-        raise BadRequest("--token must be at least 8 characters")
-    if allow_paths is not None and not allow_paths.is_dir():
-        raise BadRequest(f"--allow-paths {allow_paths} is not a folder")
+    limit, names = check_serve_args(host=host, token=token, allow_paths=allow_paths, allow_host=allow_host or [],
+                                    max_bytes=max_bytes, mem_budget=mem_budget, device=device, dtype=dtype)
     made_token = token is None and not loopback(host)
     if made_token:
         token = secrets.token_urlsafe(24)
@@ -130,12 +132,13 @@ def serve(
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first)
         first()  # (said already where a download came first)
         up.rates  # calibrated now (cached per device), not during the first request's plan
-        runner = JobRunner(store, up, max_pixels=max_pixels,
+        runner = JobRunner(store, up, max_pixels=max_pixels, max_queue=max_queue,
                            on_error=None if quiet else lambda line: print(f"infdit serve: {line}", file=sys.stderr))
         app = create_app(runner, token=token, max_bytes=limit, allow_paths=allow_paths,
                          info={"version": _version(), "device": up.device.type,
                                "dtype": str(up.model.dtype).removeprefix("torch."),
-                               "model": model_label(weights, repo)})
+                               "model": model_label(weights, repo)},
+                         hosts=names, any_ip=host.strip("[]") in ("0.0.0.0", "::", ""))
         shown = sock.getsockname()
         address = f"http://{f'[{shown[0]}]' if ':' in shown[0] else shown[0]}:{shown[1]}/"
         for line in store.skipped:
@@ -216,6 +219,57 @@ def model_label(weights, repo) -> dict:
     return {"name": shown, "kind": "random test model",
             "warning": "a random test model (no conversion record): it makes noise, not an upscaled image; "
                        "start the server with the official model (infdit-4x) for real results"}
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
+
+
+def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, allow_host: list[str],
+                     max_bytes: str, mem_budget: str | None, device: str, dtype: str) -> tuple[int, set[str]]:
+    """The serve options typer does not check itself, before anything is bound, made or loaded:
+    (--max-bytes in bytes, the host names the server answers to).
+
+    Raises:
+        BadRequest: one line naming the option (exit 2).
+    """
+    from ..errors import BadRequest
+    from ..planner import parse_bytes
+    from ..upscaler import resolve_device, resolve_dtype
+
+    try:
+        limit = parse_bytes(max_bytes)
+    except ValueError:
+        raise BadRequest(f"--max-bytes must be a size like 100MB or 2GB, got {max_bytes!r}") from None
+    if limit < 1:
+        raise BadRequest(f"--max-bytes must be at least 1 byte, got {max_bytes!r}")
+    if mem_budget is not None:
+        try:
+            parse_bytes(mem_budget)
+        except ValueError as e:
+            raise BadRequest(f"--mem-budget: {e}") from None
+    if not host.strip():
+        raise BadRequest("--host must be an address or a name, e.g. 127.0.0.1 or 0.0.0.0")
+    if token is not None and len(token) < 8:
+        raise BadRequest("--token must be at least 8 characters")
+    if token is not None and not token.isprintable() or token is not None and " " in token:
+        raise BadRequest("--token must be printable characters without spaces")
+    if allow_paths is not None and not allow_paths.is_dir():
+        raise BadRequest(f"--allow-paths {allow_paths} is not a folder")
+    resolve_dtype(dtype, resolve_device(device, check=False))  # BadRequest: an unknown device or dtype
+    names = {"127.0.0.1", "localhost", "::1"}
+    for name in allow_host:
+        bare = name.strip().lower()
+        bare = bare[1:-1] if bare.startswith("[") and bare.endswith("]") else bare
+        try:
+            ipaddress.ip_address(bare)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(bare) or len(bare) > 253:
+                raise BadRequest(f"--allow-host takes a host name or an IP address without a port or scheme, "
+                                 f"got {name!r}") from None
+        names.add(bare)
+    if not loopback(host) and host.strip("[]") not in ("0.0.0.0", "::"):
+        names.add(host.strip().lower().strip("[]"))
+    return limit, names
 
 
 def _version() -> str:

@@ -2,40 +2,56 @@
 `jobs.JobRunner` (FastAPI; the optional extra `infdit[serve]`).
 
 Rules every request meets (`_Guard`, a plain ASGI middleware in front of the app):
+- its Host is one of this server's names (127.0.0.1, localhost, [::1], any port; on a network bind also
+  the bind address and the `--allow-host` names), else 403: a web page whose name was rebound to this
+  machine's address (DNS rebinding) cannot drive the server;
 - the token, where the server has one: `Authorization: Bearer T` or `?token=T` (for the page's images,
   links and event stream), compared in constant time; else 401;
 - a request that changes something (POST, DELETE) from a page of another origin is refused (403): a web
   page elsewhere cannot submit or cancel jobs through a browser on this machine;
 - a body over `max_bytes` is refused (413) while it arrives, before it is stored.
-Errors are JSON `{"error": one line, "exit_code": the CLI's code for it}`.
+Errors are JSON `{"error": one line, "exit_code": the CLI's code for it}`; a client's mistake is a 4xx,
+a full disk 507, and no answer names a server path (docs/threat-model.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import json
 import os
 import re
 import secrets
+import stat
 import threading
+import time
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BadImage, BadRequest, Busy, InfditError, describe
+from ..errors import BadImage, BadRequest, Busy, DiskFull, InfditError, UnsafePath, describe
 from ..pipeline import plan_json
-from .jobs import JobOptions, JobRunner
+from .jobs import JobOptions, JobRunner, QueueFull
 
-__all__ = ["create_app", "Hub"]
+__all__ = ["create_app", "Hub", "LOOPBACK_NAMES"]
 
 KEEPALIVE_S = 15.0
+MAX_DECODES = 2  # uploads decoded at once, at most (and within the pixel budget)
+DECODE_WAIT_S = 60.0  # how long an upload waits for the decode budget before it is answered 503
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 _CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+_MEDIA = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 class Hub:
@@ -95,11 +111,23 @@ class _NotFound(Exception):
     pass
 
 
+class _Overloaded(InfditError):
+    """Uploads wait for the decode budget longer than DECODE_WAIT_S."""
+
+
 def _error(status: int, message: str, code: int = 2) -> JSONResponse:
+    # One line, always encodable: a client's text in it (a path with a lone surrogate, a newline) is escaped.
+    message = " ".join(message.encode("utf-8", "backslashreplace").decode("utf-8").splitlines())
     return JSONResponse({"error": message, "exit_code": code}, status_code=status)
 
 
 def _status(exc: BaseException) -> int:
+    if isinstance(exc, DiskFull):
+        return 507
+    if isinstance(exc, QueueFull):
+        return 429
+    if isinstance(exc, _Overloaded):
+        return 503
     if isinstance(exc, BadImage):
         return 413 if "pixels" in str(exc) else 415
     if isinstance(exc, Busy):
@@ -109,16 +137,52 @@ def _status(exc: BaseException) -> int:
     return 500
 
 
-class _Guard:
-    """Token, same-origin writes and the body's byte limit, before the app sees a request."""
+def host_name(value: str) -> str | None:
+    """The name in a Host header (`name`, `name:port`, `[v6]`, `[v6]:port`), lower case, brackets off;
+    None when it is not of that form."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[1:end], value[end + 1:]
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+    else:
+        name, _, port = value.partition(":")
+        rest = ":" + port if _ else ""
+        if not name or not re.fullmatch(r"[a-z0-9._-]+", name):
+            return None
+    if rest and not (rest[0] == ":" and rest[1:].isdigit() and len(rest) <= 6):
+        return None
+    return name
 
-    def __init__(self, app, *, token: str | None, max_bytes: int) -> None:
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class _Guard:
+    """Host, token, same-origin writes and the body's byte limit, before the app sees a request."""
+
+    def __init__(self, app, *, token: str | None, max_bytes: int, hosts: Iterable[str] = LOOPBACK_NAMES,
+                 any_ip: bool = False) -> None:
         self.app, self.token, self.max_bytes = app, token, max_bytes
+        self.hosts, self.any_ip = frozenset(h.lower().strip("[]") for h in hosts), any_ip
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refused = self._host_refused(headers.get("host"))
+        if refused:
+            return await _error(403 if headers.get("host") else 400, refused, 2)(scope, receive, send)
         if self.token is not None and not self._authorised(scope, headers):
             return await _error(401, "this server needs its token: open the address it printed, or send "
                                 "'Authorization: Bearer TOKEN'", 2)(scope, receive, send)
@@ -141,15 +205,31 @@ class _Guard:
 
         async def sending(message):
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"referrer-policy", b"no-referrer")]}
             await send(message)
 
         try:
             await self.app(scope, counted, sending)
-        except _TooLarge:
+        except _TooLarge:  # the app answers 413 itself (its handler); this is for a body read outside it
             if not started:
                 await _error(413, f"the upload is over {self.max_bytes} bytes; this server takes at most "
-                             f"{self.max_bytes} (--max-bytes)", 2)(scope, receive, send)
+                             f"{self.max_bytes} (--max-bytes)", 2)(scope, receive, sending)
+
+    def _host_refused(self, host: str | None) -> str | None:
+        """None for a Host this server answers to, else the one line that refuses it."""
+        if not host:
+            return "refused: the request has no Host header"
+        name = host_name(host)
+        if name is not None and (name in self.hosts or self.any_ip and _is_ip(name)):
+            return None
+        shown = "".join(c for c in host[:100] if c.isprintable())
+        return (f"refused: Host {shown!r} is not a name of this server (it answers to "
+                f"{', '.join(sorted('[' + h + ']' if ':' in h else h for h in self.hosts))}"
+                f"{' and its IP addresses' if self.any_ip else ''}; a page elsewhere cannot reach it by "
+                "rebinding a name: start it with --allow-host NAME to use that name)")
 
     def _authorised(self, scope, headers) -> bool:
         given = None
@@ -165,7 +245,117 @@ class _Guard:
         origin = headers.get("origin")
         if origin is None or origin == "null" and "host" not in headers:
             return True  # not a browser's cross-origin request (curl, scripts)
-        return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+        try:
+            return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+        except ValueError:  # an Origin that is not a URL
+            return False
+
+
+class _Budget:
+    """Uploads being decoded at once: at most MAX_DECODES, and together at most `total` pixels (the pixel
+    limit, as their headers declare them), so the decodes' memory is bounded by one largest allowed image
+    however many uploads arrive together. Single event loop; no lock."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used, self.count = total, 0, 0
+
+    async def acquire(self, n: int, wait_s: float) -> int:
+        n = min(max(n, 1), self.total)
+        deadline = time.monotonic() + wait_s
+        while self.used + n > self.total or self.count >= MAX_DECODES:
+            if time.monotonic() > deadline:
+                raise _Overloaded("the server is busy decoding other uploads; try again in a moment")
+            await asyncio.sleep(0.02)
+        self.used += n
+        self.count += 1
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self.count -= 1
+
+
+def _shown(path: str) -> str:
+    """A client's path for a message: at most 200 characters, anything unprintable escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path[:200])
+
+
+def open_under(base_fd: int, bases: Iterable[str], given: str) -> int:
+    """A read-only descriptor of the regular file `given` names under the folder open as `base_fd`, walked
+    one component at a time from that descriptor (O_NOFOLLOW, and O_DIRECTORY on the way): a link
+    anywhere is refused, and nothing is looked up twice by name, so swapping a folder for a link meanwhile
+    cannot lead outside. `bases`: the folder's spellings an absolute `given` may start with.
+
+    Raises:
+        BadRequest: NUL or undecodable characters, `..`, an absolute path elsewhere, or a link on the way.
+        BadImage: no such regular file there (or it cannot be opened).
+    """
+    shown = _shown(given)
+    if "\x00" in given:
+        raise BadRequest(f"the path {shown} has a NUL character")
+    try:
+        os.fsencode(given)
+    except UnicodeError:
+        raise BadRequest(f"the path {shown} is not a valid file name") from None
+    outside = BadRequest(f"{shown} is outside the folder the server allows (--allow-paths)")
+    rel = given
+    if os.path.isabs(given):
+        for base in bases:
+            if given == base or given.startswith(base.rstrip("/") + "/"):
+                rel = given[len(base):]
+                break
+        else:
+            raise outside
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise outside
+    fd = os.dup(base_fd)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+            try:
+                nfd = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                try:
+                    link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
+                except OSError:
+                    link = False
+                if link or e.errno == errno.ELOOP:
+                    raise outside from None
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    raise BadImage(f"no such file under --allow-paths: {shown}") from None
+                if e.errno == errno.ENAMETOOLONG:
+                    raise BadRequest(f"the path {shown} is too long") from None
+                raise BadImage(f"{shown} under --allow-paths cannot be opened: {e.strerror}") from None
+            os.close(fd)
+            fd = nfd
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadImage(f"no such file under --allow-paths: {shown}")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _content_disposition(filename: str) -> str:
+    quoted = quote(filename)
+    return f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
+
+
+def _fd_response(fd: int, media_type: str, headers: dict) -> Response:
+    """The open file `fd` as the answer (streamed, then closed): never a second open by name."""
+    size = os.fstat(fd).st_size
+
+    def chunks():
+        try:
+            while data := os.read(fd, _CHUNK):
+                yield data
+        finally:
+            os.close(fd)
+
+    return StreamingResponse(chunks(), media_type=media_type,
+                             headers={**headers, "Content-Length": str(size)})
 
 
 def _options(form) -> JobOptions:
@@ -203,15 +393,33 @@ def page_html() -> str:
 
 
 def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 100 * 2**20,
-               allow_paths: Path | None = None, info: dict | None = None) -> object:
+               allow_paths: Path | None = None, info: dict | None = None, hosts: Iterable[str] = LOOPBACK_NAMES,
+               any_ip: bool = False, decode_wait_s: float = DECODE_WAIT_S) -> object:
     """The ASGI application: the API and page over `runner`, whose jobs the caller runs (`runner.run()`,
     or `runner.start()` for a thread). Call its `closing()` when the server begins to stop (a signal): the
-    event streams end, so no connection holds the stop up."""
+    event streams end, so no connection holds the stop up.
+
+    `hosts`: the names (Host header, any port) it answers to; `any_ip`: also any IP address (a wildcard
+    bind). Raises OSError when `allow_paths` cannot be opened as a folder."""
     from contextlib import asynccontextmanager
 
     hub = Hub()
     runner.publish = hub.publish
     store = runner.store
+    budget = _Budget(runner.max_pixels)
+    allowed_fd = bases = None
+    if allow_paths is not None:  # opened once: requests walk from this descriptor, never from the name
+        allowed_fd = os.open(allow_paths, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        bases = list(dict.fromkeys([os.path.abspath(allow_paths), os.path.realpath(allow_paths)]))
+    hidden = [(p, "<jobs folder>") for p in {os.path.realpath(store.root), os.path.abspath(store.root)}]
+    hidden += [(p, "<allowed folder>") for p in bases or ()]
+    hidden.sort(key=lambda ph: -len(ph[0]))
+
+    def scrub(message: str) -> str:
+        """No server path in an answer: the jobs and allowed folders by their role."""
+        for path, role in hidden:
+            message = message.replace(path, role)
+        return message
 
     @asynccontextmanager
     async def lifespan(app):
@@ -223,23 +431,39 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
 
     app = FastAPI(title="infdit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
+    def disk_full() -> JSONResponse:
+        return _error(507, "the server's disk is full: nothing was stored; try again later", 1)
+
     @app.exception_handler(InfditError)
     async def _known(request: Request, exc: Exception):
+        if isinstance(exc, DiskFull):
+            return disk_full()
         msg, code = describe(exc)
-        return _error(_status(exc), msg, code)
+        return _error(_status(exc), scrub(msg), code)
+
+    @app.exception_handler(OSError)
+    async def _os(request: Request, exc: OSError):
+        if exc.errno in _DISK_FULL:
+            return disk_full()
+        raise exc  # not a client's mistake: 500, logged (`_any`)
+
+    @app.exception_handler(_TooLarge)
+    async def _too_large(request: Request, exc: Exception):
+        return _error(413, f"the upload is over {max_bytes} bytes; this server takes at most {max_bytes} "
+                      "(--max-bytes)", 2)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), 2 if exc.status_code < 500 else 1)
+        return _error(exc.status_code, scrub(str(exc.detail)), 2 if exc.status_code < 500 else 1)
 
     @app.exception_handler(_NotFound)
     async def _not_found(request: Request, exc: Exception):
-        return _error(404, f"no job {str(exc)[:40]}", 1)
+        return _error(404, f"no job {_shown(str(exc)[:40])}", 1)
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):  # an internal error: one line here, the traceback logged
         msg, code = describe(exc)
-        return _error(500, msg, code)
+        return _error(500, scrub(msg), code)
 
     async def _upload(request: Request) -> tuple[Path, str, JobOptions]:
         """The request's image, stored under a generated name in the jobs folder, and its options."""
@@ -274,26 +498,37 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
         if allow_paths is None:
             raise BadRequest("this server takes uploads only (start it with --allow-paths DIR to submit paths)")
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError):  # malformed, not UTF-8, or nested past the parser's depth
             raise BadRequest("the JSON body cannot be read") from None
         if not isinstance(body, dict) or not isinstance(body.get("path"), str):
             raise BadRequest("give {\"path\": \"...\"} and the options as JSON fields")
         options = _options({k: (str(v) if v is not None else None) for k, v in body.items() if k != "path"})
-        base = os.path.realpath(allow_paths)
-        path = os.path.realpath(os.path.join(base, body["path"]))
-        if os.path.commonpath([base, path]) != base:
-            raise BadRequest(f"{body['path'][:200]} is outside the folder the server allows (--allow-paths)")
-        if not os.path.isfile(path):
-            raise BadImage(f"no such file under --allow-paths: {body['path'][:200]}")
-        tmp, fd = store.folder.temp("upload")
+        src = open_under(allowed_fd, bases, body["path"])
         try:
-            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                await run_in_threadpool(_copy, src, dst)
-        except BaseException:
-            store.folder.unlink(tmp)
-            raise
+            tmp, fd = store.folder.temp("upload")
+            try:
+                with os.fdopen(fd, "wb") as dst:
+                    await run_in_threadpool(_copy, src, dst)
+            except BaseException:
+                store.folder.unlink(tmp)
+                raise
+        finally:
+            os.close(src)
         return store.root / tmp, _display_name(body["path"]), options
+
+    async def _decoded(fn, path: Path, *args):
+        """`fn(path, *args)` (it decodes the upload at `path`) in a thread, once the pixels its header
+        declares fit in the decode budget; the budget is given back when the thread ends, even if the
+        request is gone by then."""
+        weight = await run_in_threadpool(runner.declared_pixels, path)
+        taken = await budget.acquire(weight if weight is not None else runner.max_pixels, decode_wait_s)
+        task = asyncio.ensure_future(in_thread(fn, path, *args))
+        task.add_done_callback(lambda t: budget.release(taken))
+        return await asyncio.shield(task)
+
+    def _cleaned(path: Path) -> None:
+        store.folder.unlink(path.name)
 
     def _job(job_id: str):
         job = runner.get(job_id)
@@ -306,7 +541,7 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
         return HTMLResponse(page_html(), headers={
             "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self' "
                                        "'unsafe-inline'; script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
-            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})  # Referrer-Policy: the guard
 
     @app.get("/api/info")
     async def api_info():
@@ -317,20 +552,21 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
     async def api_plan(request: Request):
         path, name, options = await _upload(request)
         try:
-            img, plan, lines = await in_thread(runner.plan, path, name, options)
+            img, plan, lines = await _decoded(runner.plan, path, name, options)
         finally:
-            store.folder.unlink(path.name)
+            _cleaned(path)
         return {"name": name, "input_size": list(img.size), "output_size": list(plan.target_size),
                 "predicted_seconds": round(plan.seconds, 3), "lines": lines, "warnings": list(img.notices),
                 "plan": json.loads(json.dumps(plan_json(plan), default=str))}
 
     @app.post("/api/jobs", status_code=201)
     async def api_submit(request: Request):
+        runner.check_room()  # QueueFull (429) before the upload is stored
         path, name, options = await _upload(request)
         try:
-            job = await in_thread(runner.submit, path, name, options)
+            job = await _decoded(runner.submit, path, name, options)
         finally:
-            store.folder.unlink(path.name)  # moved into the job when accepted
+            _cleaned(path)  # moved into the job when accepted
         return JSONResponse(runner.snapshot(job), status_code=201)
 
     @app.get("/api/jobs")
@@ -351,25 +587,39 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
         await run_in_threadpool(runner.delete, job)
         return Response(status_code=204)
 
+    def _open_file(job, name: str) -> int | None:
+        """A read-only descriptor of the job's file `name` (never through a link), or None."""
+        try:
+            folder = store.job_folder(job.id, create=False)
+        except (UnsafePath, OSError):
+            return None
+        try:
+            return folder.open(name)
+        except (OSError, ValueError):
+            return None
+        finally:
+            folder.close()
+
     @app.get("/api/jobs/{job_id}/preview")
     async def api_preview(job_id: str):
         job = _job(job_id)
-        path = store.path(job, "preview.jpg")
-        if not job.preview or not path.is_file() or path.is_symlink():
+        fd = _open_file(job, "preview.jpg") if job.preview else None
+        if fd is None:
             return _error(404, f"job {job.id} has no preview yet", 1)
-        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+        return _fd_response(fd, "image/jpeg", {"Cache-Control": "no-store"})
 
     @app.get("/api/jobs/{job_id}/result")
     async def api_result(job_id: str):
         job = _job(job_id)
         if job.state != "done" or job.result_file is None:
             return _error(409, f"job {job.id} is {job.state}; its result is there when it is done", 1)
-        path = store.path(job, job.result_file)
-        if not path.is_file() or path.is_symlink():
+        fd = _open_file(job, job.result_file)
+        if fd is None:
             return _error(410, f"job {job.id}'s result is no longer on the server", 1)
         stem = _SAFE_NAME.sub("_", Path(job.name).stem).strip(" .") or "image"
-        return FileResponse(path, filename=f"{stem}_infdit.{job.options.format}",
-                            headers={"Cache-Control": "no-store"})
+        return _fd_response(fd, _MEDIA.get(job.options.format, "application/octet-stream"),
+                            {"Content-Disposition": _content_disposition(f"{stem}_infdit.{job.options.format}"),
+                             "Cache-Control": "no-store"})
 
     @app.get("/api/events")
     async def api_events(request: Request):
@@ -398,12 +648,12 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     app.state.runner, app.state.hub = runner, hub
-    guard = _Guard(app, token=token, max_bytes=max_bytes)
+    guard = _Guard(app, token=token, max_bytes=max_bytes, hosts=hosts, any_ip=any_ip)
     guard.closing = hub.close  # the server calls it as it begins to stop: event streams end, connections close
     return guard
 
 
-def _copy(src, dst) -> None:
-    while chunk := src.read(_CHUNK):
+def _copy(src: int, dst) -> None:
+    while chunk := os.read(src, _CHUNK):
         dst.write(chunk)
 

@@ -33,14 +33,20 @@ from ..events import (BatchDone, CheckpointWritten, JobStarted, Notice, PassDone
                       Resumed, StepDone)
 from ..storage import SafeFolder
 
-__all__ = ["Job", "JobStore", "JobRunner", "JobOptions", "FORMATS", "PREVIEW_SIDE", "valid_id"]
+__all__ = ["Job", "JobStore", "JobRunner", "JobOptions", "QueueFull", "FORMATS", "PREVIEW_SIDE", "MAX_QUEUE",
+           "valid_id"]
 
 FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp", "tif": "tiff", "tiff": "tiff"}
 PREVIEW_SIDE = 1024  # the preview JPEG's long side, at most
+MAX_QUEUE = 100  # queued jobs a server takes by default (`infdit serve --max-queue`)
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 _ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 _INPUT_TYPES = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp", "GIF": "gif"}
+
+
+class QueueFull(InfditError):
+    """The queue holds `--max-queue` jobs already: try again when some have run."""
 
 
 def valid_id(job_id: str) -> bool:
@@ -306,10 +312,13 @@ class JobRunner:
     """
 
     def __init__(self, store: JobStore, upscaler, *, max_pixels: int, publish: Callable[[str, dict], None]
-                 = lambda kind, data: None, on_error: Callable[[str], None] | None = None) -> None:
+                 = lambda kind, data: None, on_error: Callable[[str], None] | None = None,
+                 max_queue: int = MAX_QUEUE) -> None:
         self.store = store
         self.up = upscaler
         self.max_pixels = max_pixels
+        self.max_queue = max_queue
+        self._reserved = 0  # jobs being stored by `submit`: counted in the queue's length
         self.publish = publish
         self.on_error = on_error
         self.lock = threading.RLock()
@@ -346,6 +355,25 @@ class JobRunner:
         return self.store.jobs.get(job_id) if valid_id(job_id) else None
 
     # -- submitting ---------------------------------------------------------------------------------------
+    def check_room(self) -> None:
+        """Raises QueueFull when `max_queue` jobs wait already (the running one not counted)."""
+        with self.lock:
+            waiting = sum(j.state == "queued" for j in self.store.jobs.values()) + self._reserved
+        if waiting >= self.max_queue:
+            raise QueueFull(f"the queue is full ({waiting} jobs wait; this server takes at most {self.max_queue}, "
+                            "--max-queue): try again when some have run")
+
+    def declared_pixels(self, path: Path) -> int | None:
+        """The pixels the image at `path` declares in its header (nothing decoded), or None when the header
+        cannot be read (decoding it then says why)."""
+        from ..images import probe_size
+
+        try:
+            h, w = probe_size(path, max_pixels=self.max_pixels)
+        except InfditError:
+            return None
+        return h * w
+
     def plan(self, path: Path, name: str, options: JobOptions):
         """Decode `path` (an upload, shown as `name`) and plan it: (LoadedImage, UpscalePlan, plan lines).
 
@@ -372,28 +400,37 @@ class JobRunner:
     def submit(self, upload: Path, name: str, options: JobOptions) -> Job:
         """Accept the decoded, planned upload at `upload` (a file the caller made; moved into the job) as a
         new queued job. Raises what `plan` raises; nothing is kept then."""
+        self.check_room()
         img, plan, lines = self.plan(upload, name, options)
         options = options.check()
         with self.lock:
+            self.check_room()  # again, counting those accepted meanwhile: this one holds a place from here
             job_id = self.store.new_id()
             folder = self.store.job_folder(job_id)
+            self._reserved += 1
+        job = None
         try:
-            kind = _INPUT_TYPES.get(img.source_format or "", "img")
-            input_file = f"input.{kind}"
-            folder.record(input_file)
-            shutil.move(str(upload), str(self.store.root / job_id / input_file))
-            job = Job(id=job_id, name=name, options=options, input_file=input_file, input_size=img.size,
-                      output_size=plan.target_size, predicted_seconds=round(plan.seconds, 3), plan_lines=lines,
-                      created=time.time(), warnings=list(img.notices))
-            folder.write("job.json", json.dumps(job.to_json(), indent=1).encode(), "a job's state")
-        except BaseException:
-            folder.remove()
-            raise
+            try:
+                kind = _INPUT_TYPES.get(img.source_format or "", "img")
+                input_file = f"input.{kind}"
+                folder.record(input_file)
+                shutil.move(str(upload), str(self.store.root / job_id / input_file))
+                job = Job(id=job_id, name=name, options=options, input_file=input_file, input_size=img.size,
+                          output_size=plan.target_size, predicted_seconds=round(plan.seconds, 3),
+                          plan_lines=lines, created=time.time(), warnings=list(img.notices))
+                folder.write("job.json", json.dumps(job.to_json(), indent=1).encode(), "a job's state")
+            except BaseException:
+                job = None
+                folder.remove()
+                raise
+            finally:
+                folder.close()
         finally:
-            folder.close()
-        with self.lock:
-            self.store.jobs[job.id] = job
-            self.wake.notify_all()
+            with self.lock:
+                self._reserved -= 1
+                if job is not None:
+                    self.store.jobs[job.id] = job
+                    self.wake.notify_all()
         self.publish("job", self.snapshot(job))
         return job
 
