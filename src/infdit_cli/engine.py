@@ -268,6 +268,11 @@ class BlockEngine:
             self.on_event(PlanChanged(old=self.placement.describe(), new=new.describe()))
         self.placement = new
 
+    def prepare(self, batch: int = 1) -> KVCache | None:
+        """Allocate the pass's K/V cache now (pinned, for a host cache next to a CUDA model), as the first
+        call would, so a caller can time the calls without it; None when the pass needs no cache."""
+        return self._ensure_cache(batch, self.model.dtype)
+
     def close(self) -> None:
         self.cache = None
         self._bufs = self._buf_key = self._chunk_bufs = None
