@@ -2,6 +2,7 @@
 installed outside the checkout (its fixtures are package data); one engine per mode, pinned once."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def outside(request, tmp_path):
     except pytest.skip.Exception:
         pkg = tmp_path / "site"
         shutil.copytree(ROOT / "src" / "infdit_cli", pkg / "infdit_cli", ignore=shutil.ignore_patterns("__pycache__"))
-        env = {**{k: v for k, v in __import__("os").environ.items()}, "PYTHONPATH": str(pkg), "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "PYTHONPATH": str(pkg), "HF_HUB_OFFLINE": "1"}
         return [sys.executable, "-m", "infdit_cli"], env
 
 
