@@ -63,7 +63,8 @@ run)
     mkdir -p "$stub/transformers"
     echo 'raise ImportError("transformers is stubbed out by benchmarks/gpu_selftest.sh, as in CI")' \
         > "$stub/transformers/__init__.py"
-    export PYTHONPATH="src:$stub:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    # The caller's PYTHONPATH before the wheels: an import stub there (the rehearsal's open_clip) wins.
+    export PYTHONPATH="src:$stub${PYTHONPATH:+:$PYTHONPATH}:/tmp/site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     # Before CUDA initialises: the caching allocator grows segments in place instead of fragmenting.
     export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
     # The GPU machine's memory grows on demand (MemTotal starts low): plan its host side from what it has.
