@@ -1,8 +1,11 @@
 """Five seconds before the GPU selftest: can everything it needs be imported, and what machine is this?
 
-Prints one `name: value` line per fact (versions, the GPU and its free memory, host memory, cores, disk)
-and exits 1 naming every package that failed to import, so a missing wheel costs seconds, not the run.
+Prints one `name: value` line per fact (versions, the GPU and its free memory, host memory, cores, disk,
+a 1 GiB pinned-memory probe on CUDA) and exits 1 naming every required package that failed to import, so
+a missing wheel costs seconds, not the run. open_clip and what it imports are not required: without them
+the selftest's parity and bf16 rows are skipped and the rest runs on a model without a CLIP tower.
 Runs on the standard library and torch alone; `infdit_cli` is imported last, as the selftest will.
+DEVICE=cpu (the rehearsal) skips the probe.
 """
 
 import importlib
@@ -12,16 +15,22 @@ import sys
 import time
 
 t0 = time.perf_counter()
-missing = []
+missing, optional_missing = [], []
 # open_clip imports regex, ftfy, wcwidth (via ftfy), tqdm, torchvision and numpy at import time.
+OPTIONAL = ("torchvision", "regex", "ftfy", "wcwidth", "tqdm", "timm", "open_clip")
 for name in ("torch", "numpy", "torchvision", "regex", "ftfy", "wcwidth", "tqdm", "timm", "open_clip",
              "safetensors", "PIL", "typer", "rich", "huggingface_hub", "infdit_cli"):
     try:
         mod = importlib.import_module(name)
         print(f"{name}: {getattr(mod, '__version__', 'ok')}")
     except Exception as e:  # noqa: BLE001 - every failure is a line of the report
-        missing.append(name)
+        (optional_missing if name in OPTIONAL else missing).append(name)
         print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+try:
+    import transformers  # noqa: F401
+    print("transformers: importable (open_clip will import it: seconds per process)")
+except ImportError as e:
+    print(f"transformers: not imported ({str(e).splitlines()[0] if str(e) else 'ImportError'})")
 
 print(f"python: {sys.version.split()[0]}")
 print(f"cpu cores: {os.cpu_count()}")
@@ -35,6 +44,43 @@ for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in
     if os.path.exists(path):
         print(f"cgroup memory limit: {open(path).read().strip()}")
 print(f"disk free (tmp): {shutil.disk_usage(os.environ.get('TMPDIR', '/tmp')).free / 2**30:.1f} GiB")
+print(f"PYTORCH_CUDA_ALLOC_CONF: {os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '(unset)')}")
+
+
+def pinned_probe() -> str:
+    """Register 1 GiB of host memory with CUDA and unregister it, through the engine's own path
+    (`storage.Scratch(pin=True)`), then check that CUDA still launches kernels (a refusal must not leave
+    an error behind that the next launch would report)."""
+    import gc
+
+    import torch
+
+    from infdit_cli.storage import Scratch
+
+    t = time.perf_counter()
+    scratch = Scratch(pin=True)
+    buf = scratch.empty("probe", (1 << 30,), torch.uint8)
+    pinned, reg = scratch.pin, time.perf_counter() - t
+    if pinned:
+        src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        buf.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        d2h = (1 << 30) / (time.perf_counter() - t) / 1e9
+        del src
+    t = time.perf_counter()
+    del buf, scratch
+    gc.collect()
+    unreg = time.perf_counter() - t
+    x = torch.ones(1024, device="cuda")
+    ok = float((x * 2).sum()) == 2048.0  # raises if a refusal left a sticky error
+    if not pinned:
+        return f"REFUSED in {reg:.2f} s (host-cache rows run unpinned); CUDA still works: {ok}"
+    return (f"1 GiB registered in {reg:.2f} s, device->host {d2h:.1f} GB/s, unregistered in {unreg:.2f} s; "
+            f"CUDA still works: {ok}")
+
+
 if "torch" not in missing:
     import torch
 
@@ -44,7 +90,17 @@ if "torch" not in missing:
         print(f"gpu: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), "
               f"free {free / 2**30:.1f} / {total / 2**30:.1f} GiB, cuda {torch.version.cuda}, "
               f"bf16 {torch.cuda.is_bf16_supported()}")
+    if os.environ.get("DEVICE", "cuda") == "cpu" or not torch.cuda.is_available():
+        print("pinned probe: skipped (no CUDA here)")
+    elif "infdit_cli" not in missing:
+        try:
+            print(f"pinned probe: {pinned_probe()}")
+        except Exception as e:  # noqa: BLE001 - a line of the report, not the end of the run
+            print(f"pinned probe: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 print(f"preflight: {time.perf_counter() - t0:.1f} s")
+if optional_missing:
+    print(f"preflight: without {', '.join(optional_missing)}: the parity and bf16 rows will be skipped, "
+          "the memory, speed and plan rows run on a model without a CLIP tower")
 if missing:
     print(f"preflight FAILED: cannot import {', '.join(missing)}")
     sys.exit(1)

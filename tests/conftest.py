@@ -11,7 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from infdit_cli.config import PRESETS  # noqa: E402
 from infdit_cli.weights import random_model, save_model_file  # noqa: E402
 
-DATA = Path(__file__).parent / "data" / "upstream-a"
+DATA = Path(__file__).parent / "data" / "upstream-a"  # checkpoint.pt, config.json: links into the package's
+# copy (src/infdit_cli/selftest_data, which `infdit selftest` reads); io.safetensors here holds the other keys
+PACKAGED = Path(__file__).resolve().parents[1] / "src" / "infdit_cli" / "selftest_data"
 TORCH_DEVICE = os.environ.get("TORCH_DEVICE", "cpu")
 
 
@@ -52,7 +54,46 @@ def official_model(official_file):
 def io():
     from safetensors.torch import load_file
 
-    return load_file(str(DATA / "io.safetensors"))
+    packaged = {k: v for k, v in load_file(str(PACKAGED / "io.safetensors")).items() if not k.startswith("bf16_")}
+    return {**packaged, **load_file(str(DATA / "io.safetensors"))}  # every key of upstream-a, each stored once
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(tmp_path_factory):
+    """A wheel built from the repository, installed (not editable) into a fresh virtual environment whose
+    other packages (torch, open_clip, ...) come from the running one: (wheel, venv, env for running it
+    outside the source tree). Built once per session (tests/test_wheel.py, tests/test_selftest.py)."""
+    import shutil
+    import sysconfig
+
+    pytest.importorskip("setuptools", reason="the test extra installs setuptools to build the wheel offline")
+
+    def run(*args, **kw):
+        res = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kw)
+        assert res.returncode == 0, f"{args}: {res.stderr[-2000:]}"
+        return res
+
+    root, tmp = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("wheel")
+    # Build from a copy of what the wheel is made of, so no stale build/ folder (or a file the checkout
+    # happens to have) can stand in; --no-build-isolation: this environment's setuptools, no index.
+    src = tmp / "src-copy"
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    dist = tmp / "dist"
+    run(sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-q", "-w", dist, cwd=tmp)
+    (wheel,) = dist.glob("infdit-*.whl")
+    venv = tmp / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv)
+    py = venv / "bin" / "python"
+    run(sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-index", "-q", wheel)
+    # torch, open_clip, ... come from the running environment: a .pth line appends its site-packages to
+    # sys.path after the venv's own. (.pth files inside it, such as the editable install's, are not run.)
+    site = run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    Path(site, "running-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "INFDIT_REGISTRY", "INFDIT_REPO")}
+    env.update(INFDIT_CACHE=str(tmp / "cache"), HF_HOME=str(tmp / "hf"), HF_HUB_OFFLINE="1")
+    return wheel, venv, env
 
 
 @pytest.fixture(scope="session")

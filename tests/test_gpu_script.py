@@ -1,24 +1,31 @@
 """The GPU check rehearsed here: `DEVICE=cpu bash benchmarks/gpu_selftest.sh run`, the script that travels.
 
 Rows must reach the disk one by one as checks finish, the time budget must be honoured (checks predicted
-to overrun it are not started, and say so), and a run killed with SIGKILL must leave the rows it finished.
+to overrun it are not started, and say so), the hard limit must bound the whole script (pip and the
+preflight included), a run killed with SIGKILL must leave the rows it finished, and no missing piece may
+leave zero rows: without fixtures or without open_clip the memory and speed rows are still written.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_selftest.sh"
 
 
-def _start(out: Path, budget: int) -> subprocess.Popen:
-    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "TIME_BUDGET": str(budget), "PYTHON": sys.executable,
-           "INSTALL_WHEELS": "0"}
+def _start(out: Path, budget: int | None, **extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "PYTHON": sys.executable, "INSTALL_WHEELS": "0", **extra}
+    env.pop("TIME_BUDGET", None)
+    if budget is not None:
+        env["TIME_BUDGET"] = str(budget)
     return subprocess.Popen(["bash", str(SCRIPT), "run"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -64,10 +71,24 @@ def test_rehearsal_streams_rows_within_the_time_budget(tmp_path):
     assert "not run: time budget" in (tmp_path / "report.md").read_text()
 
 
+def test_limits_keep_the_script_under_the_device_limit():
+    """A device command may run 600 s: the default budget (360 s) plus the worst pip (120 s) and preflight
+    (60 s) stays under the default hard limit (560 s), which the selftest's kill (SIGKILL 10 s after
+    SIGTERM at what is left of it) never passes."""
+    text = SCRIPT.read_text()
+    num = {k: int(re.search(rf'{k}:-(\d+)', text).group(1)) for k in ("TIME_BUDGET", "HARD_LIMIT", "SLACK")}
+    assert num == {"TIME_BUDGET": 360, "HARD_LIMIT": 560, "SLACK": 60}
+    waits = [int(m) for m in re.findall(r"^\s*(?:if ! \S+ )?(?:DEVICE=\S+ )?timeout (\d+) ", text, re.M)]
+    assert sorted(waits) == [60, 120]  # the preflight, pip
+    assert num["TIME_BUDGET"] + sum(waits) < num["HARD_LIMIT"] < 600
+    assert 'left=$((hard - 10 - SECONDS))' in text and 'timeout -k 10 "$left"' in text
+
+
 def test_rehearsal_killed_mid_run_leaves_its_rows(tmp_path):
-    proc = _start(tmp_path, 600)
+    # the default budget (360 s), cut to what a 400 s hard limit leaves after the preflight, less 60 s
+    proc = _start(tmp_path, None, HARD_LIMIT="400")
     rows = tmp_path / "rows.jsonl"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 480  # a bound for a loaded machine: the loop ends at the second row
     seen = []
     while len(_checks(rows)) < 2 and proc.poll() is None and time.monotonic() < deadline:
         seen.append(len(_checks(rows)))
@@ -78,8 +99,41 @@ def test_rehearsal_killed_mid_run_leaves_its_rows(tmp_path):
     proc.communicate(timeout=60)
     records = _records(rows)  # every line whole: each row was written, flushed and fsynced at once
     assert records[0]["kind"] == "start" and records[-1]["kind"] == "check"
+    assert 300 <= records[0]["time_budget"] <= 330
     checks = _checks(rows)
     assert len(checks) >= 2 and checks[0]["status"] == "pass"
     report = (tmp_path / "report.md").read_text()
     assert all(c["name"] in report for c in checks)
     assert not (tmp_path / "report.json").read_text().strip()  # the whole report never came
+
+
+@pytest.mark.parametrize("missing", ["fixtures", "open_clip"])
+def test_rehearsal_without_fixtures_or_open_clip_still_writes_rows(tmp_path, missing):
+    """No zero-row outcome: without fixtures (an empty --fixtures folder) or without open_clip (an import
+    stub on PYTHONPATH that makes `import open_clip` fail, as a missing wheel would) the preflight lets the
+    run go on, the parity and bf16 rows say why they are skipped, and the memory, speed and plan rows are
+    measured (on a model without a CLIP tower where open_clip is missing)."""
+    extra = {}
+    if missing == "fixtures":
+        (tmp_path / "empty").mkdir()
+        extra["FIXTURES"] = str(tmp_path / "empty")
+    else:
+        stub = tmp_path / "stub" / "open_clip"
+        stub.mkdir(parents=True)
+        (stub / "__init__.py").write_text('raise ImportError("open_clip stubbed out by the test")\n')
+        extra["PYTHONPATH"] = str(tmp_path / "stub")
+    out = tmp_path / "out"
+    proc = _start(out, 1200, HARD_LIMIT="1500", **extra)  # every check runs, however loaded the machine is
+    text = proc.communicate(timeout=1500)[0].decode()
+    assert proc.returncode == 0, text
+    preflight = (out / "preflight.txt").read_text()
+    assert ("open_clip: FAILED" in preflight) == (missing == "open_clip"), preflight
+    checks = _checks(out / "rows.jsonl")
+    why = "no fixtures" if missing == "fixtures" else "open_clip cannot be imported"
+    fixture_rows = [c for c in checks if c["group"] in ("parity", "bf16")]
+    assert len(fixture_rows) == 4 and all(c["status"] == "skip" and why in c["value"] for c in fixture_rows)
+    ran = {g: [c for c in checks if c["group"] == g and c["status"] != "skip"] for g in ("memory", "speed", "plan")}
+    assert [c["status"] for c in ran["memory"]] == ["pass", "pass"]
+    assert ran["speed"][0]["numbers"]["block_s"] > 0 and ran["plan"][0]["numbers"]["seconds"] > 0
+    end = _records(out / "rows.jsonl")[-1]
+    assert end["kind"] == "end" and end["passed"] is True

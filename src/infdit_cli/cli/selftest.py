@@ -27,8 +27,8 @@ _MARK = {"pass": "ok", "fail": "FAIL", "info": "-", "skip": "n/a"}
 def selftest(
     device: O.Device = "auto",
     fixtures: Annotated[Optional[Path], typer.Option(
-        help="Folder holding upstream-a/ and upstream-a-bf16/ (default: the repository's test data and "
-             "../shared/fixtures).")] = None,
+        help="Folder holding upstream-a/ and upstream-a-bf16/ (default: the copy that ships with the "
+             "package). Without fixtures the parity and bf16 rows are skipped.")] = None,
     output: Annotated[Optional[Path], typer.Option(
         "-o", "--output", help="Also write the report as Markdown (rewritten after every check, so a run "
                                "that is killed leaves the rows it finished).")] = None,
@@ -48,7 +48,8 @@ def selftest(
     fp32 parity with the official code (one call, a 20-step sample, block modes n = 1, 2, 4, host vs
     device K/V cache); bf16 within 1.5x the official bf16 path's distance from fp32; predicted vs
     measured peak memory; seconds and TFLOP/s per denoiser call; one call of the biggest plan. On CUDA at
-    the product's sizes (official config, bf16, 8 GB budget); elsewhere the same checks at toy sizes.
+    the product's sizes (official config, bf16, 8 GB budget; also the default full-memory plan and the
+    attention kernels); elsewhere the same checks at toy sizes.
     Exit 0 when no check failed, 1 otherwise.
     """
     from ..selftest import run_selftest

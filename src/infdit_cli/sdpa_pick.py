@@ -1,0 +1,92 @@
+"""Which attention kernel to use on this GPU: `torch.nn.functional.scaled_dot_product_attention` timed at the
+model's shapes under each fused backend (flash, cuDNN, memory-efficient), each held to a bf16 accuracy bound.
+
+`measure_backends` times them (about two seconds in all) and `choice` returns the fastest one that meets
+the bound, or None. The bound: a backend's RMS distance from the exact attention of the same bf16 inputs
+(float32 math) at most `ratio` times the math backend's own bf16 distance. `infdit selftest` reports the
+measurement as one row; the engine may use the choice (`torch.nn.attention.sdpa_kernel`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BACKENDS", "measure_backends", "choice"]
+
+BACKENDS = ("flash", "cudnn", "efficient")
+
+
+def _backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).pow(2).mean().sqrt().item()
+
+
+def measure_backends(device: torch.device | str, *, batch: int = 16, heads: int = 16, head_dim: int = 80,
+                     queries: int = 1024, keys: int = 4096, dtype: torch.dtype = torch.bfloat16,
+                     seconds: float = 2.0, ratio: float = 1.5, backends: tuple[str, ...] = BACKENDS) -> dict:
+    """Time each backend on (batch, heads, queries, head_dim) queries against `keys` keys/values.
+
+    Returns {"backends": {name: {"seconds", "tflops", "rms", "meets_bound", "error"}}, "math_rms",
+    "bound", "choice"}: seconds per call (None where the backend refused these shapes: its "error"),
+    "choice" the fastest backend that meets the bound (None if none does).
+    """
+    from torch.nn.attention import sdpa_kernel
+
+    device = torch.device(device)
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=g, device=device, dtype=dtype)
+               for n in (queries, keys, keys))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())  # the exact attention of these inputs
+    with sdpa_kernel(_backend("math")):
+        math_rms = _rms(F.scaled_dot_product_attention(q, k, v), ref)
+    bound = ratio * math_rms
+    flops = 4 * batch * heads * queries * keys * head_dim
+    per = seconds / max(len(backends), 1)
+    out: dict[str, dict] = {}
+    for name in backends:
+        row: dict = {"seconds": None, "tflops": None, "rms": None, "meets_bound": False, "error": None}
+        try:
+            with sdpa_kernel(_backend(name)):
+                o = F.scaled_dot_product_attention(q, k, v)  # warm-up, and the accuracy sample
+                _sync(device)
+                row["rms"] = _rms(o, ref)
+                calls, t0 = 0, time.perf_counter()
+                while True:
+                    F.scaled_dot_product_attention(q, k, v)
+                    calls += 1
+                    if calls % 4 == 0 or device.type != "cuda":
+                        _sync(device)
+                        if time.perf_counter() - t0 >= per:
+                            break
+                sec = (time.perf_counter() - t0) / calls
+        except RuntimeError as e:  # "No available kernel" and the like: this backend cannot run these shapes
+            row["error"] = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        else:
+            row.update(seconds=sec, tflops=flops / sec / 1e12, meets_bound=row["rms"] <= bound)
+        out[name] = row
+    res = {"backends": out, "math_rms": math_rms, "bound": bound,
+           "shape": f"{batch}x{heads} heads, {queries} queries x {keys} keys, head dim {head_dim}, "
+                    f"{str(dtype).removeprefix('torch.')}"}
+    res["choice"] = choice(res)
+    return res
+
+
+def choice(measured: dict) -> str | None:
+    """The fastest backend of a `measure_backends` result that meets its bound (None: none does)."""
+    ok = [(r["seconds"], name) for name, r in measured["backends"].items()
+          if r["seconds"] is not None and r["meets_bound"]]
+    return min(ok)[1] if ok else None
