@@ -283,3 +283,114 @@ def test_inductor_on_the_cpu_equals_eager(tiny_model):
     eager = denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=2)
     compiled = denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=2, compile=True)
     torch.testing.assert_close(compiled, eager, atol=2e-6, rtol=0)
+
+
+class _Event:
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def synchronize(self) -> None:
+        self.log.append(("cpu waits", self.name))
+
+
+class _RecordingStream:
+    """A CUDA stream's ordering calls, recorded; the work itself runs inline."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log, self.events = name, log, 0
+
+    def wait_stream(self, other) -> None:
+        self.log.append((f"{self.name} waits", other.name))
+
+    def wait_event(self, ev) -> None:
+        self.log.append((f"{self.name} waits", ev.name))
+
+    def record_event(self):
+        self.events += 1
+        ev = _Event(f"{self.name}#{self.events}", self.log)
+        self.log.append(("record", ev.name))
+        return ev
+
+    def synchronize(self) -> None:
+        self.log.append(("cpu waits", self.name))
+
+
+def test_host_cache_puts_run_on_the_copy_stream_in_order(tiny_model, monkeypatch):
+    """A host-side cache next to a GPU, with the streams' calls recorded (the work runs inline on the CPU):
+    every put is queued on the copy stream after it waited for the compute stream (the K/V were just
+    computed); a layer's puts end with an event which the compute stream waits for before the next layer
+    (or rectangle) rewrites the key/value tables the puts read; freed slots carry an event that covers
+    their last put; and the call's result is the one without streams."""
+    cfg = tiny_model.config
+    x, lr_up, lr, vec = _inputs(cfg, 64, 96)
+    log: list = []
+    copy, compute = _RecordingStream("copy", log), _RecordingStream("compute", log)
+    current = []
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream.name)
+        log.append(("enter", stream.name))
+        yield
+        current.pop()
+        log.append(("exit", stream.name))
+
+    real_put, real_qkv = engine_mod.KVCache.put, tiny_model.layer_qkv
+
+    def put(self, block, layer, k, v):
+        log.append(("put", block, layer, current[-1] if current else None, self.index.get(block)))
+        return real_put(self, block, layer, k, v)
+
+    def layer_qkv(i, *a, **k):
+        log.append(("qkv", i))
+        return real_qkv(i, *a, **k)
+
+    monkeypatch.setattr(engine_mod, "_copy_streams", lambda device: (copy, compute))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(engine_mod.KVCache, "put", put)
+    monkeypatch.setattr(tiny_model, "layer_qkv", layer_qkv)
+    eng = BlockEngine(tiny_model, lr, vec, lr_up, Placement(n=2, cache_on_host=True))
+    got = eng(x, 1.7)
+    monkeypatch.undo()
+    assert torch.equal(got, denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=2,
+                                    cache_device="cpu"))
+    puts = [i for i, e in enumerate(log) if e[0] == "put"]
+    assert puts and all(log[i][3] == "copy" for i in puts)  # every put on the copy stream
+    unwaited = None  # the event of puts the compute stream has not waited for yet
+    waited_copy_start = False
+    for e in log:
+        if e == ("copy waits", "compute"):
+            waited_copy_start = True
+        elif e[0] == "put":
+            assert waited_copy_start  # the copy stream waited for the compute stream before its puts
+        elif e[0] == "record" and e[1].startswith("copy"):
+            unwaited, waited_copy_start = e[1], False
+        elif e[0] == "compute waits":
+            if e[1] == unwaited:
+                unwaited = None
+        elif e[0] == "qkv":
+            assert unwaited is None  # the tables the puts read are rewritten only after they ran
+        elif e[0] == "record" and e[1].startswith("compute"):
+            assert unwaited is None  # an eviction's event covers the freed slots' last puts
+    # a slot written again (after its block was evicted) was freed behind an event
+    assert any(e[0] == "record" and e[1].startswith("compute") for e in log)
+    eng.close()
+    assert log[-1] == ("cpu waits", "copy")  # closing waits for the puts before their buffers go
+
+
+def test_a_received_slot_is_written_by_the_cpu_only_after_the_device_is_done_with_it():
+    """`claim(host_write=True)` (a band's received left edge, written by the CPU) of a slot freed behind an
+    event waits for that event first; a put's slot is ready for the CPU once its event is waited for."""
+    log: list = []
+    cache = engine_mod.KVCache(2, (1, 2, 1, 1, 1, 1), torch.float32, torch.device("cpu"))
+    slot = cache.claim((0, 0))
+    cache.mark([slot], _Event("copy#1", log))
+    cache.evict([(0, 0)], _Event("compute#1", log))  # freed behind the rectangle's reads
+    assert cache.claim((5, 5)) == slot and log == []  # a device writer: ordered by the streams, no CPU wait
+    cache.evict([(5, 5)], _Event("compute#2", log))
+    again = cache.claim((1, 0), host_write=True)
+    assert again == slot and log == [("cpu waits", "compute#2")]
+    cache.mark([again], _Event("copy#2", log))
+    cache.host_ready([again])
+    cache.host_ready([again])  # once only
+    assert log[1:] == [("cpu waits", "copy#2")]
