@@ -230,4 +230,5 @@ def band_engine(world: World):
     def make(*args, **kw) -> BandEngine:
         return BandEngine(*args, world=world, **kw)
 
+    make.ranks = world.size  # the planner counts the bands' in-flight sends (`planner.estimate(ranks=)`)
     return make

@@ -297,11 +297,14 @@ class BlockEngine:
         fault: test hook called with each batch's predicted device bytes before it runs.
         compile: run the layers' per-token work through `torch.compile` (`compiled_kernels`): True for
             Inductor, or a backend name.
+        replan: the first rung on out-of-memory, before `planner.step_down` halves n: the placement to
+            take instead (the pipeline's: `planner.replan` at 0.9x the plan's budget), or None.
     """
 
     def __init__(self, model, lr: torch.Tensor, vector: torch.Tensor, lr_up, placement: Placement, *,
                  scratch: Scratch | None = None, on_event: Callable[[object], None] | None = None,
-                 fault: Fault | None = None, compile: bool | str = False) -> None:
+                 fault: Fault | None = None, compile: bool | str = False,
+                 replan: Callable[[Placement], Placement | None] | None = None) -> None:
         cfg = self.cfg = model.config
         self.model = model
         h, w = lr_up.shape[-2:]
@@ -314,6 +317,7 @@ class BlockEngine:
         self.vector, self.lr_up = vector, lr_up
         self.scratch, self.on_event, self.fault = scratch, on_event, fault
         self.placement = placement
+        self.replan = replan
         self.cache: KVCache | None = None
         self._stream = None
         self._puts = _Puts()
@@ -366,7 +370,11 @@ class BlockEngine:
         the `except` has ended: while it runs, its traceback keeps the failed attempt's tensors alive."""
         self.close()
         release_cached(self.model.device)
-        new = step_down(self.placement, self.grid.gh, self.grid.gw)
+        new = None
+        if self.replan is not None:  # once: the plan's estimate missed by a little, not by half
+            new, self.replan = self.replan(self.placement), None
+        if new is None:
+            new = step_down(self.placement, self.grid.gh, self.grid.gw)
         if new is None:
             raise OutOfMemory(
                 "out of device memory even at block batch 1 with the K/V cache on the host; "

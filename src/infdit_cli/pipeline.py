@@ -22,6 +22,7 @@ from .checkpoint import RunFolder, Saved
 from .events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from .images import resize
 from .planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
+from .planner import replan as planner_replan
 from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch, reclaim_stale
 
@@ -110,9 +111,11 @@ def target_size(size: tuple[int, int], *, res: str | None = None, scale: float |
 
 def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], options: UpscaleOptions, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 weights_file_dtype: torch.dtype | None = None, rates: Rates | None = None) -> UpscalePlan:
+                 weights_file_dtype: torch.dtype | None = None, rates: Rates | None = None,
+                 ranks: int = 1) -> UpscalePlan:
     """The fewest 4x/2x passes whose result covers `target`, each with its memory plan and predicted time
-    (`rates`: the device's, from `calibrate.calibration`; default the planner's nominal ones).
+    (`rates`: the device's, from `calibrate.calibration`; default the planner's nominal ones); `ranks`
+    processes sharing each image (their in-flight sends are planned for).
 
     Raises:
         MemoryBudgetTooSmall, HostMemoryTooSmall: some pass cannot fit (before any weights are loaded).
@@ -137,7 +140,7 @@ def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], opti
             n = int(options.block_batch)
         mem = plan(cfg, padded_out, budget=options.mem_budget, dtype=dtype, device=device, n=n,
                    host_budget=options.host_budget, low_memory=options.low_memory, scale=s,
-                   weights_file_dtype=weights_file_dtype, rates=rates)
+                   weights_file_dtype=weights_file_dtype, rates=rates, ranks=ranks)
         calls = 2 * options.steps - 1
         passes.append(Pass(s, size, (size[0] * s, size[1] * s), padded_out, mem, calls * mem.seconds_per_call))
         size = (size[0] * s, size[1] * s)
@@ -457,9 +460,17 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
         del noise
     rng = generator.get_state()
 
+    state_on_host = state_dev.type == "cpu"
+
+    def replan(at: Placement) -> Placement | None:
+        """Out of memory at `at`: the largest smaller n the plan's estimate fits in 0.9x its budget."""
+        return planner_replan(model.config, p.padded_out, replace(at, state_on_host=state_on_host),
+                              p.memory.budget, dtype=model.dtype, device_type=model.device.type,
+                              batch=lr_in.shape[0], scale=p.scale, ranks=getattr(engine_cls, "ranks", 1))
+
     engine = (engine_cls or BlockEngine)(model, lr, vector, lr_up, replace(placement, state_on_host=False),
                                          scratch=scratch, on_event=on_event, fault=fault,
-                                         compile=options.compile)
+                                         compile=options.compile, replan=replan)
     preview: list[torch.Tensor] = []
 
     def denoised(i: int, den: torch.Tensor) -> None:
@@ -475,7 +486,6 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
         if on_preview is not None and preview:
             on_preview(preview.pop())
 
-    state_on_host = state_dev.type == "cpu"
     while True:
         try:
             sample_heun(engine, st.x, sigmas, callback=step_done, state=st, start=done,
