@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -476,8 +477,11 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
     def denoised(i: int, den: torch.Tensor) -> None:
         preview[:] = [preview_image(den, p.out_size)]
 
+    stamps: list[tuple[int, float]] = []  # (calls, time) after each step: the pass's own pace
+
     def step_done(ev) -> None:
         nonlocal done
+        stamps.append((ev.calls, time.perf_counter()))
         done = ev.i
         if ckpt is not None:
             ckpt.save(st, ev.i, ev.steps, rng)
@@ -505,6 +509,15 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
             on_event(PlanChanged(old=old, new=replace(engine.placement, state_on_host=True).describe()))
     engine.close()
     final = replace(engine.placement, state_on_host=state_on_host)
+    if (final == p.memory.placement and p.memory.rates is not None and len(stamps) >= 2
+            and getattr(engine_cls, "ranks", 1) == 1):
+        # the pass's calls after its first step (warm-up, compilation) correct the cached calibration
+        from .calibrate import observe
+
+        (c0, t0), (c1, t1) = stamps[0], stamps[-1]
+        if c1 > c0:
+            observe(model.config, model.device, model.dtype, p.memory.rates, p.memory.seconds_per_call,
+                    (t1 - t0) / (c1 - c0), c1 - c0)
     out = st.x
     if options.color_fix != "none":
         out = color_fix(out.float(), lr_up[..., :, :].to(out.device), options.color_fix)

@@ -75,6 +75,7 @@ class Rates:
     op_seconds: float  # fixed cost of one tensor operation: Python, dispatch, a kernel launch
     copy_bytes: float  # bytes/s of a large copy: host <-> device next to a GPU, memory to memory on the CPU
     source: str = "assumed"  # "measured": calibrated on this device
+    steady: bool = True  # False: measured while other work shared the device (used, not cached)
 
     @property
     def measured(self) -> bool:
