@@ -394,3 +394,24 @@ def test_a_received_slot_is_written_by_the_cpu_only_after_the_device_is_done_wit
     cache.host_ready([again])
     cache.host_ready([again])  # once only
     assert log[1:] == [("cpu waits", "copy#2")]
+
+
+def test_the_wavelet_colour_fix_in_row_bands_is_the_whole_image_s():
+    """In row bands (each with the blur's 31-row reach above and below) the fix gives the whole image's
+    numbers to the bit, with the reference a tensor or computed band by band (`Upsampled`): a GPU then never
+    runs one convolution over a whole image past 32-bit indexing."""
+    from infdit_cli.pipeline import Upsampled, _low_freq, color_fix
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(1, 3, 75, 50, generator=g) * 2 - 1
+    ref = Upsampled(src, (300, 200))
+    out = torch.rand(1, 3, 300, 200, generator=g) * 2.2 - 1.1
+    whole_ref = ref[..., :, :]
+    want = (out - _low_freq(out) + _low_freq(whole_ref)).clamp(-1, 1)
+    assert torch.equal(color_fix(out, ref, "wavelet"), want)
+    from infdit_cli import pipeline
+
+    for budget in (3 * 4 * 200 * 7, 3 * 4 * 200 * 40):  # 7-row and 40-row bands: halos wider and narrower
+        assert len(pipeline._rows(300, 200, budget)) > 5
+        assert torch.equal(pipeline._wavelet_fix(out, ref, budget=budget), want)
+        assert torch.equal(pipeline._wavelet_fix(out, whole_ref, budget=budget), want)

@@ -203,22 +203,41 @@ def check_disk(folder, need: dict[str, int], refuse: bool = True) -> int | None:
     return free
 
 
-def color_fix(out: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:
-    """Transfer the low-frequency colour of `ref` (the upsampled input) to `out`; both (B, 3, H, W) in [-1, 1].
+def color_fix(out: torch.Tensor, ref, method: str) -> torch.Tensor:
+    """Transfer the low-frequency colour of `ref` (the upsampled input: a tensor or an `Upsampled`) to
+    `out`; both (B, 3, H, W) in [-1, 1].
 
     adain: per-channel mean/std matching. wavelet: replace the output's low-frequency band (a
     5-level dilated blur, as in StableSR's wavelet colour fix) with the reference's.
     """
     if method == "none":
         return out
+    if method == "wavelet":
+        return _wavelet_fix(out, ref)
     if method == "adain":
+        ref = ref[..., :, :].to(out.device)  # (an `Upsampled` computes itself)
         dims = (-2, -1)
         mu_o, sd_o = out.mean(dims, keepdim=True), out.std(dims, keepdim=True).clamp_min(1e-6)
         mu_r, sd_r = ref.mean(dims, keepdim=True), ref.std(dims, keepdim=True)
         return ((out - mu_o) / sd_o * sd_r + mu_r).clamp(-1, 1)
-    if method == "wavelet":
-        return (out - _low_freq(out) + _low_freq(ref)).clamp(-1, 1)
     raise BadRequest(f"unknown --color-fix {method!r}; use none, wavelet or adain")
+
+
+def _wavelet_fix(out: torch.Tensor, ref, levels: int = 5, budget: int = 64 * 2**20) -> torch.Tensor:
+    """The wavelet fix in row bands of about `budget` bytes, each with the blur's reach (2^levels - 1 rows)
+    above and below: the same numbers as over the whole image (each band's rows see exactly the pixels the
+    whole image's would), at any size (one convolution over a whole 27k² image passes the 2^31 elements a
+    GPU kernel's 32-bit indices reach) and without image-sized temporaries beyond the result. `ref`: a
+    tensor or an `Upsampled` (computed band by band)."""
+    halo = 2**levels - 1
+    h, w = out.shape[-2:]
+    result = torch.empty_like(out)
+    for r in _rows(h, w, budget):
+        a, b = max(r.start - halo, 0), min(r.stop + halo, h)
+        o = out[..., a:b, :]
+        band = o - _low_freq(o, levels) + _low_freq(ref[..., a:b, :].to(out.device, out.dtype), levels)
+        result[..., r, :] = band[..., r.start - a : r.stop - a, :].clamp_(-1, 1)
+    return result
 
 
 def _low_freq(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
@@ -520,7 +539,7 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
                     (t1 - t0) / (c1 - c0), c1 - c0)
     out = st.x
     if options.color_fix != "none":
-        out = color_fix(out.float(), lr_up[..., :, :].to(out.device), options.color_fix)
+        out = color_fix(out.float(), lr_up, options.color_fix)  # wavelet: in row bands of lr_up
     return out[..., : p.out_size[0], : p.out_size[1]].cpu(), final
 
 
