@@ -140,11 +140,12 @@ def _warm(device: torch.device, dtype: torch.dtype, seconds: float = WARM_SECOND
     """GEMMs for about `seconds`: a GPU leaves its idle clocks and cuBLAS has chosen its kernels, a CPU's
     cores are awake, before anything is timed (three cold GEMMs read a card well below its rate)."""
     side = 4096 if device.type == "cuda" else 256
-    a = torch.randn(side, side, device=device, dtype=dtype)
+    a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
+    c = torch.empty_like(a)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         for _ in range(4):
-            a = torch.mm(a, a).mul_(side**-0.5)
+            torch.mm(a, b, out=c)  # the same operands every time: no overflow, no denormals
         _sync(device)
 
 
