@@ -79,7 +79,7 @@ def main() -> None:
         cfg = PRESETS[name]
         model = random_model(cfg, seed=0)
         rates = calibration(cfg, torch.device("cpu"), torch.float32, refresh=True)
-        r = (f"{rates.flops / 1e9:.0f} GFLOP/s, {rates.op_seconds * 1e6:.1f} us/op"
+        r = (f"{rates.flops / 1e9:.3g} GFLOP/s, {rates.op_seconds * 1e6:.1f} us/op"
              f"{'' if rates.steady else ', not steady'}")
         for side in (int(s) for s in args.sizes.split(",")):
             rgb = torch.rand(1, 3, side // 4, side // 4, generator=torch.Generator().manual_seed(0))
