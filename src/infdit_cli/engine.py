@@ -464,14 +464,16 @@ class BlockEngine:
         nb, dev = gh * gw, h.device
         rope = model.rope(rect)
         lr_ctx = model.lr_context(self.lr_pixel_region(rect), rect, *self.lr_token_size)
+        puts = self._puts if cache is not None else _Puts()
+        # the last rectangle's puts are done before anything reads the cache (the prefetch, from here) or
+        # rewrites the tables they read from (which may be reallocated below)
+        puts.before_table_write()
         prefetch = None
         if cache is not None:
             stream = self._stream if cache.device.type == "cpu" and dev.type == "cuda" else None
             prefetch = _Prefetch(lambda layer: self._neighbours(cache, rect, layer, dev), cfg.num_layers, stream)
         later = rect.blocks_needed_later() if cache is not None else []
         index, rows, cols = self._indices(gh, gw, False, False, dev)  # (no neighbours: the image's corner)
-        puts = self._puts if cache is not None else _Puts()
-        puts.before_table_write()  # the last rectangle's puts read the tables (which may be reallocated now)
         qbuf, ktab, vtab = self._buffers(b, nb + gh + gw + 1, t, h.dtype, dev)
         # Block axes flattened: (B, 1, Gh*Gw, ...), chunks are slices of the third axis.
         hf = h.reshape(b, 1, nb, *h.shape[3:])
