@@ -288,3 +288,27 @@ def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: the allocator has read it
     late: dict = {}
     assert not prefer_expandable_segments("cuda", late) and late == {}
+
+
+def test_a_pass_out_of_memory_first_replans_then_halves(tiny_model):
+    """Through the pipeline: a pass planned at n=4 whose 4x4 batches run out of memory goes on at the
+    largest n within 0.9x its budget (here n=3: the budget is roomy, the miss small), not at n=2; when 3x3
+    batches fail too, then it halves (n=1)."""
+    from infdit_cli.events import PlanChanged
+    from infdit_cli.pipeline import UpscaleOptions, plan_upscale, upscale
+    from infdit_cli.schedule import BlockBatch
+    from infdit_cli.planner import batch_device_bytes
+
+    cfg = tiny_model.config
+    rgb = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))  # 5x7 blocks at 4x
+    opts = UpscaleOptions(steps=2, block_batch=4, low_memory=False)
+    up_plan = plan_upscale(cfg, (20, 28), (80, 112), opts)
+    three = batch_device_bytes(cfg, BlockBatch(0, 3, 0, 3, 5, 7), 1, torch.float32, False, "cpu")
+    for limit, want in ((three, [("n=4", "n=3")]), (three - 1, [("n=4", "n=3"), ("n=3", "n=1")])):
+        def fault(nbytes, limit=limit):
+            if nbytes > limit:
+                raise torch.OutOfMemoryError("simulated")
+
+        events = []
+        upscale(tiny_model, rgb, up_plan, opts, fault=fault, on_event=events.append)
+        assert [(e.old, e.new) for e in events if isinstance(e, PlanChanged)] == want
