@@ -17,6 +17,7 @@ the LR conditioning is computed per rectangle from the LR pixels it needs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -174,7 +175,7 @@ class _Puts:
 
     def on(self):
         """Context: the puts' stream (nothing to switch to without one)."""
-        return torch.cuda.stream(self.copy) if self.copy is not None else _NO_CONTEXT
+        return torch.cuda.stream(self.copy) if self.copy is not None else contextlib.nullcontext()
 
     def finish(self):
         if self.copy is None:
@@ -198,17 +199,6 @@ class _Puts:
         if self.copy is not None:
             self.copy.synchronize()
         self.last = None
-
-
-class _NoContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
-_NO_CONTEXT = _NoContext()
 
 
 def _copy_streams(device: torch.device):
