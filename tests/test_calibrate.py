@@ -10,6 +10,7 @@ from conftest import run_cli
 from infdit_cli import calibrate
 from infdit_cli.calibrate import CALIBRATION_FILE, calibration, device_key
 from infdit_cli.config import PRESETS
+from infdit_cli.planner import Rates
 
 TINY = PRESETS["tiny"]
 
@@ -22,16 +23,80 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def measured(monkeypatch):
-    """Counts measurements (each still runs for real)."""
+    """Counts measurements (each a steady one with made-up rates: what is cached is the point here;
+    `test_a_real_measurement` measures for real)."""
     calls = []
-    real = calibrate.measure_rates
 
     def counting(*a, **kw):
         calls.append(a)
-        return real(*a, **kw)
+        return Rates(flops=1e9 * (1 + len(calls)), op_seconds=3e-6, copy_bytes=4e9, source="measured")
 
     monkeypatch.setattr(calibrate, "measure_rates", counting)
     return calls
+
+
+def test_a_real_measurement():
+    """The real thing, once (tiny model): positive rates from the engine's own chunk."""
+    r = calibrate.measure_rates(TINY, torch.device("cpu"), torch.float32)
+    assert r.measured and r.flops > 0 and r.op_seconds > 0 and r.copy_bytes > 0 and isinstance(r.steady, bool)
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """measure_rates with its timings supplied: the chunk's rounds take `times` seconds (in turn)."""
+    times: list[float] = []
+    monkeypatch.setattr(calibrate, "_warm", lambda device, dtype: None)
+    monkeypatch.setattr(calibrate, "_op_seconds", lambda device, dtype: 1e-6)
+    monkeypatch.setattr(calibrate, "_copy_rate", lambda device: 5e9)
+    monkeypatch.setattr(calibrate, "_chunk", lambda cfg, device, dtype: (6e9, lambda: None))
+    monkeypatch.setattr(calibrate, "_best", lambda fn, device, runs, spend=0.3, warm=True: times.pop(0))
+    monkeypatch.setattr(calibrate, "busy", lambda: False)
+    return times
+
+
+def test_rates_make_the_cost_model_predict_the_measured_chunk(timed):
+    """flops = the chunk's FLOPs over its best time less what the cost model charges its operations."""
+    from infdit_cli.planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER
+
+    timed[:] = [1.02, 1.0, 1.05]
+    r = calibrate.measure_rates(TINY, torch.device("cpu"), torch.float32)
+    fixed = OPS_PER_CHUNK_LAYER * DISPATCHES_PER_OP * 1e-6
+    assert r.steady and 6e9 / r.flops + fixed == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("times,busy", [([1.0, 1.3, 1.0], False), ([1.0, 1.0, 1.01], True)])
+def test_a_calibration_under_contention_is_used_but_not_kept(timed, cache, monkeypatch, times, busy):
+    """Rounds that disagree by more than 15 %, or a load average above the cores: the rates serve this run,
+    and the next run measures again."""
+    timed[:] = times * 2
+    monkeypatch.setattr(calibrate, "busy", lambda: busy)
+    first = calibration(TINY, "cpu", torch.float32)
+    assert first.measured and not first.steady and first.flops == pytest.approx(6e9 / (1.0 - 240e-6))
+    assert not cache.exists() or device_key(torch.device("cpu"), torch.float32, TINY) not in cache.read_text()
+    calibration(TINY, "cpu", torch.float32)
+    assert timed == []  # measured again
+
+
+def test_a_jobs_own_calls_correct_the_cache(cache, measured, monkeypatch):
+    """A job that ran 2x slower than predicted (steady, long enough) doubles every cost in the cache: the
+    next plan predicts what it measured. Too short, too few calls, a busy machine: nothing changes."""
+    from infdit_cli.planner import call_seconds
+
+    monkeypatch.setattr(calibrate, "busy", lambda: False)
+    rates = calibration(TINY, "cpu", torch.float32)
+    before = cache.read_text()
+    predicted = call_seconds(TINY, (256, 256), 1 << 30, rates)
+    assert calibrate.observe(TINY, "cpu", torch.float32, rates, predicted, predicted * 2, 2) is None  # 2 calls
+    assert calibrate.observe(TINY, "cpu", torch.float32, rates, 1e-3, 2e-3, 39) is None  # 0.08 s in all
+    assert cache.read_text() == before
+    monkeypatch.setattr(calibrate, "busy", lambda: True)
+    assert calibrate.observe(TINY, "cpu", torch.float32, rates, 1.0, 2.0, 39) is None
+    monkeypatch.setattr(calibrate, "busy", lambda: False)
+    fixed = calibrate.observe(TINY, "cpu", torch.float32, rates, predicted, 2 * predicted, 39 if predicted > 0.1 else
+                              int(3 / predicted))
+    assert fixed is not None and call_seconds(TINY, (256, 256), 1 << 30, fixed) == pytest.approx(2 * predicted)
+    again = calibration(TINY, "cpu", torch.float32)
+    assert len(measured) == 1 and again.flops == pytest.approx(fixed.flops)
 
 
 def test_measured_once_then_read_from_the_cache(cache, measured):

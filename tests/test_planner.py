@@ -182,3 +182,133 @@ def test_memory_mapped_state_only_when_nothing_in_ram_is_as_fast():
     assert ram.host_peak > host >= mapped.host_peak and mapped.total <= 24 << 30
     mapped_s = _seconds(28, True, PCIE, size, state_on_host=True)
     assert mapped_s < p.seconds_per_call < mapped_s + STATE_BYTES_PER_PIXEL * size[0] * size[1] / MAPPED_BYTES
+
+
+# ---- what a GPU plan keeps free, and what an out-of-memory does first ------------------------------------
+
+
+def test_a_cuda_plan_keeps_a_tenth_of_the_free_memory(monkeypatch):
+    """The default budget on CUDA is what the device reports free less 10 % (at least 512 MiB): the fitted
+    coefficients do not see cuBLAS/NCCL workspaces or the allocator's fragmentation."""
+    from infdit_cli import planner
+
+    free = {"now": 80 * 2**30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["now"], 80 * 2**30))
+    assert planner.device_free(torch.device("cuda")) == 72 * 2**30
+    free["now"] = 2 * 2**30  # a small card: the floor
+    assert planner.device_free(torch.device("cuda")) == 2 * 2**30 - 512 * 2**20
+    assert planner.device_free(torch.device("cpu")) is None
+    free["now"] = 80 * 2**30
+    p = plan(OFFICIAL, (8192, 8192), **GPU)  # budget left to the planner: what is free, less the margin
+    assert p.budget == 72 * 2**30 and p.estimate.total <= 0.9 * 80 * 2**30
+    full = plan(OFFICIAL, (8192, 8192), budget=80 * 2**30 - 512 * 2**20, **GPU)  # the old margin
+    assert full.n > p.n  # the margin costs n here: what it was there for
+
+
+def test_out_of_memory_replans_at_nine_tenths_of_the_budget():
+    """The first rung after an out-of-memory is the largest n that fits 0.9x the plan's budget (a step of
+    a few per cent, where halving n would double the rectangles); only where no smaller n fits that does
+    the engine halve."""
+    from infdit_cli.planner import Placement, replan, step_down
+
+    budget = 40 * 2**30
+    p = plan(OFFICIAL, (8192, 8192), budget=budget, **GPU)
+    assert not p.whole_image and p.n > 4
+    kw = dict(dtype=torch.bfloat16, device_type="cuda")
+    smaller = replan(OFFICIAL, (8192, 8192), p.placement, budget, **kw)
+    assert smaller is not None and step_down(p.placement, 64, 64).n < smaller.n < p.n
+    assert smaller.cache_on_host == p.cache_on_host and smaller.state_on_host == p.state_on_host
+    assert estimate(OFFICIAL, (8192, 8192), smaller.n, cache_on_host=smaller.cache_on_host, **kw).total <= 0.9 * budget
+    assert estimate(OFFICIAL, (8192, 8192), smaller.n + 1, cache_on_host=smaller.cache_on_host, **kw).total > 0.9 * budget
+    assert replan(OFFICIAL, (8192, 8192), Placement(n=1), budget, **kw) is None  # nothing below n=1
+    tiny_budget = estimate(OFFICIAL, (8192, 8192), 2, **kw).total  # n=2 fits, n=1 not within 0.9x of it
+    assert replan(OFFICIAL, (8192, 8192), Placement(n=2), tiny_budget * 0.5, **kw) is None
+
+
+def test_the_engine_replans_before_it_halves(tiny_model):
+    """An engine given the pipeline's re-plan takes it on the first out-of-memory (n=4 -> 3), and halves
+    only on the next (3 -> 1: a 3-block grid side); the result equals a call planned that way."""
+    from infdit_cli.engine import BlockEngine, denoise
+    from infdit_cli.events import PlanChanged
+    from infdit_cli.planner import Placement, batch_device_bytes
+    from infdit_cli.schedule import BlockBatch
+
+    cfg = tiny_model.config
+    g = torch.Generator().manual_seed(0)
+    h, w = 3 * cfg.block_size, 5 * cfg.block_size
+    lr = torch.rand(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=g) * 2 - 1
+    lr_up = torch.rand(1, 3, h, w, generator=g) * 2 - 1
+    x, vec = lr_up + torch.randn(1, 3, h, w, generator=g), torch.randn(1, cfg.vector_dim, generator=g)
+    three = batch_device_bytes(cfg, BlockBatch(0, 3, 0, 3, 3, 5), 1, torch.float32, False, "cpu")
+
+    def fault(nbytes):
+        if nbytes > three:
+            raise torch.OutOfMemoryError("simulated")
+
+    asked, events = [], []
+
+    def replan(at):
+        asked.append(at.n)
+        return Placement(n=3, order=at.order)
+
+    eng = BlockEngine(tiny_model, lr, vec, lr_up, Placement(n=4), on_event=events.append, fault=fault,
+                      replan=replan)
+    out = eng(x, 1.7)
+    assert asked == [4] and [(e.old, e.new) for e in events if isinstance(e, PlanChanged)] == [("n=4", "n=3")]
+    assert torch.equal(out, denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=3))
+    events.clear()
+    eng.fault = lambda nbytes: (_ for _ in ()).throw(torch.OutOfMemoryError("x")) if nbytes >= three else None
+    eng(x, 1.7)
+    assert asked == [4] and [e.new for e in events if isinstance(e, PlanChanged)] == ["n=1"]
+
+
+def test_band_sends_are_planned_for():
+    """Under torchrun each rank keeps up to 3 rectangle rows of its right edge's K/V in flight (`bands.py`):
+    counted on the device beside a device cache, on the host beside a host cache."""
+    kw = dict(dtype=torch.bfloat16, device_type="cuda")
+    one, two = (estimate(OFFICIAL, (8192, 8192), 16, ranks=r, **kw) for r in (1, 2))
+    block_kv = 2 * OFFICIAL.num_layers * OFFICIAL.block_tokens**2 * OFFICIAL.hidden_size * 2
+    assert two.total - one.total == 3 * 16 * block_kv
+    host_one, host_two = (estimate(OFFICIAL, (8192, 8192), 16, ranks=r, cache_on_host=True, **kw) for r in (1, 2))
+    assert host_two.total == host_one.total and host_two.host["cache"] - host_one.host["cache"] == 3 * 16 * block_kv
+    assert plan(OFFICIAL, (8192, 8192), budget=40 * 2**30, ranks=2, **GPU).n <= plan(
+        OFFICIAL, (8192, 8192), budget=40 * 2**30, **GPU).n
+
+
+def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatch):
+    from infdit_cli.planner import prefer_expandable_segments
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    env: dict = {}
+    assert not prefer_expandable_segments("cpu", env) and env == {}
+    assert prefer_expandable_segments("cuda:1", env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    assert not prefer_expandable_segments("cuda", mine) and mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: the allocator has read it
+    late: dict = {}
+    assert not prefer_expandable_segments("cuda", late) and late == {}
+
+
+def test_a_pass_out_of_memory_first_replans_then_halves(tiny_model):
+    """Through the pipeline: a pass planned at n=4 whose 4x4 batches run out of memory goes on at the
+    largest n within 0.9x its budget (here n=3: the budget is roomy, the miss small), not at n=2; when 3x3
+    batches fail too, then it halves (n=1)."""
+    from infdit_cli.events import PlanChanged
+    from infdit_cli.pipeline import UpscaleOptions, plan_upscale, upscale
+    from infdit_cli.schedule import BlockBatch
+    from infdit_cli.planner import batch_device_bytes
+
+    cfg = tiny_model.config
+    rgb = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))  # 5x7 blocks at 4x
+    opts = UpscaleOptions(steps=2, block_batch=4, low_memory=False)
+    up_plan = plan_upscale(cfg, (20, 28), (80, 112), opts)
+    three = batch_device_bytes(cfg, BlockBatch(0, 3, 0, 3, 5, 7), 1, torch.float32, False, "cpu")
+    for limit, want in ((three, [("n=4", "n=3")]), (three - 1, [("n=4", "n=3"), ("n=3", "n=1")])):
+        def fault(nbytes, limit=limit):
+            if nbytes > limit:
+                raise torch.OutOfMemoryError("simulated")
+
+        events = []
+        upscale(tiny_model, rgb, up_plan, opts, fault=fault, on_event=events.append)
+        assert [(e.old, e.new) for e in events if isinstance(e, PlanChanged)] == want

@@ -137,7 +137,7 @@ class BandEngine(BlockEngine):
                     # the copies sent two rows back can go: the next rank, a row behind, has them by now
                     # (waiting on the last row's would stall this rank on the next one's every jitter)
                     self._wait_sends(before=self._idx - 1)
-                    _evict(cache, rect, done)
+                    _evict(cache, rect, done, self._puts)
                     if self.on_event is not None:
                         self.on_event(BatchDone(index=idx + 1, total=len(rects), n=n, cached_blocks=len(cache)))
         self._wait_sends()
@@ -154,9 +154,8 @@ class BandEngine(BlockEngine):
         lo = self.band[0]
         if rect.c0 == lo and lo > 0:
             for r in range(rect.r0, rect.r1):
-                if (r, lo - 1) not in cache.index:
-                    cache.index[(r, lo - 1)] = cache.free.pop()
-                dist.recv(cache.slab[cache.index[(r, lo - 1)], layer], src=self.world.rank - 1)
+                slot = cache.claim((r, lo - 1), host_write=cache.device.type == "cpu")
+                dist.recv(cache.slab[slot, layer], src=self.world.rank - 1)
             self._rx += 1
         return super()._neighbours(cache, rect, layer, device)
 
@@ -167,8 +166,8 @@ class BandEngine(BlockEngine):
 
         hi = self.band[1]
         if rect.c1 == hi and hi < self.grid.gw:
-            if cache.device.type == "cpu" and self.model.device.type == "cuda":
-                torch.cuda.current_stream(self.model.device).synchronize()  # the host copies have landed
+            if cache.device.type == "cpu":  # this layer's puts of the column have landed (copy stream)
+                cache.host_ready([cache.index[(r, hi - 1)] for r in range(rect.r0, rect.r1)])
             # copies: the slots may be evicted and reused before the sends complete; all made before the
             # first send, so running out of memory here leaves the layer wholly unsent (`_pass_on` sends it)
             kv = [cache.slab[cache.index[(r, hi - 1)], layer].clone() for r in range(rect.r0, rect.r1)]
@@ -231,4 +230,5 @@ def band_engine(world: World):
     def make(*args, **kw) -> BandEngine:
         return BandEngine(*args, world=world, **kw)
 
+    make.ranks = world.size  # the planner counts the bands' in-flight sends (`planner.estimate(ranks=)`)
     return make

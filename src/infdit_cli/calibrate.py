@@ -1,14 +1,19 @@
 """The cost model's rates on this device, measured: `calibration(cfg, device, dtype)` -> `planner.Rates`.
 
 A few seconds, once per device, dtype, thread count, torch version and model shape, then read from
-`<cache root>/calibration.json` (`cache.cache_root`); `infdit bench` measures again. What is measured:
+`<cache root>/calibration.json` (`cache.cache_root`); `infdit bench` measures again. What is measured,
+after ~0.3 s of GEMMs that wake the device (clocks, cuBLAS's choices):
 
-- `flops`: one transformer layer's per-token work on one chunk of blocks at the model's width, heads and
-  MLP ratio (modulated LayerNorm, qkv projection, q/k norms, block attention over 4 segments, projection,
-  MLP with tanh GELU), random tensors in the model's dtype; its FLOPs (`planner.layer_flops`) over the
-  best of two timed runs after a warm-up.
+- `flops`: one real chunk (`planner.chunk_blocks`) of one layer through the model's own pieces, as the
+  engine runs it (`layer_qkv` with RoPE and the v copy, the 4-segment K/V gather with `re_pos_embed`,
+  attention, projection, MLP), on a random two-layer model of the config's shape, in the model's dtype:
+  its FLOPs (`planner.layer_flops`) over its best time less what the cost model charges its operations,
+  so the model predicts that chunk's measured time. Timed in rounds: where the rounds disagree by more
+  than `STEADY`, or the load average exceeds the cores, the rates are used for this run but not cached.
 - `op_seconds`: a tensor operation's fixed cost: small LayerNorm, linear and in-place add on tiny tensors.
 - `copy_bytes`: a 64 MiB copy, pinned host memory to the GPU next to one, memory to memory on the CPU.
+
+A finished job's own measured calls correct the cached rates (`observe`).
 """
 
 from __future__ import annotations
@@ -19,20 +24,24 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .cache import cache_root
-from .planner import Rates, chunk_blocks, layer_flops
+from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
 
-__all__ = ["calibration", "measure_rates", "device_key", "CALIBRATION_FILE"]
+__all__ = ["calibration", "measure_rates", "device_key", "observe", "busy", "CALIBRATION_FILE"]
 
 CALIBRATION_FILE = "calibration.json"
-LAYER_OPS = 16  # tensor operations in `_layer_seconds`'s layer
-MIN_FLOPS = {"cpu": 2e9, "cuda": 1e11}  # a timed layer does at least this much arithmetic...
-MAX_TOKENS = 2**17  # ...on at most this many tokens
+WARM_SECONDS = 0.3  # GEMMs before anything is timed
+ROUNDS = 3  # the chunk is timed this many times...
+ROUND_SECONDS = 0.15  # ...for at least this long each (its best call)...
+STEADY = 0.15  # ...and the rates are kept only if the rounds' bests agree within this
+OBSERVE_CALLS = 3  # a job corrects the cache from at least this many timed calls...
+OBSERVE_SECONDS = 2.0  # ...taking at least this long
 
 
 def device_key(device: torch.device, dtype: torch.dtype, cfg) -> str:
@@ -64,8 +73,9 @@ def calibration(cfg, device: torch.device | str, dtype: torch.dtype, *, refresh:
         if not refresh and key in table:
             return Rates(**table[key], source="measured")
         rates = measure_rates(cfg, device, dtype)
-        table[key] = {"flops": rates.flops, "op_seconds": rates.op_seconds, "copy_bytes": rates.copy_bytes}
-        _write(path, table)
+        if rates.steady:  # taken while other work shared the machine: used now, measured again next run
+            table[key] = {"flops": rates.flops, "op_seconds": rates.op_seconds, "copy_bytes": rates.copy_bytes}
+            _write(path, table)
         return rates
     finally:
         if torch.get_num_threads() != old:
@@ -73,11 +83,52 @@ def calibration(cfg, device: torch.device | str, dtype: torch.dtype, *, refresh:
 
 
 def measure_rates(cfg, device: torch.device, dtype: torch.dtype) -> Rates:
+    """Measure this device's rates (a few seconds): warm the device, time a tensor operation's fixed cost,
+    then one real chunk of the engine's layer (`_chunk`) in `ROUNDS` rounds; the rates make the cost model
+    predict that chunk's measured time. `Rates.steady` is False when the rounds disagree by more than
+    `STEADY` or the load average exceeds the cores (the caller uses the rates but does not keep them)."""
     with torch.no_grad():
+        _warm(device, dtype)
         op = _op_seconds(device, dtype)
-        flops, seconds = _layer_seconds(cfg, device, dtype)
-        compute = max(seconds - LAYER_OPS * op, 0.1 * seconds)  # the ops' fixed cost is counted apart
-        return Rates(flops=flops / compute, op_seconds=op, copy_bytes=_copy_rate(device), source="measured")
+        flops, chunk = _chunk(cfg, device, dtype)
+        times = [_best(chunk, device, 1, spend=ROUND_SECONDS, warm=k == 0) for k in range(ROUNDS)]
+        seconds = min(times)
+        steady = max(times) <= (1 + STEADY) * seconds and not busy()
+        # what the cost model charges a chunk's layer beyond its FLOPs (`planner.call_seconds`)
+        fixed = OPS_PER_CHUNK_LAYER * DISPATCHES_PER_OP * op
+        compute = max(seconds - fixed, 0.1 * seconds)
+        return Rates(flops=flops / compute, op_seconds=op, copy_bytes=_copy_rate(device), source="measured",
+                     steady=steady)
+
+
+def observe(cfg, device: torch.device | str, dtype: torch.dtype, rates: Rates, predicted: float, measured: float,
+            calls: int) -> Rates | None:
+    """A job's own calls correct the cached calibration: `measured` seconds per call over `calls` steady
+    calls against the `predicted` per call (by `rates`) scale every rate by their ratio (the prediction is
+    linear in 1/flops, op_seconds and 1/copy_bytes), and the cache keeps the result. Nothing when the job
+    saw too little (fewer than `OBSERVE_CALLS` calls or under `OBSERVE_SECONDS`), ran under contention, or
+    its rates were not measured here. Returns the corrected rates (or None)."""
+    device = torch.device(device)
+    if (not rates.measured or calls < OBSERVE_CALLS or measured * calls < OBSERVE_SECONDS or predicted <= 0
+            or measured <= 0 or busy()):
+        return None
+    r = measured / predicted
+    fixed = Rates(flops=rates.flops / r, op_seconds=rates.op_seconds * r, copy_bytes=rates.copy_bytes / r,
+                  source="measured")
+    path = cache_root() / CALIBRATION_FILE
+    table = _read(path)
+    table[device_key(device, dtype, cfg)] = {"flops": fixed.flops, "op_seconds": fixed.op_seconds,
+                                             "copy_bytes": fixed.copy_bytes}
+    _write(path, table)
+    return fixed
+
+
+def busy() -> bool:
+    """Whether other work shares the CPUs now: the 1-minute load average above the core count."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False
 
 
 def _sync(device: torch.device) -> None:
@@ -85,47 +136,84 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best(fn, device: torch.device, runs: int, spend: float = 0.3) -> float:
-    """The fastest of at least `runs` timed calls after a warm-up, and more (up to 2000) until `spend`
-    seconds have passed: the least disturbed by other processes, sampled over long enough that a busy
-    moment of the machine does not decide it."""
-    fn()  # warm-up: kernels chosen, memory allocated
-    _sync(device)
+def _warm(device: torch.device, dtype: torch.dtype, seconds: float = WARM_SECONDS) -> None:
+    """GEMMs for about `seconds`: a GPU leaves its idle clocks and cuBLAS has chosen its kernels, a CPU's
+    cores are awake, before anything is timed (three cold GEMMs read a card well below its rate)."""
+    side = 4096 if device.type == "cuda" else 256
+    a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
+    c = torch.empty_like(a)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(4):
+            torch.mm(a, b, out=c)  # the same operands every time: no overflow, no denormals
+        _sync(device)
+
+
+def _best(fn, device: torch.device, runs: int, spend: float = 0.3, warm: bool = True) -> float:
+    """The fastest of at least `runs` timed calls after a warm-up (unless `warm` is False), and more (up to
+    2000) until `spend` seconds have passed: the least disturbed by other processes, sampled over long
+    enough that a busy moment of the machine does not decide it. On CUDA each call is timed by events on
+    its stream."""
+    if warm:
+        fn()  # warm-up: kernels chosen, memory allocated
+        _sync(device)
     best, count, start = math.inf, 0, time.perf_counter()
     while count < runs or (time.perf_counter() - start < spend and count < 2000):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best, count = min(best, time.perf_counter() - t0), count + 1
+        if device.type == "cuda":
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn()
+            t1.record()
+            t1.synchronize()
+            took = t0.elapsed_time(t1) / 1000
+        else:
+            t0 = time.perf_counter()
+            fn()
+            took = time.perf_counter() - t0
+        best, count = min(best, took), count + 1
     return max(best, 1e-9)
 
 
-def _layer_seconds(cfg, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """(FLOPs, seconds) of one layer on one chunk (one block on the CPU), or on as many blocks as make
-    `MIN_FLOPS` (a small model's layer would time its operations' fixed costs, not its arithmetic)."""
-    d, heads, hd, t = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.block_tokens**2
-    blocks = 1 if device.type == "cpu" else chunk_blocks(cfg, device.type)
-    need = MIN_FLOPS.get(device.type, MIN_FLOPS["cuda"])
-    blocks = max(blocks, min(math.ceil(need / layer_flops(cfg, t)), MAX_TOKENS // t))
-    tokens, hidden = blocks * t, int(cfg.mlp_ratio * d)
-    kw = dict(device=device, dtype=dtype)
-    h = torch.randn(1, tokens, d, **kw)
-    w_qkv, w_proj = torch.randn(3 * d, d, **kw) * d**-0.5, torch.randn(d, d, **kw) * d**-0.5
-    w1, w2 = torch.randn(hidden, d, **kw) * d**-0.5, torch.randn(d, hidden, **kw) * hidden**-0.5
-    ones, zeros = torch.ones(d, **kw), torch.zeros(d, **kw)
-    keys = torch.randn(blocks, heads, 4 * t, hd, **kw)
-    values = torch.randn(blocks, heads, 4 * t, hd, **kw)
+def _chunk(cfg, device: torch.device, dtype: torch.dtype):
+    """(FLOPs, a function running them): one chunk (`planner.chunk_blocks`) of one layer as the engine runs
+    it, through the model's own pieces: `layer_qkv` into the rectangle's buffers (modulated LayerNorm, qkv,
+    q/k norms, RoPE, the v copy), `gather_keys` of the 4-segment keys (with the layer's `re_pos_embed`) and
+    values from a key table with the neighbours behind it, and `layer_out` (block attention, projection,
+    MLP). A random two-layer model of `cfg`'s width; the second layer (the first has the LR cross-attention,
+    counted apart by the cost model)."""
+    from .attention import gather_keys, neighbour_index
+    from .schedule import BlockBatch
+    from .weights import random_model
 
-    def layer() -> torch.Tensor:
-        a = F.layer_norm(h, (d,), ones, zeros)
-        q = F.linear(a, w_qkv)[..., :d].reshape(blocks, t, heads, hd)
-        q = F.layer_norm(q, (hd,)).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).reshape(1, tokens, d)
-        x = h + F.linear(o, w_proj)
-        m = F.layer_norm(x, (d,), ones, zeros)
-        return x + F.linear(F.gelu(F.linear(m, w1), approximate="tanh"), w2)
+    small = replace(cfg, num_layers=2, clip=None)
+    model = random_model(small, seed=0, device=device, dtype=dtype)
+    t = (small.num_heads, small.head_dim)
+    bt2 = cfg.block_tokens**2
+    blocks = chunk_blocks(cfg, device.type)
+    gh = max(1, math.isqrt(blocks))
+    gw = -(-blocks // gh)
+    nb = gh * gw
+    rect = BlockBatch(1, 1 + gh, 1, 1 + gw, gh + 2, gw + 2)  # inside a grid: left and top neighbours
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(1, 1, nb, bt2, cfg.hidden_size, generator=g).to(device, dtype)
+    h = h0.clone()
+    step = model.prepare_step(torch.ones(1), torch.randn(1, cfg.vector_dim, generator=g))
+    rope = tuple(z.reshape(1, nb, *z.shape[2:]) for z in model.rope(rect))
+    entries = nb + gh + gw + 1
+    qbuf, ktab, vtab = (torch.randn(1, entries, bt2, *t, generator=g).to(device, dtype) for _ in range(3))
+    index = neighbour_index(gh, gw, True, True).to(device)[: blocks * 4]
+    kg, vg = (torch.empty(1, blocks * 4, bt2, *t, device=device, dtype=dtype) for _ in range(2))
+    c = slice(0, blocks)
+    qf, kf, vf = (z[:, :nb].unsqueeze(1) for z in (qbuf, ktab, vtab))
 
-    return layer_flops(cfg, tokens), _best(layer, device, 2)
+    def run() -> None:
+        h.copy_(h0)  # the residual stream is updated in place: the same numbers every run
+        model.layer_qkv(1, h[:, :, c], step, (rope[0][:, c], rope[1][:, c]), out=(qf[:, :, c], kf[:, :, c], vf[:, :, c]))
+        kc = gather_keys(ktab, index, model.re_pos_embed[1], out=kg).unsqueeze(1)
+        vc = gather_keys(vtab, index, out=vg).unsqueeze(1)
+        model.layer_out(1, h[:, :, c], qf[:, :, c], kc, vc, step, None)
+
+    return layer_flops(cfg, blocks * bt2), run
 
 
 def _op_seconds(device: torch.device, dtype: torch.dtype, reps: int = 50) -> float:

@@ -91,10 +91,22 @@ def init(world: World, device: str = "cpu") -> None:
     _JOINED = True
     timeout = datetime.timedelta(seconds=timeout_seconds())
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(torch.device(rank_device(device, world)))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=world.rank, world_size=world.size,
-                            timeout=timeout)
+    if not cuda:
+        dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout)
+        return
+    from .planner import prefer_expandable_segments
+
+    dev = torch.device(rank_device(device, world))
+    prefer_expandable_segments(dev)  # before CUDA initialises here
+    torch.cuda.set_device(dev)
+    # device_id: NCCL's communicator (and its buffers, hundreds of MiB) made now, not at the first exchange,
+    # after the plan took the free memory (a DistBackendError then, no out-of-memory the ladder catches);
+    # one tiny all_reduce makes sure of it where `device_id` alone connects lazily.
+    dist.init_process_group("cpu:gloo,cuda:nccl", rank=world.rank, world_size=world.size, timeout=timeout,
+                            device_id=dev)
+    warm = torch.zeros(1, device=dev)
+    dist.all_reduce(warm)
+    torch.cuda.synchronize(dev)
 
 
 _JOINED = False

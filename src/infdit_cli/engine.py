@@ -17,6 +17,7 @@ the LR conditioning is computed per rectangle from the LR pixels it needs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,6 +82,7 @@ class KVCache:
         else:
             self.slab = torch.empty(shape, dtype=dtype, device=device)
         self.scratch = scratch
+        self.pending: dict[int, object] = {}  # slot -> event after which the device is done with it
         self.index: dict[Block, int] = {}
         self.free: list[int] = list(range(slots - 1, -1, -1))
 
@@ -89,29 +91,121 @@ class KVCache:
         return self.slab.device
 
     def put(self, block: Block, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store block's K/V for `layer`; k, v: (B, T, H, d)."""
-        if block not in self.index:
-            if not self.free:
-                raise RuntimeError(f"K/V cache full ({self.slots} blocks)")
-            self.index[block] = self.free.pop()
-        entry = self.slab[self.index[block], layer]
+        """Store block's K/V for `layer`; k, v: (B, T, H, d). Queued on the current stream (the engine's
+        copy stream for a host cache next to a GPU): see `_Puts`."""
+        entry = self.slab[self.claim(block), layer]
         entry[0].copy_(k, non_blocking=True)
         entry[1].copy_(v, non_blocking=True)
+
+    def claim(self, block: Block, host_write: bool = False) -> int:
+        """`block`'s slot, taken from the free list if it has none. `host_write`: the CPU is about to write
+        it (a received edge): whatever the device still does with the slot (its last put, reads of what it
+        held before it was evicted) is waited for first. Device-side writers need no wait: the copy stream
+        runs puts in order, after the compute stream's reads (`_Puts.start`)."""
+        slot = self.index.get(block)
+        if slot is None:
+            if not self.free:
+                raise RuntimeError(f"K/V cache full ({self.slots} blocks)")
+            slot = self.index[block] = self.free.pop()
+        if host_write:
+            self.host_ready([slot])
+        return slot
+
+    def mark(self, slots, event) -> None:
+        """`event` completes the device's last work on `slots` (a put, or the reads before an eviction)."""
+        if event is not None:
+            for slot in slots:
+                self.pending[slot] = event
+
+    def host_ready(self, slots) -> None:
+        """Wait (the CPU) until the device is done with `slots`: their host pages are then the CPU's."""
+        for slot in slots:
+            ev = self.pending.pop(slot, None)
+            if ev is not None:
+                ev.synchronize()
 
     def get(self, block: Block, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self.slab[self.index[block], layer].to(device, non_blocking=True)
         return entry[0], entry[1]
 
-    def evict(self, blocks: list[Block]) -> None:
+    def evict(self, blocks: list[Block], event=None) -> None:
+        """Free the blocks' slots; `event` (if any) completes the device's reads of them."""
         for b in blocks:
-            self.free.append(self.index.pop(b))
+            slot = self.index.pop(b)
+            self.free.append(slot)
+            if event is not None:
+                self.pending[slot] = event
 
     def clear(self) -> None:
         self.index.clear()
         self.free = list(range(self.slots - 1, -1, -1))
+        self.host_ready(list(self.pending))
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+class _Puts:
+    """Where the engine's device -> host K/V puts run: a dedicated copy stream, so ~340 GB per 16384² call
+    of host-cache copies run beside the compute, not in its queue.
+
+    The order it keeps (CUDA; on the CPU, and for a cache on the device, there are no streams: every method
+    is a no-op and the puts run inline, in the same code):
+    - `start`: the copy stream waits for the compute stream (the keys/values to put were just computed, and
+      reads of a reused slot's old contents, by the prefetch, were waited for by the compute stream);
+    - `finish`: an event after a layer's puts; the cache marks the slots it wrote with it;
+    - `before_table_write`: the compute stream waits for the last puts' event before it rewrites the
+      key/value tables the puts read from (the next layer's qkv, a new rectangle's buffers): the copy has a
+      layer's attention and MLP to run beside;
+    - `evicted`: an event on the compute stream after a rectangle, for the slots it frees (a CPU writer,
+      `KVCache.claim(host_write=True)`, waits for it; a device-side put is ordered by `start`).
+    """
+
+    def __init__(self, copy=None, compute=None) -> None:
+        self.copy, self.compute = copy, compute
+        self.last = None  # event of the last puts not yet waited for by the compute stream
+
+    @property
+    def active(self) -> bool:
+        return self.copy is not None
+
+    def start(self) -> None:
+        if self.copy is not None:
+            self.copy.wait_stream(self.compute)
+
+    def on(self):
+        """Context: the puts' stream (nothing to switch to without one)."""
+        return torch.cuda.stream(self.copy) if self.copy is not None else contextlib.nullcontext()
+
+    def finish(self):
+        if self.copy is None:
+            return None
+        self.last = self.copy.record_event()
+        return self.last
+
+    def before_table_write(self) -> None:
+        if self.last is not None:
+            self.compute.wait_event(self.last)
+            self.last = None
+
+    def evicted(self):
+        if self.copy is None:
+            return None
+        self.before_table_write()  # so the event covers the slots' last puts too
+        return self.compute.record_event()
+
+    def synchronize(self) -> None:
+        """The CPU waits for every put (before buffers the puts read are freed)."""
+        if self.copy is not None:
+            self.copy.synchronize()
+        self.last = None
+
+
+def _copy_streams(device: torch.device):
+    """(copy stream, compute stream) for a host-side cache next to a CUDA model; (None, None) elsewhere."""
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.Stream(device), torch.cuda.current_stream(device)
 
 
 class _Prefetch:
@@ -193,11 +287,14 @@ class BlockEngine:
         fault: test hook called with each batch's predicted device bytes before it runs.
         compile: run the layers' per-token work through `torch.compile` (`compiled_kernels`): True for
             Inductor, or a backend name.
+        replan: the first rung on out-of-memory, before `planner.step_down` halves n: the placement to
+            take instead (the pipeline's: `planner.replan` at 0.9x the plan's budget), or None.
     """
 
     def __init__(self, model, lr: torch.Tensor, vector: torch.Tensor, lr_up, placement: Placement, *,
                  scratch: Scratch | None = None, on_event: Callable[[object], None] | None = None,
-                 fault: Fault | None = None, compile: bool | str = False) -> None:
+                 fault: Fault | None = None, compile: bool | str = False,
+                 replan: Callable[[Placement], Placement | None] | None = None) -> None:
         cfg = self.cfg = model.config
         self.model = model
         h, w = lr_up.shape[-2:]
@@ -210,8 +307,10 @@ class BlockEngine:
         self.vector, self.lr_up = vector, lr_up
         self.scratch, self.on_event, self.fault = scratch, on_event, fault
         self.placement = placement
+        self.replan = replan
         self.cache: KVCache | None = None
         self._stream = None
+        self._puts = _Puts()
         self._bufs, self._buf_key, self._chunk_bufs = None, None, None
         self._index_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._compiled = None
@@ -252,6 +351,8 @@ class BlockEngine:
         self.cache.clear()
         if self.model.device.type == "cuda" and dev.type == "cpu" and self._stream is None:
             self._stream = torch.cuda.Stream(self.model.device)
+        if dev.type == "cpu" and not self._puts.active:
+            self._puts = _Puts(*_copy_streams(self.model.device))
         return self.cache
 
     def _step_down(self) -> None:
@@ -259,7 +360,11 @@ class BlockEngine:
         the `except` has ended: while it runs, its traceback keeps the failed attempt's tensors alive."""
         self.close()
         release_cached(self.model.device)
-        new = step_down(self.placement, self.grid.gh, self.grid.gw)
+        new = None
+        if self.replan is not None:  # once: the plan's estimate missed by a little, not by half
+            new, self.replan = self.replan(self.placement), None
+        if new is None:
+            new = step_down(self.placement, self.grid.gh, self.grid.gw)
         if new is None:
             raise OutOfMemory(
                 "out of device memory even at block batch 1 with the K/V cache on the host; "
@@ -275,6 +380,7 @@ class BlockEngine:
         return self._ensure_cache(batch, self.model.dtype)
 
     def close(self) -> None:
+        self._puts.synchronize()  # the puts read the tables and write the cache about to be freed
         self.cache = None
         self._bufs = self._buf_key = self._chunk_bufs = None
 
@@ -317,7 +423,7 @@ class BlockEngine:
                                               model.device.type))
             self._rect(x, out, rect, step, cache, scales)
             if cache is not None:
-                _evict(cache, rect, done)
+                _evict(cache, rect, done, self._puts)
             if self.scratch is not None:
                 self.scratch.trim()
             if self.on_event is not None:
@@ -354,6 +460,10 @@ class BlockEngine:
         nb, dev = gh * gw, h.device
         rope = model.rope(rect)
         lr_ctx = model.lr_context(self.lr_pixel_region(rect), rect, *self.lr_token_size)
+        puts = self._puts if cache is not None else _Puts()
+        # the last rectangle's puts are done before anything reads the cache (the prefetch, from here) or
+        # rewrites the tables they read from (which may be reallocated below)
+        puts.before_table_write()
         prefetch = None
         if cache is not None:
             stream = self._stream if cache.device.type == "cpu" and dev.type == "cuda" else None
@@ -369,6 +479,7 @@ class BlockEngine:
         per = chunk_blocks(cfg, dev.type)
         chunks = [slice(a, min(a + per, nb)) for a in range(0, nb, per)]
         for i in range(cfg.num_layers):
+            puts.before_table_write()  # layer i-1's puts have read the tables qkv now rewrites
             for c in chunks:
                 rope_c = (ropef[0][:, c], ropef[1][:, c])
                 dst = (qf[:, :, c], kf[:, :, c], vf[:, :, c])
@@ -379,8 +490,12 @@ class BlockEngine:
                 # what the table holds decides where each block's segments come from (None: an image edge)
                 index = self._indices(gh, gw, left_k is not None, top_k is not None, dev)[0]
                 k, v = (z[:, :nb].view(b, gh, gw, *z.shape[2:]) for z in (ktab, vtab))
-                for r, cc in later:
-                    cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
+                if later:
+                    puts.start()
+                    with puts.on():
+                        for r, cc in later:
+                            cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
+                    cache.mark([cache.index[b] for b in later], puts.finish())
                 self._layer_done(rect, i, cache)
                 for tab, left, top in ((ktab, left_k, top_k), (vtab, left_v, top_v)):
                     if left is not None:
@@ -471,12 +586,12 @@ def _neighbours(cache: KVCache, rect: BlockBatch, layer: int, device: torch.devi
     return left_k, left_v, top_k, top_v
 
 
-def _evict(cache: KVCache, rect: BlockBatch, done: torch.Tensor) -> None:
+def _evict(cache: KVCache, rect: BlockBatch, done: torch.Tensor, puts: _Puts | None = None) -> None:
     """Mark the rectangle done; drop cached blocks that no block still to come reads."""
     done[rect.r0 : rect.r1, rect.c0 : rect.c1] = True
     grid_h, grid_w = done.shape
     stale = [blk for blk in cache.index if all(done[i, j] for i, j in consumers(blk, grid_h, grid_w))]
-    cache.evict(stale)
+    cache.evict(stale, puts.evicted() if puts is not None and stale else None)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -22,6 +23,7 @@ from .checkpoint import RunFolder, Saved
 from .events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from .images import resize
 from .planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
+from .planner import replan as planner_replan
 from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch, reclaim_stale
 
@@ -110,9 +112,11 @@ def target_size(size: tuple[int, int], *, res: str | None = None, scale: float |
 
 def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], options: UpscaleOptions, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 weights_file_dtype: torch.dtype | None = None, rates: Rates | None = None) -> UpscalePlan:
+                 weights_file_dtype: torch.dtype | None = None, rates: Rates | None = None,
+                 ranks: int = 1) -> UpscalePlan:
     """The fewest 4x/2x passes whose result covers `target`, each with its memory plan and predicted time
-    (`rates`: the device's, from `calibrate.calibration`; default the planner's nominal ones).
+    (`rates`: the device's, from `calibrate.calibration`; default the planner's nominal ones); `ranks`
+    processes sharing each image (their in-flight sends are planned for).
 
     Raises:
         MemoryBudgetTooSmall, HostMemoryTooSmall: some pass cannot fit (before any weights are loaded).
@@ -137,7 +141,7 @@ def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], opti
             n = int(options.block_batch)
         mem = plan(cfg, padded_out, budget=options.mem_budget, dtype=dtype, device=device, n=n,
                    host_budget=options.host_budget, low_memory=options.low_memory, scale=s,
-                   weights_file_dtype=weights_file_dtype, rates=rates)
+                   weights_file_dtype=weights_file_dtype, rates=rates, ranks=ranks)
         calls = 2 * options.steps - 1
         passes.append(Pass(s, size, (size[0] * s, size[1] * s), padded_out, mem, calls * mem.seconds_per_call))
         size = (size[0] * s, size[1] * s)
@@ -199,22 +203,41 @@ def check_disk(folder, need: dict[str, int], refuse: bool = True) -> int | None:
     return free
 
 
-def color_fix(out: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:
-    """Transfer the low-frequency colour of `ref` (the upsampled input) to `out`; both (B, 3, H, W) in [-1, 1].
+def color_fix(out: torch.Tensor, ref, method: str) -> torch.Tensor:
+    """Transfer the low-frequency colour of `ref` (the upsampled input: a tensor or an `Upsampled`) to
+    `out`; both (B, 3, H, W) in [-1, 1].
 
     adain: per-channel mean/std matching. wavelet: replace the output's low-frequency band (a
     5-level dilated blur, as in StableSR's wavelet colour fix) with the reference's.
     """
     if method == "none":
         return out
+    if method == "wavelet":
+        return _wavelet_fix(out, ref)
     if method == "adain":
+        ref = ref[..., :, :].to(out.device)  # (an `Upsampled` computes itself)
         dims = (-2, -1)
         mu_o, sd_o = out.mean(dims, keepdim=True), out.std(dims, keepdim=True).clamp_min(1e-6)
         mu_r, sd_r = ref.mean(dims, keepdim=True), ref.std(dims, keepdim=True)
         return ((out - mu_o) / sd_o * sd_r + mu_r).clamp(-1, 1)
-    if method == "wavelet":
-        return (out - _low_freq(out) + _low_freq(ref)).clamp(-1, 1)
     raise BadRequest(f"unknown --color-fix {method!r}; use none, wavelet or adain")
+
+
+def _wavelet_fix(out: torch.Tensor, ref, levels: int = 5, budget: int = 64 * 2**20) -> torch.Tensor:
+    """The wavelet fix in row bands of about `budget` bytes, each with the blur's reach (2^levels - 1 rows)
+    above and below: the same numbers as over the whole image (each band's rows see exactly the pixels the
+    whole image's would), at any size (one convolution over a whole 27k² image passes the 2^31 elements a
+    GPU kernel's 32-bit indices reach) and without image-sized temporaries beyond the result. `ref`: a
+    tensor or an `Upsampled` (computed band by band)."""
+    halo = 2**levels - 1
+    h, w = out.shape[-2:]
+    result = torch.empty_like(out)
+    for r in _rows(h, w, budget):
+        a, b = max(r.start - halo, 0), min(r.stop + halo, h)
+        o = out[..., a:b, :]
+        band = o - _low_freq(o, levels) + _low_freq(ref[..., a:b, :].to(out.device, out.dtype), levels)
+        result[..., r, :] = band[..., r.start - a : r.stop - a, :].clamp_(-1, 1)
+    return result
 
 
 def _low_freq(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
@@ -457,16 +480,28 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
         del noise
     rng = generator.get_state()
 
+    state_on_host = state_dev.type == "cpu"
+
+    def replan(at: Placement) -> Placement | None:
+        """Out of memory at `at`: the largest smaller n the plan's estimate fits in 0.9x its budget."""
+        new = planner_replan(model.config, p.padded_out, replace(at, state_on_host=state_on_host),
+                             p.memory.budget, dtype=model.dtype, device_type=model.device.type,
+                             batch=lr_in.shape[0], scale=p.scale, ranks=getattr(engine_cls, "ranks", 1))
+        return None if new is None else replace(new, state_on_host=False)  # (the engine's never is)
+
     engine = (engine_cls or BlockEngine)(model, lr, vector, lr_up, replace(placement, state_on_host=False),
                                          scratch=scratch, on_event=on_event, fault=fault,
-                                         compile=options.compile)
+                                         compile=options.compile, replan=replan)
     preview: list[torch.Tensor] = []
 
     def denoised(i: int, den: torch.Tensor) -> None:
         preview[:] = [preview_image(den, p.out_size)]
 
+    stamps: list[tuple[int, float]] = []  # (calls, time) after each step: the pass's own pace
+
     def step_done(ev) -> None:
         nonlocal done
+        stamps.append((ev.calls, time.perf_counter()))
         done = ev.i
         if ckpt is not None:
             ckpt.save(st, ev.i, ev.steps, rng)
@@ -475,7 +510,6 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
         if on_preview is not None and preview:
             on_preview(preview.pop())
 
-    state_on_host = state_dev.type == "cpu"
     while True:
         try:
             sample_heun(engine, st.x, sigmas, callback=step_done, state=st, start=done,
@@ -495,9 +529,18 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
             on_event(PlanChanged(old=old, new=replace(engine.placement, state_on_host=True).describe()))
     engine.close()
     final = replace(engine.placement, state_on_host=state_on_host)
+    if (final == p.memory.placement and p.memory.rates is not None and len(stamps) >= 2
+            and getattr(engine_cls, "ranks", 1) == 1):
+        # the pass's calls after its first step (warm-up, compilation) correct the cached calibration
+        from .calibrate import observe
+
+        (c0, t0), (c1, t1) = stamps[0], stamps[-1]
+        if c1 > c0:
+            observe(model.config, model.device, model.dtype, p.memory.rates, p.memory.seconds_per_call,
+                    (t1 - t0) / (c1 - c0), c1 - c0)
     out = st.x
     if options.color_fix != "none":
-        out = color_fix(out.float(), lr_up[..., :, :].to(out.device), options.color_fix)
+        out = color_fix(out.float(), lr_up, options.color_fix)  # wavelet: in row bands of lr_up
     return out[..., : p.out_size[0], : p.out_size[1]].cpu(), final
 
 

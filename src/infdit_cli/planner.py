@@ -24,7 +24,7 @@ from .schedule import BlockBatch, cache_slots, choose_order
 __all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down", "leanest",
            "batch_device_bytes", "parse_bytes", "format_bytes", "param_count", "host_available", "device_free",
            "HEUN_IMAGES", "Rates", "NOMINAL_RATES", "nominal_rates", "flops_per_call", "layer_flops",
-           "call_seconds", "format_seconds"]
+           "call_seconds", "format_seconds", "replan", "prefer_expandable_segments", "REPLAN_FACTOR"]
 
 # The engine runs each layer's per-token work over chunks of a rectangle's blocks, while the rectangle's
 # queries and gathered keys/values stay in buffers: small chunks keep a CPU's temporaries in its caches and
@@ -48,7 +48,17 @@ HEUN_IMAGES = 4  # sampler state: x, d, the Euler point, the denoiser output (th
 # pages in (25-60 MiB, more on some CPUs and environments) is counted once, in HOST_RUNTIME.
 DEVICE_SLACK = {"cpu": 20 * 2**20}
 DEVICE_SLACK_DEFAULT = 64 * 2**20
-DEVICE_MARGIN = 512 * 2**20  # kept free on a CUDA device below what it reports free (other processes, cuDNN)
+# Kept free on a CUDA device below what it reports free: the larger of a fixed floor and a share of the free
+# memory. The coefficients above were fitted on CPU RSS; a GPU adds what they do not see (cuBLAS/cuDNN/NCCL
+# workspaces, the caching allocator's fragmentation, other processes): plans that packed 97 % of an 80 GB
+# card (8192² n=44 at 74.1 GiB) left no room for them. An out-of-memory all the same re-plans at
+# `REPLAN_FACTOR` of the budget before the engine halves n (`replan`).
+DEVICE_MARGIN = 512 * 2**20
+DEVICE_MARGIN_FRACTION = 0.10
+REPLAN_FACTOR = 0.9
+# The band pipeline (`bands.BandEngine`, ranks > 1) keeps copies of its right edge's K/V in flight until the
+# rank to its right has them: up to this many rectangle rows of n blocks, every layer.
+SEND_ROWS_IN_FLIGHT = 3
 # Resident bytes of the process before any image work: interpreter, torch, open_clip, CUDA context (the
 # CPU's fitted to `benchmarks/host_memory.py`: 949-971 MiB peak for a whole 1024² job of the micro config).
 HOST_RUNTIME = {"cpu": 1000 * 2**20, "cuda": 2048 * 2**20, "mps": 1536 * 2**20}
@@ -65,6 +75,7 @@ class Rates:
     op_seconds: float  # fixed cost of one tensor operation: Python, dispatch, a kernel launch
     copy_bytes: float  # bytes/s of a large copy: host <-> device next to a GPU, memory to memory on the CPU
     source: str = "assumed"  # "measured": calibrated on this device
+    steady: bool = True  # False: measured while other work shared the device (used, not cached)
 
     @property
     def measured(self) -> bool:
@@ -223,11 +234,12 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
              device_type: str = "cpu", cache_on_host: bool = False, state_on_host: bool = False,
              batch: int = 1, flash: bool | None = None, order: str = "auto",
              state_dtype: torch.dtype = torch.float32, low_memory: bool = False, scale: int = 4,
-             weights_file_dtype: torch.dtype | None = None) -> MemoryEstimate:
+             weights_file_dtype: torch.dtype | None = None, ranks: int = 1) -> MemoryEstimate:
     """Predicted peak bytes for one sampling pass whose (block-padded) output is `size` (H, W).
 
     `scale` is the pass's factor (its input is H/scale x W/scale); `weights_file_dtype` the dtype the
-    weights are stored in (loading holds them once in that dtype and once converted).
+    weights are stored in (loading holds them once in that dtype and once converted); `ranks` > 1: the
+    band pipeline's in-flight sends (`SEND_ROWS_IN_FLIGHT` rows of n blocks' K/V, next to the cache).
     """
     e, es = _elem(dtype), _elem(state_dtype)
     h, w = size
@@ -245,6 +257,7 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
     state_bytes = HEUN_IMAGES * batch * 3 * hp * wp * es
     block_kv = batch * 2 * cfg.num_layers * cfg.block_tokens**2 * cfg.hidden_size * e
     slab = 0 if whole else cache_slots(gh, gw, n_eff, order) * block_kv
+    sends = SEND_ROWS_IN_FLIGHT * min(n_eff, gh) * block_kv if ranks > 1 else 0
     images = batch * 3 * hp * wp * 4 // (scale * scale) + batch * 3 * hp * wp * 4 // 16  # pass input, LR
 
     # Device.
@@ -252,7 +265,7 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
     act = _act_bytes(cfg, bh, bw, batch, e, flash, device_type)
     # Host (resident).
     host_state = state_bytes if (on_cpu or state_on_host) else 0
-    host_cache = slab if (on_cpu or cache_on_host) else 0
+    host_cache = slab + sends if (on_cpu or cache_on_host) else 0
     if low_memory:  # mapped: only a window stays resident
         host_state = min(host_state, LOW_MEMORY_WINDOW + 2 * batch * 3 * bh * cfg.block_size * wp * es)
         host_cache = min(host_cache, LOW_MEMORY_WINDOW)
@@ -261,6 +274,7 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
     else:
         state = 0 if state_on_host else state_bytes
         cache = 0 if whole else (_neighbour_bytes(cfg, bh, bw, batch, e) if cache_on_host else slab)
+        cache += 0 if cache_on_host else sends
     file_e = _elem(weights_file_dtype) if weights_file_dtype is not None else e
     host = {
         "runtime": HOST_RUNTIME.get(device_type, HOST_RUNTIME["cuda"]),
@@ -425,11 +439,29 @@ def host_available() -> int:
 
 
 def device_free(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device (minus a margin), or None when it cannot be asked (CPU, absent GPU)."""
+    """Free bytes on a CUDA device less a margin (`DEVICE_MARGIN_FRACTION` of it, at least
+    `DEVICE_MARGIN`), or None when it cannot be asked (CPU, absent GPU)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return max(free - DEVICE_MARGIN, 0)
+    return max(free - max(DEVICE_MARGIN, int(DEVICE_MARGIN_FRACTION * free)), 0)
+
+
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def prefer_expandable_segments(device: torch.device | str, env=None) -> bool:
+    """Ask the CUDA caching allocator for expandable segments (`expandable_segments:True`): a pass's
+    buffers of changing sizes (edge rectangles, the last chunk) then grow one mapping instead of leaving
+    fragments the next plan cannot use. Only for a CUDA device, only where the user has not set
+    PYTORCH_CUDA_ALLOC_CONF, and only before CUDA initialises (the allocator reads it then). True when set."""
+    env = os.environ if env is None else env
+    if torch.device(device).type != "cuda" or ALLOC_CONF in env or "PYTORCH_ALLOC_CONF" in env:
+        return False
+    if torch.cuda.is_initialized():
+        return False
+    env[ALLOC_CONF] = "expandable_segments:True"
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -440,7 +472,8 @@ def device_free(device: torch.device) -> int | None:
 def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1,
          n: int | None = None, host_budget: int | None = None, low_memory: bool | None = None,
-         scale: int = 4, weights_file_dtype: torch.dtype | None = None, rates: Rates | None = None) -> Plan:
+         scale: int = 4, weights_file_dtype: torch.dtype | None = None, rates: Rates | None = None,
+         ranks: int = 1) -> Plan:
     """The fastest placement whose predicted peaks fit: device within `budget`, host within `host_budget`,
     fastest by the cost model (`call_seconds` with `rates`).
 
@@ -452,6 +485,7 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
         low_memory: True forces memory-mapped state, False forbids it, None lets the planner turn it on
             when the host is short.
         rates: the device's calibrated rates (`calibrate.calibration`); default `nominal_rates`.
+        ranks: processes sharing the image (`bands.py`): their in-flight sends are counted.
 
     Device placements: everything on the device; the K/V cache on the host; cache and image state on the
     host (on the CPU only the first). Of every (placement, n) that fits the device and the host, the one
@@ -480,7 +514,7 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
     state_dtypes = [torch.float32] + ([torch.bfloat16] if dtype == torch.bfloat16 else [])
     mapped = [False, True] if low_memory is None else [bool(low_memory)]
     kw = dict(dtype=dtype, device_type=device.type, batch=batch, scale=scale,
-              weights_file_dtype=weights_file_dtype)
+              weights_file_dtype=weights_file_dtype, ranks=ranks)
 
     # On the CPU the device is the host: n is chosen with the leanest host storage allowed, which the
     # host step below then relaxes as far as the budget lets it.
@@ -582,6 +616,22 @@ def step_down(p: Placement, grid_h: int, grid_w: int) -> Placement | None:
         return replace(p, n=n // 2)
     if not p.cache_on_host:
         return replace(p, cache_on_host=True)
+    return None
+
+
+def replan(cfg: InfDiTConfig, size: tuple[int, int], p: Placement, budget: int, *,
+           factor: float = REPLAN_FACTOR, **kw) -> Placement | None:
+    """After an out-of-memory at `p`: the largest n below p.n whose estimate fits `factor` x `budget`
+    (the plan's budget: the estimate missed by a few per cent, not by half), with p's placements; None when
+    no n below p.n does (then `step_down` halves). `kw`: `estimate`'s (dtype, device_type, batch, ...)."""
+    h, w = size
+    top = max(-(-h // cfg.block_size), -(-w // cfg.block_size))
+    n = min(p.n, top)
+    target = factor * budget
+    for cand in range(n - 1, 0, -1):
+        est = estimate(cfg, size, cand, cache_on_host=p.cache_on_host, state_on_host=p.state_on_host, **kw)
+        if est.total <= target:
+            return replace(p, n=cand)
     return None
 
 

@@ -17,6 +17,7 @@ tell an abandoned scratch folder (SIGKILL, power cut) from a live one and reclai
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -416,20 +417,100 @@ def reclaim_stale(parent: str | Path) -> list[tuple[Path, int | None, int]]:
     return out
 
 
-def _pin(t: torch.Tensor) -> bool:
-    """Page-lock `t`'s memory where it is (cudaHostRegister): exactly its bytes, where `pin_memory=True`
-    would round the block up to a power of two (a 22 GiB K/V slab would pin 32 GiB) and keep it cached
-    after it is freed. False when CUDA refuses."""
+def _pin(t: torch.Tensor):
+    """Page-lock `t`'s memory where it is: exactly its bytes, where `pin_memory=True` would round the block
+    up to a power of two (a 22 GiB K/V slab would pin 32 GiB) and keep it cached after it is freed.
+
+    Returns the function that unpins it (call it with `t` before the memory is freed), or None when CUDA
+    refuses (some sandboxed runtimes do; page-locked memory is limited). A refusal must leave CUDA's error
+    state clean: the runtime's `cudaHostRegister` records its failure as the thread's last error, which the
+    next kernel launch's check would report as its own ("CUDA error: ..."), losing the job. So the driver
+    API's `cuMemHostRegister` is used where it can be (it has no such state), and where the runtime's is
+    used, its last error is read (and so cleared) after a refusal.
+    """
+    ptr, size = t.data_ptr(), t.numel() * t.element_size()
+    drv = _cuda_driver()
+    if drv is not None:
+        done = drv.register(ptr, size)
+        if done is not None:  # answered: pinned, or refused with nothing left behind
+            return (lambda t: drv.unregister(t.data_ptr())) if done else None
     try:
         rt = torch.cuda.cudart()
-        return rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) == rt.cudaError.success
     except (RuntimeError, AssertionError, AttributeError):
-        return False
+        return None
+    try:
+        ok = rt.cudaHostRegister(ptr, size, 0) == rt.cudaError.success
+    except (RuntimeError, AttributeError):
+        ok = False
+    if not ok:
+        _clear_runtime_error()
+        return None
+    return _unpin_runtime
 
 
-def _unpin(t: torch.Tensor) -> None:
+def _unpin_runtime(t: torch.Tensor) -> None:
     torch.cuda.synchronize()  # no copy from these pages may still be in flight
     torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
+class _Driver:
+    """`cuMemHostRegister`/`cuMemHostUnregister` of the CUDA driver (libcuda), through ctypes, in the
+    context the runtime (torch) made current on this thread."""
+
+    def __init__(self, lib) -> None:
+        self.lib = lib
+
+    def _current(self) -> bool:
+        ctx = ctypes.c_void_p()
+        if self.lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and ctx.value:
+            return True
+        torch.cuda.synchronize()  # a runtime call binds the device's primary context to this thread
+        return self.lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and bool(ctx.value)
+
+    def register(self, ptr: int, size: int) -> bool | None:
+        """True: pinned; False: refused; None: the driver cannot be asked here (no context)."""
+        try:
+            if not self._current():
+                return None
+            return self.lib.cuMemHostRegister_v2(ctypes.c_void_p(ptr), ctypes.c_size_t(size), ctypes.c_uint(0)) == 0
+        except (OSError, AttributeError, RuntimeError):
+            return None
+
+    def unregister(self, ptr: int) -> None:
+        torch.cuda.synchronize()  # no copy from these pages may still be in flight
+        if self._current():
+            self.lib.cuMemHostUnregister(ctypes.c_void_p(ptr))
+
+
+_DRIVER: list = []
+
+
+def _cuda_driver() -> _Driver | None:
+    """The CUDA driver's library, once per process; None without one (a CPU-only machine or build)."""
+    if not _DRIVER:
+        drv = None
+        if torch.cuda.is_available():
+            try:
+                lib = ctypes.CDLL("libcuda.so.1")
+                for name in ("cuCtxGetCurrent", "cuMemHostRegister_v2", "cuMemHostUnregister"):
+                    getattr(lib, name).restype = ctypes.c_int
+                drv = _Driver(lib)
+            except (OSError, AttributeError):
+                drv = None
+        _DRIVER.append(drv)
+    return _DRIVER[0]
+
+
+def _clear_runtime_error() -> None:
+    """Read (and so reset) the CUDA runtime's last error on this thread, from the libcudart this process
+    has loaded (torch has no binding for `cudaGetLastError`); nothing where none is found."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart" in line and "/" in line}
+        for path in sorted(paths):
+            ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, AttributeError, IndexError):
+        pass
 
 
 class Scratch:
@@ -467,8 +548,9 @@ class Scratch:
         if self.path is None:
             t = torch.empty(shape, dtype=dtype)
             if self.pin:
-                if _pin(t):
-                    weakref.finalize(self, _unpin, t)  # holds t: unpinned first, freed after
+                unpin = _pin(t)
+                if unpin is not None:
+                    weakref.finalize(self, unpin, t)  # holds t: unpinned first, freed after
                 else:  # refused (page-locked memory is limited): unpinned works, its copies just wait
                     self.pin = False
             return t

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadRequest
-from .planner import Rates
+from .planner import Rates, prefer_expandable_segments
 from .cache import sha256_file
 from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
 from .events import CheckpointDiscarded, Notice, PlanChanged
@@ -51,6 +51,7 @@ def resolve_device(name: str = "auto", *, check: bool = True) -> torch.device:
     """`auto` -> cuda, mps or cpu; a named device must exist here unless `check` is False (planning only)."""
     if name == "auto":
         if torch.cuda.is_available():
+            prefer_expandable_segments("cuda")  # before CUDA initialises (unless the user set the allocator's)
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
@@ -65,6 +66,8 @@ def resolve_device(name: str = "auto", *, check: bool = True) -> torch.device:
         return dev
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadRequest("--device cuda: no CUDA device is available here")
+    if dev.type == "cuda":
+        prefer_expandable_segments(dev)  # before CUDA initialises (unless the user set the allocator's)
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise BadRequest("--device mps: no MPS device is available here")
     return dev
@@ -158,7 +161,7 @@ class Upscaler:
             opts = replace(opts, mem_budget=self.device_budget)
         target = target_size(input_size, res=res, scale=scale)
         up_plan = plan_upscale(self.model.config, input_size, target, opts, dtype=self.model.dtype,
-                               device=self.device, rates=self.rates)
+                               device=self.device, rates=self.rates, ranks=getattr(self.engine, "ranks", 1))
         return self.agree(up_plan) if self.agree is not None else up_plan
 
     def upscale_tensor(self, rgb: torch.Tensor, up_plan: UpscalePlan, *, options: UpscaleOptions | None = None,
