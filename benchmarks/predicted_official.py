@@ -10,7 +10,8 @@ import torch
 
 from infdit_cli.config import PRESETS
 from infdit_cli.errors import HostMemoryTooSmall, MemoryBudgetTooSmall
-from infdit_cli.planner import estimate, format_bytes, parse_bytes, plan
+from infdit_cli.planner import estimate, plan
+from infdit_cli.units import format_bytes, parse_bytes
 
 cfg = PRESETS["official"]
 HOST = 32 * 2**30

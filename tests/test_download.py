@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import CKPT, RELEASE, run_cli
-from infdit_cli.planner import format_bytes
+from infdit_cli.units import format_bytes
 
 DIGEST = hashlib.sha256(CKPT).hexdigest()
 

@@ -3,7 +3,8 @@ import torch
 
 from infdit_cli.config import PRESETS
 from infdit_cli.errors import HostMemoryTooSmall, MemoryBudgetTooSmall
-from infdit_cli.planner import Rates, call_seconds, estimate, param_count, parse_bytes, plan
+from infdit_cli.planner import Rates, call_seconds, estimate, param_count, plan
+from infdit_cli.units import parse_bytes
 from infdit_cli.schedule import cache_bound, choose_order, plan_batches
 
 OFFICIAL = PRESETS["official"]

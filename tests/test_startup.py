@@ -23,14 +23,18 @@ def test_the_cli_answers_help_and_usage_errors_without_torch(tmp_path):
     photo = tmp_path / "photo.png"
     photo.write_bytes(b"not read: the usage error comes first")
     argvs = [["--help"], ["upscale", "--help"], ["serve", "--help"], ["--version"], ["upscale"],
-             ["upscale", str(photo)], ["batch", str(tmp_path), "--res", "64", "--scale", "2"]]
+             ["upscale", str(photo)], ["batch", str(tmp_path), "--res", "64", "--scale", "2"],
+             ["upscale", str(photo), "--res", "64", "--mem-budget", "junk"],
+             ["batch", str(tmp_path), "--res", "64", "--mem-budget", "0"], ["serve", "--max-bytes", "xx"]]
     res = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}\nARGVS = {argvs!r}\n{code}"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["import"] == [] and got["heavy"] == [], got
-    assert got["codes"] == [0, 0, 0, 0, 2, 2, 2], (got, res.stderr)
+    assert got["codes"] == [0, 0, 0, 0, 2, 2, 2, 2, 2, 2], (got, res.stderr)
     assert "error: give a target: --res 4096" in res.stderr
+    assert "error: --mem-budget: not a memory size: 'junk'" in res.stderr
+    assert "error: --max-bytes must be a size like 100MB or 2GB, got 'xx'" in res.stderr
 
 
 def test_version_says_infdit_torch_and_cuda_as_torch_does(monkeypatch, capsys):

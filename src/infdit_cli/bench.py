@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .planner import flops_per_call
+from .units import format_seconds
 
 __all__ = ["CallSpec", "CallMeasurement", "BenchRow", "Skipped", "measure", "time_pair", "run_bench",
            "flops_per_call", "environment", "ROW_SECONDS_LIMIT"]
@@ -332,7 +333,6 @@ class Skipped:
 
     @property
     def reason(self) -> str:
-        from .planner import format_seconds
 
         res = f"{self.width}" if self.width == self.height else self.size
         return (f"skipped: predicted {format_seconds(self.predicted_seconds)} per call, "

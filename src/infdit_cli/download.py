@@ -23,6 +23,7 @@ from pathlib import Path
 from . import cache
 from .errors import ChecksumMismatch, ConvertError, DownloadError, InvalidReference, WeightsError
 from .events import BytesDone, Notice
+from .units import format_bytes
 
 __all__ = ["fetch_url", "download_checkpoint", "cached_checkpoint", "Downloaded", "check_url", "check_sha256"]
 
@@ -109,7 +110,6 @@ def _check_free(folder: Path, need: int, url: str) -> None:
     """Refuse a transfer the disk cannot hold, before its first byte."""
     import shutil
 
-    from .planner import format_bytes
 
     free = shutil.disk_usage(folder).free
     if need > free:

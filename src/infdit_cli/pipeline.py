@@ -26,6 +26,7 @@ from .planner import Placement, Plan, Rates, call_seconds, flops_per_call, nomin
 from .planner import replan as planner_replan
 from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch, reclaim_stale
+from .units import format_bytes, format_seconds
 
 __all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
            "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "gpu_seconds", "preview_image",
@@ -188,7 +189,6 @@ def check_disk(folder, need: dict[str, int], refuse: bool = True) -> int | None:
     import shutil
 
     from .errors import DiskTooSmall
-    from .planner import format_bytes
 
     try:
         free = shutil.disk_usage(folder).free
@@ -280,7 +280,6 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
             parent = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
             for path, pid, freed in reclaim_stale(parent):  # left by a run that was killed
                 if on_event is not None:
-                    from .planner import format_bytes
 
                     on_event(Notice(f"removed the scratch folder {path} of a stopped run (pid {pid}): "
                                     f"{format_bytes(freed)} freed"))
@@ -547,7 +546,6 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
 def plan_lines(plan: UpscalePlan, device: str, dtype: str, gpu: float | None = None) -> list[str]:
     """The plan as `infdit upscale --dry-run` prints it (and `infdit serve` shows it): one line for the job,
     one per pass (mode, placement, predicted peaks and time), the resample, the predicted time."""
-    from .planner import format_bytes, format_seconds
 
     ih, iw = plan.input_size
     th, tw = plan.target_size

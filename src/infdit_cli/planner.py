@@ -11,7 +11,6 @@ temporaries PyTorch keeps alive were checked against measured peaks (`benchmarks
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -20,6 +19,7 @@ import torch
 from .config import InfDiTConfig
 from .errors import BadRequest, HostMemoryTooSmall, MemoryBudgetTooSmall
 from .schedule import BlockBatch, cache_slots, choose_order
+from .units import format_bytes, format_seconds, parse_bytes  # noqa: F401 - re-exported
 
 __all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down", "leanest",
            "batch_device_bytes", "parse_bytes", "format_bytes", "param_count", "host_available", "device_free",
@@ -378,19 +378,6 @@ def _counts(spans: list[int]) -> list[tuple[int, int]]:
     return [(v, spans.count(v)) for v in sorted(set(spans))]
 
 
-def format_seconds(s: float) -> str:
-    """'0.4 s', '12 s', '3 min', '2.5 h', '3.1 days'."""
-    if s < 10:
-        return f"{s:.1f} s"
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 2 * 3600:
-        return f"{s / 60:.0f} min"
-    if s < 2 * 86400:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
-
-
 # --------------------------------------------------------------------------------------------------------
 # What the machine has
 # --------------------------------------------------------------------------------------------------------
@@ -650,33 +637,3 @@ def leanest(plans: list[Plan]) -> Plan:
     return replace(base, placement=placement, whole_image=all(p.whole_image for p in plans), state_dtype=dtype,
                    low_memory=any(p.low_memory for p in plans),
                    reason=f"{base.reason}; the leanest of {len(plans)} ranks' plans")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Units
-# --------------------------------------------------------------------------------------------------------
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'8GB', '512MiB', '1.5g', '1000000' -> bytes (binary units: 1 GB = 2^30, as GPU memory is sold)."""
-    s = text.strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        raise ValueError(f"not a memory size: {text!r} (try 8GB or 512MB)") from None
-    if unit not in _UNITS or value <= 0 or not math.isfinite(value):
-        raise ValueError(f"not a memory size: {text!r} (try 8GB or 512MB)")
-    return int(value * _UNITS[unit])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

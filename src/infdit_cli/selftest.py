@@ -37,6 +37,7 @@ import torch
 
 from .errors import BadRequest
 from .events import CheckDone, CheckStarted
+from .units import format_bytes
 
 __all__ = ["Check", "SelftestReport", "Profile", "CUDA_PROFILE", "TOY_PROFILE", "Fixtures", "find_fixtures",
            "calibrate", "run_selftest", "DATA"]
@@ -278,7 +279,6 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _gib(n: float) -> str:
-    from .planner import format_bytes
 
     return format_bytes(n)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import DiskFull, UnsafePath
+from .units import format_bytes
 
 __all__ = ["Scratch", "SafeFolder", "reclaim_stale", "allocate", "MARKER"]
 
@@ -64,7 +65,6 @@ def allocate(fd: int, nbytes: int, where: Path) -> None:
 
 
 def _size(n: int) -> str:
-    from .planner import format_bytes
 
     return format_bytes(n)
 

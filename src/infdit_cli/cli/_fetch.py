@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from ._text import safe
+from ..units import format_bytes
 
 __all__ = ["ensure_weights", "offline_mode"]
 
@@ -26,7 +27,6 @@ def offline_mode(flag: bool) -> bool:
 
 
 def _size_text(spec) -> str:
-    from ..planner import format_bytes
 
     size = spec.release_size if spec.release_url and not spec.repo_id else spec.size
     return f" ({format_bytes(size)})" if isinstance(size, int) and size > 0 else ""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..errors import BadRequest
+from ..units import parse_bytes
 
 if TYPE_CHECKING:  # the library imports torch: kept off start-up
     from ..pipeline import UpscaleOptions
@@ -87,15 +88,14 @@ OutPath = Annotated[Optional[Path], typer.Option("-o", "--output")]
 def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int | None,
                  color_fix: ColorFix, low_memory: bool | None = None,
                  compile: bool = False) -> UpscaleOptions:
-    from ..pipeline import UpscaleOptions  # kept off start-up (torch)
-    from ..planner import parse_bytes
-
     budget = None
     if mem_budget is not None:
         try:
             budget = parse_bytes(mem_budget)
         except ValueError as e:
             raise BadRequest(f"--mem-budget: {e}") from None
+    from ..pipeline import UpscaleOptions  # kept off start-up (torch): after the usage checks
+
     return UpscaleOptions(steps=steps, seed=seed, block_batch=block_batch if block_batch else "auto",
                           mem_budget=budget, color_fix=color_fix.value, low_memory=low_memory,
                           compile=compile)

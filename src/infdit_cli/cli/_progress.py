@@ -9,13 +9,13 @@ import time
 
 from ..events import BatchDone, CheckpointDiscarded, JobStarted, Notice, PassStarted, PlanChanged, Resumed, StepDone
 from ._text import safe
+from ..units import format_seconds
 
 
 def plan_line(seconds: float, passes: int, calls: int, device: str | None, gpu_seconds: float | None = None,
               name: str = "") -> str:
     """The plan's first line: the predicted time on this device, the passes and model calls, and on a CPU
     job of more than an hour what a GPU would take (`pipeline.gpu_seconds`: nominal H100-class rates)."""
-    from ..planner import format_seconds  # kept off start-up (the planner imports torch)
 
     line = (f"{name + ': ' if name else ''}predicted {format_seconds(seconds)} on {device or 'this device'} "
             f"({passes} pass(es), {calls} model calls)")

@@ -14,6 +14,7 @@ from . import _options as O
 from ._checks import check_compile, check_target_args
 from ._progress import FirstLines, make_display
 from ._text import safe
+from ..units import format_bytes
 
 if TYPE_CHECKING:  # the library imports torch: kept off start-up
     from ..batch import BatchReport
@@ -70,17 +71,15 @@ def batch(
     inside FOLDER is never read back. Exit status: 0 if none failed, 1 otherwise (after finishing the
     others), 2 for a wrong command line.
     """
-    check_target_args(res, scale)  # the commonest usage error, answered before torch loads
-    from .. import distributed as D  # the library (torch) is kept off start-up: --help and usage errors
-    from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
-    from ..planner import format_bytes
-    from .upscale import load_upscaler
-
     if verbose:
         os.environ["INFDIT_DEBUG"] = "1"
+    check_target_args(res, scale)  # usage before the folder, the folder before weights; before torch loads
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
+    from .. import distributed as D  # the library (torch) is kept off start-up: --help and usage errors
+    from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
+    from .upscale import load_upscaler
+
     check_compile(compile_, device)
-    check_target_args(res, scale)  # usage before the folder, the folder before weights
     O.check_depth(depth)  # 8 or 16; JPEG and WebP outputs stay 8-bit whatever it says
     out_root = output if output is not None else folder.resolve().with_name(folder.resolve().name + "_infdit")
     world = D.world_from_env()  # under torchrun: this rank's place; one process otherwise

@@ -11,6 +11,7 @@ import typer
 
 from ..errors import BadRequest
 from . import _options as O
+from ..units import format_bytes, parse_bytes
 
 EXAMPLES = """Examples:
 
@@ -73,7 +74,7 @@ def bench(
     from ..bench import ROW_SECONDS_LIMIT, environment, run_bench
     from ..config import PRESETS
     from ..errors import Interrupted
-    from ..planner import HOST_RUNTIME, device_free, format_bytes, host_available, parse_bytes
+    from ..planner import HOST_RUNTIME, device_free, host_available
     from ..upscaler import resolve_device, resolve_dtype
 
     if random_weights and weights is not None:
@@ -164,7 +165,6 @@ COLUMNS = ("size WxH", "n / cache", "peak block (pred.)", "peak whole (pred.)", 
 
 def _cells(r) -> list[str]:
     """One measured row's cells, in `COLUMNS` order."""
-    from ..planner import format_bytes
 
     b, w = r.block, r.whole
     tb, tw = r.block_seconds, r.whole_seconds

@@ -11,6 +11,7 @@ import typer
 
 from . import _options as O
 from ._text import safe
+from ..units import format_bytes
 
 def _models() -> str:
     try:
@@ -136,7 +137,7 @@ def info(
 
     from ..errors import WeightsNotFound
     from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, registry, resolve_weights
-    from ..planner import estimate, format_bytes, param_count
+    from ..planner import estimate, param_count
     from ..weights import inspect_file
 
     try:

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import _options as O
+from ..units import parse_bytes
 
 EXAMPLES = """Examples:
 
@@ -106,13 +107,13 @@ def serve(
     """
     from ..errors import BadRequest, InfditError, Interrupted, stopped_by
 
+    limit, names = check_serve_args(host=host, token=token, allow_paths=allow_paths, allow_host=allow_host or [],
+                                    max_bytes=max_bytes, mem_budget=mem_budget, device=device, dtype=dtype)
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise BadRequest(INSTALL_HINT) from None
-    limit, names = check_serve_args(host=host, token=token, allow_paths=allow_paths, allow_host=allow_host or [],
-                                    max_bytes=max_bytes, mem_budget=mem_budget, device=device, dtype=dtype)
     made_token = token is None and not loopback(host)
     if made_token:
         token = secrets.token_urlsafe(24)
@@ -233,8 +234,6 @@ def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, 
         BadRequest: one line naming the option (exit 2).
     """
     from ..errors import BadRequest
-    from ..planner import parse_bytes
-    from ..upscaler import resolve_device, resolve_dtype
 
     try:
         limit = parse_bytes(max_bytes)
@@ -255,6 +254,8 @@ def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, 
         raise BadRequest("--token must be printable characters without spaces")
     if allow_paths is not None and not allow_paths.is_dir():
         raise BadRequest(f"--allow-paths {allow_paths} is not a folder")
+    from ..upscaler import resolve_device, resolve_dtype  # kept off start-up (torch): after the checks above
+
     resolve_dtype(dtype, resolve_device(device, check=False))  # BadRequest: an unknown device or dtype
     names = {"127.0.0.1", "localhost", "::1"}
     for name in allow_host:

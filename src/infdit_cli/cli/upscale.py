@@ -15,6 +15,7 @@ from ._text import safe
 from . import _options as O
 from ._checks import check_compile, check_target_args, check_upscale_args
 from ._progress import FirstLines, make_display
+from ..units import format_bytes
 
 EXAMPLES = """Examples:
 
@@ -95,7 +96,6 @@ def keep_progress(folder: Path):
 def resume_hint(info: tuple[str, int] | None, folder: Path) -> str:
     if info is None:
         return ""
-    from ..planner import format_bytes  # kept off start-up (the planner imports torch)
 
     where, nbytes = info
     return (f"; {where} saved in {folder} ({format_bytes(nbytes)} on disk): run the same command again to "
@@ -207,16 +207,15 @@ def upscale(
     one antialiased resample to the exact size. Memory is planned from --mem-budget: the image is computed
     in n x n blocks of 128 px with a K/V cache, n as large as fits.
     """
-    check_target_args(res, scale)  # the commonest usage error, answered before torch loads
+    if verbose:
+        os.environ["INFDIT_DEBUG"] = "1"
+    check_target_args(res, scale)  # the commonest usage errors, answered before torch loads
+    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
     from .. import distributed as D  # the library (torch) is kept off start-up: --help and usage errors
     from ..checkpoint import output_lock, run_folder_for
     from ..pipeline import plan_json, plan_lines
-    from ..planner import format_bytes
     from ..upscaler import default_output
 
-    if verbose:
-        os.environ["INFDIT_DEBUG"] = "1"
-    options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
     check_compile(compile_, device)
     dst = output or default_output(input)
     check_upscale_args(input, dst, res=res, scale=scale, overwrite=overwrite,
