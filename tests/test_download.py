@@ -101,8 +101,9 @@ def test_default_model_is_one_command(release):
     src = _image(tmp_path)
     dry = run_cli("upscale", src, *UPSCALE, "--dry-run", "--json", env=env)
     assert dry.returncode == 0, dry.stderr
-    # --dry-run never downloads (the plan's time calibration is the cache's only file)
-    assert fake.log == [] and _cache_files(tmp_path) == ["calibration.json"]
+    # --dry-run never downloads (the plan's time calibration, kept unless taken under load, is the cache's
+    # only file)
+    assert fake.log == [] and set(_cache_files(tmp_path)) <= {"calibration.json"}
     res = run_cli("upscale", src, "-o", tmp_path / "out.png", *UPSCALE, env=env)
     assert res.returncode == 0, res.stderr
     assert _gets(fake) == [None]

@@ -129,8 +129,10 @@ def test_no_weights_names_the_one_command(tmp_path):
     res = run_cli("upscale", img, "--res", "64", "--device", "cpu", env=env)
     assert res.returncode == 1
     assert _one_line(res) == "error: no weights for infdit-4x yet: run `infdit download`"
-    # resolving never creates or fetches anything (the plan's time calibration is the cache's only file)
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["calibration.json"]
+    # resolving never creates or fetches anything (the plan's time calibration, kept unless taken under
+    # load, is the cache's only file)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or {p.name for p in cache.iterdir()} <= {"calibration.json"}
     assert not (tmp_path / "hf").exists()
 
 
