@@ -98,8 +98,7 @@ def test_one_pinned_slab_per_mode_in_each_check(monkeypatch):
     from infdit_cli import engine, storage
 
     pins: list[int] = []
-    monkeypatch.setattr(storage, "_pin", lambda t: pins.append(t.numel()) or True)
-    monkeypatch.setattr(storage, "_unpin", lambda t: None)
+    monkeypatch.setattr(storage, "_pin", lambda t: pins.append(t.numel()) or (lambda t: None))  # -> its unpin
     real = storage.Scratch
     monkeypatch.setattr(engine, "Scratch", lambda folder=None, *, pin=False, **kw: real(folder, pin=True, **kw))
     monkeypatch.setattr(selftest, "_spawn", lambda work, timeout=0: selftest._work(work))
