@@ -422,7 +422,7 @@ def _lock(out: Path) -> Path:
     return out.with_name(f".{out.name}.infdit-lock")
 
 
-@pytest.mark.parametrize("what", ["file", "hardlink", "stale", "stale-legacy"])
+@pytest.mark.parametrize("what", ["file", "hardlink", "stale", "stale-legacy", "empty"])
 def test_the_lock_path_takes_only_an_earlier_infdit_lock(job, tmp_path, tiny_weights, monkeypatch, capsys, what):
     """A user's file at the lock path (any content, or a hard link to another file, even one whose content
     looks like a lock) is refused in one line naming it, byte-identical afterwards; an earlier infdit's lock
@@ -438,6 +438,8 @@ def test_the_lock_path_takes_only_an_earlier_infdit_lock(job, tmp_path, tiny_wei
     elif what == "hardlink":
         keep.write_bytes(b"4242\n")  # a lock's content, but another file's too
         os.link(keep, lock)
+    elif what == "empty":
+        lock.write_bytes(b"")
     else:
         lock.write_text(LOCK_TEXT.format(pid=999999) if what == "stale" else "999999\n")
     before = lock.read_bytes()
@@ -447,6 +449,11 @@ def test_the_lock_path_takes_only_an_earlier_infdit_lock(job, tmp_path, tiny_wei
         assert out.read_bytes() == ref and not os.path.lexists(lock)
         return
     assert res.returncode == 1, res.stderr
+    if what == "empty":  # another run's lock between its O_EXCL create and its flock: busy, never taken
+        assert _one_line(res.stderr) == (f"error: another infdit is starting to write {out} (its lock file "
+                                         f"{lock} is still empty; if no infdit runs, remove it)")
+        assert lock.read_bytes() == b"" and not out.exists()
+        return
     line = _one_line(res.stderr)
     assert line.startswith(f"error: lock file {lock} is not infdit's (")
     assert line.endswith("move it away, or remove it")

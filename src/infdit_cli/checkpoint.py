@@ -493,7 +493,11 @@ def _claim(path: Path, output: Path, fd: int, created: bool, mine: list) -> bool
     if not _same(path, st):
         return False
     if not created:
-        if not _ours(os.pread(fd, 64, 0)):  # read under the lock: a holder writes it while holding it
+        content = os.pread(fd, 64, 0)  # read under the lock: a holder writes it while holding it
+        if not content:  # made by another run that has not locked it yet (or one killed at that moment)
+            raise Busy(f"another infdit is starting to write {output} (its lock file {path} is still empty; "
+                       "if no infdit runs, remove it)")
+        if not _ours(content):
             raise UnsafePath(f"lock file {path} is not infdit's (its content is not an infdit lock); move it "
                              "away, or remove it")
         mine[0] = True
