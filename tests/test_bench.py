@@ -98,7 +98,7 @@ def test_bench_table_columns_agree(monkeypatch, tiny_config):
     res = CliRunner().invoke(app, ["bench", "--random-weights", "--config", "tiny", "--device", "cpu",
                                    "--steps", "2", "--res", "48x16"])
     assert res.exit_code == 0, res.output
-    lines = res.output.splitlines()
+    lines = res.stdout.splitlines()
     title = next(ln for ln in lines if "size WxH" in ln)
     line = next(ln for ln in lines if ln.strip().startswith("48x16"))
     titles = re.split(r"\s{2,}", title.strip())
@@ -111,7 +111,7 @@ def test_bench_table_columns_agree(monkeypatch, tiny_config):
 
     res = CliRunner().invoke(app, ["bench", "--random-weights", "--config", "tiny", "--device", "cpu",
                                    "--res", "48x16", "--json"])
-    objs = [json.loads(ln) for ln in res.output.splitlines()]
+    objs = [json.loads(ln) for ln in res.stdout.splitlines()]
     assert [o["event"] for o in objs] == ["bench", "row"]
     row = objs[1]
     assert row["size"] == "48x16" and (row["block_seconds"], row["whole_seconds"]) == (2.0, 1.6)
@@ -150,7 +150,7 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
     base = ["bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--repeats", "3"]
     res = CliRunner().invoke(app, [*base, "--json"])
     assert res.exit_code == 0, res.output
-    objs = [json.loads(ln) for ln in res.output.splitlines()]
+    objs = [json.loads(ln) for ln in res.stdout.splitlines()]
     assert [(o["event"], o.get("size")) for o in objs] == [
         ("bench", None), ("row", "256x256"), ("row", "512x512"), ("skipped", "1024x1024")]
     skipped = objs[-1]
@@ -159,21 +159,21 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
     assert {(h, w) for h, w, _ in seen} == {(256, 256), (512, 512)}
 
     res = CliRunner().invoke(app, base)  # the text output says it too
-    line = next(ln for ln in res.output.splitlines() if ln.strip().startswith("1024x1024"))
+    line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("1024x1024"))
     assert "skipped: predicted 16 s per call" in line and "--res 1024" in line
 
     # Predicted 10x longer (a calibration on a busy machine): the first size still runs, so there is a row
     seen.clear()
     monkeypatch.setattr(planner_mod, "call_seconds", lambda cfg, size, n, rates, **k: size[0] * size[1] / 6554)
     res = CliRunner().invoke(app, [*base, "--json"])
-    events = [json.loads(ln)["event"] for ln in res.output.splitlines()]
+    events = [json.loads(ln)["event"] for ln in res.stdout.splitlines()]
     assert events == ["bench", "row", "skipped", "skipped"]
     assert {(h, w) for h, w, _ in seen} == {(256, 256)}
 
     seen.clear()
     res = CliRunner().invoke(app, [*base, "--res", "1024", "--json"])
     assert res.exit_code == 0, res.output
-    assert [json.loads(ln)["event"] for ln in res.output.splitlines()] == ["bench", "row"]
+    assert [json.loads(ln)["event"] for ln in res.stdout.splitlines()] == ["bench", "row"]
     assert {(h, w) for h, w, _ in seen} == {(1024, 1024)}
 
 
@@ -302,6 +302,7 @@ def test_bench_streams_json_lines_to_a_pipe_and_sigterm_ends_it_with_143():
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err
-    assert err.strip().splitlines() == ["error: terminated by SIGTERM after 1 of 2 size(s)"]
+    assert err.strip().splitlines() == ["bench: 256x16, 16x1024 on cpu float32",  # what it measures, first
+                                        "error: terminated by SIGTERM after 1 of 2 size(s)"]
     assert out == ""  # nothing after the first row
     assert _workers_of(proc.pid) == []  # the worker was killed and reaped, not left running

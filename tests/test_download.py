@@ -343,6 +343,32 @@ def test_the_plan_and_the_cpu_fallback_come_before_the_download(tmp_path, monkey
     assert not (tmp_path / "out.png").exists()
 
 
+def test_bench_says_what_it_measures_and_the_cpu_fallback_before_the_download(tmp_path, monkeypatch, capsys):
+    """`infdit bench` on a fresh cache with --device auto and no GPU: the sizes it will measure and why it
+    runs on the CPU come before the download's first line; the download then fails in one line."""
+    import torch
+
+    with socket.socket() as s:  # a port nothing listens on: the download cannot start
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _default_model_env(tmp_path, f"http://127.0.0.1:{port}{RELEASE}?dl=1", {})
+    for k in ("INFDIT_WEIGHTS", "INFDIT_REPO", "INFDIT_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {**env, "INFDIT_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
+                 "HF_HUB_OFFLINE": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, lines = run_main(monkeypatch, capsys, "bench")
+    assert code == 1, lines
+    plan, fallback, fetch, error = lines
+    assert plan == "bench: 256x256, 512x512, 1024x1024 on cpu float32 (default sizes stop where one is " \
+                   "predicted over 90 s)", plan
+    assert fallback.startswith("running on the CPU: this torch") and "CPU-only build" in fallback
+    assert fetch.startswith("downloading infdit-4x"), fetch
+    assert error.startswith("error:") and f"127.0.0.1:{port}" in error
+
+
 def test_a_named_cpu_has_no_fallback_line_and_cached_weights_say_the_plan_once(tmp_path, monkeypatch, capsys,
                                                                                  tiny_weights):
     """--device cpu is a choice, not a fallback; with the weights here the plan's line comes once (before the

@@ -76,6 +76,7 @@ def bench(
     from ..errors import Interrupted
     from ..planner import HOST_RUNTIME, device_free, host_available
     from ..upscaler import resolve_device, resolve_dtype
+    from ._progress import FirstLines, device_note
 
     if random_weights and weights is not None:
         raise BadRequest("give either --weights or --random-weights, not both")
@@ -89,6 +90,11 @@ def bench(
         raise BadRequest(f"--mem-budget: {e}") from None
     sizes = parse_sizes(res or ("1024,2048,4096,8192" if dev.type == "cuda" else "256,512,1024"))
     row_limit = ROW_SECONDS_LIMIT if res is None and dev.type == "cpu" else None
+    # what will be measured, and why --device auto is the CPU: said before any download starts
+    plan = f"bench: {', '.join(f'{w}x{h}' for h, w in sizes)} on {dev.type} {str(dt).removeprefix('torch.')}"
+    if row_limit:
+        plan += f" (default sizes stop where one is predicted over {row_limit:.0f} s)"
+    first = FirstLines([plan, device_note(device, dev.type)], quiet)
     weights_path = None
     if random_weights:
         cfg, source = PRESETS[config], f"random weights, {config} config"
@@ -99,12 +105,13 @@ def bench(
 
         from ._fetch import ensure_weights
 
-        ensure_weights(weights, None, False, quiet)  # first use: fetched once (not under HF/INFDIT_OFFLINE)
+        ensure_weights(weights, None, False, quiet, first)  # first use: fetched once (not offline)
         try:
             weights_path = str(resolve_weights(weights))
         except WeightsNotFound as e:
             raise WeightsNotFound(f"{e}; or measure without weights: --random-weights") from None
         cfg, source = inspect_file(weights_path)[0], weights_path
+    first()
     from ..calibrate import calibration
 
     out = _Out(json_, steps, display=_Progress(enabled=not quiet and sys.stderr.isatty()))
