@@ -72,6 +72,10 @@ class BadImage(InfditError):
     """An input image is missing, unreadable, truncated or too large."""
 
 
+class TooManyPixels(BadImage):
+    """An input image has more pixels than the limit (--max-pixels); `infdit serve` answers it 413."""
+
+
 class OutputExists(InfditError):
     """The output file exists and --overwrite was not given."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import BadImage, BadRequest, DiskFull, InfditError, OutputError, OutputExists
+from .errors import BadImage, BadRequest, DiskFull, InfditError, OutputError, OutputExists, TooManyPixels
 from .metadata import ORIENTATION, read_dpi, read_exif
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
@@ -133,7 +133,7 @@ def _open(path: Path, max_pixels: int | None, *, load: bool):
             if load:
                 im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadImage(f"{path} has more than {max_pixels} pixels; raise --max-pixels if it is trusted") from None
+        raise TooManyPixels(f"{path} has more than {max_pixels} pixels; raise --max-pixels if it is trusted") from None
     except UnidentifiedImageError:
         kind = _sniff(path)
         if kind is not None:  # the start of a known format: a damaged file, not a foreign one
@@ -441,7 +441,7 @@ def _tiff_read(path: Path, max_pixels: int | None, failure: BadImage | None, *, 
             bits = int(page.bitspersample)
             frames = len(tif.pages)
             if max_pixels is not None and h * w > max_pixels:
-                raise BadImage(f"{path} has more than {max_pixels} pixels; raise --max-pixels if it is "
+                raise TooManyPixels(f"{path} has more than {max_pixels} pixels; raise --max-pixels if it is "
                                "trusted")
             arr = page.asarray() if pixels else None
     except BadImage:

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import _options as O
+from ..serve.hosts import LOOPBACK_NAMES, bare_host
 from ..units import parse_bytes
 
 EXAMPLES = """Examples:
@@ -44,6 +45,11 @@ def loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def any_address(host: str) -> bool:
+    """A bind to every address (0.0.0.0, ::, empty): its Host check takes any IP address."""
+    return host.strip().strip("[]") in ("0.0.0.0", "::", "")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -118,6 +124,8 @@ def serve(
     if made_token:
         token = secrets.token_urlsafe(24)
     sock = bind(host, port)  # before the weights: a taken port is said at once
+    if not any_address(host):  # the address it prints: always one it answers to (box.lan -> its IP)
+        names.add(bare_host(sock.getsockname()[0]))
 
     from ..serve.app import create_app
     from ..serve.jobs import JobRunner, JobStore
@@ -139,7 +147,7 @@ def serve(
                          info={"version": _version(), "device": up.device.type,
                                "dtype": str(up.model.dtype).removeprefix("torch."),
                                "model": model_label(weights, repo)},
-                         hosts=names, any_ip=host.strip("[]") in ("0.0.0.0", "::", ""))
+                         hosts=names, any_ip=any_address(host))
         shown = sock.getsockname()
         address = f"http://{f'[{shown[0]}]' if ':' in shown[0] else shown[0]}:{shown[1]}/"
         for line in store.skipped:
@@ -257,10 +265,9 @@ def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, 
     from ..upscaler import resolve_device, resolve_dtype  # kept off start-up (torch): after the checks above
 
     resolve_dtype(dtype, resolve_device(device, check=False))  # BadRequest: an unknown device or dtype
-    names = {"127.0.0.1", "localhost", "::1"}
+    names = set(LOOPBACK_NAMES)
     for name in allow_host:
-        bare = name.strip().lower()
-        bare = bare[1:-1] if bare.startswith("[") and bare.endswith("]") else bare
+        bare = bare_host(name)
         try:
             ipaddress.ip_address(bare)
         except ValueError:
@@ -268,8 +275,8 @@ def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, 
                 raise BadRequest(f"--allow-host takes a host name or an IP address without a port or scheme, "
                                  f"got {name!r}") from None
         names.add(bare)
-    if not loopback(host) and host.strip("[]") not in ("0.0.0.0", "::"):
-        names.add(host.strip().lower().strip("[]"))
+    if not any_address(host):
+        names.add(bare_host(host))  # the name given (a loopback address too: 127.0.0.2 is answered)
     return limit, names
 
 

@@ -36,8 +36,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BadImage, BadRequest, Busy, DiskFull, InfditError, UnsafePath, describe
+from ..errors import BadImage, BadRequest, Busy, DiskFull, InfditError, TooManyPixels, UnsafePath, describe
 from ..pipeline import plan_json
+from .hosts import LOOPBACK_NAMES, bare_host
 from .jobs import JobOptions, JobRunner, QueueFull
 
 __all__ = ["create_app", "Hub", "LOOPBACK_NAMES"]
@@ -45,7 +46,6 @@ __all__ = ["create_app", "Hub", "LOOPBACK_NAMES"]
 KEEPALIVE_S = 15.0
 MAX_DECODES = 2  # uploads decoded at once, at most (and within the pixel budget)
 DECODE_WAIT_S = 60.0  # how long an upload waits for the decode budget before it is answered 503
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 _CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 _MEDIA = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}
@@ -128,8 +128,10 @@ def _status(exc: BaseException) -> int:
         return 429
     if isinstance(exc, _Overloaded):
         return 503
+    if isinstance(exc, TooManyPixels):
+        return 413
     if isinstance(exc, BadImage):
-        return 413 if "pixels" in str(exc) else 415
+        return 415
     if isinstance(exc, Busy):
         return 409
     if isinstance(exc, InfditError):
@@ -174,7 +176,7 @@ class _Guard:
     def __init__(self, app, *, token: str | None, max_bytes: int, hosts: Iterable[str] = LOOPBACK_NAMES,
                  any_ip: bool = False) -> None:
         self.app, self.token, self.max_bytes = app, token, max_bytes
-        self.hosts, self.any_ip = frozenset(h.lower().strip("[]") for h in hosts), any_ip
+        self.hosts, self.any_ip = frozenset(bare_host(h) for h in hosts), any_ip
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -223,13 +225,11 @@ class _Guard:
         if not host:
             return "refused: the request has no Host header"
         name = host_name(host)
-        if name is not None and (name in self.hosts or self.any_ip and _is_ip(name)):
+        if name is not None and (bare_host(name) in self.hosts or self.any_ip and _is_ip(name)):
             return None
         shown = "".join(c for c in host[:100] if c.isprintable())
-        return (f"refused: Host {shown!r} is not a name of this server (it answers to "
-                f"{', '.join(sorted('[' + h + ']' if ':' in h else h for h in self.hosts))}"
-                f"{' and its IP addresses' if self.any_ip else ''}; a page elsewhere cannot reach it by "
-                "rebinding a name: start it with --allow-host NAME to use that name)")
+        # Not the names it answers to: a rebinding page could read this answer and learn them.
+        return f"refused: Host {shown!r} is not a name of this server (see --allow-host)"
 
     def _authorised(self, scope, headers) -> bool:
         given = None
@@ -343,19 +343,30 @@ def _content_disposition(filename: str) -> str:
     return f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
 
 
+class _FileResponse(StreamingResponse):
+    """A file object's bytes, streamed; the file is closed when the answer ends, however it ends (sent, the
+    client gone before the first byte, cancelled), and by its own finaliser if the answer is never sent."""
+
+    def __init__(self, file, media_type: str, headers: dict) -> None:
+        self.file = file
+        super().__init__(iter(lambda: file.read(_CHUNK), b""), media_type=media_type, headers=headers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.file.close()
+
+
 def _fd_response(fd: int, media_type: str, headers: dict) -> Response:
     """The open file `fd` as the answer (streamed, then closed): never a second open by name."""
-    size = os.fstat(fd).st_size
-
-    def chunks():
-        try:
-            while data := os.read(fd, _CHUNK):
-                yield data
-        finally:
-            os.close(fd)
-
-    return StreamingResponse(chunks(), media_type=media_type,
-                             headers={**headers, "Content-Length": str(size)})
+    try:
+        size = os.fstat(fd).st_size
+        file = os.fdopen(fd, "rb", buffering=0)  # owns fd from here: closed with the file object
+    except BaseException:
+        os.close(fd)
+        raise
+    return _FileResponse(file, media_type, {**headers, "Content-Length": str(size)})
 
 
 def _options(form) -> JobOptions:

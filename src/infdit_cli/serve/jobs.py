@@ -390,6 +390,7 @@ class JobRunner:
             err = type(e)(str(e).replace(str(path), name))
             err.exit_code = e.exit_code
             raise err from None
+        img.notices = [n.replace(str(path), name) for n in img.notices]  # the upload's name, not its path in the jobs folder
         return img, plan, plan_lines(plan, self.up.device.type, str(self.up.model.dtype).removeprefix("torch."))
 
     def _options(self, options: JobOptions):
@@ -501,6 +502,12 @@ class JobRunner:
         if self.thread is not None:
             self.thread.join(timeout)
 
+    def _shown(self, job: Job, text: str) -> str:
+        """`text` for an answer: the job's input shown by its name, the jobs folder as <jobs>."""
+        for path, shown in ((self.store.path(job, job.input_file), job.name), (self.store.root, "<jobs>")):
+            text = text.replace(str(path), shown)
+        return text
+
     def _run(self, job: Job) -> None:
         progress = _Progress(job)
         last_save = [0.0]
@@ -514,11 +521,12 @@ class JobRunner:
             if isinstance(event, Resumed):
                 job.resumed = {"pass": event.pass_, "step": event.step}
             if isinstance(event, Notice | PlanChanged):
-                job.warnings.append(event.text if isinstance(event, Notice) else f"plan {event.old} -> {event.new} "
-                                    f"({event.reason})")
+                job.warnings.append(self._shown(job, event.text) if isinstance(event, Notice)
+                                    else f"plan {event.old} -> {event.new} ({event.reason})")
                 show = True
             if not isinstance(event, BatchDone):
-                self.publish(type(event).__name__, {"job": job.id, **event_json(event)})
+                self.publish(type(event).__name__, {"job": job.id, **{
+                    k: self._shown(job, v) if isinstance(v, str) else v for k, v in event_json(event).items()}})
             if show or isinstance(event, BatchDone) and time.monotonic() - last_save[0] > 1.0:
                 last_save[0] = time.monotonic()
                 if isinstance(event, StepDone | CheckpointWritten | PassDone | Notice | PlanChanged):
@@ -555,8 +563,7 @@ class JobRunner:
                 self._drop_run(job)
         except BaseException as e:  # noqa: BLE001 - a failed job is reported in its state; the server goes on
             msg, code = describe(e)
-            for path, shown in ((self.store.path(job, job.input_file), job.name), (self.store.root, "<jobs>")):
-                msg = msg.replace(str(path), shown)
+            msg = self._shown(job, msg)
             with self.lock:
                 job.error, job.exit_code = msg, code
                 self._finish(job, "failed")
