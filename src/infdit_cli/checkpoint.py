@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import Busy, DiskFull, NonFinite, UnsafePath
+from .errors import Busy, DiskFull, NonFinite, UnsafePath, no_space
 from .storage import SafeFolder, allocate
 
 __all__ = ["RunFolder", "Saved", "run_folder_for", "describe", "weights_identity", "model_identity", "fingerprint",
@@ -428,10 +428,6 @@ def _lock_pid(content: bytes) -> str:
     return (m.group(1) or m.group(2)).decode() if m else "?"
 
 
-def _no_space(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 def _take_lock(path: Path, output: Path) -> int:
     for _ in range(10):
         created = True
@@ -453,7 +449,7 @@ def _take_lock(path: Path, output: Path) -> int:
         except FileNotFoundError:  # the output's folder is missing: check_output reports it
             raise
         except OSError as e:
-            if _no_space(e):
+            if no_space(e):
                 raise DiskFull(f"no space left in {path.parent} for the lock file {path.name}") from None
             raise
         mine = [created]  # a file this run may remove: made by it, or an earlier infdit's lock it now holds
@@ -465,7 +461,7 @@ def _take_lock(path: Path, output: Path) -> int:
                 _drop_lock(path, fd)
             else:
                 os.close(fd)
-            if isinstance(e, OSError) and _no_space(e):
+            if no_space(e):
                 raise DiskFull(f"no space left in {path.parent} for the lock file {path.name}") from None
             raise
         os.close(fd)  # the holder removed it as we locked: take the new one
@@ -610,7 +606,7 @@ def write_tensor(safe: SafeFolder, name: str, x: torch.Tensor, header: bytes, wh
         return h.hexdigest()
     except OSError as e:
         safe.unlink(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if no_space(e):
             raise DiskFull(f"no space left in {safe.path} for a checkpoint") from None
         raise
     except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "InfditError",
     "ConvertError",
@@ -191,10 +193,15 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if lost_contact(exc):
         return ("lost contact with another rank (it failed, was killed, or did not answer within "
                 "INFDIT_RANK_TIMEOUT); its own error, if any, is on its stderr"), 1
-    if isinstance(exc, OSError) and exc.errno == 28:
+    if no_space(exc):
         return f"no space left on device: {exc.filename or ''}".rstrip(": "), 1
     if isinstance(exc, PermissionError):
         return f"permission denied: {exc.filename}", 1
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1
     return f"internal error: {type(exc).__name__}: {exc}", 1
+
+
+def no_space(exc: BaseException) -> bool:
+    """A write refused for want of space: the disk is full (ENOSPC) or the user's quota is (EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import BadImage, BadRequest, DiskFull, InfditError, OutputError, OutputExists, TooManyPixels
+from .errors import (BadImage, BadRequest, DiskFull, InfditError, OutputError, OutputExists, TooManyPixels,
+                     no_space)
 from .metadata import ORIENTATION, read_dpi, read_exif
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
@@ -749,7 +750,7 @@ def _atomic(path: Path, fmt: str, overwrite: bool, write) -> Path:
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT: the folder, not the temp name
+        if no_space(e):  # the folder, not the temporary name
             raise DiskFull(f"no space left in {path.parent} for {path.name}") from None
         raise
     return path

@@ -36,7 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BadImage, BadRequest, Busy, DiskFull, InfditError, TooManyPixels, UnsafePath, describe
+from ..errors import BadImage, BadRequest, Busy, DiskFull, InfditError, TooManyPixels, UnsafePath, describe, no_space
 from ..pipeline import plan_json
 from .hosts import LOOPBACK_NAMES, bare_host
 from .jobs import JobOptions, JobRunner, QueueFull
@@ -49,7 +49,6 @@ DECODE_WAIT_S = 60.0  # how long an upload waits for the decode budget before it
 _CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 _MEDIA = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -454,7 +453,7 @@ def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 
 
     @app.exception_handler(OSError)
     async def _os(request: Request, exc: OSError):
-        if exc.errno in _DISK_FULL:
+        if no_space(exc) or exc.errno == errno.EFBIG:  # EFBIG: a file-size limit, as full
             return disk_full()
         raise exc  # not a client's mistake: 500, logged (`_any`)
 
