@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from infdit_cli.distributed import World, rank_device, shard, world_from_env
@@ -138,3 +139,17 @@ def test_upscale_under_torchrun_same_pixels(tmp_path, tiny_weights):
     a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("one.png", "two.png"))
     assert a.shape == (96, 400, 3) and np.array_equal(a, b)  # the 8-bit result, pixel for pixel
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "two.png", "wide.png"]  # written once
+
+
+def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatch):
+    from infdit_cli.upscaler import prefer_expandable_segments
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    env: dict = {}
+    assert not prefer_expandable_segments("cpu", env) and env == {}
+    assert prefer_expandable_segments("cuda:1", env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    assert not prefer_expandable_segments("cuda", mine) and mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: the allocator has read it
+    late: dict = {}
+    assert not prefer_expandable_segments("cuda", late) and late == {}

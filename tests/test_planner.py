@@ -277,20 +277,6 @@ def test_band_sends_are_planned_for():
         OFFICIAL, (8192, 8192), budget=40 * 2**30, **GPU).n
 
 
-def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatch):
-    from infdit_cli.planner import prefer_expandable_segments
-
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    env: dict = {}
-    assert not prefer_expandable_segments("cpu", env) and env == {}
-    assert prefer_expandable_segments("cuda:1", env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
-    assert not prefer_expandable_segments("cuda", mine) and mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: the allocator has read it
-    late: dict = {}
-    assert not prefer_expandable_segments("cuda", late) and late == {}
-
-
 def test_a_pass_out_of_memory_first_replans_then_halves(tiny_model):
     """Through the pipeline: a pass planned at n=4 whose 4x4 batches run out of memory goes on at the
     largest n within 0.9x its budget (here n=3: the budget is roomy, the miss small), not at n=2; when 3x3

@@ -94,7 +94,7 @@ def init(world: World, device: str = "cpu") -> None:
     if not cuda:
         dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout)
         return
-    from .planner import prefer_expandable_segments
+    from .upscaler import prefer_expandable_segments
 
     dev = torch.device(rank_device(device, world))
     prefer_expandable_segments(dev)  # before CUDA initialises here
