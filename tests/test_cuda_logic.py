@@ -219,7 +219,7 @@ class _FakeDriverLib:
         return 0
 
     def cuMemHostRegister_v2(self, ptr, size, flags):  # noqa: N802
-        self.log.append(("cuMemHostRegister", ptr.value, size.value))
+        self.log.append(("cuMemHostRegister", ptr.value, size.value, flags.value))
         return self.answer
 
     def cuMemHostUnregister(self, ptr):  # noqa: N802
@@ -229,7 +229,10 @@ class _FakeDriverLib:
 
 def test_pinning_goes_through_the_driver_where_it_can(monkeypatch):
     """With the driver at hand the slab is registered and unregistered through it (its refusals leave no
-    error state behind), the runtime is never asked; a refusal there is plain ordinary memory."""
+    error state behind), the runtime is never asked; a refusal there is plain ordinary memory. The pages
+    are registered portable and mapped (CU_MEMHOSTREGISTER_PORTABLE | _DEVICEMAP = 1 | 2): with flags 0
+    they would be pinned for the current context only, as the runtime's cudaHostRegister(.., 0) is not
+    (portable and mapped on UVA systems)."""
     log: list = []
 
     def no_runtime():
@@ -241,7 +244,7 @@ def test_pinning_goes_through_the_driver_where_it_can(monkeypatch):
     scratch = Scratch(pin=True)
     t = scratch.empty("kv_cache", (4, 10), torch.float32)
     ptr = t.data_ptr()
-    assert log == [("cuMemHostRegister", ptr, 160)] and scratch.pin
+    assert log == [("cuMemHostRegister", ptr, 160, 1 | 2)] and scratch.pin
     del t, scratch
     assert log[1:] == [("synchronize",), ("cuMemHostUnregister", ptr)]
 
@@ -415,3 +418,35 @@ def test_the_wavelet_colour_fix_in_row_bands_is_the_whole_image_s():
         assert len(pipeline._rows(300, 200, budget)) > 5
         assert torch.equal(pipeline._wavelet_fix(out, ref, budget=budget), want)
         assert torch.equal(pipeline._wavelet_fix(out, whole_ref, budget=budget), want)
+
+
+def test_host_cache_is_made_and_freed_on_the_models_gpu(tiny_model, monkeypatch):
+    """With the model on cuda:1, the host slab is pinned, and unpinned, with cuda:1 the current device:
+    the driver registers in the current context, and a runtime call without one (`torch.cuda.synchronize()`)
+    would bind GPU 0's and pin there (and wait for the wrong GPU's copies before unpinning)."""
+    cfg = tiny_model.config
+    x, lr_up, lr, vec = _inputs(cfg, 64, 96)
+    eng = BlockEngine(tiny_model, lr, vec, lr_up, Placement(n=2, cache_on_host=True))
+    gpu1 = torch.device("cuda", 1)
+    eng.model = type("OnGpu1", (), {"device": gpu1, "dtype": torch.float32})()
+    current: list = [None]
+    seen: list = []
+
+    @contextlib.contextmanager
+    def on(device):
+        current.append(torch.device(device))
+        yield
+        current.pop()
+
+    def pin(t):
+        seen.append(("pin", current[-1]))
+        return lambda t: seen.append(("unpin", current[-1]))
+
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
+    monkeypatch.setattr(engine_mod, "_copy_streams", lambda device: (None, None))
+    monkeypatch.setattr(storage_mod, "_pin", pin)
+    assert eng.prepare() is not None
+    assert seen == [("pin", gpu1)]
+    eng.close()
+    assert seen == [("pin", gpu1), ("unpin", gpu1)]

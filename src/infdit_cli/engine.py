@@ -201,6 +201,12 @@ class _Puts:
         self.last = None
 
 
+def _on_device(device: torch.device):
+    """Context: `device` is CUDA's current device (a runtime call in it binds that GPU's context, not GPU
+    0's); nothing for another device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _copy_streams(device: torch.device):
     """(copy stream, compute stream) for a host-side cache next to a CUDA model; (None, None) elsewhere."""
     if device.type != "cuda":
@@ -342,13 +348,14 @@ class BlockEngine:
         dev = torch.device("cpu") if self.placement.cache_on_host else self.model.device
         entry = (cfg.num_layers, 2, batch, cfg.block_tokens**2, cfg.num_heads, cfg.head_dim)
         c = self.cache
-        if c is None or c.slots != slots or c.device != dev or tuple(c.slab.shape[1:]) != entry:
-            self.cache = None  # free the old slab first
-            scratch = self.scratch
-            if scratch is None:  # RAM, pinned for asynchronous copies when the model is on CUDA
-                scratch = Scratch(pin=self.model.device.type == "cuda")
-            self.cache = KVCache(slots, entry, dtype, dev, scratch=scratch)
-        self.cache.clear()
+        with _on_device(self.model.device):  # the pinning (and unpinning) binds the model's GPU, not GPU 0
+            if c is None or c.slots != slots or c.device != dev or tuple(c.slab.shape[1:]) != entry:
+                self.cache = c = None  # free the old slab first
+                scratch = self.scratch
+                if scratch is None:  # RAM, pinned for asynchronous copies when the model is on CUDA
+                    scratch = Scratch(pin=self.model.device.type == "cuda")
+                self.cache = KVCache(slots, entry, dtype, dev, scratch=scratch)
+            self.cache.clear()
         if self.model.device.type == "cuda" and dev.type == "cpu" and self._stream is None:
             self._stream = torch.cuda.Stream(self.model.device)
         if dev.type == "cpu" and not self._puts.active:
@@ -381,7 +388,8 @@ class BlockEngine:
 
     def close(self) -> None:
         self._puts.synchronize()  # the puts read the tables and write the cache about to be freed
-        self.cache = None
+        with _on_device(self.model.device):  # unpinning synchronises the model's GPU
+            self.cache = None
         self._bufs = self._buf_key = self._chunk_bufs = None
 
     # ---- one denoiser call ------------------------------------------------------------------------------
