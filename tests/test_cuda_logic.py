@@ -348,7 +348,8 @@ def test_host_cache_puts_run_on_the_copy_stream_in_order(tiny_model, monkeypatch
         log.append(("qkv", i))
         return real_qkv(i, *a, **k)
 
-    monkeypatch.setattr(engine_mod, "_copy_streams", lambda device: (copy, compute))
+    monkeypatch.setattr(engine_mod, "_copy_streams", lambda device: (copy, device))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(engine_mod.KVCache, "put", put)
     monkeypatch.setattr(tiny_model, "layer_qkv", layer_qkv)
@@ -450,3 +451,18 @@ def test_host_cache_is_made_and_freed_on_the_models_gpu(tiny_model, monkeypatch)
     assert seen == [("pin", gpu1)]
     eng.close()
     assert seen == [("pin", gpu1), ("unpin", gpu1)]
+
+
+def test_puts_order_against_the_stream_current_when_they_run(monkeypatch):
+    """The compute stream is read when it is needed, not fixed when the cache was made: a caller that runs
+    the engine under another stream gets its puts ordered after, and its tables guarded on, that stream."""
+    log: list = []
+    copy = _RecordingStream("copy", log)
+    streams = {"now": _RecordingStream("first", log)}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams["now"])
+    puts = engine_mod._Puts(copy, torch.device("cuda", 0))
+    streams["now"] = _RecordingStream("second", log)
+    puts.start()
+    ev = puts.finish()
+    puts.before_table_write()
+    assert log == [("copy waits", "second"), ("record", ev.name), ("second waits", ev.name)]

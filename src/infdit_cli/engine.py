@@ -161,9 +161,16 @@ class _Puts:
       `KVCache.claim(host_write=True)`, waits for it; a device-side put is ordered by `start`).
     """
 
-    def __init__(self, copy=None, compute=None) -> None:
-        self.copy, self.compute = copy, compute
+    def __init__(self, copy=None, device: torch.device | None = None) -> None:
+        self.copy, self.device = copy, device
         self.last = None  # event of the last puts not yet waited for by the compute stream
+
+    @property
+    def compute(self):
+        """The stream the engine computes on: the device's current one when asked (a caller may run the
+        engine under `torch.cuda.stream(...)`, another one at each call), not the one when the cache was
+        made."""
+        return torch.cuda.current_stream(self.device)
 
     @property
     def active(self) -> bool:
@@ -208,10 +215,10 @@ def _on_device(device: torch.device):
 
 
 def _copy_streams(device: torch.device):
-    """(copy stream, compute stream) for a host-side cache next to a CUDA model; (None, None) elsewhere."""
+    """(copy stream, its device) for a host-side cache next to a CUDA model; (None, None) elsewhere."""
     if device.type != "cuda":
         return None, None
-    return torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    return torch.cuda.Stream(device), device
 
 
 class _Prefetch:
