@@ -226,7 +226,7 @@ def group(world: World, device: str = "cpu"):
 
 def teardown(clean: bool = True) -> None:
     """Leave the process group. `clean` (this rank's work ended normally): every rank reaches the end before
-    any leaves (gloo fails a peer still receiving from one gone early). Otherwise at once: after an error or
+    any leaves (gloo fails a peer still receiving from one gone early), met in a CPU all_reduce (gloo). Otherwise at once: after an error or
     a signal this rank may be mid-exchange, and a barrier could pair with a peer's unfinished receive and
     hold both until torchrun kills them or INFDIT_RANK_TIMEOUT passes; the peers meet the closed
     connections and fail at once."""
@@ -235,8 +235,9 @@ def teardown(clean: bool = True) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     if clean:
-        try:
-            dist.barrier()
+        try:  # a CPU tensor: gloo, also on the "cpu:gloo,cuda:nccl" group, where barrier() would go
+            # through NCCL on the bound device (`device_id`), and a dead peer meant the watchdog's timeout
+            dist.all_reduce(torch.zeros(1))
         except (RuntimeError, ValueError):  # a peer already failed: its error is the one to report
             pass
         dist.destroy_process_group()
