@@ -485,7 +485,8 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
         """Out of memory at `at`: the largest smaller n the plan's estimate fits in 0.9x its budget."""
         new = planner_replan(model.config, p.padded_out, replace(at, state_on_host=state_on_host),
                              p.memory.budget, dtype=model.dtype, device_type=model.device.type,
-                             batch=lr_in.shape[0], scale=p.scale, ranks=getattr(engine_cls, "ranks", 1))
+                             batch=lr_in.shape[0], scale=p.scale, ranks=getattr(engine_cls, "ranks", 1),
+                             state_dtype=p.memory.state_dtype, low_memory=p.memory.low_memory, order=at.order)
         return None if new is None else replace(new, state_on_host=False)  # (the engine's never is)
 
     engine = (engine_cls or BlockEngine)(model, lr, vector, lr_up, replace(placement, state_on_host=False),
