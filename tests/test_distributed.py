@@ -156,18 +156,33 @@ def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatc
 
 
 def test_clean_teardown_meets_the_peers_on_gloo_not_the_devices_barrier(monkeypatch):
-    """A clean teardown meets the other ranks in an all_reduce of a CPU tensor (gloo, also on the
-    "cpu:gloo,cuda:nccl" group), not `barrier()`, which under `device_id` goes through NCCL on the GPU (a
-    dead peer then costs the NCCL watchdog's timeout)."""
+    """A clean teardown meets the other ranks at the group's CPU backend's (gloo's) barrier, also on the
+    "cpu:gloo,cuda:nccl" group, not `dist.barrier()`, which under `device_id` goes through NCCL on the GPU
+    (a dead peer then costs the NCCL watchdog's timeout)."""
     import torch.distributed as dist
 
     from infdit_cli.distributed import teardown
 
     calls: list = []
+
+    class Work:
+        def wait(self):
+            calls.append("waited")
+
+    class Backend:
+        def barrier(self):
+            calls.append("gloo barrier")
+            return Work()
+
+    class Group:
+        def _get_backend(self, device):
+            calls.append(("backend", torch.device(device).type))
+            return Backend()
+
     monkeypatch.setattr(dist, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
-    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: calls.append(("all_reduce", t.device.type)))
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_group", lambda: Group())
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("device barrier"))
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
     teardown(clean=True)
-    assert calls == [("all_reduce", "cpu"), "destroy"]
+    assert calls == [("backend", "cpu"), "gloo barrier", "waited", "destroy"]
