@@ -219,7 +219,7 @@ class _FakeDriverLib:
         return 0
 
     def cuMemHostRegister_v2(self, ptr, size, flags):  # noqa: N802
-        self.log.append(("cuMemHostRegister", ptr.value, size.value))
+        self.log.append(("cuMemHostRegister", ptr.value, size.value, flags.value))
         return self.answer
 
     def cuMemHostUnregister(self, ptr):  # noqa: N802
@@ -229,7 +229,10 @@ class _FakeDriverLib:
 
 def test_pinning_goes_through_the_driver_where_it_can(monkeypatch):
     """With the driver at hand the slab is registered and unregistered through it (its refusals leave no
-    error state behind), the runtime is never asked; a refusal there is plain ordinary memory."""
+    error state behind), the runtime is never asked; a refusal there is plain ordinary memory. The pages
+    are registered portable and mapped (CU_MEMHOSTREGISTER_PORTABLE | _DEVICEMAP = 1 | 2): with flags 0
+    they would be pinned for the current context only, as the runtime's cudaHostRegister(.., 0) is not
+    (portable and mapped on UVA systems)."""
     log: list = []
 
     def no_runtime():
@@ -241,7 +244,7 @@ def test_pinning_goes_through_the_driver_where_it_can(monkeypatch):
     scratch = Scratch(pin=True)
     t = scratch.empty("kv_cache", (4, 10), torch.float32)
     ptr = t.data_ptr()
-    assert log == [("cuMemHostRegister", ptr, 160)] and scratch.pin
+    assert log == [("cuMemHostRegister", ptr, 160, 1 | 2)] and scratch.pin
     del t, scratch
     assert log[1:] == [("synchronize",), ("cuMemHostUnregister", ptr)]
 
@@ -345,7 +348,8 @@ def test_host_cache_puts_run_on_the_copy_stream_in_order(tiny_model, monkeypatch
         log.append(("qkv", i))
         return real_qkv(i, *a, **k)
 
-    monkeypatch.setattr(engine_mod, "_copy_streams", lambda device: (copy, compute))
+    monkeypatch.setattr(engine_mod, "_copy_streams", lambda device: (copy, device))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(engine_mod.KVCache, "put", put)
     monkeypatch.setattr(tiny_model, "layer_qkv", layer_qkv)
@@ -415,3 +419,71 @@ def test_the_wavelet_colour_fix_in_row_bands_is_the_whole_image_s():
         assert len(pipeline._rows(300, 200, budget)) > 5
         assert torch.equal(pipeline._wavelet_fix(out, ref, budget=budget), want)
         assert torch.equal(pipeline._wavelet_fix(out, whole_ref, budget=budget), want)
+
+
+def test_host_cache_is_made_and_freed_on_the_models_gpu(tiny_model, monkeypatch):
+    """With the model on cuda:1, the host slab is pinned, and unpinned, with cuda:1 the current device:
+    the driver registers in the current context, and a runtime call without one (`torch.cuda.synchronize()`)
+    would bind GPU 0's and pin there (and wait for the wrong GPU's copies before unpinning)."""
+    cfg = tiny_model.config
+    x, lr_up, lr, vec = _inputs(cfg, 64, 96)
+    eng = BlockEngine(tiny_model, lr, vec, lr_up, Placement(n=2, cache_on_host=True))
+    gpu1 = torch.device("cuda", 1)
+    eng.model = type("OnGpu1", (), {"device": gpu1, "dtype": torch.float32})()
+    current: list = [None]
+    seen: list = []
+
+    @contextlib.contextmanager
+    def on(device):
+        current.append(torch.device(device))
+        yield
+        current.pop()
+
+    def pin(t):
+        seen.append(("pin", current[-1]))
+        return lambda t: seen.append(("unpin", current[-1]))
+
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
+    monkeypatch.setattr(engine_mod, "_copy_streams", lambda device: (None, None))
+    monkeypatch.setattr(storage_mod, "_pin", pin)
+    assert eng.prepare() is not None
+    assert seen == [("pin", gpu1)]
+    eng.close()
+    assert seen == [("pin", gpu1), ("unpin", gpu1)]
+
+
+def test_puts_order_against_the_stream_current_when_they_run(monkeypatch):
+    """The compute stream is read when it is needed, not fixed when the cache was made: a caller that runs
+    the engine under another stream gets its puts ordered after, and its tables guarded on, that stream."""
+    log: list = []
+    copy = _RecordingStream("copy", log)
+    streams = {"now": _RecordingStream("first", log)}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams["now"])
+    puts = engine_mod._Puts(copy, torch.device("cuda", 0))
+    streams["now"] = _RecordingStream("second", log)
+    puts.start()
+    ev = puts.finish()
+    puts.before_table_write()
+    assert log == [("copy waits", "second"), ("record", ev.name), ("second waits", ev.name)]
+
+
+def test_attention_bound_is_a_bf16_kernels_error_not_the_outputs_rounding():
+    """The SDPA row's bound (on the CPU: the math backend is there): the reference is the float64 attention
+    of the bf16 inputs and the bound `ratio` x the error of the math backend computing in bf16. The math
+    backend's default (torch >= 2.5: bf16 inputs computed in float32) errs by little more than the output's
+    rounding; a bound on that (1.5x) leaves a fused kernel that rounds its softmax weights to bf16 (emulated
+    here) little room (here 1.4x of the 1.5x), and fails it on other shapes for no fault of its own."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from infdit_cli.sdpa_pick import measure_backends
+
+    got = measure_backends("cpu", batch=2, heads=4, queries=128, keys=2048, backends=())
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 80, generator=g, dtype=torch.bfloat16) for n in (128, 2048, 2048))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    with sdpa_kernel(SDPBackend.MATH):
+        default_math = (F.scaled_dot_product_attention(q, k, v).double() - exact).pow(2).mean().sqrt().item()
+    weights = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / 80**0.5, -1).bfloat16().float()
+    flash_like = ((weights @ v.float()).bfloat16().double() - exact).pow(2).mean().sqrt().item()
+    assert flash_like <= got["bound"] and got["bound"] >= 2 * default_math  # was 1.5 x default_math

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from infdit_cli.distributed import World, rank_device, shard, world_from_env
@@ -138,3 +139,50 @@ def test_upscale_under_torchrun_same_pixels(tmp_path, tiny_weights):
     a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("one.png", "two.png"))
     assert a.shape == (96, 400, 3) and np.array_equal(a, b)  # the 8-bit result, pixel for pixel
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "two.png", "wide.png"]  # written once
+
+
+def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatch):
+    from infdit_cli.upscaler import prefer_expandable_segments
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    env: dict = {}
+    assert not prefer_expandable_segments("cpu", env) and env == {}
+    assert prefer_expandable_segments("cuda:1", env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    assert not prefer_expandable_segments("cuda", mine) and mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: the allocator has read it
+    late: dict = {}
+    assert not prefer_expandable_segments("cuda", late) and late == {}
+
+
+def test_clean_teardown_meets_the_peers_on_gloo_not_the_devices_barrier(monkeypatch):
+    """A clean teardown meets the other ranks at the group's CPU backend's (gloo's) barrier, also on the
+    "cpu:gloo,cuda:nccl" group, not `dist.barrier()`, which under `device_id` goes through NCCL on the GPU
+    (a dead peer then costs the NCCL watchdog's timeout)."""
+    import torch.distributed as dist
+
+    from infdit_cli.distributed import teardown
+
+    calls: list = []
+
+    class Work:
+        def wait(self):
+            calls.append("waited")
+
+    class Backend:
+        def barrier(self):
+            calls.append("gloo barrier")
+            return Work()
+
+    class Group:
+        def _get_backend(self, device):
+            calls.append(("backend", torch.device(device).type))
+            return Backend()
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_group", lambda: Group())
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("device barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    teardown(clean=True)
+    assert calls == [("backend", "cpu"), "gloo barrier", "waited", "destroy"]

@@ -165,3 +165,27 @@ def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png"]
+
+
+def test_the_observed_pace_leaves_out_checkpoint_saves(tiny_model, rgb, tmp_path, monkeypatch):
+    """The per-call time a job hands `calibrate.observe` is the sampler's own: a checkpoint save (here a
+    slow fake, 0.5 s a step) between the steps is not a model call's time."""
+    import infdit_cli.calibrate as calibrate_mod
+    import infdit_cli.pipeline as pipeline_mod
+    from infdit_cli.checkpoint import RunFolder
+    from infdit_cli.planner import Rates
+
+    opts = UpscaleOptions(steps=4, low_memory=False)
+    rates = Rates(flops=1e9, op_seconds=1e-6, copy_bytes=1e9, source="measured")
+    up_plan = plan_upscale(tiny_model.config, tuple(rgb.shape[-2:]), (rgb.shape[-2] * 4, rgb.shape[-1] * 4),
+                           opts, rates=rates)
+    seen, saves = [], []
+    monkeypatch.setattr(calibrate_mod, "observe", lambda *a: seen.append(a[5:]))
+    monkeypatch.setattr(pipeline_mod._Checkpointer, "save", lambda *a: (saves.append(1), time.sleep(0.5)))
+    t = time.perf_counter()
+    upscale(tiny_model, rgb, up_plan, opts, run=RunFolder(tmp_path / "run", {}))
+    took = time.perf_counter() - t
+    assert len(saves) == 4 and len(seen) == 1
+    per_call, calls = seen[0]
+    # 3 of the saves (1.5 s) fall between the first and the last stamp: counted, the calls took >= 1.5 s
+    assert calls >= 4 and per_call * calls < 1.5, (per_call, calls, took)

@@ -277,20 +277,6 @@ def test_band_sends_are_planned_for():
         OFFICIAL, (8192, 8192), budget=40 * 2**30, **GPU).n
 
 
-def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatch):
-    from infdit_cli.planner import prefer_expandable_segments
-
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    env: dict = {}
-    assert not prefer_expandable_segments("cpu", env) and env == {}
-    assert prefer_expandable_segments("cuda:1", env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
-    assert not prefer_expandable_segments("cuda", mine) and mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: the allocator has read it
-    late: dict = {}
-    assert not prefer_expandable_segments("cuda", late) and late == {}
-
-
 def test_a_pass_out_of_memory_first_replans_then_halves(tiny_model):
     """Through the pipeline: a pass planned at n=4 whose 4x4 batches run out of memory goes on at the
     largest n within 0.9x its budget (here n=3: the budget is roomy, the miss small), not at n=2; when 3x3
@@ -313,3 +299,49 @@ def test_a_pass_out_of_memory_first_replans_then_halves(tiny_model):
         events = []
         upscale(tiny_model, rgb, up_plan, opts, fault=fault, on_event=events.append)
         assert [(e.old, e.new) for e in events if isinstance(e, PlanChanged)] == want
+
+
+def test_a_pass_replans_with_its_state_dtype_and_order(tiny_model, monkeypatch):
+    """The out-of-memory re-plan estimates the pass as planned: a bfloat16 state (not float32, `estimate`'s
+    default), the plan's storage and the placement's traversal order; its answer is `planner.replan`'s
+    with them."""
+    from dataclasses import replace as dc_replace
+
+    import infdit_cli.pipeline as pipeline_mod
+    import infdit_cli.planner as planner_mod
+    from infdit_cli.pipeline import UpscaleOptions, plan_upscale, upscale
+    from infdit_cli.schedule import BlockBatch
+    from infdit_cli.planner import batch_device_bytes
+
+    cfg = tiny_model.config
+    rgb = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))
+    opts = UpscaleOptions(steps=2, block_batch=4, low_memory=False)
+    up_plan = plan_upscale(cfg, (20, 28), (80, 112), opts)
+    pas = up_plan.passes[0]
+    mem = dc_replace(pas.memory, state_dtype=torch.bfloat16,
+                     placement=dc_replace(pas.memory.placement, order="col"))
+    up_plan = dc_replace(up_plan, passes=[dc_replace(pas, memory=mem)])
+    three = batch_device_bytes(cfg, BlockBatch(0, 3, 0, 3, 5, 7), 1, torch.float32, False, "cpu")
+    seen, answers = [], []
+    real_estimate, real_replan = planner_mod.estimate, pipeline_mod.planner_replan
+
+    def estimate(*a, **k):
+        seen.append((k.get("state_dtype", torch.float32), k.get("order", "auto"), k.get("low_memory", False)))
+        return real_estimate(*a, **k)
+
+    def spy(*a, **k):
+        answers.append((a, real_replan(*a, **k)))
+        return answers[-1][1]
+
+    def fault(nbytes):
+        if nbytes > three:
+            raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(planner_mod, "estimate", estimate)
+    monkeypatch.setattr(pipeline_mod, "planner_replan", spy)
+    upscale(tiny_model, rgb, up_plan, opts, fault=fault)
+    monkeypatch.undo()
+    assert seen and set(seen) == {(torch.bfloat16, "col", mem.low_memory)}
+    (args, got), = answers
+    assert got == real_replan(*args, dtype=tiny_model.dtype, device_type="cpu", batch=1, scale=pas.scale,
+                              ranks=1, state_dtype=torch.bfloat16, low_memory=mem.low_memory, order="col")

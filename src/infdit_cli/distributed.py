@@ -94,7 +94,7 @@ def init(world: World, device: str = "cpu") -> None:
     if not cuda:
         dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout)
         return
-    from .planner import prefer_expandable_segments
+    from .upscaler import prefer_expandable_segments
 
     dev = torch.device(rank_device(device, world))
     prefer_expandable_segments(dev)  # before CUDA initialises here
@@ -224,9 +224,22 @@ def group(world: World, device: str = "cpu"):
     teardown(clean=True)
 
 
+def _cpu_barrier(dist) -> None:
+    """The group's barrier on its CPU backend (gloo), also on the "cpu:gloo,cuda:nccl" group, where
+    `dist.barrier()` goes through NCCL on the bound device (`device_id`; a dead peer then costs the NCCL
+    watchdog's timeout). Gloo's barrier first waits for this rank's work in flight (a CPU all_reduce would
+    not: a send still pending when the group is destroyed aborts the process)."""
+    try:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    except (AttributeError, RuntimeError):  # a torch without per-device backends: the group is gloo's only
+        dist.barrier()
+        return
+    backend.barrier().wait()
+
+
 def teardown(clean: bool = True) -> None:
     """Leave the process group. `clean` (this rank's work ended normally): every rank reaches the end before
-    any leaves (gloo fails a peer still receiving from one gone early). Otherwise at once: after an error or
+    any leaves (gloo fails a peer still receiving from one gone early), at the CPU backend's barrier. Otherwise at once: after an error or
     a signal this rank may be mid-exchange, and a barrier could pair with a peer's unfinished receive and
     hold both until torchrun kills them or INFDIT_RANK_TIMEOUT passes; the peers meet the closed
     connections and fail at once."""
@@ -236,7 +249,7 @@ def teardown(clean: bool = True) -> None:
         return
     if clean:
         try:
-            dist.barrier()
+            _cpu_barrier(dist)
         except (RuntimeError, ValueError):  # a peer already failed: its error is the one to report
             pass
         dist.destroy_process_group()

@@ -161,9 +161,16 @@ class _Puts:
       `KVCache.claim(host_write=True)`, waits for it; a device-side put is ordered by `start`).
     """
 
-    def __init__(self, copy=None, compute=None) -> None:
-        self.copy, self.compute = copy, compute
+    def __init__(self, copy=None, device: torch.device | None = None) -> None:
+        self.copy, self.device = copy, device
         self.last = None  # event of the last puts not yet waited for by the compute stream
+
+    @property
+    def compute(self):
+        """The stream the engine computes on: the device's current one when asked (a caller may run the
+        engine under `torch.cuda.stream(...)`, another one at each call), not the one when the cache was
+        made."""
+        return torch.cuda.current_stream(self.device)
 
     @property
     def active(self) -> bool:
@@ -201,11 +208,17 @@ class _Puts:
         self.last = None
 
 
+def _on_device(device: torch.device):
+    """Context: `device` is CUDA's current device (a runtime call in it binds that GPU's context, not GPU
+    0's); nothing for another device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _copy_streams(device: torch.device):
-    """(copy stream, compute stream) for a host-side cache next to a CUDA model; (None, None) elsewhere."""
+    """(copy stream, its device) for a host-side cache next to a CUDA model; (None, None) elsewhere."""
     if device.type != "cuda":
         return None, None
-    return torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    return torch.cuda.Stream(device), device
 
 
 class _Prefetch:
@@ -342,13 +355,14 @@ class BlockEngine:
         dev = torch.device("cpu") if self.placement.cache_on_host else self.model.device
         entry = (cfg.num_layers, 2, batch, cfg.block_tokens**2, cfg.num_heads, cfg.head_dim)
         c = self.cache
-        if c is None or c.slots != slots or c.device != dev or tuple(c.slab.shape[1:]) != entry:
-            self.cache = None  # free the old slab first
-            scratch = self.scratch
-            if scratch is None:  # RAM, pinned for asynchronous copies when the model is on CUDA
-                scratch = Scratch(pin=self.model.device.type == "cuda")
-            self.cache = KVCache(slots, entry, dtype, dev, scratch=scratch)
-        self.cache.clear()
+        with _on_device(self.model.device):  # the pinning (and unpinning) binds the model's GPU, not GPU 0
+            if c is None or c.slots != slots or c.device != dev or tuple(c.slab.shape[1:]) != entry:
+                self.cache = c = None  # free the old slab first
+                scratch = self.scratch
+                if scratch is None:  # RAM, pinned for asynchronous copies when the model is on CUDA
+                    scratch = Scratch(pin=self.model.device.type == "cuda")
+                self.cache = KVCache(slots, entry, dtype, dev, scratch=scratch)
+            self.cache.clear()
         if self.model.device.type == "cuda" and dev.type == "cpu" and self._stream is None:
             self._stream = torch.cuda.Stream(self.model.device)
         if dev.type == "cpu" and not self._puts.active:
@@ -381,7 +395,8 @@ class BlockEngine:
 
     def close(self) -> None:
         self._puts.synchronize()  # the puts read the tables and write the cache about to be freed
-        self.cache = None
+        with _on_device(self.model.device):  # unpinning synchronises the model's GPU
+            self.cache = None
         self._bufs = self._buf_key = self._chunk_bufs = None
 
     # ---- one denoiser call ------------------------------------------------------------------------------

@@ -485,7 +485,8 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
         """Out of memory at `at`: the largest smaller n the plan's estimate fits in 0.9x its budget."""
         new = planner_replan(model.config, p.padded_out, replace(at, state_on_host=state_on_host),
                              p.memory.budget, dtype=model.dtype, device_type=model.device.type,
-                             batch=lr_in.shape[0], scale=p.scale, ranks=getattr(engine_cls, "ranks", 1))
+                             batch=lr_in.shape[0], scale=p.scale, ranks=getattr(engine_cls, "ranks", 1),
+                             state_dtype=p.memory.state_dtype, low_memory=p.memory.low_memory, order=at.order)
         return None if new is None else replace(new, state_on_host=False)  # (the engine's never is)
 
     engine = (engine_cls or BlockEngine)(model, lr, vector, lr_up, replace(placement, state_on_host=False),
@@ -493,14 +494,21 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
                                          compile=options.compile, replan=replan)
     preview: list[torch.Tensor] = []
 
-    def denoised(i: int, den: torch.Tensor) -> None:
-        preview[:] = [preview_image(den, p.out_size)]
+    # (calls, time) after each step, less the time spent in the callbacks (checkpoint saves, previews,
+    # progress events) until then: the sampler's own pace, which `calibrate.observe` compares with the plan
+    stamps: list[tuple[int, float]] = []
+    aside = 0.0  # seconds spent in the callbacks so far
 
-    stamps: list[tuple[int, float]] = []  # (calls, time) after each step: the pass's own pace
+    def denoised(i: int, den: torch.Tensor) -> None:
+        nonlocal aside
+        t = time.perf_counter()
+        preview[:] = [preview_image(den, p.out_size)]
+        aside += time.perf_counter() - t
 
     def step_done(ev) -> None:
-        nonlocal done
-        stamps.append((ev.calls, time.perf_counter()))
+        nonlocal done, aside
+        t = time.perf_counter()
+        stamps.append((ev.calls, t - aside))
         done = ev.i
         if ckpt is not None:
             ckpt.save(st, ev.i, ev.steps, rng)
@@ -508,6 +516,7 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
             on_event(ev)
         if on_preview is not None and preview:
             on_preview(preview.pop())
+        aside += time.perf_counter() - t
 
     while True:
         try:
@@ -528,7 +537,9 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
             on_event(PlanChanged(old=old, new=replace(engine.placement, state_on_host=True).describe()))
     engine.close()
     final = replace(engine.placement, state_on_host=state_on_host)
-    if (final == p.memory.placement and p.memory.rates is not None and len(stamps) >= 2
+    on_cpu = model.device.type == "cpu"  # the state is on the host there, whatever the plan says
+    planned = replace(p.memory.placement, state_on_host=p.memory.placement.state_on_host or on_cpu)
+    if (final == planned and p.memory.rates is not None and len(stamps) >= 2
             and getattr(engine_cls, "ranks", 1) == 1):
         # the pass's calls after its first step (warm-up, compilation) correct the cached calibration
         from .calibrate import observe

@@ -24,7 +24,7 @@ from .units import format_bytes, format_seconds, parse_bytes  # noqa: F401 - re-
 __all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down", "leanest",
            "batch_device_bytes", "parse_bytes", "format_bytes", "param_count", "host_available", "device_free",
            "HEUN_IMAGES", "Rates", "NOMINAL_RATES", "nominal_rates", "flops_per_call", "layer_flops",
-           "call_seconds", "format_seconds", "replan", "prefer_expandable_segments", "REPLAN_FACTOR"]
+           "call_seconds", "format_seconds", "replan", "REPLAN_FACTOR"]
 
 # The engine runs each layer's per-token work over chunks of a rectangle's blocks, while the rectangle's
 # queries and gathered keys/values stay in buffers: small chunks keep a CPU's temporaries in its caches and
@@ -432,23 +432,6 @@ def device_free(device: torch.device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return max(free - max(DEVICE_MARGIN, int(DEVICE_MARGIN_FRACTION * free)), 0)
-
-
-ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
-
-
-def prefer_expandable_segments(device: torch.device | str, env=None) -> bool:
-    """Ask the CUDA caching allocator for expandable segments (`expandable_segments:True`): a pass's
-    buffers of changing sizes (edge rectangles, the last chunk) then grow one mapping instead of leaving
-    fragments the next plan cannot use. Only for a CUDA device, only where the user has not set
-    PYTORCH_CUDA_ALLOC_CONF, and only before CUDA initialises (the allocator reads it then). True when set."""
-    env = os.environ if env is None else env
-    if torch.device(device).type != "cuda" or ALLOC_CONF in env or "PYTORCH_ALLOC_CONF" in env:
-        return False
-    if torch.cuda.is_initialized():
-        return False
-    env[ALLOC_CONF] = "expandable_segments:True"
-    return True
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -2,9 +2,14 @@
 model's shapes under each fused backend (flash, cuDNN, memory-efficient), each held to a bf16 accuracy bound.
 
 `measure_backends` times them (about two seconds in all) and `choice` returns the fastest one that meets
-the bound, or None. The bound: a backend's RMS distance from the exact attention of the same bf16 inputs
-(float32 math) at most `ratio` times the math backend's own bf16 distance. `infdit selftest` reports the
-measurement as one row; the engine may use the choice (`torch.nn.attention.sdpa_kernel`).
+the bound, or None. The rule: the reference is the exact attention of the same bf16 inputs (the math
+backend in float64, batch by batch); a backend passes when its RMS distance from it is at most `ratio`
+times that of the math backend computing in bf16 (`torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp`
+on: its softmax weights rounded to bf16, as the fused kernels round them). Where torch lacks that switch
+(before 2.5) the math backend computes bf16 inputs in bf16 anyway; from 2.5 on, left off, it computes them
+in float32, and its distance is then mostly the output's rounding, which a fused kernel could miss.
+`infdit selftest` reports the measurement as one row; it is a measurement only: nothing (the engine
+included) selects a backend from it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,21 @@ def _sync(device: torch.device) -> None:
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).pow(2).mean().sqrt().item()
+    return (a.double() - b.double()).pow(2).mean().sqrt().item()
+
+
+def _bf16_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The math backend's attention with its reductions in the inputs' dtype (bf16 softmax weights) where
+    torch can be asked for them (>= 2.5; before, it computed so anyway); the caller picks the backend."""
+    cb = torch.backends.cuda
+    if not hasattr(cb, "allow_fp16_bf16_reduction_math_sdp"):
+        return F.scaled_dot_product_attention(q, k, v)
+    was = cb.fp16_bf16_reduction_math_sdp_allowed()
+    cb.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        return F.scaled_dot_product_attention(q, k, v)
+    finally:
+        cb.allow_fp16_bf16_reduction_math_sdp(was)
 
 
 def measure_backends(device: torch.device | str, *, batch: int = 16, heads: int = 16, head_dim: int = 80,
@@ -50,9 +69,10 @@ def measure_backends(device: torch.device | str, *, batch: int = 16, heads: int 
     g = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=g, device=device, dtype=dtype)
                for n in (queries, keys, keys))
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())  # the exact attention of these inputs
-    with sdpa_kernel(_backend("math")):
-        math_rms = _rms(F.scaled_dot_product_attention(q, k, v), ref)
+    with sdpa_kernel(_backend("math")):  # the exact attention of these inputs, one batch at a time
+        ref = torch.cat([F.scaled_dot_product_attention(q[i:i + 1].double(), k[i:i + 1].double(),
+                                                        v[i:i + 1].double()) for i in range(batch)])
+        math_rms = _rms(_bf16_math(q, k, v), ref)
     bound = ratio * math_rms
     flops = 4 * batch * heads * queries * keys * head_dim
     per = seconds / max(len(backends), 1)

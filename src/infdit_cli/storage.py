@@ -453,9 +453,17 @@ def _unpin_runtime(t: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
+CU_MEMHOSTREGISTER_PORTABLE = 0x01  # pinned for every CUDA context, not only the current one
+CU_MEMHOSTREGISTER_DEVICEMAP = 0x02  # mapped into the device's address space (what cudaHostRegister(.., 0)
+# gives on UVA systems, which the runtime's path asks for)
+HOST_REGISTER_FLAGS = CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP
+
+
 class _Driver:
     """`cuMemHostRegister`/`cuMemHostUnregister` of the CUDA driver (libcuda), through ctypes, in the
-    context the runtime (torch) made current on this thread."""
+    context the runtime (torch) made current on this thread: the caller picks the device (the engine
+    makes its slab under `torch.cuda.device(model's device)`); the pages are registered portable and
+    mapped, so any context may copy from them."""
 
     def __init__(self, lib) -> None:
         self.lib = lib
@@ -472,7 +480,8 @@ class _Driver:
         try:
             if not self._current():
                 return None
-            return self.lib.cuMemHostRegister_v2(ctypes.c_void_p(ptr), ctypes.c_size_t(size), ctypes.c_uint(0)) == 0
+            return self.lib.cuMemHostRegister_v2(ctypes.c_void_p(ptr), ctypes.c_size_t(size),
+                                                 ctypes.c_uint(HOST_REGISTER_FLAGS)) == 0
         except (OSError, AttributeError, RuntimeError):
             return None
 

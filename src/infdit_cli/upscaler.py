@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadRequest
-from .planner import Rates, prefer_expandable_segments
+from .planner import Rates
 from .cache import sha256_file
 from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
 from .events import CheckpointDiscarded, Notice, PlanChanged
@@ -45,6 +45,23 @@ class UpscaleResult:
     seed: int
     memory: list[dict[str, int]] = field(default_factory=list)  # each pass's predicted device/host peaks
     plan_changes: list[str] = field(default_factory=list)  # placements learned from running out of memory
+
+
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def prefer_expandable_segments(device: torch.device | str, env=None) -> bool:
+    """Ask the CUDA caching allocator for expandable segments (`expandable_segments:True`): a pass's
+    buffers of changing sizes (edge rectangles, the last chunk) then grow one mapping instead of leaving
+    fragments the next plan cannot use. Only for a CUDA device, only where the user has not set
+    PYTORCH_CUDA_ALLOC_CONF, and only before CUDA initialises (the allocator reads it then). True when set."""
+    env = os.environ if env is None else env
+    if torch.device(device).type != "cuda" or ALLOC_CONF in env or "PYTORCH_ALLOC_CONF" in env:
+        return False
+    if torch.cuda.is_initialized():
+        return False
+    env[ALLOC_CONF] = "expandable_segments:True"
+    return True
 
 
 def resolve_device(name: str = "auto", *, check: bool = True) -> torch.device:
