@@ -18,7 +18,6 @@ tell an abandoned scratch folder (SIGKILL, power cut) from a live one and reclai
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import mmap
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DiskFull, UnsafePath
+from .errors import DiskFull, UnsafePath, no_space
 from .units import format_bytes
 
 __all__ = ["Scratch", "SafeFolder", "reclaim_stale", "allocate", "MARKER"]
@@ -59,7 +58,7 @@ def allocate(fd: int, nbytes: int, where: Path) -> None:
         else:  # pragma: no cover - macOS: no posix_fallocate; a plain (possibly sparse) size
             os.ftruncate(fd, nbytes)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if no_space(e):
             raise DiskFull(f"no space left in {where} for {_size(nbytes)} of state files") from None
         raise
 
@@ -328,7 +327,7 @@ class SafeFolder:
             self.replace(tmp, name)
         except BaseException as e:
             self.unlink(tmp)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if no_space(e):
                 raise DiskFull(f"no space left in {self.path} for {what}") from None
             raise
 
