@@ -304,21 +304,15 @@ def run_main(monkeypatch, capsys, *args) -> tuple[int, list[str]]:
     return done.value.code, capsys.readouterr().err.strip().splitlines()
 
 
-@pytest.mark.parametrize("cuda", [None, "12.8"], ids=["cpu-only-torch", "no-driver-or-device"])
-def test_the_plan_and_the_cpu_fallback_come_before_the_download(tmp_path, monkeypatch, capsys, cuda):
-    """`infdit upscale` on a fresh cache with --device auto on a machine without a GPU: the plan's first line
-    (with a GPU's time: the job is over an hour on this CPU) and why it runs on the CPU come before the
-    download's first line; the download (to a port nothing listens on) then fails in one line."""
+def _fresh_cache_without_a_gpu(tmp_path, monkeypatch, cuda) -> int:
+    """An empty cache whose default model's release is on a port nothing listens on (returned: the download
+    cannot start), and a torch built for `cuda` (None: a CPU-only build) that finds no GPU."""
     import torch
 
-    import infdit_cli.calibrate as calibrate
-    from infdit_cli.planner import Rates
-
-    with socket.socket() as s:  # a port nothing listens on: the download cannot start
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}{RELEASE}?dl=1"
-    env = _default_model_env(tmp_path, url, {})
+    env = _default_model_env(tmp_path, f"http://127.0.0.1:{port}{RELEASE}?dl=1", {})
     for k in ("INFDIT_WEIGHTS", "INFDIT_REPO", "INFDIT_OFFLINE"):
         monkeypatch.delenv(k, raising=False)
     for k, v in {**env, "INFDIT_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
@@ -326,6 +320,18 @@ def test_the_plan_and_the_cpu_fallback_come_before_the_download(tmp_path, monkey
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.version, "cuda", cuda)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return port
+
+
+@pytest.mark.parametrize("cuda", [None, "12.8"], ids=["cpu-only-torch", "no-driver-or-device"])
+def test_the_plan_and_the_cpu_fallback_come_before_the_download(tmp_path, monkeypatch, capsys, cuda):
+    """`infdit upscale` on a fresh cache with --device auto on a machine without a GPU: the plan's first line
+    (with a GPU's time: the job is over an hour on this CPU) and why it runs on the CPU come before the
+    download's first line; the download (to a port nothing listens on) then fails in one line."""
+    import infdit_cli.calibrate as calibrate
+    from infdit_cli.planner import Rates
+
+    port = _fresh_cache_without_a_gpu(tmp_path, monkeypatch, cuda)
     monkeypatch.setattr(calibrate, "calibration", lambda *a, **k: Rates(2e9, 3e-6, 4e9, source="measured"))
     src = _image(tmp_path)
     code, lines = run_main(monkeypatch, capsys, "upscale", src, "-o", tmp_path / "out.png", "--scale", "4")
@@ -346,19 +352,8 @@ def test_the_plan_and_the_cpu_fallback_come_before_the_download(tmp_path, monkey
 def test_bench_says_what_it_measures_and_the_cpu_fallback_before_the_download(tmp_path, monkeypatch, capsys):
     """`infdit bench` on a fresh cache with --device auto and no GPU: the sizes it will measure and why it
     runs on the CPU come before the download's first line; the download then fails in one line."""
-    import torch
 
-    with socket.socket() as s:  # a port nothing listens on: the download cannot start
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = _default_model_env(tmp_path, f"http://127.0.0.1:{port}{RELEASE}?dl=1", {})
-    for k in ("INFDIT_WEIGHTS", "INFDIT_REPO", "INFDIT_OFFLINE"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in {**env, "INFDIT_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
-                 "HF_HUB_OFFLINE": "0"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(torch.version, "cuda", None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    port = _fresh_cache_without_a_gpu(tmp_path, monkeypatch, None)
     code, lines = run_main(monkeypatch, capsys, "bench")
     assert code == 1, lines
     plan, fallback, fetch, error = lines

@@ -120,19 +120,14 @@ def _error(status: int, message: str, code: int = 2) -> JSONResponse:
     return JSONResponse({"error": message, "exit_code": code}, status_code=status)
 
 
+_STATUS = ((DiskFull, 507), (QueueFull, 429), (_Overloaded, 503), (TooManyPixels, 413), (BadImage, 415),
+           (Busy, 409))  # the first that matches: TooManyPixels before BadImage, its base
+
+
 def _status(exc: BaseException) -> int:
-    if isinstance(exc, DiskFull):
-        return 507
-    if isinstance(exc, QueueFull):
-        return 429
-    if isinstance(exc, _Overloaded):
-        return 503
-    if isinstance(exc, TooManyPixels):
-        return 413
-    if isinstance(exc, BadImage):
-        return 415
-    if isinstance(exc, Busy):
-        return 409
+    code = next((status for kind, status in _STATUS if isinstance(exc, kind)), None)
+    if code is not None:
+        return code
     if isinstance(exc, InfditError):
         return 400 if exc.exit_code == 2 else 422
     return 500
