@@ -481,8 +481,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
                     "recipe": getattr(recipe, "version", "1"), "infdit": __version__}
             from ..weights import save_model_file
 
-            save_model_file(out, weights, mc, {"infdit_train": json.dumps(prov, sort_keys=True),
-                                               "infdit_source": f"infdit train from {base}"},
+            save_model_file(out, weights, mc, {"infdit_train": json.dumps(prov, sort_keys=True)},
                             overwrite=cfg.overwrite)
             run.finish()
     return TrainResult(str(out), cfg.steps, start, time.perf_counter() - t_start, last_loss, val_loss,
@@ -595,3 +594,49 @@ def provenance(path: str | Path) -> dict | None:
     text = meta.get("infdit_train")
     return json.loads(text) if text else None
 
+
+
+def dry_run(cfg: TrainConfig, measure_steps: int = 2) -> dict:
+    """The plan of `cfg` without training: parameters, memory per step, and time per step and in total,
+    measured on this device over `measure_steps` steps of a synthetic batch at the real micro-batch and crop
+    (after one step not timed). Memory: the weights, gradients, AdamW moments (and EMA) in float32, plus
+    the peak the measured steps allocated on CUDA (None elsewhere: not measured)."""
+    from ..upscaler import resolve_device
+
+    device = resolve_device(cfg.device)
+    model, base, _ = build_model(cfg, device)
+    o = _resolve(cfg, model.config, device, R.Recipe())
+    micro = max(1, cfg.batch // cfg.accum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    state_bytes = 4 * n * (4 + (1 if cfg.ema else 0)) + 4 * frozen
+    s, c = model.config.sr_scale, o["crop"]
+    gen = torch.Generator().manual_seed(0)
+    batch = {"hr": torch.rand(micro, 3, c, c, generator=gen) * 2 - 1,
+             "lr": torch.rand(micro, 3, c // s, c // s, generator=gen) * 2 - 1,
+             "noise": torch.randn(micro, 3, c, c, generator=gen), "sigma": torch.full((micro,), 0.5)}
+    batch["lr_up"] = R.concat_lr(batch["lr"], s)
+    batch = _to(batch, device)
+    opt = torch.optim.AdamW(params, lr=o["lr"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(measure_steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=o["amp"]) if o["amp"] is not None else contextlib.nullcontext():
+            loss, _ = batch_loss(model, model, batch)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    per_micro = sum(times) / len(times)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"base": base, "device": device.type, "parameters": n, "frozen_parameters": frozen,
+            "micro_batch": micro, "accum": cfg.accum, "crop": c, "state_bytes": state_bytes,
+            "peak_bytes": peak, "seconds_per_step": per_micro * cfg.accum,
+            "total_seconds": per_micro * cfg.accum * cfg.steps, "measured_steps": measure_steps,
+            "lr": o["lr"], "warmup": o["warmup"]}
