@@ -183,8 +183,7 @@ def add_gaussian_noise(img: torch.Tensor, sigma: float, gray: bool, gen: torch.G
 def _poisson_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """basicsr: quantise to 8 bits, count levels, vals = 2^ceil(log2(levels)), Poisson(x vals)/vals - x."""
     x = (x * 255).clamp(0, 255).round() / 255
-    levels = max(len(torch.unique(x)), 2)
-    vals = 2 ** math.ceil(math.log2(levels))
+    vals = 2 ** math.ceil(math.log2(len(torch.unique(x))))
     return torch.poisson(x * vals, generator=gen) / vals - x
 
 
