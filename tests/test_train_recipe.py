@@ -85,7 +85,7 @@ def test_jpeg_equals_pillow_pixel_for_pixel():
     for q in (60, 95):
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG", quality=q)
-        ref = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
+        ref = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
         out = dg.jpeg(img[None], q)[0]
         assert torch.equal(out, ref)
     assert not torch.equal(dg.jpeg(img[None], 60), dg.jpeg(img[None], 95))
