@@ -181,17 +181,17 @@ def add_gaussian_noise(img: torch.Tensor, sigma: float, gray: bool, gen: torch.G
 
 
 def _poisson_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """basicsr: quantise to 8 bits, count levels, vals = 2^ceil(log2(levels)), Poisson(x vals)/vals - x."""
+    """basicsr: quantise to 8 bits, count levels (over the whole call; `degrade` passes one image),
+    vals = 2^ceil(log2(levels)), Poisson(x vals) / vals - x."""
     x = (x * 255).clamp(0, 255).round() / 255
-    levels = max(len(torch.unique(x)), 2)
-    vals = 2 ** math.ceil(math.log2(levels))
+    vals = 2 ** math.ceil(math.log2(len(torch.unique(x))))
     return torch.poisson(x * vals, generator=gen) / vals - x
 
 
 def add_poisson_noise(img: torch.Tensor, scale: float, gray: bool, gen: torch.Generator) -> torch.Tensor:
     """img + scale * (Poisson noise of the 8-bit image, or of its luma if `gray`); clipped."""
     if gray:
-        luma = (0.299 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3])  # rgb_to_grayscale
+        luma = 0.2989 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3]  # torchvision rgb_to_grayscale
         noise = _poisson_noise(luma, gen).expand_as(img)
     else:
         noise = _poisson_noise(img, gen)
