@@ -21,7 +21,6 @@ from ..batch import IMAGE_SUFFIXES
 from ..errors import BadImage, BadRequest
 from ..images import fill_transparent, load_image, probe_size
 from . import recipe as R
-from .degrade import degrade
 
 __all__ = ["Item", "TrainSet", "ValSet", "files_digest", "positions", "sample_generator", "scan", "worker_init"]
 
@@ -127,7 +126,8 @@ class TrainSet(torch.utils.data.Dataset):
     """Samples by stream position (see the module doc): dicts of hr, lr, lr_up, noise (the crop's), sigma."""
 
     def __init__(self, items: list[Item], *, crop: int, scale: int, seed: int, recipe: R.Recipe) -> None:
-        self.items, self.crop, self.scale, self.seed, self.recipe = items, crop, scale, seed, recipe
+        self.items, self.crop, self.scale, self.seed = items, crop, scale, seed
+        self.recipe = recipe.scaled(crop)
         self._orders: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -163,7 +163,8 @@ class ValSet(torch.utils.data.Dataset):
     """Validation: one fixed crop per image, no LR dropout, the same generator on every call."""
 
     def __init__(self, items: list[Item], *, crop: int, scale: int, seed: int, recipe: R.Recipe) -> None:
-        self.items, self.crop, self.scale, self.seed, self.recipe = items, crop, scale, seed, recipe
+        self.items, self.crop, self.scale, self.seed = items, crop, scale, seed
+        self.recipe = recipe.scaled(crop)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -174,18 +175,21 @@ class ValSet(torch.utils.data.Dataset):
 
 
 def make_sample(item: Item, gen: torch.Generator, *, crop: int, scale: int, recipe: R.Recipe, train: bool) -> dict:
-    """Decode, crop, degrade (HR-only data), LR dropout (training), sigma and noise: all from `gen`."""
+    """Decode, crop, degrade (HR-only data), LR dropout (training), sigma and noise: all from `gen`.
+    `recipe` is already scaled to the crop (`Recipe.scaled`)."""
     hr = _read(item.hr)
     lr = _read(item.lr) if item.lr is not None else None
-    hr, lr = R.random_crop_pair(hr, lr, crop, scale, gen)  # (3, crop, crop), (3, crop/s, crop/s) or None
-    if lr is None:
-        lr = degrade(hr.add(1).div(2), scale, gen).mul(2).sub(1)  # (3, crop/s, crop/s) in [-1, 1]
-    lr_up = R.concat_lr(lr[None], scale)[0]  # (3, crop, crop): clipped bicubic
+    try:
+        hr, lr = R.random_crop_pair(hr, gen, recipe, lr=lr, name=item.name)  # (3, S, S), (3, S/s, S/s)
+    except ValueError as e:
+        raise BadImage(str(e)) from None
+    lr_up = R.concat_lr(lr, scale)  # (3, S, S): clipped bicubic
     if train:
-        lr, lr_up = R.lr_dropout(lr, lr_up, recipe.lr_dropout, gen)
+        lr, lr_up, _ = R.lr_dropout(lr[None], lr_up[None], gen, recipe.lr_dropout)
+        lr, lr_up = lr[0], lr_up[0]
     sigma = R.sample_sigma(1, gen, recipe)[0]
-    noise = torch.randn(hr.shape, generator=gen)  # (3, crop, crop)
-    return {"hr": hr, "lr": lr, "lr_up": lr_up, "noise": noise, "sigma": sigma}
+    noise = torch.randn(hr.shape, generator=gen)  # (3, S, S)
+    return {"hr": hr.contiguous(), "lr": lr.contiguous(), "lr_up": lr_up, "noise": noise, "sigma": sigma}
 
 
 def positions(step: int, steps: int, batch: int, rank: int, world: int) -> list[int]:

@@ -36,6 +36,8 @@ __all__ = ["FORMAT", "TrainConfig", "TrainResult", "batch_loss", "build_model", 
 FORMAT = 1  # the run folder's meta.json format
 KIND = "training run folder"
 _ORIGIN = (1 << 30) + 2  # generator key of the steps' RoPE origins (apart from data's keys)
+RECIPE_VERSION = "inf-dit-official-1"  # the recipe a trained file's provenance names
+EMA_DECAY = 0.999  # --ema: per step (the official FusedEmaAdam's own value is not in the released configs)
 VAL_QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)  # validation sigmas: these quantiles of the training distribution
 
 
@@ -128,12 +130,13 @@ def batch_loss(forward, model, batch: dict, origin: tuple[int, int] = (0, 0)) ->
                       vector=vector, origin=origin)
 
 
-def _origin(seed: int, step: int, model, crop: int) -> tuple[int, int]:
-    gen = sample_generator(seed, _ORIGIN, step)
-    pick = getattr(R, "sample_rope_origin", None)
-    if pick is not None:
-        return tuple(int(v) for v in pick(gen, model.config, crop))
-    return (0, 0)
+def _origin(seed: int, step: int, model, crop: int, recipe) -> tuple[int, int]:
+    """The RoPE origin of optimizer step `step` (the official random position, one per batch), the same on
+    every rank and micro-batch of the step."""
+    if not recipe.random_position:
+        return (0, 0)
+    cfg = model.config
+    return R.sample_rope_origin(sample_generator(seed, _ORIGIN, step), crop // cfg.patch_size, cfg.rope_table_size)
 
 
 def _warmup_lr(step: int, lr: float, warmup: int) -> float:
@@ -299,15 +302,14 @@ def _resolve(cfg: TrainConfig, model_cfg, device: torch.device, recipe) -> dict:
         raise BadRequest(f"--crop {crop} must be a multiple of the model's {bs} px block")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.accum < 1 or cfg.every < 1:
         raise BadRequest("--steps, --batch, --accum and --every must be at least 1")
-    lr = cfg.lr if cfg.lr is not None else float(getattr(recipe, "lr", 1e-4))
+    lr = cfg.lr if cfg.lr is not None else recipe.lr
     if not (lr > 0 and math.isfinite(lr)):
         raise BadRequest(f"--lr must be a positive number, got {lr}")
     dt = resolve_dtype(cfg.dtype, device)
     return {"crop": crop, "lr": lr, "warmup": cfg.warmup if cfg.warmup is not None else min(1000, cfg.steps // 10),
             "amp": dt if device.type == "cuda" and dt != torch.float32 else None,
-            "clip": float(getattr(recipe, "grad_clip", 1.0)), "wd": float(getattr(recipe, "weight_decay", 0.0)),
-            "betas": tuple(getattr(recipe, "betas", (0.9, 0.999))), "eps": float(getattr(recipe, "eps", 1e-8)),
-            "ema_decay": float(getattr(recipe, "ema_decay", 0.999))}
+            "clip": recipe.grad_clip, "wd": recipe.weight_decay, "betas": tuple(recipe.betas), "eps": recipe.eps,
+            "ema_decay": EMA_DECAY}
 
 
 def _held_out(items: list[Item], count: int) -> tuple[list[Item], list[Item]]:
@@ -372,7 +374,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
               "data_files": len(items), "val": [str(it.hr) for it in val_items], "batch": cfg.batch,
               "crop": o["crop"], "lr": o["lr"], "warmup": o["warmup"], "seed": cfg.seed, "accum": cfg.accum,
               "ema": cfg.ema, "amp": str(o["amp"]), "ranks": world.size,
-              "recipe": getattr(recipe, "version", R.__name__)}
+              "recipe": RECIPE_VERSION}
         from .. import __version__
 
         fp["version"] = __version__
@@ -424,7 +426,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
                         if line:
                             for one in line.split("\n"):
                                 say(Notice(one))
-                origin = _origin(cfg.seed, step, model, o["crop"])
+                origin = _origin(cfg.seed, step, model, o["crop"], recipe)
                 for g in opt.param_groups:
                     g["lr"] = _warmup_lr(step, o["lr"], o["warmup"])
                 opt.zero_grad(set_to_none=True)
@@ -478,7 +480,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
             prov = {"base": base, "base_sha256": base_id, "data_files": len(items),
                     "data_sha256": files_digest(items, cfg.data), "steps": cfg.steps, "batch": cfg.batch,
                     "crop": o["crop"], "lr": o["lr"], "seed": cfg.seed, "ema": cfg.ema,
-                    "recipe": getattr(recipe, "version", "1"), "infdit": __version__}
+                    "recipe": RECIPE_VERSION, "infdit": __version__}
             from ..weights import save_model_file
 
             save_model_file(out, weights, mc, {"infdit_train": json.dumps(prov, sort_keys=True)},
@@ -536,7 +538,7 @@ def _final_weights(model, trainable, ema) -> dict[str, torch.Tensor]:
 
 def val_sigmas(recipe) -> torch.Tensor:
     """Fixed sigmas: quantiles `VAL_QUANTILES` of the training distribution exp(N(p_mean, p_std^2))."""
-    mean, std = float(getattr(recipe, "p_mean", -1.0)), float(getattr(recipe, "p_std", 1.4))
+    mean, std = recipe.p_mean, recipe.p_std
     q = torch.tensor(VAL_QUANTILES, dtype=torch.float64)
     return torch.exp(mean + std * math.sqrt(2) * torch.erfinv(2 * q - 1)).float()
 
