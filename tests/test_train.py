@@ -24,7 +24,8 @@ from infdit_cli.train.loop import TrainConfig, batch_loss, provenance, train
 from infdit_cli.train.recipe import loss_weight
 from infdit_cli.weights import random_model
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "INFDIT_RANK_TIMEOUT": "120"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "INFDIT_RANK_TIMEOUT": "120"}
+ENV.pop("OMP_NUM_THREADS", None)  # the threads of this process: bit-identity needs the same reductions
 STEPS, BATCH, CROP = 3, 2, 32
 ARGS = ["--config", "tiny", "--steps", str(STEPS), "--batch", str(BATCH), "--crop", str(CROP), "--every", "2",
         "--workers", "0", "--device", "cpu", "--seed", "5"]
