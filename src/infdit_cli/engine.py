@@ -473,8 +473,9 @@ class BlockEngine:
         h = model.embed(xin).contiguous()  # (B, Gh, Gw, T, D)
         b, gh, gw, t = h.shape[:4]
         nb, dev = gh * gw, h.device
-        rope = model.rope(rect)
-        lr_ctx = model.lr_context(self.lr_pixel_region(rect), rect, *self.lr_token_size)
+        span = (range(rect.r0, rect.r1), range(rect.c0, rect.c1))  # the rectangle's block rows, columns
+        rope = model.rope(*span)
+        lr_ctx = model.lr_context(self.lr_pixel_region(rect), *span, *self.lr_token_size)
         puts = self._puts if cache is not None else _Puts()
         # the last rectangle's puts are done before anything reads the cache (the prefetch, from here) or
         # rewrites the tables they read from (which may be reallocated below)

@@ -7,7 +7,8 @@ from typing import Any
 
 __all__ = ["BatchDone", "PlanChanged", "StepDone", "PassStarted", "PassDone", "Notice", "BytesDone",
            "SelftestStarted", "CheckStarted", "CheckDone", "MeasureDone",
-           "CheckpointWritten", "Resumed", "CheckpointDiscarded", "JobStarted"]
+           "CheckpointWritten", "Resumed", "CheckpointDiscarded", "JobStarted",
+           "TrainStarted", "TrainStep", "TrainValidated", "TrainSaved"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +157,51 @@ class JobStarted:
     seconds: list[float] = field(default_factory=list)
     device: str = ""
     gpu_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainStarted:
+    """`infdit train` begins at `step` (0, or where a run folder `path` left off) of `steps`, training
+    `parameters` weights on `images` images with `ranks` processes on `device`."""
+
+    step: int
+    steps: int
+    parameters: int
+    images: int
+    ranks: int
+    device: str
+    path: str
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """Optimizer step `step` of `steps` is done: its loss (mean over the global batch), learning rate, and
+    the recent pace."""
+
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    steps_per_s: float
+
+
+@dataclass(frozen=True)
+class TrainValidated:
+    """Validation after `step`: the loss on the fixed crops, sigmas and noise, and the sample grid `grid`
+    (LR, bicubic, model, HR; None when not drawn)."""
+
+    step: int
+    loss: float
+    grid: str | None
+
+
+@dataclass(frozen=True)
+class TrainSaved:
+    """The training state after `step` is committed in the run folder `path` (`nbytes`, in `seconds`)."""
+
+    step: int
+    steps: int
+    nbytes: int
+    seconds: float
+    path: str

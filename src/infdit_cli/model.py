@@ -26,9 +26,8 @@ from .attention import block_attention, cross_attention, lr_windows
 from .clip import ClipImageEncoder
 from .config import InfDiTConfig
 from .layers import apply_rope, edm_scalings, rope_cos_sin, signed_sin, timestep_embedding
-from .schedule import BlockBatch
 
-__all__ = ["InfDiT", "StepCond", "out_kernel", "qkv_kernel", "qkv_into"]
+__all__ = ["InfDiT", "StepCond", "out_kernel", "qkv_into", "qkv_kernel", "uniba_segments"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +121,81 @@ class InfDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.x_embedder.weight.dtype
 
+    # ---- the whole image in one differentiable pass ---------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, lr_up: torch.Tensor, lr: torch.Tensor,
+                vector: torch.Tensor, *, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """The EDM denoiser on the whole image: D(x; sigma) = c_skip x + c_out F(c_in [x, lr_up]; c_noise,
+        vector, lr), differentiable in every weight but the CLIP tower's (training).
+
+        Args:
+            x, lr_up: (B, 3, H, W) the noisy image and the upsampled LR image, H and W multiples of
+                `block_size` (the engine pads other sizes; this does not).
+            sigma: (B,) or a float, the noise level (rounded to float32, as the engine does).
+            lr: (B, 3, H/sr_scale, W/sr_scale) the LR image, for the layer-0 cross-attention.
+            vector: (B, vector_dim) its CLIP vector (`encode_image`).
+            origin: (row, column) position of the image's first token for RoPE; (0, 0) at inference,
+                a random offset in training (the official `--random-position`).
+
+        Returns:
+            D: (B, 3, H, W) in float32 (float64 for a float64 model), on the model's device.
+
+        The engine computes the same numbers n x n blocks at a time with a K/V cache, in bounded memory and
+        without autograd; this is the reference it is tested against.
+        """
+        cfg, dev, dt = self.config, self.device, self.dtype
+        b, _, hh, ww = x.shape
+        bs, lb, lp, eps = cfg.block_size, cfg.lr_block, cfg.lr_patch_size, cfg.layernorm_eps
+        nh, hd = cfg.num_heads, cfg.head_dim
+        if hh % bs or ww % bs:
+            raise ValueError(f"x {tuple(x.shape)}: H and W must be multiples of block_size {bs} "
+                             "(engine.pad_to_blocks pads)")
+        if lr_up.shape != x.shape:
+            raise ValueError(f"lr_up {tuple(lr_up.shape)} must match x {tuple(x.shape)}")
+        gh, gw = hh // bs, ww // bs
+        if tuple(lr.shape[-2:]) != (gh * lb * lp, gw * lb * lp):
+            raise ValueError(f"lr {tuple(lr.shape)} does not match x {tuple(x.shape)}: "
+                             f"lr must be (B, 3, {hh // cfg.sr_scale}, {ww // cfg.sr_scale})")
+
+        # Conditioning: EDM scalings, the time + CLIP-vector embedding, every layer's adaLN modulation.
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b)  # (B,)
+        step = self.condition(sigma, vector)
+        pdt = torch.promote_types(dt, torch.float32)  # the preconditioning's precision
+        c_in, c_out, c_skip = (c.to(dev, pdt).view(-1, 1, 1, 1) for c in (step.c_in, step.c_out, step.c_skip))
+        x = x.to(dev, pdt)  # (B, 3, H, W)
+        xin = torch.cat([x, lr_up.to(dev, pdt)], dim=1) * c_in  # (B, 6, H, W), the LR channels scaled too
+
+        # Embedding: patches -> tokens, block by block; RoPE angles; the LR tokens' keys/values per block.
+        h = self.embed(xin.to(dt))  # (B, Gh, Gw, T, D)
+        cos, ssin = self.rope(range(gh), range(gw), origin)  # (Gh, Gw, T, d) each
+        blocks = torch.arange(gh * gw, device=dev)  # (N,) row-major
+        lr_ctx = self.lr_context(lr, range(gh), range(gw), gh * lb, gw * lb)  # (B, (Gh+2)lb, (Gw+2)lb, D) x2
+        lr_k, lr_v = (t.unflatten(1, (gh, gw))  # (B, Gh, Gw, W, H, d) each, W = (3 lb)^2
+                      for t in self.lr_windows(lr_ctx, blocks // gw, blocks % gw))
+
+        for i, blk in enumerate(self.blocks):
+            shift_msa, gain_msa, shift_mlp, gain_mlp = step.layer_mods[i]  # (B, 1, 1, 1, D) each
+            # UniBA self-attention: each block against itself and its top-left, left and top neighbours.
+            a = _ln_mod(h, shift_msa, gain_msa, eps)  # (B, Gh, Gw, T, D)
+            q, k, v = blk.qkv(a).unflatten(-1, (3, nh, hd)).unbind(-3)  # (B, Gh, Gw, T, H, d) each
+            q = apply_rope(blk.q_norm(q), cos, ssin)  # (B, Gh, Gw, T, H, d)
+            k = apply_rope(blk.q_norm(k), cos, ssin)  # the QUERY LayerNorm: the official model's quirk
+            k = uniba_segments(k) + self.re_pos_embed[i][:, None]  # (B, Gh, Gw, 4, T, H, d), per-segment
+            v = uniba_segments(v)  # (B, Gh, Gw, 4, T, H, d)
+            att = block_attention(q, k.flatten(3, 4), v.flatten(3, 4))  # (B, Gh, Gw, T, H, d)
+            h = h + blk.proj(att.flatten(-2))  # (B, Gh, Gw, T, D)
+            if i == 0:
+                # Layer 0: cross-attention to the 3x3 LR blocks around each block; its MLP input is
+                # modulated after the cross-attention's own affine LayerNorm.
+                h = h + self._lr_cross_attention(_ln(h, eps), lr_k, lr_v)  # (B, Gh, Gw, T, D)
+                m = torch.addcmul(shift_mlp, self.lr_cross.post_norm(h), gain_mlp)  # (B, Gh, Gw, T, D)
+            else:
+                m = _ln_mod(h, shift_mlp, gain_mlp, eps)  # (B, Gh, Gw, T, D)
+            h = h + blk.fc2(F.gelu(blk.fc1(m), approximate="tanh"))  # (B, Gh, Gw, T, D)
+
+        f = self.head(h, step).to(pdt)  # (B, 3, H, W) the network output F
+        return f * c_out + x * c_skip  # (B, 3, H, W)
+
     # ---- per-call constants -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -133,9 +207,14 @@ class InfDiT(nn.Module):
 
     @torch.no_grad()
     def prepare_step(self, sigma: torch.Tensor, vector: torch.Tensor) -> StepCond:
-        """Per-sigma constants. `sigma` (B,) float32.
+        """`condition` without autograd: the engine's per-call constants."""
+        return self.condition(sigma, vector)
 
-        The EDM scalings are computed on the CPU in float64 and rounded once to float32, wherever sigma and
+    def condition(self, sigma: torch.Tensor, vector: torch.Tensor) -> StepCond:
+        """Per-sigma constants. `sigma` (B,) float32, `vector` (B, vector_dim) the CLIP vector.
+
+        Differentiable in the embedders' and modulations' weights (`forward`); sigma is a constant. The EDM
+        scalings are computed on the CPU in float64 and rounded once to float32, wherever sigma and
         the state live, so a state on the host and one on the GPU see the same constants to the bit.
         """
         cfg = self.config
@@ -169,26 +248,31 @@ class InfDiT(nn.Module):
         w = self.x_embedder.weight.reshape(cfg.hidden_size, c * p * p)
         return F.linear(patches, w, self.x_embedder.bias)
 
-    def rope(self, rect: BlockBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and pair-signed sin (`layers.signed_sin`) of the rectangle's token positions, (Gh, Gw, T, d),
-        in the compute dtype, computed once per rectangle for every layer."""
+    def rope(self, rows: range, cols: range, origin: tuple[int, int] = (0, 0)
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and pair-signed sin (`layers.signed_sin`) of the token positions of block rows `rows` and
+        columns `cols`, (Gh, Gw, T, d), in the compute dtype, computed once per rectangle for every layer.
+
+        A token's position is `origin` (row, column, in tokens) plus its place in the block grid.
+        """
         cfg = self.config
         bt = cfg.block_tokens
-        gh, gw = rect.r1 - rect.r0, rect.c1 - rect.c0
-        rows = torch.arange(rect.r0 * bt, rect.r1 * bt, device=self.device)
-        cols = torch.arange(rect.c0 * bt, rect.c1 * bt, device=self.device)
-        grid_r, grid_c = torch.meshgrid(rows, cols, indexing="ij")
+        gh, gw = len(rows), len(cols)
+        pos_r = torch.arange(rows.start * bt, rows.stop * bt, device=self.device) + origin[0]
+        pos_c = torch.arange(cols.start * bt, cols.stop * bt, device=self.device) + origin[1]
+        grid_r, grid_c = torch.meshgrid(pos_r, pos_c, indexing="ij")
         cos, sin = rope_cos_sin(grid_r, grid_c, cfg.head_dim, cfg.rope_table_size)  # (Gh*bt, Gw*bt, d)
         return tuple(_to_blocks(t, gh, gw, bt).to(self.dtype) for t in (cos, signed_sin(sin)))
 
-    def lr_context(self, lr_pixels: torch.Tensor, rect: BlockBatch, hl: int, wl: int
+    def lr_context(self, lr_pixels: torch.Tensor, rows: range, cols: range, hl: int, wl: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer-0 cross-attention keys/values of the LR tokens around the rectangle, from LR *pixels*.
 
         Args:
             lr_pixels: (B, 3, h', w') the LR pixels under the rectangle plus one LR block all round, clipped
                 to the (block-padded) LR image: `engine.lr_pixel_region`.
-            rect: the rectangle; hl, wl: the LR token map's size (padded image / lr_patch_size).
+            rows, cols: the rectangle's block rows and columns; hl, wl: the LR token map's size (padded
+                image / lr_patch_size).
 
         Returns:
             (k, v): (B, (Gh+2) lb, (Gw+2) lb, D) each, k normalised; `lr_windows` cuts the blocks' windows.
@@ -200,8 +284,8 @@ class InfDiT(nn.Module):
         x, lb = self.lr_cross, self.config.lr_block
         nh, hd = self.config.num_heads, self.config.head_dim
         tok = x.lr_embedder(lr_pixels.to(self.device, self.dtype)).permute(0, 2, 3, 1)  # (B, h'/2, w'/2, D)
-        r0, r1 = (rect.r0 - 1) * lb, (rect.r1 + 1) * lb
-        c0, c1 = (rect.c0 - 1) * lb, (rect.c1 + 1) * lb
+        r0, r1 = (rows.start - 1) * lb, (rows.stop + 1) * lb
+        c0, c1 = (cols.start - 1) * lb, (cols.stop + 1) * lb
         pad = (0, 0, max(-c0, 0), max(c1 - wl, 0), max(-r0, 0), max(r1 - hl, 0))
         region = F.pad(tok, pad) if any(pad) else tok  # (B, (Gh+2)lb, (Gw+2)lb, D)
         k, v = x.kv(region).chunk(2, dim=-1)  # (B, Hr, Wr, D) each
@@ -304,6 +388,16 @@ def out_kernel(h, q, k, v, w_proj, b_proj, shift, gain, w_fc1, b_fc1, w_fc2, b_f
     and residual, then the modulated LayerNorm and the MLP residual."""
     h += F.linear(block_attention(q, k, v).flatten(-2), w_proj, b_proj)
     return _mlp_residual(h, _ln_mod(h, shift, gain, eps), w_fc1, b_fc1, w_fc2, b_fc2)
+
+
+def uniba_segments(t: torch.Tensor) -> torch.Tensor:
+    """The 4 key (or value) segments each block of a whole grid attends to, in the official order [self,
+    top-left, left, top], the grid replicate-padded at its top and left edges (`get_cat_layer_left_top`):
+    (B, Gh, Gw, T, ...) -> (B, Gh, Gw, 4, T, ...). `attention.neighbour_index` says the same for a
+    rectangle whose neighbours come from the engine's cache."""
+    p = torch.cat([t[:, :1], t], dim=1)  # (B, Gh+1, Gw, T, ...): row 0 repeated above
+    p = torch.cat([p[:, :, :1], p], dim=2)  # (B, Gh+1, Gw+1, T, ...): column 0 repeated on the left
+    return torch.stack([p[:, 1:, 1:], p[:, :-1, :-1], p[:, 1:, :-1], p[:, :-1, 1:]], dim=3)
 
 
 def _mlp_residual(h, m, w_fc1, b_fc1, w_fc2, b_fc2):

@@ -33,6 +33,7 @@ def _application():
     from . import hub_cmds
     from . import selftest as selftest_cmd
     from . import serve as serve_cmd
+    from . import train as train_cmd
     from . import upscale as upscale_cmd
 
     made = typer.Typer(
@@ -64,6 +65,7 @@ def _application():
     made.command(epilog=bench_cmd.EXAMPLES)(bench_cmd.bench)
     made.command(epilog=selftest_cmd.EXAMPLES)(selftest_cmd.selftest)
     made.command(epilog=serve_cmd.EXAMPLES)(serve_cmd.serve)
+    made.command(epilog=train_cmd.EXAMPLES)(train_cmd.train)
     _APP = made
     return made
 

@@ -165,6 +165,7 @@ def info(
         "path": str(path), "source": meta.get("infdit_source"), "file_bytes": path.stat().st_size,
         "dtypes": dtypes, "parameters": total, "dit_parameters": total - clip_params,
         "clip_parameters": clip_params, "config": json.loads(cfg.to_json()), "bf16_cuda_estimates": est,
+        "training": json.loads(meta["infdit_train"]) if meta.get("infdit_train") else None,
     }
     if json_:
         typer.echo(json.dumps(data))
@@ -173,6 +174,8 @@ def info(
     if data["source"]:
         typer.echo(safe(f"converted from: {data['source']}"
                         + (f" (sha256 {meta['infdit_source_sha256']})" if meta.get("infdit_source_sha256") else "")))
+    if data["training"]:
+        typer.echo(safe("trained: " + ", ".join(f"{k} {v}" for k, v in data["training"].items())))
     typer.echo(f"parameters: {total / 1e6:.1f} M (DiT {data['dit_parameters'] / 1e6:.1f} M, "
                f"CLIP vision {clip_params / 1e6:.1f} M)")
     typer.echo(f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads x {cfg.head_dim}, "
