@@ -261,11 +261,12 @@ def test_block_modes(tmp_path, weights, truth_env, args):
     assert psnr(pixels(tmp_path / "out.png"), quantise(expected(a / 255.0, [4]))) > THRESHOLD
 
 
-def test_resume(tmp_path, tiny_model):
-    """A 4x + 2x job stopped after pass 2's first step, resumed from its run folder: the second pass
-    restarts from the saved input of that pass (the library in this process; the same run folder as the
-    command's). With D = lr_up the saved x itself cannot show here (any x ends on lr_up): the resume tests
-    in test_resume.py hold it to the bit."""
+@pytest.mark.parametrize("at", [(1, 1), (2, 1)], ids=["pass1-step1", "pass2-step1"])
+def test_resume(tmp_path, tiny_model, at):
+    """A 4x + 2x job stopped after one step (of pass 1, of pass 2), resumed from its run folder; in pass 2
+    from the saved input of that pass (the library in this process, the run folder the command uses). With
+    D = lr_up the saved x itself cannot show here (any x ends on lr_up): test_resume.py holds it to the
+    bit."""
     from infdit_cli.events import CheckpointWritten, Resumed
     from infdit_cli.pipeline import UpscaleOptions
     from infdit_cli.planner import nominal_rates
@@ -274,19 +275,19 @@ def test_resume(tmp_path, tiny_model):
     class Stop(Exception):
         pass
 
-    def stop_at_pass2_step1(e):
-        if isinstance(e, CheckpointWritten) and (e.pass_, e.step) == (2, 1):
+    def stop(e):
+        if isinstance(e, CheckpointWritten) and (e.pass_, e.step) == at:
             raise Stop
 
     a = noise(10, 13, seed=9)
     src, out = write(tmp_path / "in.png", a), tmp_path / "out.png"
     up = Upscaler(tiny_model, options=UpscaleOptions(steps=3), rates=nominal_rates("cpu", torch.float32))
     with pytest.raises(Stop):
-        up.upscale_file(src, out, scale=8, checkpoint=True, on_event=stop_at_pass2_step1)
+        up.upscale_file(src, out, scale=8, checkpoint=True, on_event=stop)
     assert not out.exists()
     seen: list = []
     up.upscale_file(src, out, scale=8, checkpoint=True, on_event=seen.append)
-    assert [(e.pass_, e.step) for e in seen if isinstance(e, Resumed)] == [(2, 1)]
+    assert [(e.pass_, e.step) for e in seen if isinstance(e, Resumed)] == [at]
     assert psnr(pixels(out), quantise(expected(a / 255.0, [4, 2]))) > THRESHOLD
 
 
