@@ -125,17 +125,19 @@ def test_gradients_are_finite_differences_float64(tiny_config):
         assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (name, numeric, analytic)
 
 
-def test_gradcheck_rope_offsets_float64(tiny_config):
-    """torch.autograd.gradcheck on one small input: layer 1's `re_pos_embed` (4 x H x d)."""
+def test_gradcheck_float64(tiny_config):
+    """torch.autograd.gradcheck (fast mode: a random projection of the Jacobian against finite differences)
+    with respect to layer 1's `re_pos_embed` and the inputs x and lr_up."""
     model = random_model(tiny_config, seed=9, dtype=torch.float64)
     x, lr_up, lr, vec = _inputs(tiny_config, 1, 32, 32, seed=10, dtype=torch.float64)
-    base = model.re_pos_embed.detach().clone()
+    base = model.re_pos_embed.detach()
 
-    def f(re_pos_1):
+    def f(re_pos_1, x, lr_up):
         params = {"re_pos_embed": torch.cat([base[:1], re_pos_1[None]])}
-        return torch.func.functional_call(model, params, (x, 1.3, lr_up, lr, vec))[..., :4, :4]
+        return torch.func.functional_call(model, params, (x, 1.3, lr_up, lr, vec), {"origin": (1, 2)})
 
-    assert torch.autograd.gradcheck(f, (base[1].clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
+    inputs = tuple(t.clone().requires_grad_(True) for t in (base[1], x, lr_up))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, fast_mode=True)
 
 
 def test_origin_shifts_rope(tiny_model, batch2):

@@ -4,14 +4,21 @@ All of the network in plain PyTorch. Equivalent to THUDM/Inf-DiT `dit/model.py` 
 `AdaLNMixin`, `FinalLayerMixin`, `ImagePatchEmbeddingMixin`) on SwissArmyTransformer's pre-LN transformer,
 with the official flags `--nogate --qk-ln --re-position --cross-lr --image-condition --input-time adaln`.
 
-The network works on a *rectangle of blocks* at a time, one piece per method (`embed`, `layer_qkv`,
-`layer_out`, `head`); `engine.py` drives the layer loop, and between `layer_qkv` and `layer_out` it hands each
-layer the keys/values of the rectangle's left, top and top-left neighbours (from its cache, or replicate
-padding at the image edge). The whole-image pass is the rectangle that covers the grid. The model holds no
-state between calls and knows nothing of caches, devices other than its own, or traversal.
+`InfDiT.forward` is the denoiser on the whole image, D(x; sigma) in one differentiable pass written top
+to bottom: training's forward, and the reference the block engine is tested against. The same network also
+comes in pieces that work on a *rectangle of blocks* (block rows and columns as `range`s): `embed`, `rope`,
+`lr_context`, `layer_qkv`, `layer_out`, `head`. `engine.py` drives the layer loop with them, n x n blocks
+at a time in bounded memory, and between `layer_qkv` and `layer_out` hands each layer the keys/values of
+the rectangle's left, top and top-left neighbours (from its cache, or replicate padding at the image edge).
+The model holds no state between calls and knows nothing of caches, traversal, or devices other than its
+own.
 
-Letters in shape comments: B batch, Gh/Gw blocks of the rectangle, T tokens per block, H heads, d head dim,
-D hidden, P = patch*patch*out_channels.
+The file reads top to bottom: the parts (the layers' modules), the model, then the kernels (functions of
+tensors the model and the engine share).
+
+Letters in shape comments: B batch, Gh/Gw blocks of the rectangle (the whole grid in `forward`), T tokens
+per block, H heads, d head dim, D hidden, W = (3 lr_block)^2 LR tokens of a block's window,
+P = patch*patch*out_channels.
 """
 
 from __future__ import annotations
@@ -121,7 +128,7 @@ class InfDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.x_embedder.weight.dtype
 
-    # ---- the whole image in one differentiable pass ---------------------------------------------------------
+    # ---- the whole image in one differentiable pass --------------------------------------------------
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, lr_up: torch.Tensor, lr: torch.Tensor,
                 vector: torch.Tensor, *, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
@@ -355,9 +362,20 @@ class InfDiT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------
-# A layer's per-token work as functions of tensors (the engine may run them through torch.compile: with
-# the weights as arguments, every layer shares one compiled graph)
+# Kernels: UniBA's neighbourhood on a whole grid (`forward`), and a layer's per-token work as functions of
+# tensors (the engine may run them through torch.compile: with the weights as arguments, every layer
+# shares one compiled graph)
 # --------------------------------------------------------------------------------------------------------
+
+
+def uniba_segments(t: torch.Tensor) -> torch.Tensor:
+    """The 4 key (or value) segments each block of a whole grid attends to, in the official order [self,
+    top-left, left, top], the grid replicate-padded at its top and left edges (`get_cat_layer_left_top`):
+    (B, Gh, Gw, T, ...) -> (B, Gh, Gw, 4, T, ...). `attention.neighbour_index` says the same for a
+    rectangle whose neighbours come from the engine's cache."""
+    p = torch.cat([t[:, :1], t], dim=1)  # (B, Gh+1, Gw, T, ...): row 0 repeated above
+    p = torch.cat([p[:, :, :1], p], dim=2)  # (B, Gh+1, Gw+1, T, ...): column 0 repeated on the left
+    return torch.stack([p[:, 1:, 1:], p[:, :-1, :-1], p[:, 1:, :-1], p[:, :-1, 1:]], dim=3)
 
 
 def qkv_kernel(h, shift, gain, w_qkv, b_qkv, w_qn, b_qn, cos, ssin, heads: int, eps: float, qn_eps: float,
@@ -388,16 +406,6 @@ def out_kernel(h, q, k, v, w_proj, b_proj, shift, gain, w_fc1, b_fc1, w_fc2, b_f
     and residual, then the modulated LayerNorm and the MLP residual."""
     h += F.linear(block_attention(q, k, v).flatten(-2), w_proj, b_proj)
     return _mlp_residual(h, _ln_mod(h, shift, gain, eps), w_fc1, b_fc1, w_fc2, b_fc2)
-
-
-def uniba_segments(t: torch.Tensor) -> torch.Tensor:
-    """The 4 key (or value) segments each block of a whole grid attends to, in the official order [self,
-    top-left, left, top], the grid replicate-padded at its top and left edges (`get_cat_layer_left_top`):
-    (B, Gh, Gw, T, ...) -> (B, Gh, Gw, 4, T, ...). `attention.neighbour_index` says the same for a
-    rectangle whose neighbours come from the engine's cache."""
-    p = torch.cat([t[:, :1], t], dim=1)  # (B, Gh+1, Gw, T, ...): row 0 repeated above
-    p = torch.cat([p[:, :, :1], p], dim=2)  # (B, Gh+1, Gw+1, T, ...): column 0 repeated on the left
-    return torch.stack([p[:, 1:, 1:], p[:, :-1, :-1], p[:, 1:, :-1], p[:, :-1, 1:]], dim=3)
 
 
 def _mlp_residual(h, m, w_fc1, b_fc1, w_fc2, b_fc2):
