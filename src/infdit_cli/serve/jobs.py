@@ -249,6 +249,47 @@ def event_json(event: object) -> dict:
     return out
 
 
+class _Watch:
+    """The library's callbacks for one job: its progress, warnings and saves, published as they change;
+    a cancel or a stop is raised from them, inside the job."""
+
+    def __init__(self, runner: JobRunner, job: Job) -> None:
+        self.runner, self.job = runner, job
+        self.progress = _Progress(job)
+        self.last_publish = 0.0  # time.monotonic() of the last snapshot published
+
+    def on_event(self, event: object) -> None:
+        runner, job = self.runner, self.job
+        if job.cancel_requested:
+            raise _Cancelled()
+        if runner.stopping:
+            raise _Stopping()
+        show = self.progress.update(event)
+        if isinstance(event, Resumed):
+            job.resumed = {"pass": event.pass_, "step": event.step}
+        if isinstance(event, Notice | PlanChanged):
+            job.warnings.append(runner._shown(job, event.text) if isinstance(event, Notice)
+                                else f"plan {event.old} -> {event.new} ({event.reason})")
+            show = True
+        if not isinstance(event, BatchDone):
+            runner.publish(type(event).__name__, {"job": job.id, **{
+                k: runner._shown(job, v) if isinstance(v, str) else v for k, v in event_json(event).items()}})
+        if show or isinstance(event, BatchDone) and time.monotonic() - self.last_publish > 1.0:
+            self.last_publish = time.monotonic()
+            if isinstance(event, StepDone | CheckpointWritten | PassDone | Notice | PlanChanged):
+                runner.store.save(job)
+            runner.publish("job", runner.snapshot(job))
+
+    def on_preview(self, img) -> None:
+        folder = self.runner.store.job_folder(self.job.id, create=False)
+        try:
+            folder.write("preview.jpg", preview_jpeg(img), "a preview")
+        finally:
+            folder.close()
+        self.job.preview += 1
+        self.runner.publish("job", self.runner.snapshot(self.job))
+
+
 class _Progress:
     """Fraction of the job's compute done, and an ETA from the pace measured since this run began."""
 
@@ -509,49 +550,17 @@ class JobRunner:
         return text
 
     def _run(self, job: Job) -> None:
-        progress = _Progress(job)
-        last_save = [0.0]
-
-        def on_event(event: object) -> None:
-            if job.cancel_requested:
-                raise _Cancelled()
-            if self.stopping:
-                raise _Stopping()
-            show = progress.update(event)
-            if isinstance(event, Resumed):
-                job.resumed = {"pass": event.pass_, "step": event.step}
-            if isinstance(event, Notice | PlanChanged):
-                job.warnings.append(self._shown(job, event.text) if isinstance(event, Notice)
-                                    else f"plan {event.old} -> {event.new} ({event.reason})")
-                show = True
-            if not isinstance(event, BatchDone):
-                self.publish(type(event).__name__, {"job": job.id, **{
-                    k: self._shown(job, v) if isinstance(v, str) else v for k, v in event_json(event).items()}})
-            if show or isinstance(event, BatchDone) and time.monotonic() - last_save[0] > 1.0:
-                last_save[0] = time.monotonic()
-                if isinstance(event, StepDone | CheckpointWritten | PassDone | Notice | PlanChanged):
-                    self.store.save(job)
-                self.publish("job", self.snapshot(job))
-
-        def on_preview(img) -> None:
-            folder = self.store.job_folder(job.id, create=False)
-            try:
-                folder.write("preview.jpg", preview_jpeg(img), "a preview")
-            finally:
-                folder.close()
-            job.preview += 1
-            self.publish("job", self.snapshot(job))
-
+        watch = _Watch(self, job)
         out_name = f"output.{job.options.format}"
         folder = self.store.job_folder(job.id, create=False)
         folder.record(out_name)
         folder.close()
         try:
             self.up.upscale_file(self.store.path(job, job.input_file), self.store.path(job, out_name),
-                                 res=job.options.res, scale=job.options.scale,
-                                 options=self._options(job.options), overwrite=True, max_pixels=self.max_pixels,
-                                 on_event=on_event, checkpoint=True, checkpoint_dir=self.store.path(job, "run"),
-                                 resume=True, on_preview=on_preview)
+                                 res=job.options.res, scale=job.options.scale, options=self._options(job.options),
+                                 overwrite=True, max_pixels=self.max_pixels, on_event=watch.on_event,
+                                 checkpoint=True, checkpoint_dir=self.store.path(job, "run"), resume=True,
+                                 on_preview=watch.on_preview)
         except (_Stopping, KeyboardInterrupt):
             with self.lock:
                 job.state = "queued"  # resumes from its last step when the server starts again
