@@ -28,12 +28,10 @@ def rgb() -> torch.Tensor:
 
 
 def upscaler(world, options, agree: bool = True) -> Upscaler:
-    up = Upscaler(random_model(PRESETS["tiny"], seed=0), options=options, device_budget=None)
-    if world.distributed:
-        up.engine = band_engine(world)
-        if agree:
-            up.agree = D.agree_plan(world)
-    return up
+    ranks = world.distributed
+    return Upscaler(random_model(PRESETS["tiny"], seed=0), options=options, device_budget=None,
+                    engine=band_engine(world) if ranks else None,
+                    agree=D.agree_plan(world) if ranks and agree else None)
 
 
 def main(mode: str, out_path: str) -> None:

@@ -19,13 +19,11 @@ from __future__ import annotations
 import torch
 
 from .distributed import World
-from .engine import BlockEngine, KVCache, _evict
-from .errors import OutOfMemory
-from .events import BatchDone, Notice
-from .planner import batch_device_bytes
+from .engine import BlockEngine, KVCache, Neighbours, Sweep
+from .events import Notice
 from .schedule import BlockBatch, cache_slots
 
-__all__ = ["BandEngine", "column_bands", "band_engine"]
+__all__ = ["BandEngine", "BandNeighbours", "band_engine", "column_bands"]
 
 
 def column_bands(grid_w: int, ranks: int) -> list[tuple[int, int]]:
@@ -44,109 +42,78 @@ class BandEngine(BlockEngine):
 
     Same arguments as `BlockEngine`, plus `world` (the process group must be initialised). Every rank
     calls it with the same x (the pipeline draws the same noise from the same seed on each) and the same
-    placement (`distributed.agree_plan`; n is agreed again here, `all_reduce(MIN)`).
-
-    Out of memory is collective: a rank that runs out keeps every message of the call it owes (it sends
-    its right edge's remaining layers from any slot of its cache and receives what its left neighbour
-    sends) without computing, so no send or receive is left unpaired; one `all_reduce` after the last
-    rectangle tells every rank whether any failed, and then all step down to the same leaner placement
-    and redo the call from the same x. (The ranks to its right compute the rest of the call on what it
-    sent, in vain: a failure flag per row would spare that, but one more message per row made every call
-    of benchmarks/ranks.py about 7 % slower on the 2-core test machine, where messages cost latency.) At the leanest, every rank raises the same
-    `OutOfMemory` (marked `collective`: rank 0 alone reports it).
+    placement (`distributed.agree_plan`; n is agreed again at each call, `all_reduce(MIN)`).
     """
 
     def __init__(self, *args, world: World, **kw) -> None:
-        super().__init__(*args, **kw)
+        super().__init__(*args, neighbours=BandNeighbours(world), **kw)
         self.world = world
-        self.bands = column_bands(self.grid.gw, world.size)
-        self.band = self.bands[world.rank]
+
+    @property
+    def band(self) -> tuple[int, int]:
+        """This rank's block columns [lo, hi)."""
+        return column_bands(self.grid.gw, self.world.size)[self.world.rank]
+
+
+class BandNeighbours(Neighbours):
+    """The neighbours of a column band on rank k of `world`: at the band's left edge, the left band's last
+    column, received from rank k - 1 layer by layer; at its right edge, the band's last column sent on to
+    rank k + 1 as soon as each layer of it is done. Inside the band, the local cache.
+
+    Out of memory is collective: a rank that runs out keeps every message of the call it owes (`owe`: it
+    sends its right edge's remaining layers from any slot of its cache and receives what its left
+    neighbour sends) without computing, so no send or receive is left unpaired; one `all_reduce` after the
+    last rectangle (`settle`) tells every rank whether any failed, and then all step down to the same
+    leaner placement and redo the call from the same x. (The ranks to its right compute the rest of the
+    call on what it sent, in vain: a failure flag per row would spare that, but one more message per row
+    made every call of benchmarks/ranks.py about 7 % slower on the 2-core test machine, where messages
+    cost latency.) At the leanest, every rank raises the same `OutOfMemory` (`collective`: rank 0 alone
+    reports it).
+    """
+
+    collective = True
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.bands: list[tuple[int, int]] = []
+        self.band = (0, 0)
         self._sends: list[tuple] = []  # (work, tensor, rectangle row) of isends not yet waited for
         self._rx = self._tx = 0  # layers of the current rectangle received from the left / sent to the right
+        self._row = 0  # the current rectangle row: what the sends are kept by
         self._spare: torch.Tensor | None = None  # what a failed rank sends and receives into
 
-    def _band_cache(self, batch: int, dtype: torch.dtype, n: int) -> KVCache:
-        lo, hi = self.band
-        # own entries (a band's row-major bound) plus the received left column (n rows and the corner)
-        return self._cache_of(cache_slots(self.grid.gh, hi - lo, n, "row") + n + 1, batch, dtype)
-
-    # ---- one try, decided together ----------------------------------------------------------------------
-
-    def _attempt(self, x: torch.Tensor, out: torch.Tensor, step) -> bool:
+    def sweep(self, engine: BlockEngine, batch: int) -> Sweep:
+        """This rank's band in n x n rectangles, row of rectangles by row of rectangles, with a cache for
+        its own entries and the received left column."""
         import torch.distributed as dist
 
-        failed = torch.zeros(self.world.size, dtype=torch.int32)
-        failed[self.world.rank] = not self._band_pass(x, out, step)
-        dist.all_reduce(failed)  # every rank learns which ran out of memory: the same decision everywhere
-        if bool(failed.any()):
-            if self.on_event is not None:
-                ranks = failed.nonzero().flatten().tolist()
-                which = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
-                self.on_event(Notice(f"out of device memory on {which}: every rank steps down"))
-            return False
-        self._share(out)
-        return True
-
-    def _step_down(self) -> None:
-        try:
-            super()._step_down()
-        except OutOfMemory as e:
-            e.collective = True  # raised on every rank alike
-            raise
-
-    def _band_pass(self, x: torch.Tensor, out: torch.Tensor, step) -> bool:
-        """This rank's band of D(x) into `out`; False when it ran out of device memory (its messages are
-        all sent and received all the same)."""
-        import torch.distributed as dist
-
-        cfg, g, model = self.cfg, self.grid, self.model
-        lo, hi = self.band
-        dev, dt = model.device, model.dtype
+        g, cfg = engine.grid, engine.cfg
+        self.bands = column_bands(g.gw, self.world.size)
+        lo, hi = self.band = self.bands[self.world.rank]
+        self._grid, self._layers, self._block_size = g, cfg.num_layers, cfg.block_size
+        self._on_event = engine.on_event
+        where = torch.device("cpu") if engine.placement.cache_on_host else engine.model.device
+        entry = (2, batch, cfg.block_tokens**2, cfg.num_heads, cfg.head_dim)
+        self._entry = (entry, engine.model.dtype, where)  # a block-layer entry of the cache
+        self._sends, self._spare = [], None
         # Sender and receiver must cut the same rectangle rows: every rank takes the smallest n.
-        agreed = torch.tensor([self.n])
+        agreed = torch.tensor([engine.n])
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        n = min(int(agreed), g.gh)
-        failed = False
-        self._spare = None
-        if hi > lo:
-            rects = [BlockBatch(r0, min(r0 + n, g.gh), c0, min(c0 + n, hi), g.gh, g.gw)
-                     for r0 in range(0, g.gh, n) for c0 in range(lo, hi, n)]
-            cache = None
-            try:
-                cache = self._band_cache(x.shape[0], dt, n)
-                scales = tuple(t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
-            except torch.OutOfMemoryError:
-                failed = True
-            done = torch.ones(g.gh, g.gw, dtype=torch.bool)  # other bands: nobody here waits on them
-            done[:, lo:hi] = False
-            self._sends = []
-            for idx, rect in enumerate(rects):
-                self._rx = self._tx = 0
-                self._idx = rect.r0 // n  # the rectangle row: what the sends are kept by
-                if not failed:
-                    try:
-                        if self.fault is not None:
-                            self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host,
-                                                          model.device.type))
-                        self._rect(x, out, rect, step, cache, scales)
-                    except torch.OutOfMemoryError:
-                        failed = True
-                if failed:
-                    self._pass_on(rect, cache, x.shape[0])
-                if not failed:
-                    # the copies sent two rows back can go: the next rank, a row behind, has them by now
-                    # (waiting on the last row's would stall this rank on the next one's every jitter)
-                    self._wait_sends(before=self._idx - 1)
-                    _evict(cache, rect, done, self._puts)
-                    if self.on_event is not None:
-                        self.on_event(BatchDone(index=idx + 1, total=len(rects), n=n, cached_blocks=len(cache)))
-        self._wait_sends()
-        self._spare = None
-        return not failed
+        n = self._n = min(int(agreed), g.gh)
+        done = torch.ones(g.gh, g.gw, dtype=torch.bool)  # other bands: nobody here waits on them
+        done[:, lo:hi] = False
+        if hi <= lo:
+            return Sweep([], n, None, done)
+        rects = [BlockBatch(r0, min(r0 + n, g.gh), c0, min(c0 + n, hi), g.gh, g.gw)
+                 for r0 in range(0, g.gh, n) for c0 in range(lo, hi, n)]
+        # own entries (a band's row-major bound) plus the received left column (n rows and the corner)
+        return Sweep(rects, n, cache_slots(g.gh, hi - lo, n, "row") + n + 1, done)
 
-    # ---- the messages between neighbouring bands --------------------------------------------------------
+    def start(self, rect: BlockBatch) -> None:
+        self._rx = self._tx = 0
+        self._row = rect.r0 // self._n
 
-    def _neighbours(self, cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
+    def fetch(self, cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
         """At the band's left edge, layer `layer` of the left band's last column first (rank - 1 sends it
         as soon as that layer is done), straight into this rank's cache."""
         import torch.distributed as dist
@@ -157,63 +124,88 @@ class BandEngine(BlockEngine):
                 slot = cache.claim((r, lo - 1), host_write=cache.device.type == "cpu")
                 dist.recv(cache.slab[slot, layer], src=self.world.rank - 1)
             self._rx += 1
-        return super()._neighbours(cache, rect, layer, device)
+        return super().fetch(cache, rect, layer, device)
 
-    def _layer_done(self, rect: BlockBatch, layer: int, cache: KVCache) -> None:
+    def layer_done(self, rect: BlockBatch, layer: int, cache: KVCache) -> None:
         """At the band's right edge, this layer's K/V of the last column to rank + 1 at once: it starts its
         layer `layer` while this rank computes the next."""
         import torch.distributed as dist
 
         hi = self.band[1]
-        if rect.c1 == hi and hi < self.grid.gw:
+        if rect.c1 == hi and hi < self._grid.gw:
             if cache.device.type == "cpu":  # this layer's puts of the column have landed (copy stream)
                 cache.host_ready([cache.index[(r, hi - 1)] for r in range(rect.r0, rect.r1)])
             # copies: the slots may be evicted and reused before the sends complete; all made before the
-            # first send, so running out of memory here leaves the layer wholly unsent (`_pass_on` sends it)
+            # first send, so running out of memory here leaves the layer wholly unsent (`owe` sends it)
             kv = [cache.slab[cache.index[(r, hi - 1)], layer].clone() for r in range(rect.r0, rect.r1)]
             for t in kv:
-                self._sends.append((dist.isend(t, dst=self.world.rank + 1), t, self._idx))
+                self._sends.append((dist.isend(t, dst=self.world.rank + 1), t, self._row))
             self._tx += 1
 
-    def _spare_entry(self, cache: KVCache | None, batch: int) -> torch.Tensor:
+    def rect_done(self, rect: BlockBatch) -> None:
+        # the copies sent two rows back can go: the next rank, a row behind, has them by now
+        # (waiting on the last row's would stall this rank on the next one's every jitter)
+        self._wait_sends(before=self._row - 1)
+
+    def owe(self, rect: BlockBatch, cache: KVCache | None, batch: int) -> bool:
+        """A failed rank's part of the protocol for `rect`: the layers still to receive and to send."""
+        import torch.distributed as dist
+
+        (lo, hi), rank, layers = self.band, self.world.rank, self._layers
+        spare = self._spare_entry(cache)
+        if rect.c0 == lo and lo > 0:
+            for _ in range((layers - self._rx) * (rect.r1 - rect.r0)):
+                dist.recv(spare, src=rank - 1)
+        if rect.c1 == hi and hi < self._grid.gw:
+            for _ in range((layers - self._tx) * (rect.r1 - rect.r0)):
+                self._sends.append((dist.isend(spare, dst=rank + 1), spare, self._row))
+        self._rx = self._tx = layers
+        return True
+
+    def finish(self) -> None:
+        self._wait_sends()
+        self._spare = None
+
+    def settle(self, ok: bool, out: torch.Tensor) -> bool:
+        """Every rank learns which ran out of memory (the same decision everywhere); when none did, every
+        band of D(x) goes to every rank."""
+        import torch.distributed as dist
+
+        failed = torch.zeros(self.world.size, dtype=torch.int32)
+        failed[self.world.rank] = not ok
+        dist.all_reduce(failed)
+        if bool(failed.any()):
+            if self._on_event is not None:
+                ranks = failed.nonzero().flatten().tolist()
+                which = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+                self._on_event(Notice(f"out of device memory on {which}: every rank steps down"))
+            return False
+        self._share(out)
+        return True
+
+    def _spare_entry(self, cache: KVCache | None) -> torch.Tensor:
         """One block-layer entry of the cache's shape and place, for a failed rank's messages."""
         if cache is not None:
             return cache.slab[0, 0]
         if self._spare is None:
-            c = self.cfg
-            where = torch.device("cpu") if self.placement.cache_on_host else self.model.device
-            self._spare = torch.empty((2, batch, c.block_tokens**2, c.num_heads, c.head_dim), dtype=self.model.dtype,
-                                      device=where)
+            shape, dtype, where = self._entry
+            self._spare = torch.empty(shape, dtype=dtype, device=where)
         return self._spare
-
-    def _pass_on(self, rect: BlockBatch, cache: KVCache | None, batch: int) -> None:
-        """A failed rank's part of the protocol for `rect`: the layers still to receive and to send."""
-        import torch.distributed as dist
-
-        (lo, hi), rank, layers = self.band, self.world.rank, self.cfg.num_layers
-        spare = self._spare_entry(cache, batch)
-        if rect.c0 == lo and lo > 0:
-            for _ in range((layers - self._rx) * (rect.r1 - rect.r0)):
-                dist.recv(spare, src=rank - 1)
-        if rect.c1 == hi and hi < self.grid.gw:
-            for _ in range((layers - self._tx) * (rect.r1 - rect.r0)):
-                self._sends.append((dist.isend(spare, dst=rank + 1), spare, self._idx))
-        self._rx = self._tx = layers
 
     def _wait_sends(self, before: int | None = None) -> None:
         keep = []
-        for work, t, idx in self._sends:
-            if before is None or idx < before:
+        for work, t, row in self._sends:
+            if before is None or row < before:
                 work.wait()
             else:
-                keep.append((work, t, idx))
+                keep.append((work, t, row))
         self._sends = keep
 
     def _share(self, out: torch.Tensor) -> None:
         """Every band of D(x) to every rank (one broadcast per band, from its owner)."""
         import torch.distributed as dist
 
-        bs, w = self.cfg.block_size, self.grid.w
+        bs, w = self._block_size, self._grid.w
         for k, (lo, hi) in enumerate(self.bands):
             if hi <= lo:
                 continue

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,10 @@ from .planner import Placement, batch_device_bytes, chunk_blocks, step_down
 from .schedule import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
 from .storage import Scratch
 
-__all__ = ["BlockEngine", "KVCache", "denoise", "pad_to_blocks", "Fault", "compiled_kernels", "release_cached"]
+__all__ = [
+    "BlockEngine", "Fault", "KVCache", "Neighbours", "Sweep", "compiled_kernels", "denoise", "pad_to_blocks",
+    "release_cached",
+]
 
 Block = tuple[int, int]
 Fault = Callable[[int], None]  # called with a batch's predicted device bytes before it runs; may raise OOM
@@ -285,6 +289,58 @@ class _Grid:
     gw: int
 
 
+class Sweep(NamedTuple):
+    """One pass of `BlockEngine`'s loop: the rectangles it walks and the cache it keeps."""
+
+    rects: list[BlockBatch]  # in traversal order
+    n: int  # the block batch they are cut with
+    slots: int | None  # the K/V cache's entries; None: no cache (the whole image at once)
+    done: torch.Tensor  # (Gh, Gw) bool: blocks marked done up front (nobody in this process waits on them)
+
+
+class Neighbours:
+    """Where a rectangle's left/top neighbours come from and where its finished edge goes: the one thing
+    `BlockEngine`'s block loop leaves open.
+
+    This one is the whole grid in one process: every neighbour is in the local K/V cache, and past the
+    image's left/top edge `neighbour_index` replicate-pads. `bands.BandNeighbours` walks a column band and
+    trades its edges with the neighbouring ranks.
+    """
+
+    collective = False  # an `OutOfMemory` at the leanest placement is raised on every process alike
+
+    def sweep(self, engine: BlockEngine, batch: int) -> Sweep:
+        """The pass's rectangles and cache, at the start of each denoiser call."""
+        g, n, order = engine.grid, engine.n, engine.order
+        slots = None if n >= max(g.gh, g.gw) else cache_slots(g.gh, g.gw, n, order)
+        return Sweep(plan_batches(g.gh, g.gw, n, order), n, slots, torch.zeros(g.gh, g.gw, dtype=torch.bool))
+
+    def start(self, rect: BlockBatch) -> None:
+        """Before `rect` is computed."""
+
+    def fetch(self, cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
+        """Layer `layer`'s left column and top row of `rect`: (left_k, left_v, top_k, top_v)."""
+        return _neighbours(cache, rect, layer, device)
+
+    def layer_done(self, rect: BlockBatch, layer: int, cache: KVCache) -> None:
+        """Layer `layer` of `rect` is in the cache."""
+
+    def rect_done(self, rect: BlockBatch) -> None:
+        """`rect` is computed (its blocks not yet evicted)."""
+
+    def owe(self, rect: BlockBatch, cache: KVCache | None, batch: int) -> bool:
+        """After running out of memory: this process's part in `rect` without computing it. False when it
+        owes nothing: the pass ends there."""
+        return False
+
+    def finish(self) -> None:
+        """After the pass's last rectangle, or its failure."""
+
+    def settle(self, ok: bool, out: torch.Tensor) -> bool:
+        """Whether the call succeeded (`ok`: this process's pass did), `out` then holding all of D(x)."""
+        return ok
+
+
 class BlockEngine:
     """The denoiser of one sampling pass: `engine(x, sigma, out)` = D(x; sigma), any number of calls.
 
@@ -302,12 +358,14 @@ class BlockEngine:
             Inductor, or a backend name.
         replan: the first rung on out-of-memory, before `planner.step_down` halves n: the placement to
             take instead (the pipeline's: `planner.replan` at 0.9x the plan's budget), or None.
+        neighbours: where each rectangle's neighbours come from (`Neighbours`: this process's cache).
     """
 
     def __init__(self, model, lr: torch.Tensor, vector: torch.Tensor, lr_up, placement: Placement, *,
                  scratch: Scratch | None = None, on_event: Callable[[object], None] | None = None,
                  fault: Fault | None = None, compile: bool | str = False,
-                 replan: Callable[[Placement], Placement | None] | None = None) -> None:
+                 replan: Callable[[Placement], Placement | None] | None = None,
+                 neighbours: Neighbours | None = None) -> None:
         cfg = self.cfg = model.config
         self.model = model
         h, w = lr_up.shape[-2:]
@@ -321,6 +379,7 @@ class BlockEngine:
         self.scratch, self.on_event, self.fault = scratch, on_event, fault
         self.placement = placement
         self.replan = replan
+        self.neighbours = neighbours if neighbours is not None else Neighbours()
         self.cache: KVCache | None = None
         self._stream = None
         self._puts = _Puts()
@@ -341,16 +400,13 @@ class BlockEngine:
         o = self.placement.order
         return choose_order(self.grid.gh, self.grid.gw) if o == "auto" else o
 
-    def _ensure_cache(self, batch: int, dtype: torch.dtype) -> KVCache | None:
-        g = self.grid
-        if self.n >= max(g.gh, g.gw):
+    def _ensure_cache(self, slots: int | None, batch: int, dtype: torch.dtype) -> KVCache | None:
+        """The pass's cache with `slots` entries (kept while it fits), emptied; None: no cache. On the host
+        next to a CUDA model it is pinned (else unpinned: copies then wait) and fetched ahead on a side
+        stream."""
+        if slots is None:
             self.cache = None
             return None
-        return self._cache_of(cache_slots(g.gh, g.gw, self.n, self.order), batch, dtype)
-
-    def _cache_of(self, slots: int, batch: int, dtype: torch.dtype) -> KVCache:
-        """The pass's cache with `slots` entries (kept while it fits), emptied. On the host next to a CUDA
-        model it is pinned (else unpinned: copies then wait) and fetched ahead on a side stream."""
         cfg = self.cfg
         dev = torch.device("cpu") if self.placement.cache_on_host else self.model.device
         entry = (cfg.num_layers, 2, batch, cfg.block_tokens**2, cfg.num_heads, cfg.head_dim)
@@ -380,9 +436,10 @@ class BlockEngine:
         if new is None:
             new = step_down(self.placement, self.grid.gh, self.grid.gw)
         if new is None:
-            raise OutOfMemory(
-                "out of device memory even at block batch 1 with the K/V cache on the host; "
-                "try a smaller --mem-budget, --low-memory, or --device cpu") from None
+            err = OutOfMemory("out of device memory even at block batch 1 with the K/V cache on the host; "
+                              "try a smaller --mem-budget, --low-memory, or --device cpu")
+            err.collective = self.neighbours.collective  # raised on every rank alike: rank 0 reports it
+            raise err from None
         if self.on_event is not None:
             self.on_event(PlanChanged(old=self.placement.describe(), new=new.describe()))
         self.placement = new
@@ -391,7 +448,7 @@ class BlockEngine:
         """Make the pass's K/V cache now (allocated; pinned next to a CUDA model), as the first call would,
         so a caller can time it apart from the calls (`infdit bench`); later calls reuse it. None: the
         whole-image pass has no cache."""
-        return self._ensure_cache(batch, self.model.dtype)
+        return self._ensure_cache(self.neighbours.sweep(self, batch).slots, batch, self.model.dtype)
 
     def close(self) -> None:
         self._puts.synchronize()  # the puts read the tables and write the cache about to be freed
@@ -419,31 +476,44 @@ class BlockEngine:
     def _attempt(self, x: torch.Tensor, out: torch.Tensor, step) -> bool:
         """One try at the call: False when it ran out of device memory (the caller then steps down, once
         this frame, and with it the failed attempt's tensors, is gone)."""
-        try:
-            self._run(x, out, step)
-            return True
-        except torch.OutOfMemoryError:
-            return False
+        return self.neighbours.settle(self._run(x, out, step), out)
 
-    def _run(self, x: torch.Tensor, out: torch.Tensor, step) -> None:
-        cfg, g, model = self.cfg, self.grid, self.model
-        dev, dt = model.device, model.dtype
-        batches = plan_batches(g.gh, g.gw, self.n, self.order)
-        cache = self._ensure_cache(x.shape[0], dt)
-        done = torch.zeros(g.gh, g.gw, dtype=torch.bool)
-        scales = tuple(t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
-        for idx, rect in enumerate(batches):
-            if self.fault is not None:
-                self.fault(batch_device_bytes(cfg, rect, x.shape[0], dt, self.placement.cache_on_host,
-                                              model.device.type))
-            self._rect(x, out, rect, step, cache, scales)
-            if cache is not None:
-                _evict(cache, rect, done, self._puts)
+    def _run(self, x: torch.Tensor, out: torch.Tensor, step) -> bool:
+        """The block loop: D(x) into `out`, rectangle by rectangle; False when it ran out of device memory
+        (the rest of the sweep is then only what `Neighbours.owe` says)."""
+        cfg, model, edges = self.cfg, self.model, self.neighbours
+        dev, dt, b = model.device, model.dtype, x.shape[0]
+        sweep = edges.sweep(self, b)
+        cache, failed = None, False
+        try:
+            cache = self._ensure_cache(sweep.slots, b, dt)
+            scales = tuple(t.to(dev).view(-1, 1, 1, 1) for t in (step.c_in, step.c_out, step.c_skip))
+        except torch.OutOfMemoryError:
+            failed = True
+        for idx, rect in enumerate(sweep.rects):
+            edges.start(rect)
+            if not failed:
+                try:
+                    if self.fault is not None:
+                        on_host = self.placement.cache_on_host
+                        self.fault(batch_device_bytes(cfg, rect, b, dt, on_host, dev.type))
+                    self._rect(x, out, rect, step, cache, scales)
+                    edges.rect_done(rect)
+                    if cache is not None:
+                        _evict(cache, rect, sweep.done, self._puts)
+                except torch.OutOfMemoryError:
+                    failed = True
+            if failed:
+                if edges.owe(rect, cache, b):
+                    continue
+                break
             if self.scratch is not None:
                 self.scratch.trim()
             if self.on_event is not None:
-                self.on_event(BatchDone(index=idx + 1, total=len(batches), n=self.n,
+                self.on_event(BatchDone(index=idx + 1, total=len(sweep.rects), n=sweep.n,
                                         cached_blocks=len(cache) if cache is not None else 0))
+        edges.finish()
+        return not failed
 
     def _rect(self, x: torch.Tensor, out: torch.Tensor, rect: BlockBatch, step, cache: KVCache | None,
               scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
@@ -483,7 +553,8 @@ class BlockEngine:
         prefetch = None
         if cache is not None:
             stream = self._stream if cache.device.type == "cpu" and dev.type == "cuda" else None
-            prefetch = _Prefetch(lambda layer: self._neighbours(cache, rect, layer, dev), cfg.num_layers, stream)
+            prefetch = _Prefetch(lambda layer: self.neighbours.fetch(cache, rect, layer, dev), cfg.num_layers,
+                                 stream)
         later = rect.blocks_needed_later() if cache is not None else []
         index, rows, cols = self._indices(gh, gw, False, False, dev)  # (no neighbours: the image's corner)
         qbuf, ktab, vtab = self._buffers(b, nb + gh + gw + 1, t, h.dtype, dev)
@@ -512,7 +583,7 @@ class BlockEngine:
                         for r, cc in later:
                             cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
                     cache.mark([cache.index[b] for b in later], puts.finish())
-                self._layer_done(rect, i, cache)
+                self.neighbours.layer_done(rect, i, cache)
                 for tab, left, top in ((ktab, left_k, top_k), (vtab, left_v, top_v)):
                     if left is not None:
                         tab[:, nb : nb + gh].copy_(left)
@@ -531,14 +602,6 @@ class BlockEngine:
                     lr = tuple(z.unsqueeze(1) for z in model.lr_windows(lr_ctx, rows[c], cols[c]))
                 model.layer_out(i, hf[:, :, c], qf[:, :, c], kc, vc, step, lr, kernel=kernel)
         return model.head(h, step)
-
-    def _neighbours(self, cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
-        """Layer `layer`'s cached left and top neighbours of `rect` (`BandEngine` receives its left edge's
-        first)."""
-        return _neighbours(cache, rect, layer, device)
-
-    def _layer_done(self, rect: BlockBatch, layer: int, cache: KVCache) -> None:
-        """Called once layer `layer` of `rect` is in the cache (`BandEngine` sends its right edge on)."""
 
     def _indices(self, gh: int, gw: int, has_left: bool, has_top: bool, device: torch.device):
         """`neighbour_index` and each block's (row, column) for a gh x gw rectangle, on the device; made

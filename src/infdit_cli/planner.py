@@ -19,12 +19,14 @@ import torch
 from .config import InfDiTConfig
 from .errors import BadRequest, HostMemoryTooSmall, MemoryBudgetTooSmall
 from .schedule import BlockBatch, cache_slots, choose_order
-from .units import format_bytes, format_seconds, parse_bytes  # noqa: F401 - re-exported
+from .units import format_bytes, format_seconds, parse_bytes
 
-__all__ = ["chunk_blocks", "Placement", "MemoryEstimate", "Plan", "estimate", "plan", "step_down", "leanest",
-           "batch_device_bytes", "parse_bytes", "format_bytes", "param_count", "host_available", "device_free",
-           "HEUN_IMAGES", "Rates", "NOMINAL_RATES", "nominal_rates", "flops_per_call", "layer_flops",
-           "call_seconds", "format_seconds", "replan", "REPLAN_FACTOR"]
+__all__ = [
+    "HEUN_IMAGES", "NOMINAL_RATES", "REPLAN_FACTOR", "MemoryEstimate", "Placement", "Plan", "Rates",
+    "batch_device_bytes", "call_seconds", "chunk_blocks", "device_free", "estimate", "flops_per_call",
+    "format_bytes", "format_seconds", "host_available", "layer_flops", "leanest", "nominal_rates",
+    "param_count", "parse_bytes", "plan", "replan", "step_down"
+]
 
 # The engine runs each layer's per-token work over chunks of a rectangle's blocks, while the rectangle's
 # queries and gathered keys/values stay in buffers: small chunks keep a CPU's temporaries in its caches and
@@ -173,7 +175,7 @@ def param_count(cfg: InfDiTConfig) -> int:
     real module)."""
     d, hd, layers, mlp = cfg.hidden_size, cfg.head_dim, cfg.num_layers, cfg.mlp_ratio
     p = cfg.patch_size
-    lin = lambda i, o: i * o + o  # noqa: E731
+    lin = lambda i, o: i * o + o
     n = cfg.in_channels * d * p * p + d  # x_embedder
     n += lin(cfg.time_channels, d) + lin(d, d) + lin(cfg.vector_dim, d) + lin(d, d)  # t/y embedders
     n += layers * (lin(d, 4 * d) + lin(d, 3 * d) + 2 * hd + lin(d, d) + lin(d, mlp * d) + lin(mlp * d, d))
@@ -461,8 +463,9 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
     host (on the CPU only the first). Of every (placement, n) that fits the device and the host, the one
     with the least predicted time (ties: the larger n, then the earlier placement): usually the largest n,
     but not an n that leaves ragged edge rectangles with more chunks than the n below it, and not one that
-    needs memory-mapped state (its disk traffic counted at `MAPPED_BYTES`) where one in RAM is as fast. Then, only if the host is short: the sampler state in bf16 (when
-    the model computes in bf16, as the official sampler does), then memory-mapped state.
+    needs memory-mapped state (its disk traffic counted at `MAPPED_BYTES`) where one in RAM is as fast.
+    Then, only if the host is short: the sampler state in bf16 (when the model computes in bf16, as the
+    official sampler does), then memory-mapped state.
 
     Raises:
         MemoryBudgetTooSmall: not even n = 1 with everything on the host fits the device budget.
@@ -476,100 +479,126 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
         budget = host_budget - HOST_RUNTIME["cpu"] if on_cpu else device_free(device)
         if budget is None:
             raise MemoryBudgetTooSmall(f"cannot ask {device} for its free memory here; give --mem-budget")
-    budget = int(budget)
     h, w = size
-    gh, gw = -(-h // cfg.block_size), -(-w // cfg.block_size)
-    top = max(gh, gw)
+    top = max(-(-h // cfg.block_size), -(-w // cfg.block_size))
     placements = [(False, False)] if on_cpu else [(False, False), (True, False), (True, True)]
     state_dtypes = [torch.float32] + ([torch.bfloat16] if dtype == torch.bfloat16 else [])
     mapped = [False, True] if low_memory is None else [bool(low_memory)]
-    kw = dict(dtype=dtype, device_type=device.type, batch=batch, scale=scale,
-              weights_file_dtype=weights_file_dtype, ranks=ranks)
-
-    # On the CPU the device is the host: n is chosen with the leanest host storage allowed, which the
-    # host step below then relaxes as far as the budget lets it.
-    lean = dict(state_dtype=state_dtypes[-1], low_memory=mapped[-1]) if on_cpu else {}
-
-    def device_choice(cache_host: bool, state_host: bool) -> int | None:
-        """Largest n fitting the device (or the fixed n if it fits)."""
-        for cand in ([n] if n is not None else range(top, 0, -1)):
-            est = estimate(cfg, size, cand, cache_on_host=cache_host, state_on_host=state_host, **kw, **lean)
-            if est.total <= budget and (not on_cpu or est.host_peak <= host_budget):
-                return cand
-        return None
-    # (Memory grows with n, so every n below the largest fits too.)
-
-    rates = rates if rates is not None else nominal_rates(device.type, dtype)
-
-    storage = [(mm, sd) for mm in mapped for sd in state_dtypes]  # RAM first; in RAM, float32 first
-
-    def seconds(cand: int, cache_host: bool, state_host: bool, mm: bool = False) -> float:
-        """The call's predicted time; memory-mapped state adds its traffic at `MAPPED_BYTES` per second."""
-        t = call_seconds(cfg, size, cand, rates, batch=batch, dtype=dtype, device_type=device.type,
-                         cache_on_host=cache_host, state_on_host=state_host)
-        return t + (batch * STATE_BYTES_PER_PIXEL * gh * gw * cfg.block_size**2 / MAPPED_BYTES if mm else 0.0)
-
-    def host_fit(cand: int, cache_host: bool, state_host: bool) -> bool | None:
-        """Whether the host holds this plan in RAM (False) or only memory-mapped (True); None: neither."""
-        for mm, sd in storage:
-            est = estimate(cfg, size, cand, cache_on_host=cache_host, state_on_host=state_host, state_dtype=sd,
-                           low_memory=mm, **kw)
-            if est.host_peak <= host_budget and est.device_peak <= budget:
-                return mm
-        return None
-
-    options, unhosted = [], []  # (seconds, -n, cache_host, state_host): fitting the host too / the device only
-    for cache_host, state_host in placements:
-        largest = device_choice(cache_host, state_host)
-        if largest is None:
-            continue
-        for cand in ([largest] if n is not None else range(largest, 0, -1)):
-            mm = host_fit(cand, cache_host, state_host)
-            if mm is None:
-                unhosted.append((seconds(cand, cache_host, state_host), -cand, cache_host, state_host))
-            else:
-                options.append((seconds(cand, cache_host, state_host, mm), -cand, cache_host, state_host))
+    ask = _Ask(cfg, size, int(budget), host_budget, on_cpu,
+               rates if rates is not None else nominal_rates(device.type, dtype),
+               [(mm, sd) for mm in mapped for sd in state_dtypes],  # RAM first; in RAM, float32 first
+               {"dtype": dtype, "device_type": device.type, "batch": batch, "scale": scale,
+                "weights_file_dtype": weights_file_dtype, "ranks": ranks})
+    sizes = [n] if n is not None else range(top, 0, -1)
+    candidates = [ask.candidate(cand, *where) for where in placements for cand in ask.fitting(sizes, *where)]
     # The least time; among equals the larger n, then the earlier placement (min keeps the first). Plans the
-    # host cannot hold only when none can (the host step below then says what it would need).
-    best = min(options or unhosted, key=lambda o: o[:2]) if options or unhosted else None
-    if best is not None:
-        best = (-best[1], *best[2:])
+    # host cannot hold only when none can (then the error says what the host would need).
+    hosted = [c for c in candidates if c.estimate is not None]
+    best = min(hosted or candidates, key=lambda c: (c.seconds, -c.n), default=None)
     if best is None:
-        if n is not None:  # the user fixed n: run it as lean as we can and let out-of-memory handling act
-            best = (n, *placements[-1])
-        else:
-            leanest = estimate(cfg, size, 1, cache_on_host=placements[-1][0], state_on_host=placements[-1][1],
-                               **kw, **lean)
-            if on_cpu and defaulted:
-                raise HostMemoryTooSmall(
-                    f"a {w}x{h} output needs at least {format_bytes(leanest.host_peak)} of host memory, "
-                    f"{format_bytes(host_budget)} is available; try {_host_hint(low_memory)}")
-            raise MemoryBudgetTooSmall(
-                f"a {w}x{h} output needs at least {format_bytes(leanest.total)} on {device.type} "
-                f"(weights {format_bytes(leanest.weights)}); the budget is {format_bytes(budget)}")
-    n_dev, cache_host, state_host = best
-    # The host: same device choice, then leaner host storage until it fits.
-    tried = []
-    for mm, sd in storage:
-        est = estimate(cfg, size, n_dev, cache_on_host=cache_host, state_on_host=state_host,
-                       state_dtype=sd, low_memory=mm, **kw)
-        tried.append(est.host_peak)
-        if est.host_peak <= host_budget and est.device_peak <= budget:
-            placement = Placement(n_dev, choose_order(gh, gw), cache_host, state_host)
-            whole = n_dev >= top
-            notes = [placement.describe()]
-            if sd != torch.float32:
-                notes.append("sampler state bf16")
-            if mm:
-                notes.append("low-memory (memory-mapped state)")
-            per_call = seconds(n_dev, cache_host, state_host, mm)
-            reason = (f"{', '.join(notes)}: predicted {format_bytes(est.device_peak)} on {device.type} "
-                      f"(budget {format_bytes(budget)}), {format_bytes(est.host_peak)} on the host "
-                      f"({format_bytes(host_budget)} available), {format_seconds(per_call)} per call")
-            return Plan(placement, whole, sd, mm, est, budget, host_budget, reason, per_call, rates)
-    raise HostMemoryTooSmall(
-        f"a {w}x{h} output needs {format_bytes(min(tried))} of host memory, {format_bytes(host_budget)} is "
-        f"available; try {_host_hint(low_memory)}")
+        if n is None:
+            raise ask.too_small(placements[-1], defaulted, low_memory)
+        best = ask.candidate(n, *placements[-1])  # the user fixed n: as lean as can be; out-of-memory acts
+    if best.estimate is None:
+        raise HostMemoryTooSmall(
+            f"a {w}x{h} output needs {format_bytes(best.host_need)} of host memory, "
+            f"{format_bytes(host_budget)} is available; try {_host_hint(low_memory)}")
+    return ask.plan(best, whole=best.n >= top)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One (n, placement) of `plan`, with the first host storage that holds it."""
+
+    n: int
+    cache_on_host: bool
+    state_on_host: bool
+    seconds: float  # predicted per call
+    estimate: MemoryEstimate | None  # None: no host storage holds it
+    state_dtype: torch.dtype
+    low_memory: bool
+    host_need: int  # the least host peak of the storages tried
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """What `plan` weighs each candidate against."""
+
+    cfg: InfDiTConfig
+    size: tuple[int, int]
+    budget: int  # device bytes
+    host_budget: int
+    on_cpu: bool
+    rates: Rates
+    storage: list[tuple[bool, torch.dtype]]  # (memory-mapped, state dtype), leanest last
+    kw: dict  # `estimate`'s arguments common to every candidate
+
+    @property
+    def lean(self) -> dict:
+        """On the CPU, where the device is the host, n is chosen with the leanest host storage allowed."""
+        return {"low_memory": self.storage[-1][0], "state_dtype": self.storage[-1][1]} if self.on_cpu else {}
+
+    def fitting(self, sizes, cache_host: bool, state_host: bool) -> list[int]:
+        """The n of `sizes` (descending) from the first that fits the device on: memory grows with n, so
+        every n below it fits too. On the CPU, with the leanest host storage (`lean`), which `candidate`
+        then relaxes as far as the budget lets it."""
+        sizes = list(sizes)
+        for i, cand in enumerate(sizes):
+            est = estimate(self.cfg, self.size, cand, cache_on_host=cache_host, state_on_host=state_host,
+                           **self.kw, **self.lean)
+            if est.total <= self.budget and (not self.on_cpu or est.host_peak <= self.host_budget):
+                return sizes[i:]
+        return []
+
+    def candidate(self, n: int, cache_host: bool, state_host: bool) -> _Candidate:
+        """n on this placement with the first storage the host holds (and the device still fits)."""
+        tried = []
+        for mm, sd in self.storage:
+            est = estimate(self.cfg, self.size, n, cache_on_host=cache_host, state_on_host=state_host,
+                           state_dtype=sd, low_memory=mm, **self.kw)
+            tried.append(est.host_peak)
+            if est.host_peak <= self.host_budget and est.device_peak <= self.budget:
+                return _Candidate(n, cache_host, state_host, self.seconds(n, cache_host, state_host, mm), est,
+                                  sd, mm, min(tried))
+        return _Candidate(n, cache_host, state_host, self.seconds(n, cache_host, state_host, False), None,
+                          torch.float32, False, min(tried))
+
+    def seconds(self, n: int, cache_host: bool, state_host: bool, mapped: bool) -> float:
+        """The call's predicted time; memory-mapped state adds its traffic at `MAPPED_BYTES` per second."""
+        kw = self.kw
+        t = call_seconds(self.cfg, self.size, n, self.rates, batch=kw["batch"], dtype=kw["dtype"],
+                         device_type=kw["device_type"], cache_on_host=cache_host, state_on_host=state_host)
+        bs = self.cfg.block_size
+        pixels = -(-self.size[0] // bs) * -(-self.size[1] // bs) * bs**2
+        return t + (kw["batch"] * STATE_BYTES_PER_PIXEL * pixels / MAPPED_BYTES if mapped else 0.0)
+
+    def too_small(self, leanest: tuple[bool, bool], defaulted: bool, low_memory: bool | None) -> Exception:
+        """The error when not even n = 1 on the leanest placement fits."""
+        h, w = self.size
+        est = estimate(self.cfg, self.size, 1, cache_on_host=leanest[0], state_on_host=leanest[1], **self.kw,
+                       **self.lean)
+        if self.on_cpu and defaulted:
+            return HostMemoryTooSmall(
+                f"a {w}x{h} output needs at least {format_bytes(est.host_peak)} of host memory, "
+                f"{format_bytes(self.host_budget)} is available; try {_host_hint(low_memory)}")
+        return MemoryBudgetTooSmall(
+            f"a {w}x{h} output needs at least {format_bytes(est.total)} on {self.kw['device_type']} "
+            f"(weights {format_bytes(est.weights)}); the budget is {format_bytes(self.budget)}")
+
+    def plan(self, c: _Candidate, whole: bool) -> Plan:
+        gh, gw = (-(-s // self.cfg.block_size) for s in self.size)
+        placement = Placement(c.n, choose_order(gh, gw), c.cache_on_host, c.state_on_host)
+        notes = [placement.describe()]
+        if c.state_dtype != torch.float32:
+            notes.append("sampler state bf16")
+        if c.low_memory:
+            notes.append("low-memory (memory-mapped state)")
+        est, where = c.estimate, self.kw["device_type"]
+        reason = (f"{', '.join(notes)}: predicted {format_bytes(est.device_peak)} on {where} "
+                  f"(budget {format_bytes(self.budget)}), {format_bytes(est.host_peak)} on the host "
+                  f"({format_bytes(self.host_budget)} available), {format_seconds(c.seconds)} per call")
+        return Plan(placement, whole, c.state_dtype, c.low_memory, est, self.budget, self.host_budget, reason,
+                    c.seconds, self.rates)
 
 
 def _host_hint(low_memory: bool | None) -> str:
@@ -617,6 +646,6 @@ def leanest(plans: list[Plan]) -> Plan:
     dtype = min((p.state_dtype for p in plans), key=lambda d: torch.empty(0, dtype=d).element_size())
     if len({(p.placement, p.state_dtype, p.low_memory) for p in plans}) == 1:
         return plans[0]
-    return replace(base, placement=placement, whole_image=all(p.whole_image for p in plans), state_dtype=dtype,
-                   low_memory=any(p.low_memory for p in plans),
+    return replace(base, placement=placement, whole_image=all(p.whole_image for p in plans),
+                   state_dtype=dtype, low_memory=any(p.low_memory for p in plans),
                    reason=f"{base.reason}; the leanest of {len(plans)} ranks' plans")

@@ -18,16 +18,35 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadRequest
-from .planner import Rates
 from .cache import sha256_file
 from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
+from .errors import BadRequest
 from .events import CheckpointDiscarded, Notice, PlanChanged
-from .images import DEFAULT_MAX_PIXELS, check_format_size, check_output, fill_transparent, load_image, resize, save_image
-from .pipeline import (CHECKPOINT_AFTER, UpscaleOptions, UpscalePlan, check_disk, disk_need, plan_upscale,
-                       predicted_seconds, target_size, upscale)
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    check_format_size,
+    check_output,
+    fill_transparent,
+    load_image,
+    resize,
+    save_image,
+)
+from .pipeline import (
+    CHECKPOINT_AFTER,
+    UpscaleOptions,
+    UpscalePlan,
+    check_disk,
+    disk_need,
+    plan_upscale,
+    predicted_seconds,
+    target_size,
+    upscale,
+)
+from .planner import Rates
 
-__all__ = ["Upscaler", "UpscaleResult", "resolve_device", "resolve_dtype", "default_output"]
+Agree = Callable[[UpscalePlan], UpscalePlan]
+
+__all__ = ["UpscaleResult", "Upscaler", "default_output", "resolve_device", "resolve_dtype"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +59,7 @@ class UpscaleResult:
     block_batch: list[int | None]  # n of each pass (None: whole image)
     model_calls: int
     seconds: float
-    predicted_seconds: float  # what the plan predicted for the model passes (the cost model, `UpscalePlan.seconds`)
+    predicted_seconds: float  # the cost model's for the model passes (`UpscalePlan.seconds`)
     peak_memory: int | None  # bytes on the compute device (CUDA), None where not measured
     seed: int
     memory: list[dict[str, int]] = field(default_factory=list)  # each pass's predicted device/host peaks
@@ -68,7 +87,7 @@ def resolve_device(name: str = "auto", *, check: bool = True) -> torch.device:
     """`auto` -> cuda, mps or cpu; a named device must exist here unless `check` is False (planning only)."""
     if name == "auto":
         if torch.cuda.is_available():
-            prefer_expandable_segments("cuda")  # before CUDA initialises (unless the user set the allocator's)
+            prefer_expandable_segments("cuda")  # before CUDA initialises, unless the user set the allocator's
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
@@ -107,10 +126,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def _nothing():
-    return contextlib.nullcontext()
-
-
 def default_output(path: Path) -> Path:
     """`photo.jpg` -> `photo_infdit.jpg` beside it."""
     return path.with_name(f"{path.stem}_infdit{path.suffix}")
@@ -119,21 +134,23 @@ def default_output(path: Path) -> Path:
 class Upscaler:
     """A loaded Inf-DiT model, ready to upscale many images."""
 
-    def __init__(self, model, *, options: UpscaleOptions = UpscaleOptions(), device_budget: int | None = None,
-                 weights_id: str | None = None, rates: Rates | None = None) -> None:
+    def __init__(self, model, *, options: UpscaleOptions | None = None, device_budget: int | None = None,
+                 weights_id: str | None = None, rates: Rates | None = None, engine=None,
+                 agree: Agree | None = None) -> None:
         """`device_budget`: device bytes the plans may use when `options.mem_budget` is unset (what was free
         before the weights were loaded, minus a margin; `from_weights` measures it). `weights_id`: what
         identifies the weights in a checkpoint's fingerprint (default: a hash of the model's tensors).
         `rates`: the cost model's rates for plans and their predicted times (default: this device's,
-        `calibrate.calibration`, measured on first use and cached)."""
+        `calibrate.calibration`, measured on first use and cached). `engine`: builds each pass's denoiser
+        (`pipeline.upscale`'s; None: `BlockEngine`; `bands.band_engine` under torchrun). `agree`: makes a
+        plan the job's (`distributed.agree_plan` under torchrun: the leanest of the ranks'); None: as is."""
         self.model = model
-        self.options = options
+        self.options = options if options is not None else UpscaleOptions()
         self.device_budget = device_budget
         self._weights_id = weights_id
         self._rates = rates
-        self.engine = None  # builds each pass's denoiser; None: BlockEngine (bands.band_engine under torchrun)
-        # makes a plan the job's (distributed.agree_plan under torchrun: the leanest of the ranks'); None: as is
-        self.agree: Callable[[UpscalePlan], UpscalePlan] | None = None
+        self.engine = engine
+        self.agree = agree
 
     @property
     def weights_id(self) -> str:
@@ -145,7 +162,10 @@ class Upscaler:
 
     @classmethod
     def from_weights(cls, weights: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
-                     options: UpscaleOptions = UpscaleOptions(), **resolve_kw) -> Upscaler:
+                     options: UpscaleOptions | None = None, engine=None, agree: Agree | None = None,
+                     **resolve_kw) -> Upscaler:
+        """The model of `weights` (`hub.resolve_weights(weights, **resolve_kw)`) on `device`; `engine`,
+        `agree`: as the constructor's."""
         from .hub import fetch_clip_tower, resolve_weights
         from .planner import device_free
         from .weights import load_model
@@ -156,8 +176,8 @@ class Upscaler:
         from .checkpoint import weights_identity
 
         return cls(load_model(path, device=dev, dtype=resolve_dtype(dtype, dev), clip_tower=fetch_clip_tower),
-                   options=options,
-                   device_budget=free, weights_id=weights_identity(path))
+                   options=options, device_budget=free, weights_id=weights_identity(path), engine=engine,
+                   agree=agree)
 
     @property
     def device(self) -> torch.device:
@@ -181,8 +201,10 @@ class Upscaler:
                                device=self.device, rates=self.rates, ranks=getattr(self.engine, "ranks", 1))
         return self.agree(up_plan) if self.agree is not None else up_plan
 
-    def upscale_tensor(self, rgb: torch.Tensor, up_plan: UpscalePlan, *, options: UpscaleOptions | None = None,
-                       on_event: Callable[[object], None] | None = None, scratch_dir: str | Path | None = None,
+    def upscale_tensor(self, rgb: torch.Tensor, up_plan: UpscalePlan, *,
+                       options: UpscaleOptions | None = None,
+                       on_event: Callable[[object], None] | None = None,
+                       scratch_dir: str | Path | None = None,
                        fault=None, run: RunFolder | None = None,
                        on_preview: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """(1, 3, h, w) in [0, 1] -> (1, 3, H, W) in [0, 1]. `scratch_dir`: where --low-memory files go;
@@ -190,10 +212,6 @@ class Upscaler:
         return upscale(self.model, rgb, up_plan, options or self.options, on_event=on_event,
                        scratch_dir=None if scratch_dir is None else str(scratch_dir), fault=fault, run=run,
                        on_preview=on_preview, engine=self.engine)
-
-    def predicted_seconds(self, up_plan: UpscalePlan) -> float:
-        """The job's predicted time (`pipeline.predicted_seconds`): the checkpoint default's figure."""
-        return predicted_seconds(up_plan)
 
     def upscale_file(self, src: str | Path, dst: str | Path | None = None, *, res: str | None = None,
                      scale: float | None = None, options: UpscaleOptions | None = None, quality: int = 95,
@@ -219,24 +237,26 @@ class Upscaler:
             depth: bits per sample of a PNG or TIFF output, 8 or 16; None: the input's. JPEG and WebP
                 are always 8-bit.
         """
-        opts = options or self.options
         src = Path(src)
         dst = Path(dst) if dst is not None else default_output(src)
         fmt = check_output(dst, overwrite)  # before any work: no compute for an output that cannot be written
-        with output_lock(dst) if write else _nothing():  # one writer per output (Busy at once)
-            return self._upscale_file(src, dst, fmt, res, scale, opts, quality, overwrite, max_pixels, on_event,
-                                      checkpoint, checkpoint_dir, resume, on_preview, write, depth)
+        job = _FileJob(src=src, dst=dst, fmt=fmt, res=res, scale=scale, options=options or self.options,
+                       quality=quality, overwrite=overwrite, max_pixels=max_pixels, on_event=on_event,
+                       checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, resume=resume,
+                       on_preview=on_preview, write=write, depth=depth)
+        with output_lock(dst) if write else contextlib.nullcontext():  # one writer per output (Busy at once)
+            return self._upscale_file(job)
 
-    def _upscale_file(self, src, dst, fmt, res, scale, opts, quality, overwrite, max_pixels, on_event, checkpoint,
-                      checkpoint_dir, resume, on_preview, write, depth=None) -> UpscaleResult:
-        img = load_image(src, max_pixels=max_pixels)
+    def _upscale_file(self, job: _FileJob) -> UpscaleResult:
+        src, dst, fmt, opts, on_event = job.src, job.dst, job.fmt, job.options, job.on_event
+        img = load_image(src, max_pixels=job.max_pixels)
         notices = list(img.notices)
         if img.alpha is not None and fmt == "JPEG":
             notices.append(f"{dst}: JPEG has no alpha; transparency is dropped (use .png to keep it)")
         if on_event is not None:
             for text in notices:
                 on_event(Notice(text))
-        up_plan = self.plan(img.size, res=res, scale=scale, options=opts)
+        up_plan = self.plan(img.size, res=job.res, scale=job.scale, options=opts)
         check_format_size(fmt, up_plan.target_size)
         t0 = time.perf_counter()
         if self.device.type == "cuda":
@@ -251,27 +271,29 @@ class Upscaler:
                 on_event(event)
 
         run = None
-        folder = Path(checkpoint_dir) if checkpoint_dir is not None else run_folder_for(dst)
+        folder = Path(job.checkpoint_dir) if job.checkpoint_dir is not None else run_folder_for(dst)
+        checkpoint = job.checkpoint
         if checkpoint is None:
-            checkpoint = os.path.lexists(folder) or self.predicted_seconds(up_plan) > CHECKPOINT_AFTER
-        check_disk(folder.parent if checkpoint else dst.parent, disk_need(up_plan, bool(checkpoint)))  # before any work: DiskTooSmall
+            checkpoint = os.path.lexists(folder) or predicted_seconds(up_plan) > CHECKPOINT_AFTER
+        # before any work: DiskTooSmall
+        check_disk(folder.parent if checkpoint else dst.parent, disk_need(up_plan, bool(checkpoint)))
         if checkpoint:
             run = RunFolder(folder, fingerprint(input_sha256=sha256_file(src), weights=self.weights_id,
                                                 up_plan=up_plan, options=opts, dtype=self.model.dtype))
-            if not resume:
+            if not job.resume:
                 run.remove()
             _, why = run.load()
             if why is not None and on_event is not None:
                 on_event(CheckpointDiscarded(str(folder), why))
         out = self.upscale_tensor(rgb, up_plan, options=opts, on_event=relay, scratch_dir=dst.parent, run=run,
-                                  on_preview=on_preview)
+                                  on_preview=job.on_preview)
         alpha = resize(img.alpha, up_plan.target_size).clamp(0, 1) if img.alpha is not None else None
         (h, w), (th, tw) = img.size, up_plan.target_size
         dpi = (img.dpi[0] * tw / w, img.dpi[1] * th / h) if img.dpi else None  # same physical size
-        if write:
-            bits = (depth or img.bits) if fmt in ("PNG", "TIFF") else 8
+        if job.write:
+            bits = (job.depth or img.bits) if fmt in ("PNG", "TIFF") else 8
             save_image(dst, out, alpha=alpha, gray=img.gray, bits=bits, icc=img.icc, exif=img.exif,
-                       dpi=dpi, quality=quality, overwrite=overwrite)
+                       dpi=dpi, quality=job.quality, overwrite=job.overwrite)
         if run is not None and not run.remove(strict=False) and on_event is not None:
             on_event(Notice(f"kept the run folder {folder}: it holds files infdit did not make"))
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
@@ -284,3 +306,25 @@ class Upscaler:
             predicted_seconds=round(up_plan.seconds, 3), peak_memory=peak, seed=opts.seed,
             plan_changes=changes,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _FileJob:
+    """One `Upscaler.upscale_file` call's arguments, checked (`fmt`: the output's format)."""
+
+    src: Path
+    dst: Path
+    fmt: str
+    res: str | None
+    scale: float | None
+    options: UpscaleOptions
+    quality: int
+    overwrite: bool
+    max_pixels: int | None
+    on_event: Callable[[object], None] | None
+    checkpoint: bool | None
+    checkpoint_dir: str | Path | None
+    resume: bool
+    on_preview: Callable[[torch.Tensor], None] | None
+    write: bool
+    depth: int | None

@@ -6,19 +6,16 @@ import ipaddress
 import os
 import re
 import secrets
-import signal
 import socket
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from . import _options as O
 from ..serve.hosts import LOOPBACK_NAMES, bare_host
 from ..units import parse_bytes
+from . import _options as O
 
 EXAMPLES = """Examples:
 
@@ -68,8 +65,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as e:
         sock.close()
-        raise InfditError(f"cannot listen on {host}:{port}: {e.strerror or e}"
-                          + (" (another server is there; choose another --port)" if e.errno == 98 else "")) from None
+        taken = " (another server is there; choose another --port)" if e.errno == 98 else ""
+        raise InfditError(f"cannot listen on {host}:{port}: {e.strerror or e}{taken}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -78,18 +75,20 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on. Anything but this machine's loopback needs "
                                            "a token (given, or made and printed once).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one, printed).")] = 7860,
-    jobs: Annotated[Optional[Path], typer.Option(help=(
+    jobs: Annotated[Path | None, typer.Option(help=(
         "The jobs folder: inputs, run folders, previews and results, kept across restarts. "
         "Default: ~/.local/share/infdit/jobs."))] = None,
-    token: Annotated[Optional[str], typer.Option(
+    token: Annotated[str | None, typer.Option(
         envvar="INFDIT_TOKEN", help="Every request must carry it (Authorization: Bearer, or ?token= in the "
-                                    "page's address). Default: none on loopback, a new one otherwise.")] = None,
-    allow_paths: Annotated[Optional[Path], typer.Option(help=(
+                                    "page's address). Default: none on loopback, a new one otherwise.")]
+        = None,
+    allow_paths: Annotated[Path | None, typer.Option(help=(
         "Also accept jobs naming an image file under this folder on the server (JSON {\"path\": ...}), "
         "not only uploads."))] = None,
-    allow_host: Annotated[Optional[list[str]], typer.Option(help=(
+    allow_host: Annotated[list[str] | None, typer.Option(help=(
         "Also answer to this host name (the Host header; repeatable), e.g. the machine's name on the "
-        "network. Always answered: 127.0.0.1, localhost, [::1]; on a network bind also its address."))] = None,
+        "network. Always answered: 127.0.0.1, localhost, [::1]; on a network bind also its address."))]
+        = None,
     max_bytes: Annotated[str, typer.Option(help="Largest upload, e.g. 100MB.")] = "100MB",
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse uploads with more pixels than this.")]
         = 16 * 2**20,
@@ -111,13 +110,14 @@ def serve(
     (Ctrl-C, SIGTERM, a crash) and start it again, and the job that was running continues from its last
     step, then the queue.
     """
-    from ..errors import BadRequest, InfditError, Interrupted, stopped_by
+    from ..errors import BadRequest
 
-    limit, names = check_serve_args(host=host, token=token, allow_paths=allow_paths, allow_host=allow_host or [],
-                                    max_bytes=max_bytes, mem_budget=mem_budget, device=device, dtype=dtype)
+    limit, names = check_serve_args(host=host, token=token, allow_paths=allow_paths,
+                                    allow_host=allow_host or [], max_bytes=max_bytes, mem_budget=mem_budget,
+                                    device=device, dtype=dtype)
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise BadRequest(INSTALL_HINT) from None
     made_token = token is None and not loopback(host)
@@ -127,6 +127,7 @@ def serve(
     if not any_address(host):  # the address it prints: always one it answers to (box.lan -> its IP)
         names.add(bare_host(sock.getsockname()[0]))
 
+    from ..serve import server
     from ..serve.app import create_app
     from ..serve.jobs import JobRunner, JobStore
     from ..upscaler import resolve_device
@@ -140,63 +141,33 @@ def serve(
         first = FirstLines([device_note(device, resolve_device(device, check=False).type)], quiet)
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first)
         first()  # (said already where a download came first)
-        up.rates  # calibrated now (cached per device), not during the first request's plan
+        _ = up.rates  # calibrated now (cached per device), not during the first request's plan
         runner = JobRunner(store, up, max_pixels=max_pixels, max_queue=max_queue,
-                           on_error=None if quiet else lambda line: print(f"infdit serve: {line}", file=sys.stderr))
+                           on_error=None if quiet else _say)
         app = create_app(runner, token=token, max_bytes=limit, allow_paths=allow_paths,
                          info={"version": _version(), "device": up.device.type,
                                "dtype": str(up.model.dtype).removeprefix("torch."),
                                "model": model_label(weights, repo)},
                          hosts=names, any_ip=any_address(host))
-        shown = sock.getsockname()
-        address = f"http://{f'[{shown[0]}]' if ':' in shown[0] else shown[0]}:{shown[1]}/"
         for line in store.skipped:
             print(f"warning: {line}", file=sys.stderr)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                                lifespan="on")
-        server = uvicorn.Server(config)
-        # The web server runs in a thread, the jobs in this (main) thread, where torch's CPU work runs
-        # fastest; signals reach this thread and stop both.
-        web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="infdit-web", daemon=True)
-        got: list[int] = []
 
-        def on_signal(signum, frame) -> None:
-            got.append(signum)
-            runner.request_stop()
-            app.closing()  # end the event streams first: open streams would hold the stop up
-            server.should_exit = True
-            if len(got) > 1:
-                server.force_exit = True
-
-        before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
-            web.start()
-            while not server.started and web.is_alive():
-                time.sleep(0.05)
-            if not server.started and not got:
-                raise InfditError(f"the web server did not start on {address}")
+        def started() -> None:
             if not quiet or made_token:
                 waiting = len(runner.queue())
-                print(f"infdit serve: {address}{f'?token={token}' if made_token else ''}  (jobs in {store.root}"
-                      f"{f'; {waiting} queued' if waiting else ''}; {up.device.type} "
-                      f"{str(up.model.dtype).removeprefix('torch.')}; Ctrl-C stops, jobs continue at the next "
-                      "start)", file=sys.stderr, flush=True)
-            runner.run(alive=web.is_alive)
-        finally:
-            server.should_exit = True
-            app.closing()
-            web.join(30)
-            for sig, handler in before.items():
-                signal.signal(sig, handler)
-        if got:
-            waiting = len(runner.queue())
-            err = Interrupted(f"{stopped_by(got[0])}; the server stopped"
-                              + (f", {waiting} job(s) wait for its next start" if waiting else ""))
-            err.exit_code = 128 + got[0]
-            raise err
+                url = server.address(sock) + (f"?token={token}" if made_token else "")
+                _say(f"{url}  (jobs in {store.root}{f'; {waiting} queued' if waiting else ''}; "
+                     f"{up.device.type} {str(up.model.dtype).removeprefix('torch.')}; Ctrl-C stops, jobs "
+                     "continue at the next start)")
+
+        server.run(app, runner, sock, on_started=started)
     finally:
         store.close()
         sock.close()
+
+
+def _say(line: str) -> None:
+    print(f"infdit serve: {line}", file=sys.stderr, flush=True)
 
 
 def model_label(weights, repo) -> dict:

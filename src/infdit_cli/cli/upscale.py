@@ -11,11 +11,11 @@ from typing import Annotated
 
 import typer
 
-from ._text import safe
+from ..units import format_bytes
 from . import _options as O
 from ._checks import check_compile, check_target_args, check_upscale_args
 from ._progress import FirstLines, make_display
-from ..units import format_bytes
+from ._text import safe
 
 EXAMPLES = """Examples:
 
@@ -27,16 +27,30 @@ EXAMPLES = """Examples:
 """
 
 
-def load_upscaler(weights, repo, offline, device, dtype, options, quiet: bool = False, first=None):
+def load_upscaler(weights, repo, offline, device, dtype, options, quiet: bool = False, first=None,
+                  world=None):
     """The loaded model. `first` (`_progress.FirstLines`: the plan's first line, the CPU-fallback line) is
-    called just before a download starts, if one does."""
+    called just before a download starts, if one does. `world`: torchrun's ranks share each image
+    (`ranks_wiring`)."""
     from ..upscaler import Upscaler
     from ._fetch import ensure_weights
 
-    ensure_weights(weights, repo, offline, quiet, before=first)  # first use: fetched once, like `infdit download`
+    ensure_weights(weights, repo, offline, quiet, before=first)  # first use: fetched once (`infdit download`)
 
     return Upscaler.from_weights(weights, device=device, dtype=dtype, options=options, repo=repo,
-                                 offline=offline or None)
+                                 offline=offline or None, **ranks_wiring(world))
+
+
+def ranks_wiring(world) -> dict:
+    """The `Upscaler` arguments that share one image across torchrun's ranks: each denoiser call over the
+    ranks' block-column bands (`bands.py`), and one placement for all ranks, agreed before the first call.
+    None for one process."""
+    if world is None or not world.distributed:
+        return {}
+    from .. import distributed as D
+    from ..bands import band_engine
+
+    return {"engine": band_engine(world), "agree": D.agree_plan(world)}
 
 
 def first_lines(info: dict, requested_device: str) -> list[str | None]:
@@ -55,8 +69,8 @@ def check_preview(preview: Path, input: Path, dst: Path) -> None:
     from ..images import check_output
 
     if preview.resolve() in (input.resolve(), dst.resolve()):
-        raise BadRequest(f"--preview {preview} is the {'input' if preview.resolve() == input.resolve() else 'output'}"
-                         "; choose another file")
+        which = "input" if preview.resolve() == input.resolve() else "output"
+        raise BadRequest(f"--preview {preview} is the {which}; choose another file")
     check_output(preview, True)
 
 
@@ -171,6 +185,41 @@ def refuse_disk(info: dict) -> None:
         check_disk(d["folder"], d)
 
 
+def show_plan(info: dict, input: Path, seed: int, as_json: bool) -> None:
+    """`--dry-run`'s answer on stdout: the plan's lines (or its JSON) and the disk it needs."""
+    from ..pipeline import plan_json, plan_lines
+
+    if as_json:
+        typer.echo(json.dumps({"input": str(input), **{k: (plan_json(v) if k == "plan" else v)
+                                                        for k, v in info.items()}}, default=str))
+        return
+    for line in plan_lines(info["plan"], info["device"], info["dtype"], info["gpu_seconds"]):
+        typer.echo(safe(line))
+    d = info["disk"]
+    if d["total_bytes"]:  # a job with no scratch and no checkpoints needs no disk line
+        typer.echo(f"  disk: {format_bytes(d['total_bytes'])} in {d['folder']} (scratch "
+                   f"{format_bytes(d['scratch_bytes'])}, checkpoints {format_bytes(d['checkpoint_bytes'])})"
+                   + ("" if d["free_bytes"] is None else f", {format_bytes(d['free_bytes'])} free"))
+    typer.echo(f"  (config: {info['config_from']}; seed {seed})")
+
+
+@contextlib.contextmanager
+def ranks_holding(dst: Path, device: str):
+    """(world, this rank's device) inside torchrun's process group (one process: a world of one, `device`),
+    rank 0 holding the output's lock: one writer per output, taken before the weights load so that a
+    second run is refused at once, and let go before the group is left."""
+    from .. import distributed as D
+    from ..checkpoint import output_lock
+
+    world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
+    if world.distributed:
+        device = D.rank_device(device, world)
+    with D.group(world, device), contextlib.ExitStack() as held:
+        if world.main:
+            held.enter_context(output_lock(dst))
+        yield world, device
+
+
 def upscale(
     input: Annotated[Path, typer.Argument(help="The image to upscale (PNG, JPEG, WebP, TIFF, ...).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help=(
@@ -196,7 +245,8 @@ def upscale(
     checkpoint: O.Checkpoint = None,
     resume: O.Resume = True,
     preview: O.Preview = None,
-    dry_run_: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; compute nothing.")] = False,
+    dry_run_: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; compute nothing.")]
+        = False,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json_: O.Json = False,
@@ -211,9 +261,7 @@ def upscale(
         os.environ["INFDIT_DEBUG"] = "1"
     check_target_args(res, scale)  # the commonest usage errors, answered before torch loads
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
-    from .. import distributed as D  # the library (torch) is kept off start-up: --help and usage errors
-    from ..checkpoint import output_lock, run_folder_for
-    from ..pipeline import plan_json, plan_lines
+    from ..checkpoint import run_folder_for  # the library (torch) is kept off start-up: --help, usage errors
     from ..upscaler import default_output
 
     check_compile(compile_, device)
@@ -226,47 +274,25 @@ def upscale(
     info = dry_run(input, weights, repo, offline, device, dtype, res, scale, options, dst=dst,
                    checkpoint=checkpoint)  # refuses what cannot fit, in memory or on disk
     if dry_run_:
-        if json_:
-            typer.echo(json.dumps({"input": str(input), **{k: (plan_json(v) if k == "plan" else v)
-                                                            for k, v in info.items()}}, default=str))
-        else:
-            for line in plan_lines(info["plan"], info["device"], info["dtype"], info["gpu_seconds"]):
-                typer.echo(safe(line))
-            d = info["disk"]
-            if d["total_bytes"]:  # a job with no scratch and no checkpoints needs no disk line
-                typer.echo(f"  disk: {format_bytes(d['total_bytes'])} in {d['folder']} (scratch "
-                           f"{format_bytes(d['scratch_bytes'])}, checkpoints "
-                           f"{format_bytes(d['checkpoint_bytes'])})"
-                           + (f", {format_bytes(d['free_bytes'])} free" if d["free_bytes"] is not None else ""))
-            typer.echo(f"  (config: {info['config_from']}; seed {seed})")
+        show_plan(info, input, seed, json_)
         FirstLines([first_lines(info, device)[1]], quiet)()  # why auto is the CPU, on stderr
     refuse_disk(info)  # exit 2 before any weights load (after the dry run's plan is shown)
     if dry_run_:
         return
     out = output if output is not None else None
-    requested = device
-    world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
-    if world.distributed:
-        device = D.rank_device(device, world)
-    with D.group(world, device), contextlib.ExitStack() as held:  # the lock goes first, then the group
-        if world.main:  # one writer per output, before the weights load: a second run is refused at once
-            held.enter_context(output_lock(dst))
+    with ranks_holding(dst, device) as (world, rank_device):
         # the plan's first line before any download starts, else at the job's start (the job's own)
-        first = FirstLines(first_lines(info, requested), quiet or not world.main, job_is_plan=True)
-        up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first)
-        if world.distributed:
-            from ..bands import band_engine
-
-            up.engine = band_engine(world)
-            up.agree = D.agree_plan(world)  # one placement for all ranks, before the first call
+        first = FirstLines(first_lines(info, device), quiet or not world.main, job_is_plan=True)
+        up = load_upscaler(weights, repo, offline, rank_device, dtype, options, quiet, first, world)
         display = make_display(quiet, main=world.main)
         display.first = first
         display.start(1, calls_per_pass=2 * steps - 1)
         display.image(input.name)
         try:
             with keep_progress(run_folder_for(dst)):
-                result = up.upscale_file(input, out, res=res, scale=scale, quality=quality, overwrite=overwrite,
-                                         max_pixels=max_pixels, on_event=display, write=world.main,
+                result = up.upscale_file(input, out, res=res, scale=scale, quality=quality,
+                                         overwrite=overwrite, max_pixels=max_pixels, on_event=display,
+                                         write=world.main,
                                          checkpoint=checkpoint if world.main else False, resume=resume,
                                          on_preview=preview_writer(preview) if world.main else None,
                                          depth=depth)
@@ -278,4 +304,5 @@ def upscale(
         typer.echo(json.dumps(asdict(result)))
     elif not quiet:
         h, w = result.output_size
-        typer.echo(safe(f"wrote {result.output} ({w}x{h}) in {result.seconds:.1f} s, seed {result.seed}"), err=True)
+        typer.echo(safe(f"wrote {result.output} ({w}x{h}) in {result.seconds:.1f} s, seed {result.seed}"),
+                   err=True)

@@ -27,21 +27,33 @@ import stat
 import threading
 import time
 from collections.abc import Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BadImage, BadRequest, Busy, DiskFull, InfditError, TooManyPixels, UnsafePath, describe, no_space
+from ..errors import (
+    BadImage,
+    BadRequest,
+    Busy,
+    DiskFull,
+    InfditError,
+    TooManyPixels,
+    UnsafePath,
+    describe,
+    no_space,
+)
 from ..pipeline import plan_json
 from .hosts import LOOPBACK_NAMES, bare_host
 from .jobs import JobOptions, JobRunner, QueueFull
 
-__all__ = ["create_app", "Hub", "LOOPBACK_NAMES"]
+__all__ = ["LOOPBACK_NAMES", "EventStream", "ServerSettings", "create_app", "router"]
 
 KEEPALIVE_S = 15.0
 MAX_DECODES = 2  # uploads decoded at once, at most (and within the pixel budget)
@@ -53,7 +65,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
-class Hub:
+class EventStream:
     """Server-sent events: what the worker thread publishes goes to every connected stream's queue."""
 
     def __init__(self) -> None:
@@ -84,8 +96,8 @@ class Hub:
 
 
 async def in_thread(fn, *args):
-    """`fn(*args)` in a new thread that ends with it. Not a pool's: a thread that lives on after torch ran in it
-    keeps its OpenMP team, and the job thread's CPU work ran 4-5 % slower beside one
+    """`fn(*args)` in a new thread that ends with it. Not a pool's: a thread that lives on after torch ran
+    in it keeps its OpenMP team, and the job thread's CPU work ran 4-5 % slower beside one
     (benchmarks/serve_overhead.py). Decoding and planning an upload run torch."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
@@ -183,7 +195,8 @@ class _Guard:
             return await _error(401, "this server needs its token: open the address it printed, or send "
                                 "'Authorization: Bearer TOKEN'", 2)(scope, receive, send)
         if scope["method"] not in ("GET", "HEAD", "OPTIONS") and not self._same_origin(headers):
-            return await _error(403, "refused: a request from a page of another site", 2)(scope, receive, send)
+            refusal = _error(403, "refused: a request from a page of another site", 2)
+            return await refusal(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await _error(413, f"the upload is {int(length)} bytes; this server takes at most "
@@ -334,7 +347,9 @@ def open_under(base_fd: int, bases: Iterable[str], given: str) -> int:
 
 def _content_disposition(filename: str) -> str:
     quoted = quote(filename)
-    return f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
+    if quoted != filename:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{filename}"'
 
 
 class _FileResponse(StreamingResponse):
@@ -379,7 +394,8 @@ def _options(form) -> JobOptions:
         try:
             return kind(v)
         except ValueError:
-            raise BadRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, got {v[:40]!r}") from None
+            kind_name = "an integer" if kind is int else "a number"
+            raise BadRequest(f"{key} must be {kind_name}, got {v[:40]!r}") from None
 
     return JobOptions(res=text("res"), scale=number("scale", float, None), steps=number("steps", int, 20),
                       seed=number("seed", int, 0), format=(text("format") or "png").lower(),
@@ -397,265 +413,326 @@ def page_html() -> str:
     return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the handlers need besides the runner (`app.state.settings`)."""
+
+    token: str | None
+    max_bytes: int
+    allow_paths: Path | None
+    info: dict
+    decode_wait_s: float
+    allowed_fd: int | None  # `allow_paths` opened once: requests walk from this descriptor, never the name
+    bases: list[str]  # `allow_paths`' spellings (`open_under`)
+    hidden: list[tuple[str, str]]  # (server path, its role in answers), longest first
+
+    def scrub(self, message: str) -> str:
+        """No server path in an answer: the jobs and allowed folders by their role."""
+        for path, role in self.hidden:
+            message = message.replace(path, role)
+        return message
+
+
 def create_app(runner: JobRunner, *, token: str | None = None, max_bytes: int = 100 * 2**20,
-               allow_paths: Path | None = None, info: dict | None = None, hosts: Iterable[str] = LOOPBACK_NAMES,
-               any_ip: bool = False, decode_wait_s: float = DECODE_WAIT_S) -> object:
+               allow_paths: Path | None = None, info: dict | None = None,
+               hosts: Iterable[str] = LOOPBACK_NAMES, any_ip: bool = False,
+               decode_wait_s: float = DECODE_WAIT_S) -> object:
     """The ASGI application: the API and page over `runner`, whose jobs the caller runs (`runner.run()`,
     or `runner.start()` for a thread). Call its `closing()` when the server begins to stop (a signal): the
     event streams end, so no connection holds the stop up.
 
     `hosts`: the names (Host header, any port) it answers to; `any_ip`: also any IP address (a wildcard
     bind). Raises OSError when `allow_paths` cannot be opened as a folder."""
-    from contextlib import asynccontextmanager
-
-    hub = Hub()
-    runner.publish = hub.publish
-    store = runner.store
-    budget = _Budget(runner.max_pixels)
-    allowed_fd = bases = None
-    if allow_paths is not None:  # opened once: requests walk from this descriptor, never from the name
+    events = EventStream()
+    runner.publish = events.publish
+    allowed_fd, bases = None, []
+    if allow_paths is not None:
         allowed_fd = os.open(allow_paths, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
         bases = list(dict.fromkeys([os.path.abspath(allow_paths), os.path.realpath(allow_paths)]))
-    hidden = [(p, "<jobs folder>") for p in {os.path.realpath(store.root), os.path.abspath(store.root)}]
-    hidden += [(p, "<allowed folder>") for p in bases or ()]
+    root = runner.store.root
+    hidden = [(p, "<jobs folder>") for p in {os.path.realpath(root), os.path.abspath(root)}]
+    hidden += [(p, "<allowed folder>") for p in bases]
     hidden.sort(key=lambda ph: -len(ph[0]))
-
-    def scrub(message: str) -> str:
-        """No server path in an answer: the jobs and allowed folders by their role."""
-        for path, role in hidden:
-            message = message.replace(path, role)
-        return message
-
-    @asynccontextmanager
-    async def lifespan(app):
-        hub.loop = asyncio.get_running_loop()
-        try:
-            yield
-        finally:
-            hub.close()
-
-    app = FastAPI(title="infdit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    def disk_full() -> JSONResponse:
-        return _error(507, "the server's disk is full: nothing was stored; try again later", 1)
-
-    @app.exception_handler(InfditError)
-    async def _known(request: Request, exc: Exception):
-        if isinstance(exc, DiskFull):
-            return disk_full()
-        msg, code = describe(exc)
-        return _error(_status(exc), scrub(msg), code)
-
-    @app.exception_handler(OSError)
-    async def _os(request: Request, exc: OSError):
-        if no_space(exc) or exc.errno == errno.EFBIG:  # EFBIG: a file-size limit, as full
-            return disk_full()
-        raise exc  # not a client's mistake: 500, logged (`_any`)
-
-    @app.exception_handler(_TooLarge)
-    async def _too_large(request: Request, exc: Exception):
-        return _error(413, f"the upload is over {max_bytes} bytes; this server takes at most {max_bytes} "
-                      "(--max-bytes)", 2)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, scrub(str(exc.detail)), 2 if exc.status_code < 500 else 1)
-
-    @app.exception_handler(_NotFound)
-    async def _not_found(request: Request, exc: Exception):
-        return _error(404, f"no job {_shown(str(exc)[:40])}", 1)
-
-    @app.exception_handler(Exception)
-    async def _any(request: Request, exc: Exception):  # an internal error: one line here, the traceback logged
-        msg, code = describe(exc)
-        return _error(500, scrub(msg), code)
-
-    async def _upload(request: Request) -> tuple[Path, str, JobOptions]:
-        """The request's image, stored under a generated name in the jobs folder, and its options."""
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("application/json"):
-            return await _server_path(request)
-        if not ctype.startswith("multipart/form-data"):
-            raise BadRequest("send the image as multipart/form-data (field 'image'), or JSON with a 'path' "
-                             "on a server started with --allow-paths")
-        form = await request.form(max_files=1, max_fields=20)
-        try:
-            options = _options(form)
-            image = form.get("image")
-            if image is None or isinstance(image, str):
-                raise BadRequest("no image: send the file in the form field 'image'")
-            name = _display_name(image.filename)
-            tmp, fd = store.folder.temp("upload")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    while chunk := await image.read(_CHUNK):
-                        f.write(chunk)
-                if os.path.getsize(store.root / tmp) == 0:
-                    raise BadImage(f"{name} is empty (0 bytes)")
-            except BaseException:
-                store.folder.unlink(tmp)
-                raise
-            return store.root / tmp, name, options
-        finally:
-            await form.close()
-
-    async def _server_path(request: Request) -> tuple[Path, str, JobOptions]:
-        if allow_paths is None:
-            raise BadRequest("this server takes uploads only (start it with --allow-paths DIR to submit paths)")
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, RecursionError):  # malformed, not UTF-8, or nested past the parser's depth
-            raise BadRequest("the JSON body cannot be read") from None
-        if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-            raise BadRequest("give {\"path\": \"...\"} and the options as JSON fields")
-        options = _options({k: (str(v) if v is not None else None) for k, v in body.items() if k != "path"})
-        src = open_under(allowed_fd, bases, body["path"])
-        try:
-            tmp, fd = store.folder.temp("upload")
-            try:
-                with os.fdopen(fd, "wb") as dst:
-                    await run_in_threadpool(_copy, src, dst)
-            except BaseException:
-                store.folder.unlink(tmp)
-                raise
-        finally:
-            os.close(src)
-        return store.root / tmp, _display_name(body["path"]), options
-
-    async def _decoded(fn, path: Path, *args):
-        """`fn(path, *args)` (it decodes the upload at `path`) in a thread, once the pixels its header
-        declares fit in the decode budget; the budget is given back when the thread ends, even if the
-        request is gone by then."""
-        weight = await run_in_threadpool(runner.declared_pixels, path)
-        taken = await budget.acquire(weight if weight is not None else runner.max_pixels, decode_wait_s)
-        task = asyncio.ensure_future(in_thread(fn, path, *args))
-        task.add_done_callback(lambda t: budget.release(taken))
-        return await asyncio.shield(task)
-
-    def _cleaned(path: Path) -> None:
-        store.folder.unlink(path.name)
-
-    def _job(job_id: str):
-        job = runner.get(job_id)
-        if job is None:
-            raise _NotFound(job_id)
-        return job
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return HTMLResponse(page_html(), headers={
-            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self' "
-                                       "'unsafe-inline'; script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
-            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})  # Referrer-Policy: the guard
-
-    @app.get("/api/info")
-    async def api_info():
-        return {**(info or {}), "max_pixels": runner.max_pixels, "max_bytes": max_bytes,
-                "token_required": token is not None, "paths_allowed": allow_paths is not None}
-
-    @app.post("/api/plan")
-    async def api_plan(request: Request):
-        path, name, options = await _upload(request)
-        try:
-            img, plan, lines = await _decoded(runner.plan, path, name, options)
-        finally:
-            _cleaned(path)
-        return {"name": name, "input_size": list(img.size), "output_size": list(plan.target_size),
-                "predicted_seconds": round(plan.seconds, 3), "lines": lines, "warnings": list(img.notices),
-                "plan": json.loads(json.dumps(plan_json(plan), default=str))}
-
-    @app.post("/api/jobs", status_code=201)
-    async def api_submit(request: Request):
-        runner.check_room()  # QueueFull (429) before the upload is stored
-        path, name, options = await _upload(request)
-        try:
-            job = await _decoded(runner.submit, path, name, options)
-        finally:
-            _cleaned(path)  # moved into the job when accepted
-        return JSONResponse(runner.snapshot(job), status_code=201)
-
-    @app.get("/api/jobs")
-    async def api_jobs():
-        return {"jobs": runner.jobs()}
-
-    @app.get("/api/jobs/{job_id}")
-    async def api_job(job_id: str):
-        return runner.snapshot(_job(job_id))
-
-    @app.post("/api/jobs/{job_id}/cancel")
-    async def api_cancel(job_id: str):
-        return runner.snapshot(runner.cancel(_job(job_id)))
-
-    @app.delete("/api/jobs/{job_id}", status_code=204)
-    async def api_delete(job_id: str):
-        job = _job(job_id)
-        await run_in_threadpool(runner.delete, job)
-        return Response(status_code=204)
-
-    def _open_file(job, name: str) -> int | None:
-        """A read-only descriptor of the job's file `name` (never through a link), or None."""
-        try:
-            folder = store.job_folder(job.id, create=False)
-        except (UnsafePath, OSError):
-            return None
-        try:
-            return folder.open(name)
-        except (OSError, ValueError):
-            return None
-        finally:
-            folder.close()
-
-    @app.get("/api/jobs/{job_id}/preview")
-    async def api_preview(job_id: str):
-        job = _job(job_id)
-        fd = _open_file(job, "preview.jpg") if job.preview else None
-        if fd is None:
-            return _error(404, f"job {job.id} has no preview yet", 1)
-        return _fd_response(fd, "image/jpeg", {"Cache-Control": "no-store"})
-
-    @app.get("/api/jobs/{job_id}/result")
-    async def api_result(job_id: str):
-        job = _job(job_id)
-        if job.state != "done" or job.result_file is None:
-            return _error(409, f"job {job.id} is {job.state}; its result is there when it is done", 1)
-        fd = _open_file(job, job.result_file)
-        if fd is None:
-            return _error(410, f"job {job.id}'s result is no longer on the server", 1)
-        stem = _SAFE_NAME.sub("_", Path(job.name).stem).strip(" .") or "image"
-        return _fd_response(fd, _MEDIA.get(job.options.format, "application/octet-stream"),
-                            {"Content-Disposition": _content_disposition(f"{stem}_infdit.{job.options.format}"),
-                             "Cache-Control": "no-store"})
-
-    @app.get("/api/events")
-    async def api_events(request: Request):
-        queue: asyncio.Queue = asyncio.Queue()
-        for job in runner.jobs():  # the state now, then every change
-            queue.put_nowait(f"event: job\ndata: {json.dumps(job, separators=(',', ':'))}\n\n")
-        hub.queues.add(queue)
-
-        async def stream():
-            try:
-                while True:
-                    try:
-                        item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            return
-                        yield ": keep-alive\n\n"
-                        continue
-                    if item is None:
-                        return
-                    yield item
-            finally:
-                hub.queues.discard(queue)
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-
-    app.state.runner, app.state.hub = runner, hub
-    guard = _Guard(app, token=token, max_bytes=max_bytes, hosts=hosts, any_ip=any_ip)
-    guard.closing = hub.close  # the server calls it as it begins to stop: event streams end, connections close
+    app = FastAPI(title="infdit", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(router)
+    for kind, handler in _HANDLERS:
+        app.add_exception_handler(kind, handler)
+    app.state.runner, app.state.events, app.state.budget = runner, events, _Budget(runner.max_pixels)
+    app.state.settings = ServerSettings(token, max_bytes, allow_paths, info or {}, decode_wait_s, allowed_fd,
+                                        bases, hidden)
+    guard = app.state.guard = _Guard(app, token=token, max_bytes=max_bytes, hosts=hosts, any_ip=any_ip)
+    guard.closing = events.close  # called as the server begins to stop: event streams end, connections close
     return guard
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    events = app.state.events
+    events.loop = asyncio.get_running_loop()
+    try:
+        yield
+    finally:
+        events.close()
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+
+def _disk_full() -> JSONResponse:
+    return _error(507, "the server's disk is full: nothing was stored; try again later", 1)
+
+
+async def _known(request: Request, exc: Exception):
+    if isinstance(exc, DiskFull):
+        return _disk_full()
+    msg, code = describe(exc)
+    return _error(_status(exc), request.app.state.settings.scrub(msg), code)
+
+
+async def _os(request: Request, exc: OSError):
+    if no_space(exc) or exc.errno == errno.EFBIG:  # EFBIG: a file-size limit, as full
+        return _disk_full()
+    raise exc  # not a client's mistake: 500, logged (`_any`)
+
+
+async def _too_large(request: Request, exc: Exception):
+    limit = request.app.state.settings.max_bytes
+    return _error(413, f"the upload is over {limit} bytes; this server takes at most {limit} (--max-bytes)",
+                  2)
+
+
+async def _http(request: Request, exc: StarletteHTTPException):
+    return _error(exc.status_code, request.app.state.settings.scrub(str(exc.detail)),
+                  2 if exc.status_code < 500 else 1)
+
+
+async def _not_found(request: Request, exc: Exception):
+    return _error(404, f"no job {_shown(str(exc)[:40])}", 1)
+
+
+async def _any(request: Request, exc: Exception):  # an internal error: one line here, the traceback logged
+    msg, code = describe(exc)
+    return _error(500, request.app.state.settings.scrub(msg), code)
+
+
+_HANDLERS = ((InfditError, _known), (OSError, _os), (_TooLarge, _too_large), (StarletteHTTPException, _http),
+             (_NotFound, _not_found), (Exception, _any))
+
+
+# ---- what a request brings ---------------------------------------------------------------------------------
+
+
+async def _upload(request: Request) -> tuple[Path, str, JobOptions]:
+    """The request's image, stored under a generated name in the jobs folder, and its options."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        return await _server_path(request)
+    if not ctype.startswith("multipart/form-data"):
+        raise BadRequest("send the image as multipart/form-data (field 'image'), or JSON with a 'path' "
+                         "on a server started with --allow-paths")
+    store = request.app.state.runner.store
+    form = await request.form(max_files=1, max_fields=20)
+    try:
+        options = _options(form)
+        image = form.get("image")
+        if image is None or isinstance(image, str):
+            raise BadRequest("no image: send the file in the form field 'image'")
+        name = _display_name(image.filename)
+        tmp, fd = store.folder.temp("upload")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                while chunk := await image.read(_CHUNK):
+                    f.write(chunk)
+            if os.path.getsize(store.root / tmp) == 0:
+                raise BadImage(f"{name} is empty (0 bytes)")
+        except BaseException:
+            store.folder.unlink(tmp)
+            raise
+        return store.root / tmp, name, options
+    finally:
+        await form.close()
+
+
+async def _server_path(request: Request) -> tuple[Path, str, JobOptions]:
+    """A file under --allow-paths (JSON {"path": ...}), copied into the jobs folder, and its options."""
+    settings, store = request.app.state.settings, request.app.state.runner.store
+    if settings.allow_paths is None:
+        raise BadRequest("this server takes uploads only (start it with --allow-paths DIR to submit paths)")
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError):  # malformed, not UTF-8, or nested past the parser's depth
+        raise BadRequest("the JSON body cannot be read") from None
+    if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+        raise BadRequest("give {\"path\": \"...\"} and the options as JSON fields")
+    options = _options({k: (str(v) if v is not None else None) for k, v in body.items() if k != "path"})
+    src = open_under(settings.allowed_fd, settings.bases, body["path"])
+    try:
+        tmp, fd = store.folder.temp("upload")
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                await run_in_threadpool(_copy, src, dst)
+        except BaseException:
+            store.folder.unlink(tmp)
+            raise
+    finally:
+        os.close(src)
+    return store.root / tmp, _display_name(body["path"]), options
+
+
+async def _decoded(request: Request, fn, path: Path, *args):
+    """`fn(path, *args)` (it decodes the upload at `path`) in a thread, once the pixels its header
+    declares fit in the decode budget; the budget is given back when the thread ends, even if the
+    request is gone by then."""
+    state = request.app.state
+    weight = await run_in_threadpool(state.runner.declared_pixels, path)
+    budget = state.budget
+    taken = await budget.acquire(weight if weight is not None else state.runner.max_pixels,
+                                 state.settings.decode_wait_s)
+    task = asyncio.ensure_future(in_thread(fn, path, *args))
+    task.add_done_callback(lambda t: budget.release(taken))
+    return await asyncio.shield(task)
+
+
+def _job(request: Request, job_id: str):
+    job = request.app.state.runner.get(job_id)
+    if job is None:
+        raise _NotFound(job_id)
+    return job
+
+
+def _open_file(store, job, name: str) -> int | None:
+    """A read-only descriptor of the job's file `name` (never through a link), or None."""
+    try:
+        folder = store.job_folder(job.id, create=False)
+    except (UnsafePath, OSError):
+        return None
+    try:
+        return folder.open(name)
+    except (OSError, ValueError):
+        return None
+    finally:
+        folder.close()
+
+
+# ---- the routes --------------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page():
+    return HTMLResponse(page_html(), headers={
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self' "
+                                   "'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+                                   "frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})  # Referrer-Policy: the guard
+
+
+@router.get("/api/info")
+async def api_info(request: Request):
+    settings, runner = request.app.state.settings, request.app.state.runner
+    return {**settings.info, "max_pixels": runner.max_pixels, "max_bytes": settings.max_bytes,
+            "token_required": settings.token is not None, "paths_allowed": settings.allow_paths is not None}
+
+
+@router.post("/api/plan")
+async def api_plan(request: Request):
+    runner = request.app.state.runner
+    path, name, options = await _upload(request)
+    try:
+        img, plan, lines = await _decoded(request, runner.plan, path, name, options)
+    finally:
+        runner.store.folder.unlink(path.name)
+    return {"name": name, "input_size": list(img.size), "output_size": list(plan.target_size),
+            "predicted_seconds": round(plan.seconds, 3), "lines": lines, "warnings": list(img.notices),
+            "plan": json.loads(json.dumps(plan_json(plan), default=str))}
+
+
+@router.post("/api/jobs", status_code=201)
+async def api_submit(request: Request):
+    runner = request.app.state.runner
+    runner.check_room()  # QueueFull (429) before the upload is stored
+    path, name, options = await _upload(request)
+    try:
+        job = await _decoded(request, runner.submit, path, name, options)
+    finally:
+        runner.store.folder.unlink(path.name)  # moved into the job when accepted
+    return JSONResponse(runner.snapshot(job), status_code=201)
+
+
+@router.get("/api/jobs")
+async def api_jobs(request: Request):
+    return {"jobs": request.app.state.runner.jobs()}
+
+
+@router.get("/api/jobs/{job_id}")
+async def api_job(request: Request, job_id: str):
+    return request.app.state.runner.snapshot(_job(request, job_id))
+
+
+@router.post("/api/jobs/{job_id}/cancel")
+async def api_cancel(request: Request, job_id: str):
+    runner = request.app.state.runner
+    return runner.snapshot(runner.cancel(_job(request, job_id)))
+
+
+@router.delete("/api/jobs/{job_id}", status_code=204)
+async def api_delete(request: Request, job_id: str):
+    job = _job(request, job_id)
+    await run_in_threadpool(request.app.state.runner.delete, job)
+    return Response(status_code=204)
+
+
+@router.get("/api/jobs/{job_id}/preview")
+async def api_preview(request: Request, job_id: str):
+    job = _job(request, job_id)
+    fd = _open_file(request.app.state.runner.store, job, "preview.jpg") if job.preview else None
+    if fd is None:
+        return _error(404, f"job {job.id} has no preview yet", 1)
+    return _fd_response(fd, "image/jpeg", {"Cache-Control": "no-store"})
+
+
+@router.get("/api/jobs/{job_id}/result")
+async def api_result(request: Request, job_id: str):
+    job = _job(request, job_id)
+    if job.state != "done" or job.result_file is None:
+        return _error(409, f"job {job.id} is {job.state}; its result is there when it is done", 1)
+    fd = _open_file(request.app.state.runner.store, job, job.result_file)
+    if fd is None:
+        return _error(410, f"job {job.id}'s result is no longer on the server", 1)
+    stem = _SAFE_NAME.sub("_", Path(job.name).stem).strip(" .") or "image"
+    return _fd_response(fd, _MEDIA.get(job.options.format, "application/octet-stream"),
+                        {"Content-Disposition": _content_disposition(f"{stem}_infdit.{job.options.format}"),
+                         "Cache-Control": "no-store"})
+
+
+@router.get("/api/events")
+async def api_events(request: Request):
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in request.app.state.runner.jobs():  # the state now, then every change
+        queue.put_nowait(f"event: job\ndata: {json.dumps(job, separators=(',', ':'))}\n\n")
+    events = request.app.state.events
+    events.queues.add(queue)
+    return StreamingResponse(_event_stream(request, queue, events), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def _event_stream(request: Request, queue: asyncio.Queue, events: EventStream):
+    """What `queue` receives, as it comes, with a keep-alive comment when nothing did for KEEPALIVE_S."""
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                yield ": keep-alive\n\n"
+                continue
+            if item is None:
+                return
+            yield item
+    finally:
+        events.queues.discard(queue)
 
 
 def _copy(src: int, dst) -> None:

@@ -15,7 +15,9 @@ No web framework here: `serve.app` puts this behind HTTP; this module is usable 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
 import io
 import json
 import os
@@ -29,12 +31,30 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from ..errors import BadRequest, Busy, InfditError, UnsafePath, describe
-from ..events import (BatchDone, CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged,
-                      Resumed, StepDone)
+from ..events import (
+    BatchDone,
+    CheckpointWritten,
+    JobStarted,
+    Notice,
+    PassDone,
+    PassStarted,
+    PlanChanged,
+    Resumed,
+    StepDone,
+)
 from ..storage import SafeFolder
 
-__all__ = ["Job", "JobStore", "JobRunner", "JobOptions", "QueueFull", "FORMATS", "PREVIEW_SIDE", "MAX_QUEUE",
-           "valid_id"]
+__all__ = [
+    "FORMATS",
+    "MAX_QUEUE",
+    "PREVIEW_SIDE",
+    "Job",
+    "JobOptions",
+    "JobRunner",
+    "JobStore",
+    "QueueFull",
+    "valid_id",
+]
 
 FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp", "tif": "tiff", "tiff": "tiff"}
 PREVIEW_SIDE = 1024  # the preview JPEG's long side, at most
@@ -152,7 +172,8 @@ class JobStore:
         except OSError:
             pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
-            raise Busy(f"another infdit serve is using the jobs folder {self.root} (pid {pid or '?'})") from None
+            raise Busy(f"another infdit serve is using the jobs folder {self.root} (pid {pid or '?'})"
+                       ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -169,7 +190,7 @@ class JobStore:
                 try:
                     fd = folder.open("job.json")
                     try:
-                        data = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+                        data = b"".join(iter(functools.partial(os.read, fd, 1 << 16), b""))
                     finally:
                         os.close(fd)
                 finally:
@@ -180,7 +201,8 @@ class JobStore:
             except FileNotFoundError:
                 continue  # a job being made, or one being deleted: no state file yet / any more
             except (OSError, ValueError, KeyError, TypeError, UnsafePath) as e:
-                why = describe(e)[0] if isinstance(e, OSError | UnsafePath) else f"its job.json is damaged ({e})"
+                why = (describe(e)[0] if isinstance(e, OSError | UnsafePath)
+                       else f"its job.json is damaged ({e})")
                 self.skipped.append(f"left {self.root / name} alone: {why}")
                 continue
             if job.state == "running":  # the server stopped while it ran: it resumes first
@@ -242,11 +264,53 @@ def event_json(event: object) -> dict:
     for f in fields(event):
         v = getattr(event, f.name)
         if is_dataclass(v) and f.name == "pass_" and hasattr(v, "scale"):
-            v = {"scale": v.scale, "in_size": list(v.in_size), "out_size": list(v.out_size), "seconds": v.seconds}
+            v = {"scale": v.scale, "in_size": list(v.in_size), "out_size": list(v.out_size),
+                 "seconds": v.seconds}
         elif not isinstance(v, (int, float, str, bool, list, dict, type(None))):
             v = str(v)
         out[f.name] = v
     return out
+
+
+class _Watch:
+    """The library's callbacks for one job: its progress, warnings and saves, published as they change;
+    a cancel or a stop is raised from them, inside the job."""
+
+    def __init__(self, runner: JobRunner, job: Job) -> None:
+        self.runner, self.job = runner, job
+        self.progress = _Progress(job)
+        self.last_publish = 0.0  # time.monotonic() of the last snapshot published
+
+    def on_event(self, event: object) -> None:
+        runner, job = self.runner, self.job
+        if job.cancel_requested:
+            raise _Cancelled()
+        if runner.stopping:
+            raise _Stopping()
+        show = self.progress.update(event)
+        if isinstance(event, Resumed):
+            job.resumed = {"pass": event.pass_, "step": event.step}
+        if isinstance(event, Notice | PlanChanged):
+            job.warnings.append(runner._shown(job, event.text) if isinstance(event, Notice)
+                                else f"plan {event.old} -> {event.new} ({event.reason})")
+            show = True
+        if not isinstance(event, BatchDone):
+            runner.publish(type(event).__name__, {"job": job.id, **{
+                k: runner._shown(job, v) if isinstance(v, str) else v for k, v in event_json(event).items()}})
+        if show or isinstance(event, BatchDone) and time.monotonic() - self.last_publish > 1.0:
+            self.last_publish = time.monotonic()
+            if isinstance(event, StepDone | CheckpointWritten | PassDone | Notice | PlanChanged):
+                runner.store.save(job)
+            runner.publish("job", runner.snapshot(job))
+
+    def on_preview(self, img) -> None:
+        folder = self.runner.store.job_folder(self.job.id, create=False)
+        try:
+            folder.write("preview.jpg", preview_jpeg(img), "a preview")
+        finally:
+            folder.close()
+        self.job.preview += 1
+        self.runner.publish("job", self.runner.snapshot(self.job))
 
 
 class _Progress:
@@ -276,7 +340,8 @@ class _Progress:
             p["passes"] = len(self.work)
             return False
         if isinstance(event, Resumed):
-            self.pass_, p["pass"], p["step"], p["steps"] = event.pass_ - 1, event.pass_, event.step, event.steps
+            self.pass_ = event.pass_ - 1
+            p["pass"], p["step"], p["steps"] = event.pass_, event.step, event.steps
             self.calls_done = 2 * event.step if event.step < event.steps else self.calls
         elif isinstance(event, PassStarted):
             if self.pass_ != event.index - 1:
@@ -349,7 +414,8 @@ class JobRunner:
 
     def jobs(self) -> list[dict]:
         with self.lock:
-            return [self.snapshot(j) for j in sorted(self.store.jobs.values(), key=lambda j: (j.created, j.id))]
+            every = sorted(self.store.jobs.values(), key=lambda j: (j.created, j.id))
+            return [self.snapshot(j) for j in every]
 
     def get(self, job_id: str) -> Job | None:
         return self.store.jobs.get(job_id) if valid_id(job_id) else None
@@ -360,8 +426,8 @@ class JobRunner:
         with self.lock:
             waiting = sum(j.state == "queued" for j in self.store.jobs.values()) + self._reserved
         if waiting >= self.max_queue:
-            raise QueueFull(f"the queue is full ({waiting} jobs wait; this server takes at most {self.max_queue}, "
-                            "--max-queue): try again when some have run")
+            raise QueueFull(f"the queue is full ({waiting} jobs wait; this server takes at most "
+                            f"{self.max_queue}, --max-queue): try again when some have run")
 
     def declared_pixels(self, path: Path) -> int | None:
         """The pixels the image at `path` declares in its header (nothing decoded), or None when the header
@@ -384,14 +450,17 @@ class JobRunner:
         options = options.check()
         try:
             img = load_image(path, max_pixels=self.max_pixels)
-            plan = self.up.plan(img.size, res=options.res, scale=options.scale, options=self._options(options))
+            plan = self.up.plan(img.size, res=options.res, scale=options.scale,
+                                options=self._options(options))
             check_format_size(SUFFIXES["." + options.format], plan.target_size)
         except InfditError as e:
             err = type(e)(str(e).replace(str(path), name))
             err.exit_code = e.exit_code
             raise err from None
-        img.notices = [n.replace(str(path), name) for n in img.notices]  # the upload's name, not its path in the jobs folder
-        return img, plan, plan_lines(plan, self.up.device.type, str(self.up.model.dtype).removeprefix("torch."))
+        # the upload's name, not its path in the jobs folder
+        img.notices = [n.replace(str(path), name) for n in img.notices]
+        dtype = str(self.up.model.dtype).removeprefix("torch.")
+        return img, plan, plan_lines(plan, self.up.device.type, dtype)
 
     def _options(self, options: JobOptions):
         from dataclasses import replace
@@ -444,7 +513,8 @@ class JobRunner:
             elif job.state == "running":
                 job.cancel_requested = True
             else:
-                raise BadRequest(f"job {job.id} is {job.state}; only a queued or running job can be cancelled")
+                raise BadRequest(f"job {job.id} is {job.state}; only a queued or running job can be "
+                                 "cancelled")
         self.publish("job", self.snapshot(job))
         return job
 
@@ -477,10 +547,8 @@ class JobRunner:
                 with self.lock:  # fails, the worker goes on with the next one
                     job.state, job.finished = "failed", time.time()
                     job.error, job.exit_code = describe(e)
-                    try:
+                    with contextlib.suppress(Exception):  # said in the API and the log: the disk is at fault
                         self.store.save(job)
-                    except Exception:  # noqa: BLE001 - said in the API and the log; the disk is the problem
-                        pass
                 if self.on_error is not None:
                     self.on_error(f"job {job.id} ({job.name}) failed: {job.error}")
                 self.publish("job", self.snapshot(job))
@@ -509,39 +577,7 @@ class JobRunner:
         return text
 
     def _run(self, job: Job) -> None:
-        progress = _Progress(job)
-        last_save = [0.0]
-
-        def on_event(event: object) -> None:
-            if job.cancel_requested:
-                raise _Cancelled()
-            if self.stopping:
-                raise _Stopping()
-            show = progress.update(event)
-            if isinstance(event, Resumed):
-                job.resumed = {"pass": event.pass_, "step": event.step}
-            if isinstance(event, Notice | PlanChanged):
-                job.warnings.append(self._shown(job, event.text) if isinstance(event, Notice)
-                                    else f"plan {event.old} -> {event.new} ({event.reason})")
-                show = True
-            if not isinstance(event, BatchDone):
-                self.publish(type(event).__name__, {"job": job.id, **{
-                    k: self._shown(job, v) if isinstance(v, str) else v for k, v in event_json(event).items()}})
-            if show or isinstance(event, BatchDone) and time.monotonic() - last_save[0] > 1.0:
-                last_save[0] = time.monotonic()
-                if isinstance(event, StepDone | CheckpointWritten | PassDone | Notice | PlanChanged):
-                    self.store.save(job)
-                self.publish("job", self.snapshot(job))
-
-        def on_preview(img) -> None:
-            folder = self.store.job_folder(job.id, create=False)
-            try:
-                folder.write("preview.jpg", preview_jpeg(img), "a preview")
-            finally:
-                folder.close()
-            job.preview += 1
-            self.publish("job", self.snapshot(job))
-
+        watch = _Watch(self, job)
         out_name = f"output.{job.options.format}"
         folder = self.store.job_folder(job.id, create=False)
         folder.record(out_name)
@@ -549,9 +585,10 @@ class JobRunner:
         try:
             self.up.upscale_file(self.store.path(job, job.input_file), self.store.path(job, out_name),
                                  res=job.options.res, scale=job.options.scale,
-                                 options=self._options(job.options), overwrite=True, max_pixels=self.max_pixels,
-                                 on_event=on_event, checkpoint=True, checkpoint_dir=self.store.path(job, "run"),
-                                 resume=True, on_preview=on_preview)
+                                 options=self._options(job.options), overwrite=True,
+                                 max_pixels=self.max_pixels, on_event=watch.on_event,
+                                 checkpoint=True, checkpoint_dir=self.store.path(job, "run"), resume=True,
+                                 on_preview=watch.on_preview)
         except (_Stopping, KeyboardInterrupt):
             with self.lock:
                 job.state = "queued"  # resumes from its last step when the server starts again
@@ -561,7 +598,7 @@ class JobRunner:
             with self.lock:
                 self._finish(job, "cancelled")
                 self._drop_run(job)
-        except BaseException as e:  # noqa: BLE001 - a failed job is reported in its state; the server goes on
+        except BaseException as e:
             msg, code = describe(e)
             msg = self._shown(job, msg)
             with self.lock:
