@@ -32,20 +32,17 @@ def _one_line(err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_weights):
-    """An input, the bytes of an uninterrupted run, and a run folder stopped by SIGTERM at pass 1 step 2
-    (kept as a template: each test gets its own copy)."""
+def job(tmp_path_factory, tiny_weights, reference_job):
+    """An input, the bytes of an uninterrupted run (the session's reference job), and a run folder stopped
+    by SIGTERM at pass 1 step 2 (kept as a template: each test gets its own copy)."""
+    src, ref = reference_job
     d = tmp_path_factory.mktemp("job")
-    src = d / "in.png"
-    Image.fromarray(rgb_image(12, 14)).save(src)
-    ref = d / "ref.png"
-    run_cli("upscale", src, "-o", ref, *ARGS, "--weights", tiny_weights, "--no-checkpoint", check=True)
     out = d / "stopped" / "out.png"
     out.parent.mkdir()
     folder = run_folder_for(out)
     proc = _start(src, out, tiny_weights, "--checkpoint")
     err = _stop_at(proc, folder, (1, 2), signal.SIGTERM)
-    return src, ref.read_bytes(), folder, proc.returncode, err
+    return src, ref, folder, proc.returncode, err
 
 
 def _copy_run(job, tmp_path) -> tuple[Path, Path]:

@@ -183,7 +183,7 @@ def test_a_job_through_the_api_equals_infdit_upscale(tmp_path, tiny_weights, cac
         assert fractions[-1] == 1.0 and fractions == sorted(fractions) and len(set(fractions)) >= 3
         # A second server on the same jobs folder is refused at once, before any weights load.
         res = run_cli("serve", "--port", "0", "--jobs", tmp_path / "jobs", "--weights", tiny_weights, env=ENV,
-                      timeout=60)
+                      timeout=60, process=True)
         assert res.returncode == 1 and res.stderr.strip().startswith(
             f"error: another infdit serve is using the jobs folder {tmp_path / 'jobs'} (pid "), res.stderr
         # Delete: the job's folder goes; an unknown job is 404.
