@@ -1,5 +1,4 @@
 import contextlib
-import io
 import locale
 import logging
 import os
@@ -41,8 +40,8 @@ def run_cli(*args, check: bool = False, process: bool = False, env: dict | None 
     installed command would run it; `process=True`: the installed `infdit` executable in a new process
     (for what needs the process boundary: signals, locks between processes, the entry point itself)."""
     if process:
-        res = subprocess.run([str(INFDIT), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
-                             **kw)
+        res = subprocess.run([str(INFDIT), *map(str, args)], check=False, capture_output=True, text=True,
+                             env=env, cwd=cwd, **kw)
     else:
         if kw:
             raise TypeError(f"run_cli in-process takes no {sorted(kw)}: pass process=True")
@@ -158,8 +157,10 @@ def _captured():
                 saved_sys[fd - 1].flush()
                 saved_fds.append(os.dup(fd))
                 os.dup2(f.fileno(), fd)
-            sys.stdout = open(1, "w", buffering=1, encoding=encoding, errors="strict", closefd=False)
-            sys.stderr = open(2, "w", buffering=1, encoding=encoding, errors="backslashreplace", closefd=False)
+            # as the interpreter opens them: strict stdout, backslashreplace stderr, line-buffered
+            sys.stdout = open(1, "w", buffering=1, encoding=encoding, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, encoding=encoding, errors="backslashreplace",  # noqa: SIM115
+                              closefd=False)
             yield results
         finally:
             for stream in (sys.stdout, sys.stderr):

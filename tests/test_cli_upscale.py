@@ -33,9 +33,10 @@ def one_error_line(res):
 
 
 def test_rgb_jpeg_long_side(tmp_path, w):
+    """Also the entry point's smoke test: the installed `infdit` executable, in its own process."""
     src = tmp_path / "photo.jpg"
     Image.fromarray(rgb_image(30, 40)).save(src, quality=95)
-    res = run_cli("upscale", src, "--res", "100", *FAST, *w, "--json")
+    res = run_cli("upscale", src, "--res", "100", *FAST, *w, "--json", process=True)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     out = Path(summary["output"])
@@ -183,6 +184,7 @@ def test_dry_run_plans_without_computing(tmp_path, w):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
+@pytest.mark.slow
 def test_sigint_leaves_no_partial_file(tmp_path, tiny_weights):
     src = tmp_path / "big.png"
     Image.fromarray(rgb_image(160, 160)).save(src)

@@ -71,6 +71,7 @@ def _rerun_here(monkeypatch, capsys, src, out, weights, *extra) -> subprocess.Co
 
 # -- 6. SIGTERM and SIGHUP -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_keeps_the_checkpoint_and_resumes_bit_identical(job, tmp_path, tiny_weights):
     src, ref, template, rc, err = job
     assert rc == 143, err
@@ -88,6 +89,7 @@ def test_sigterm_keeps_the_checkpoint_and_resumes_bit_identical(job, tmp_path, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 
 
+@pytest.mark.slow
 def test_sighup_is_handled_like_ctrl_c(job, tmp_path, tiny_weights):
     src, ref = job[:2]
     out = tmp_path / "out.png"
@@ -379,6 +381,7 @@ def test_a_stale_scratch_folder_is_reclaimed(job, tmp_path, tiny_weights):
 
 # -- 7. two runs to one output -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_to_the_same_output_is_refused_at_once(job, tmp_path, tiny_weights):
     src, ref = job[:2]
     out = tmp_path / "o" / "out.png"
@@ -588,6 +591,7 @@ def test_a_nan_step_keeps_the_last_good_checkpoint(tmp_path, tiny_model):
 
 # -- 8. the signal tests from a background job -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_signal_tests_pass_from_a_background_job_with_sigint_ignored():
     """A non-interactive shell starts `cmd &` with SIGINT ignored, and children inherit it: the tests that
     send SIGINT must still pass (their children restore the default)."""

@@ -56,6 +56,7 @@ def _stop_at(proc: subprocess.Popen, folder: Path, at: tuple[int, int], sig: int
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,at", [(signal.SIGKILL, (1, 2)), (signal.SIGINT, (1, 1)),
                                     (signal.SIGKILL, (2, 1)), (signal.SIGINT, (2, 2))],
                          ids=["kill-pass1", "int-pass1", "kill-pass2", "int-pass2"])

@@ -13,6 +13,7 @@ def _run(*args, **kw) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.mark.slow
 def test_wheel_install_lists_the_registry(wheel_venv, tmp_path):
     wheel, venv, env = wheel_venv
     names = set(zipfile.ZipFile(wheel).namelist())
