@@ -6,6 +6,8 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import pytest
+
 
 def _run(*args, **kw) -> subprocess.CompletedProcess:
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kw)
