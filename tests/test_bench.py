@@ -271,6 +271,7 @@ def _workers_of(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_bench_streams_json_lines_to_a_pipe_and_sigterm_ends_it_with_143():
     """Off a terminal, each row arrives while the command still runs (JSON lines); SIGTERM during the next
     size's measurement stops the worker too and ends with one line and 143."""

@@ -123,7 +123,7 @@ def test_a_stalled_transfer_keeps_what_it_received(release, monkeypatch):
     fake, url, env, tmp_path = release
     fake.stall_next_get_at, fake.stall_s = 300_000, 3.0
     env = {**env, "INFDIT_DOWNLOAD_TIMEOUT": "1"}
-    res = run_cli("download", url, env=env)
+    res = run_cli("download", url, env=env, process=True)  # the timeout is read when infdit imports
     assert res.returncode == 0, res.stderr
     ranges = [r for m, _, r in fake.log if m == "GET"]
     assert ranges[:2] == [None, "bytes=300000-"], ranges

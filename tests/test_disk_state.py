@@ -32,20 +32,17 @@ def _one_line(err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_weights):
-    """An input, the bytes of an uninterrupted run, and a run folder stopped by SIGTERM at pass 1 step 2
-    (kept as a template: each test gets its own copy)."""
+def job(tmp_path_factory, tiny_weights, reference_job):
+    """An input, the bytes of an uninterrupted run (the session's reference job), and a run folder stopped
+    by SIGTERM at pass 1 step 2 (kept as a template: each test gets its own copy)."""
+    src, ref = reference_job
     d = tmp_path_factory.mktemp("job")
-    src = d / "in.png"
-    Image.fromarray(rgb_image(12, 14)).save(src)
-    ref = d / "ref.png"
-    run_cli("upscale", src, "-o", ref, *ARGS, "--weights", tiny_weights, "--no-checkpoint", check=True)
     out = d / "stopped" / "out.png"
     out.parent.mkdir()
     folder = run_folder_for(out)
     proc = _start(src, out, tiny_weights, "--checkpoint")
     err = _stop_at(proc, folder, (1, 2), signal.SIGTERM)
-    return src, ref.read_bytes(), folder, proc.returncode, err
+    return src, ref, folder, proc.returncode, err
 
 
 def _copy_run(job, tmp_path) -> tuple[Path, Path]:
@@ -74,6 +71,7 @@ def _rerun_here(monkeypatch, capsys, src, out, weights, *extra) -> subprocess.Co
 
 # -- 6. SIGTERM and SIGHUP -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_keeps_the_checkpoint_and_resumes_bit_identical(job, tmp_path, tiny_weights):
     src, ref, template, rc, err = job
     assert rc == 143, err
@@ -91,6 +89,7 @@ def test_sigterm_keeps_the_checkpoint_and_resumes_bit_identical(job, tmp_path, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 
 
+@pytest.mark.slow
 def test_sighup_is_handled_like_ctrl_c(job, tmp_path, tiny_weights):
     src, ref = job[:2]
     out = tmp_path / "out.png"
@@ -382,6 +381,7 @@ def test_a_stale_scratch_folder_is_reclaimed(job, tmp_path, tiny_weights):
 
 # -- 7. two runs to one output -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_to_the_same_output_is_refused_at_once(job, tmp_path, tiny_weights):
     src, ref = job[:2]
     out = tmp_path / "o" / "out.png"
@@ -591,6 +591,7 @@ def test_a_nan_step_keeps_the_last_good_checkpoint(tmp_path, tiny_model):
 
 # -- 8. the signal tests from a background job -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_signal_tests_pass_from_a_background_job_with_sigint_ignored():
     """A non-interactive shell starts `cmd &` with SIGINT ignored, and children inherit it: the tests that
     send SIGINT must still pass (their children restore the default)."""

@@ -73,6 +73,7 @@ def _folder(root: Path) -> None:
     (root / "bad.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
 
 
+@pytest.mark.slow
 def test_batch_under_torchrun_same_files_one_report(tmp_path, tiny_weights):
     root, out, ref = tmp_path / "in", tmp_path / "out", tmp_path / "ref"
     _folder(root)
@@ -110,6 +111,7 @@ def test_column_bands():
     assert column_bands(9, 3) == [(0, 3), (3, 6), (6, 9)]
 
 
+@pytest.mark.slow
 def test_bands_equal_the_whole_image_pass(tmp_path):
     """BandEngine on 2 ranks against engine.denoise's whole-image pass: every n, ragged grids, one column
     per band (see bands_worker.py)."""
@@ -127,6 +129,7 @@ def test_bands_equal_the_whole_image_pass(tmp_path):
     assert [r["band"] for r in per_rank[1]][:3] == [[4, 7], [4, 7], [1, 2]]  # rank 1 really had work
 
 
+@pytest.mark.slow
 def test_upscale_under_torchrun_same_pixels(tmp_path, tiny_weights):
     rng = np.random.default_rng(1)
     src = tmp_path / "wide.png"

@@ -43,6 +43,7 @@ def _image(tmp_path) -> Path:
     return src
 
 
+@pytest.mark.slow
 def test_resumes_verifies_converts_caches_then_works_offline(release, official_file):
     fake, url, env, tmp_path = release
     cut = len(CKPT) // 3
@@ -93,6 +94,7 @@ def _default_model_env(tmp_path, url, env) -> dict:
 UPSCALE = ("--scale", "2", "--steps", "2", "--device", "cpu")
 
 
+@pytest.mark.slow
 def test_default_model_is_one_command(release):
     """On a fresh cache `infdit upscale` with no --weights downloads, verifies, converts and upscales in one
     command (one line first); the second run makes no request; --dry-run never downloads."""
@@ -121,6 +123,7 @@ def test_default_model_is_one_command(release):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "out.png")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["--offline", "HF_HUB_OFFLINE", "INFDIT_OFFLINE"])
 def test_first_use_offline_keeps_the_one_line_error(release, how):
     fake, url, env, tmp_path = release
@@ -133,6 +136,7 @@ def test_first_use_offline_keeps_the_one_line_error(release, how):
     assert fake.log == []
 
 
+@pytest.mark.slow
 def test_interrupted_first_download_resumes_on_the_next_upscale(release):
     fake, url, env, tmp_path = release
     env = _default_model_env(tmp_path, url, env)
@@ -168,6 +172,7 @@ def test_partial_file_from_a_killed_run_is_resumed(release):
     assert (d / "model.safetensors").read_bytes()[:8] != b"half-wri"
 
 
+@pytest.mark.slow
 def test_two_processes_download_once(release):
     fake, url, env, tmp_path = release
     fake.throttle_s = 0.05  # ~1 s per transfer, so the two runs overlap

@@ -214,6 +214,7 @@ _HOLD = {  # Python run before the CLI's main: holds the run in one phase, touch
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase,sig,debug", [("import", "SIGTERM", False), ("plan", "SIGTERM", False),
                                              ("plan", "SIGHUP", True), ("weights", "SIGTERM", True),
                                              ("weights", "SIGHUP", False)])

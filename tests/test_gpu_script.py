@@ -41,6 +41,7 @@ def _checks(path: Path) -> list[dict]:
     return [r for r in _records(path) if r["kind"] == "check"]
 
 
+@pytest.mark.slow
 def test_rehearsal_streams_rows_within_the_time_budget(tmp_path):
     budget = 40  # the parity rows fit (about 15 s here), the whole toy run (about 50 s) does not
     proc = _start(tmp_path, budget)
@@ -84,6 +85,7 @@ def test_limits_keep_the_script_under_the_device_limit():
     assert 'left=$((hard - 10 - SECONDS))' in text and 'timeout -k 10 "$left"' in text
 
 
+@pytest.mark.slow
 def test_rehearsal_killed_mid_run_leaves_its_rows(tmp_path):
     # the default budget (360 s), cut to what a 400 s hard limit leaves after the preflight, less 60 s
     proc = _start(tmp_path, None, HARD_LIMIT="400")
@@ -107,6 +109,7 @@ def test_rehearsal_killed_mid_run_leaves_its_rows(tmp_path):
     assert not (tmp_path / "report.json").read_text().strip()  # the whole report never came
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("missing", ["fixtures", "open_clip"])
 def test_rehearsal_without_fixtures_or_open_clip_still_writes_rows(tmp_path, missing):
     """No zero-row outcome: without fixtures (an empty --fixtures folder) or without open_clip (an import

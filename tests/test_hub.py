@@ -117,6 +117,7 @@ def test_checksum_mismatch_removes_cached_file(hub, tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow
 def test_no_weights_names_the_one_command(tmp_path):
     """Nothing downloaded, no Hub repo: the error is exactly the command that fixes it."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "INFDIT_CACHE": str(tmp_path / "cache")}
@@ -136,6 +137,7 @@ def test_no_weights_names_the_one_command(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_clip_tower_from_hub_when_file_has_none(hub, tmp_path, tiny_model, tiny_weights):
     """A converted file without the CLIP tower gets open_clip's weights from the Hub (here: a tiny tower
     under the same manifest mechanism), and upscales exactly like the file that carries them."""

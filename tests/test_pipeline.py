@@ -147,6 +147,7 @@ def test_host_memory_refused_before_any_weights(tmp_path):
     assert mem["device_peak_bytes"] < mem["host_peak_bytes"]  # on the CPU: the same memory less the runtime
 
 
+@pytest.mark.slow
 def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):
     src = tmp_path / "big.png"
     Image.fromarray((np.random.default_rng(1).random((96, 96, 3)) * 255).astype(np.uint8)).save(src)

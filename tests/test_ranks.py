@@ -110,6 +110,7 @@ def test_rank_timeout_from_the_environment():
 
 # --- several ranks -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_out_of_memory_on_rank_1_steps_every_rank_down(tmp_path):
     """Rank 1 alone runs out of memory mid-call; before issue 24 it redid the call alone and the ranks hung."""
     out = tmp_path / "r.json"
@@ -121,6 +122,7 @@ def test_out_of_memory_on_rank_1_steps_every_rank_down(tmp_path):
     assert r["max_abs"] <= 1e-5 and r["pixels_equal"]  # against one process without any fault
 
 
+@pytest.mark.slow
 def test_ranks_with_different_budgets_agree_on_one_plan(tmp_path):
     out = tmp_path / "r.json"
     res = torchrun_worker("budget", out, nproc=3)
@@ -156,6 +158,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_others_at_once(tmp_path):
     """Rank 1 SIGKILLs itself mid-call: rank 0 exits non-zero well within INFDIT_RANK_TIMEOUT (gloo sees the
     connection close), never waits for ever."""
@@ -170,6 +173,7 @@ def test_a_killed_rank_fails_the_others_at_once(tmp_path):
         _stop(procs)
 
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_others_after_the_timeout(tmp_path):
     """Rank 1 stops (SIGSTOP) mid-call, its sockets open: rank 0 exits non-zero once INFDIT_RANK_TIMEOUT
     has passed, and not before."""
@@ -217,6 +221,7 @@ def test_launcher_usage_error_is_2_with_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error: give torchrun's options, then --")
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_the_leanest_plan_is_3_on_every_rank(tmp_path, tiny_weights):
     src = tmp_path / "wide.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 100, 3), dtype=np.uint8)).save(src)
@@ -253,6 +258,7 @@ def _signal_after(p: subprocess.Popen, after: float, send) -> tuple[str, float]:
         _stop([p])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("after", [8.0, 1.5], ids=["sampling", "starting"])
 def test_launcher_sigterm_is_143_with_one_line(tmp_path, tiny_weights, after):
     p = _long_job(tmp_path, tiny_weights)
@@ -271,6 +277,7 @@ def test_launcher_sigterm_is_143_with_one_line(tmp_path, tiny_weights, after):
     assert sorted(q.name for q in tmp_path.iterdir()) == ["big.png"]  # no partial output
 
 
+@pytest.mark.slow
 def test_one_ranks_own_error_ends_the_job_at_once_with_its_line(tmp_path, tiny_weights):
     """Rank 1's disk fills mid-call while rank 0 waits on it: the job ends in seconds, not after
     INFDIT_RANK_TIMEOUT (rank 1 leaves the group without a barrier; rank 0 meets the closed connection,
@@ -305,6 +312,7 @@ def _child(parent: int, rank: int, wait: float = 30) -> int:
     raise AssertionError(f"no rank {rank} under pid {parent}")
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_alone_ends_the_job_with_one_line(tmp_path, tiny_weights):
     """`kill` of rank 1 alone, mid-sampling: 143 in seconds, one line (rank 1 stays silent, as ranks do for
     stops; rank 0 either finds rank 1's record and leaves the line to the launcher, or gets torchrun's

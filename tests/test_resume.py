@@ -13,29 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import default_signals, run_cli
+from conftest import JOB_ARGS, JOB_STEPS, default_signals, rgb_image, run_cli
 from infdit_cli.checkpoint import run_folder_for
 from infdit_cli.events import CheckpointDiscarded, CheckpointWritten, Resumed, StepDone
 from infdit_cli.pipeline import UpscaleOptions, predicted_seconds
 from infdit_cli.upscaler import Upscaler
 
-STEPS = 4
-ARGS = ["--scale", "8", "--steps", str(STEPS), "--device", "cpu"]  # tiny model: 4x then 2x
+STEPS = JOB_STEPS
+ARGS = JOB_ARGS
 
 
-def rgb_image(h, w, seed=0):
-    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_weights):
-    """An input and the output of an uninterrupted run (the installed command, no checkpoints)."""
-    d = tmp_path_factory.mktemp("job")
-    src = d / "in.png"
-    Image.fromarray(rgb_image(12, 14)).save(src)
-    ref = d / "ref.png"
-    run_cli("upscale", src, "-o", ref, *ARGS, "--weights", tiny_weights, "--no-checkpoint", check=True)
-    return src, ref.read_bytes()
+@pytest.fixture
+def job(reference_job):
+    """An input and the output of an uninterrupted run (no checkpoints): the session's reference job."""
+    return reference_job
 
 
 def _saved(folder: Path) -> tuple[int, int] | None:
@@ -65,6 +56,7 @@ def _stop_at(proc: subprocess.Popen, folder: Path, at: tuple[int, int], sig: int
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,at", [(signal.SIGKILL, (1, 2)), (signal.SIGINT, (1, 1)),
                                     (signal.SIGKILL, (2, 1)), (signal.SIGINT, (2, 2))],
                          ids=["kill-pass1", "int-pass1", "kill-pass2", "int-pass2"])

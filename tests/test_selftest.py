@@ -33,6 +33,7 @@ def outside(request, tmp_path):
         return [sys.executable, "-m", "infdit_cli"], env
 
 
+@pytest.mark.slow
 def test_selftest_cpu_passes_outside_the_checkout(outside, tmp_path):
     cmd, env = outside
     report = tmp_path / "selftest.md"

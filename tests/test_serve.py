@@ -146,6 +146,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.getbasetemp() / "serve-cache"  # one calibration for every server here
 
 
+@pytest.mark.slow
 def test_a_job_through_the_api_equals_infdit_upscale(tmp_path, tiny_weights, cache):
     src = image(tmp_path / "photo.png", 40, 48)
     ref = tmp_path / "ref.png"
@@ -183,7 +184,7 @@ def test_a_job_through_the_api_equals_infdit_upscale(tmp_path, tiny_weights, cac
         assert fractions[-1] == 1.0 and fractions == sorted(fractions) and len(set(fractions)) >= 3
         # A second server on the same jobs folder is refused at once, before any weights load.
         res = run_cli("serve", "--port", "0", "--jobs", tmp_path / "jobs", "--weights", tiny_weights, env=ENV,
-                      timeout=60)
+                      timeout=60, process=True)
         assert res.returncode == 1 and res.stderr.strip().startswith(
             f"error: another infdit serve is using the jobs folder {tmp_path / 'jobs'} (pid "), res.stderr
         # Delete: the job's folder goes; an unknown job is 404.
@@ -195,6 +196,7 @@ def test_a_job_through_the_api_equals_infdit_upscale(tmp_path, tiny_weights, cac
     assert "Traceback" not in server.stderr()
 
 
+@pytest.mark.slow
 def test_cancel_a_running_and_a_queued_job(tmp_path, tiny_weights, cache):
     src = image(tmp_path / "wide.png", 64, 200)
     server = Server(tmp_path / "jobs", tiny_weights, cache=cache)
@@ -226,6 +228,7 @@ def post_json(server: Server, path: str, body: dict):
     return status, json.loads(out)
 
 
+@pytest.mark.slow
 def test_bad_uploads_are_one_json_error_and_leave_nothing(tmp_path, tiny_weights, cache):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -274,6 +277,7 @@ def test_bad_uploads_are_one_json_error_and_leave_nothing(tmp_path, tiny_weights
     assert "Traceback" not in server.stderr()
 
 
+@pytest.mark.slow
 def test_a_network_bind_needs_the_token(tmp_path, tiny_weights, cache):
     server = Server(tmp_path / "jobs", tiny_weights, "--host", "0.0.0.0", cache=cache)
     try:
@@ -292,6 +296,7 @@ def test_a_network_bind_needs_the_token(tmp_path, tiny_weights, cache):
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_job_survives_sigkill_of_its_server_and_ends_identical(tmp_path, tiny_weights, cache):
     src = image(tmp_path / "wide.png", 48, 96, seed=3)
     ref = tmp_path / "ref.png"

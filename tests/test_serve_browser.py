@@ -60,6 +60,7 @@ def _placeholder_fits(page, selector: str) -> bool:
     }""", selector)
 
 
+@pytest.mark.slow
 def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_factory):
     _need_browser()
     pytest.importorskip("fastapi")
@@ -158,6 +159,7 @@ def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_
         server.stop()
 
 
+@pytest.mark.slow
 def test_the_page_carries_the_token(tmp_path, tiny_weights, tmp_path_factory):
     _need_browser()
     pytest.importorskip("fastapi")

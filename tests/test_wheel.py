@@ -6,6 +6,8 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import pytest
+
 
 def _run(*args, **kw) -> subprocess.CompletedProcess:
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kw)
@@ -13,6 +15,7 @@ def _run(*args, **kw) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.mark.slow
 def test_wheel_install_lists_the_registry(wheel_venv, tmp_path):
     wheel, venv, env = wheel_venv
     names = set(zipfile.ZipFile(wheel).namelist())
