@@ -137,6 +137,14 @@ PRESETS: dict[str, InfDiTConfig] = {
         hidden_size=32, num_layers=1, num_heads=1, vector_dim=16,
         clip=ClipConfig(embed_dim=16, width=32, layers=1, head_width=16, patch_size=14, image_size=28),
     ),
+    # The packaged demo model (`--weights demo`): trained on 12 photos on a 2-core CPU (docs/demo.md). 64-px
+    # blocks (128-px crops hold 2 x 2 of them, so neighbour attention is trained), the official 4x scale and
+    # RoPE table of 1024 positions: training draws its origins over the whole table, and outputs up to
+    # 4096 px never wrap a position.
+    "demo": InfDiTConfig(
+        hidden_size=64, num_layers=4, num_heads=2, block_size=64, vector_dim=16,
+        clip=ClipConfig(embed_dim=16, width=32, layers=1, head_width=16, patch_size=14, image_size=28),
+    ),
     # Tests: tiny everything, 4-token blocks (16 px).
     "tiny": InfDiTConfig(
         hidden_size=32, num_layers=2, num_heads=2, block_size=16, vector_dim=16, rope_table_size=64,

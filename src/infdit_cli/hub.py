@@ -26,13 +26,14 @@ from .errors import ChecksumMismatch, HubError, InvalidReference, WeightsError, 
 from .events import Notice
 
 __all__ = ["ModelSpec", "registry", "resolve_weights", "download", "parse_reference", "sha256_file",
-           "DEFAULT_MODEL", "fetch_clip_tower", "Downloaded", "is_url", "download_command"]
+           "packaged_file", "DEFAULT_MODEL", "fetch_clip_tower", "Downloaded", "is_url", "download_command"]
 
 DEFAULT_MODEL = "infdit-4x"
 CLIP_MODEL = "clip-vit-l-14-datacomp"  # open_clip ViT-L-14 `datacomp_xl_s13b_b90k`, the official encoder
 REPO_ENV = "INFDIT_REPO"  # overrides the default model's Hub repo id
 WEIGHTS_ENV = "INFDIT_WEIGHTS"  # a default for --weights
 REGISTRY_ENV = "INFDIT_REGISTRY"  # an extra folder of manifests, read before the packaged ones
+PACKAGED_SOURCE = "shipped with infdit"  # `Downloaded.source` of a model in the package (nothing downloaded)
 ETAG_TIMEOUT_S = 10  # one metadata request, no retries: an unreachable Hub fails within this
 sha256_file = cache.sha256_file
 
@@ -56,6 +57,7 @@ class ModelSpec:
     release_sha256: str | None = None  # its sha256; None: not known, verified only when --sha256 is given
     release_size: int | None = None
     clip_head_width: int = 64  # for converting the release (not recoverable from shapes)
+    packaged: bool = False  # `filename` ships inside infdit_cli/registry/ with the package: nothing to download
 
     def __post_init__(self) -> None:
         """A manifest names a file inside a repo: no path tricks, no other types (it may come from
@@ -75,6 +77,8 @@ class ModelSpec:
             raise ValueError("release_url must be an http(s) URL")
         if not isinstance(self.clip_head_width, int) or not 1 <= self.clip_head_width <= 16384:
             raise ValueError("clip_head_width must be an integer from 1 to 16384")
+        if not isinstance(self.packaged, bool):
+            raise ValueError("packaged must be true or false")
 
 
 def _manifest_files() -> list[tuple[str, str]]:
@@ -102,6 +106,23 @@ def registry() -> dict[str, ModelSpec]:
             raise WeightsError(f"bad model manifest {where}: {' '.join(str(e).split())[:200]}") from None
         out.setdefault(spec.name, spec)
     return out
+
+
+def packaged_file(spec: ModelSpec) -> Path:
+    """The weights file of a model that ships with the package (`"packaged": true`), checked against its
+    manifest's size and sha256 (a few MB: hashed on every use).
+
+    Raises:
+        WeightsNotFound: the file is missing from this install.
+        ChecksumMismatch: it is not the file the manifest names.
+    """
+    path = Path(str(resources.files("infdit_cli.registry") / spec.filename))
+    if not path.is_file():
+        raise WeightsNotFound(f"{spec.name} should ship with infdit but {path} is missing; reinstall infdit")
+    if (spec.size is not None and path.stat().st_size != spec.size) or (
+            spec.sha256 and not cache.same_digest(sha256_file(path), spec.sha256)):
+        raise ChecksumMismatch(f"{path} differs from the {spec.name} manifest's size or sha256; reinstall infdit")
+    return path
 
 
 def download_command(name: str) -> str:
@@ -160,7 +181,8 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
     An existing path, or one written as a path (`/...`, `./...`, `~/...`), is a local file; a bare name is a
     registry entry (or a local file name with a weights suffix); `org/repo[/file][@rev]` is on the Hub; an
     http(s) URL is a file `infdit download URL` has put in the cache (never fetched from here). A registry
-    model without a Hub repo resolves to its converted release in the cache.
+    model without a Hub repo resolves to its converted release in the cache; one that ships with the package
+    (`demo`) to its packaged file.
 
     Raises:
         WeightsNotFound: a local path that does not exist, or a model/URL not downloaded yet (the message
@@ -185,6 +207,8 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
     known = registry()  # a folder that happens to have a model's name does not shadow the model
     if text in known:
         spec = known[text]
+        if spec.packaged:
+            return packaged_file(spec)
         repo_id = _repo_for(text, spec, repo)
         hit = cached_checkpoint(spec.release_url) if spec.release_url else None
         if repo_id:
@@ -213,7 +237,8 @@ def download(source: str | None = None, *, repo: str | None = None, revision: st
     """Put a model into the cache and return where it is (`infdit download`).
 
     `source` is a registry name (default `infdit-4x`), a Hub reference, or the http(s) URL of an
-    official-format checkpoint. A registry model's sources are tried in order: its Hub repo when one is
+    official-format checkpoint. A model that ships with the package (`demo`) is answered with its packaged
+    file, untouched by the network. A registry model's sources are tried in order: its Hub repo when one is
     configured (`repo`, $INFDIT_REPO, the manifest), then the authors' release file, which is streamed,
     resumed, verified (`sha256`, else the manifest's), converted once and cached. A second call answers from
     the cache without touching the network.
@@ -237,6 +262,9 @@ def download(source: str | None = None, *, repo: str | None = None, revision: st
         return _from_hub(repo_id, filename or "model.safetensors", revision or rev, sha256, offline, token,
                          tqdm_class, text)
     spec = known[text]
+    if spec.packaged:
+        path = packaged_file(spec)
+        return Downloaded(path, sha256_file(path), f"{PACKAGED_SOURCE} ({spec.filename})", cached=True)
     repo_id = _repo_for(text, spec, repo)
     if repo_id:
         try:

@@ -95,6 +95,7 @@ def download(
     """
     import sys
 
+    from ..hub import PACKAGED_SOURCE
     from ..hub import download as download_model
 
     show = not quiet and sys.stderr.isatty()
@@ -110,6 +111,8 @@ def download(
         typer.echo(json.dumps({"path": str(got.path), "sha256": got.sha256, "source": got.source,
                                "source_sha256": got.source_sha256, "cached": got.cached}))
     else:
+        if got.source.startswith(PACKAGED_SOURCE) and not quiet:
+            typer.echo(safe(f"{source} ships with infdit: nothing to download"), err=True)
         typer.echo(safe(got.path))
 
 

@@ -171,8 +171,8 @@ def _say(line: str) -> None:
 
 
 def model_label(weights, repo) -> dict:
-    """What the page says of the loaded model: {"name", "kind", "warning"}. `kind` is "official" (a registry
-    model, or a file converted from its release), "converted" (a file `infdit convert`/`download` made from
+    """What the page says of the loaded model: {"name", "kind", "warning"}. `kind` is "demo model" (the tiny
+    model that ships with the package), "official" (a registry model, or a file converted from its release), "converted" (a file `infdit convert`/`download` made from
     another checkpoint) or "random test model" (a file with no conversion record, as the test and
     benchmark models are: its output is noise)."""
     from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, registry, resolve_weights
@@ -190,7 +190,7 @@ def model_label(weights, repo) -> dict:
     known = registry()
     releases = {spec.release_url: n for n, spec in known.items() if spec.release_url}
     if name in known:
-        return {"name": name, "kind": "official", "warning": None}
+        return {"name": name, "kind": "demo model" if known[name].packaged else "official", "warning": None}
     shown = path.name if path is not None else name
     if meta.get("infdit_source") in releases:
         return {"name": f"{shown} ({releases[meta['infdit_source']]})", "kind": "official", "warning": None}
