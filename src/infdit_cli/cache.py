@@ -12,10 +12,11 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .files import atomic_write
 
 __all__ = ["cache_root", "url_dir", "Record", "read_record", "write_record", "file_lock", "verified_sha256",
            "sha256_file", "same_digest"]
@@ -79,12 +80,9 @@ def read_record(path: Path) -> Record | None:
 
 
 def write_record(path: Path, record: Record) -> None:
-    """Atomically (temporary file, then rename), so a reader sees the old record or the new one."""
+    """Atomically (`files.atomic_write`), so a reader sees the old record or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(record), f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(asdict(record), indent=1), mode=0o600)
 
 
 def verified_sha256(path: Path) -> str:

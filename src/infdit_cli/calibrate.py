@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import cache_root
+from .files import atomic_write
 from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
 
 __all__ = ["calibration", "measure_rates", "device_key", "observe", "busy", "CALIBRATION_FILE"]
@@ -264,16 +264,9 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, table: dict) -> None:
-    """Atomically (a temporary file renamed over it); nothing when the folder cannot be written."""
+    """Atomically (`files.atomic_write`); nothing when the folder cannot be written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".calibration-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(table, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, json.dumps(table, indent=1, sort_keys=True), mode=0o600)
     except OSError:
         pass

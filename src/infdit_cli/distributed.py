@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .files import atomic_write
+
 __all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "shard", "broadcast", "gather",
            "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT",
            "ExitRecord", "STOP_CODES", "write_exit_code", "read_exit_codes", "another_rank_failed"]
@@ -165,9 +167,7 @@ def write_exit_code(code: int, *, after: bool = False, said: bool = False, env: 
         return
     final = f"{path}.{env.get('RANK', '0')}"
     try:  # whole or absent: another rank may be reading it now (`another_rank_failed`)
-        with open(final + ".tmp", "w") as f:
-            f.write(f"{int(code)} {'after' if after else 'own'} {'said' if said else 'silent'}\n")
-        os.replace(final + ".tmp", final)
+        atomic_write(final, f"{int(code)} {'after' if after else 'own'} {'said' if said else 'silent'}\n")
     except OSError:
         pass
 

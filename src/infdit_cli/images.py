@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import (BadImage, BadRequest, DiskFull, InfditError, OutputError, OutputExists, TooManyPixels,
-                     no_space)
+from .errors import (
+    BadImage,
+    BadRequest,
+    DiskFull,
+    InfditError,
+    OutputError,
+    OutputExists,
+    TooManyPixels,
+    no_space,
+)
+from .files import atomic_write
 from .metadata import ORIENTATION, read_dpi, read_exif
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
@@ -672,19 +680,6 @@ def check_output(path: Path, overwrite: bool) -> str:
     return fmt
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # no other way to read it; set back at once
-    os.umask(mask)
-    return mask
-
-
 def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | None = None, gray: bool = False,
                bits: int = 8, icc: bytes | None = None, exif: bytes | None = None,
                dpi: tuple[float, float] | None = None, quality: int = 95, overwrite: bool = False) -> Path:
@@ -737,19 +732,15 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
 
 
 def _atomic(path: Path, fmt: str, overwrite: bool, write) -> Path:
-    """`write(tmp)` into a temporary file beside `path`, then rename it into place."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".part", dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any tool's
+    """`write(tmp)` into a temporary file beside `path`, then rename it into place (`files.atomic_write`)."""
+    def checked(tmp: str) -> None:
         write(tmp)
         if os.path.lexists(path) and not overwrite:  # appeared while we computed (a dangling link too)
             raise OutputExists(f"{path} exists; pass --overwrite to replace it")
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, checked)  # the umask's permissions: outputs are shared like any tool's
     except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         if no_space(e):  # the folder, not the temporary name
             raise DiskFull(f"no space left in {path.parent} for {path.name}") from None
         raise

@@ -8,9 +8,7 @@ that config before anything is built, so a wrong file fails with the keys named,
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 
 from .config import ClipConfig, InfDiTConfig
 from .errors import WeightsError, WeightsNotFound
+from .files import atomic_write
 
 __all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict", "expected_shapes"]
 
@@ -98,15 +97,7 @@ def save_model_file(path: str | Path, tensors: dict[str, torch.Tensor], cfg: Inf
         raise WeightsError(f"{path} exists; pass --overwrite to replace it")
     meta = {"format": "pt", "infdit_config": cfg.to_json(), **(extra_metadata or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), mode=0o600)
 
 
 def _read_header(path: Path) -> dict:

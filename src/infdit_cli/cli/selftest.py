@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import BadRequest, OutputExists
+from ..files import atomic_write
 from . import _options as O
 
 EXAMPLES = """Examples:
@@ -98,9 +99,7 @@ class _Sink:
 
     def _markdown(self, report) -> None:
         if self.output is not None:
-            tmp = self.output.with_name(f".{self.output.name}.tmp")
-            tmp.write_text(markdown(report, self.command))
-            os.replace(tmp, self.output)
+            atomic_write(self.output, markdown(report, self.command))
 
     def __call__(self, event: object) -> None:
         from ..events import CheckDone, SelftestStarted
