@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .planner import flops_per_call
+from .settings import settings
 from .units import format_seconds
 
 __all__ = ["CallSpec", "CallMeasurement", "BenchRow", "Skipped", "measure", "time_pair", "run_bench",
@@ -424,7 +425,7 @@ def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dt
 
 def _die_with_parent() -> None:
     """Linux: the kernel kills this worker when the `infdit bench` that started it dies, however it dies."""
-    parent = os.environ.get("INFDIT_BENCH_PARENT")
+    parent = settings().bench_parent
     if parent is None:
         return
     try:

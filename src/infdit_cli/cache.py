@@ -11,25 +11,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .files import atomic_write
+from .settings import settings
 
 __all__ = ["cache_root", "url_dir", "Record", "read_record", "write_record", "file_lock", "verified_sha256",
            "sha256_file", "same_digest"]
 
-CACHE_ENV = "INFDIT_CACHE"
 MODEL_FILE = "model.safetensors"
 RECORD_FILE = "model.json"
 
 
 def cache_root() -> Path:
     """`$INFDIT_CACHE`, else `$HF_HOME/infdit` (HF_HOME as huggingface_hub resolves it)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+    if settings().cache:
+        return Path(settings().cache).expanduser()
     from huggingface_hub import constants
 
     return Path(constants.HF_HOME).expanduser() / "infdit"

@@ -23,13 +23,14 @@ from pathlib import Path
 from . import cache
 from .errors import ChecksumMismatch, ConvertError, DownloadError, InvalidReference, WeightsError
 from .events import BytesDone, Notice
+from .settings import settings
 from .units import format_bytes
 
 __all__ = ["fetch_url", "download_checkpoint", "cached_checkpoint", "Downloaded", "check_url", "check_sha256"]
 
 # Connect and per-read, seconds; an unreachable host fails within this, once. INFDIT_DOWNLOAD_TIMEOUT for a
 # slow link (or a test of a stalled one).
-TIMEOUT_S = float(os.environ.get("INFDIT_DOWNLOAD_TIMEOUT") or 10.0)
+TIMEOUT_S = float(settings().download_timeout or 10.0)
 ATTEMPTS = 4  # a connection lost mid-transfer is resumed this many times before giving up
 CHUNK = 1 << 20
 OnEvent = Callable[[object], None] | None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from . import cache
 from .download import Downloaded, cached_checkpoint, check_sha256, check_url, download_checkpoint
 from .errors import ChecksumMismatch, HubError, InvalidReference, WeightsError, WeightsNotFound
 from .events import Notice
+from .settings import settings
 
 __all__ = ["ModelSpec", "registry", "resolve_weights", "download", "parse_reference", "sha256_file",
            "DEFAULT_MODEL", "fetch_clip_tower", "Downloaded", "is_url", "download_command"]
@@ -80,8 +80,8 @@ class ModelSpec:
 def _manifest_files() -> list[tuple[str, str]]:
     """(where, JSON text) of every manifest: $INFDIT_REGISTRY first, then the packaged ones."""
     out = []
-    if os.environ.get(REGISTRY_ENV):
-        d = Path(os.environ[REGISTRY_ENV])
+    if settings().registry:
+        d = Path(settings().registry)
         out += [(str(f), f.read_text()) for f in sorted(d.glob("*.json"))] if d.is_dir() else []
     pkg = resources.files("infdit_cli.registry")
     out += [(f"infdit_cli/registry/{f.name}", f.read_text()) for f in sorted(pkg.iterdir(), key=lambda f: f.name)
@@ -142,14 +142,14 @@ def parse_reference(text: str) -> tuple[str, str | None, str | None]:
 def _offline(offline: bool | None) -> bool:
     if offline is not None:
         return offline
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return settings().hub_offline
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def _repo_for(name: str, spec: ModelSpec, repo: str | None) -> str | None:
-    return repo or (os.environ.get(REPO_ENV) if name == DEFAULT_MODEL else None) or spec.repo_id
+    return repo or (settings().repo if name == DEFAULT_MODEL else None) or spec.repo_id
 
 
 def resolve_weights(weights: str | Path | None = None, *, repo: str | None = None, revision: str | None = None,
@@ -169,7 +169,7 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
         HubError: the Hub could not be reached (and nothing is cached), or answered 401/404.
         ChecksumMismatch: the file's sha256 differs from the manifest's (the cached copy is removed).
     """
-    weights = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL
+    weights = weights if weights is not None else settings().weights or DEFAULT_MODEL
     text = str(weights)
     if is_url(text):
         hit = cached_checkpoint(check_url(text))

@@ -8,22 +8,19 @@ Offline (`--offline`, HF_HUB_OFFLINE=1, INFDIT_OFFLINE=1) keeps the one-line "no
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
-from ._text import safe
+from ..settings import settings
 from ..units import format_bytes
+from ._text import safe
 
 __all__ = ["ensure_weights", "offline_mode"]
-
-_TRUE = ("1", "true", "yes", "on")
 
 
 def offline_mode(flag: bool) -> bool:
     """--offline, HF_HUB_OFFLINE or INFDIT_OFFLINE."""
-    return bool(flag) or any(os.environ.get(k, "").strip().lower() in _TRUE
-                             for k in ("HF_HUB_OFFLINE", "INFDIT_OFFLINE"))
+    return bool(flag) or settings().offline
 
 
 def _size_text(spec) -> str:
@@ -42,11 +39,11 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool, before: Callable[[
     `before` is called just before a download starts: here for a registry model, or before the loader
     fetches a Hub reference that is not in the HF cache yet.
     """
-    from ..errors import WeightsNotFound
-    from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, download, registry, resolve_weights
     from ..cache import cache_root
+    from ..errors import WeightsNotFound
+    from ..hub import DEFAULT_MODEL, download, registry, resolve_weights
 
-    name = str(weights if weights is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL)
+    name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)
     if offline_mode(offline):
         return
     try:

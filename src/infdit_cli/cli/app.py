@@ -13,6 +13,7 @@ import signal
 import sys
 
 from ..errors import BadRequest, Signalled  # light (no third-party import): nothing here may import torch
+from ..settings import clear_overrides, settings
 from ._errors import Reported, report
 
 _APP = None
@@ -165,6 +166,7 @@ _STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def main() -> None:
     before = {sig: signal.getsignal(sig) for sig in _STOPS}
+    clear_overrides()  # -v of an earlier run in this process (tests, embedding) does not carry over
     _STOPPED.clear()
     for sig in (signal.SIGTERM, signal.SIGHUP):  # timeout, systemd, Slurm, docker stop; a closed terminal
         if before[sig] is signal.SIG_DFL:  # SIG_IGN stays (nohup)
@@ -175,7 +177,7 @@ def main() -> None:
     try:
         done = _main()
         _hold_stops()  # the work is over: a stop now must not turn the exit into a traceback
-        if os.environ.get("INFDIT_EXIT_FILE"):  # under infdit_cli.launch, for it to read (torch is loaded)
+        if settings().exit_file:  # under infdit_cli.launch, for it to read (torch is loaded)
             from ..distributed import write_exit_code
 
             write_exit_code(done.code, after=done.after, said=done.said)

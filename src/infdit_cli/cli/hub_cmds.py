@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from typing import Annotated, Optional
 
 import typer
 
+from ..settings import settings
+from ..units import format_bytes
 from . import _options as O
 from ._text import safe
-from ..units import format_bytes
+
 
 def _models() -> str:
     try:
@@ -41,8 +42,14 @@ class _DownloadDisplay:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-        from rich.progress import TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.console = Console(stderr=True, highlight=False)
         self.progress = Progress(TextColumn("downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -136,14 +143,14 @@ def info(
     from safetensors import safe_open
 
     from ..errors import WeightsNotFound
-    from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, registry, resolve_weights
+    from ..hub import DEFAULT_MODEL, registry, resolve_weights
     from ..planner import estimate, param_count
     from ..weights import inspect_file
 
     try:
         path = resolve_weights(weights, repo=repo, offline=offline or None)
     except WeightsNotFound:
-        spec = registry().get(weights or os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL)
+        spec = registry().get(weights or settings().weights or DEFAULT_MODEL)
         if spec is None:
             raise
         return _show_manifest(spec, json_)
