@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .meter import host_status, reset_host_peak, rss, sync, timed
 from .planner import flops_per_call
 from .settings import settings
 from .units import format_seconds
@@ -117,37 +118,6 @@ def measure(spec: CallSpec, timeout: float = 1800) -> CallMeasurement:
     return CallMeasurement(spec=spec, **data)
 
 
-def _status(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field}")
-
-
-def _rss() -> int:
-    return _status("VmRSS")
-
-
-def _reset_host_peak() -> bool:
-    """Give the heap's free memory back (glibc `malloc_trim`) and reset the peak RSS (`VmHWM`) to the
-    RSS now; False where the kernel does not allow it (then the peak since the process began counts)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _setup(spec: CallSpec):
     """The model and seeded inputs one worker process measures: (model, x, lr_up, image)."""
     from .config import PRESETS
@@ -169,11 +139,6 @@ def _setup(spec: CallSpec):
     return model, x.to(dev), lr_up.to(dev), image
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _engine(model, lr_up: torch.Tensor, image, spec: CallSpec):
     """The engine of `spec`'s mode, nothing allocated yet (`_build` makes its cache)."""
     from .engine import BlockEngine
@@ -189,21 +154,17 @@ def _build(model, lr_up: torch.Tensor, image, spec: CallSpec, batch: int):
     faulted in as the calls write them, as in a real pass: the peak RSS counts the slots a pass uses, not
     the whole slab (at 512², n=2 a pass writes about half of its 10 slots)."""
     dev = model.device
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     engine = _engine(model, lr_up, image, spec)
     engine.prepare(batch)
-    _sync(dev)
+    sync(dev)
     return engine, time.perf_counter() - t0
 
 
 def _call(engine, x: torch.Tensor, out: torch.Tensor) -> float:
     """Seconds for one denoiser call on a prepared engine (synchronised on CUDA)."""
-    _sync(x.device)
-    t0 = time.perf_counter()
-    engine(x, 2.0, out)
-    _sync(x.device)
-    return time.perf_counter() - t0
+    return timed(lambda: engine(x, 2.0, out), x.device)
 
 
 def _time_puts(engine, batch: int) -> tuple[float | None, int]:
@@ -220,14 +181,14 @@ def _time_puts(engine, batch: int) -> tuple[float | None, int]:
     k = torch.randn(entry, device=dev).to(engine.model.dtype)
     v = torch.randn(entry, device=dev).to(engine.model.dtype)
     cache.clear()
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     for i in range(puts):
         if i and i % cache.slots == 0:
             cache.clear()
         for layer in range(cfg.num_layers):
             cache.put((i, 0), layer, k, v)
-    _sync(dev)
+    sync(dev)
     seconds = time.perf_counter() - t0
     cache.clear()
     return seconds, puts * cfg.num_layers * 2 * k.numel() * k.element_size()
@@ -249,15 +210,15 @@ def _measure_here(spec: CallSpec) -> dict:
         warm, _ = _build(model, lr_up, image, spec, b)
         _call(warm, x, torch.empty(x.shape, dtype=torch.float32))  # warm-up: pages the kernels' code in
         del warm  # the measured engine below makes its own cache and buffers, inside the measured peak
-        hwm = _reset_host_peak()
-        before = _rss()
+        hwm = reset_host_peak()
+        before = rss()
         engine, setup = _build(model, lr_up, image, spec, b)
         out = torch.zeros(x.shape, dtype=torch.float32)  # (the per-pass work buffers come with the first call)
     times = [_call(engine, x, out) for _ in range(spec.repeats)]
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - before
     elif hwm:
-        peak = _status("VmHWM") - before
+        peak = host_status("VmHWM") - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     put_seconds, put_bytes = _time_puts(engine, b)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .cache import cache_root
 from .files import atomic_write
+from .meter import sync
 from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
 
 __all__ = ["calibration", "measure_rates", "device_key", "observe", "busy", "CALIBRATION_FILE"]
@@ -131,11 +132,6 @@ def busy() -> bool:
         return False
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _warm(device: torch.device, dtype: torch.dtype, seconds: float = WARM_SECONDS) -> None:
     """GEMMs for about `seconds`: a GPU leaves its idle clocks and cuBLAS has chosen its kernels, a CPU's
     cores are awake, before anything is timed (three cold GEMMs read a card well below its rate)."""
@@ -146,7 +142,7 @@ def _warm(device: torch.device, dtype: torch.dtype, seconds: float = WARM_SECOND
     while time.perf_counter() - start < seconds:
         for _ in range(4):
             torch.mm(a, b, out=c)  # the same operands every time: no overflow, no denormals
-        _sync(device)
+        sync(device)
 
 
 def _best(fn, device: torch.device, runs: int, spend: float = 0.3, warm: bool = True) -> float:
@@ -156,7 +152,7 @@ def _best(fn, device: torch.device, runs: int, spend: float = 0.3, warm: bool = 
     its stream."""
     if warm:
         fn()  # warm-up: kernels chosen, memory allocated
-        _sync(device)
+        sync(device)
     best, count, start = math.inf, 0, time.perf_counter()
     while count < runs or (time.perf_counter() - start < spend and count < 2000):
         if device.type == "cuda":

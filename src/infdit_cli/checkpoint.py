@@ -37,6 +37,7 @@ import torch
 
 from .errors import Busy, DiskFull, NonFinite, UnsafePath, no_space
 from .storage import SafeFolder, allocate
+from .units import row_chunks
 
 __all__ = ["RunFolder", "Saved", "run_folder_for", "describe", "weights_identity", "model_identity", "fingerprint",
            "FORMAT", "output_lock"]
@@ -567,9 +568,7 @@ def _entry(name: str, x: torch.Tensor, digest: str) -> dict:
 
 def _rows(x: torch.Tensor) -> list[slice]:
     h = x.shape[-2] if x.dim() >= 2 else 1
-    row = max(1, x.numel() // max(1, h) * x.element_size())
-    step = max(1, CHUNK_BYTES // row)
-    return [slice(r, min(r + step, h)) for r in range(0, h, step)]
+    return row_chunks(h, x.numel() // max(1, h) * x.element_size(), CHUNK_BYTES)
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:

@@ -19,6 +19,7 @@ import torch
 from .config import ClipConfig, InfDiTConfig
 from .errors import ConvertError
 from .layers import rope_frequencies
+from .units import few
 
 __all__ = ["convert_checkpoint", "map_state_dict", "infer_config", "ConvertResult", "KEY_MAP", "CONVERTER"]
 
@@ -86,13 +87,8 @@ def map_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         else:
             unknown.append(key)
     if unknown:
-        raise ConvertError(f"not an Inf-DiT checkpoint: unknown key(s) {_few(unknown)}")
+        raise ConvertError(f"not an Inf-DiT checkpoint: unknown key(s) {few(unknown)}")
     return mapped, sorted(dropped)
-
-
-def _few(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def _need(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:

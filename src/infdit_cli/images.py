@@ -32,6 +32,7 @@ from .errors import (
 )
 from .files import atomic_write
 from .metadata import ORIENTATION, read_dpi, read_exif
+from .units import row_chunks
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
            "resize", "SUFFIXES", "MAX_SIDE", "check_format_size", "is_infdit_output", "PROVENANCE"]
@@ -765,13 +766,12 @@ def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
     h, w = rgb.shape[-2:]
     c = (1 if gray else 3) + (alpha is not None)
     arr = np.empty((h, w, c), np.uint16)
-    step = max(1, 2**22 // (c * w))  # a few rows at a time: no float copy of the whole image
-    for r in range(0, h, step):
-        part = rgb[0, :, r : r + step].clamp(0, 1)
+    for r in row_chunks(h, c * w, 2**22):  # a few rows at a time: no float copy of the whole image
+        part = rgb[0, :, r].clamp(0, 1)
         planes = [part[0] * 0.299 + part[1] * 0.587 + part[2] * 0.114] if gray else list(part)
         if alpha is not None:
-            planes.append(alpha[0, 0, r : r + step].clamp(0, 1))
-        arr[r : r + step] = (torch.stack(planes, -1) * 65535).round().numpy().astype(np.uint16)
+            planes.append(alpha[0, 0, r].clamp(0, 1))
+        arr[r] = (torch.stack(planes, -1) * 65535).round().numpy().astype(np.uint16)
     if fmt == "PNG":
         import png
 
@@ -818,7 +818,6 @@ def _to_uint8(rgb: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
     (at 16384^2 each would be 3 GiB)."""
     h, w = rgb.shape[-2:]
     out = torch.empty(h, w, 3, dtype=torch.uint8)
-    step = max(1, chunk // (3 * w))
-    for r in range(0, h, step):
-        out[r : r + step] = (rgb[0, :, r : r + step].permute(1, 2, 0).clamp(0, 1) * 255).round()
+    for r in row_chunks(h, 3 * w, chunk):
+        out[r] = (rgb[0, :, r].permute(1, 2, 0).clamp(0, 1) * 255).round()
     return out

@@ -10,6 +10,7 @@ result is cropped back: no input pixel is ever cropped away.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,18 +18,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .checkpoint import RunFolder, Saved
 from .engine import BlockEngine, pad_to_blocks, release_cached
 from .errors import BadRequest, NonFinite, OutOfMemory
-from .checkpoint import RunFolder, Saved
 from .events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from .images import resize
 from .planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
 from .planner import replan as planner_replan
 from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch, reclaim_stale
-from .units import format_bytes, format_seconds
+from .units import format_bytes, format_seconds, row_chunks
 
-__all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
+__all__ = ["checkpoint_by_default", "UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
            "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "gpu_seconds", "preview_image",
            "disk_need", "check_disk", "plan_lines", "plan_json"]
 
@@ -150,6 +151,14 @@ def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], opti
 
 
 CHECKPOINT_AFTER = 300.0  # seconds: checkpoints are on by default when a job is predicted to take longer
+
+
+def checkpoint_by_default(run_folder: str | os.PathLike, seconds: float) -> bool:
+    """Whether a job told neither --checkpoint nor --no-checkpoint keeps one: its run folder is there (an
+    interrupted run to resume), or it is predicted to take more than `CHECKPOINT_AFTER` seconds."""
+    return os.path.lexists(run_folder) or seconds > CHECKPOINT_AFTER
+
+
 SLOW_ON_CPU = 3600.0  # seconds: a CPU job predicted to take longer says what a GPU would take
 
 
@@ -377,9 +386,8 @@ def preview_image(den: torch.Tensor, size: tuple[int, int], side: int = PREVIEW_
     f = max(1, -(-max(h, w) // side))
     oh, ow = max(1, h // f), max(1, w // f)
     out = torch.empty(den.shape[0], 3, oh, ow)
-    rows = max(1, (32 * 2**20) // max(1, 3 * 4 * w * f))  # output rows per chunk
-    for r in range(0, oh, rows):
-        r1 = min(r + rows, oh)
+    for rows in row_chunks(oh, 3 * 4 * w * f, 32 * 2**20):  # output rows: f float32 RGB input rows each
+        r, r1 = rows.start, rows.stop
         part = den[..., r * f : r1 * f, : ow * f].float().cpu()
         out[..., r:r1, :] = torch.nn.functional.avg_pool2d(part, f) if f > 1 else part
     return out.clamp_(-1, 1).add_(1).div_(2)
@@ -411,8 +419,7 @@ class Upsampled:
 
 
 def _rows(h: int, w: int, budget: int = 32 * 2**20) -> list[slice]:
-    step = max(1, budget // max(1, 3 * 4 * w))
-    return [slice(r, min(r + step, h)) for r in range(0, h, step)]
+    return row_chunks(h, 3 * 4 * w, budget)  # float32 RGB rows
 
 
 def pass_inputs(lr_in: torch.Tensor, scale: int, cfg) -> tuple[torch.Tensor, Upsampled, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 
 from .events import StepDone
 from .storage import Scratch
+from .units import row_chunks
 
 __all__ = ["edm_sigmas", "sample_heun", "HeunState"]
 
@@ -79,9 +80,7 @@ class HeunState:
         h = self.x.shape[-2]
         if self.scratch is None or not self.scratch.mapped:
             return [slice(0, h)]
-        row = max(1, self.x[..., :1, :].numel() * self.x.element_size())
-        step = max(1, CHUNK_BYTES // row)
-        return [slice(r, min(r + step, h)) for r in range(0, h, step)]
+        return row_chunks(h, self.x[..., :1, :].numel() * self.x.element_size(), CHUNK_BYTES)
 
     def trim(self) -> None:
         if self.scratch is not None:

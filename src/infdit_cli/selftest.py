@@ -37,6 +37,7 @@ import torch
 
 from .errors import BadRequest
 from .events import CheckDone, CheckStarted
+from .meter import host_status, reset_host_peak, rss, timed
 from .units import format_bytes
 
 __all__ = ["Check", "SelftestReport", "Profile", "CUDA_PROFILE", "TOY_PROFILE", "Fixtures", "find_fixtures",
@@ -142,23 +143,10 @@ def _prefetch_disabled():
         engine_mod._Prefetch = real
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def _prepare(engine, device: torch.device) -> float:
     """Seconds to allocate the engine's K/V slab (and page-lock it: a host cache next to a CUDA model),
     once, before any timed call."""
-    return _timed(engine.prepare, device)
+    return timed(engine.prepare, device)
 
 
 def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
@@ -187,7 +175,7 @@ def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
             e[0].copy_(src, non_blocking=True)
             e[1].copy_(src, non_blocking=True)
 
-    return _timed(copies, dev) * puts / k, puts * each
+    return timed(copies, dev) * puts / k, puts * each
 
 
 def _random_cfg(name: str, clip: bool):
@@ -456,7 +444,6 @@ def _work(w: dict) -> dict:
     """
     import resource
 
-    from .bench import _reset_host_peak, _rss, _status
     from .events import PlanChanged
     from .planner import estimate
     from .weights import random_model
@@ -507,7 +494,7 @@ def _work(w: dict) -> dict:
         times: list[list[float]] = [[] for _ in engines]
         for r in range(w["rounds"] + 1):  # round 0 warms both up
             for i, e in enumerate(engines):
-                t = _timed(lambda e=e: e(x, 2.0), dev)
+                t = timed(lambda e=e: e(x, 2.0), dev)
                 if r > 0:
                     times[i].append(t)
         res.update(block_s=statistics.median(times[0]),
@@ -517,8 +504,8 @@ def _work(w: dict) -> dict:
         hwm, before = False, 0
         for i in range(calls):
             if not cuda and i == calls - 1:
-                hwm, before = _reset_host_peak(), _rss()
-            res["seconds"] = _timed(lambda: engines[0](x, 2.0, out), dev)
+                hwm, before = reset_host_peak(), rss()
+            res["seconds"] = timed(lambda: engines[0](x, 2.0, out), dev)
         if cuda:
             peak_r = torch.cuda.max_memory_reserved(dev)
             res.update(max_memory_reserved=peak_r, mem_get_info_drop=free0 - torch.cuda.mem_get_info(dev)[0])
@@ -527,7 +514,7 @@ def _work(w: dict) -> dict:
             else:
                 res.update(measured=torch.cuda.max_memory_allocated(dev) - a0, reserved=peak_r - r0)
         else:
-            peak = _status("VmHWM") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak = host_status("VmHWM") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             res.update(measured=peak - before + res["cache_bytes"], reserved=None, max_memory_reserved=None,
                        mem_get_info_drop=None)
         if kind == "memory":  # the planner's prediction of the same quantity (as `bench.measure`)
@@ -686,7 +673,7 @@ def check_prefetch(run: _Run) -> Check:
         for name, which in modes.items():
             ctx = _prefetch_disabled() if name == "host_sync" else contextlib.nullcontext()
             with ctx:
-                t = _timed(lambda which=which: engines[which](x, 2.0), dev)
+                t = timed(lambda which=which: engines[which](x, 2.0), dev)
             if r > 0:
                 times[name].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -715,13 +702,13 @@ def check_compile(run: _Run) -> Check:
     image = (lr.to(dev), vec)
     engines = {c: _engine(m, lr_up, image, n=n, cache_device=cache, compile=c) for c in (False, True)}
     pin_s = sum(_prepare(e, dev) for e in engines.values())
-    first = _timed(lambda: engines[True](x, 2.0), dev)  # compiles
+    first = timed(lambda: engines[True](x, 2.0), dev)  # compiles
     eager_out, compiled_out = engines[False](x, 2.0), engines[True](x, 2.0)
     diff = float((eager_out - compiled_out).abs().max())
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(p.rounds):
         for compiled in (False, True):
-            times[compiled].append(_timed(lambda compiled=compiled: engines[compiled](x, 2.0), dev))
+            times[compiled].append(timed(lambda compiled=compiled: engines[compiled](x, 2.0), dev))
     te, tc = statistics.median(times[False]), statistics.median(times[True])
     mode = "whole image" if n is None else f"n={n}"
     return Check("speed", f"torch.compile (--compile), {size}² ({p.config}, {p.dtype}, {mode})", "info",
@@ -767,7 +754,7 @@ def check_big_plan(run: _Run) -> Check:
             torch.cuda.reset_peak_memory_stats(dev)
         pin_s = _prepare(engine, dev)
         put_s, put_bytes = _put_seconds(engine)
-        sec = _timed(lambda: engine(x, 2.0, out), dev)
+        sec = timed(lambda: engine(x, 2.0, out), dev)
         engine.close()
     numbers = {"seconds": sec, "predicted": chosen.estimate.total, "budget": p.budget, "n": n, "pin_s": pin_s,
                "put_s": put_s, "put_bytes": put_bytes}
@@ -800,8 +787,8 @@ def calibrate(device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cuda":
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 0.3:
-            _timed(lambda: a @ b, device)
-    times = [_timed(lambda: a @ b, device) for _ in range(4)]
+            timed(lambda: a @ b, device)
+    times = [timed(lambda: a @ b, device) for _ in range(4)]
     return 2 * m * k * n / min(times[1:])
 
 

@@ -17,6 +17,7 @@ import torch
 from .config import ClipConfig, InfDiTConfig
 from .errors import WeightsError, WeightsNotFound
 from .files import atomic_write
+from .units import few
 
 __all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict", "expected_shapes"]
 
@@ -66,25 +67,20 @@ def check_shapes(info: dict[str, tuple[tuple[int, ...], torch.dtype]], cfg: InfD
     missing = sorted(set(want) - set(sd))
     extra = sorted(set(sd) - set(want))
     if missing:
-        raise error(f"not an Inf-DiT model for its config: missing {_few(missing)}")
+        raise error(f"not an Inf-DiT model for its config: missing {few(missing)}")
     if extra:
-        raise error(f"not an Inf-DiT model for its config: unexpected {_few(extra)}")
+        raise error(f"not an Inf-DiT model for its config: unexpected {few(extra)}")
     bad = [f"{k} {tuple(sd[k].shape)} (expected {want[k]})" for k in want if tuple(sd[k].shape) != want[k]]
     if bad:
-        raise error(f"shapes contradict the config: {_few(bad)}")
+        raise error(f"shapes contradict the config: {few(bad)}")
     wrong = [f"{k} ({sd[k].dtype})" for k in want if sd[k].dtype not in _FLOAT_DTYPES]
     if wrong:
-        raise error(f"tensors must be float32/float16/bfloat16: {_few(wrong)}")
+        raise error(f"tensors must be float32/float16/bfloat16: {few(wrong)}")
 
 
 class _Meta:
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.shape, self.dtype = shape, dtype
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def save_model_file(path: str | Path, tensors: dict[str, torch.Tensor], cfg: InfDiTConfig,
