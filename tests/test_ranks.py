@@ -111,7 +111,8 @@ def test_rank_timeout_from_the_environment():
 # --- several ranks -----------------------------------------------------------------------------------------
 
 def test_out_of_memory_on_rank_1_steps_every_rank_down(tmp_path):
-    """Rank 1 alone runs out of memory mid-call; before issue 24 it redid the call alone and the ranks hung."""
+    """Rank 1 alone runs out of memory mid-call: every rank steps down and redoes the call with it (a rank
+    redoing it alone would leave the others waiting in a collective)."""
     out = tmp_path / "r.json"
     res = torchrun_worker("stepdown", out)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -39,7 +39,7 @@ from .errors import Busy, DiskFull, NonFinite, UnsafePath, no_space
 from .storage import SafeFolder, allocate
 from .units import row_chunks
 
-__all__ = ["RunFolder", "Saved", "run_folder_for", "describe", "weights_identity", "model_identity", "fingerprint",
+__all__ = ["RunFolder", "Saved", "run_folder_for", "summary", "weights_identity", "model_identity", "fingerprint",
            "FORMAT", "output_lock"]
 
 FORMAT = 2  # 2: sha256 per tensor file, SafeFolder marker
@@ -362,7 +362,7 @@ class RunFolder:
         return "" if m is None else f"pass {m['pass']}/{m['passes']}, step {m['step']}/{m['steps']}"
 
 
-def describe(path: str | Path) -> tuple[str, int] | None:
+def summary(path: str | Path) -> tuple[str, int] | None:
     """(`pass 1/2, step 3/20`, bytes on disk) of the run folder at `path`, or None if it holds no checkpoint
     (or is not infdit's own folder: nothing is read through a link)."""
     try:
@@ -627,3 +627,6 @@ def read_tensor(safe: SafeFolder, name: str, into: torch.Tensor) -> None:
                 raise ValueError(f"{name} is shorter than its header says")
             if host is not part:
                 part.copy_(host)
+
+
+describe = summary  # until cli/upscale.py and cli/batch.py call `summary` (removed at the merge)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-__all__ = ["ClipConfig", "InfDiTConfig", "ModelConfig", "PRESETS"]
+__all__ = ["ClipConfig", "InfDiTConfig", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,6 @@ class InfDiTConfig:
     def with_(self, **changes: object) -> InfDiTConfig:
         return replace(self, **changes)
 
-
-ModelConfig = InfDiTConfig  # the name the issue tracker uses
 
 
 PRESETS: dict[str, InfDiTConfig] = {

@@ -27,7 +27,7 @@ __all__ = [
     "DiskFull",
     "DiskTooSmall",
     "NonFinite",
-    "describe",
+    "explain",
     "lost_contact",
     "signal_name",
     "stopped_by",
@@ -176,7 +176,7 @@ def lost_contact(exc: BaseException) -> bool:
         type(exc) is RuntimeError and "gloo/transport" in str(exc))  # gloo: a peer gone or timed out
 
 
-def describe(exc: BaseException) -> tuple[str, int]:
+def explain(exc: BaseException) -> tuple[str, int]:
     """Any exception as (one line for the user, exit code): the CLI's error funnel and the server's JSON
     errors say the same thing."""
     # Order matters: subclasses before their bases.
@@ -205,3 +205,6 @@ def describe(exc: BaseException) -> tuple[str, int]:
 def no_space(exc: BaseException) -> bool:
     """A write refused for want of space: the disk is full (ENOSPC) or the user's quota is (EDQUOT)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+describe = explain  # until serve/app.py and serve/jobs.py call `explain` (removed at the merge)

@@ -226,9 +226,9 @@ def color_fix(out: torch.Tensor, ref, method: str) -> torch.Tensor:
     if method == "adain":
         ref = ref[..., :, :].to(out.device)  # (an `Upsampled` computes itself)
         dims = (-2, -1)
-        mu_o, sd_o = out.mean(dims, keepdim=True), out.std(dims, keepdim=True).clamp_min(1e-6)
-        mu_r, sd_r = ref.mean(dims, keepdim=True), ref.std(dims, keepdim=True)
-        return ((out - mu_o) / sd_o * sd_r + mu_r).clamp(-1, 1)
+        mu_o, std_o = out.mean(dims, keepdim=True), out.std(dims, keepdim=True).clamp_min(1e-6)
+        mu_r, std_r = ref.mean(dims, keepdim=True), ref.std(dims, keepdim=True)
+        return ((out - mu_o) / std_o * std_r + mu_r).clamp(-1, 1)
     raise BadRequest(f"unknown --color-fix {method!r}; use none, wavelet or adain")
 
 

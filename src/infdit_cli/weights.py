@@ -33,9 +33,9 @@ def expected_shapes(cfg: InfDiTConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(t.shape) for k, t in model.state_dict().items()}
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfDiTConfig, error: type[Exception] = WeightsError) -> None:
+def check_state_dict(tensors: dict[str, torch.Tensor], cfg: InfDiTConfig, error: type[Exception] = WeightsError) -> None:
     """Every expected key present with its shape and a float dtype; no extra key."""
-    check_shapes({k: (tuple(t.shape), t.dtype) for k, t in sd.items()}, cfg, error)
+    check_shapes({k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, cfg, error)
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -63,17 +63,17 @@ def inspect_file(path: str | Path) -> tuple[InfDiTConfig, dict[str, tuple[tuple[
 def check_shapes(info: dict[str, tuple[tuple[int, ...], torch.dtype]], cfg: InfDiTConfig,
                  error: type[Exception] = WeightsError) -> None:
     want = expected_shapes(cfg)
-    sd = {k: _Meta(*v) for k, v in info.items()}
-    missing = sorted(set(want) - set(sd))
-    extra = sorted(set(sd) - set(want))
+    tensors = {k: _Meta(*v) for k, v in info.items()}
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
     if missing:
         raise error(f"not an Inf-DiT model for its config: missing {few(missing)}")
     if extra:
         raise error(f"not an Inf-DiT model for its config: unexpected {few(extra)}")
-    bad = [f"{k} {tuple(sd[k].shape)} (expected {want[k]})" for k in want if tuple(sd[k].shape) != want[k]]
+    bad = [f"{k} {tuple(tensors[k].shape)} (expected {want[k]})" for k in want if tuple(tensors[k].shape) != want[k]]
     if bad:
         raise error(f"shapes contradict the config: {few(bad)}")
-    wrong = [f"{k} ({sd[k].dtype})" for k in want if sd[k].dtype not in _FLOAT_DTYPES]
+    wrong = [f"{k} ({tensors[k].dtype})" for k in want if tensors[k].dtype not in _FLOAT_DTYPES]
     if wrong:
         raise error(f"tensors must be float32/float16/bfloat16: {few(wrong)}")
 
@@ -181,21 +181,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     path = Path(path)
     cfg, _ = inspect_file(path)  # names, shapes and dtypes checked before any data is read
     try:
-        sd = load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
     if cfg.clip is None:  # a file without the CLIP tower: the caller's (open_clip's weights from the Hub)
         if clip_tower is None:
             raise WeightsError(f"{path} has no CLIP vision tower, and no source for one was given")
-        clip_cfg, clip_sd = clip_tower(cfg.vector_dim)
+        clip_cfg, clip_tensors = clip_tower(cfg.vector_dim)
         cfg = cfg.with_(clip=clip_cfg)
-        sd.update(clip_sd)
-    check_state_dict(sd, cfg)
+        tensors.update(clip_tensors)
+    check_state_dict(tensors, cfg)
     with torch.device("meta"):
         model = InfDiT(cfg)
     if dtype is not None:
-        sd = {k: t.to(dtype) for k, t in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+        tensors = {k: t.to(dtype) for k, t in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
     # Non-persistent buffers (CLIP mean/std) were created on meta; rebuild them before moving.
     for mod in model.modules():
         if isinstance(mod, ClipImageEncoder):

@@ -6,7 +6,7 @@ import sys
 from enum import IntEnum
 from typing import NamedTuple
 
-from ..errors import describe, lost_contact
+from ..errors import explain, lost_contact
 from ..settings import settings
 from ._text import safe
 
@@ -80,7 +80,7 @@ def report(exc: BaseException) -> Reported:
     from rich.console import Console
     from rich.text import Text
 
-    msg, code = describe(exc)
+    msg, code = explain(exc)
     after = _after_another_rank(exc, code)
     if after or _said_by_rank_0(exc, code):
         return Reported(int(code), after=after)
