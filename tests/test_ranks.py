@@ -16,7 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from infdit_cli.distributed import ExitRecord, another_rank_failed, read_exit_codes, timeout_seconds, write_exit_code
+from infdit_cli.distributed import (
+    ExitRecord,
+    another_rank_failed,
+    read_exit_codes,
+    timeout_seconds,
+    write_exit_code,
+)
 from infdit_cli.errors import BadRequest
 from infdit_cli.launch import job_code, unreported
 from infdit_cli.planner import Placement, leanest, plan

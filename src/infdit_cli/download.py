@@ -95,7 +95,7 @@ def _open(url: str, start: int, timeout: float):
         reason = getattr(e.reason, "strerror", None) or str(e.reason)
         raise DownloadError(f"cannot reach {host}: {reason}; check the connection, or pass a local file "
                             f"with --weights FILE") from None
-    except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
         raise DownloadError(f"cannot reach {host}: {e or type(e).__name__}") from None
 
 

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Protocol
 
-import time
-
-from ..events import BatchDone, CheckpointDiscarded, JobStarted, Notice, PassStarted, PlanChanged, Resumed, StepDone
-from ._text import safe
+from ..events import (
+    BatchDone,
+    CheckpointDiscarded,
+    JobStarted,
+    Notice,
+    PassStarted,
+    PlanChanged,
+    Resumed,
+    StepDone,
+)
 from ..units import format_seconds
+from ._text import safe
 
 
 def plan_line(seconds: float, passes: int, calls: int, device: str | None, gpu_seconds: float | None = None,

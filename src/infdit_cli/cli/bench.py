@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import BadRequest
-from . import _options as O
 from ..units import format_bytes, parse_bytes
+from . import _options as O
 
 EXAMPLES = """Examples:
 
@@ -102,7 +102,6 @@ def bench(
         from ..errors import WeightsNotFound
         from ..hub import resolve_weights
         from ..weights import inspect_file
-
         from ._fetch import ensure_weights
 
         ensure_weights(weights, None, False, quiet, first)  # first use: fetched once (not offline)
@@ -194,7 +193,7 @@ class _Out:
     """Rows on stdout as they come, flushed (a file or pipe gets each row at once too): aligned text, or
     JSON lines with --json. With the progress bar on the same terminal, text goes above the bar."""
 
-    def __init__(self, json_: bool, steps: int, display: "_Progress") -> None:
+    def __init__(self, json_: bool, steps: int, display: _Progress) -> None:
         self.json_, self.steps, self.display = json_, steps, display
         self.widths = [max(len(c), 9) for c in COLUMNS]
         self.widths[0] = max(self.widths[0], 11)
