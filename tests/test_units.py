@@ -11,7 +11,8 @@ from infdit_cli.units import few, row_chunks
 def test_row_chunks_cover_every_row_once_within_the_budget(height, row, budget, step):
     chunks = row_chunks(height, row, budget)
     assert [i for s in chunks for i in range(s.start, s.stop)] == list(range(height))
-    assert all(s.stop - s.start <= step for s in chunks) and chunks[0].stop - chunks[0].start == min(step, height)
+    sizes = [s.stop - s.start for s in chunks]
+    assert all(n <= step for n in sizes) and sizes[0] == min(step, height)
 
 
 def test_few_names_three_and_counts_the_rest():

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {"InfDiTConfig": "config", "BlockEngine": "engine", "denoise": "engine", "InfDiT": "model",
-            "UpscaleOptions": "pipeline", "upscale": "pipeline", "Upscaler": "upscaler", "UpscaleResult": "upscaler",
-            "load_model": "weights"}
+            "UpscaleOptions": "pipeline", "upscale": "pipeline", "Upscaler": "upscaler",
+            "UpscaleResult": "upscaler", "load_model": "weights"}
 __all__ = ["BlockEngine", "InfDiT", "InfDiTConfig", "UpscaleOptions", "UpscaleResult", "Upscaler", "denoise",
            "load_model", "upscale"]  # = sorted(_EXPORTS), written out for readers and linters
 

@@ -127,7 +127,8 @@ def _setup(spec: CallSpec):
     if spec.threads:
         torch.set_num_threads(spec.threads)
     dtype, dev = getattr(torch, spec.dtype), torch.device(spec.device)
-    model = load_model(spec.weights, device=dev, dtype=dtype, clip_tower=fetch_clip_tower) if spec.weights else \
+    model = load_model(spec.weights, device=dev, dtype=dtype,
+                       clip_tower=fetch_clip_tower) if spec.weights else \
         random_model(PRESETS[spec.config], seed=0, device=dev, dtype=dtype)
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
@@ -213,7 +214,8 @@ def _measure_here(spec: CallSpec) -> dict:
         hwm = reset_host_peak()
         before = rss()
         engine, setup = _build(model, lr_up, image, spec, b)
-        out = torch.zeros(x.shape, dtype=torch.float32)  # (the per-pass work buffers come with the first call)
+        # (the per-pass work buffers come with the first call)
+        out = torch.zeros(x.shape, dtype=torch.float32)
     times = [_call(engine, x, out) for _ in range(spec.repeats)]
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - before
@@ -232,11 +234,13 @@ def _measure_here(spec: CallSpec) -> dict:
                 put_seconds=put_seconds, put_bytes=put_bytes)
 
 
-def time_pair(block: CallSpec, whole: CallSpec, rounds: int = 3, timeout: float = 1800) -> tuple[float, float]:
+def time_pair(block: CallSpec, whole: CallSpec, rounds: int = 3, timeout: float = 1800
+              ) -> tuple[float, float]:
     """Median seconds per call of `block` and `whole`, alternated in one fresh process (same model, same
     inputs, same machine state), so their ratio is not at the mercy of a noisy neighbour between runs.
     Each mode's engine and cache are built once, before the warm-up round."""
-    line = _child([json.dumps(asdict(block)), json.dumps(asdict(whole)), str(rounds)], timeout, "paired timing")
+    line = _child([json.dumps(asdict(block)), json.dumps(asdict(whole)), str(rounds)], timeout,
+                  "paired timing")
     a, b = json.loads(line)
     return a, b
 

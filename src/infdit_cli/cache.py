@@ -97,7 +97,8 @@ def verified_sha256(path: Path) -> str:
     st = real.stat()
     digest = sha256_file(real)
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        write_record(rec_path, Record(sha256=digest, size=st.st_size, mtime_ns=st.st_mtime_ns, source=str(real)))
+        write_record(rec_path,
+                     Record(sha256=digest, size=st.st_size, mtime_ns=st.st_mtime_ns, source=str(real)))
     return digest
 
 

@@ -75,7 +75,8 @@ def calibration(cfg, device: torch.device | str, dtype: torch.dtype, *, refresh:
             return Rates(**table[key], source="measured")
         rates = measure_rates(cfg, device, dtype)
         if rates.steady:  # taken while other work shared the machine: used now, measured again next run
-            table[key] = {"flops": rates.flops, "op_seconds": rates.op_seconds, "copy_bytes": rates.copy_bytes}
+            table[key] = {"flops": rates.flops, "op_seconds": rates.op_seconds,
+                          "copy_bytes": rates.copy_bytes}
             _write(path, table)
         return rates
     finally:
@@ -102,8 +103,8 @@ def measure_rates(cfg, device: torch.device, dtype: torch.dtype) -> Rates:
                      steady=steady)
 
 
-def observe(cfg, device: torch.device | str, dtype: torch.dtype, rates: Rates, predicted: float, measured: float,
-            calls: int) -> Rates | None:
+def observe(cfg, device: torch.device | str, dtype: torch.dtype, rates: Rates, predicted: float,
+            measured: float, calls: int) -> Rates | None:
     """A job's own calls correct the cached calibration: `measured` seconds per call over `calls` steady
     calls against the `predicted` per call (by `rates`) scale every rate by their ratio (the prediction is
     linear in 1/flops, op_seconds and 1/copy_bytes), and the cache keeps the result. Nothing when the job
@@ -204,7 +205,8 @@ def _chunk(cfg, device: torch.device, dtype: torch.dtype):
 
     def run() -> None:
         h.copy_(h0)  # the residual stream is updated in place: the same numbers every run
-        model.layer_qkv(1, h[:, :, c], step, (rope[0][:, c], rope[1][:, c]), out=(qf[:, :, c], kf[:, :, c], vf[:, :, c]))
+        model.layer_qkv(1, h[:, :, c], step, (rope[0][:, c], rope[1][:, c]),
+                        out=(qf[:, :, c], kf[:, :, c], vf[:, :, c]))
         kc = gather_keys(ktab, index, model.re_pos_embed[1], out=kg).unsqueeze(1)
         vc = gather_keys(vtab, index, out=vg).unsqueeze(1)
         model.layer_out(1, h[:, :, c], qf[:, :, c], kc, vc, step, None)

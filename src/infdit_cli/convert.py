@@ -177,7 +177,8 @@ def convert_checkpoint(path: str | Path, *, clip_head_width: int = 64) -> Conver
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-pickles, truncation and foreign classes
-        if "weights_only" in str(e) or "Weights only" in str(e):  # torch's advice to unpickle anyway: not ours
+        # torch's advice to unpickle anyway: not ours
+        if "weights_only" in str(e) or "Weights only" in str(e):
             what = ("holds objects other than tensors, which infdit never unpickles" if _is_checkpoint(path)
                     else "is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
             raise ConvertError(f"cannot read {path}: it {what}") from None

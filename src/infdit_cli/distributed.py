@@ -22,8 +22,8 @@ import torch
 from .files import atomic_write
 from .settings import Settings, settings
 
-__all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "shard", "broadcast", "gather",
-           "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT",
+__all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "shard", "broadcast",
+           "gather", "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT",
            "ExitRecord", "STOP_CODES", "write_exit_code", "read_exit_codes", "another_rank_failed"]
 
 TIMEOUT_DEFAULT = 600.0  # seconds a collective or a receive waits for the other ranks (NCCL's own default)
@@ -137,7 +137,8 @@ def agree_plan(world: World):
         dist.all_gather_object(every, [p.memory for p in up_plan.passes])
         if any(len(plans) != len(up_plan.passes) for plans in every):  # same input and options: never
             raise RuntimeError("the ranks planned different numbers of passes")
-        passes = [replace(p, memory=leanest([plans[i] for plans in every])) for i, p in enumerate(up_plan.passes)]
+        passes = [replace(p, memory=leanest([plans[i] for plans in every]))
+                  for i, p in enumerate(up_plan.passes)]
         return replace(up_plan, passes=passes)
 
     return agree
@@ -238,10 +239,10 @@ def _cpu_barrier(dist) -> None:
 
 def teardown(clean: bool = True) -> None:
     """Leave the process group. `clean` (this rank's work ended normally): every rank reaches the end before
-    any leaves (gloo fails a peer still receiving from one gone early), at the CPU backend's barrier. Otherwise at once: after an error or
-    a signal this rank may be mid-exchange, and a barrier could pair with a peer's unfinished receive and
-    hold both until torchrun kills them or INFDIT_RANK_TIMEOUT passes; the peers meet the closed
-    connections and fail at once."""
+    any leaves (gloo fails a peer still receiving from one gone early), at the CPU backend's barrier.
+    Otherwise at once: after an error or a signal this rank may be mid-exchange, and a barrier could pair with
+    a peer's unfinished receive and hold both until torchrun kills them or INFDIT_RANK_TIMEOUT passes; the
+    peers meet the closed connections and fail at once."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -100,7 +100,8 @@ def _open(url: str, start: int, timeout: float):
 
 
 def _range_start(resp) -> int | None:
-    """Where a 206 answer's bytes start (`Content-Range: bytes START-END/TOTAL`), or None if it does not say."""
+    """Where a 206 answer's bytes start (`Content-Range: bytes START-END/TOTAL`), or None if it does not
+    say."""
     import re
 
     m = re.match(r"\s*bytes\s+(\d+)-", resp.headers.get("Content-Range") or "")
@@ -144,7 +145,8 @@ def fetch_url(url: str, dest: Path, *, sha256: str | None = None, on_event: OnEv
                 continue
         with resp:
             if "text/html" in (resp.headers.get("Content-Type") or ""):
-                raise DownloadError(f"{url} answered with a web page, not a checkpoint file (the link may have "
+                raise DownloadError(f"{url} answered with a web page, not a checkpoint file "
+                                    f"(the link may have "
                                     f"expired or need a browser)")
             length = resp.headers.get("Content-Length")
             total = done + int(length) if length and length.isdigit() else None

@@ -32,7 +32,8 @@ from .planner import Placement, batch_device_bytes, chunk_blocks, step_down
 from .schedule import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
 from .storage import Scratch
 
-__all__ = ["BlockEngine", "KVCache", "denoise", "pad_to_blocks", "Fault", "compiled_kernels", "release_cached"]
+__all__ = ["BlockEngine", "KVCache", "denoise", "pad_to_blocks", "Fault", "compiled_kernels",
+           "release_cached"]
 
 Block = tuple[int, int]
 Fault = Callable[[int], None]  # called with a batch's predicted device bytes before it runs; may raise OOM
@@ -482,7 +483,10 @@ class BlockEngine:
         prefetch = None
         if cache is not None:
             stream = self._stream if cache.device.type == "cpu" and dev.type == "cuda" else None
-            prefetch = _Prefetch(lambda layer: self._neighbours(cache, rect, layer, dev), cfg.num_layers, stream)
+            def neighbours(layer):
+                return self._neighbours(cache, rect, layer, dev)
+
+            prefetch = _Prefetch(neighbours, cfg.num_layers, stream)
         later = rect.blocks_needed_later() if cache is not None else []
         index, rows, cols = self._indices(gh, gw, False, False, dev)  # (no neighbours: the image's corner)
         qbuf, ktab, vtab = self._buffers(b, nb + gh + gw + 1, t, h.dtype, dev)
@@ -509,7 +513,8 @@ class BlockEngine:
                     puts.start()
                     with puts.on():
                         for r, cc in later:
-                            cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
+                            cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0],
+                                      v[:, r - rect.r0, cc - rect.c0])
                     cache.mark([cache.index[b] for b in later], puts.finish())
                 self._layer_done(rect, i, cache)
                 for tab, left, top in ((ktab, left_k, top_k), (vtab, left_v, top_v)):
@@ -556,7 +561,8 @@ class BlockEngine:
         key = (b, t, dtype, device)
         if self._buf_key is None or self._buf_key[0] != key or self._buf_key[1] < entries:
             self._bufs = self._chunk_bufs = None  # free the old ones first
-            self._bufs = tuple(torch.empty((b, entries, t, *heads), dtype=dtype, device=device) for _ in range(3))
+            self._bufs = tuple(torch.empty((b, entries, t, *heads), dtype=dtype,
+                                           device=device) for _ in range(3))
             self._chunk_bufs = {}
             self._buf_key = (key, entries)
         return self._bufs

@@ -166,7 +166,8 @@ def signal_name(signum: int) -> str:
 
 
 def stopped_by(signum: int) -> str:
-    """A stop by `signum` as the one-line error says it: "interrupted" (SIGINT), else "terminated by SIGTERM"."""
+    """A stop by `signum` as the one-line error says it: "interrupted" (SIGINT), else "terminated by
+    SIGTERM"."""
     return "interrupted" if signum == 2 else f"terminated by {signal_name(signum)}"
 
 

@@ -143,7 +143,8 @@ def _open(path: Path, max_pixels: int | None, *, load: bool):
             if load:
                 im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise TooManyPixels(f"{path} has more than {max_pixels} pixels; raise --max-pixels if it is trusted") from None
+        raise TooManyPixels(f"{path} has more than {max_pixels} pixels; "
+                            f"raise --max-pixels if it is trusted") from None
     except UnidentifiedImageError:
         kind = _sniff(path)
         if kind is not None:  # the start of a known format: a damaged file, not a foreign one
@@ -265,7 +266,8 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     mode = im.mode
     deep = (mode in ("RGB", "RGBA", "LA") and ";16" in rawmode and fmt == "PNG") or deep_tiff
     if mode in ("RGB", "RGBA") and ";16" in rawmode and not deep:
-        notices.append(f"{name}: 16-bit RGB is read as 8-bit (Pillow holds no 16-bit RGB); the output is 8-bit")
+        notices.append(f"{name}: 16-bit RGB is read as 8-bit (Pillow holds no 16-bit RGB); "
+                       f"the output is 8-bit")
 
     gray, bits, alpha = False, 8, None
     try:
@@ -572,7 +574,8 @@ def _orient(a, orientation: int):
 
 
 def _cmyk_to_rgb(im, icc: bytes | None):
-    """Through the file's ICC profile to sRGB where there is one (what a viewer shows), else Pillow's formula."""
+    """Through the file's ICC profile to sRGB where there is one (what a viewer shows), else Pillow's
+    formula."""
     if icc:
         try:
             import io
@@ -752,7 +755,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     import struct
     import zlib
 
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I",
+                                                                    zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
 def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
@@ -776,7 +780,8 @@ def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
         import png
 
         buf = io.BytesIO()
-        png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16).write_array(buf, arr.reshape(-1))
+        png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16).write_array(buf,
+                                                                                            arr.reshape(-1))
         data = buf.getvalue()
         extra = b""
         if icc:
@@ -784,7 +789,8 @@ def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
         if dpi is not None:
             import struct
 
-            extra += _png_chunk(b"pHYs", struct.pack(">IIB", round(dpi[0] / 0.0254), round(dpi[1] / 0.0254), 1))
+            extra += _png_chunk(b"pHYs",
+                                struct.pack(">IIB", round(dpi[0] / 0.0254), round(dpi[1] / 0.0254), 1))
         extra += _png_chunk(b"eXIf", _with_provenance(exif))
         at = 8 + 25  # after the signature and IHDR (13 bytes of data + 12)
         with open(tmp, "wb") as f:

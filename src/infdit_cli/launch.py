@@ -95,8 +95,8 @@ def _quiet_torchrun() -> None:
             logging.getLogger(name).setLevel(level)
 
 
-def launch(torchrun_args: Sequence[str], command: Sequence[str], *, entry: Sequence[str] = ("-m", "infdit_cli")
-           ) -> int:
+def launch(torchrun_args: Sequence[str], command: Sequence[str], *,
+           entry: Sequence[str] = ("-m", "infdit_cli")) -> int:
     """Run torchrun with `torchrun_args` on `entry` (`-m infdit_cli`, or a script) with `command`; the
     job's exit code (`job_code`)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException

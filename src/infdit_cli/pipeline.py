@@ -29,7 +29,8 @@ from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch, reclaim_stale
 from .units import format_bytes, format_seconds, row_chunks
 
-__all__ = ["checkpoint_by_default", "UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
+__all__ = ["checkpoint_by_default", "UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale",
+           "target_size",
            "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "gpu_seconds", "preview_image",
            "disk_need", "check_disk", "plan_lines", "plan_json"]
 
@@ -76,7 +77,8 @@ class UpscalePlan:
         return sum(p.seconds for p in self.passes)
 
 
-def target_size(size: tuple[int, int], *, res: str | None = None, scale: float | None = None) -> tuple[int, int]:
+def target_size(size: tuple[int, int], *, res: str | None = None, scale: float | None = None
+                ) -> tuple[int, int]:
     """(H, W) from `--res 4096` (long side, aspect kept), `--res 3840x2160` (W x H) or `--scale 2.5`."""
     h, w = size
     if (res is None) == (scale is None):
@@ -86,14 +88,16 @@ def target_size(size: tuple[int, int], *, res: str | None = None, scale: float |
         if not (scale > 1 and math.isfinite(scale)):
             raise BadRequest(f"--scale must be greater than 1, got {scale:.4g}")
         if max(h, w) * scale > MAX_OUTPUT_SIDE + 0.5:  # before any rounding: 1e308 would overflow it
-            raise BadRequest(f"--scale {scale:.4g} makes {w}x{h} {w * scale:.4g}x{h * scale:.4g}, which {too_big}")
+            raise BadRequest(f"--scale {scale:.4g} makes {w}x{h} {w * scale:.4g}x{h * scale:.4g}, "
+                             f"which {too_big}")
         out = (round(h * scale), round(w * scale))
     else:
         text = res.lower().strip()
         try:
             sides = [int(v) for v in text.split("x")]
         except ValueError:
-            raise BadRequest(f"--res must be a long side like 4096 or WxH like 3840x2160, got {res!r}") from None
+            raise BadRequest(f"--res must be a long side like 4096 or WxH like 3840x2160, "
+                             f"got {res!r}") from None
         if len(sides) > 2:
             raise BadRequest(f"--res must be a long side like 4096 or WxH like 3840x2160, got {res!r}")
         if max(sides) > MAX_OUTPUT_SIDE:
@@ -106,7 +110,8 @@ def target_size(size: tuple[int, int], *, res: str | None = None, scale: float |
     if min(out) < 1:
         raise BadRequest(f"target size {out[1]}x{out[0]} is empty")
     if out[0] <= h and out[1] <= w:
-        raise BadRequest(f"target {out[1]}x{out[0]} is not larger than the input {w}x{h}; infdit only upscales")
+        raise BadRequest(f"target {out[1]}x{out[0]} is not larger than the input {w}x{h}; "
+                         f"infdit only upscales")
     if max(out) > MAX_OUTPUT_SIDE:
         raise BadRequest(f"target {out[1]}x{out[0]} exceeds {MAX_OUTPUT_SIDE} px per side")
     return out
@@ -145,7 +150,8 @@ def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], opti
                    host_budget=options.host_budget, low_memory=options.low_memory, scale=s,
                    weights_file_dtype=weights_file_dtype, rates=rates, ranks=ranks)
         calls = 2 * options.steps - 1
-        passes.append(Pass(s, size, (size[0] * s, size[1] * s), padded_out, mem, calls * mem.seconds_per_call))
+        passes.append(Pass(s, size, (size[0] * s, size[1] * s), padded_out, mem,
+                           calls * mem.seconds_per_call))
         size = (size[0] * s, size[1] * s)
     return UpscalePlan(input_size, target, passes, options.steps, resample=size != tuple(target))
 
@@ -204,8 +210,8 @@ def check_disk(folder, need: dict[str, int], refuse: bool = True) -> int | None:
     except OSError:
         return None
     if need["total_bytes"] > free and refuse:
-        parts = [f"{what} {format_bytes(need[k])}" for what, k in (("scratch", "scratch_bytes"),
-                                                                    ("checkpoints", "checkpoint_bytes")) if need[k]]
+        kinds = (("scratch", "scratch_bytes"), ("checkpoints", "checkpoint_bytes"))
+        parts = [f"{what} {format_bytes(need[k])}" for what, k in kinds if need[k]]
         raise DiskTooSmall(f"not enough disk in {folder}: the job needs {format_bytes(need['total_bytes'])} "
                            f"({', '.join(parts)}), {format_bytes(free)} is free; free some space, write the "
                            "output elsewhere, or drop --low-memory/--checkpoint")
@@ -263,7 +269,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
             generator: torch.Generator | None = None, on_event: Callable[[object], None] | None = None,
             scratch_dir: str | None = None, fault=None, run: RunFolder | None = None,
             on_preview: Callable[[torch.Tensor], None] | None = None, engine=None) -> torch.Tensor:
-    """Upscale `rgb` (1, 3, h, w) in [0, 1] to `up_plan.target_size`; returns (1, 3, H, W) in [0, 1] on the host.
+    """Upscale `rgb` (1, 3, h, w) in [0, 1] to `up_plan.target_size`; returns (1, 3, H, W) in [0, 1] on the
+    host.
 
     Noise is drawn on the CPU from `generator` (seeded from `options.seed` when None), so the same seed gives
     the same image whatever n, cache placement or device. A placement learned from running out of memory
@@ -309,7 +316,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
         if saved.input_file is not None:
             x = saved.read_input()  # in the dtype the previous pass returned it: the same arithmetic
         if on_event is not None:
-            on_event(Resumed(saved.pass_, saved.passes, saved.step, saved.steps, saved.saved_at, str(run.path)))
+            on_event(Resumed(saved.pass_, saved.passes, saved.step, saved.steps, saved.saved_at,
+                             str(run.path)))
     learned: Placement | None = None
     ok = False
     try:
@@ -322,7 +330,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
                                       placement.cache_on_host or learned.cache_on_host,
                                       placement.state_on_host or learned.state_on_host)
             if on_event is not None:
-                on_event(PassStarted(i + 1, len(up_plan.passes), p, None if p.memory.whole_image else placement.n))
+                on_event(PassStarted(i + 1, len(up_plan.passes), p,
+                                     None if p.memory.whole_image else placement.n))
             ckpt = None
             if run is not None:
                 ckpt = _Checkpointer(run, i + 1, len(up_plan.passes), x if i > 0 else None,
@@ -344,7 +353,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
         return x.clamp_(-1, 1).add_(1).div_(2)
     finally:
         if scratch is not None:  # the last checkpoint's files stay until the output is written
-            scratch.close(keep=() if run is None else tuple(n.removesuffix(".bin") for n in run.committed_files()))
+            kept = () if run is None else tuple(n.removesuffix(".bin") for n in run.committed_files())
+            scratch.close(keep=kept)
         if run is not None and not ok:
             run.tidy()
 
@@ -352,8 +362,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
 class _Checkpointer:
     """Saves one pass's steps to a run folder and knows where that pass resumes."""
 
-    def __init__(self, run: RunFolder, pass_: int, passes: int, lr_in: torch.Tensor | None, saved: Saved | None,
-                 on_event) -> None:
+    def __init__(self, run: RunFolder, pass_: int, passes: int, lr_in: torch.Tensor | None,
+                 saved: Saved | None, on_event) -> None:
         self.run, self.pass_, self.passes, self.on_event = run, pass_, passes, on_event
         self.saved = saved
         self.lr_in = lr_in
@@ -368,8 +378,8 @@ class _Checkpointer:
         if st.names is not None and st.scratch is not None and st.scratch.path == self.run.path:
             st.scratch.flush(st.names["x"])
             mapped_file = st.scratch.file(st.names["x"])
-        nbytes = self.run.save(self.pass_, self.passes, step, steps, st.x, rng=rng, input_entry=self.input_entry,
-                               mapped_file=mapped_file)
+        nbytes = self.run.save(self.pass_, self.passes, step, steps, st.x, rng=rng,
+                               input_entry=self.input_entry, mapped_file=mapped_file)
         if self.on_event is not None:
             self.on_event(CheckpointWritten(self.pass_, self.passes, step, steps, nbytes,
                                             self.run.last_write_seconds, str(self.run.path)))
@@ -459,7 +469,8 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
     reuse = (saved.x_file.stem,) if saved is not None and scratch is not None else ()
     st = HeunState.allocate(shape, sdtype, state_dev, scratch, prefix=prefix, reuse=reuse)
     done = 0
-    if saved is not None:  # resume: x at step `saved.step`, and the generator as it was after this pass's noise
+    # resume: x at step `saved.step`, and the generator as it was after this pass's noise
+    if saved is not None:
         if tuple(saved.x_shape) != shape:
             raise ValueError(f"checkpoint x is {saved.x_shape}, this pass needs {shape}")
         if st.names is not None and saved.x_file.stem == st.names["x2"]:
@@ -578,7 +589,8 @@ def plan_lines(plan: UpscalePlan, device: str, dtype: str, gpu: float | None = N
                + "".join(f"{w}, " for w in where)
                + f"predicted peak {format_bytes(mem.estimate.device_peak)} {device}, "
                + f"{format_bytes(mem.estimate.host_peak)} host, {format_seconds(p.seconds)}")
-        lines.append(f"  pass {i}: {p.scale}x {p.in_size[1]}x{p.in_size[0]} -> {p.out_size[1]}x{p.out_size[0]} "
+        lines.append(f"  pass {i}: {p.scale}x {p.in_size[1]}x{p.in_size[0]} "
+                     f"-> {p.out_size[1]}x{p.out_size[0]} "
                      f"(canvas {p.padded_out[1]}x{p.padded_out[0]}); {how}")
     if plan.resample:
         last = plan.passes[-1].out_size

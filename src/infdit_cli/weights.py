@@ -19,7 +19,8 @@ from .errors import WeightsError, WeightsNotFound
 from .files import atomic_write
 from .units import few
 
-__all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict", "expected_shapes"]
+__all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict",
+           "expected_shapes"]
 
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
@@ -33,7 +34,8 @@ def expected_shapes(cfg: InfDiTConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(t.shape) for k, t in model.state_dict().items()}
 
 
-def check_state_dict(tensors: dict[str, torch.Tensor], cfg: InfDiTConfig, error: type[Exception] = WeightsError) -> None:
+def check_state_dict(tensors: dict[str, torch.Tensor], cfg: InfDiTConfig,
+                     error: type[Exception] = WeightsError) -> None:
     """Every expected key present with its shape and a float dtype; no extra key."""
     check_shapes({k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, cfg, error)
 
@@ -70,7 +72,8 @@ def check_shapes(info: dict[str, tuple[tuple[int, ...], torch.dtype]], cfg: InfD
         raise error(f"not an Inf-DiT model for its config: missing {few(missing)}")
     if extra:
         raise error(f"not an Inf-DiT model for its config: unexpected {few(extra)}")
-    bad = [f"{k} {tuple(tensors[k].shape)} (expected {want[k]})" for k in want if tuple(tensors[k].shape) != want[k]]
+    bad = [f"{k} {tuple(tensors[k].shape)} (expected {want[k]})" for k in want
+           if tuple(tensors[k].shape) != want[k]]
     if bad:
         raise error(f"shapes contradict the config: {few(bad)}")
     wrong = [f"{k} ({tensors[k].dtype})" for k in want if tensors[k].dtype not in _FLOAT_DTYPES]
@@ -156,7 +159,8 @@ def _looks_like_pickle(path: Path) -> bool:
     return head == b"PK" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")  # zip / raw pickle
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = torch.float32,
                clip_tower: Callable[[int], tuple[ClipConfig, dict[str, torch.Tensor]]] | None = None):
     """Load a converted `.safetensors` file into an `InfDiT` in eval mode.
 

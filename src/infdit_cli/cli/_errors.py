@@ -15,7 +15,8 @@ __all__ = ["ExitCode", "Reported", "report"]
 
 class ExitCode(IntEnum):
     OK = 0
-    ERROR = 1  # a file that cannot be read, decoded or written, or a failure during the work; batch: some failed
+    # a file that cannot be read, decoded or written, or a failure during the work; batch: some failed
+    ERROR = 1
     USAGE = 2  # bad arguments or an impossible request, found before any work (click's code)
     OUT_OF_MEMORY = 3  # out of device memory even under the leanest plan; no partial output
     INTERRUPTED = 130  # Ctrl-C; partial outputs were removed
@@ -33,7 +34,8 @@ def _said_by_rank_0(exc: BaseException, code: int) -> bool:
         return False  # one process: no torch import for this (a usage error answers at once)
     from ..distributed import joined
 
-    return (not joined() or code in (ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.HANGUP, ExitCode.TERMINATED)
+    return (not joined() or code in (ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.HANGUP,
+                                     ExitCode.TERMINATED)
             or getattr(exc, "collective", False))
 
 

@@ -2,8 +2,8 @@
 
 The CLI calls `ensure_weights` after every check that needs no weights (usage, input, output, plan) and before
 loading: one line says what is fetched, how big it is and where it goes, then the download's progress bar.
-`before` (the command's plan line, the CPU-fallback line) is called first, so the job is known before the wait.
-Offline (`--offline`, HF_HUB_OFFLINE=1, INFDIT_OFFLINE=1) keeps the one-line "no weights yet" error.
+`before` (the command's plan line, the CPU-fallback line) is called first, so the job is known before the
+wait. Offline (`--offline`, HF_HUB_OFFLINE=1, INFDIT_OFFLINE=1) keeps the one-line "no weights yet" error.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _size_text(spec) -> str:
     return f" ({format_bytes(size)})" if isinstance(size, int) and size > 0 else ""
 
 
-def ensure_weights(weights, repo, offline: bool, quiet: bool, before: Callable[[], None] | None = None) -> None:
+def ensure_weights(weights, repo, offline: bool, quiet: bool,
+                   before: Callable[[], None] | None = None) -> None:
     """Download the registry model `weights` (default: $INFDIT_WEIGHTS, else infdit-4x) if it is not cached.
 
     Does nothing for files, URLs, Hub references or a model already in the cache, and nothing offline (the
@@ -74,7 +75,8 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool, before: Callable[[
     show = not quiet and sys.stderr.isatty()
     display = _DownloadDisplay() if show else None
     try:
-        download(name, repo=repo, offline=False, on_event=display, tqdm_class=None if show else _silent_tqdm())
+        download(name, repo=repo, offline=False, on_event=display,
+                 tqdm_class=None if show else _silent_tqdm())
     finally:
         if display is not None:
             display.stop()

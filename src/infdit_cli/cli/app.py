@@ -81,7 +81,8 @@ _ROOT_HELP = """Upscale images with Inf-DiT, block by block in bounded memory.
     Exit codes: 0 done; 1 a file that cannot be read, decoded or written, or a failure during the work
     (batch: some file failed, after finishing the others); 2 a wrong command line or an impossible request,
     found before any work; 3 out of device memory even at the smallest plan; 130 interrupted (Ctrl-C), 143
-    terminated (SIGTERM), 129 hung up (SIGHUP): no partial output is left, the last checkpoint is kept. Errors are one line on stderr; set INFDIT_DEBUG=1 (or -v) for the traceback.
+    terminated (SIGTERM), 129 hung up (SIGHUP): no partial output is left, the last checkpoint is kept.
+    Errors are one line on stderr; set INFDIT_DEBUG=1 (or -v) for the traceback.
     """
 
 
