@@ -16,7 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from infdit_cli.distributed import ExitRecord, another_rank_failed, read_exit_codes, timeout_seconds, write_exit_code
+from infdit_cli.distributed import (
+    ExitRecord,
+    another_rank_failed,
+    read_exit_codes,
+    timeout_seconds,
+    write_exit_code,
+)
 from infdit_cli.errors import BadRequest
 from infdit_cli.launch import job_code, unreported
 from infdit_cli.planner import Placement, leanest, plan
@@ -42,10 +48,11 @@ def test_leanest_takes_the_leanest_of_each_decision():
     assert leanest([a, a]) is a  # nothing to merge
     m = leanest([a, b, a])
     assert m.placement == b.placement and "leanest of 3" in m.reason
-    host = type(a)(**{**a.__dict__, "placement": Placement(8, "col", True, False), "state_dtype": torch.bfloat16,
-                      "low_memory": True})
+    host = type(a)(**{**a.__dict__, "placement": Placement(8, "col", True, False),
+                      "state_dtype": torch.bfloat16, "low_memory": True})
     m = leanest([b, host])
-    assert (m.n, m.cache_on_host, m.state_on_host, m.state_dtype, m.low_memory) == (2, True, False, torch.bfloat16,
+    assert (m.n, m.cache_on_host, m.state_on_host, m.state_dtype, m.low_memory) == (2, True, False,
+                                                                                    torch.bfloat16,
                                                                                      True)
     assert leanest([host, b]) == m  # the order of the ranks does not matter
 
@@ -112,7 +119,8 @@ def test_rank_timeout_from_the_environment():
 
 @pytest.mark.slow
 def test_out_of_memory_on_rank_1_steps_every_rank_down(tmp_path):
-    """Rank 1 alone runs out of memory mid-call; before issue 24 it redid the call alone and the ranks hung."""
+    """Rank 1 alone runs out of memory mid-call: every rank steps down and redoes the call with it (a rank
+    redoing it alone would leave the others waiting in a collective)."""
     out = tmp_path / "r.json"
     res = torchrun_worker("stepdown", out)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -144,9 +152,10 @@ def _two_ranks(mode: str, tmp_path: Path, limit: float) -> list[subprocess.Popen
     """ranks_worker.py MODE on 2 ranks without torchrun (whose agent would stop the others itself)."""
     port, procs = _free_port(), []
     for rank in range(2):
-        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "INFDIT_RANK_TIMEOUT": str(limit)}
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "ranks_worker.py"), mode, str(tmp_path / "r")],
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "INFDIT_RANK_TIMEOUT": str(limit)}
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "ranks_worker.py"), mode,
+                                       str(tmp_path / "r")],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
 
@@ -201,7 +210,8 @@ def launcher(*args: str, entry: str | None = None, fault: str | None = None, cwd
     code = ("import json, sys; from infdit_cli import launch as L\n"
             "from infdit_cli import distributed as D\n"
             "read = D.read_exit_codes\n"
-            "def spy(base):\n    c = read(base); print(json.dumps({r: e.code for r, e in c.items()}), flush=True)"
+            "def spy(base):\n"
+            "    c = read(base); print(json.dumps({r: e.code for r, e in c.items()}), flush=True)"
             "; return c\n"
             "D.read_exit_codes = spy\n"
             "entry = ['-m', 'infdit_cli'] if sys.argv[1] == '-' else [sys.argv[1]]\n"
@@ -211,13 +221,15 @@ def launcher(*args: str, entry: str | None = None, fault: str | None = None, cwd
 
 
 def test_launcher_usage_error_is_2_with_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "infdit_cli.launch", "--standalone", "--nproc-per-node=2", "--",
+    res = subprocess.run([sys.executable, "-m", "infdit_cli.launch", "--standalone", "--nproc-per-node=2",
+                          "--",
                           "upscale", "in.png", "--scale", "0.5"], capture_output=True, text=True, env=ENV,
                          cwd=tmp_path, timeout=120)
     assert res.returncode == 2, res.stderr
-    assert res.stderr.strip() == "error: --scale must be greater than 1, got 0.5"  # rank 0's line, nothing else
-    res = subprocess.run([sys.executable, "-m", "infdit_cli.launch", "upscale", "in.png"], capture_output=True,
-                         text=True, env=ENV, cwd=tmp_path, timeout=60)
+    # rank 0's line, nothing else
+    assert res.stderr.strip() == "error: --scale must be greater than 1, got 0.5"
+    res = subprocess.run([sys.executable, "-m", "infdit_cli.launch", "upscale", "in.png"],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
     assert res.returncode == 2 and res.stderr.startswith("error: give torchrun's options, then --")
 
 
@@ -242,11 +254,13 @@ def _long_job(tmp_path: Path, tiny_weights: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "infdit_cli.launch", "--standalone", "--nproc-per-node=2", "--", "upscale",
            str(src), "-o", str(tmp_path / "out.png"), "--scale", "4", "--steps", "50", "--device", "cpu",
            "--weights", str(tiny_weights), "--block-batch", "2", "-q", "--no-checkpoint"]
-    return subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def _signal_after(p: subprocess.Popen, after: float, send) -> tuple[str, float]:
-    """`send()` (a signal) `after` seconds into the job `p`: (its stderr, seconds from the signal to its end)."""
+    """`send()` (a signal) `after` seconds into the job `p`: (its stderr, seconds from the signal to its
+    end)."""
     try:
         time.sleep(after)
         assert p.poll() is None
@@ -287,7 +301,8 @@ def test_one_ranks_own_error_ends_the_job_at_once_with_its_line(tmp_path, tiny_w
     start = time.monotonic()
     res = launcher("upscale", str(src), "-o", str(tmp_path / "out.png"), "--scale", "4", "--steps", "3",
                    "--device", "cpu", "--weights", str(tiny_weights), "--block-batch", "2", "-q",
-                   entry=str(HERE / "fault_cli.py"), fault="disk", cwd=tmp_path, env={"INFDIT_RANK_TIMEOUT": "300"})
+                   entry=str(HERE / "fault_cli.py"), fault="disk", cwd=tmp_path,
+                   env={"INFDIT_RANK_TIMEOUT": "300"})
     took = time.monotonic() - start
     assert res.returncode == 1, res.stderr[-2000:]
     assert json.loads(res.stdout.splitlines()[0]) == {"0": 1, "1": 1}
@@ -322,6 +337,7 @@ def test_sigterm_to_one_rank_alone_ends_the_job_with_one_line(tmp_path, tiny_wei
     err, took = _signal_after(p, 8.0, lambda: os.kill(rank1, signal.SIGTERM))  # sampling by then
     assert p.returncode == 143, err[-2000:]
     lines = [line for line in err.splitlines() if line.strip()]
-    assert lines in (["error: rank 1 was terminated by SIGTERM"], ["error: terminated by SIGTERM"]), err[-2000:]
+    assert lines in (["error: rank 1 was terminated by SIGTERM"],
+                     ["error: terminated by SIGTERM"]), err[-2000:]
     assert took < 20, took
     assert sorted(q.name for q in tmp_path.iterdir()) == ["big.png"]

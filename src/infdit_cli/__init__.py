@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_EXPORTS = {"InfDiTConfig": "config", "ModelConfig": "config", "BlockEngine": "engine", "denoise": "engine",
-            "InfDiT": "model", "UpscaleOptions": "pipeline", "upscale": "pipeline", "Upscaler": "upscaler",
+_EXPORTS = {"InfDiTConfig": "config", "BlockEngine": "engine", "denoise": "engine", "InfDiT": "model",
+            "UpscaleOptions": "pipeline", "upscale": "pipeline", "Upscaler": "upscaler",
             "UpscaleResult": "upscaler", "load_model": "weights"}
-__all__ = sorted(_EXPORTS)
+__all__ = ["BlockEngine", "InfDiT", "InfDiTConfig", "UpscaleOptions", "UpscaleResult", "Upscaler", "denoise",
+           "load_model", "upscale"]  # = sorted(_EXPORTS), written out for readers and linters
 
 if TYPE_CHECKING:
-    from .config import InfDiTConfig, ModelConfig
+    from .config import InfDiTConfig
     from .engine import BlockEngine, denoise
     from .model import InfDiT
     from .pipeline import UpscaleOptions, upscale

@@ -17,8 +17,9 @@ __all__ = ["neighbour_index", "gather_keys", "block_attention", "cross_attention
 
 
 def neighbour_index(gh: int, gw: int, has_left: bool, has_top: bool) -> torch.Tensor:
-    """Where each block's 4 key segments come from, for `gather_keys`: (Gh*Gw*4,) indices, per block (row-major)
-    its [self, top-left, left, top] (the official segment order), into a rectangle's key table laid out as
+    """Where each block's 4 key segments come from, for `gather_keys`: (Gh*Gw*4,) indices, per block
+    (row-major) its [self, top-left, left, top] (the official segment order), into a rectangle's key table
+    laid out as
 
         [the rectangle's Gh*Gw blocks (row-major) | the block column left of it (Gh) | the row above (Gw + 1)]
 

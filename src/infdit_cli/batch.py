@@ -95,7 +95,8 @@ def plan_batch(root: Path, out_root: Path, *, recursive: bool = False, glob: str
         natural[src] = dst if dst.suffix.lower() in SUFFIXES else dst.with_suffix(".png")
     claims: dict[str, list[Path]] = {}
     for src, dst in natural.items():
-        claims.setdefault(str(dst).casefold(), []).append(src)  # casefold: outputs may land on a FAT/APFS disk
+        # casefold: outputs may land on a FAT/APFS disk
+        claims.setdefault(str(dst).casefold(), []).append(src)
     final = dict(natural)
     for srcs in claims.values():
         if len(srcs) > 1:
@@ -151,8 +152,8 @@ def run_batch(upscaler, root: Path, out_root: Path, *, res: str | None, scale: f
 
     `items` is a `plan_batch` result to run (planned here when None). Only KeyboardInterrupt and
     SystemExit stop the batch; the file being written then leaves no output behind, only its run folder
-    when checkpoints are on (`checkpoint`, `resume`, `depth`: as `Upscaler.upscale_file`), so a re-run skips the
-    finished files and continues that one from its last step.
+    when checkpoints are on (`checkpoint`, `resume`, `depth`: as `Upscaler.upscale_file`), so a re-run skips
+    the finished files and continues that one from its last step.
     """
     if items is None:
         items = plan_batch(root, out_root, recursive=recursive, glob=glob, overwrite=overwrite)
@@ -183,8 +184,8 @@ def _run_one(upscaler, item: BatchItem, *, res, scale, quality, overwrite, max_p
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         result = upscaler.upscale_file(src, dst, res=res, scale=scale, quality=quality, overwrite=overwrite,
-                                       max_pixels=max_pixels, on_event=emit, checkpoint=checkpoint, resume=resume,
-                                       depth=depth)
+                                       max_pixels=max_pixels, on_event=emit, checkpoint=checkpoint,
+                                       resume=resume, depth=depth)
         item.status, item.seconds = "done", result.seconds
     except Exception as e:  # noqa: BLE001 - one bad file never stops the rest, whatever it raises
         item.status, item.reason = "failed", _error_text(e)

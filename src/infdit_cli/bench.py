@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .meter import host_status, reset_host_peak, rss, sync, timed
 from .planner import flops_per_call
+from .settings import settings
 from .units import format_seconds
 
 __all__ = ["CallSpec", "CallMeasurement", "BenchRow", "Skipped", "measure", "time_pair", "run_bench",
@@ -116,37 +118,6 @@ def measure(spec: CallSpec, timeout: float = 1800) -> CallMeasurement:
     return CallMeasurement(spec=spec, **data)
 
 
-def _status(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field}")
-
-
-def _rss() -> int:
-    return _status("VmRSS")
-
-
-def _reset_host_peak() -> bool:
-    """Give the heap's free memory back (glibc `malloc_trim`) and reset the peak RSS (`VmHWM`) to the
-    RSS now; False where the kernel does not allow it (then the peak since the process began counts)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _setup(spec: CallSpec):
     """The model and seeded inputs one worker process measures: (model, x, lr_up, image)."""
     from .config import PRESETS
@@ -156,7 +127,8 @@ def _setup(spec: CallSpec):
     if spec.threads:
         torch.set_num_threads(spec.threads)
     dtype, dev = getattr(torch, spec.dtype), torch.device(spec.device)
-    model = load_model(spec.weights, device=dev, dtype=dtype, clip_tower=fetch_clip_tower) if spec.weights else \
+    model = load_model(spec.weights, device=dev, dtype=dtype,
+                       clip_tower=fetch_clip_tower) if spec.weights else \
         random_model(PRESETS[spec.config], seed=0, device=dev, dtype=dtype)
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
@@ -166,11 +138,6 @@ def _setup(spec: CallSpec):
     lr = torch.randn(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=gen)
     image = (lr.to(dev), torch.randn(1, cfg.vector_dim, generator=gen))  # per-image conditioning: lr, vector
     return model, x.to(dev), lr_up.to(dev), image
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _engine(model, lr_up: torch.Tensor, image, spec: CallSpec):
@@ -188,21 +155,17 @@ def _build(model, lr_up: torch.Tensor, image, spec: CallSpec, batch: int):
     faulted in as the calls write them, as in a real pass: the peak RSS counts the slots a pass uses, not
     the whole slab (at 512², n=2 a pass writes about half of its 10 slots)."""
     dev = model.device
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     engine = _engine(model, lr_up, image, spec)
     engine.prepare(batch)
-    _sync(dev)
+    sync(dev)
     return engine, time.perf_counter() - t0
 
 
 def _call(engine, x: torch.Tensor, out: torch.Tensor) -> float:
     """Seconds for one denoiser call on a prepared engine (synchronised on CUDA)."""
-    _sync(x.device)
-    t0 = time.perf_counter()
-    engine(x, 2.0, out)
-    _sync(x.device)
-    return time.perf_counter() - t0
+    return timed(lambda: engine(x, 2.0, out), x.device)
 
 
 def _time_puts(engine, batch: int) -> tuple[float | None, int]:
@@ -219,14 +182,14 @@ def _time_puts(engine, batch: int) -> tuple[float | None, int]:
     k = torch.randn(entry, device=dev).to(engine.model.dtype)
     v = torch.randn(entry, device=dev).to(engine.model.dtype)
     cache.clear()
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     for i in range(puts):
         if i and i % cache.slots == 0:
             cache.clear()
         for layer in range(cfg.num_layers):
             cache.put((i, 0), layer, k, v)
-    _sync(dev)
+    sync(dev)
     seconds = time.perf_counter() - t0
     cache.clear()
     return seconds, puts * cfg.num_layers * 2 * k.numel() * k.element_size()
@@ -248,15 +211,16 @@ def _measure_here(spec: CallSpec) -> dict:
         warm, _ = _build(model, lr_up, image, spec, b)
         _call(warm, x, torch.empty(x.shape, dtype=torch.float32))  # warm-up: pages the kernels' code in
         del warm  # the measured engine below makes its own cache and buffers, inside the measured peak
-        hwm = _reset_host_peak()
-        before = _rss()
+        hwm = reset_host_peak()
+        before = rss()
         engine, setup = _build(model, lr_up, image, spec, b)
-        out = torch.zeros(x.shape, dtype=torch.float32)  # (the per-pass work buffers come with the first call)
+        # (the per-pass work buffers come with the first call)
+        out = torch.zeros(x.shape, dtype=torch.float32)
     times = [_call(engine, x, out) for _ in range(spec.repeats)]
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - before
     elif hwm:
-        peak = _status("VmHWM") - before
+        peak = host_status("VmHWM") - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     put_seconds, put_bytes = _time_puts(engine, b)
@@ -270,11 +234,13 @@ def _measure_here(spec: CallSpec) -> dict:
                 put_seconds=put_seconds, put_bytes=put_bytes)
 
 
-def time_pair(block: CallSpec, whole: CallSpec, rounds: int = 3, timeout: float = 1800) -> tuple[float, float]:
+def time_pair(block: CallSpec, whole: CallSpec, rounds: int = 3, timeout: float = 1800
+              ) -> tuple[float, float]:
     """Median seconds per call of `block` and `whole`, alternated in one fresh process (same model, same
     inputs, same machine state), so their ratio is not at the mercy of a noisy neighbour between runs.
     Each mode's engine and cache are built once, before the warm-up round."""
-    line = _child([json.dumps(asdict(block)), json.dumps(asdict(whole)), str(rounds)], timeout, "paired timing")
+    line = _child([json.dumps(asdict(block)), json.dumps(asdict(whole)), str(rounds)], timeout,
+                  "paired timing")
     a, b = json.loads(line)
     return a, b
 
@@ -424,7 +390,7 @@ def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dt
 
 def _die_with_parent() -> None:
     """Linux: the kernel kills this worker when the `infdit bench` that started it dies, however it dies."""
-    parent = os.environ.get("INFDIT_BENCH_PARENT")
+    parent = settings().bench_parent
     if parent is None:
         return
     try:

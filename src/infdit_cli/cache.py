@@ -11,24 +11,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .files import atomic_write
+from .settings import settings
+
 __all__ = ["cache_root", "url_dir", "Record", "read_record", "write_record", "file_lock", "verified_sha256",
            "sha256_file", "same_digest"]
 
-CACHE_ENV = "INFDIT_CACHE"
 MODEL_FILE = "model.safetensors"
 RECORD_FILE = "model.json"
 
 
 def cache_root() -> Path:
     """`$INFDIT_CACHE`, else `$HF_HOME/infdit` (HF_HOME as huggingface_hub resolves it)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+    if settings().cache:
+        return Path(settings().cache).expanduser()
     from huggingface_hub import constants
 
     return Path(constants.HF_HOME).expanduser() / "infdit"
@@ -79,12 +79,9 @@ def read_record(path: Path) -> Record | None:
 
 
 def write_record(path: Path, record: Record) -> None:
-    """Atomically (temporary file, then rename), so a reader sees the old record or the new one."""
+    """Atomically (`files.atomic_write`), so a reader sees the old record or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(record), f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(asdict(record), indent=1), mode=0o600)
 
 
 def verified_sha256(path: Path) -> str:
@@ -100,7 +97,8 @@ def verified_sha256(path: Path) -> str:
     st = real.stat()
     digest = sha256_file(real)
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        write_record(rec_path, Record(sha256=digest, size=st.st_size, mtime_ns=st.st_mtime_ns, source=str(real)))
+        write_record(rec_path,
+                     Record(sha256=digest, size=st.st_size, mtime_ns=st.st_mtime_ns, source=str(real)))
     return digest
 
 

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .cache import cache_root
+from .files import atomic_write
+from .meter import sync
 from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
 
 __all__ = ["calibration", "measure_rates", "device_key", "observe", "busy", "CALIBRATION_FILE"]
@@ -74,7 +75,8 @@ def calibration(cfg, device: torch.device | str, dtype: torch.dtype, *, refresh:
             return Rates(**table[key], source="measured")
         rates = measure_rates(cfg, device, dtype)
         if rates.steady:  # taken while other work shared the machine: used now, measured again next run
-            table[key] = {"flops": rates.flops, "op_seconds": rates.op_seconds, "copy_bytes": rates.copy_bytes}
+            table[key] = {"flops": rates.flops, "op_seconds": rates.op_seconds,
+                          "copy_bytes": rates.copy_bytes}
             _write(path, table)
         return rates
     finally:
@@ -101,8 +103,8 @@ def measure_rates(cfg, device: torch.device, dtype: torch.dtype) -> Rates:
                      steady=steady)
 
 
-def observe(cfg, device: torch.device | str, dtype: torch.dtype, rates: Rates, predicted: float, measured: float,
-            calls: int) -> Rates | None:
+def observe(cfg, device: torch.device | str, dtype: torch.dtype, rates: Rates, predicted: float,
+            measured: float, calls: int) -> Rates | None:
     """A job's own calls correct the cached calibration: `measured` seconds per call over `calls` steady
     calls against the `predicted` per call (by `rates`) scale every rate by their ratio (the prediction is
     linear in 1/flops, op_seconds and 1/copy_bytes), and the cache keeps the result. Nothing when the job
@@ -131,11 +133,6 @@ def busy() -> bool:
         return False
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _warm(device: torch.device, dtype: torch.dtype, seconds: float = WARM_SECONDS) -> None:
     """GEMMs for about `seconds`: a GPU leaves its idle clocks and cuBLAS has chosen its kernels, a CPU's
     cores are awake, before anything is timed (three cold GEMMs read a card well below its rate)."""
@@ -146,7 +143,7 @@ def _warm(device: torch.device, dtype: torch.dtype, seconds: float = WARM_SECOND
     while time.perf_counter() - start < seconds:
         for _ in range(4):
             torch.mm(a, b, out=c)  # the same operands every time: no overflow, no denormals
-        _sync(device)
+        sync(device)
 
 
 def _best(fn, device: torch.device, runs: int, spend: float = 0.3, warm: bool = True) -> float:
@@ -156,7 +153,7 @@ def _best(fn, device: torch.device, runs: int, spend: float = 0.3, warm: bool = 
     its stream."""
     if warm:
         fn()  # warm-up: kernels chosen, memory allocated
-        _sync(device)
+        sync(device)
     best, count, start = math.inf, 0, time.perf_counter()
     while count < runs or (time.perf_counter() - start < spend and count < 2000):
         if device.type == "cuda":
@@ -208,7 +205,8 @@ def _chunk(cfg, device: torch.device, dtype: torch.dtype):
 
     def run() -> None:
         h.copy_(h0)  # the residual stream is updated in place: the same numbers every run
-        model.layer_qkv(1, h[:, :, c], step, (rope[0][:, c], rope[1][:, c]), out=(qf[:, :, c], kf[:, :, c], vf[:, :, c]))
+        model.layer_qkv(1, h[:, :, c], step, (rope[0][:, c], rope[1][:, c]),
+                        out=(qf[:, :, c], kf[:, :, c], vf[:, :, c]))
         kc = gather_keys(ktab, index, model.re_pos_embed[1], out=kg).unsqueeze(1)
         vc = gather_keys(vtab, index, out=vg).unsqueeze(1)
         model.layer_out(1, h[:, :, c], qf[:, :, c], kc, vc, step, None)
@@ -264,16 +262,9 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, table: dict) -> None:
-    """Atomically (a temporary file renamed over it); nothing when the folder cannot be written."""
+    """Atomically (`files.atomic_write`); nothing when the folder cannot be written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".calibration-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(table, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, json.dumps(table, indent=1, sort_keys=True), mode=0o600)
     except OSError:
         pass

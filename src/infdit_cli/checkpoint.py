@@ -37,9 +37,10 @@ import torch
 
 from .errors import Busy, DiskFull, NonFinite, UnsafePath, no_space
 from .storage import SafeFolder, allocate
+from .units import row_chunks
 
-__all__ = ["RunFolder", "Saved", "run_folder_for", "describe", "weights_identity", "model_identity", "fingerprint",
-           "FORMAT", "output_lock"]
+__all__ = ["RunFolder", "Saved", "run_folder_for", "summary", "weights_identity", "model_identity",
+           "fingerprint", "FORMAT", "output_lock"]
 
 FORMAT = 2  # 2: sha256 per tensor file, SafeFolder marker
 CHUNK_BYTES = 64 * 2**20  # rows per write/read: about this many bytes
@@ -97,7 +98,8 @@ def fingerprint(*, input_sha256: str, weights: str, up_plan, options, dtype: tor
     }
 
 
-_WHAT = {"input": "the input file changed", "weights": "the weights changed", "version": "another infdit version"}
+_WHAT = {"input": "the input file changed", "weights": "the weights changed",
+         "version": "another infdit version"}
 KIND = "run folder"
 _FILE = re.compile(r"(x\.p\d+\.s\d+|input\.p\d+|p\d+_heun(_host)?_(x|x2|d|den))\.bin")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -194,7 +196,8 @@ class RunFolder:
         if old != self.fingerprint:
             for k, v in self.fingerprint.items():
                 if old.get(k) != v:
-                    return None, _WHAT.get(k) or f"made with other options ({k} {_show(old.get(k))} -> {_show(v)})"
+                    return None, _WHAT.get(k) or (f"made with other options "
+                                                  f"({k} {_show(old.get(k))} -> {_show(v)})")
             return None, "made with other options"
         fp = self.fingerprint
         passes, steps = len(fp["passes"]), fp["steps"]
@@ -227,8 +230,8 @@ class RunFolder:
         except RuntimeError:
             raise _Damaged("bad generator state") from None
         self._meta = meta
-        return Saved(p, passes, step, steps, float(at), x_file, x_shape, x_dtype, in_file, in_shape, in_dtype, rng,
-                     safe), None
+        return Saved(p, passes, step, steps, float(at), x_file, x_shape, x_dtype, in_file, in_shape, in_dtype,
+                     rng, safe), None
 
     def _check(self, entry, what: str, shape: tuple[int, ...], header: bytes) -> tuple[Path, torch.dtype]:
         """The file of a meta.json entry, after checking the entry, the file's size, sha256 and values."""
@@ -291,7 +294,8 @@ class RunFolder:
             name = f"x.p{pass_}.s{step}.bin"
             digest = write_tensor(safe, name, x, header, where=(pass_, step))
             written = x.numel() * x.element_size()
-        meta = {"format": FORMAT, "fingerprint": self.fingerprint, "pass": pass_, "passes": passes, "step": step,
+        meta = {"format": FORMAT, "fingerprint": self.fingerprint, "pass": pass_, "passes": passes,
+                "step": step,
                 "steps": steps, "saved_at": time.time(), "x": _entry(name, x, digest), "input": input_entry,
                 "rng": bytes(rng.tolist()).hex()}
         safe.write("meta.json", json.dumps(meta).encode(), "a checkpoint")
@@ -361,7 +365,7 @@ class RunFolder:
         return "" if m is None else f"pass {m['pass']}/{m['passes']}, step {m['step']}/{m['steps']}"
 
 
-def describe(path: str | Path) -> tuple[str, int] | None:
+def summary(path: str | Path) -> tuple[str, int] | None:
     """(`pass 1/2, step 3/20`, bytes on disk) of the run folder at `path`, or None if it holds no checkpoint
     (or is not infdit's own folder: nothing is read through a link)."""
     try:
@@ -567,9 +571,7 @@ def _entry(name: str, x: torch.Tensor, digest: str) -> dict:
 
 def _rows(x: torch.Tensor) -> list[slice]:
     h = x.shape[-2] if x.dim() >= 2 else 1
-    row = max(1, x.numel() // max(1, h) * x.element_size())
-    step = max(1, CHUNK_BYTES // row)
-    return [slice(r, min(r + step, h)) for r in range(0, h, step)]
+    return row_chunks(h, x.numel() // max(1, h) * x.element_size(), CHUNK_BYTES)
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -578,7 +580,8 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 
 def _finite(part: torch.Tensor, pass_: int, step: int) -> None:
     if not bool(torch.isfinite(part).all()):
-        raise NonFinite(f"the sampler state holds NaN or Inf after pass {pass_} step {step} (broken weights or "
+        raise NonFinite(f"the sampler state holds NaN or Inf after pass {pass_} step {step} "
+                        f"(broken weights or "
                         "an unstable dtype); nothing was written")
 
 
@@ -628,3 +631,6 @@ def read_tensor(safe: SafeFolder, name: str, into: torch.Tensor) -> None:
                 raise ValueError(f"{name} is shorter than its header says")
             if host is not part:
                 part.copy_(host)
+
+
+describe = summary  # until cli/upscale.py and cli/batch.py call `summary` (removed at the merge)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-__all__ = ["ClipConfig", "InfDiTConfig", "ModelConfig", "PRESETS"]
+__all__ = ["ClipConfig", "InfDiTConfig", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,9 @@ class InfDiTConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "", {"hidden_size": 16384, "num_layers": 256, "num_heads": 1024, "patch_size": 64,
-                                 "in_channels": 64, "out_channels": 64, "block_size": 4096, "vector_dim": 16384,
-                                 "sr_scale": 16, "lr_patch_size": 64, "rope_table_size": 65536,
-                                 "mlp_ratio": 64, "time_channels": 16384})
+                                 "in_channels": 64, "out_channels": 64, "block_size": 4096,
+                                 "vector_dim": 16384, "sr_scale": 16, "lr_patch_size": 64,
+                                 "rope_table_size": 65536, "mlp_ratio": 64, "time_channels": 16384})
         for name in ("layernorm_eps", "sigma_data"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e6):
@@ -77,7 +77,8 @@ class InfDiTConfig:
         if self.head_dim % 4:
             raise ValueError(f"head dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
         if self.block_size % self.patch_size:
-            raise ValueError(f"block_size {self.block_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(f"block_size {self.block_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
         if self.block_size % (self.sr_scale * self.lr_patch_size):
             raise ValueError("block_size must be a multiple of sr_scale * lr_patch_size")
         if self.clip is not None and self.clip.embed_dim != self.vector_dim:
@@ -120,8 +121,6 @@ class InfDiTConfig:
     def with_(self, **changes: object) -> InfDiTConfig:
         return replace(self, **changes)
 
-
-ModelConfig = InfDiTConfig  # the name the issue tracker uses
 
 
 PRESETS: dict[str, InfDiTConfig] = {

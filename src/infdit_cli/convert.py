@@ -19,6 +19,7 @@ import torch
 from .config import ClipConfig, InfDiTConfig
 from .errors import ConvertError
 from .layers import rope_frequencies
+from .units import few
 
 __all__ = ["convert_checkpoint", "map_state_dict", "infer_config", "ConvertResult", "KEY_MAP", "CONVERTER"]
 
@@ -69,12 +70,12 @@ class ConvertResult:
     dropped: list[str]
 
 
-def map_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def map_state_dict(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename official keys to ours. Returns (mapped, dropped); unknown keys raise `ConvertError`."""
     mapped: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     unknown: list[str] = []
-    for key, tensor in sd.items():
+    for key, tensor in tensors.items():
         if any(re.fullmatch(p, key) for p in DROPPED):
             dropped.append(key)
             continue
@@ -86,70 +87,65 @@ def map_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         else:
             unknown.append(key)
     if unknown:
-        raise ConvertError(f"not an Inf-DiT checkpoint: unknown key(s) {_few(unknown)}")
+        raise ConvertError(f"not an Inf-DiT checkpoint: unknown key(s) {few(unknown)}")
     return mapped, sorted(dropped)
 
 
-def _few(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def _need(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in sd:
+def _need(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in tensors:
         raise ConvertError(f"not an Inf-DiT checkpoint: missing key {key}")
-    return sd[key]
+    return tensors[key]
 
 
-def infer_config(sd: dict[str, torch.Tensor], clip_head_width: int = 64) -> InfDiTConfig:
+def infer_config(tensors: dict[str, torch.Tensor], clip_head_width: int = 64) -> InfDiTConfig:
     """Every hyper-parameter from official tensor shapes (keys in the official naming).
 
     Raises:
         ConvertError: a tensor is missing, or the shapes make no valid config (zero or absurd sizes).
     """
     try:
-        return _infer_config(sd, clip_head_width)
+        return _infer_config(tensors, clip_head_width)
     except (ZeroDivisionError, ValueError, IndexError) as e:
         raise ConvertError(f"not an Inf-DiT checkpoint: {' '.join(str(e).split())[:200]}") from None
 
 
-def _infer_config(sd: dict[str, torch.Tensor], clip_head_width: int) -> InfDiTConfig:
-    patch_w = _need(sd, "mixins.patch_embed.proj.weight")  # (D, in, p, p)
+def _infer_config(tensors: dict[str, torch.Tensor], clip_head_width: int) -> InfDiTConfig:
+    patch_w = _need(tensors, "mixins.patch_embed.proj.weight")  # (D, in, p, p)
     hidden, in_ch, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[2]
-    layers = len({int(m.group(1)) for k in sd if (m := re.match(r"transformer\.layers\.(\d+)\.", k))})
-    head_dim = _need(sd, _A + "q_layer_norm.0.weight").shape[0]
-    bt = math.isqrt(_need(sd, _A + "lr_query_position_embedding").shape[1])
-    lr_patch = _need(sd, _A + "proj_lr.weight").shape[-1]
-    lr_block = math.isqrt(_need(sd, _A + "lr_key_position_embedding").shape[1]) // 3
+    layers = len({int(m.group(1)) for k in tensors if (m := re.match(r"transformer\.layers\.(\d+)\.", k))})
+    head_dim = _need(tensors, _A + "q_layer_norm.0.weight").shape[0]
+    bt = math.isqrt(_need(tensors, _A + "lr_query_position_embedding").shape[1])
+    lr_patch = _need(tensors, _A + "proj_lr.weight").shape[-1]
+    lr_block = math.isqrt(_need(tensors, _A + "lr_key_position_embedding").shape[1]) // 3
     block_size = bt * patch
-    final_out = _need(sd, "mixins.final_layer.linear.weight").shape[0]
+    final_out = _need(tensors, "mixins.final_layer.linear.weight").shape[0]
     cfg = dict(
         hidden_size=hidden, num_layers=layers, num_heads=hidden // head_dim, patch_size=patch,
         in_channels=in_ch, out_channels=final_out // patch**2, block_size=block_size,
-        vector_dim=_need(sd, "cond_embed.map_vector.0.weight").shape[1],
+        vector_dim=_need(tensors, "cond_embed.map_vector.0.weight").shape[1],
         sr_scale=block_size // (lr_block * lr_patch), lr_patch_size=lr_patch,
-        rope_table_size=_need(sd, _A + "rope.freqs_cos").shape[0],
-        mlp_ratio=_need(sd, "transformer.layers.0.mlp.dense_h_to_4h.weight").shape[0] // hidden,
-        time_channels=_need(sd, "time_embed.mlp.0.weight").shape[1],
+        rope_table_size=_need(tensors, _A + "rope.freqs_cos").shape[0],
+        mlp_ratio=_need(tensors, "transformer.layers.0.mlp.dense_h_to_4h.weight").shape[0] // hidden,
+        time_channels=_need(tensors, "time_embed.mlp.0.weight").shape[1],
     )
     clip = None
-    if any(k.startswith("image_encoder.model.visual.") for k in sd):
+    if any(k.startswith("image_encoder.model.visual.") for k in tensors):
         v = "image_encoder.model.visual."
-        conv = _need(sd, v + "conv1.weight")  # (width, 3, p, p)
+        conv = _need(tensors, v + "conv1.weight")  # (width, 3, p, p)
         width, cpatch = conv.shape[0], conv.shape[-1]
-        grid = math.isqrt(_need(sd, v + "positional_embedding").shape[0] - 1)
+        grid = math.isqrt(_need(tensors, v + "positional_embedding").shape[0] - 1)
         clip = dict(
-            embed_dim=_need(sd, v + "proj").shape[1], width=width,
-            layers=len({k.split(".")[5] for k in sd if k.startswith(v + "transformer.resblocks.")}),
+            embed_dim=_need(tensors, v + "proj").shape[1], width=width,
+            layers=len({k.split(".")[5] for k in tensors if k.startswith(v + "transformer.resblocks.")}),
             head_width=clip_head_width, patch_size=cpatch, image_size=grid * cpatch,
-            mlp_ratio=_need(sd, v + "transformer.resblocks.0.mlp.c_fc.weight").shape[0] / width,
+            mlp_ratio=_need(tensors, v + "transformer.resblocks.0.mlp.c_fc.weight").shape[0] / width,
         )
     return InfDiTConfig(**cfg, clip=ClipConfig(**clip) if clip is not None else None)
 
 
-def _check_rope_table(sd: dict[str, torch.Tensor], cfg: InfDiTConfig) -> None:
+def _check_rope_table(tensors: dict[str, torch.Tensor], cfg: InfDiTConfig) -> None:
     """The stored RoPE table must be the one we recompute, or our positions would differ."""
-    table = sd[_A + "rope.freqs_cos"].float()
+    table = tensors[_A + "rope.freqs_cos"].float()
     r = cfg.rope_table_size
     if table.shape != (r, r, cfg.head_dim):
         raise ConvertError(f"RoPE table shape {tuple(table.shape)} != ({r}, {r}, {cfg.head_dim})")
@@ -181,7 +177,8 @@ def convert_checkpoint(path: str | Path, *, clip_head_width: int = 64) -> Conver
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-pickles, truncation and foreign classes
-        if "weights_only" in str(e) or "Weights only" in str(e):  # torch's advice to unpickle anyway: not ours
+        # torch's advice to unpickle anyway: not ours
+        if "weights_only" in str(e) or "Weights only" in str(e):
             what = ("holds objects other than tensors, which infdit never unpickles" if _is_checkpoint(path)
                     else "is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
             raise ConvertError(f"cannot read {path}: it {what}") from None
@@ -189,12 +186,12 @@ def convert_checkpoint(path: str | Path, *, clip_head_width: int = 64) -> Conver
         raise ConvertError(f"cannot read {path} as a PyTorch checkpoint: {first}") from None
     if not isinstance(obj, dict) or "module" not in obj or not isinstance(obj["module"], dict):
         raise ConvertError(f'{path} is not an official Inf-DiT checkpoint: no {{"module": state_dict}} in it')
-    sd = obj["module"]
-    if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in sd.items()):
+    tensors = obj["module"]
+    if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
         raise ConvertError(f"{path}: 'module' is not a state dict of tensors")
-    cfg = infer_config(sd, clip_head_width=clip_head_width)
-    _check_rope_table(sd, cfg)
-    mapped, dropped = map_state_dict(sd)
+    cfg = infer_config(tensors, clip_head_width=clip_head_width)
+    _check_rope_table(tensors, cfg)
+    mapped, dropped = map_state_dict(tensors)
     mapped = {k: t.contiguous() for k, t in mapped.items()}
     check_state_dict(mapped, cfg, error=ConvertError)
     return ConvertResult(config=cfg, tensors=mapped, dropped=dropped)

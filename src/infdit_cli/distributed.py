@@ -19,8 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "shard", "broadcast", "gather",
-           "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT",
+from .files import atomic_write
+from .settings import Settings, settings
+
+__all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "shard", "broadcast",
+           "gather", "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT",
            "ExitRecord", "STOP_CODES", "write_exit_code", "read_exit_codes", "another_rank_failed"]
 
 TIMEOUT_DEFAULT = 600.0  # seconds a collective or a receive waits for the other ranks (NCCL's own default)
@@ -43,11 +46,11 @@ class World:
 
 def world_from_env(env: dict[str, str] | None = None) -> World:
     """This process's place in the job, from torchrun's variables (one process when they are absent)."""
-    env = os.environ if env is None else env
-    if "WORLD_SIZE" not in env or "RANK" not in env:
+    s = settings() if env is None else Settings.read(env)
+    if s.world_size is None or s.rank is None:
         return World()
-    size, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
-    local = int(env.get("LOCAL_RANK", rank))
+    size, rank = int(s.world_size), int(s.rank)
+    local = int(s.local_rank) if s.local_rank is not None else rank
     if not 0 <= rank < size:
         raise ValueError(f"RANK={rank} outside WORLD_SIZE={size}")
     return World(rank, size, local)
@@ -65,8 +68,7 @@ def timeout_seconds(env: dict[str, str] | None = None) -> float:
     """How long a rank waits for the others in a collective or a receive: `INFDIT_RANK_TIMEOUT` seconds
     (default `TIMEOUT_DEFAULT`). A rank that died makes the others fail after at most this long (on gloo
     usually at once: the dead peer's sockets close)."""
-    env = os.environ if env is None else env
-    text = env.get("INFDIT_RANK_TIMEOUT", "")
+    text = (settings() if env is None else Settings.read(env)).rank_timeout
     try:
         value = float(text) if text else TIMEOUT_DEFAULT
     except ValueError:
@@ -135,7 +137,8 @@ def agree_plan(world: World):
         dist.all_gather_object(every, [p.memory for p in up_plan.passes])
         if any(len(plans) != len(up_plan.passes) for plans in every):  # same input and options: never
             raise RuntimeError("the ranks planned different numbers of passes")
-        passes = [replace(p, memory=leanest([plans[i] for plans in every])) for i, p in enumerate(up_plan.passes)]
+        passes = [replace(p, memory=leanest([plans[i] for plans in every]))
+                  for i, p in enumerate(up_plan.passes)]
         return replace(up_plan, passes=passes)
 
     return agree
@@ -159,15 +162,12 @@ def write_exit_code(code: int, *, after: bool = False, said: bool = False, env: 
                     ) -> None:
     """Under `infdit_cli.launch`: this rank's `ExitRecord` into `$INFDIT_EXIT_FILE.RANK`, where the launcher
     reads it after torchrun ends (torchrun itself only says 0 or 1). Nothing otherwise; never raises."""
-    env = os.environ if env is None else env
-    path = env.get("INFDIT_EXIT_FILE")
-    if not path:
+    s = settings() if env is None else Settings.read(env)
+    if not s.exit_file:
         return
-    final = f"{path}.{env.get('RANK', '0')}"
+    final = f"{s.exit_file}.{s.rank if s.rank is not None else '0'}"
     try:  # whole or absent: another rank may be reading it now (`another_rank_failed`)
-        with open(final + ".tmp", "w") as f:
-            f.write(f"{int(code)} {'after' if after else 'own'} {'said' if said else 'silent'}\n")
-        os.replace(final + ".tmp", final)
+        atomic_write(final, f"{int(code)} {'after' if after else 'own'} {'said' if said else 'silent'}\n")
     except OSError:
         pass
 
@@ -197,8 +197,8 @@ def another_rank_failed(*, stops: bool, wait: float = 0.0, env: dict[str, str] |
     """Under `infdit_cli.launch`: whether another rank has recorded a failure of its own (non-zero, not
     `after` one; a stop by a signal counts where `stops`), looking for up to `wait` seconds (a peer that
     failed first may still be reporting when this rank meets the closed connection)."""
-    env = os.environ if env is None else env
-    base, me = env.get("INFDIT_EXIT_FILE"), env.get("RANK", "0")
+    s = settings() if env is None else Settings.read(env)
+    base, me = s.exit_file, s.rank if s.rank is not None else "0"
     if not base:
         return False
     end = time.monotonic() + wait
@@ -239,10 +239,10 @@ def _cpu_barrier(dist) -> None:
 
 def teardown(clean: bool = True) -> None:
     """Leave the process group. `clean` (this rank's work ended normally): every rank reaches the end before
-    any leaves (gloo fails a peer still receiving from one gone early), at the CPU backend's barrier. Otherwise at once: after an error or
-    a signal this rank may be mid-exchange, and a barrier could pair with a peer's unfinished receive and
-    hold both until torchrun kills them or INFDIT_RANK_TIMEOUT passes; the peers meet the closed
-    connections and fail at once."""
+    any leaves (gloo fails a peer still receiving from one gone early), at the CPU backend's barrier.
+    Otherwise at once: after an error or a signal this rank may be mid-exchange, and a barrier could pair with
+    a peer's unfinished receive and hold both until torchrun kills them or INFDIT_RANK_TIMEOUT passes; the
+    peers meet the closed connections and fail at once."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

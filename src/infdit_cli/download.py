@@ -23,13 +23,14 @@ from pathlib import Path
 from . import cache
 from .errors import ChecksumMismatch, ConvertError, DownloadError, InvalidReference, WeightsError
 from .events import BytesDone, Notice
+from .settings import settings
 from .units import format_bytes
 
 __all__ = ["fetch_url", "download_checkpoint", "cached_checkpoint", "Downloaded", "check_url", "check_sha256"]
 
 # Connect and per-read, seconds; an unreachable host fails within this, once. INFDIT_DOWNLOAD_TIMEOUT for a
 # slow link (or a test of a stalled one).
-TIMEOUT_S = float(os.environ.get("INFDIT_DOWNLOAD_TIMEOUT") or 10.0)
+TIMEOUT_S = float(settings().download_timeout or 10.0)
 ATTEMPTS = 4  # a connection lost mid-transfer is resumed this many times before giving up
 CHUNK = 1 << 20
 OnEvent = Callable[[object], None] | None
@@ -94,12 +95,13 @@ def _open(url: str, start: int, timeout: float):
         reason = getattr(e.reason, "strerror", None) or str(e.reason)
         raise DownloadError(f"cannot reach {host}: {reason}; check the connection, or pass a local file "
                             f"with --weights FILE") from None
-    except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
         raise DownloadError(f"cannot reach {host}: {e or type(e).__name__}") from None
 
 
 def _range_start(resp) -> int | None:
-    """Where a 206 answer's bytes start (`Content-Range: bytes START-END/TOTAL`), or None if it does not say."""
+    """Where a 206 answer's bytes start (`Content-Range: bytes START-END/TOTAL`), or None if it does not
+    say."""
     import re
 
     m = re.match(r"\s*bytes\s+(\d+)-", resp.headers.get("Content-Range") or "")
@@ -143,7 +145,8 @@ def fetch_url(url: str, dest: Path, *, sha256: str | None = None, on_event: OnEv
                 continue
         with resp:
             if "text/html" in (resp.headers.get("Content-Type") or ""):
-                raise DownloadError(f"{url} answered with a web page, not a checkpoint file (the link may have "
+                raise DownloadError(f"{url} answered with a web page, not a checkpoint file "
+                                    f"(the link may have "
                                     f"expired or need a browser)")
             length = resp.headers.get("Content-Length")
             total = done + int(length) if length and length.isdigit() else None

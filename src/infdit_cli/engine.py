@@ -581,7 +581,8 @@ class BlockEngine:
                     puts.start()
                     with puts.on():
                         for r, cc in later:
-                            cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0], v[:, r - rect.r0, cc - rect.c0])
+                            cache.put((r, cc), i, k[:, r - rect.r0, cc - rect.c0],
+                                      v[:, r - rect.r0, cc - rect.c0])
                     cache.mark([cache.index[b] for b in later], puts.finish())
                 self.neighbours.layer_done(rect, i, cache)
                 for tab, left, top in ((ktab, left_k, top_k), (vtab, left_v, top_v)):
@@ -620,7 +621,8 @@ class BlockEngine:
         key = (b, t, dtype, device)
         if self._buf_key is None or self._buf_key[0] != key or self._buf_key[1] < entries:
             self._bufs = self._chunk_bufs = None  # free the old ones first
-            self._bufs = tuple(torch.empty((b, entries, t, *heads), dtype=dtype, device=device) for _ in range(3))
+            self._bufs = tuple(torch.empty((b, entries, t, *heads), dtype=dtype,
+                                           device=device) for _ in range(3))
             self._chunk_bufs = {}
             self._buf_key = (key, entries)
         return self._bufs

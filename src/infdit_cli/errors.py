@@ -27,7 +27,7 @@ __all__ = [
     "DiskFull",
     "DiskTooSmall",
     "NonFinite",
-    "describe",
+    "explain",
     "lost_contact",
     "signal_name",
     "stopped_by",
@@ -166,7 +166,8 @@ def signal_name(signum: int) -> str:
 
 
 def stopped_by(signum: int) -> str:
-    """A stop by `signum` as the one-line error says it: "interrupted" (SIGINT), else "terminated by SIGTERM"."""
+    """A stop by `signum` as the one-line error says it: "interrupted" (SIGINT), else "terminated by
+    SIGTERM"."""
     return "interrupted" if signum == 2 else f"terminated by {signal_name(signum)}"
 
 
@@ -176,7 +177,7 @@ def lost_contact(exc: BaseException) -> bool:
         type(exc) is RuntimeError and "gloo/transport" in str(exc))  # gloo: a peer gone or timed out
 
 
-def describe(exc: BaseException) -> tuple[str, int]:
+def explain(exc: BaseException) -> tuple[str, int]:
     """Any exception as (one line for the user, exit code): the CLI's error funnel and the server's JSON
     errors say the same thing."""
     # Order matters: subclasses before their bases.
@@ -205,3 +206,6 @@ def describe(exc: BaseException) -> tuple[str, int]:
 def no_space(exc: BaseException) -> bool:
     """A write refused for want of space: the disk is full (ENOSPC) or the user's quota is (EDQUOT)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+describe = explain  # until serve/app.py and serve/jobs.py call `explain` (removed at the merge)

@@ -140,7 +140,8 @@ class Resumed:
 
 @dataclass(frozen=True)
 class CheckpointDiscarded:
-    """The run folder `path` was not used (`reason`: other input, weights or options, or damaged) and removed."""
+    """The run folder `path` was not used (`reason`: other input, weights or options, or damaged) and
+    removed."""
 
     path: str
     reason: str

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from . import cache
 from .download import Downloaded, cached_checkpoint, check_sha256, check_url, download_checkpoint
 from .errors import ChecksumMismatch, HubError, InvalidReference, WeightsError, WeightsNotFound
 from .events import Notice
+from .settings import settings
 
 __all__ = ["ModelSpec", "registry", "resolve_weights", "download", "parse_reference", "sha256_file",
            "packaged_file", "DEFAULT_MODEL", "fetch_clip_tower", "Downloaded", "is_url", "download_command"]
@@ -73,7 +73,8 @@ class ModelSpec:
         if self.repo_id is not None and (not isinstance(self.repo_id, str) or self.repo_id.count("/") != 1
                                          or not all(_NAME.fullmatch(p) for p in self.repo_id.split("/"))):
             raise ValueError(f"repo_id {str(self.repo_id)[:80]!r} is not a Hub repo id")
-        if self.release_url is not None and not (isinstance(self.release_url, str) and is_url(self.release_url)):
+        url = self.release_url
+        if url is not None and not (isinstance(url, str) and is_url(url)):
             raise ValueError("release_url must be an http(s) URL")
         if not isinstance(self.clip_head_width, int) or not 1 <= self.clip_head_width <= 16384:
             raise ValueError("clip_head_width must be an integer from 1 to 16384")
@@ -84,11 +85,12 @@ class ModelSpec:
 def _manifest_files() -> list[tuple[str, str]]:
     """(where, JSON text) of every manifest: $INFDIT_REGISTRY first, then the packaged ones."""
     out = []
-    if os.environ.get(REGISTRY_ENV):
-        d = Path(os.environ[REGISTRY_ENV])
+    if settings().registry:
+        d = Path(settings().registry)
         out += [(str(f), f.read_text()) for f in sorted(d.glob("*.json"))] if d.is_dir() else []
     pkg = resources.files("infdit_cli.registry")
-    out += [(f"infdit_cli/registry/{f.name}", f.read_text()) for f in sorted(pkg.iterdir(), key=lambda f: f.name)
+    out += [(f"infdit_cli/registry/{f.name}", f.read_text())
+            for f in sorted(pkg.iterdir(), key=lambda f: f.name)
             if f.name.endswith(".json")]
     return out
 
@@ -163,18 +165,18 @@ def parse_reference(text: str) -> tuple[str, str | None, str | None]:
 def _offline(offline: bool | None) -> bool:
     if offline is not None:
         return offline
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return settings().hub_offline
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def _repo_for(name: str, spec: ModelSpec, repo: str | None) -> str | None:
-    return repo or (os.environ.get(REPO_ENV) if name == DEFAULT_MODEL else None) or spec.repo_id
+    return repo or (settings().repo if name == DEFAULT_MODEL else None) or spec.repo_id
 
 
-def resolve_weights(weights: str | Path | None = None, *, repo: str | None = None, revision: str | None = None,
-                    offline: bool | None = None, token: str | bool | None = None,
+def resolve_weights(weights: str | Path | None = None, *, repo: str | None = None,
+                    revision: str | None = None, offline: bool | None = None, token: str | bool | None = None,
                     cache_dir: str | Path | None = None, tqdm_class=None) -> Path:
     """A local path to the weights `weights` names, downloading Hub files into the HF cache if needed.
 
@@ -191,7 +193,7 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
         HubError: the Hub could not be reached (and nothing is cached), or answered 401/404.
         ChecksumMismatch: the file's sha256 differs from the manifest's (the cached copy is removed).
     """
-    weights = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL
+    weights = weights if weights is not None else settings().weights or DEFAULT_MODEL
     text = str(weights)
     if is_url(text):
         hit = cached_checkpoint(check_url(text))
@@ -213,8 +215,8 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
         hit = cached_checkpoint(spec.release_url) if spec.release_url else None
         if repo_id:
             try:
-                return _download(repo_id, spec.filename, revision or spec.revision, spec.sha256, offline, token,
-                                 cache_dir, tqdm_class)
+                return _download(repo_id, spec.filename, revision or spec.revision, spec.sha256, offline,
+                                 token, cache_dir, tqdm_class)
             except HubError:
                 if hit is None:
                     raise
@@ -226,8 +228,8 @@ def resolve_weights(weights: str | Path | None = None, *, repo: str | None = Non
     if "/" not in text:
         raise InvalidReference(f"unknown model {text!r} (known: {', '.join(sorted(known))}) and no such file")
     repo_id, filename, rev = parse_reference(text)
-    return _download(repo_id, filename or "model.safetensors", revision or rev, None, offline, token, cache_dir,
-                     tqdm_class)
+    return _download(repo_id, filename or "model.safetensors", revision or rev, None, offline, token,
+                     cache_dir, tqdm_class)
 
 
 def download(source: str | None = None, *, repo: str | None = None, revision: str | None = None,
@@ -268,8 +270,8 @@ def download(source: str | None = None, *, repo: str | None = None, revision: st
     repo_id = _repo_for(text, spec, repo)
     if repo_id:
         try:
-            return _from_hub(repo_id, spec.filename, revision or spec.revision, sha256 or spec.sha256, offline,
-                             token, tqdm_class, f"{repo_id}/{spec.filename}")
+            return _from_hub(repo_id, spec.filename, revision or spec.revision, sha256 or spec.sha256,
+                             offline, token, tqdm_class, f"{repo_id}/{spec.filename}")
         except HubError as e:
             if not spec.release_url:
                 raise
@@ -288,7 +290,8 @@ def _from_release(url, sha256, clip_head_width, keep, offline, on_event) -> Down
         if hit is None:
             raise HubError(f"{url} is not in the cache and offline mode is on; run the command while online")
         return hit
-    return download_checkpoint(url, sha256=sha256, clip_head_width=clip_head_width, keep=keep, on_event=on_event)
+    return download_checkpoint(url, sha256=sha256, clip_head_width=clip_head_width, keep=keep,
+                               on_event=on_event)
 
 
 def _from_hub(repo_id, filename, revision, sha256, offline, token, tqdm_class, what) -> Downloaded:
@@ -336,7 +339,8 @@ def _download(repo_id: str, filename: str, revision: str | None, sha256: str | N
             raise HubError(f"{what} is not in the HF cache and offline mode is on; run `infdit download` "
                            f"while online, or pass --weights FILE") from None
         raise HubError(f"could not reach the Hub at {_endpoint()} and {what} is not cached; "
-                       f"pass a local file with --weights FILE, or download it first and use --offline") from None
+                       f"pass a local file with --weights FILE, "
+                       f"or download it first and use --offline") from None
     except HFValidationError as e:
         raise InvalidReference(f"not a valid Hub reference {what!r}: {str(e).splitlines()[0]}") from None
     except HfHubHTTPError as e:
@@ -400,7 +404,8 @@ def fetch_clip_tower(vector_dim: int, *, offline: bool | None = None, token: str
 
     spec = registry().get(CLIP_MODEL)
     if spec is None or not spec.repo_id:
-        raise WeightsError(f"this weights file has no CLIP vision tower and no {CLIP_MODEL} manifest is known")
+        raise WeightsError(f"this weights file has no CLIP vision tower "
+                           f"and no {CLIP_MODEL} manifest is known")
     cfg = ClipConfig(**(spec.clip_config or {}))
     if cfg.embed_dim != vector_dim:
         raise WeightsError(f"{CLIP_MODEL} gives {cfg.embed_dim}-d vectors; this model expects {vector_dim}")

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import (BadImage, BadRequest, DiskFull, InfditError, OutputError, OutputExists, TooManyPixels,
-                     no_space)
+from .errors import (
+    BadImage,
+    BadRequest,
+    DiskFull,
+    InfditError,
+    OutputError,
+    OutputExists,
+    TooManyPixels,
+    no_space,
+)
+from .files import atomic_write
 from .metadata import ORIENTATION, read_dpi, read_exif
+from .units import row_chunks
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
            "resize", "SUFFIXES", "MAX_SIDE", "check_format_size", "is_infdit_output", "PROVENANCE"]
@@ -134,7 +143,8 @@ def _open(path: Path, max_pixels: int | None, *, load: bool):
             if load:
                 im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise TooManyPixels(f"{path} has more than {max_pixels} pixels; raise --max-pixels if it is trusted") from None
+        raise TooManyPixels(f"{path} has more than {max_pixels} pixels; "
+                            f"raise --max-pixels if it is trusted") from None
     except UnidentifiedImageError:
         kind = _sniff(path)
         if kind is not None:  # the start of a known format: a damaged file, not a foreign one
@@ -256,7 +266,8 @@ def _load_image(path: str | Path, max_pixels: int | None) -> LoadedImage:
     mode = im.mode
     deep = (mode in ("RGB", "RGBA", "LA") and ";16" in rawmode and fmt == "PNG") or deep_tiff
     if mode in ("RGB", "RGBA") and ";16" in rawmode and not deep:
-        notices.append(f"{name}: 16-bit RGB is read as 8-bit (Pillow holds no 16-bit RGB); the output is 8-bit")
+        notices.append(f"{name}: 16-bit RGB is read as 8-bit (Pillow holds no 16-bit RGB); "
+                       f"the output is 8-bit")
 
     gray, bits, alpha = False, 8, None
     try:
@@ -563,7 +574,8 @@ def _orient(a, orientation: int):
 
 
 def _cmyk_to_rgb(im, icc: bytes | None):
-    """Through the file's ICC profile to sRGB where there is one (what a viewer shows), else Pillow's formula."""
+    """Through the file's ICC profile to sRGB where there is one (what a viewer shows), else Pillow's
+    formula."""
     if icc:
         try:
             import io
@@ -672,19 +684,6 @@ def check_output(path: Path, overwrite: bool) -> str:
     return fmt
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # no other way to read it; set back at once
-    os.umask(mask)
-    return mask
-
-
 def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | None = None, gray: bool = False,
                bits: int = 8, icc: bytes | None = None, exif: bytes | None = None,
                dpi: tuple[float, float] | None = None, quality: int = 95, overwrite: bool = False) -> Path:
@@ -737,19 +736,15 @@ def save_image(path: str | Path, rgb: torch.Tensor, *, alpha: torch.Tensor | Non
 
 
 def _atomic(path: Path, fmt: str, overwrite: bool, write) -> Path:
-    """`write(tmp)` into a temporary file beside `path`, then rename it into place."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".part", dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any tool's
+    """`write(tmp)` into a temporary file beside `path`, then rename it into place (`files.atomic_write`)."""
+    def checked(tmp: str) -> None:
         write(tmp)
         if os.path.lexists(path) and not overwrite:  # appeared while we computed (a dangling link too)
             raise OutputExists(f"{path} exists; pass --overwrite to replace it")
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, checked)  # the umask's permissions: outputs are shared like any tool's
     except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         if no_space(e):  # the folder, not the temporary name
             raise DiskFull(f"no space left in {path.parent} for {path.name}") from None
         raise
@@ -760,7 +755,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     import struct
     import zlib
 
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I",
+                                                                    zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
 def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
@@ -774,18 +770,18 @@ def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
     h, w = rgb.shape[-2:]
     c = (1 if gray else 3) + (alpha is not None)
     arr = np.empty((h, w, c), np.uint16)
-    step = max(1, 2**22 // (c * w))  # a few rows at a time: no float copy of the whole image
-    for r in range(0, h, step):
-        part = rgb[0, :, r : r + step].clamp(0, 1)
+    for r in row_chunks(h, c * w, 2**22):  # a few rows at a time: no float copy of the whole image
+        part = rgb[0, :, r].clamp(0, 1)
         planes = [part[0] * 0.299 + part[1] * 0.587 + part[2] * 0.114] if gray else list(part)
         if alpha is not None:
-            planes.append(alpha[0, 0, r : r + step].clamp(0, 1))
-        arr[r : r + step] = (torch.stack(planes, -1) * 65535).round().numpy().astype(np.uint16)
+            planes.append(alpha[0, 0, r].clamp(0, 1))
+        arr[r] = (torch.stack(planes, -1) * 65535).round().numpy().astype(np.uint16)
     if fmt == "PNG":
         import png
 
         buf = io.BytesIO()
-        png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16).write_array(buf, arr.reshape(-1))
+        png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16).write_array(buf,
+                                                                                            arr.reshape(-1))
         data = buf.getvalue()
         extra = b""
         if icc:
@@ -793,7 +789,8 @@ def _save16(tmp: str, fmt: str, rgb, alpha, gray: bool, icc, exif, dpi) -> None:
         if dpi is not None:
             import struct
 
-            extra += _png_chunk(b"pHYs", struct.pack(">IIB", round(dpi[0] / 0.0254), round(dpi[1] / 0.0254), 1))
+            extra += _png_chunk(b"pHYs",
+                                struct.pack(">IIB", round(dpi[0] / 0.0254), round(dpi[1] / 0.0254), 1))
         extra += _png_chunk(b"eXIf", _with_provenance(exif))
         at = 8 + 25  # after the signature and IHDR (13 bytes of data + 12)
         with open(tmp, "wb") as f:
@@ -827,7 +824,6 @@ def _to_uint8(rgb: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
     (at 16384^2 each would be 3 GiB)."""
     h, w = rgb.shape[-2:]
     out = torch.empty(h, w, 3, dtype=torch.uint8)
-    step = max(1, chunk // (3 * w))
-    for r in range(0, h, step):
-        out[r : r + step] = (rgb[0, :, r : r + step].permute(1, 2, 0).clamp(0, 1) * 255).round()
+    for r in row_chunks(h, 3 * w, chunk):
+        out[r] = (rgb[0, :, r].permute(1, 2, 0).clamp(0, 1) * 255).round()
     return out

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .errors import signal_name, stopped_by
+from .settings import settings
 
 if TYPE_CHECKING:  # the launcher imports torch only after its signal handlers are in place
     from .distributed import ExitRecord
@@ -88,14 +89,14 @@ def unreported(records: dict[int, ExitRecord], killed: dict[int, int], signum: i
 def _quiet_torchrun() -> None:
     """torchrun's loggers (rendezvous, 'Setting OMP_NUM_THREADS', 'failed (exitcode: 2)'): errors only
     in INFDIT_DEBUG, nothing otherwise; the ranks say what went wrong."""
-    level = logging.ERROR if os.environ.get("INFDIT_DEBUG") else logging.CRITICAL + 1
+    level = logging.ERROR if settings().debug else logging.CRITICAL + 1
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(level)
 
 
-def launch(torchrun_args: Sequence[str], command: Sequence[str], *, entry: Sequence[str] = ("-m", "infdit_cli")
-           ) -> int:
+def launch(torchrun_args: Sequence[str], command: Sequence[str], *,
+           entry: Sequence[str] = ("-m", "infdit_cli")) -> int:
     """Run torchrun with `torchrun_args` on `entry` (`-m infdit_cli`, or a script) with `command`; the
     job's exit code (`job_code`)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException

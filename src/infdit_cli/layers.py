@@ -18,7 +18,8 @@ __all__ = [
 ]
 
 
-def timestep_embedding(c_noise: torch.Tensor, channels: int = 192, max_positions: int = 10000) -> torch.Tensor:
+def timestep_embedding(c_noise: torch.Tensor, channels: int = 192,
+                       max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of EDM's c_noise, [cos, sin] halves (`dit/embeddings.py` `TimeEmbedding`)."""
     half = channels // 2
     freqs = torch.arange(half, dtype=torch.float32, device=c_noise.device) / half

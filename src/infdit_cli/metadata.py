@@ -115,7 +115,8 @@ def read_dpi(info: dict, name: str, notices: list[str]) -> tuple[float, float] |
     if dpi is None:
         return None
     try:
-        if isinstance(dpi, (tuple, list)) and len(dpi) == 2 and not any(isinstance(v, (str, bytes)) for v in dpi):
+        if (isinstance(dpi, (tuple, list)) and len(dpi) == 2
+                and not any(isinstance(v, (str, bytes)) for v in dpi)):
             x, y = (float(v) for v in dpi)
             if all(math.isfinite(v) and v > 0 for v in (x, y)):
                 return x, y

@@ -10,6 +10,7 @@ result is cropped back: no input pixel is ever cropped away.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,18 +18,19 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .checkpoint import RunFolder, Saved
 from .engine import BlockEngine, pad_to_blocks, release_cached
 from .errors import BadRequest, NonFinite, OutOfMemory
-from .checkpoint import RunFolder, Saved
 from .events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from .images import resize
 from .planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
 from .planner import replan as planner_replan
 from .sampling import HeunState, edm_sigmas, sample_heun
 from .storage import Scratch, reclaim_stale
-from .units import format_bytes, format_seconds
+from .units import format_bytes, format_seconds, row_chunks
 
-__all__ = ["UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale", "target_size",
+__all__ = ["checkpoint_by_default", "UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale",
+           "target_size",
            "color_fix", "Upsampled", "pass_inputs", "predicted_seconds", "gpu_seconds", "preview_image",
            "disk_need", "check_disk", "plan_lines", "plan_json"]
 
@@ -75,7 +77,8 @@ class UpscalePlan:
         return sum(p.seconds for p in self.passes)
 
 
-def target_size(size: tuple[int, int], *, res: str | None = None, scale: float | None = None) -> tuple[int, int]:
+def target_size(size: tuple[int, int], *, res: str | None = None, scale: float | None = None
+                ) -> tuple[int, int]:
     """(H, W) from `--res 4096` (long side, aspect kept), `--res 3840x2160` (W x H) or `--scale 2.5`."""
     h, w = size
     if (res is None) == (scale is None):
@@ -85,14 +88,16 @@ def target_size(size: tuple[int, int], *, res: str | None = None, scale: float |
         if not (scale > 1 and math.isfinite(scale)):
             raise BadRequest(f"--scale must be greater than 1, got {scale:.4g}")
         if max(h, w) * scale > MAX_OUTPUT_SIDE + 0.5:  # before any rounding: 1e308 would overflow it
-            raise BadRequest(f"--scale {scale:.4g} makes {w}x{h} {w * scale:.4g}x{h * scale:.4g}, which {too_big}")
+            raise BadRequest(f"--scale {scale:.4g} makes {w}x{h} {w * scale:.4g}x{h * scale:.4g}, "
+                             f"which {too_big}")
         out = (round(h * scale), round(w * scale))
     else:
         text = res.lower().strip()
         try:
             sides = [int(v) for v in text.split("x")]
         except ValueError:
-            raise BadRequest(f"--res must be a long side like 4096 or WxH like 3840x2160, got {res!r}") from None
+            raise BadRequest(f"--res must be a long side like 4096 or WxH like 3840x2160, "
+                             f"got {res!r}") from None
         if len(sides) > 2:
             raise BadRequest(f"--res must be a long side like 4096 or WxH like 3840x2160, got {res!r}")
         if max(sides) > MAX_OUTPUT_SIDE:
@@ -105,7 +110,8 @@ def target_size(size: tuple[int, int], *, res: str | None = None, scale: float |
     if min(out) < 1:
         raise BadRequest(f"target size {out[1]}x{out[0]} is empty")
     if out[0] <= h and out[1] <= w:
-        raise BadRequest(f"target {out[1]}x{out[0]} is not larger than the input {w}x{h}; infdit only upscales")
+        raise BadRequest(f"target {out[1]}x{out[0]} is not larger than the input {w}x{h}; "
+                         f"infdit only upscales")
     if max(out) > MAX_OUTPUT_SIDE:
         raise BadRequest(f"target {out[1]}x{out[0]} exceeds {MAX_OUTPUT_SIDE} px per side")
     return out
@@ -144,12 +150,21 @@ def plan_upscale(cfg, input_size: tuple[int, int], target: tuple[int, int], opti
                    host_budget=options.host_budget, low_memory=options.low_memory, scale=s,
                    weights_file_dtype=weights_file_dtype, rates=rates, ranks=ranks)
         calls = 2 * options.steps - 1
-        passes.append(Pass(s, size, (size[0] * s, size[1] * s), padded_out, mem, calls * mem.seconds_per_call))
+        passes.append(Pass(s, size, (size[0] * s, size[1] * s), padded_out, mem,
+                           calls * mem.seconds_per_call))
         size = (size[0] * s, size[1] * s)
     return UpscalePlan(input_size, target, passes, options.steps, resample=size != tuple(target))
 
 
 CHECKPOINT_AFTER = 300.0  # seconds: checkpoints are on by default when a job is predicted to take longer
+
+
+def checkpoint_by_default(run_folder: str | os.PathLike, seconds: float) -> bool:
+    """Whether a job told neither --checkpoint nor --no-checkpoint keeps one: its run folder is there (an
+    interrupted run to resume), or it is predicted to take more than `CHECKPOINT_AFTER` seconds."""
+    return os.path.lexists(run_folder) or seconds > CHECKPOINT_AFTER
+
+
 SLOW_ON_CPU = 3600.0  # seconds: a CPU job predicted to take longer says what a GPU would take
 
 
@@ -195,8 +210,8 @@ def check_disk(folder, need: dict[str, int], refuse: bool = True) -> int | None:
     except OSError:
         return None
     if need["total_bytes"] > free and refuse:
-        parts = [f"{what} {format_bytes(need[k])}" for what, k in (("scratch", "scratch_bytes"),
-                                                                    ("checkpoints", "checkpoint_bytes")) if need[k]]
+        kinds = (("scratch", "scratch_bytes"), ("checkpoints", "checkpoint_bytes"))
+        parts = [f"{what} {format_bytes(need[k])}" for what, k in kinds if need[k]]
         raise DiskTooSmall(f"not enough disk in {folder}: the job needs {format_bytes(need['total_bytes'])} "
                            f"({', '.join(parts)}), {format_bytes(free)} is free; free some space, write the "
                            "output elsewhere, or drop --low-memory/--checkpoint")
@@ -217,9 +232,9 @@ def color_fix(out: torch.Tensor, ref, method: str) -> torch.Tensor:
     if method == "adain":
         ref = ref[..., :, :].to(out.device)  # (an `Upsampled` computes itself)
         dims = (-2, -1)
-        mu_o, sd_o = out.mean(dims, keepdim=True), out.std(dims, keepdim=True).clamp_min(1e-6)
-        mu_r, sd_r = ref.mean(dims, keepdim=True), ref.std(dims, keepdim=True)
-        return ((out - mu_o) / sd_o * sd_r + mu_r).clamp(-1, 1)
+        mu_o, std_o = out.mean(dims, keepdim=True), out.std(dims, keepdim=True).clamp_min(1e-6)
+        mu_r, std_r = ref.mean(dims, keepdim=True), ref.std(dims, keepdim=True)
+        return ((out - mu_o) / std_o * std_r + mu_r).clamp(-1, 1)
     raise BadRequest(f"unknown --color-fix {method!r}; use none, wavelet or adain")
 
 
@@ -254,7 +269,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
             generator: torch.Generator | None = None, on_event: Callable[[object], None] | None = None,
             scratch_dir: str | None = None, fault=None, run: RunFolder | None = None,
             on_preview: Callable[[torch.Tensor], None] | None = None, engine=None) -> torch.Tensor:
-    """Upscale `rgb` (1, 3, h, w) in [0, 1] to `up_plan.target_size`; returns (1, 3, H, W) in [0, 1] on the host.
+    """Upscale `rgb` (1, 3, h, w) in [0, 1] to `up_plan.target_size`; returns (1, 3, H, W) in [0, 1] on the
+    host.
 
     Noise is drawn on the CPU from `generator` (seeded from `options.seed` when None), so the same seed gives
     the same image whatever n, cache placement or device. A placement learned from running out of memory
@@ -300,7 +316,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
         if saved.input_file is not None:
             x = saved.read_input()  # in the dtype the previous pass returned it: the same arithmetic
         if on_event is not None:
-            on_event(Resumed(saved.pass_, saved.passes, saved.step, saved.steps, saved.saved_at, str(run.path)))
+            on_event(Resumed(saved.pass_, saved.passes, saved.step, saved.steps, saved.saved_at,
+                             str(run.path)))
     learned: Placement | None = None
     ok = False
     try:
@@ -313,7 +330,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
                                       placement.cache_on_host or learned.cache_on_host,
                                       placement.state_on_host or learned.state_on_host)
             if on_event is not None:
-                on_event(PassStarted(i + 1, len(up_plan.passes), p, None if p.memory.whole_image else placement.n))
+                on_event(PassStarted(i + 1, len(up_plan.passes), p,
+                                     None if p.memory.whole_image else placement.n))
             ckpt = None
             if run is not None:
                 ckpt = _Checkpointer(run, i + 1, len(up_plan.passes), x if i > 0 else None,
@@ -335,7 +353,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
         return x.clamp_(-1, 1).add_(1).div_(2)
     finally:
         if scratch is not None:  # the last checkpoint's files stay until the output is written
-            scratch.close(keep=() if run is None else tuple(n.removesuffix(".bin") for n in run.committed_files()))
+            kept = () if run is None else tuple(n.removesuffix(".bin") for n in run.committed_files())
+            scratch.close(keep=kept)
         if run is not None and not ok:
             run.tidy()
 
@@ -343,8 +362,8 @@ def upscale(model, rgb: torch.Tensor, up_plan: UpscalePlan, options: UpscaleOpti
 class _Checkpointer:
     """Saves one pass's steps to a run folder and knows where that pass resumes."""
 
-    def __init__(self, run: RunFolder, pass_: int, passes: int, lr_in: torch.Tensor | None, saved: Saved | None,
-                 on_event) -> None:
+    def __init__(self, run: RunFolder, pass_: int, passes: int, lr_in: torch.Tensor | None,
+                 saved: Saved | None, on_event) -> None:
         self.run, self.pass_, self.passes, self.on_event = run, pass_, passes, on_event
         self.saved = saved
         self.lr_in = lr_in
@@ -359,8 +378,8 @@ class _Checkpointer:
         if st.names is not None and st.scratch is not None and st.scratch.path == self.run.path:
             st.scratch.flush(st.names["x"])
             mapped_file = st.scratch.file(st.names["x"])
-        nbytes = self.run.save(self.pass_, self.passes, step, steps, st.x, rng=rng, input_entry=self.input_entry,
-                               mapped_file=mapped_file)
+        nbytes = self.run.save(self.pass_, self.passes, step, steps, st.x, rng=rng,
+                               input_entry=self.input_entry, mapped_file=mapped_file)
         if self.on_event is not None:
             self.on_event(CheckpointWritten(self.pass_, self.passes, step, steps, nbytes,
                                             self.run.last_write_seconds, str(self.run.path)))
@@ -377,9 +396,8 @@ def preview_image(den: torch.Tensor, size: tuple[int, int], side: int = PREVIEW_
     f = max(1, -(-max(h, w) // side))
     oh, ow = max(1, h // f), max(1, w // f)
     out = torch.empty(den.shape[0], 3, oh, ow)
-    rows = max(1, (32 * 2**20) // max(1, 3 * 4 * w * f))  # output rows per chunk
-    for r in range(0, oh, rows):
-        r1 = min(r + rows, oh)
+    for rows in row_chunks(oh, 3 * 4 * w * f, 32 * 2**20):  # output rows: f float32 RGB input rows each
+        r, r1 = rows.start, rows.stop
         part = den[..., r * f : r1 * f, : ow * f].float().cpu()
         out[..., r:r1, :] = torch.nn.functional.avg_pool2d(part, f) if f > 1 else part
     return out.clamp_(-1, 1).add_(1).div_(2)
@@ -411,8 +429,7 @@ class Upsampled:
 
 
 def _rows(h: int, w: int, budget: int = 32 * 2**20) -> list[slice]:
-    step = max(1, budget // max(1, 3 * 4 * w))
-    return [slice(r, min(r + step, h)) for r in range(0, h, step)]
+    return row_chunks(h, 3 * 4 * w, budget)  # float32 RGB rows
 
 
 def pass_inputs(lr_in: torch.Tensor, scale: int, cfg) -> tuple[torch.Tensor, Upsampled, torch.Tensor]:
@@ -452,7 +469,8 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
     reuse = (saved.x_file.stem,) if saved is not None and scratch is not None else ()
     st = HeunState.allocate(shape, sdtype, state_dev, scratch, prefix=prefix, reuse=reuse)
     done = 0
-    if saved is not None:  # resume: x at step `saved.step`, and the generator as it was after this pass's noise
+    # resume: x at step `saved.step`, and the generator as it was after this pass's noise
+    if saved is not None:
         if tuple(saved.x_shape) != shape:
             raise ValueError(f"checkpoint x is {saved.x_shape}, this pass needs {shape}")
         if st.names is not None and saved.x_file.stem == st.names["x2"]:
@@ -571,7 +589,8 @@ def plan_lines(plan: UpscalePlan, device: str, dtype: str, gpu: float | None = N
                + "".join(f"{w}, " for w in where)
                + f"predicted peak {format_bytes(mem.estimate.device_peak)} {device}, "
                + f"{format_bytes(mem.estimate.host_peak)} host, {format_seconds(p.seconds)}")
-        lines.append(f"  pass {i}: {p.scale}x {p.in_size[1]}x{p.in_size[0]} -> {p.out_size[1]}x{p.out_size[0]} "
+        lines.append(f"  pass {i}: {p.scale}x {p.in_size[1]}x{p.in_size[0]} "
+                     f"-> {p.out_size[1]}x{p.out_size[0]} "
                      f"(canvas {p.padded_out[1]}x{p.padded_out[0]}); {how}")
     if plan.resample:
         last = plan.passes[-1].out_size

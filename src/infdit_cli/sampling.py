@@ -17,6 +17,7 @@ import torch
 
 from .events import StepDone
 from .storage import Scratch
+from .units import row_chunks
 
 __all__ = ["edm_sigmas", "sample_heun", "HeunState"]
 
@@ -68,7 +69,8 @@ class HeunState:
         if self.names is not None:
             self.names["x"], self.names["x2"] = self.names["x2"], self.names["x"]
 
-    def to(self, device: torch.device | str, scratch: Scratch | None = None, *, prefix: str = "heun") -> HeunState:
+    def to(self, device: torch.device | str, scratch: Scratch | None = None, *,
+           prefix: str = "heun") -> HeunState:
         """The same state on another device (only x is copied: the rest is scratch between steps)."""
         new = HeunState.allocate(tuple(self.x.shape), self.x.dtype, device, scratch, prefix=prefix)
         new.x.copy_(self.x)
@@ -79,9 +81,7 @@ class HeunState:
         h = self.x.shape[-2]
         if self.scratch is None or not self.scratch.mapped:
             return [slice(0, h)]
-        row = max(1, self.x[..., :1, :].numel() * self.x.element_size())
-        step = max(1, CHUNK_BYTES // row)
-        return [slice(r, min(r + step, h)) for r in range(0, h, step)]
+        return row_chunks(h, self.x[..., :1, :].numel() * self.x.element_size(), CHUNK_BYTES)
 
     def trim(self) -> None:
         if self.scratch is not None:
@@ -97,7 +97,8 @@ def _accepts_out(fn: Callable) -> bool:
 
 def sample_heun(denoise: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, *,
                 callback: Callable[[StepDone], None] | None = None, state: HeunState | None = None,
-                start: int = 0, on_denoised: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                start: int = 0,
+                on_denoised: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Implements Algorithm 2 (Heun steps, deterministic) from Karras et al. (2022).
 
     Args:
@@ -133,7 +134,8 @@ def sample_heun(denoise: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: t
 
     st = state
     s_in = st.x.new_ones(st.x.shape[0], dtype=torch.float32)
-    sigmas = sigmas.to(st.x.device, torch.float32)  # float32 also for a bf16 state: sigmas and steps unrounded
+    # float32 also for a bf16 state: sigmas and steps unrounded
+    sigmas = sigmas.to(st.x.device, torch.float32)
     steps = len(sigmas) - 1
     calls = 2 * start - (1 if start == steps else 0)
     for i in range(start, steps):

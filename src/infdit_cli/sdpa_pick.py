@@ -19,6 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .meter import sync
+
 __all__ = ["BACKENDS", "measure_backends", "choice"]
 
 BACKENDS = ("flash", "cudnn", "efficient")
@@ -29,11 +31,6 @@ def _backend(name: str):
 
     return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,14 +79,14 @@ def measure_backends(device: torch.device | str, *, batch: int = 16, heads: int 
         try:
             with sdpa_kernel(_backend(name)):
                 o = F.scaled_dot_product_attention(q, k, v)  # warm-up, and the accuracy sample
-                _sync(device)
+                sync(device)
                 row["rms"] = _rms(o, ref)
                 calls, t0 = 0, time.perf_counter()
                 while True:
                     F.scaled_dot_product_attention(q, k, v)
                     calls += 1
                     if calls % 4 == 0 or device.type != "cuda":
-                        _sync(device)
+                        sync(device)
                         if time.perf_counter() - t0 >= per:
                             break
                 sec = (time.perf_counter() - t0) / calls

@@ -37,6 +37,7 @@ import torch
 
 from .errors import BadRequest
 from .events import CheckDone, CheckStarted
+from .meter import host_status, reset_host_peak, rss, timed
 from .units import format_bytes
 
 __all__ = ["Check", "SelftestReport", "Profile", "CUDA_PROFILE", "TOY_PROFILE", "Fixtures", "find_fixtures",
@@ -100,9 +101,10 @@ class Profile:
 CUDA_PROFILE = Profile("cuda", 3e-5, (640, 640), "official", "bfloat16", 8 * 2**30, (1024, 2048, 4096), 8192,
                        (1024, 2048), (4096, 16384), 3, process_s=15.0, call_s=0.05, compile_s=120.0)
 # The toy budget makes the plan n = 2 at 512² and n = 1 at 768², where a steady call's peak RSS tracks the
-# planner: -6 % and +3 % (`benchmarks/memory_vs_plan.py`, docs/benchmarks.md, which also has whole-image rows).
-TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 220 * 2**20, (512, 768), None, (256,), (64, 256),
-                      1, process_s=5.0, call_s=0.15, compile_s=0.0)
+# planner: -6 % and +3 % (`benchmarks/memory_vs_plan.py`, docs/benchmarks.md, which also has whole-image
+# rows).
+TOY_PROFILE = Profile("toy", 1e-5, (256, 640), "small", "float32", 220 * 2**20, (512, 768), None, (256,),
+                      (64, 256), 1, process_s=5.0, call_s=0.15, compile_s=0.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -142,23 +144,10 @@ def _prefetch_disabled():
         engine_mod._Prefetch = real
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def _prepare(engine, device: torch.device) -> float:
     """Seconds to allocate the engine's K/V slab (and page-lock it: a host cache next to a CUDA model),
     once, before any timed call."""
-    return _timed(engine.prepare, device)
+    return timed(engine.prepare, device)
 
 
 def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
@@ -171,7 +160,8 @@ def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
     if cache is None:
         return None, 0
     layers = cache.slab.shape[1]
-    puts = sum(len(r.blocks_needed_later()) for r in plan_batches(g.gh, g.gw, engine.n, engine.order)) * layers
+    rects = plan_batches(g.gh, g.gw, engine.n, engine.order)
+    puts = sum(len(r.blocks_needed_later()) for r in rects) * layers
     entry = cache.slab[0, 0, 0]
     each = 2 * entry.numel() * entry.element_size()
     if puts == 0:
@@ -187,7 +177,7 @@ def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
             e[0].copy_(src, non_blocking=True)
             e[1].copy_(src, non_blocking=True)
 
-    return _timed(copies, dev) * puts / k, puts * each
+    return timed(copies, dev) * puts / k, puts * each
 
 
 def _random_cfg(name: str, clip: bool):
@@ -251,7 +241,8 @@ def find_fixtures(fixtures: str | Path | None = None) -> Fixtures | None:
     root = Path(fixtures) if fixtures is not None else DATA
     a, b = root / "upstream-a", root / "upstream-a-bf16"
     if all((d / f).is_file() for d in (a, b) for f in ("io.safetensors", "checkpoint.pt", "config.json")):
-        return Fixtures(root, a / "checkpoint.pt", b / "checkpoint.pt", json.loads((a / "config.json").read_text()),
+        return Fixtures(root, a / "checkpoint.pt", b / "checkpoint.pt",
+                        json.loads((a / "config.json").read_text()),
                         load_file(str(a / "io.safetensors")), load_file(str(b / "io.safetensors")))
     if all((root / f).is_file() for f in ("io.safetensors", "checkpoint.pt", "config.json")):
         t = load_file(str(root / "io.safetensors"))
@@ -306,7 +297,8 @@ class _Run:
                 from .weights import random_model
 
                 self._models[which] = random_model(_random_cfg(self.profile.config, self.clip), seed=0,
-                                                   device=self.device, dtype=getattr(torch, self.profile.dtype))
+                                                   device=self.device,
+                                                   dtype=getattr(torch, self.profile.dtype))
             else:
                 fx = self.fixtures
                 self._models[which] = _load_fixture_model(
@@ -456,7 +448,6 @@ def _work(w: dict) -> dict:
     """
     import resource
 
-    from .bench import _reset_host_peak, _rss, _status
     from .events import PlanChanged
     from .planner import estimate
     from .weights import random_model
@@ -507,7 +498,7 @@ def _work(w: dict) -> dict:
         times: list[list[float]] = [[] for _ in engines]
         for r in range(w["rounds"] + 1):  # round 0 warms both up
             for i, e in enumerate(engines):
-                t = _timed(lambda e=e: e(x, 2.0), dev)
+                t = timed(lambda e=e: e(x, 2.0), dev)
                 if r > 0:
                     times[i].append(t)
         res.update(block_s=statistics.median(times[0]),
@@ -517,17 +508,18 @@ def _work(w: dict) -> dict:
         hwm, before = False, 0
         for i in range(calls):
             if not cuda and i == calls - 1:
-                hwm, before = _reset_host_peak(), _rss()
-            res["seconds"] = _timed(lambda: engines[0](x, 2.0, out), dev)
+                hwm, before = reset_host_peak(), rss()
+            res["seconds"] = timed(lambda: engines[0](x, 2.0, out), dev)
         if cuda:
             peak_r = torch.cuda.max_memory_reserved(dev)
             res.update(max_memory_reserved=peak_r, mem_get_info_drop=free0 - torch.cuda.mem_get_info(dev)[0])
             if kind == "full":
-                res.update(measured=torch.cuda.max_memory_allocated(dev), reserved=peak_r, free_at_start=free0)
+                res.update(measured=torch.cuda.max_memory_allocated(dev), reserved=peak_r,
+                           free_at_start=free0)
             else:
                 res.update(measured=torch.cuda.max_memory_allocated(dev) - a0, reserved=peak_r - r0)
         else:
-            peak = _status("VmHWM") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak = host_status("VmHWM") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             res.update(measured=peak - before + res["cache_bytes"], reserved=None, max_memory_reserved=None,
                        mem_get_info_drop=None)
         if kind == "memory":  # the planner's prediction of the same quantity (as `bench.measure`)
@@ -572,8 +564,10 @@ def check_memory(run: _Run, size: int) -> Check:
     return Check("memory", f"peak {size}² ({p.config}, {p.dtype}, {_gib(p.budget)} plan: {mode})",
                  "pass" if abs(err) <= MEMORY_TOL else "fail",
                  f"measured {_gib(got['measured'])} / predicted {_gib(got['predicted'])} ({err:+.0%})"
-                 f"{_mem_extra(got)}{_copy_extra(got)}", f"within ±{MEMORY_TOL:.0%}", time.perf_counter() - t0,
-                 {"measured": got["measured"], "predicted": got["predicted"], "n": n, "size": f"{size}x{size}",
+                 f"{_mem_extra(got)}{_copy_extra(got)}", f"within ±{MEMORY_TOL:.0%}",
+                 time.perf_counter() - t0,
+                 {"measured": got["measured"], "predicted": got["predicted"], "n": n,
+                  "size": f"{size}x{size}",
                   "reserved": got["reserved"], "max_memory_reserved": got["max_memory_reserved"],
                   "mem_get_info_drop": got["mem_get_info_drop"], **_copy_numbers(got)})
 
@@ -598,7 +592,8 @@ def check_full_plan(run: _Run) -> Check:
                  "no out-of-memory step-down", time.perf_counter() - t0,
                  {k: got.get(k) for k in ("seconds", "measured", "predicted", "budget", "reserved",
                                           "max_memory_reserved", "mem_get_info_drop", "free_at_start", "n",
-                                          "cache_on_host", "state_on_host", "step_downs")} | _copy_numbers(got))
+                                          "cache_on_host", "state_on_host",
+                                          "step_downs")} | _copy_numbers(got))
 
 
 def check_speed(run: _Run, size: int) -> Check:
@@ -619,7 +614,8 @@ def check_speed(run: _Run, size: int) -> Check:
     pb = call_seconds(cfg, (size, size), n, rates, cache_on_host=chosen.cache_on_host, **kw)
     pw = call_seconds(cfg, (size, size), 1 << 30, rates, **kw)
     got = _spawn(dict(kind="speed", config=p.config, size=size, device=str(run.device), dtype=p.dtype,
-                      clip=run.clip, n=n, cache_on_host=chosen.cache_on_host, rounds=p.rounds, whole=whole_fits))
+                      clip=run.clip, n=n, cache_on_host=chosen.cache_on_host, rounds=p.rounds,
+                      whole=whole_fits))
     tb, tw = got["block_s"], got["whole_s"]
     if tw is not None:
         value = (f"whole {tw:.3g} s ({flops / tw / 1e12:.3g} TFLOP/s), n={n} {tb:.3g} s "
@@ -643,7 +639,8 @@ def check_sdpa(run: _Run) -> Check:
     """SDPA at the model's attention shapes (a block's queries against its 4 key segments) under each
     fused backend: seconds, and which is fastest within the bf16 bound (`sdpa_pick`)."""
     if run.device.type != "cuda":
-        return Check("speed", "attention kernels (SDPA backends)", "skip", "CUDA only (fused GPU kernels)", "", 0.0)
+        return Check("speed", "attention kernels (SDPA backends)", "skip", "CUDA only (fused GPU kernels)",
+                     "", 0.0)
     from .config import PRESETS
     from .sdpa_pick import measure_backends
 
@@ -660,8 +657,8 @@ def check_sdpa(run: _Run) -> Check:
         else:
             parts.append(f"{name} {r['seconds'] * 1e3:.3g} ms ({r['tflops']:.3g} TFLOP/s, RMS {r['rms']:.2g}"
                          f"{'' if r['meets_bound'] else ', OVER the bound'})")
-        numbers.update({f"{name}_s": r["seconds"], f"{name}_rms": r["rms"], f"{name}_meets_bound": r["meets_bound"],
-                        f"{name}_error": r["error"]})
+        numbers.update({f"{name}_s": r["seconds"], f"{name}_rms": r["rms"],
+                        f"{name}_meets_bound": r["meets_bound"], f"{name}_error": r["error"]})
     return Check("speed", f"attention kernels, {got['shape']}", "info",
                  f"{'; '.join(parts)}: fastest within {RATIO_BF16}x the math backend's bf16 RMS "
                  f"({got['math_rms']:.2g}): {got['choice'] or 'none'}", "", time.perf_counter() - t0, numbers)
@@ -677,16 +674,18 @@ def check_prefetch(run: _Run) -> Check:
     n = max(1, -(-size // cfg.block_size) // 2)
     x, lr_up, lr, vec = _random_inputs(cfg, size, dev)
     image = (lr.to(dev), vec)
-    engines = {"device": _engine(m, lr_up, image, n=n), "host": _engine(m, lr_up, image, n=n, cache_device="cpu")}
+    engines = {"device": _engine(m, lr_up, image, n=n),
+               "host": _engine(m, lr_up, image, n=n, cache_device="cpu")}
     pin_s = {k: _prepare(e, dev) for k, e in engines.items()}
     put_s, put_bytes = _put_seconds(engines["host"])
-    modes = {"device": "device", "host": "host", "host_sync": "host"}  # host_sync: the host engine, inline copies
+    # host_sync: the host engine, inline copies
+    modes = {"device": "device", "host": "host", "host_sync": "host"}
     times: dict[str, list[float]] = {k: [] for k in modes}
     for r in range(run.profile.rounds + 1):  # round 0 warms up
         for name, which in modes.items():
             ctx = _prefetch_disabled() if name == "host_sync" else contextlib.nullcontext()
             with ctx:
-                t = _timed(lambda which=which: engines[which](x, 2.0), dev)
+                t = timed(lambda which=which: engines[which](x, 2.0), dev)
             if r > 0:
                 times[name].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -715,13 +714,13 @@ def check_compile(run: _Run) -> Check:
     image = (lr.to(dev), vec)
     engines = {c: _engine(m, lr_up, image, n=n, cache_device=cache, compile=c) for c in (False, True)}
     pin_s = sum(_prepare(e, dev) for e in engines.values())
-    first = _timed(lambda: engines[True](x, 2.0), dev)  # compiles
+    first = timed(lambda: engines[True](x, 2.0), dev)  # compiles
     eager_out, compiled_out = engines[False](x, 2.0), engines[True](x, 2.0)
     diff = float((eager_out - compiled_out).abs().max())
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(p.rounds):
         for compiled in (False, True):
-            times[compiled].append(_timed(lambda compiled=compiled: engines[compiled](x, 2.0), dev))
+            times[compiled].append(timed(lambda compiled=compiled: engines[compiled](x, 2.0), dev))
     te, tc = statistics.median(times[False]), statistics.median(times[True])
     mode = "whole image" if n is None else f"n={n}"
     return Check("speed", f"torch.compile (--compile), {size}² ({p.config}, {p.dtype}, {mode})", "info",
@@ -767,7 +766,7 @@ def check_big_plan(run: _Run) -> Check:
             torch.cuda.reset_peak_memory_stats(dev)
         pin_s = _prepare(engine, dev)
         put_s, put_bytes = _put_seconds(engine)
-        sec = _timed(lambda: engine(x, 2.0, out), dev)
+        sec = timed(lambda: engine(x, 2.0, out), dev)
         engine.close()
     numbers = {"seconds": sec, "predicted": chosen.estimate.total, "budget": p.budget, "n": n, "pin_s": pin_s,
                "put_s": put_s, "put_bytes": put_bytes}
@@ -780,7 +779,8 @@ def check_big_plan(run: _Run) -> Check:
                    mem_get_info_drop=free0 - torch.cuda.mem_get_info(dev)[0])
     return Check("plan", name, "pass" if peak <= p.budget else "fail",
                  f"{sec:.3g} s, peak {_gib(peak)} (predicted {_gib(chosen.estimate.total)}); reserved "
-                 f"{_gib(numbers['max_memory_reserved'])}, mem_get_info drop {_gib(numbers['mem_get_info_drop'])}"
+                 f"{_gib(numbers['max_memory_reserved'])}, "
+                 f"mem_get_info drop {_gib(numbers['mem_get_info_drop'])}"
                  f"{copies}", f"peak <= {_gib(p.budget)}", time.perf_counter() - t0, numbers)
 
 
@@ -800,8 +800,8 @@ def calibrate(device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cuda":
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 0.3:
-            _timed(lambda: a @ b, device)
-    times = [_timed(lambda: a @ b, device) for _ in range(4)]
+            timed(lambda: a @ b, device)
+    times = [timed(lambda: a @ b, device) for _ in range(4)]
     return 2 * m * k * n / min(times[1:])
 
 
@@ -845,10 +845,11 @@ def _steps(run: _Run, rate: float, cuda: bool | None = None) -> list[_Step]:
         fh, fw = (int(v) for v in run.io["x"].shape[-2:])
         bh, bw = p.block_image
         load = 2.0  # convert + load one fixture checkpoint
-        cost = [load + calls(1, fx, fh, fw), calls(39, fx, fh, fw), calls(6, fx, bh, bw), load + calls(41, fx, fh, fw)]
+        cost = [load + calls(1, fx, fh, fw), calls(39, fx, fh, fw), calls(6, fx, bh, bw),
+                load + calls(41, fx, fh, fw)]
         steps = [_Step(lab, fn, c, grp) for (lab, fn, grp), c in zip(fx_steps, cost)]
-    steps += [_Step(f"peak memory at {s}²", lambda s=s: check_memory(run, s), p.process_s + calls(2, cfg, s, s),
-                    "memory") for s in p.mem_sizes]
+    steps += [_Step(f"peak memory at {s}²", lambda s=s: check_memory(run, s),
+                    p.process_s + calls(2, cfg, s, s), "memory") for s in p.mem_sizes]
     full = p.full_size
     steps.append(_Step(f"default plan at {full}²" if full else "default plan", lambda: check_full_plan(run),
                        p.process_s + calls(1, cfg, full, full) if full and cuda else 0.0, "memory"))
@@ -859,8 +860,8 @@ def _steps(run: _Run, rate: float, cuda: bool | None = None) -> list[_Step]:
     steps.append(_Step("prefetch", lambda: check_prefetch(run),
                        calls(3 * (p.rounds + 1), cfg, s, s) if cuda else 0.0, "speed"))
     big = p.big[1]
-    steps.append(_Step(f"one call at {big}²", lambda: check_big_plan(run), p.process_s + calls(1, cfg, big, big),
-                       "plan"))
+    steps.append(_Step(f"one call at {big}²", lambda: check_big_plan(run),
+                       p.process_s + calls(1, cfg, big, big), "plan"))
     s = p.speed_sizes[0]
     steps.append(_Step("torch.compile", lambda: check_compile(run),
                        p.compile_s + calls(3 + 2 * p.rounds, cfg, s, s) if cuda else 0.0, "speed"))

@@ -271,13 +271,15 @@ class SafeFolder:
                 lines = os.read(fd, 256).decode("utf-8", "replace").splitlines()
             finally:
                 os.close(fd)
-            return int(lines[1].removeprefix("pid ")) if len(lines) > 1 and lines[1].startswith("pid ") else None
+            has_pid = len(lines) > 1 and lines[1].startswith("pid ")
+            return int(lines[1].removeprefix("pid ")) if has_pid else None
         except (OSError, ValueError):
             return None
 
     # -- files --------------------------------------------------------------------------------------------
     def create(self, name: str) -> int:
-        """A new file `name` (recorded first, then O_CREAT|O_EXCL|O_NOFOLLOW, 0600); an old one is replaced."""
+        """A new file `name` (recorded first, then O_CREAT|O_EXCL|O_NOFOLLOW, 0600); an old one is
+        replaced."""
         self._record(name)
         self._unlink(name)  # not `unlink`: the name stays recorded, it is made again at once
         return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=self.fd)
@@ -549,7 +551,8 @@ class Scratch:
     def mapped(self) -> bool:
         return self.path is not None
 
-    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, reuse: bool = False) -> torch.Tensor:
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *,
+              reuse: bool = False) -> torch.Tensor:
         """A new uninitialised tensor called `name` (a file `name.bin` when mapped, its disk allocated now).
         With `reuse`, an existing file of exactly the right size is mapped as it is (its contents are the
         tensor's)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["parse_bytes", "format_bytes", "format_seconds"]
+__all__ = ["parse_bytes", "format_bytes", "format_seconds", "row_chunks", "few"]
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -46,3 +46,15 @@ def format_seconds(s: float) -> str:
     if s < 2 * 86400:
         return f"{s / 3600:.1f} h"
     return f"{s / 86400:.1f} days"
+
+
+def row_chunks(height: int, row_bytes: int, budget: int) -> list[slice]:
+    """Slices of `height` rows, each about `budget` bytes of `row_bytes`-byte rows (at least one row)."""
+    step = max(1, budget // max(1, row_bytes))
+    return [slice(r, min(r + step, height)) for r in range(0, height, step)]
+
+
+def few(items: list[str], n: int = 3) -> str:
+    """The first `n` of `items`, and how many more: 'a, b, c and 4 more'."""
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")

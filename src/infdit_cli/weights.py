@@ -8,9 +8,7 @@ that config before anything is built, so a wrong file fails with the keys named,
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +16,11 @@ import torch
 
 from .config import ClipConfig, InfDiTConfig
 from .errors import WeightsError, WeightsNotFound
+from .files import atomic_write
+from .units import few
 
-__all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict", "expected_shapes"]
+__all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict",
+           "expected_shapes"]
 
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
@@ -33,9 +34,10 @@ def expected_shapes(cfg: InfDiTConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(t.shape) for k, t in model.state_dict().items()}
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfDiTConfig, error: type[Exception] = WeightsError) -> None:
+def check_state_dict(tensors: dict[str, torch.Tensor], cfg: InfDiTConfig,
+                     error: type[Exception] = WeightsError) -> None:
     """Every expected key present with its shape and a float dtype; no extra key."""
-    check_shapes({k: (tuple(t.shape), t.dtype) for k, t in sd.items()}, cfg, error)
+    check_shapes({k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, cfg, error)
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -63,29 +65,25 @@ def inspect_file(path: str | Path) -> tuple[InfDiTConfig, dict[str, tuple[tuple[
 def check_shapes(info: dict[str, tuple[tuple[int, ...], torch.dtype]], cfg: InfDiTConfig,
                  error: type[Exception] = WeightsError) -> None:
     want = expected_shapes(cfg)
-    sd = {k: _Meta(*v) for k, v in info.items()}
-    missing = sorted(set(want) - set(sd))
-    extra = sorted(set(sd) - set(want))
+    tensors = {k: _Meta(*v) for k, v in info.items()}
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
     if missing:
-        raise error(f"not an Inf-DiT model for its config: missing {_few(missing)}")
+        raise error(f"not an Inf-DiT model for its config: missing {few(missing)}")
     if extra:
-        raise error(f"not an Inf-DiT model for its config: unexpected {_few(extra)}")
-    bad = [f"{k} {tuple(sd[k].shape)} (expected {want[k]})" for k in want if tuple(sd[k].shape) != want[k]]
+        raise error(f"not an Inf-DiT model for its config: unexpected {few(extra)}")
+    bad = [f"{k} {tuple(tensors[k].shape)} (expected {want[k]})" for k in want
+           if tuple(tensors[k].shape) != want[k]]
     if bad:
-        raise error(f"shapes contradict the config: {_few(bad)}")
-    wrong = [f"{k} ({sd[k].dtype})" for k in want if sd[k].dtype not in _FLOAT_DTYPES]
+        raise error(f"shapes contradict the config: {few(bad)}")
+    wrong = [f"{k} ({tensors[k].dtype})" for k in want if tensors[k].dtype not in _FLOAT_DTYPES]
     if wrong:
-        raise error(f"tensors must be float32/float16/bfloat16: {_few(wrong)}")
+        raise error(f"tensors must be float32/float16/bfloat16: {few(wrong)}")
 
 
 class _Meta:
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.shape, self.dtype = shape, dtype
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def save_model_file(path: str | Path, tensors: dict[str, torch.Tensor], cfg: InfDiTConfig,
@@ -98,15 +96,7 @@ def save_model_file(path: str | Path, tensors: dict[str, torch.Tensor], cfg: Inf
         raise WeightsError(f"{path} exists; pass --overwrite to replace it")
     meta = {"format": "pt", "infdit_config": cfg.to_json(), **(extra_metadata or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), mode=0o600)
 
 
 def _read_header(path: Path) -> dict:
@@ -169,7 +159,8 @@ def _looks_like_pickle(path: Path) -> bool:
     return head == b"PK" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")  # zip / raw pickle
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = torch.float32,
                clip_tower: Callable[[int], tuple[ClipConfig, dict[str, torch.Tensor]]] | None = None):
     """Load a converted `.safetensors` file into an `InfDiT` in eval mode.
 
@@ -194,21 +185,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     path = Path(path)
     cfg, _ = inspect_file(path)  # names, shapes and dtypes checked before any data is read
     try:
-        sd = load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
     if cfg.clip is None:  # a file without the CLIP tower: the caller's (open_clip's weights from the Hub)
         if clip_tower is None:
             raise WeightsError(f"{path} has no CLIP vision tower, and no source for one was given")
-        clip_cfg, clip_sd = clip_tower(cfg.vector_dim)
+        clip_cfg, clip_tensors = clip_tower(cfg.vector_dim)
         cfg = cfg.with_(clip=clip_cfg)
-        sd.update(clip_sd)
-    check_state_dict(sd, cfg)
+        tensors.update(clip_tensors)
+    check_state_dict(tensors, cfg)
     with torch.device("meta"):
         model = InfDiT(cfg)
     if dtype is not None:
-        sd = {k: t.to(dtype) for k, t in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+        tensors = {k: t.to(dtype) for k, t in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
     # Non-persistent buffers (CLIP mean/std) were created on meta; rebuild them before moving.
     for mod in model.modules():
         if isinstance(mod, ClipImageEncoder):

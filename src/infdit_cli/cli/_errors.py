@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from enum import IntEnum
 from typing import NamedTuple
 
-from ..errors import describe, lost_contact
+from ..errors import explain, lost_contact
+from ..settings import settings
 from ._text import safe
 
 __all__ = ["ExitCode", "Reported", "report"]
@@ -15,7 +15,8 @@ __all__ = ["ExitCode", "Reported", "report"]
 
 class ExitCode(IntEnum):
     OK = 0
-    ERROR = 1  # a file that cannot be read, decoded or written, or a failure during the work; batch: some failed
+    # a file that cannot be read, decoded or written, or a failure during the work; batch: some failed
+    ERROR = 1
     USAGE = 2  # bad arguments or an impossible request, found before any work (click's code)
     OUT_OF_MEMORY = 3  # out of device memory even under the leanest plan; no partial output
     INTERRUPTED = 130  # Ctrl-C; partial outputs were removed
@@ -28,12 +29,13 @@ def _said_by_rank_0(exc: BaseException, code: int) -> bool:
     joined (the same command line and files on every rank), the command line, an out-of-memory all ranks
     stepped down to together (`collective`), Ctrl-C and SIGTERM (torchrun passes them to every rank).
     Another rank's own failure is still printed by it."""
-    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    if rank == "0" or size in ("", "1"):
+    s = settings()
+    if s.rank in (None, "0") or s.world_size in (None, "", "1"):
         return False  # one process: no torch import for this (a usage error answers at once)
     from ..distributed import joined
 
-    return (not joined() or code in (ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.HANGUP, ExitCode.TERMINATED)
+    return (not joined() or code in (ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.HANGUP,
+                                     ExitCode.TERMINATED)
             or getattr(exc, "collective", False))
 
 
@@ -54,7 +56,7 @@ def _after_another_rank(exc: BaseException, code: int) -> bool:
     which that rank has reported: torchrun stops the others with SIGTERM once one rank fails, and a rank
     waiting on the failed one meets a closed connection. Such a rank stays silent (the cause is the one
     line) and its record says so (the launcher exits with the cause's code)."""
-    if os.environ.get("WORLD_SIZE", "1") in ("", "1") or not os.environ.get("INFDIT_EXIT_FILE"):
+    if settings().world_size in (None, "", "1") or not settings().exit_file:
         return False  # one process, or no launcher to read the records (and no torch import for this)
     from ..distributed import STOP_CODES, another_rank_failed, joined
 
@@ -80,18 +82,18 @@ def report(exc: BaseException) -> Reported:
     from rich.console import Console
     from rich.text import Text
 
-    msg, code = describe(exc)
+    msg, code = explain(exc)
     after = _after_another_rank(exc, code)
     if after or _said_by_rank_0(exc, code):
         return Reported(int(code), after=after)
     msg = safe(msg.strip())  # one line, always: a newline in a name (or a library's message) shows as \n
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    if os.environ.get("INFDIT_DEBUG") and not _stop(exc) and exc.__traceback__ is not None:
+    if settings().debug and not _stop(exc) and exc.__traceback__ is not None:
         from rich.traceback import Traceback  # the exception's own: report may run outside its except block
 
         console.print(Traceback.from_exception(type(exc), exc, exc.__traceback__))
     console.print(Text.assemble(("error:", "bold red"), " ", msg))  # literal: names like [b]x.png stay
-    if code == ExitCode.ERROR and not os.environ.get("INFDIT_DEBUG") and msg.startswith("internal error"):
+    if code == ExitCode.ERROR and not settings().debug and msg.startswith("internal error"):
         console.print("set INFDIT_DEBUG=1 for the traceback")
     sys.stderr.flush()
     return Reported(int(code), said=True)

@@ -2,28 +2,25 @@
 
 The CLI calls `ensure_weights` after every check that needs no weights (usage, input, output, plan) and before
 loading: one line says what is fetched, how big it is and where it goes, then the download's progress bar.
-`before` (the command's plan line, the CPU-fallback line) is called first, so the job is known before the wait.
-Offline (`--offline`, HF_HUB_OFFLINE=1, INFDIT_OFFLINE=1) keeps the one-line "no weights yet" error.
+`before` (the command's plan line, the CPU-fallback line) is called first, so the job is known before the
+wait. Offline (`--offline`, HF_HUB_OFFLINE=1, INFDIT_OFFLINE=1) keeps the one-line "no weights yet" error.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
-from ._text import safe
+from ..settings import settings
 from ..units import format_bytes
+from ._text import safe
 
 __all__ = ["ensure_weights", "offline_mode"]
-
-_TRUE = ("1", "true", "yes", "on")
 
 
 def offline_mode(flag: bool) -> bool:
     """--offline, HF_HUB_OFFLINE or INFDIT_OFFLINE."""
-    return bool(flag) or any(os.environ.get(k, "").strip().lower() in _TRUE
-                             for k in ("HF_HUB_OFFLINE", "INFDIT_OFFLINE"))
+    return bool(flag) or settings().offline
 
 
 def _size_text(spec) -> str:
@@ -32,7 +29,8 @@ def _size_text(spec) -> str:
     return f" ({format_bytes(size)})" if isinstance(size, int) and size > 0 else ""
 
 
-def ensure_weights(weights, repo, offline: bool, quiet: bool, before: Callable[[], None] | None = None) -> None:
+def ensure_weights(weights, repo, offline: bool, quiet: bool,
+                   before: Callable[[], None] | None = None) -> None:
     """Download the registry model `weights` (default: $INFDIT_WEIGHTS, else infdit-4x) if it is not cached.
 
     Does nothing for files, URLs, Hub references or a model already in the cache, and nothing offline (the
@@ -42,11 +40,11 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool, before: Callable[[
     `before` is called just before a download starts: here for a registry model, or before the loader
     fetches a Hub reference that is not in the HF cache yet.
     """
-    from ..errors import WeightsNotFound
-    from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, download, registry, resolve_weights
     from ..cache import cache_root
+    from ..errors import WeightsNotFound
+    from ..hub import DEFAULT_MODEL, download, registry, resolve_weights
 
-    name = str(weights if weights is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL)
+    name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)
     if offline_mode(offline):
         return
     try:
@@ -77,7 +75,8 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool, before: Callable[[
     show = not quiet and sys.stderr.isatty()
     display = _DownloadDisplay() if show else None
     try:
-        download(name, repo=repo, offline=False, on_event=display, tqdm_class=None if show else _silent_tqdm())
+        download(name, repo=repo, offline=False, on_event=display,
+                 tqdm_class=None if show else _silent_tqdm())
     finally:
         if display is not None:
             display.stop()

@@ -40,7 +40,8 @@ Scale = Annotated[Optional[float], typer.Option(help="Target as a factor of the 
 Steps = Annotated[int, typer.Option(min=1, max=1000, help="Denoising steps (2*steps-1 model calls per pass).",
                                     rich_help_panel="Sampling")]
 Seed = Annotated[int, typer.Option(min=0, max=2**63 - 1,
-                                   help="Noise seed: the same seed gives the same image, whatever n or device.",
+                                   help="Noise seed: the same seed gives the same image, "
+                                   "whatever n or device.",
                                    rich_help_panel="Sampling")]
 MemBudget = Annotated[Optional[str], typer.Option(
     help="Device memory to plan for, e.g. 8GB (default: what is free).", rich_help_panel="Memory")]
@@ -76,9 +77,11 @@ Depth = Annotated[Optional[int], typer.Option(
 Quality = Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.", rich_help_panel="Output")]
 ColorFixOpt = Annotated[ColorFix, typer.Option(
     help="Low-frequency colour transfer from the input, if colours drift.", rich_help_panel="Output")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.", rich_help_panel="Output")]
+Overwrite = Annotated[bool,
+                      typer.Option("--overwrite", help="Replace existing outputs.", rich_help_panel="Output")]
 MaxPixels = Annotated[int, typer.Option(
-    min=1, help="Refuse inputs with more pixels than this (decompression-bomb guard).", rich_help_panel="Input")]
+    min=1, help="Refuse inputs with more pixels than this (decompression-bomb guard).",
+    rich_help_panel="Input")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail; tracebacks on errors.")]
 Json = Annotated[bool, typer.Option("--json", help="A machine-readable summary on stdout.")]

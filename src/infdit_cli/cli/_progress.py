@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Protocol
 
-import time
-
-from ..events import BatchDone, CheckpointDiscarded, JobStarted, Notice, PassStarted, PlanChanged, Resumed, StepDone
-from ._text import safe
+from ..events import (
+    BatchDone,
+    CheckpointDiscarded,
+    JobStarted,
+    Notice,
+    PassStarted,
+    PlanChanged,
+    Resumed,
+    StepDone,
+)
 from ..units import format_seconds
+from ._text import safe
 
 
 def plan_line(seconds: float, passes: int, calls: int, device: str | None, gpu_seconds: float | None = None,
@@ -20,7 +28,8 @@ def plan_line(seconds: float, passes: int, calls: int, device: str | None, gpu_s
     line = (f"{name + ': ' if name else ''}predicted {format_seconds(seconds)} on {device or 'this device'} "
             f"({passes} pass(es), {calls} model calls)")
     if gpu_seconds is not None:
-        line += (f"; a CUDA GPU (H100-class, bf16) would take about {format_seconds(gpu_seconds)} (an estimate "
+        line += (f"; a CUDA GPU (H100-class, bf16) would take about {format_seconds(gpu_seconds)} "
+                 f"(an estimate "
                  "from nominal rates): Ctrl-C stops, the same command resumes")
     return line
 
@@ -47,8 +56,10 @@ def device_note(requested: str, device: str) -> str | None:
                 f"available (macOS 12.3+ on Apple silicon); {fix}")
     if torch.version.cuda is None:
         return (f"running on the CPU: this torch ({torch.__version__}) is a CPU-only build (no CUDA); for an "
-                "NVIDIA GPU install a CUDA build of torch (https://pytorch.org/get-started/locally/), or " + fix)
-    return (f"running on the CPU: this torch ({torch.__version__}) is built for CUDA {torch.version.cuda} but "
+                "NVIDIA GPU install a CUDA build of torch (https://pytorch.org/get-started/locally/), "
+                "or " + fix)
+    return (f"running on the CPU: this torch ({torch.__version__}) is built for CUDA {torch.version.cuda} "
+            f"but "
             "finds no GPU (no NVIDIA driver or device, or CUDA_VISIBLE_DEVICES hides it: `nvidia-smi` should "
             "list one); " + fix)
 
@@ -57,7 +68,8 @@ def event_line(event: object) -> str | None:
     """The line an event prints by itself (resume, discarded checkpoint), or None."""
     if isinstance(event, Resumed):
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.saved_at))
-        return f"resuming at pass {event.pass_}/{event.passes}, step {event.step}/{event.steps} (saved {saved})"
+        return (f"resuming at pass {event.pass_}/{event.passes}, step {event.step}/{event.steps} "
+                f"(saved {saved})")
     if isinstance(event, CheckpointDiscarded):
         return f"not resuming from {event.path}: {event.reason}; starting over"
     return None
@@ -170,7 +182,8 @@ class RichDisplay:
         self.overall = Progress(*cols, console=self.console)
         self.steps = Progress(*cols, console=self.console)
         self.blocks = Progress(*cols, console=self.console, transient=True)
-        self.live = Live(Group(self.overall, self.steps, self.blocks), console=self.console, refresh_per_second=8)
+        self.live = Live(Group(self.overall, self.steps, self.blocks), console=self.console,
+                         refresh_per_second=8)
         self.images_task = self.step_task = self.block_task = self.job_task = None
         self.work: list[float] = []
         self.pass_index = 1
@@ -211,7 +224,10 @@ class RichDisplay:
         if isinstance(event, JobStarted):
             line = job_line(event, _job_name(self)) if event.seconds else None
             if self.first is not None:
-                line = self.first.say(lambda text: self.console.print(text, markup=False, highlight=False), line)
+                def say(text: str) -> None:
+                    self.console.print(text, markup=False, highlight=False)
+
+                line = self.first.say(say, line)
             if line is not None:
                 self.console.print(safe(line), markup=False, highlight=False)
             self.work, self.calls_per_pass = event.work, event.calls
@@ -243,16 +259,18 @@ class RichDisplay:
                     f"{p.in_size[1]}x{p.in_size[0]} -> {p.out_size[1]}x{p.out_size[0]}")
             done = self.resumed_at[1] if self.resumed_at and self.resumed_at[0] == event.index else 0
             self.step_task = self.steps.add_task(desc, total=self.calls_per_pass or 1, unit="calls",
-                                                 completed=done, base=float(done), predicted=p.seconds or None)
+                                                 completed=done, base=float(done),
+                                                 predicted=p.seconds or None)
         elif isinstance(event, StepDone) and self.step_task is not None:
             self.steps.update(self.step_task, total=2 * event.steps - 1, completed=event.calls)
             if self.job_task is not None and self.work:
                 self.overall.update(self.job_task,
-                                    completed=self._job_level(self.pass_index, event.calls, 2 * event.steps - 1))
+                                    completed=self._job_level(self.pass_index, event.calls,
+                                                              2 * event.steps - 1))
         elif isinstance(event, BatchDone):
             if self.block_task is None:
-                self.block_task = self.blocks.add_task(f"blocks, {event.n}x{event.n} at a time", total=event.total,
-                                                       unit="batches")
+                self.block_task = self.blocks.add_task(f"blocks, {event.n}x{event.n} at a time",
+                                                       total=event.total, unit="batches")
             self.blocks.update(self.block_task, completed=event.index, total=event.total)
             if event.index == event.total:
                 self.blocks.remove_task(self.block_task)

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from ..errors import BadRequest, Signalled  # light (no third-party import): nothing here may import torch
+from ..settings import clear_overrides, settings
 from ._errors import Reported, report
 
 _APP = None
@@ -82,7 +83,8 @@ _ROOT_HELP = """Upscale images with Inf-DiT, block by block in bounded memory.
     Exit codes: 0 done; 1 a file that cannot be read, decoded or written, or a failure during the work
     (batch: some file failed, after finishing the others); 2 a wrong command line or an impossible request,
     found before any work; 3 out of device memory even at the smallest plan; 130 interrupted (Ctrl-C), 143
-    terminated (SIGTERM), 129 hung up (SIGHUP): no partial output is left, the last checkpoint is kept. Errors are one line on stderr; set INFDIT_DEBUG=1 (or -v) for the traceback.
+    terminated (SIGTERM), 129 hung up (SIGHUP): no partial output is left, the last checkpoint is kept.
+    Errors are one line on stderr; set INFDIT_DEBUG=1 (or -v) for the traceback.
     """
 
 
@@ -167,6 +169,7 @@ _STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def main() -> None:
     before = {sig: signal.getsignal(sig) for sig in _STOPS}
+    clear_overrides()  # -v of an earlier run in this process (tests, embedding) does not carry over
     _STOPPED.clear()
     for sig in (signal.SIGTERM, signal.SIGHUP):  # timeout, systemd, Slurm, docker stop; a closed terminal
         if before[sig] is signal.SIG_DFL:  # SIG_IGN stays (nohup)
@@ -177,7 +180,7 @@ def main() -> None:
     try:
         done = _main()
         _hold_stops()  # the work is over: a stop now must not turn the exit into a traceback
-        if os.environ.get("INFDIT_EXIT_FILE"):  # under infdit_cli.launch, for it to read (torch is loaded)
+        if settings().exit_file:  # under infdit_cli.launch, for it to read (torch is loaded)
             from ..distributed import write_exit_code
 
             write_exit_code(done.code, after=done.after, said=done.said)

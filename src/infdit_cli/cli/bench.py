@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import BadRequest
-from . import _options as O
 from ..units import format_bytes, parse_bytes
+from . import _options as O
 
 EXAMPLES = """Examples:
 
@@ -54,7 +54,8 @@ def bench(
     device: O.Device = "auto",
     dtype: O.Dtype = "auto",
     steps: O.Steps = 20,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed calls per configuration (after one warm-up).")] = 3,
+    repeats: Annotated[int,
+                       typer.Option(min=1, help="Timed calls per configuration (after one warm-up).")] = 3,
     json_: Annotated[bool, typer.Option("--json", help=(
         "JSON lines on stdout, each written as soon as it is known: first {\"event\": \"bench\"} (weights, "
         "device, budget, environment, calibration), then one {\"event\": \"row\"} per measured size or "
@@ -85,7 +86,8 @@ def bench(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
-        budget = parse_bytes(mem_budget) if mem_budget else (device_free(dev) or host_available() - HOST_RUNTIME["cpu"])
+        budget = (parse_bytes(mem_budget) if mem_budget
+                  else device_free(dev) or host_available() - HOST_RUNTIME["cpu"])
     except ValueError as e:
         raise BadRequest(f"--mem-budget: {e}") from None
     sizes = parse_sizes(res or ("1024,2048,4096,8192" if dev.type == "cuda" else "256,512,1024"))
@@ -102,7 +104,6 @@ def bench(
         from ..errors import WeightsNotFound
         from ..hub import resolve_weights
         from ..weights import inspect_file
-
         from ._fetch import ensure_weights
 
         ensure_weights(weights, None, False, quiet, first)  # first use: fetched once (not offline)
@@ -128,7 +129,8 @@ def bench(
                       "budget": budget, "environment": env, "calibration": asdict(rates),
                       "sizes": [f"{w}x{h}" for h, w in sizes], "row_seconds_limit": row_limit})
         else:
-            out.line(f"calibrated (cached for the time estimates): {rates.flops / 1e9:.1f} GFLOP/s per layer's "
+            out.line(f"calibrated (cached for the time estimates): {rates.flops / 1e9:.1f} GFLOP/s "
+                     f"per layer's "
                      f"work, {rates.op_seconds * 1e6:.1f} us per tensor operation, "
                      f"{rates.copy_bytes / 1e9:.1f} GB/s copies")
             out.titles()
@@ -194,7 +196,7 @@ class _Out:
     """Rows on stdout as they come, flushed (a file or pipe gets each row at once too): aligned text, or
     JSON lines with --json. With the progress bar on the same terminal, text goes above the bar."""
 
-    def __init__(self, json_: bool, steps: int, display: "_Progress") -> None:
+    def __init__(self, json_: bool, steps: int, display: _Progress) -> None:
         self.json_, self.steps, self.display = json_, steps, display
         self.widths = [max(len(c), 9) for c in COLUMNS]
         self.widths[0] = max(self.widths[0], 11)

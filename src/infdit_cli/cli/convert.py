@@ -16,7 +16,8 @@ def convert(
     checkpoint: Annotated[Path, typer.Argument(help="The official mp_rank_00_model_states.pt.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .safetensors file to write.")],
     clip_head_width: Annotated[int, typer.Option(
-        min=1, max=16384, help="CLIP vision tower width per attention head (not recoverable from weight shapes; "
+        min=1, max=16384,
+        help="CLIP vision tower width per attention head (not recoverable from weight shapes; "
              "64 for ViT-L-14 and every open_clip ViT).")] = 64,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from typing import Annotated, Optional
 
 import typer
 
+from ..settings import settings
+from ..units import format_bytes
 from . import _options as O
 from ._text import safe
-from ..units import format_bytes
+
 
 def _models() -> str:
     try:
         from ..hub import registry
 
-        return "\n\n".join(f"  {name}: {spec.description or spec.source}" for name, spec in registry().items())
+        return "\n\n".join(f"  {name}: {spec.description or spec.source}"
+                           for name, spec in registry().items())
     except Exception:  # noqa: BLE001 - help must show even with a broken manifest
         return "  (the registry could not be read)"
 
@@ -41,11 +43,18 @@ class _DownloadDisplay:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-        from rich.progress import TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.console = Console(stderr=True, highlight=False)
-        self.progress = Progress(TextColumn("downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        self.progress = Progress(TextColumn("downloading"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(),
                                  TimeRemainingColumn(), console=self.console, transient=True)
         self.task = None
 
@@ -74,9 +83,11 @@ def download(
         help="Registry name (default: infdit-4x), org/repo[/file][@revision], or the http(s) URL of an "
              "official-format checkpoint.")] = None,
     repo: O.Repo = None,
-    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit (default: the manifest's).")] = None,
+    revision: Annotated[Optional[str],
+                        typer.Option(help="Branch, tag or commit (default: the manifest's).")] = None,
     sha256: Annotated[Optional[str], typer.Option(
-        help="Expected sha256 of the downloaded file (64 hex digits, any case); default: the manifest's.")] = None,
+        help="Expected sha256 of the downloaded file (64 hex digits, any case); "
+        "default: the manifest's.")] = None,
     clip_head_width: Annotated[Optional[int], typer.Option(
         min=1, max=16384, help="CLIP width per attention head for converting an official checkpoint "
                     "(default: the manifest's, else 64).")] = None,
@@ -102,7 +113,8 @@ def download(
     display = _DownloadDisplay() if show else None
     tqdm_class = None if show else _silent_tqdm()
     try:
-        got = download_model(source, repo=repo, revision=revision, sha256=sha256, clip_head_width=clip_head_width,
+        got = download_model(source, repo=repo, revision=revision, sha256=sha256,
+                             clip_head_width=clip_head_width,
                              keep=keep, offline=offline or None, on_event=display, tqdm_class=tqdm_class)
     finally:
         if display is not None:
@@ -139,14 +151,14 @@ def info(
     from safetensors import safe_open
 
     from ..errors import WeightsNotFound
-    from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, registry, resolve_weights
+    from ..hub import DEFAULT_MODEL, registry, resolve_weights
     from ..planner import estimate, param_count
     from ..weights import inspect_file
 
     try:
         path = resolve_weights(weights, repo=repo, offline=offline or None)
     except WeightsNotFound:
-        spec = registry().get(weights or os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL)
+        spec = registry().get(weights or settings().weights or DEFAULT_MODEL)
         if spec is None:
             raise
         return _show_manifest(spec, json_)
@@ -176,7 +188,8 @@ def info(
     typer.echo(safe(f"{path}  ({format_bytes(data['file_bytes'])}, {', '.join(dtypes)})"))
     if data["source"]:
         typer.echo(safe(f"converted from: {data['source']}"
-                        + (f" (sha256 {meta['infdit_source_sha256']})" if meta.get("infdit_source_sha256") else "")))
+                        + (f" (sha256 {meta['infdit_source_sha256']})"
+                           if meta.get("infdit_source_sha256") else "")))
     if data["training"]:
         typer.echo(safe("trained: " + ", ".join(f"{k} {v}" for k, v in data["training"].items())))
     typer.echo(f"parameters: {total / 1e6:.1f} M (DiT {data['dit_parameters'] / 1e6:.1f} M, "
@@ -203,7 +216,8 @@ def _show_manifest(spec, json_: bool) -> None:
 
     cmd = download_command(spec.name)
     if json_:
-        typer.echo(json.dumps({"name": spec.name, "downloaded": False, "download": cmd, "manifest": asdict(spec)}))
+        typer.echo(json.dumps({"name": spec.name, "downloaded": False, "download": cmd,
+                               "manifest": asdict(spec)}))
         return
     typer.echo(f"{spec.name}: {spec.description}")
     typer.echo(f"license: {spec.license}")

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import BadRequest, OutputExists
+from ..files import atomic_write
 from . import _options as O
 
 EXAMPLES = """Examples:
@@ -34,7 +35,8 @@ def selftest(
                                "that is killed leaves the rows it finished).")] = None,
     jsonl: Annotated[Optional[Path], typer.Option(
         "--jsonl", help="Append one JSON line per finished check to this file, the moment it finishes "
-                        "(first line: device, environment and the plan of checks; last: the verdict).")] = None,
+                        "(first line: device, environment and the plan of checks; "
+                        "last: the verdict).")] = None,
     time_budget: Annotated[Optional[float], typer.Option(
         "--time-budget", min=1.0, max=86400.0, metavar="SECONDS",
         help="Do not start a check whose predicted time would overrun this many seconds for the whole "
@@ -98,9 +100,7 @@ class _Sink:
 
     def _markdown(self, report) -> None:
         if self.output is not None:
-            tmp = self.output.with_name(f".{self.output.name}.tmp")
-            tmp.write_text(markdown(report, self.command))
-            os.replace(tmp, self.output)
+            atomic_write(self.output, markdown(report, self.command))
 
     def __call__(self, event: object) -> None:
         from ..events import CheckDone, SelftestStarted
@@ -110,7 +110,8 @@ class _Sink:
             self.started = event
             self._append({"kind": "start", **asdict(event)})
             if self.lines:
-                budget = "no time budget" if event.time_budget is None else f"time budget {event.time_budget:.0f} s"
+                budget = ("no time budget" if event.time_budget is None
+                          else f"time budget {event.time_budget:.0f} s")
                 total = sum(s for _, s in event.planned)
                 print(f"selftest on {event.device} ({event.profile} sizes): {len(event.planned)} checks, "
                       f"predicted {total:.0f} s, {budget}", file=sys.stderr, flush=True)
@@ -119,7 +120,8 @@ class _Sink:
             self.checks.append(c)
             self._append({"kind": "check", "index": event.index, "total": event.total, **asdict(c)})
             if self.lines:
-                print(f"[{event.index}/{event.total}] {_MARK[c.status]} {c.name}: {c.value} ({c.seconds:.1f} s)",
+                print(f"[{event.index}/{event.total}] {_MARK[c.status]} {c.name}: {c.value} "
+                      f"({c.seconds:.1f} s)",
                       file=sys.stderr, flush=True)
             st = self.started
             if st is not None:
