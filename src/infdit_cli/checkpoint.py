@@ -631,6 +631,3 @@ def read_tensor(safe: SafeFolder, name: str, into: torch.Tensor) -> None:
                 raise ValueError(f"{name} is shorter than its header says")
             if host is not part:
                 part.copy_(host)
-
-
-describe = summary  # until cli/upscale.py and cli/batch.py call `summary` (removed at the merge)

@@ -206,6 +206,3 @@ def explain(exc: BaseException) -> tuple[str, int]:
 def no_space(exc: BaseException) -> bool:
     """A write refused for want of space: the disk is full (ENOSPC) or the user's quota is (EDQUOT)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-describe = explain  # until serve/app.py and serve/jobs.py call `explain` (removed at the merge)

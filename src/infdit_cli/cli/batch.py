@@ -122,10 +122,10 @@ def batch(
                                on_item=on_item, on_start=on_start, items=items, checkpoint=checkpoint,
                                resume=resume, depth=depth)
         except KeyboardInterrupt as e:
-            from ..checkpoint import describe, run_folder_for
+            from ..checkpoint import run_folder_for, summary
             from ..errors import Interrupted
 
-            info = describe(run_folder_for(current[0])) if current else None
+            info = summary(run_folder_for(current[0])) if current else None
             where = f"; {current[0].name}: {info[0]} saved ({format_bytes(info[1])} on disk)" if info else ""
             err = Interrupted(f"{getattr(e, 'what', 'interrupted')} after {max(0, len(started) - 1)} file(s)"
                               f"{where}; run the same command again to skip the finished files and continue")

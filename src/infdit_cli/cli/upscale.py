@@ -89,17 +89,17 @@ def preview_writer(preview: Path | None):
 @contextlib.contextmanager
 def keep_progress(folder: Path):
     """On Ctrl-C or a failure with a checkpoint saved, the error's one line ends with how to resume."""
-    from ..checkpoint import describe
+    from ..checkpoint import summary
     from ..errors import InfditError, Interrupted
 
     try:
         yield
     except KeyboardInterrupt as e:
-        err = Interrupted(f"{getattr(e, 'what', 'interrupted')}{resume_hint(describe(folder), folder)}")
+        err = Interrupted(f"{getattr(e, 'what', 'interrupted')}{resume_hint(summary(folder), folder)}")
         err.exit_code = getattr(e, "exit_code", 130)
         raise err from None
     except InfditError as e:
-        info = describe(folder)
+        info = summary(folder)
         if info is None:
             raise
         err = type(e)(f"{e}{resume_hint(info, folder)}")

@@ -46,7 +46,7 @@ from ..errors import (
     InfditError,
     TooManyPixels,
     UnsafePath,
-    describe,
+    explain,
     no_space,
 )
 from ..pipeline import plan_json
@@ -485,7 +485,7 @@ def _disk_full() -> JSONResponse:
 async def _known(request: Request, exc: Exception):
     if isinstance(exc, DiskFull):
         return _disk_full()
-    msg, code = describe(exc)
+    msg, code = explain(exc)
     return _error(_status(exc), request.app.state.settings.scrub(msg), code)
 
 
@@ -511,7 +511,7 @@ async def _not_found(request: Request, exc: Exception):
 
 
 async def _any(request: Request, exc: Exception):  # an internal error: one line here, the traceback logged
-    msg, code = describe(exc)
+    msg, code = explain(exc)
     return _error(500, request.app.state.settings.scrub(msg), code)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from ..errors import BadRequest, Busy, InfditError, UnsafePath, describe
+from ..errors import BadRequest, Busy, InfditError, UnsafePath, explain
 from ..events import (
     BatchDone,
     CheckpointWritten,
@@ -201,7 +201,7 @@ class JobStore:
             except FileNotFoundError:
                 continue  # a job being made, or one being deleted: no state file yet / any more
             except (OSError, ValueError, KeyError, TypeError, UnsafePath) as e:
-                why = (describe(e)[0] if isinstance(e, OSError | UnsafePath)
+                why = (explain(e)[0] if isinstance(e, OSError | UnsafePath)
                        else f"its job.json is damaged ({e})")
                 self.skipped.append(f"left {self.root / name} alone: {why}")
                 continue
@@ -546,7 +546,7 @@ class JobRunner:
             except Exception as e:  # noqa: BLE001 - the state file itself failed (a full disk): the job
                 with self.lock:  # fails, the worker goes on with the next one
                     job.state, job.finished = "failed", time.time()
-                    job.error, job.exit_code = describe(e)
+                    job.error, job.exit_code = explain(e)
                     with contextlib.suppress(Exception):  # said in the API and the log: the disk is at fault
                         self.store.save(job)
                 if self.on_error is not None:
@@ -599,7 +599,7 @@ class JobRunner:
                 self._finish(job, "cancelled")
                 self._drop_run(job)
         except BaseException as e:
-            msg, code = describe(e)
+            msg, code = explain(e)
             msg = self._shown(job, msg)
             with self.lock:
                 job.error, job.exit_code = msg, code
