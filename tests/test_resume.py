@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import JOB_ARGS, JOB_STEPS, default_signals, rgb_image, run_cli
 from infdit_cli.checkpoint import run_folder_for
 from infdit_cli.events import CheckpointDiscarded, CheckpointWritten, Resumed, StepDone
+from infdit_cli import pipeline
 from infdit_cli.pipeline import UpscaleOptions, predicted_seconds
 from infdit_cli.upscaler import Upscaler
 
@@ -245,14 +246,13 @@ def test_checkpoint_dir_and_events(tmp_path, lib):
 
 
 def test_checkpoints_default_from_the_time_estimate(tmp_path, lib, monkeypatch):
-    from infdit_cli import upscaler
 
     up, src, _ = lib
     plan = up.plan((12, 14), scale=8)
     assert 0 < predicted_seconds(plan) < 1  # the tiny model: far below the 5-minute threshold
     seen = _events(up, src, tmp_path / "a.png")
     assert not any(isinstance(e, CheckpointWritten) for e in seen)
-    monkeypatch.setattr(upscaler, "CHECKPOINT_AFTER", 0.0)  # as if the job were long
+    monkeypatch.setattr(pipeline, "CHECKPOINT_AFTER", 0.0)  # as if the job were long
     seen = _events(up, src, tmp_path / "b.png")
     assert sum(isinstance(e, CheckpointWritten) for e in seen) == 6
 

@@ -19,6 +19,7 @@ import torch
 from .config import InfDiTConfig
 from .errors import BadRequest, HostMemoryTooSmall, MemoryBudgetTooSmall
 from .schedule import BlockBatch, cache_slots, choose_order
+from .settings import settings
 from .units import format_bytes, format_seconds, parse_bytes
 
 __all__ = [
@@ -406,7 +407,7 @@ def host_available() -> int:
     """Host bytes this process can hold: MemAvailable (and the cgroup limit's headroom, where one applies)
     plus what the process already holds; `INFDIT_HOST_MEMORY` (e.g. 96GB) instead, where the kernel's
     figures do not tell (a VM whose memory grows on demand starts with a low MemTotal)."""
-    override = os.environ.get("INFDIT_HOST_MEMORY")
+    override = settings().host_memory
     if override:
         try:
             return parse_bytes(override)

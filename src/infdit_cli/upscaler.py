@@ -32,7 +32,7 @@ from .images import (
     save_image,
 )
 from .pipeline import (
-    CHECKPOINT_AFTER,
+    checkpoint_by_default,
     UpscaleOptions,
     UpscalePlan,
     check_disk,
@@ -274,7 +274,7 @@ class Upscaler:
         folder = Path(job.checkpoint_dir) if job.checkpoint_dir is not None else run_folder_for(dst)
         checkpoint = job.checkpoint
         if checkpoint is None:
-            checkpoint = os.path.lexists(folder) or predicted_seconds(up_plan) > CHECKPOINT_AFTER
+            checkpoint = checkpoint_by_default(folder, predicted_seconds(up_plan))
         # before any work: DiskTooSmall
         check_disk(folder.parent if checkpoint else dst.parent, disk_need(up_plan, bool(checkpoint)))
         if checkpoint:

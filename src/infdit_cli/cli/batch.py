@@ -72,7 +72,9 @@ def batch(
     others), 2 for a wrong command line.
     """
     if verbose:
-        os.environ["INFDIT_DEBUG"] = "1"
+        from ..settings import override
+
+        override(debug=True)
     check_target_args(res, scale)  # usage before the folder, the folder before weights; before torch loads
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
     from .. import distributed as D  # the library (torch) is kept off start-up: --help and usage errors

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from ..serve.hosts import LOOPBACK_NAMES, bare_host
+from ..settings import settings
 from ..units import parse_bytes
 from . import _options as O
 
@@ -31,7 +32,7 @@ INSTALL_HINT = ('infdit serve needs the web server packages: pip install fastapi
 
 
 def default_jobs() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    base = settings().data_home or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "infdit" / "jobs"
 
 
@@ -175,9 +176,9 @@ def model_label(weights, repo) -> dict:
     model that ships with the package), "official" (a registry model, or a file converted from its release), "converted" (a file `infdit convert`/`download` made from
     another checkpoint) or "random test model" (a file with no conversion record, as the test and
     benchmark models are: its output is noise)."""
-    from ..hub import DEFAULT_MODEL, WEIGHTS_ENV, registry, resolve_weights
+    from ..hub import DEFAULT_MODEL, registry, resolve_weights
 
-    name = str(weights if weights is not None else os.environ.get(WEIGHTS_ENV) or DEFAULT_MODEL)
+    name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)
     meta: dict = {}
     try:
         from safetensors import safe_open

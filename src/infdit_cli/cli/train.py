@@ -72,7 +72,9 @@ def train(
     grid; Ctrl-C or SIGTERM saves and stops, and the same command resumes where it stopped.
     """
     if verbose:
-        os.environ["INFDIT_DEBUG"] = "1"
+        from ..settings import override
+
+        override(debug=True)
     from ..errors import BadRequest, OutputExists
 
     if (from_ is None) == (config is None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -139,10 +138,10 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     if dev.type == "cpu" and plan.seconds > SLOW_ON_CPU:
         info["gpu_seconds"] = gpu_seconds(cfg, plan)
     if dst is not None:  # the disk the job's files need beside the output (`refuse_disk` checks it)
-        from ..pipeline import CHECKPOINT_AFTER, check_disk, disk_need
+        from ..pipeline import check_disk, checkpoint_by_default, disk_need
 
         if checkpoint is None:
-            checkpoint = os.path.lexists(run_folder_for(dst)) or plan.seconds > CHECKPOINT_AFTER
+            checkpoint = checkpoint_by_default(run_folder_for(dst), plan.seconds)
         need = disk_need(plan, bool(checkpoint))
         folder = dst.parent if str(dst.parent) else Path(".")
         info["disk"] = {**need, "folder": str(folder), "free_bytes": check_disk(folder, need, refuse=False)}
@@ -258,7 +257,9 @@ def upscale(
     in n x n blocks of 128 px with a K/V cache, n as large as fits.
     """
     if verbose:
-        os.environ["INFDIT_DEBUG"] = "1"
+        from ..settings import override
+
+        override(debug=True)
     check_target_args(res, scale)  # the commonest usage errors, answered before torch loads
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
     from ..checkpoint import run_folder_for  # the library (torch) is kept off start-up: --help, usage errors
