@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infdit_cli.bench import flops_per_call
-from infdit_cli.config import PRESETS
+from infdit_cli.tools.bench import flops_per_call
+from infdit_cli.model.config import PRESETS
 from infdit_cli.events import CheckpointWritten, StepDone
-from infdit_cli.calibrate import calibration
-from infdit_cli.pipeline import UpscaleOptions
-from infdit_cli.upscaler import Upscaler
-from infdit_cli.weights import random_model
+from infdit_cli.plan.calibrate import calibration
+from infdit_cli.jobs.pipeline import UpscaleOptions
+from infdit_cli.jobs.upscaler import Upscaler
+from infdit_cli.weights.format import random_model
 
 
 def run(up: Upscaler, size: int, steps: int, low_memory: bool, folder: Path) -> dict:
@@ -61,7 +61,7 @@ def verify_cost(size: int, rounds: int = 3) -> float:
     check, chunk by chunk as `checkpoint.write_tensor` does), on a float32 x of a size x size output."""
     import hashlib
 
-    from infdit_cli.checkpoint import _bytes_view, _rows
+    from infdit_cli.jobs.checkpoint import _bytes_view, _rows
 
     x = torch.randn(1, 3, size, size)
     times = []

@@ -55,7 +55,7 @@ def pinned_probe() -> str:
 
     import torch
 
-    from infdit_cli.storage import Scratch
+    from infdit_cli.engine.storage import Scratch
 
     t = time.perf_counter()
     scratch = Scratch(pin=True)

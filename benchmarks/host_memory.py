@@ -47,8 +47,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from infdit_cli.config import PRESETS
-    from infdit_cli.weights import random_model, save_model_file
+    from infdit_cli.model.config import PRESETS
+    from infdit_cli.weights.format import random_model, save_model_file
 
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from infdit_cli.config import PRESETS
-from infdit_cli.engine import denoise
-from infdit_cli.weights import random_model
+from infdit_cli.model.config import PRESETS
+from infdit_cli.engine.blocks import denoise
+from infdit_cli.weights.format import random_model
 
 
 def main() -> None:

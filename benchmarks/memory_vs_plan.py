@@ -1,6 +1,6 @@
 """One denoiser call's measured peak memory against the planner's prediction, whole image and block modes.
 
-Each row is `infdit_cli.bench.measure` (a fresh process: the call's peak RSS above the process's
+Each row is `infdit_cli.tools.bench.measure` (a fresh process: the call's peak RSS above the process's
 before-call baseline on the CPU, `torch.cuda.max_memory_allocated` on CUDA) beside the same command's
 prediction (`planner.estimate`: cache + activations + slack + the output image). The planner's
 activation coefficients (`RECT_TOKEN_COPIES`, `CHUNK_TOKEN_COPIES`, `LR_WINDOW_COPIES`, the CPU's
@@ -11,7 +11,7 @@ activation coefficients (`RECT_TOKEN_COPIES`, `CHUNK_TOKEN_COPIES`, `LR_WINDOW_C
 
 import argparse
 
-from infdit_cli.bench import CallSpec, measure
+from infdit_cli.tools.bench import CallSpec, measure
 
 CASES = [(512, 1), (768, 1), (512, 2), (512, None), (768, None), (1024, None)]  # (side, n); None: whole
 

@@ -1,6 +1,6 @@
 """Peak memory of one denoiser call vs image size: whole-image pass vs block mode at a fixed n.
 
-Each configuration runs in a fresh process (`infdit_cli.bench.measure`); the planner's prediction of the
+Each configuration runs in a fresh process (`infdit_cli.tools.bench.measure`); the planner's prediction of the
 same quantity is printed beside the measurement. Writes a Markdown table to stdout.
 
     python benchmarks/memory_vs_size.py [--config small] [--n 1]
@@ -8,7 +8,7 @@ same quantity is printed beside the measurement. Writes a Markdown table to stdo
 
 import argparse
 
-from infdit_cli.bench import CallSpec, environment, measure
+from infdit_cli.tools.bench import CallSpec, environment, measure
 
 MiB = 2**20
 

@@ -25,7 +25,7 @@ def predicted(gh: int, gw: int, n: int, ranks: int, layers: int, per_layer: bool
     """T1 / TR from the fill model: R bands, m rectangle rows, W columns in the widest band; the busiest
     band sets the pace. Each rank lags the one on its left by a row of rectangles; with per-layer sends,
     less the part of the row's last rectangle that overlaps (all but its first layer)."""
-    from infdit_cli.bands import column_bands
+    from infdit_cli.engine.bands import column_bands
 
     if ranks == 1:
         return 1.0
@@ -38,12 +38,12 @@ def predicted(gh: int, gw: int, n: int, ranks: int, layers: int, per_layer: bool
 
 
 def worker(args) -> None:
-    from infdit_cli import distributed as D
-    from infdit_cli.bands import BandEngine
-    from infdit_cli.config import PRESETS
-    from infdit_cli.engine import BlockEngine
-    from infdit_cli.planner import Placement
-    from infdit_cli.weights import random_model
+    from infdit_cli.distributed import world as D
+    from infdit_cli.engine.bands import BandEngine
+    from infdit_cli.model.config import PRESETS
+    from infdit_cli.engine.blocks import BlockEngine
+    from infdit_cli.plan.planner import Placement
+    from infdit_cli.weights.format import random_model
 
     world = D.world_from_env()
     D.init(world, "cpu")
@@ -85,7 +85,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from infdit_cli.config import PRESETS
+    from infdit_cli.model.config import PRESETS
 
     cfg = PRESETS[args.config]
     bs = cfg.block_size

@@ -46,7 +46,7 @@ def _call(model, x, lr_up, lr, vector, n):
     import inspect
 
     try:  # the engine owns the call (this main): denoise(model, ...)
-        from infdit_cli.engine import BlockEngine, denoise  # noqa: F401
+        from infdit_cli.engine.blocks import BlockEngine, denoise  # noqa: F401
     except ImportError:
         pass
     else:
@@ -68,8 +68,8 @@ def worker(h: int, w: int, modes: list, config: str, threads: int | None, calls:
     import torch
 
     import infdit_cli
-    from infdit_cli.config import PRESETS
-    from infdit_cli.weights import random_model
+    from infdit_cli.model.config import PRESETS
+    from infdit_cli.weights.format import random_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -207,9 +207,9 @@ def choice_table(runs: dict, sizes, modes, med) -> None:
     """This tree: every mode against the whole image, and the planner's choice against the fastest."""
     import torch
 
-    from infdit_cli.calibrate import calibration
-    from infdit_cli.config import PRESETS
-    from infdit_cli.planner import call_seconds, plan
+    from infdit_cli.plan.calibrate import calibration
+    from infdit_cli.model.config import PRESETS
+    from infdit_cli.plan.planner import call_seconds, plan
 
     cfg = PRESETS[runs["config"]]
     rates = calibration(cfg, torch.device("cpu"), torch.float32, threads=runs["threads"])

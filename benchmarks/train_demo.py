@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from infdit_cli.config import PRESETS
+from infdit_cli.model.config import PRESETS
 from infdit_cli.events import TrainValidated
 from infdit_cli.train import recipe as R
 from infdit_cli.train.data import ValSet, scan
@@ -78,7 +78,7 @@ def baselines(batches: list[dict]) -> dict[str, torch.Tensor]:
 
 def model_per_sigma(path: Path, batches: list[dict]) -> torch.Tensor:
     from infdit_cli.train.loop import batch_loss
-    from infdit_cli.weights import load_model
+    from infdit_cli.weights.format import load_model
 
     model = load_model(path, device=torch.device("cpu"), dtype=torch.float32).eval()
     with torch.no_grad():

@@ -5,12 +5,12 @@ import sys
 
 import torch
 
-from infdit_cli import distributed as D
-from infdit_cli.bands import BandEngine
-from infdit_cli.config import PRESETS
-from infdit_cli.engine import denoise
-from infdit_cli.planner import Placement
-from infdit_cli.weights import random_model
+from infdit_cli.distributed import world as D
+from infdit_cli.engine.bands import BandEngine
+from infdit_cli.model.config import PRESETS
+from infdit_cli.engine.blocks import denoise
+from infdit_cli.plan.planner import Placement
+from infdit_cli.weights.format import random_model
 
 
 def main(out_path: str) -> None:

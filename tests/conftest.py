@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SESSION_CACHE = tempfile.mkdtemp(prefix="infdit-test-cache-")
 os.environ["INFDIT_CACHE"] = SESSION_CACHE
 
-from infdit_cli.config import PRESETS  # noqa: E402
-from infdit_cli.storage import _COMPACTED, _GONE  # noqa: E402
-from infdit_cli.weights import random_model, save_model_file  # noqa: E402
+from infdit_cli.model.config import PRESETS  # noqa: E402
+from infdit_cli.engine.storage import _COMPACTED, _GONE  # noqa: E402
+from infdit_cli.weights.format import random_model, save_model_file  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "upstream-a"  # checkpoint.pt, config.json: links into the package's
 # copy (src/infdit_cli/selftest_data, which `infdit selftest` reads); io.safetensors here holds the other keys
@@ -227,7 +227,7 @@ def official_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def official_model(official_file):
-    from infdit_cli.weights import load_model
+    from infdit_cli.weights.format import load_model
 
     return load_model(official_file, device=TORCH_DEVICE, dtype=torch.float32)
 

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from infdit_cli import bands
+from infdit_cli.engine import bands
 from infdit_cli.cli.app import main
 
 FAULT = sys.argv.pop(1)

@@ -12,13 +12,13 @@ import sys
 
 import torch
 
-from infdit_cli import distributed as D
-from infdit_cli.bands import band_engine
-from infdit_cli.config import PRESETS
+from infdit_cli.distributed import world as D
+from infdit_cli.engine.bands import band_engine
+from infdit_cli.model.config import PRESETS
 from infdit_cli.events import Notice, PlanChanged
-from infdit_cli.pipeline import UpscaleOptions
-from infdit_cli.upscaler import Upscaler
-from infdit_cli.weights import random_model
+from infdit_cli.jobs.pipeline import UpscaleOptions
+from infdit_cli.jobs.upscaler import Upscaler
+from infdit_cli.weights.format import random_model
 
 SIZE = (24, 100)  # LR; x4: 96x400, a 6x25-block grid of the tiny config
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infdit_cli.batch import find_images, plan_batch, preview_batch, run_batch
+from infdit_cli.jobs.batch import find_images, plan_batch, preview_batch, run_batch
 from infdit_cli.errors import BadImage, BadRequest
 from infdit_cli.events import Notice
 

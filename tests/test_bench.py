@@ -14,7 +14,7 @@ import torch
 
 from conftest import default_signals, run_cli
 from infdit_cli.errors import BadRequest
-from infdit_cli.upscaler import resolve_dtype
+from infdit_cli.jobs.upscaler import resolve_dtype
 
 
 @pytest.mark.parametrize("name", ["fp16", "float16", "half"])
@@ -46,7 +46,7 @@ def test_fp16_on_the_command_line_is_one_line_exit_2(tiny_weights, tmp_path):
 def test_run_bench_reports_progress_and_wxh_sizes(tiny_config):
     """The real measurement path (fresh processes) on the tiny model: one event per measurement, work
     adding up to the announced total, sizes written WxH, each row handed on as it is measured."""
-    from infdit_cli.bench import run_bench
+    from infdit_cli.tools.bench import run_bench
     from infdit_cli.events import MeasureDone
 
     events, streamed = [], []
@@ -66,7 +66,7 @@ def test_run_bench_reports_progress_and_wxh_sizes(tiny_config):
 
 
 def _fake_rows(cfg):
-    from infdit_cli.bench import BenchRow, CallMeasurement, CallSpec
+    from infdit_cli.tools.bench import BenchRow, CallMeasurement, CallSpec
 
     def m(n, peak, sec):
         return CallMeasurement(CallSpec("tiny", 16, 48, n), peak, peak + 2**20, sec, 48, 4e12,
@@ -91,7 +91,7 @@ def test_bench_table_columns_agree(monkeypatch, tiny_config):
     put are the block engine's own fields."""
     from typer.testing import CliRunner
 
-    import infdit_cli.bench as bench_mod
+    import infdit_cli.tools.bench as bench_mod
     from infdit_cli.cli.app import app
 
     monkeypatch.setattr(bench_mod, "run_bench", _fake_run_bench(tiny_config))
@@ -120,7 +120,7 @@ def test_bench_table_columns_agree(monkeypatch, tiny_config):
 
 def _count_calls(monkeypatch, bench_mod):
     """Run the measurements in this process (no fresh process per configuration), counting them."""
-    from infdit_cli.bench import CallMeasurement
+    from infdit_cli.tools.bench import CallMeasurement
 
     seen = []
 
@@ -138,9 +138,9 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
     measured but said, with how to run it; given with --res, it runs."""
     from typer.testing import CliRunner
 
-    import infdit_cli.bench as bench_mod
-    import infdit_cli.calibrate as calibrate_mod
-    import infdit_cli.planner as planner_mod
+    import infdit_cli.tools.bench as bench_mod
+    import infdit_cli.plan.calibrate as calibrate_mod
+    import infdit_cli.plan.planner as planner_mod
     from infdit_cli.cli.app import app
 
     seen = _count_calls(monkeypatch, bench_mod)
@@ -179,8 +179,8 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
 
 def _window_counter(monkeypatch):
     """KV caches made slowly (0.5 s each), and whether each was made inside a timed call (`bench._call`)."""
-    import infdit_cli.bench as bench_mod
-    import infdit_cli.engine as engine_mod
+    import infdit_cli.tools.bench as bench_mod
+    import infdit_cli.engine.blocks as engine_mod
 
     made, puts, timing = [], [], [False]
 
@@ -212,8 +212,8 @@ def _window_counter(monkeypatch):
 def test_timed_calls_exclude_building_the_cache(monkeypatch):
     """The K/V cache (pinned on CUDA) is made once per engine, outside the timed calls, and its time is
     reported as setup; the put field times one call's cache writes (the same bytes a call writes)."""
-    import infdit_cli.bench as bench_mod
-    from infdit_cli.bench import CallSpec
+    import infdit_cli.tools.bench as bench_mod
+    from infdit_cli.tools.bench import CallSpec
 
     made, puts = _window_counter(monkeypatch)
     spec = CallSpec("tiny", 64, 64, n=1, repeats=2)
@@ -230,7 +230,7 @@ def test_timed_calls_exclude_building_the_cache(monkeypatch):
 def test_bench_default_weights_from_env(monkeypatch, tiny_weights):
     from typer.testing import CliRunner
 
-    import infdit_cli.bench as bench_mod
+    import infdit_cli.tools.bench as bench_mod
     from infdit_cli.cli.app import app
 
     seen = {}
@@ -258,7 +258,7 @@ def test_bench_bad_arguments_one_line_exit_2(args, fragment):
 
 
 def _workers_of(pid: int) -> list[int]:
-    """The bench workers (`python -m infdit_cli.bench`) started by the `infdit bench` with this pid."""
+    """The bench workers (`python -m infdit_cli.tools.bench`) started by the `infdit bench` with this pid."""
     found = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from infdit_cli.engine import BlockEngine, denoise
-from infdit_cli.planner import Placement
-from infdit_cli.sampling import edm_sigmas, sample_heun
+from infdit_cli.engine.blocks import BlockEngine, denoise
+from infdit_cli.plan.planner import Placement
+from infdit_cli.engine.sampling import edm_sigmas, sample_heun
 
 BF16 = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "upstream-a-bf16"
 RATIO = 1.5
@@ -35,7 +35,7 @@ def bio():
 
 @pytest.fixture(scope="module")
 def bf16_model(tmp_path_factory):
-    from infdit_cli.weights import load_model
+    from infdit_cli.weights.format import load_model
 
     out = tmp_path_factory.mktemp("bf16") / "upstream-a-bf16.safetensors"
     run_cli("convert", BF16 / "checkpoint.pt", "-o", out, "--clip-head-width", "32", check=True)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import run_cli
-from infdit_cli import calibrate
-from infdit_cli.calibrate import CALIBRATION_FILE, calibration, device_key
-from infdit_cli.config import PRESETS
-from infdit_cli.planner import Rates
+from infdit_cli.plan import calibrate
+from infdit_cli.plan.calibrate import CALIBRATION_FILE, calibration, device_key
+from infdit_cli.model.config import PRESETS
+from infdit_cli.plan.planner import Rates
 
 TINY = PRESETS["tiny"]
 
@@ -56,7 +56,7 @@ def timed(monkeypatch):
 
 def test_rates_make_the_cost_model_predict_the_measured_chunk(timed):
     """flops = the chunk's FLOPs over its best time less what the cost model charges its operations."""
-    from infdit_cli.planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER
+    from infdit_cli.plan.planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER
 
     timed[:] = [1.02, 1.0, 1.05]
     r = calibrate.measure_rates(TINY, torch.device("cpu"), torch.float32)
@@ -80,7 +80,7 @@ def test_a_calibration_under_contention_is_used_but_not_kept(timed, cache, monke
 def test_a_jobs_own_calls_correct_the_cache(cache, measured, monkeypatch):
     """A job that ran 2x slower than predicted (steady, long enough) doubles every cost in the cache: the
     next plan predicts what it measured. Too short, too few calls, a busy machine: nothing changes."""
-    from infdit_cli.planner import call_seconds
+    from infdit_cli.plan.planner import call_seconds
 
     monkeypatch.setattr(calibrate, "busy", lambda: False)
     rates = calibration(TINY, "cpu", torch.float32)

@@ -5,8 +5,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import DATA, run_cli
-from infdit_cli.config import InfDiTConfig
-from infdit_cli.convert import convert_checkpoint
+from infdit_cli.model.config import InfDiTConfig
+from infdit_cli.weights.convert import convert_checkpoint
 from infdit_cli.errors import ConvertError
 
 

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import infdit_cli.engine as engine_mod
-import infdit_cli.storage as storage_mod
-from infdit_cli.config import PRESETS
-from infdit_cli.engine import BlockEngine, denoise
-from infdit_cli.layers import edm_scalings
-from infdit_cli.planner import Placement, host_available
-from infdit_cli.sampling import edm_sigmas, sample_heun
-from infdit_cli.storage import Scratch
+import infdit_cli.engine.blocks as engine_mod
+import infdit_cli.engine.storage as storage_mod
+from infdit_cli.model.config import PRESETS
+from infdit_cli.engine.blocks import BlockEngine, denoise
+from infdit_cli.model.layers import edm_scalings
+from infdit_cli.plan.planner import Placement, host_available
+from infdit_cli.engine.sampling import edm_sigmas, sample_heun
+from infdit_cli.engine.storage import Scratch
 
 
 def _inputs(cfg, h=48, w=80, seed=0):
@@ -105,7 +105,7 @@ def test_edm_constants_are_float64_rounded_once():
     a state on the host and one on the GPU then see the same constants (float32 maths differs in the
     last bit for some sigmas)."""
     sigma = torch.cat([edm_sigmas(20)[:-1], torch.logspace(-3, 1.7, 300)]).float()
-    from infdit_cli.weights import random_model
+    from infdit_cli.weights.format import random_model
 
     model = random_model(PRESETS["tiny"])
     step = model.prepare_step(sigma, torch.zeros(len(sigma), model.config.vector_dim))
@@ -404,7 +404,7 @@ def test_the_wavelet_colour_fix_in_row_bands_is_the_whole_image_s():
     """In row bands (each with the blur's 31-row reach above and below) the fix gives the whole image's
     numbers to the bit, with the reference a tensor or computed band by band (`Upsampled`): a GPU then never
     runs one convolution over a whole image past 32-bit indexing."""
-    from infdit_cli.pipeline import Upsampled, _low_freq, color_fix
+    from infdit_cli.jobs.pipeline import Upsampled, _low_freq, color_fix
 
     g = torch.Generator().manual_seed(0)
     src = torch.rand(1, 3, 75, 50, generator=g) * 2 - 1
@@ -413,7 +413,7 @@ def test_the_wavelet_colour_fix_in_row_bands_is_the_whole_image_s():
     whole_ref = ref[..., :, :]
     want = (out - _low_freq(out) + _low_freq(whole_ref)).clamp(-1, 1)
     assert torch.equal(color_fix(out, ref, "wavelet"), want)
-    from infdit_cli import pipeline
+    from infdit_cli.jobs import pipeline
 
     for budget in (3 * 4 * 200 * 7, 3 * 4 * 200 * 40):  # 7-row and 40-row bands: halos wider and narrower
         assert len(pipeline._rows(300, 200, budget)) > 5
@@ -476,7 +476,7 @@ def test_attention_bound_is_a_bf16_kernels_error_not_the_outputs_rounding():
     here) little room (here 1.4x of the 1.5x), and fails it on other shapes for no fault of its own."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from infdit_cli.sdpa_pick import measure_backends
+    from infdit_cli.engine.sdpa import measure_backends
 
     got = measure_backends("cpu", batch=2, heads=4, queries=128, keys=2048, backends=())
     g = torch.Generator().manual_seed(0)

@@ -92,7 +92,7 @@ def test_png16_carries_icc_exif_dpi(tmp_path, w):
     arr = _ramp(4)[:, :32]
     with open(tmp_path / "rgba.png", "wb") as f:  # same metadata on a 16-bit RGBA file, spliced by our writer
         png.Writer(32, H, alpha=True, bitdepth=16).write_array(f, arr.reshape(-1))
-    from infdit_cli.images import load_image, save_image
+    from infdit_cli.images.load import load_image, save_image
 
     img = load_image(src)
     deep = load_image(tmp_path / "rgba.png")
@@ -130,7 +130,7 @@ def test_depth_refused_where_it_cannot_hold(rgb16_png, tmp_path, w, args):
 
 def test_model_sees_the_full_depth(rgb16_png):
     """The LR tensor is the 16-bit samples / 65535, not a quantised 8-bit copy."""
-    from infdit_cli.images import load_image
+    from infdit_cli.images.load import load_image
 
     img = load_image(rgb16_png)
     assert img.bits == 16 and not img.notices

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import default_signals, run_cli
-from infdit_cli.checkpoint import run_folder_for
+from infdit_cli.jobs.checkpoint import run_folder_for
 from test_resume import ARGS, STEPS, _saved, _start, _stop_at, rgb_image
 
 
@@ -427,7 +427,7 @@ def test_the_lock_path_takes_only_an_earlier_infdit_lock(job, tmp_path, tiny_wei
     """A user's file at the lock path (any content, or a hard link to another file, even one whose content
     looks like a lock) is refused in one line naming it, byte-identical afterwards; an earlier infdit's lock
     that no process holds (this version's form, or the bare pid of earlier ones) is taken and removed."""
-    from infdit_cli.checkpoint import LOCK_TEXT
+    from infdit_cli.jobs.checkpoint import LOCK_TEXT
 
     src, ref = job[:2]
     out = tmp_path / "out.png"
@@ -465,7 +465,7 @@ def test_the_lock_path_takes_only_an_earlier_infdit_lock(job, tmp_path, tiny_wei
 
 def test_a_lock_file_replaced_during_the_run_is_left_alone(job, tmp_path, tiny_weights, monkeypatch, capsys):
     """A file put at the lock path during the run (after ours was removed) is not ours: kept at the end."""
-    from infdit_cli.upscaler import Upscaler
+    from infdit_cli.jobs.upscaler import Upscaler
 
     src, ref = job[:2]
     out = tmp_path / "out.png"
@@ -542,7 +542,7 @@ def test_a_full_disk_names_the_folder_and_leaves_nothing_new(job, tmp_path, tiny
 # -- non-finite results ------------------------------------------------------------------------------------
 
 def test_nan_weights_give_one_line_and_no_output(job, tmp_path, tiny_model):
-    from infdit_cli.weights import save_model_file
+    from infdit_cli.weights.format import save_model_file
 
     sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     k = next(k for k, v in sd.items() if v.is_floating_point() and "final" in k or "out" in k)
@@ -561,12 +561,12 @@ def test_a_nan_step_keeps_the_last_good_checkpoint(tmp_path, tiny_model):
     """In process: the denoiser turns to NaN at pass 1's third step; the step-2 checkpoint stays."""
     from infdit_cli.errors import NonFinite
     from infdit_cli.events import StepDone
-    from infdit_cli.pipeline import UpscaleOptions
-    from infdit_cli.upscaler import Upscaler
+    from infdit_cli.jobs.pipeline import UpscaleOptions
+    from infdit_cli.jobs.upscaler import Upscaler
 
     src = tmp_path / "in.png"
     Image.fromarray(rgb_image(12, 14)).save(src)
-    from infdit_cli.engine import BlockEngine
+    from infdit_cli.engine.blocks import BlockEngine
 
     done = []
 

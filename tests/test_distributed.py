@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from infdit_cli.distributed import World, rank_device, shard, world_from_env
+from infdit_cli.distributed.world import World, rank_device, shard, world_from_env
 
 from conftest import run_cli
 
@@ -104,7 +104,7 @@ def test_batch_under_torchrun_same_files_one_report(tmp_path, tiny_weights):
 # --- one image across ranks ----------------------------------------------------------------------------------
 
 def test_column_bands():
-    from infdit_cli.bands import column_bands
+    from infdit_cli.engine.bands import column_bands
 
     assert column_bands(7, 2) == [(0, 4), (4, 7)]
     assert column_bands(2, 3) == [(0, 1), (1, 2), (2, 2)]  # more ranks than columns: the last idles
@@ -145,7 +145,7 @@ def test_upscale_under_torchrun_same_pixels(tmp_path, tiny_weights):
 
 
 def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatch):
-    from infdit_cli.upscaler import prefer_expandable_segments
+    from infdit_cli.jobs.upscaler import prefer_expandable_segments
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     env: dict = {}
@@ -164,7 +164,7 @@ def test_clean_teardown_meets_the_peers_on_gloo_not_the_devices_barrier(monkeypa
     (a dead peer then costs the NCCL watchdog's timeout)."""
     import torch.distributed as dist
 
-    from infdit_cli.distributed import teardown
+    from infdit_cli.distributed.world import teardown
 
     calls: list = []
 

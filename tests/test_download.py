@@ -154,7 +154,7 @@ def test_interrupted_first_download_resumes_on_the_next_upscale(release):
 
 
 def test_partial_file_from_a_killed_run_is_resumed(release):
-    from infdit_cli import cache
+    from infdit_cli.weights import cache
 
     fake, url, env, tmp_path = release
     os.environ["INFDIT_CACHE"] = env["INFDIT_CACHE"]
@@ -268,7 +268,7 @@ def test_non_checkpoint_is_refused_and_not_cached(release, body, ctype, fragment
 
 def test_disk_full_is_one_clear_error(release, monkeypatch):
     """Writes to /dev/full fail with ENOSPC, as on a full disk; the partial file is kept for a resume."""
-    from infdit_cli import download
+    from infdit_cli.weights import download
     from infdit_cli.errors import DownloadError
 
     fake, url, _, tmp_path = release
@@ -281,7 +281,7 @@ def test_disk_full_is_one_clear_error(release, monkeypatch):
 
 
 def test_verified_once_then_trusted_until_the_file_changes(tmp_path, monkeypatch):
-    from infdit_cli import cache
+    from infdit_cli.weights import cache
 
     monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -333,8 +333,8 @@ def test_the_plan_and_the_cpu_fallback_come_before_the_download(tmp_path, monkey
     """`infdit upscale` on a fresh cache with --device auto on a machine without a GPU: the plan's first line
     (with a GPU's time: the job is over an hour on this CPU) and why it runs on the CPU come before the
     download's first line; the download (to a port nothing listens on) then fails in one line."""
-    import infdit_cli.calibrate as calibrate
-    from infdit_cli.planner import Rates
+    import infdit_cli.plan.calibrate as calibrate
+    from infdit_cli.plan.planner import Rates
 
     port = _fresh_cache_without_a_gpu(tmp_path, monkeypatch, cuda)
     monkeypatch.setattr(calibrate, "calibration", lambda *a, **k: Rates(2e9, 3e-6, 4e9, source="measured"))

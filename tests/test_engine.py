@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from infdit_cli import engine as engine_mod
-from infdit_cli.engine import BlockEngine, denoise
+from infdit_cli.engine import blocks as engine_mod
+from infdit_cli.engine.blocks import BlockEngine, denoise
 from infdit_cli.errors import OutOfMemory
 from infdit_cli.events import BatchDone, PlanChanged
-from infdit_cli.planner import Placement, step_down
-from infdit_cli.schedule import cache_bound, plan_batches
-from infdit_cli.storage import Scratch
+from infdit_cli.plan.planner import Placement, step_down
+from infdit_cli.plan.grid import cache_bound, plan_batches
+from infdit_cli.engine.storage import Scratch
 
 WHOLE = Placement(n=1 << 30)
 
@@ -132,8 +132,8 @@ def _limit(max_bytes):
 
 
 def test_out_of_memory_steps_down_and_keeps_the_smaller_plan(tiny_model, whole):
-    from infdit_cli.planner import batch_device_bytes
-    from infdit_cli.schedule import BlockBatch
+    from infdit_cli.plan.planner import batch_device_bytes
+    from infdit_cli.plan.grid import BlockBatch
 
     x, lr_up, lr, vec, ref = whole[(48, 80)]
     cfg = tiny_model.config
@@ -211,7 +211,7 @@ def test_no_image_area_by_hidden_width_tensor(tiny_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_placements_give_identical_pixels(tiny_config, whole):
-    from infdit_cli.weights import random_model
+    from infdit_cli.weights.format import random_model
 
     m = random_model(tiny_config, seed=0, device="cuda")
     x, lr_up, lr, vec, ref = whole[(48, 80)]
@@ -228,7 +228,7 @@ def test_cuda_placements_give_identical_pixels(tiny_config, whole):
 def test_chunked_layers_equal_one_chunk(tiny_model, whole, monkeypatch, chunk_blocks):
     """A rectangle's per-token work runs over chunks of its blocks (the last one ragged): the result is
     the one-chunk pass's, whole image and block mode alike."""
-    from infdit_cli import planner
+    from infdit_cli.plan import planner
 
     t = tiny_model.config.block_tokens**2
     assert planner.chunk_blocks(tiny_model.config, "cpu") >= 15  # the fixture ran as one chunk
@@ -242,7 +242,7 @@ def test_chunked_layers_equal_one_chunk(tiny_model, whole, monkeypatch, chunk_bl
 def test_chunks_bound_the_mlp_temporaries(tiny_model, monkeypatch):
     """The MLP's (tokens x 4D) tensors are a chunk's, not the rectangle's: with 2-block chunks they do not
     grow with the image, while with one chunk for the rectangle they do."""
-    from infdit_cli import planner
+    from infdit_cli.plan import planner
 
     cfg = tiny_model.config
     bs, t, width = cfg.block_size, cfg.block_tokens**2, cfg.mlp_ratio * cfg.hidden_size

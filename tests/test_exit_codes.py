@@ -10,7 +10,7 @@ from PIL import Image
 
 from infdit_cli import errors
 from infdit_cli.cli.app import main
-from infdit_cli.upscaler import Upscaler
+from infdit_cli.jobs.upscaler import Upscaler
 
 FAST = ["--steps", "2", "--device", "cpu"]
 
@@ -206,9 +206,9 @@ _HOLD = {  # Python run before the CLI's main: holds the run in one phase, touch
                "        if name == 'torch':\n"
                "            hold()\n"
                "sys.meta_path.insert(0, _Hold())\n"),
-    "plan": ("import infdit_cli.pipeline as P\n_real = P.plan_upscale\n"
+    "plan": ("import infdit_cli.jobs.pipeline as P\n_real = P.plan_upscale\n"
              "def _held(*a, **k):\n    hold()\n    return _real(*a, **k)\nP.plan_upscale = _held\n"),
-    "weights": ("from infdit_cli.upscaler import Upscaler\n_real = Upscaler.from_weights.__func__\n"
+    "weights": ("from infdit_cli.jobs.upscaler import Upscaler\n_real = Upscaler.from_weights.__func__\n"
                 "def _held(cls, *a, **k):\n    hold()\n    return _real(cls, *a, **k)\n"
                 "Upscaler.from_weights = classmethod(_held)\n"),
 }

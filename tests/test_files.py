@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from infdit_cli.cache import Record, read_record, write_record
+from infdit_cli.weights.cache import Record, read_record, write_record
 from infdit_cli.files import atomic_write
 
 

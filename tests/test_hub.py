@@ -145,7 +145,7 @@ def test_clip_tower_from_hub_when_file_has_none(hub, tmp_path, tiny_model, tiny_
     from PIL import Image
     from safetensors.torch import save_file
 
-    from infdit_cli.weights import save_model_file
+    from infdit_cli.weights.format import save_model_file
 
     fake, env, _ = hub
     cfg = tiny_model.config

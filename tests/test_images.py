@@ -1,6 +1,6 @@
 import torch
 
-from infdit_cli.images import fill_transparent
+from infdit_cli.images.load import fill_transparent
 
 
 def test_fill_transparent_bleeds_nearest_visible_colour():
@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from infdit_cli.errors import BadImage, OutputError  # noqa: E402
-from infdit_cli.images import check_output, load_image, probe_size, resize, save_image  # noqa: E402
+from infdit_cli.images.load import check_output, load_image, probe_size, resize, save_image  # noqa: E402
 
 
 def _rgb(h=6, w=8):
@@ -116,7 +116,7 @@ def test_progress_shows_file_name_and_units():
 
     from infdit_cli.cli._progress import RichDisplay
     from infdit_cli.events import BatchDone, Notice, PassStarted
-    from infdit_cli.pipeline import Pass
+    from infdit_cli.jobs.pipeline import Pass
 
     console = Console(record=True, width=120, force_terminal=False)
     d = RichDisplay(console=console)

@@ -7,10 +7,10 @@ sample ~1.1e-6, the 4-step sample ~4e-5): about 10x the floor where it is ~1e-6.
 import pytest
 import torch
 
-from infdit_cli.engine import BlockEngine, denoise
-from infdit_cli.planner import Placement
-from infdit_cli.pipeline import pass_inputs
-from infdit_cli.sampling import edm_sigmas, sample_heun
+from infdit_cli.engine.blocks import BlockEngine, denoise
+from infdit_cli.plan.planner import Placement
+from infdit_cli.jobs.pipeline import pass_inputs
+from infdit_cli.engine.sampling import edm_sigmas, sample_heun
 
 CALL_TOL = 1e-5  # one denoiser call; the float32 floor is ~1.2e-6
 # The 4-step sample's first step (sigma 40 -> 5.2) amplifies float32 rounding: the fixture's own floor is
@@ -141,7 +141,7 @@ def test_every_weight_matters(official_model, io):
 
 def test_apply_rope_is_the_official_rotation():
     """`apply_rope(x, cos, signed_sin(sin))` is `dit/embeddings.py`'s `x * cos + rotate_half(x) * sin`."""
-    from infdit_cli.layers import apply_rope, signed_sin
+    from infdit_cli.model.layers import apply_rope, signed_sin
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, 4, 8, generator=g)  # (..., T, heads, hd)

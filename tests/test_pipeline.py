@@ -14,10 +14,10 @@ from PIL import Image
 
 from conftest import default_signals, run_cli
 from infdit_cli.events import PlanChanged
-from infdit_cli.images import resize
-from infdit_cli.pipeline import UpscaleOptions, Upsampled, plan_upscale, upscale
-from infdit_cli.planner import batch_device_bytes
-from infdit_cli.schedule import BlockBatch
+from infdit_cli.images.load import resize
+from infdit_cli.jobs.pipeline import UpscaleOptions, Upsampled, plan_upscale, upscale
+from infdit_cli.plan.planner import batch_device_bytes
+from infdit_cli.plan.grid import BlockBatch
 
 
 @pytest.mark.parametrize("scale", [2, 4])
@@ -54,7 +54,7 @@ def reference(tiny_model, rgb):
 def test_compile_option_reaches_the_engine(tiny_model, rgb, reference, monkeypatch):
     """`UpscaleOptions.compile` runs every pass's layers through torch.compile (a backend name here:
     "aot_eager" traces like Inductor without generating code), with the eager pixels."""
-    from infdit_cli import engine
+    from infdit_cli.engine import blocks as engine
 
     backends = []
     real = engine.compiled_kernels
@@ -172,10 +172,10 @@ def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):
 def test_the_observed_pace_leaves_out_checkpoint_saves(tiny_model, rgb, tmp_path, monkeypatch):
     """The per-call time a job hands `calibrate.observe` is the sampler's own: a checkpoint save (here a
     slow fake, 0.5 s a step) between the steps is not a model call's time."""
-    import infdit_cli.calibrate as calibrate_mod
-    import infdit_cli.pipeline as pipeline_mod
-    from infdit_cli.checkpoint import RunFolder
-    from infdit_cli.planner import Rates
+    import infdit_cli.plan.calibrate as calibrate_mod
+    import infdit_cli.jobs.pipeline as pipeline_mod
+    from infdit_cli.jobs.checkpoint import RunFolder
+    from infdit_cli.plan.planner import Rates
 
     opts = UpscaleOptions(steps=4, low_memory=False)
     rates = Rates(flops=1e9, op_seconds=1e-6, copy_bytes=1e9, source="measured")

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from infdit_cli.config import PRESETS
+from infdit_cli.model.config import PRESETS
 from infdit_cli.errors import HostMemoryTooSmall, MemoryBudgetTooSmall
-from infdit_cli.planner import Rates, call_seconds, estimate, param_count, plan
+from infdit_cli.plan.planner import Rates, call_seconds, estimate, param_count, plan
 from infdit_cli.units import parse_bytes
-from infdit_cli.schedule import cache_bound, choose_order, plan_batches
+from infdit_cli.plan.grid import cache_bound, choose_order, plan_batches
 
 OFFICIAL = PRESETS["official"]
 
@@ -116,7 +116,7 @@ def test_host_placements_used_when_device_is_tight():
 def test_param_count_is_the_module_s():
     import math
 
-    from infdit_cli.weights import expected_shapes
+    from infdit_cli.weights.format import expected_shapes
 
     for name, cfg in PRESETS.items():
         assert param_count(cfg) == sum(math.prod(s) for s in expected_shapes(cfg).values()), name
@@ -126,7 +126,7 @@ def test_param_count_is_the_module_s():
 def test_planning_builds_no_model(monkeypatch):
     """Estimates are arithmetic: planning the 16K job must not construct a module (it used to build a meta
     model per estimate, hundreds of them)."""
-    from infdit_cli import model as model_mod
+    from infdit_cli.model import infdit as model_mod
 
     def boom(*a, **k):
         raise AssertionError("a model was built")
@@ -172,7 +172,7 @@ def test_memory_mapped_state_only_when_nothing_in_ram_is_as_fast():
     """16384^2 on a 24 GiB card with 32 GiB of host memory: n=28 with the image state on the host needs it
     memory-mapped (its disk traffic counted at MAPPED_BYTES); n=20 with the state on the device fits in
     RAM and is chosen. The mapped plan would be the faster without that traffic."""
-    from infdit_cli.planner import MAPPED_BYTES, STATE_BYTES_PER_PIXEL
+    from infdit_cli.plan.planner import MAPPED_BYTES, STATE_BYTES_PER_PIXEL
 
     size, host = (16384, 16384), 32 << 30
     p = plan(OFFICIAL, size, budget=24 << 30, rates=PCIE, dtype=torch.bfloat16, device="cuda", host_budget=host)
@@ -191,7 +191,7 @@ def test_memory_mapped_state_only_when_nothing_in_ram_is_as_fast():
 def test_a_cuda_plan_keeps_a_tenth_of_the_free_memory(monkeypatch):
     """The default budget on CUDA is what the device reports free less 10 % (at least 512 MiB): the fitted
     coefficients do not see cuBLAS/NCCL workspaces or the allocator's fragmentation."""
-    from infdit_cli import planner
+    from infdit_cli.plan import planner
 
     free = {"now": 80 * 2**30}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -211,7 +211,7 @@ def test_out_of_memory_replans_at_nine_tenths_of_the_budget():
     """The first rung after an out-of-memory is the largest n that fits 0.9x the plan's budget (a step of
     a few per cent, where halving n would double the rectangles); only where no smaller n fits that does
     the engine halve."""
-    from infdit_cli.planner import Placement, replan, step_down
+    from infdit_cli.plan.planner import Placement, replan, step_down
 
     budget = 40 * 2**30
     p = plan(OFFICIAL, (8192, 8192), budget=budget, **GPU)
@@ -230,10 +230,10 @@ def test_out_of_memory_replans_at_nine_tenths_of_the_budget():
 def test_the_engine_replans_before_it_halves(tiny_model):
     """An engine given the pipeline's re-plan takes it on the first out-of-memory (n=4 -> 3), and halves
     only on the next (3 -> 1: a 3-block grid side); the result equals a call planned that way."""
-    from infdit_cli.engine import BlockEngine, denoise
+    from infdit_cli.engine.blocks import BlockEngine, denoise
     from infdit_cli.events import PlanChanged
-    from infdit_cli.planner import Placement, batch_device_bytes
-    from infdit_cli.schedule import BlockBatch
+    from infdit_cli.plan.planner import Placement, batch_device_bytes
+    from infdit_cli.plan.grid import BlockBatch
 
     cfg = tiny_model.config
     g = torch.Generator().manual_seed(0)
@@ -282,9 +282,9 @@ def test_a_pass_out_of_memory_first_replans_then_halves(tiny_model):
     largest n within 0.9x its budget (here n=3: the budget is roomy, the miss small), not at n=2; when 3x3
     batches fail too, then it halves (n=1)."""
     from infdit_cli.events import PlanChanged
-    from infdit_cli.pipeline import UpscaleOptions, plan_upscale, upscale
-    from infdit_cli.schedule import BlockBatch
-    from infdit_cli.planner import batch_device_bytes
+    from infdit_cli.jobs.pipeline import UpscaleOptions, plan_upscale, upscale
+    from infdit_cli.plan.grid import BlockBatch
+    from infdit_cli.plan.planner import batch_device_bytes
 
     cfg = tiny_model.config
     rgb = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))  # 5x7 blocks at 4x
@@ -307,11 +307,11 @@ def test_a_pass_replans_with_its_state_dtype_and_order(tiny_model, monkeypatch):
     with them."""
     from dataclasses import replace as dc_replace
 
-    import infdit_cli.pipeline as pipeline_mod
-    import infdit_cli.planner as planner_mod
-    from infdit_cli.pipeline import UpscaleOptions, plan_upscale, upscale
-    from infdit_cli.schedule import BlockBatch
-    from infdit_cli.planner import batch_device_bytes
+    import infdit_cli.jobs.pipeline as pipeline_mod
+    import infdit_cli.plan.planner as planner_mod
+    from infdit_cli.jobs.pipeline import UpscaleOptions, plan_upscale, upscale
+    from infdit_cli.plan.grid import BlockBatch
+    from infdit_cli.plan.planner import batch_device_bytes
 
     cfg = tiny_model.config
     rgb = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from infdit_cli.distributed import (
+from infdit_cli.distributed.world import (
     ExitRecord,
     another_rank_failed,
     read_exit_codes,
@@ -25,7 +25,7 @@ from infdit_cli.distributed import (
 )
 from infdit_cli.errors import BadRequest
 from infdit_cli.launch import job_code, unreported
-from infdit_cli.planner import Placement, leanest, plan
+from infdit_cli.plan.planner import Placement, leanest, plan
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -40,7 +40,7 @@ def torchrun_worker(mode: str, out: Path, nproc: int = 2) -> subprocess.Complete
 # --- pure pieces -------------------------------------------------------------------------------------------
 
 def test_leanest_takes_the_leanest_of_each_decision():
-    from infdit_cli.config import PRESETS
+    from infdit_cli.model.config import PRESETS
 
     cfg = PRESETS["tiny"]
     a = plan(cfg, (96, 400), n=4, host_budget=8 << 30)

@@ -17,8 +17,8 @@ from PIL import Image
 from conftest import run_cli
 from infdit_cli.errors import InfditError
 from infdit_cli.events import Notice
-from infdit_cli.pipeline import UpscaleOptions
-from infdit_cli.upscaler import Upscaler
+from infdit_cli.jobs.pipeline import UpscaleOptions
+from infdit_cli.jobs.upscaler import Upscaler
 
 H, W = 12, 16  # stored size of most inputs; --scale 2 makes 24x32
 RNG = np.random.default_rng(0)
@@ -368,7 +368,7 @@ def _infdit(monkeypatch, capsys, *args) -> tuple[int, str]:
 
 @pytest.mark.parametrize("name", list(TIFFS))
 def test_tiff_from_libtiff_reads_at_full_depth(name):
-    from infdit_cli.images import load_image
+    from infdit_cli.images.load import load_image
 
     src = _source(TIFFS[name])
     img = load_image(FIXTURES / name)
@@ -386,7 +386,7 @@ def test_tiff_from_libtiff_reads_at_full_depth(name):
 
 def test_grey_alpha_tiff_keeps_its_metadata():
     """A TIFF only tifffile opens still gives its resolution and text tags, as Pillow would."""
-    from infdit_cli.images import load_image
+    from infdit_cli.images.load import load_image
 
     img = load_image(FIXTURES / "graya16-lzw.tif")
     exif = Image.Exif()
@@ -399,7 +399,7 @@ def test_grey_alpha_tiff_oriented(tmp_path):
     column)."""
     import tifffile
 
-    from infdit_cli.images import load_image, probe_size
+    from infdit_cli.images.load import load_image, probe_size
 
     src = _source("graya16")
     tifffile.imwrite(tmp_path / "rot.tif", src, photometric="minisblack", extrasamples=("unassalpha",),
@@ -417,7 +417,7 @@ def test_upscale_grey_alpha_lzw_tiff_end_to_end(monkeypatch, capsys, tmp_path, t
     output reads back as grey+alpha at 16 bits."""
     import tifffile
 
-    from infdit_cli.images import load_image
+    from infdit_cli.images.load import load_image
 
     for out in (tmp_path / "up.tif", tmp_path / "up.png"):
         code, err = _infdit(monkeypatch, capsys, "upscale", FIXTURES / "graya16-lzw.tif", "-o", out,
@@ -445,7 +445,7 @@ def _tifffile_without_codec(monkeypatch, words: str):
 def test_lzw_tiff_without_imagecodecs_upscales_through_pillow_with_one_warning(monkeypatch, capsys, tmp_path,
                                                                                 tiny_weights):
     """Never refused where Pillow reads it: 8 bits, one `warning:` line in our words, not tifffile's."""
-    from infdit_cli import images
+    from infdit_cli.images import load as images
 
     _tifffile_without_codec(monkeypatch, "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
     monkeypatch.setattr(images, "_has_imagecodecs", lambda: False)
@@ -471,7 +471,7 @@ def test_lzw_tiff_without_imagecodecs_upscales_through_pillow_with_one_warning(m
     ("rgb16-planar.tif", False, "error: is damaged or truncated"),  # raw: no codec to miss; Pillow's is wrong
 ])
 def test_tiff_codec_failures_in_our_words(monkeypatch, name, missing, expect):
-    from infdit_cli import images
+    from infdit_cli.images import load as images
     from infdit_cli.errors import BadImage
 
     _tifffile_without_codec(monkeypatch, "TiffFileError: tifffile's own words")
@@ -491,7 +491,7 @@ def test_tiff_codec_failures_in_our_words(monkeypatch, name, missing, expect):
 def test_grey_png_with_trns_stays_grey_with_alpha(tmp_path, depth):
     """A grey PNG whose colour key (tRNS) marks the left columns: grey+alpha in, at its depth, and out again
     as grey+alpha (PNG colour type 4, TIFF min-is-black + alpha), read back the same."""
-    from infdit_cli.images import load_image, save_image
+    from infdit_cli.images.load import load_image, save_image
 
     top = 2**depth - 1
     x = np.arange(300)
@@ -526,7 +526,7 @@ def test_upscale_grey16_png_with_trns_end_to_end(monkeypatch, capsys, tmp_path, 
                         "--weights", tiny_weights)
     assert code == 0 and "warning" not in err, err
     assert png_header(out) == (16, GREY_ALPHA)
-    from infdit_cli.images import load_image
+    from infdit_cli.images.load import load_image
 
     back = _samples(load_image(out))
     assert back[:, :12, 1].max() <= 256 and back[:, 24:, 1].min() >= 65535 - 256  # the key's columns clear

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from conftest import JOB_ARGS, JOB_STEPS, default_signals, rgb_image, run_cli
-from infdit_cli.checkpoint import run_folder_for
+from infdit_cli.jobs.checkpoint import run_folder_for
 from infdit_cli.events import CheckpointDiscarded, CheckpointWritten, Resumed, StepDone
-from infdit_cli import pipeline
-from infdit_cli.pipeline import UpscaleOptions, predicted_seconds
-from infdit_cli.upscaler import Upscaler
+from infdit_cli.jobs import pipeline
+from infdit_cli.jobs.pipeline import UpscaleOptions, predicted_seconds
+from infdit_cli.jobs.upscaler import Upscaler
 
 STEPS = JOB_STEPS
 ARGS = JOB_ARGS
@@ -163,7 +163,7 @@ def test_other_block_batch_resumes_within_the_block_tolerance(tmp_path, lib):
 
 @pytest.mark.parametrize("change", ["input", "weights", "options"])
 def test_a_changed_job_is_not_resumed(tmp_path, lib, tiny_config, change):
-    from infdit_cli.weights import random_model
+    from infdit_cli.weights.format import random_model
 
     up, src, ref = lib
     out = tmp_path / "out.png"
@@ -261,9 +261,9 @@ def test_official_estimate_is_in_the_issue_range():
     """The estimate behind the default: a 4096^2 job of the official model is ~70 PFLOP (issue 16), so
     minutes on a CUDA card (nominal rates) and far beyond 5 minutes on a 2-core CPU's; a 512^2 job on
     CUDA takes seconds."""
-    from infdit_cli.config import PRESETS
-    from infdit_cli.pipeline import UpscaleOptions, plan_upscale
-    from infdit_cli.planner import Rates, flops_per_call
+    from infdit_cli.model.config import PRESETS
+    from infdit_cli.jobs.pipeline import UpscaleOptions, plan_upscale
+    from infdit_cli.plan.planner import Rates, flops_per_call
 
     cfg = PRESETS["official"]
     assert 50e15 < 39 * flops_per_call(cfg, 4096, 4096) < 90e15
@@ -290,7 +290,7 @@ def test_preview_after_every_step(tmp_path, lib):
 
 
 def test_preview_is_downscaled_in_row_chunks():
-    from infdit_cli.pipeline import preview_image
+    from infdit_cli.jobs.pipeline import preview_image
 
     den = torch.rand(1, 3, 4200, 100) * 2 - 1
     small = preview_image(den, (4100, 90))  # the valid region, then f = 3

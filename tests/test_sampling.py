@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from infdit_cli.events import StepDone
-from infdit_cli.sampling import edm_sigmas, sample_heun
+from infdit_cli.engine.sampling import edm_sigmas, sample_heun
 
 
 def test_sigmas_closed_form():
@@ -70,9 +70,9 @@ def _nonlinear(x, sig):
 def test_in_place_heun_is_bit_identical_to_the_formulas(tmp_path, mapped, monkeypatch):
     """Four preallocated images updated in place (in row chunks when memory-mapped) give the very same
     bits as the out-of-place formulas."""
-    from infdit_cli import sampling
-    from infdit_cli.sampling import HeunState
-    from infdit_cli.storage import Scratch
+    from infdit_cli.engine import sampling
+    from infdit_cli.engine.sampling import HeunState
+    from infdit_cli.engine.storage import Scratch
 
     monkeypatch.setattr(sampling, "CHUNK_BYTES", 3 * 4 * 37 * 5)  # 5-row chunks: many, ragged
     x0 = torch.randn(1, 3, 23, 37, generator=torch.Generator().manual_seed(1)) * 10
@@ -91,7 +91,7 @@ def test_resume_from_a_step_is_bit_identical():
     sigmas = edm_sigmas(5)
     ref = _reference_heun(_nonlinear, x0, sigmas)
     events = []
-    from infdit_cli.sampling import HeunState
+    from infdit_cli.engine.sampling import HeunState
 
     st = HeunState.allocate(tuple(x0.shape))
     calls = []

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from infdit_cli import selftest
+from infdit_cli.tools import selftest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "fixtures"
@@ -96,7 +96,8 @@ def test_one_pinned_slab_per_mode_in_each_check(monkeypatch):
     """Pin once: every K/V slab an engine makes is counted as CUDA would pin it (the CPU run is made to
     pin, `storage._pin` counts), per check, with the measuring processes run in this one. A check times
     several calls of each mode; it must make one slab per mode with a cache, not one per call."""
-    from infdit_cli import engine, storage
+    from infdit_cli.engine import blocks as engine
+    from infdit_cli.engine import storage
 
     pins: list[int] = []
     monkeypatch.setattr(storage, "_pin", lambda t: pins.append(t.numel()) or (lambda t: None))  # -> its unpin
@@ -122,8 +123,8 @@ def test_one_pinned_slab_per_mode_in_each_check(monkeypatch):
 def test_put_seconds_is_one_calls_puts():
     """`_put_seconds` copies as many (block, layer) entries as one call stores: 2x2 blocks at n=1 store
     3 blocks (the last is read by none), each for every layer."""
-    from infdit_cli.config import PRESETS
-    from infdit_cli.weights import random_model
+    from infdit_cli.model.config import PRESETS
+    from infdit_cli.weights.format import random_model
 
     cfg = PRESETS["tiny"]
     model = random_model(cfg, seed=0)

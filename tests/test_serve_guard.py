@@ -379,7 +379,7 @@ def test_serve_options_are_one_line_and_exit_2(tmp_path):
 
 
 def test_the_marker_stays_proportional_to_what_exists(tmp_path):
-    from infdit_cli.storage import COMPACT_AT, MARKER, SafeFolder
+    from infdit_cli.engine.storage import COMPACT_AT, MARKER, SafeFolder
 
     folder = SafeFolder(tmp_path / "f", "jobs folder")
     try:

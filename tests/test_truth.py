@@ -31,7 +31,7 @@ import truth_model
 from conftest import run_cli
 from PIL import Image, ImageOps
 
-from infdit_cli.config import PRESETS
+from infdit_cli.model.config import PRESETS
 
 # dB. Measured (2-core CPU, float32): every path >= 88 dB, most identical to the bit (inf); an output made
 # without the padding rule 51.6 dB, with zero padding 31.3, torch's non-antialiased bicubic (a = -0.75) 34.3;
@@ -128,7 +128,7 @@ def upscale(src: Path, out: Path, *args, weights, env) -> dict:
 
 @pytest.mark.parametrize("n", [None, 1, 2])
 def test_the_truth_denoiser_returns_lr_up_in_every_block_mode(tiny_model, n):
-    from infdit_cli.engine import denoise
+    from infdit_cli.engine.blocks import denoise
 
     g = torch.Generator().manual_seed(0)
     lr_up = torch.rand(1, 3, 40, 56, generator=g) * 2 - 1  # ragged: 2.5 x 3.5 blocks
@@ -140,7 +140,7 @@ def test_the_truth_denoiser_returns_lr_up_in_every_block_mode(tiny_model, n):
 
 
 def test_the_heun_sampler_ends_on_what_the_denoiser_answers():
-    from infdit_cli.sampling import edm_sigmas, sample_heun
+    from infdit_cli.engine.sampling import edm_sigmas, sample_heun
 
     g = torch.Generator().manual_seed(1)
     target = torch.rand(1, 3, 24, 40, generator=g) * 2 - 1
@@ -268,9 +268,9 @@ def test_resume(tmp_path, tiny_model, at):
     D = lr_up the saved x itself cannot show here (any x ends on lr_up): test_resume.py holds it to the
     bit."""
     from infdit_cli.events import CheckpointWritten, Resumed
-    from infdit_cli.pipeline import UpscaleOptions
-    from infdit_cli.planner import nominal_rates
-    from infdit_cli.upscaler import Upscaler
+    from infdit_cli.jobs.pipeline import UpscaleOptions
+    from infdit_cli.plan.planner import nominal_rates
+    from infdit_cli.jobs.upscaler import Upscaler
 
     class Stop(Exception):
         pass
@@ -321,11 +321,11 @@ def test_serve(tmp_path, tiny_model):
     """A job through the web API: the app and its job runner in this process, on 127.0.0.1."""
     pytest.importorskip("fastapi")
     uvicorn = pytest.importorskip("uvicorn")
-    from infdit_cli.pipeline import UpscaleOptions
-    from infdit_cli.planner import nominal_rates
+    from infdit_cli.jobs.pipeline import UpscaleOptions
+    from infdit_cli.plan.planner import nominal_rates
     from infdit_cli.serve.app import create_app
     from infdit_cli.serve.jobs import JobRunner, JobStore
-    from infdit_cli.upscaler import Upscaler
+    from infdit_cli.jobs.upscaler import Upscaler
 
     a = noise(20, 28, seed=13)
     src = write(tmp_path / "in.png", a)

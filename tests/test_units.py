@@ -2,7 +2,7 @@
 
 import pytest
 
-from infdit_cli.pipeline import CHECKPOINT_AFTER, checkpoint_by_default
+from infdit_cli.jobs.pipeline import CHECKPOINT_AFTER, checkpoint_by_default
 from infdit_cli.units import few, row_chunks
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from conftest import DATA, run_cli
 from infdit_cli.errors import WeightsError
-from infdit_cli.weights import load_model
+from infdit_cli.weights.format import load_model
 
 
 def _write_raw(path, header: dict, payload: bytes = b""):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from infdit_cli.model import InfDiT
+from infdit_cli.model.infdit import InfDiT
 
 SITE = Path(__file__).resolve().parent / "truth_site"
 _embed, _head = InfDiT.embed, InfDiT.head

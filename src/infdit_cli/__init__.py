@@ -9,21 +9,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-_EXPORTS = {"InfDiTConfig": "config", "BlockEngine": "engine", "denoise": "engine", "InfDiT": "model",
-            "UpscaleOptions": "pipeline", "upscale": "pipeline", "Upscaler": "upscaler",
-            "UpscaleResult": "upscaler", "load_model": "weights"}
+_EXPORTS = {"InfDiTConfig": "model.config", "BlockEngine": "engine.blocks", "denoise": "engine.blocks", "InfDiT": "model.infdit",
+            "UpscaleOptions": "jobs.pipeline", "upscale": "jobs.pipeline", "Upscaler": "jobs.upscaler",
+            "UpscaleResult": "jobs.upscaler", "load_model": "weights.format"}
 __all__ = ["BlockEngine", "InfDiT", "InfDiTConfig", "UpscaleOptions", "UpscaleResult", "Upscaler", "denoise",
            "load_model", "upscale"]  # = sorted(_EXPORTS), written out for readers and linters
 
 if TYPE_CHECKING:
-    from .config import InfDiTConfig
-    from .engine import BlockEngine, denoise
-    from .model import InfDiT
-    from .pipeline import UpscaleOptions, upscale
-    from .upscaler import Upscaler, UpscaleResult
-    from .weights import load_model
+    from .model.config import InfDiTConfig
+    from .engine.blocks import BlockEngine, denoise
+    from .model.infdit import InfDiT
+    from .jobs.pipeline import UpscaleOptions, upscale
+    from .jobs.upscaler import Upscaler, UpscaleResult
+    from .weights.format import load_model
 
 
 def __getattr__(name: str):

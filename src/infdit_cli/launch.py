@@ -33,7 +33,7 @@ from .errors import signal_name, stopped_by
 from .settings import settings
 
 if TYPE_CHECKING:  # the launcher imports torch only after its signal handlers are in place
-    from .distributed import ExitRecord
+    from .distributed.world import ExitRecord
 
 __all__ = ["launch", "job_code", "unreported", "main"]
 
@@ -103,7 +103,7 @@ def launch(torchrun_args: Sequence[str], command: Sequence[str], *,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from .distributed import read_exit_codes
+    from .distributed.world import read_exit_codes
 
     _quiet_torchrun()
     with tempfile.TemporaryDirectory(prefix="infdit-launch-") as folder:

@@ -28,7 +28,7 @@ def check_compile(compile: bool, device: str) -> None:
     """
     if not compile:
         return
-    from ..upscaler import resolve_device
+    from ..jobs.upscaler import resolve_device
 
     dev = resolve_device(device, check=False)
     if dev.type != "cuda":
@@ -65,8 +65,8 @@ def check_upscale_args(src: Path, dst: Path, *, res: str | None, scale: float | 
         BadImage: the input is missing, unreadable or too large.
         OutputExists, OutputError: the output cannot be written.
     """
-    from ..images import SUFFIXES, check_format_size, check_output, probe_size  # kept off start-up (torch)
-    from ..pipeline import target_size
+    from ..images.load import SUFFIXES, check_format_size, check_output, probe_size  # kept off start-up (torch)
+    from ..jobs.pipeline import target_size
 
     check_target_args(res, scale)
     if dst.suffix.lower() not in SUFFIXES:

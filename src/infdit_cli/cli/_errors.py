@@ -32,7 +32,7 @@ def _said_by_rank_0(exc: BaseException, code: int) -> bool:
     s = settings()
     if s.rank in (None, "0") or s.world_size in (None, "", "1"):
         return False  # one process: no torch import for this (a usage error answers at once)
-    from ..distributed import joined
+    from ..distributed.world import joined
 
     return (not joined() or code in (ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.HANGUP,
                                      ExitCode.TERMINATED)
@@ -58,7 +58,7 @@ def _after_another_rank(exc: BaseException, code: int) -> bool:
     line) and its record says so (the launcher exits with the cause's code)."""
     if settings().world_size in (None, "", "1") or not settings().exit_file:
         return False  # one process, or no launcher to read the records (and no torch import for this)
-    from ..distributed import STOP_CODES, another_rank_failed, joined
+    from ..distributed.world import STOP_CODES, another_rank_failed, joined
 
     if not joined():
         return False

@@ -40,9 +40,9 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool,
     `before` is called just before a download starts: here for a registry model, or before the loader
     fetches a Hub reference that is not in the HF cache yet.
     """
-    from ..cache import cache_root
+    from ..weights.cache import cache_root
     from ..errors import WeightsNotFound
-    from ..hub import DEFAULT_MODEL, download, registry, resolve_weights
+    from ..weights.hub import DEFAULT_MODEL, download, registry, resolve_weights
 
     name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)
     if offline_mode(offline):
@@ -85,7 +85,7 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool,
 def _before_hub_fetch(name: str, repo, before: Callable[[], None]) -> None:
     """`before()` where `name` is a Hub reference the loader will download (not in the HF cache)."""
     from ..errors import HubError
-    from ..hub import resolve_weights
+    from ..weights.hub import resolve_weights
 
     try:
         resolve_weights(name, repo=repo, offline=True)  # a cache look-up only

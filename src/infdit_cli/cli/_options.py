@@ -12,7 +12,7 @@ from ..errors import BadRequest
 from ..units import parse_bytes
 
 if TYPE_CHECKING:  # the library imports torch: kept off start-up
-    from ..pipeline import UpscaleOptions
+    from ..jobs.pipeline import UpscaleOptions
 
 
 class ColorFix(str, Enum):
@@ -97,7 +97,7 @@ def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int
             budget = parse_bytes(mem_budget)
         except ValueError as e:
             raise BadRequest(f"--mem-budget: {e}") from None
-    from ..pipeline import UpscaleOptions  # kept off start-up (torch): after the usage checks
+    from ..jobs.pipeline import UpscaleOptions  # kept off start-up (torch): after the usage checks
 
     return UpscaleOptions(steps=steps, seed=seed, block_batch=block_batch if block_batch else "auto",
                           mem_budget=budget, color_fix=color_fix.value, low_memory=low_memory,
@@ -111,7 +111,7 @@ def check_depth(depth: int | None, dst: Path | None = None) -> None:
     if depth not in (8, 16):
         raise BadRequest(f"--depth must be 8 or 16, not {depth}")
     if depth == 16 and dst is not None:
-        from ..images import SUFFIXES
+        from ..images.load import SUFFIXES
 
         fmt = SUFFIXES.get(dst.suffix.lower())
         if fmt in ("JPEG", "WEBP"):

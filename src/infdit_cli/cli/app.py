@@ -92,7 +92,7 @@ def version_line() -> str:
     """`infdit --version`: infdit's version, torch's, and whether CUDA is available, without importing torch
     (it would take seconds): torch's version and CUDA build from its `version.py`, the devices from the
     NVIDIA driver (`cuda_devices`)."""
-    from .. import __version__
+    from .._version import __version__
 
     torch_version, cuda_build = _torch_build()
     if torch_version is None:
@@ -181,7 +181,7 @@ def main() -> None:
         done = _main()
         _hold_stops()  # the work is over: a stop now must not turn the exit into a traceback
         if settings().exit_file:  # under infdit_cli.launch, for it to read (torch is loaded)
-            from ..distributed import write_exit_code
+            from ..distributed.world import write_exit_code
 
             write_exit_code(done.code, after=done.after, said=done.said)
         sys.exit(done.code)

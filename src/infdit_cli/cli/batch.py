@@ -17,7 +17,7 @@ from ._text import safe
 from ..units import format_bytes
 
 if TYPE_CHECKING:  # the library imports torch: kept off start-up
-    from ..batch import BatchReport
+    from ..jobs.batch import BatchReport
 
 EXAMPLES = """Examples:
 
@@ -77,8 +77,8 @@ def batch(
         override(debug=True)
     check_target_args(res, scale)  # usage before the folder, the folder before weights; before torch loads
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
-    from .. import distributed as D  # the library (torch) is kept off start-up: --help and usage errors
-    from ..batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
+    from ..distributed import world as D  # the library (torch) is kept off start-up: --help and usage errors
+    from ..jobs.batch import IMAGE_SUFFIXES, BatchReport, plan_batch, preview_batch, run_batch
     from .upscale import load_upscaler
 
     check_compile(compile_, device)
@@ -124,7 +124,7 @@ def batch(
                                on_item=on_item, on_start=on_start, items=items, checkpoint=checkpoint,
                                resume=resume, depth=depth)
         except KeyboardInterrupt as e:
-            from ..checkpoint import run_folder_for, summary
+            from ..jobs.checkpoint import run_folder_for, summary
             from ..errors import Interrupted
 
             info = summary(run_folder_for(current[0])) if current else None
@@ -157,9 +157,9 @@ def batch_first_lines(items, weights, repo, device, dtype, res, scale, options, 
     calls; over an hour on a CPU, what a GPU would take) and, where --device auto fell back to the CPU, why.
     Each file is planned from its header alone; one that cannot be planned is left out here (the run
     reports it)."""
-    from ..images import probe_size
-    from ..pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
-    from ..upscaler import resolve_device, resolve_dtype
+    from ..images.load import probe_size
+    from ..jobs.pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
+    from ..jobs.upscaler import resolve_device, resolve_dtype
     from ._progress import device_note, plan_line
     from .upscale import device_rates, plan_config
 
@@ -263,8 +263,8 @@ def shorten_path(text: str, room: int) -> str:
 def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale, steps, weights, repo, offline,
                  device, dtype, options, quality, max_pixels, quiet, json_, depth=None) -> None:
     """`batch` under torchrun: rank 0's plan, files dealt by size, rank 0 displays and reports the whole job."""
-    from .. import distributed as D  # kept off start-up (torch)
-    from ..batch import plan_batch
+    from ..distributed import world as D  # kept off start-up (torch)
+    from ..jobs.batch import plan_batch
     from .upscale import load_upscaler
 
     device = D.rank_device(device, world)

@@ -72,11 +72,11 @@ def bench(
     inputs (CUDA: max_memory_allocated; CPU: peak RSS), shown beside the planner's prediction. Each size's
     row is printed as soon as it is measured.
     """
-    from ..bench import ROW_SECONDS_LIMIT, environment, run_bench
-    from ..config import PRESETS
+    from ..tools.bench import ROW_SECONDS_LIMIT, environment, run_bench
+    from ..model.config import PRESETS
     from ..errors import Interrupted
-    from ..planner import HOST_RUNTIME, device_free, host_available
-    from ..upscaler import resolve_device, resolve_dtype
+    from ..plan.planner import HOST_RUNTIME, device_free, host_available
+    from ..jobs.upscaler import resolve_device, resolve_dtype
     from ._progress import FirstLines, device_note
 
     if random_weights and weights is not None:
@@ -102,8 +102,8 @@ def bench(
         cfg, source = PRESETS[config], f"random weights, {config} config"
     else:
         from ..errors import WeightsNotFound
-        from ..hub import resolve_weights
-        from ..weights import inspect_file
+        from ..weights.hub import resolve_weights
+        from ..weights.format import inspect_file
         from ._fetch import ensure_weights
 
         ensure_weights(weights, None, False, quiet, first)  # first use: fetched once (not offline)
@@ -113,7 +113,7 @@ def bench(
             raise WeightsNotFound(f"{e}; or measure without weights: --random-weights") from None
         cfg, source = inspect_file(weights_path)[0], weights_path
     first()
-    from ..calibrate import calibration
+    from ..plan.calibrate import calibration
 
     out = _Out(json_, steps, display=_Progress(enabled=not quiet and sys.stderr.isatty()))
     env = environment()
@@ -158,7 +158,7 @@ def bench(
 
 
 def _row_json(r) -> dict:
-    from ..bench import Skipped
+    from ..tools.bench import Skipped
 
     if isinstance(r, Skipped):
         return {"event": "skipped", **asdict(r), "reason": r.reason}
@@ -222,7 +222,7 @@ class _Out:
         self.line(self._join(titles))
 
     def row(self, r) -> None:
-        from ..bench import Skipped
+        from ..tools.bench import Skipped
 
         if self.json_:
             self.json(_row_json(r))

@@ -29,8 +29,8 @@ def convert(
     takes the safetensors file written here. Keys the official model never uses are dropped and listed;
     every hyper-parameter is inferred from tensor shapes and stored in the file's metadata.
     """
-    from ..convert import CONVERTER, convert_checkpoint  # kept off start-up (torch)
-    from ..weights import save_model_file
+    from ..weights.convert import CONVERTER, convert_checkpoint  # kept off start-up (torch)
+    from ..weights.format import save_model_file
 
     if output.suffix != ".safetensors":
         raise ConvertError(f"output must end in .safetensors: {output}")

@@ -16,7 +16,7 @@ from ._text import safe
 
 def _models() -> str:
     try:
-        from ..hub import registry
+        from ..weights.hub import registry
 
         return "\n\n".join(f"  {name}: {spec.description or spec.source}"
                            for name, spec in registry().items())
@@ -106,8 +106,8 @@ def download(
     """
     import sys
 
-    from ..hub import PACKAGED_SOURCE
-    from ..hub import download as download_model
+    from ..weights.hub import PACKAGED_SOURCE
+    from ..weights.hub import download as download_model
 
     show = not quiet and sys.stderr.isatty()
     display = _DownloadDisplay() if show else None
@@ -151,9 +151,9 @@ def info(
     from safetensors import safe_open
 
     from ..errors import WeightsNotFound
-    from ..hub import DEFAULT_MODEL, registry, resolve_weights
-    from ..planner import estimate, param_count
-    from ..weights import inspect_file
+    from ..weights.hub import DEFAULT_MODEL, registry, resolve_weights
+    from ..plan.planner import estimate, param_count
+    from ..weights.format import inspect_file
 
     try:
         path = resolve_weights(weights, repo=repo, offline=offline or None)
@@ -212,7 +212,7 @@ def _numel(shape) -> int:
 
 def _show_manifest(spec, json_: bool) -> None:
     """A registry model that is not downloaded yet: what it is, where it comes from, how to get it."""
-    from ..hub import download_command
+    from ..weights.hub import download_command
 
     cmd = download_command(spec.name)
     if json_:

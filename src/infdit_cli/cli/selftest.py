@@ -54,7 +54,7 @@ def selftest(
     attention kernels); elsewhere the same checks at toy sizes.
     Exit 0 when no check failed, 1 otherwise.
     """
-    from ..selftest import run_selftest
+    from ..tools.selftest import run_selftest
 
     for path in (output, jsonl):  # before any work
         if path is None:
@@ -104,7 +104,7 @@ class _Sink:
 
     def __call__(self, event: object) -> None:
         from ..events import CheckDone, SelftestStarted
-        from ..selftest import SelftestReport
+        from ..tools.selftest import SelftestReport
 
         if isinstance(event, SelftestStarted):
             self.started = event

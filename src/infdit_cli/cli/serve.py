@@ -131,7 +131,7 @@ def serve(
     from ..serve import server
     from ..serve.app import create_app
     from ..serve.jobs import JobRunner, JobStore
-    from ..upscaler import resolve_device
+    from ..jobs.upscaler import resolve_device
     from ._progress import FirstLines, device_note
     from .upscale import load_upscaler
 
@@ -176,7 +176,7 @@ def model_label(weights, repo) -> dict:
     model that ships with the package), "official" (a registry model, or a file converted from its release), "converted" (a file `infdit convert`/`download` made from
     another checkpoint) or "random test model" (a file with no conversion record, as the test and
     benchmark models are: its output is noise)."""
-    from ..hub import DEFAULT_MODEL, registry, resolve_weights
+    from ..weights.hub import DEFAULT_MODEL, registry, resolve_weights
 
     name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)
     meta: dict = {}
@@ -234,7 +234,7 @@ def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, 
         raise BadRequest("--token must be printable characters without spaces")
     if allow_paths is not None and not allow_paths.is_dir():
         raise BadRequest(f"--allow-paths {allow_paths} is not a folder")
-    from ..upscaler import resolve_device, resolve_dtype  # kept off start-up (torch): after the checks above
+    from ..jobs.upscaler import resolve_device, resolve_dtype  # kept off start-up (torch): after the checks above
 
     resolve_dtype(dtype, resolve_device(device, check=False))  # BadRequest: an unknown device or dtype
     names = set(LOOPBACK_NAMES)
@@ -253,6 +253,6 @@ def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, 
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__

@@ -31,7 +31,7 @@ def load_upscaler(weights, repo, offline, device, dtype, options, quiet: bool = 
     """The loaded model. `first` (`_progress.FirstLines`: the plan's first line, the CPU-fallback line) is
     called just before a download starts, if one does. `world`: torchrun's ranks share each image
     (`ranks_wiring`)."""
-    from ..upscaler import Upscaler
+    from ..jobs.upscaler import Upscaler
     from ._fetch import ensure_weights
 
     ensure_weights(weights, repo, offline, quiet, before=first)  # first use: fetched once (`infdit download`)
@@ -46,8 +46,8 @@ def ranks_wiring(world) -> dict:
     None for one process."""
     if world is None or not world.distributed:
         return {}
-    from .. import distributed as D
-    from ..bands import band_engine
+    from ..distributed import world as D
+    from ..engine.bands import band_engine
 
     return {"engine": band_engine(world), "agree": D.agree_plan(world)}
 
@@ -65,7 +65,7 @@ def first_lines(info: dict, requested_device: str) -> list[str | None]:
 def check_preview(preview: Path, input: Path, dst: Path) -> None:
     """--preview names a writable image file that is neither the input nor the output."""
     from ..errors import BadRequest
-    from ..images import check_output
+    from ..images.load import check_output
 
     if preview.resolve() in (input.resolve(), dst.resolve()):
         which = "input" if preview.resolve() == input.resolve() else "output"
@@ -77,7 +77,7 @@ def preview_writer(preview: Path | None):
     """A callback writing each preview to `preview` atomically, or None."""
     if preview is None:
         return None
-    from ..images import save_image
+    from ..images.load import save_image
 
     def write(img) -> None:
         save_image(preview, img, overwrite=True)
@@ -88,7 +88,7 @@ def preview_writer(preview: Path | None):
 @contextlib.contextmanager
 def keep_progress(folder: Path):
     """On Ctrl-C or a failure with a checkpoint saved, the error's one line ends with how to resume."""
-    from ..checkpoint import summary
+    from ..jobs.checkpoint import summary
     from ..errors import InfditError, Interrupted
 
     try:
@@ -122,10 +122,10 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     Raises:
         MemoryBudgetTooSmall, HostMemoryTooSmall: the job cannot fit (exit 2, before any weights load).
     """
-    from ..checkpoint import run_folder_for  # these (torch) are kept off start-up
-    from ..images import probe_size
-    from ..pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
-    from ..upscaler import resolve_device, resolve_dtype
+    from ..jobs.checkpoint import run_folder_for  # these (torch) are kept off start-up
+    from ..images.load import probe_size
+    from ..jobs.pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
+    from ..jobs.upscaler import resolve_device, resolve_dtype
 
     size = probe_size(src)
     cfg, source = plan_config(weights, repo)
@@ -138,7 +138,7 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     if dev.type == "cpu" and plan.seconds > SLOW_ON_CPU:
         info["gpu_seconds"] = gpu_seconds(cfg, plan)
     if dst is not None:  # the disk the job's files need beside the output (`refuse_disk` checks it)
-        from ..pipeline import check_disk, checkpoint_by_default, disk_need
+        from ..jobs.pipeline import check_disk, checkpoint_by_default, disk_need
 
         if checkpoint is None:
             checkpoint = checkpoint_by_default(run_folder_for(dst), plan.seconds)
@@ -152,9 +152,9 @@ def plan_config(weights, repo):
     """(config, where it came from) for planning without loading weights: the file's header where the
     weights are here, else the official architecture (a registry model not downloaded yet is the official
     one)."""
-    from ..config import PRESETS
-    from ..hub import resolve_weights
-    from ..weights import read_config
+    from ..model.config import PRESETS
+    from ..weights.hub import resolve_weights
+    from ..weights.format import read_config
 
     try:
         return read_config(resolve_weights(weights, repo=repo, offline=True)), "weights file"
@@ -167,7 +167,7 @@ def device_rates(cfg, dev, dt):
     planner's nominal ones) for a device this machine does not have (`--device cuda --dry-run` here)."""
     import torch  # kept off start-up
 
-    from ..calibrate import calibration
+    from ..plan.calibrate import calibration
 
     if (dev.type == "cuda" and not torch.cuda.is_available()) or (
             dev.type == "mps" and not torch.backends.mps.is_available()):
@@ -177,7 +177,7 @@ def device_rates(cfg, dev, dt):
 
 def refuse_disk(info: dict) -> None:
     """DiskTooSmall (exit 2) when the job's scratch and checkpoint files do not fit the free disk."""
-    from ..pipeline import check_disk
+    from ..jobs.pipeline import check_disk
 
     d = info.get("disk")
     if d is not None and d["free_bytes"] is not None:
@@ -186,7 +186,7 @@ def refuse_disk(info: dict) -> None:
 
 def show_plan(info: dict, input: Path, seed: int, as_json: bool) -> None:
     """`--dry-run`'s answer on stdout: the plan's lines (or its JSON) and the disk it needs."""
-    from ..pipeline import plan_json, plan_lines
+    from ..jobs.pipeline import plan_json, plan_lines
 
     if as_json:
         typer.echo(json.dumps({"input": str(input), **{k: (plan_json(v) if k == "plan" else v)
@@ -207,8 +207,8 @@ def ranks_holding(dst: Path, device: str):
     """(world, this rank's device) inside torchrun's process group (one process: a world of one, `device`),
     rank 0 holding the output's lock: one writer per output, taken before the weights load so that a
     second run is refused at once, and let go before the group is left."""
-    from .. import distributed as D
-    from ..checkpoint import output_lock
+    from ..distributed import world as D
+    from ..jobs.checkpoint import output_lock
 
     world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
     if world.distributed:
@@ -262,8 +262,8 @@ def upscale(
         override(debug=True)
     check_target_args(res, scale)  # the commonest usage errors, answered before torch loads
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
-    from ..checkpoint import run_folder_for  # the library (torch) is kept off start-up: --help, usage errors
-    from ..upscaler import default_output
+    from ..jobs.checkpoint import run_folder_for  # the library (torch) is kept off start-up: --help, usage errors
+    from ..jobs.upscaler import default_output
 
     check_compile(compile_, device)
     dst = output or default_output(input)

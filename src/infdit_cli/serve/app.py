@@ -49,7 +49,7 @@ from ..errors import (
     explain,
     no_space,
 )
-from ..pipeline import plan_json
+from ..jobs.pipeline import plan_json
 from .hosts import LOOPBACK_NAMES, bare_host
 from .jobs import JobOptions, JobRunner, QueueFull
 

@@ -42,7 +42,7 @@ from ..events import (
     Resumed,
     StepDone,
 )
-from ..storage import SafeFolder
+from ..engine.storage import SafeFolder
 
 __all__ = [
     "FORMATS",
@@ -235,7 +235,7 @@ class JobStore:
 
     def drop_run(self, job: Job) -> None:
         """The job's run folder (its checkpoints), if it has one."""
-        from ..checkpoint import RunFolder
+        from ..jobs.checkpoint import RunFolder
 
         run = self.path(job, "run")
         if os.path.lexists(run):
@@ -432,7 +432,7 @@ class JobRunner:
     def declared_pixels(self, path: Path) -> int | None:
         """The pixels the image at `path` declares in its header (nothing decoded), or None when the header
         cannot be read (decoding it then says why)."""
-        from ..images import probe_size
+        from ..images.load import probe_size
 
         try:
             h, w = probe_size(path, max_pixels=self.max_pixels)
@@ -444,8 +444,8 @@ class JobRunner:
         """Decode `path` (an upload, shown as `name`) and plan it: (LoadedImage, UpscalePlan, plan lines).
 
         Raises: BadImage, BadRequest, MemoryBudgetTooSmall, ... with `name` in place of the path."""
-        from ..images import SUFFIXES, check_format_size, load_image
-        from ..pipeline import plan_lines
+        from ..images.load import SUFFIXES, check_format_size, load_image
+        from ..jobs.pipeline import plan_lines
 
         options = options.check()
         try:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import model_identity, output_lock, weights_identity
+from ..jobs.checkpoint import model_identity, output_lock, weights_identity
 from ..errors import BadRequest, DiskFull, NonFinite, OutputExists, Signalled, UnsafePath, no_space
 from ..events import Notice, TrainSaved, TrainStarted, TrainStep, TrainValidated
-from ..storage import SafeFolder
+from ..engine.storage import SafeFolder
 from . import recipe as R
 from .data import Item, TrainSet, ValSet, files_digest, positions, sample_generator, scan, worker_init
 
@@ -98,13 +98,13 @@ def run_folder_for(output: str | Path) -> Path:
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, str, str]:
     """(model in float32 on `device`, base description, base identity): the weights `--from` names, or a
     seeded random model of the preset `--config` names. Only the CLIP tower stays frozen."""
-    from ..config import PRESETS
-    from ..weights import load_model, random_model
+    from ..model.config import PRESETS
+    from ..weights.format import load_model, random_model
 
     if (cfg.base is None) == (cfg.config is None):
         raise BadRequest("give one of --from WEIGHTS (fine-tune) or --config NAME (train from scratch)")
     if cfg.base is not None:
-        from ..hub import fetch_clip_tower, resolve_weights
+        from ..weights.hub import fetch_clip_tower, resolve_weights
 
         path = resolve_weights(cfg.base, repo=cfg.repo, offline=cfg.offline)
         model = load_model(path, device=device, dtype=torch.float32, clip_tower=fetch_clip_tower)
@@ -294,7 +294,7 @@ def _stops_at_boundaries(flag: list[int]):
 
 def _resolve(cfg: TrainConfig, model_cfg, device: torch.device, recipe) -> dict:
     """The options after defaults, checked (BadRequest, exit 2)."""
-    from ..upscaler import resolve_dtype
+    from ..jobs.upscaler import resolve_dtype
 
     bs = model_cfg.block_size
     crop = cfg.crop or 4 * bs
@@ -337,8 +337,8 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
         OutputExists: the output is there and `overwrite` is off (before any work).
         Signalled: SIGINT/SIGTERM/SIGHUP, after the finished step was saved in the run folder.
     """
-    from .. import distributed as D
-    from ..upscaler import resolve_device
+    from ..distributed import world as D
+    from ..jobs.upscaler import resolve_device
 
     emit = on_event or (lambda e: None)
     t_start = time.perf_counter()
@@ -375,7 +375,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
               "crop": o["crop"], "lr": o["lr"], "warmup": o["warmup"], "seed": cfg.seed, "accum": cfg.accum,
               "ema": cfg.ema, "amp": str(o["amp"]), "ranks": world.size,
               "recipe": RECIPE_VERSION}
-        from .. import __version__
+        from .._version import __version__
 
         fp["version"] = __version__
         run = TrainRun(run_folder_for(out), fp)
@@ -481,7 +481,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
                     "data_sha256": files_digest(items, cfg.data), "steps": cfg.steps, "batch": cfg.batch,
                     "crop": o["crop"], "lr": o["lr"], "seed": cfg.seed, "ema": cfg.ema,
                     "recipe": RECIPE_VERSION, "infdit": __version__}
-            from ..weights import save_model_file
+            from ..weights.format import save_model_file
 
             save_model_file(out, weights, mc, {"infdit_train": json.dumps(prov, sort_keys=True)},
                             overwrite=cfg.overwrite)
@@ -548,8 +548,8 @@ def validate(model, items: list[Item], run: TrainRun, step: int, crop: int, cfg:
              say) -> float:
     """The loss on the fixed validation crops at the fixed sigmas (EMA weights when kept), and a sample
     grid (LR, bicubic, model, HR) of up to 4 crops in the run folder."""
-    from ..engine import denoise
-    from ..sampling import edm_sigmas, sample_heun
+    from ..engine.blocks import denoise
+    from ..engine.sampling import edm_sigmas, sample_heun
 
     swap = ema is not None
     if swap:  # evaluate the EMA weights, then put the trained ones back
@@ -603,7 +603,7 @@ def dry_run(cfg: TrainConfig, measure_steps: int = 2) -> dict:
     measured on this device over `measure_steps` steps of a synthetic batch at the real micro-batch and crop
     (after one step not timed). Memory: the weights, gradients, AdamW moments (and EMA) in float32, plus
     the peak the measured steps allocated on CUDA (None elsewhere: not measured)."""
-    from ..upscaler import resolve_device
+    from ..jobs.upscaler import resolve_device
 
     device = resolve_device(cfg.device)
     model, base, _ = build_model(cfg, device)

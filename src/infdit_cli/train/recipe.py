@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..images import resize
+from ..images.load import resize
 from .degrade import DEGRADATION_2, Degradation, degrade
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .files import atomic_write
-from .settings import Settings, settings
+from ..files import atomic_write
+from ..settings import Settings, settings
 
 __all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "shard", "broadcast",
            "gather", "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT",
@@ -74,7 +74,7 @@ def timeout_seconds(env: dict[str, str] | None = None) -> float:
     except ValueError:
         value = -1.0
     if not value > 0 or value != value or value == float("inf"):
-        from .errors import BadRequest
+        from ..errors import BadRequest
 
         raise BadRequest(f"INFDIT_RANK_TIMEOUT must be a positive number of seconds, got {text[:20]!r}")
     return value
@@ -96,7 +96,7 @@ def init(world: World, device: str = "cpu") -> None:
     if not cuda:
         dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout)
         return
-    from .upscaler import prefer_expandable_segments
+    from ..jobs.upscaler import prefer_expandable_segments
 
     dev = torch.device(rank_device(device, world))
     prefer_expandable_segments(dev)  # before CUDA initialises here
@@ -126,7 +126,7 @@ def agree_plan(world: World):
     the same n and keep their caches (and state) on the same side, or their messages would not pair."""
     from dataclasses import replace
 
-    from .planner import leanest
+    from ..plan.planner import leanest
 
     def agree(up_plan):
         if not world.distributed:
@@ -339,9 +339,9 @@ class Counter:
 def batch_costs(items, *, res: str | None, scale: float | None, max_pixels: int | None) -> list[float]:
     """Work of each item: its target's pixels (from the header alone); 0 for what is not to do or cannot
     be read (it fails in a moment on whichever rank gets it)."""
-    from .errors import InfditError
-    from .images import probe_size
-    from .pipeline import target_size
+    from ..errors import InfditError
+    from ..images.load import probe_size
+    from ..jobs.pipeline import target_size
 
     out = []
     for item in items:
@@ -367,7 +367,7 @@ def run_batch_sharded(upscaler, root, out_root, items, world: World, *, res: str
     `on_item` is called on every rank for its own items; `on_idle` when this rank's share is done, before
     the reports are gathered (rank 0 follows the others' progress there through a `Counter`).
     """
-    from .batch import BatchReport, run_batch
+    from ..jobs.batch import BatchReport, run_batch
 
     owner = shard(batch_costs(items, res=res, scale=scale, max_pixels=max_pixels), world.size)
     mine = []

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import Busy, DiskFull, NonFinite, UnsafePath, no_space
-from .storage import SafeFolder, allocate
-from .units import row_chunks
+from ..errors import Busy, DiskFull, NonFinite, UnsafePath, no_space
+from ..engine.storage import SafeFolder, allocate
+from ..units import row_chunks
 
 __all__ = ["RunFolder", "Saved", "run_folder_for", "summary", "weights_identity", "model_identity",
            "fingerprint", "FORMAT", "output_lock"]
@@ -83,7 +83,7 @@ def model_identity(model) -> str:
 
 def fingerprint(*, input_sha256: str, weights: str, up_plan, options, dtype: torch.dtype) -> dict:
     """Everything the result depends on; not n or the cache placement (equal within the block tolerance)."""
-    from . import __version__
+    from .._version import __version__
 
     return {
         "input": input_sha256,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from . import cache
 from .download import Downloaded, cached_checkpoint, check_sha256, check_url, download_checkpoint
-from .errors import ChecksumMismatch, HubError, InvalidReference, WeightsError, WeightsNotFound
-from .events import Notice
-from .settings import settings
+from ..errors import ChecksumMismatch, HubError, InvalidReference, WeightsError, WeightsNotFound
+from ..events import Notice
+from ..settings import settings
 
 __all__ = ["ModelSpec", "registry", "resolve_weights", "download", "parse_reference", "sha256_file",
            "packaged_file", "DEFAULT_MODEL", "fetch_clip_tower", "Downloaded", "is_url", "download_command"]
@@ -88,7 +88,7 @@ def _manifest_files() -> list[tuple[str, str]]:
     if settings().registry:
         d = Path(settings().registry)
         out += [(str(f), f.read_text()) for f in sorted(d.glob("*.json"))] if d.is_dir() else []
-    pkg = resources.files("infdit_cli.registry")
+    pkg = resources.files("infdit_cli.weights.registry")
     out += [(f"infdit_cli/registry/{f.name}", f.read_text())
             for f in sorted(pkg.iterdir(), key=lambda f: f.name)
             if f.name.endswith(".json")]
@@ -118,7 +118,7 @@ def packaged_file(spec: ModelSpec) -> Path:
         WeightsNotFound: the file is missing from this install.
         ChecksumMismatch: it is not the file the manifest names.
     """
-    path = Path(str(resources.files("infdit_cli.registry") / spec.filename))
+    path = Path(str(resources.files("infdit_cli.weights.registry") / spec.filename))
     if not path.is_file():
         raise WeightsNotFound(f"{spec.name} should ship with infdit but {path} is missing; reinstall infdit")
     if (spec.size is not None and path.stat().st_size != spec.size) or (
@@ -400,7 +400,7 @@ def fetch_clip_tower(vector_dim: int, *, offline: bool | None = None, token: str
     """
     from safetensors.torch import load_file
 
-    from .config import ClipConfig
+    from ..model.config import ClipConfig
 
     spec = registry().get(CLIP_MODEL)
     if spec is None or not spec.repo_id:

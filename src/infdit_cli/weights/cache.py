@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .files import atomic_write
-from .settings import settings
+from ..files import atomic_write
+from ..settings import settings
 
 __all__ = ["cache_root", "url_dir", "Record", "read_record", "write_record", "file_lock", "verified_sha256",
            "sha256_file", "same_digest"]

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DiskFull, UnsafePath, no_space
-from .units import format_bytes
+from ..errors import DiskFull, UnsafePath, no_space
+from ..units import format_bytes
 
 __all__ = ["Scratch", "SafeFolder", "reclaim_stale", "allocate", "MARKER"]
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .events import StepDone
+from ..events import StepDone
 from .storage import Scratch
-from .units import row_chunks
+from ..units import row_chunks
 
 __all__ = ["edm_sigmas", "sample_heun", "HeunState"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import (
+from ..errors import (
     BadImage,
     BadRequest,
     DiskFull,
@@ -30,9 +30,9 @@ from .errors import (
     TooManyPixels,
     no_space,
 )
-from .files import atomic_write
+from ..files import atomic_write
 from .metadata import ORIENTATION, read_dpi, read_exif
-from .units import row_chunks
+from ..units import row_chunks
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
            "resize", "SUFFIXES", "MAX_SIDE", "check_format_size", "is_infdit_output", "PROVENANCE"]

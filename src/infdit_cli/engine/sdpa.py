@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .meter import sync
+from ..plan.meter import sync
 
 __all__ = ["BACKENDS", "measure_backends", "choice"]
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ClipConfig, InfDiTConfig
-from .errors import WeightsError, WeightsNotFound
-from .files import atomic_write
-from .units import few
+from ..model.config import ClipConfig, InfDiTConfig
+from ..errors import WeightsError, WeightsNotFound
+from ..files import atomic_write
+from ..units import few
 
 __all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict",
            "expected_shapes"]
@@ -27,7 +27,7 @@ _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 def expected_shapes(cfg: InfDiTConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a model with `cfg` has (built on the meta device: no memory)."""
-    from .model import InfDiT
+    from ..model.infdit import InfDiT
 
     with torch.device("meta"):
         model = InfDiT(cfg)
@@ -179,8 +179,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .clip import CLIP_MEAN, CLIP_STD, ClipImageEncoder
-    from .model import InfDiT
+    from ..model.clip import CLIP_MEAN, CLIP_STD, ClipImageEncoder
+    from ..model.infdit import InfDiT
 
     path = Path(path)
     cfg, _ = inspect_file(path)  # names, shapes and dtypes checked before any data is read
@@ -219,7 +219,7 @@ def random_model(cfg: InfDiTConfig, *, seed: int = 0, device: torch.device | str
     GPU, where the CPU's serial generator takes ~10 s): the same seed gives the same model on one kind of
     device, not across kinds.
     """
-    from .model import InfDiT
+    from ..model.infdit import InfDiT
 
     device = torch.device(device)
     gen = torch.Generator(device).manual_seed(seed)

@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .meter import host_status, reset_host_peak, rss, sync, timed
-from .planner import flops_per_call
-from .settings import settings
-from .units import format_seconds
+from ..plan.meter import host_status, reset_host_peak, rss, sync, timed
+from ..plan.planner import flops_per_call
+from ..settings import settings
+from ..units import format_seconds
 
 __all__ = ["CallSpec", "CallMeasurement", "BenchRow", "Skipped", "measure", "time_pair", "run_bench",
            "flops_per_call", "environment", "ROW_SECONDS_LIMIT"]
@@ -86,10 +86,10 @@ def environment() -> dict[str, str]:
 
 
 def _child(args: list[str], timeout: float, what: str) -> str:
-    """Run `python -m infdit_cli.bench ARGS` and return its last stdout line. The child dies with this
+    """Run `python -m infdit_cli.tools.bench ARGS` and return its last stdout line. The child dies with this
     process: a stop here (Ctrl-C, SIGTERM: the CLI raises it as KeyboardInterrupt) kills it and waits for it
     before going on, and it is killed by the kernel if this process is killed outright."""
-    cmd = [sys.executable, "-m", "infdit_cli.bench", *args]
+    cmd = [sys.executable, "-m", "infdit_cli.tools.bench", *args]
     env = {**os.environ, "INFDIT_BENCH_PARENT": str(os.getpid())}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -104,7 +104,7 @@ def _child(args: list[str], timeout: float, what: str) -> str:
         raise
     if proc.returncode != 0:
         if proc.returncode < 0:
-            from .errors import signal_name
+            from ..errors import signal_name
 
             raise RuntimeError(f"{what} was killed by {signal_name(-proc.returncode)}")
         tail = (err.strip().splitlines() or ["no output"])[-1]
@@ -120,9 +120,9 @@ def measure(spec: CallSpec, timeout: float = 1800) -> CallMeasurement:
 
 def _setup(spec: CallSpec):
     """The model and seeded inputs one worker process measures: (model, x, lr_up, image)."""
-    from .config import PRESETS
-    from .hub import fetch_clip_tower
-    from .weights import load_model, random_model
+    from ..model.config import PRESETS
+    from ..weights.hub import fetch_clip_tower
+    from ..weights.format import load_model, random_model
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -142,8 +142,8 @@ def _setup(spec: CallSpec):
 
 def _engine(model, lr_up: torch.Tensor, image, spec: CallSpec):
     """The engine of `spec`'s mode, nothing allocated yet (`_build` makes its cache)."""
-    from .engine import BlockEngine
-    from .planner import Placement
+    from ..engine.blocks import BlockEngine
+    from ..plan.planner import Placement
 
     placement = Placement(n=spec.n or 1 << 30, order=spec.order, cache_on_host=spec.cache_on_host)
     return BlockEngine(model, image[0], image[1], lr_up, placement)
@@ -171,7 +171,7 @@ def _call(engine, x: torch.Tensor, out: torch.Tensor) -> float:
 def _time_puts(engine, batch: int) -> tuple[float | None, int]:
     """One call's K/V cache writes (`KVCache.put`: device->host next to a GPU with the cache on the host)
     timed alone, with the engine's own cache and path: (seconds, bytes). (None, 0): no cache (whole image)."""
-    from .schedule import plan_batches
+    from ..plan.grid import plan_batches
 
     cache = engine.cache
     if cache is None:
@@ -196,7 +196,7 @@ def _time_puts(engine, batch: int) -> tuple[float | None, int]:
 
 
 def _measure_here(spec: CallSpec) -> dict:
-    from .planner import estimate
+    from ..plan.planner import estimate
 
     model, x, lr_up, image = _setup(spec)
     cfg, dev, b = model.config, x.device, x.shape[0]
@@ -308,7 +308,7 @@ class Skipped:
 
 def _report(on_event, index: int, total: int, label: str, work: float,
             work_total: float) -> tuple[int, float]:
-    from .events import MeasureDone
+    from ..events import MeasureDone
 
     if on_event is not None:
         on_event(MeasureDone(index + 1, total, label, work, work_total))
@@ -328,7 +328,7 @@ def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dt
     as soon as it is measured (or skipped). `on_event` receives a `MeasureDone` after each fresh-process
     measurement; its `work` counts FLOPs x calls, so `work / work_total` tracks the time spent (an ETA).
     """
-    from .planner import call_seconds, estimate, plan
+    from ..plan.planner import call_seconds, estimate, plan
 
     dev = torch.device(device)
     kw = dict(dtype=dtype, device_type=dev.type)

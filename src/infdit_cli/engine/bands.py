@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import World
-from .engine import BlockEngine, KVCache, Neighbours, Sweep
-from .events import Notice
-from .schedule import BlockBatch, cache_slots
+from ..distributed.world import World
+from .blocks import BlockEngine, KVCache, Neighbours, Sweep
+from ..events import Notice
+from ..plan.grid import BlockBatch, cache_slots
 
 __all__ = ["BandEngine", "BandNeighbours", "band_engine", "column_bands"]
 

@@ -19,15 +19,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from .checkpoint import RunFolder, Saved
-from .engine import BlockEngine, pad_to_blocks, release_cached
-from .errors import BadRequest, NonFinite, OutOfMemory
-from .events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
-from .images import resize
-from .planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
-from .planner import replan as planner_replan
-from .sampling import HeunState, edm_sigmas, sample_heun
-from .storage import Scratch, reclaim_stale
-from .units import format_bytes, format_seconds, row_chunks
+from ..engine.blocks import BlockEngine, pad_to_blocks, release_cached
+from ..errors import BadRequest, NonFinite, OutOfMemory
+from ..events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
+from ..images.load import resize
+from ..plan.planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
+from ..plan.planner import replan as planner_replan
+from ..engine.sampling import HeunState, edm_sigmas, sample_heun
+from ..engine.storage import Scratch, reclaim_stale
+from ..units import format_bytes, format_seconds, row_chunks
 
 __all__ = ["checkpoint_by_default", "UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale",
            "target_size",
@@ -203,7 +203,7 @@ def check_disk(folder, need: dict[str, int], refuse: bool = True) -> int | None:
     free bytes (None where the folder cannot be asked). `refuse=False`: only return them."""
     import shutil
 
-    from .errors import DiskTooSmall
+    from ..errors import DiskTooSmall
 
     try:
         free = shutil.disk_usage(folder).free
@@ -560,7 +560,7 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
     if (final == p.memory.placement and p.memory.rates is not None and len(stamps) >= 2
             and getattr(engine_cls, "ranks", 1) == 1):
         # the pass's calls after its first step (warm-up, compilation) correct the cached calibration
-        from .calibrate import observe
+        from ..plan.calibrate import observe
 
         (c0, t0), (c1, t1) = stamps[0], stamps[-1]
         if c1 > c0:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache
-from .errors import ChecksumMismatch, ConvertError, DownloadError, InvalidReference, WeightsError
-from .events import BytesDone, Notice
-from .settings import settings
-from .units import format_bytes
+from ..errors import ChecksumMismatch, ConvertError, DownloadError, InvalidReference, WeightsError
+from ..events import BytesDone, Notice
+from ..settings import settings
+from ..units import format_bytes
 
 __all__ = ["fetch_url", "download_checkpoint", "cached_checkpoint", "Downloaded", "check_url", "check_sha256"]
 
@@ -77,7 +77,7 @@ def _hash_existing(part: Path) -> tuple[hashlib._Hash, int]:
 
 
 def _open(url: str, start: int, timeout: float):
-    from . import __version__
+    from .._version import __version__
 
     headers = {"User-Agent": f"infdit/{__version__}", "Accept-Encoding": "identity"}
     if start:
@@ -208,7 +208,7 @@ def download_checkpoint(url: str, *, sha256: str | None = None, clip_head_width:
         ConvertError: the file is not an Inf-DiT checkpoint (nothing is cached).
     """
     from .convert import CONVERTER, convert_checkpoint
-    from .weights import inspect_file, save_model_file
+    from .format import inspect_file, save_model_file
 
     check_url(url)
     sha256 = check_sha256(sha256)

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadImage, BadRequest, InfditError
-from .events import Notice
-from .images import SUFFIXES, is_infdit_output
+from ..errors import BadImage, BadRequest, InfditError
+from ..events import Notice
+from ..images.load import SUFFIXES, is_infdit_output
 
 __all__ = ["BatchItem", "BatchReport", "find_images", "plan_batch", "preview_batch", "run_batch",
            "IMAGE_SUFFIXES"]
@@ -126,7 +126,7 @@ def preview_batch(items: list[BatchItem], *, res: str | None, scale: float | Non
                   max_pixels: int | None) -> list[BatchItem]:
     """For `--dry-run`: each `todo` item gets its size change as `reason` (from the header alone), or
     becomes `failed` with the reason the real run would give for the input or the target."""
-    from .images import probe_size
+    from ..images.load import probe_size
     from .pipeline import target_size
 
     for item in items:

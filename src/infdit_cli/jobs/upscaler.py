@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .cache import sha256_file
+from ..weights.cache import sha256_file
 from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
-from .errors import BadRequest
-from .events import CheckpointDiscarded, Notice, PlanChanged
-from .images import (
+from ..errors import BadRequest
+from ..events import CheckpointDiscarded, Notice, PlanChanged
+from ..images.load import (
     DEFAULT_MAX_PIXELS,
     check_format_size,
     check_output,
@@ -42,7 +42,7 @@ from .pipeline import (
     target_size,
     upscale,
 )
-from .planner import Rates
+from ..plan.planner import Rates
 
 Agree = Callable[[UpscalePlan], UpscalePlan]
 
@@ -166,9 +166,9 @@ class Upscaler:
                      **resolve_kw) -> Upscaler:
         """The model of `weights` (`hub.resolve_weights(weights, **resolve_kw)`) on `device`; `engine`,
         `agree`: as the constructor's."""
-        from .hub import fetch_clip_tower, resolve_weights
-        from .planner import device_free
-        from .weights import load_model
+        from ..weights.hub import fetch_clip_tower, resolve_weights
+        from ..plan.planner import device_free
+        from ..weights.format import load_model
 
         dev = resolve_device(device)
         path = resolve_weights(weights, **resolve_kw)
@@ -186,7 +186,7 @@ class Upscaler:
     @property
     def rates(self) -> Rates:
         if self._rates is None:
-            from .calibrate import calibration
+            from ..plan.calibrate import calibration
 
             self._rates = calibration(self.model.config, self.device, self.model.dtype)
         return self._rates

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ClipConfig, InfDiTConfig
-from .errors import ConvertError
-from .layers import rope_frequencies
-from .units import few
+from ..model.config import ClipConfig, InfDiTConfig
+from ..errors import ConvertError
+from ..model.layers import rope_frequencies
+from ..units import few
 
 __all__ = ["convert_checkpoint", "map_state_dict", "infer_config", "ConvertResult", "KEY_MAP", "CONVERTER"]
 
@@ -167,7 +167,7 @@ def _is_checkpoint(path: Path) -> bool:
 
 def convert_checkpoint(path: str | Path, *, clip_head_width: int = 64) -> ConvertResult:
     """Read an official checkpoint and return our config and renamed tensors (nothing is written)."""
-    from .weights import check_state_dict
+    from .format import check_state_dict
 
     path = Path(path)
     if not path.is_file():

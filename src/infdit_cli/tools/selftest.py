@@ -15,7 +15,7 @@ a CLIP tower where open_clip is missing).
 One engine per mode: every check builds a `BlockEngine` per placement it measures and calls it as often
 as it needs, so a K/V slab is allocated (and on CUDA page-locked) once, before the timed calls; rows
 report that time (`pin_s`) and the device->host put time of one call (`put_s`) as their own fields.
-The memory and speed rows are measured in a fresh process each (`python -m infdit_cli.selftest WORK`).
+The memory and speed rows are measured in a fresh process each (`python -m infdit_cli.tools.selftest WORK`).
 
 All calls into the engine and the planner go through `_engine`, `_plan` and `_prefetch_disabled`.
 """
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadRequest
-from .events import CheckDone, CheckStarted
-from .meter import host_status, reset_host_peak, rss, timed
-from .units import format_bytes
+from ..errors import BadRequest
+from ..events import CheckDone, CheckStarted
+from ..plan.meter import host_status, reset_host_peak, rss, timed
+from ..units import format_bytes
 
 __all__ = ["Check", "SelftestReport", "Profile", "CUDA_PROFILE", "TOY_PROFILE", "Fixtures", "find_fixtures",
            "calibrate", "run_selftest", "DATA"]
@@ -116,8 +116,8 @@ def _engine(model, lr_up, image, *, n: int | None = None, cache_device: str | No
             compile: bool = False, on_event: Callable[[object], None] | None = None):
     """One `BlockEngine` for one mode, called as often as a check needs (its K/V slab is made once).
     `image`: (lr, vector), the per-image conditioning."""
-    from .engine import BlockEngine
-    from .planner import Placement
+    from ..engine.blocks import BlockEngine
+    from ..plan.planner import Placement
 
     lr, vector = image
     on_host = cache_device is not None and torch.device(cache_device).type == "cpu"
@@ -126,7 +126,7 @@ def _engine(model, lr_up, image, *, n: int | None = None, cache_device: str | No
 
 
 def _plan(cfg, size: tuple[int, int], budget: int | None, dtype: torch.dtype, device: torch.device):
-    from .planner import plan
+    from ..plan.planner import plan
 
     return plan(cfg, size, budget=budget, dtype=dtype, device=device)
 
@@ -134,7 +134,7 @@ def _plan(cfg, size: tuple[int, int], budget: int | None, dtype: torch.dtype, de
 @contextlib.contextmanager
 def _prefetch_disabled():
     """Host-cache fetches inline on the compute stream, to time what the side-stream prefetch hides."""
-    from . import engine as engine_mod
+    from ..engine import blocks as engine_mod
 
     real = engine_mod._Prefetch
     engine_mod._Prefetch = lambda fetch, layers, stream: real(fetch, layers, None)
@@ -154,7 +154,7 @@ def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
     """(seconds, bytes) of one call's K/V puts into the engine's slab (device -> host for a host cache on
     CUDA), timed alone: every (block, layer) entry a call stores, copied as the engine copies it; above
     `cap` bytes a sample of them, scaled. (None, 0) where the call keeps no cache."""
-    from .schedule import plan_batches
+    from ..plan.grid import plan_batches
 
     cache, g = engine.cache, engine.grid
     if cache is None:
@@ -183,7 +183,7 @@ def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
 def _random_cfg(name: str, clip: bool):
     """A preset's config, without its CLIP tower where open_clip cannot be imported (the checks that use
     a random model give it a random vector: the tower is never called)."""
-    from .config import PRESETS
+    from ..model.config import PRESETS
 
     cfg = PRESETS[name]
     return cfg if clip else replace(cfg, clip=None)
@@ -294,7 +294,7 @@ class _Run:
         """'fp32' / 'bf16': the fixture checkpoint converted and loaded; 'random': the profile's preset."""
         if which not in self._models:
             if which == "random":
-                from .weights import random_model
+                from ..weights.format import random_model
 
                 self._models[which] = random_model(_random_cfg(self.profile.config, self.clip), seed=0,
                                                    device=self.device,
@@ -314,8 +314,8 @@ class _Run:
 
 def _load_fixture_model(checkpoint: Path, config: dict, device: torch.device, dtype: torch.dtype):
     """The fixture's official checkpoint through the real path: convert, write safetensors, load."""
-    from .convert import convert_checkpoint
-    from .weights import load_model, save_model_file
+    from ..weights.convert import convert_checkpoint
+    from ..weights.format import load_model, save_model_file
 
     head_width = config["open_clip_model_cfg"]["vision_cfg"]["head_width"]
     res = convert_checkpoint(checkpoint, clip_head_width=head_width)
@@ -343,7 +343,7 @@ def _bound(group: str, name: str, value: float, tol: float, t0: float, what: str
 
 def _sample(model, io: dict, vector: torch.Tensor, steps: int) -> torch.Tensor:
     """A whole Heun run, every call through one engine (as the pipeline runs a pass)."""
-    from .sampling import edm_sigmas, sample_heun
+    from ..engine.sampling import edm_sigmas, sample_heun
 
     engine = _engine(model, io["concat"], (io["lr"], vector))
     sigmas = edm_sigmas(steps)
@@ -429,7 +429,7 @@ def check_bf16(run: _Run) -> list[Check]:
 
 def _spawn(work: dict, timeout: float = 1800) -> dict:
     """Run `_work(work)` in a fresh Python process and return what it measured."""
-    cmd = [sys.executable, "-m", "infdit_cli.selftest", json.dumps(work)]
+    cmd = [sys.executable, "-m", "infdit_cli.tools.selftest", json.dumps(work)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
@@ -448,9 +448,9 @@ def _work(w: dict) -> dict:
     """
     import resource
 
-    from .events import PlanChanged
-    from .planner import estimate
-    from .weights import random_model
+    from ..events import PlanChanged
+    from ..plan.planner import estimate
+    from ..weights.format import random_model
 
     dev, dtype, kind, size = torch.device(w["device"]), getattr(torch, w["dtype"]), w["kind"], w["size"]
     cuda = dev.type == "cuda"
@@ -465,7 +465,7 @@ def _work(w: dict) -> dict:
         n, host = w["n"], w["cache_on_host"]
     model = random_model(cfg, seed=0, device=dev, dtype=dtype)
     if kind == "full":
-        from .pipeline import Upsampled
+        from ..jobs.pipeline import Upsampled
 
         g = torch.Generator().manual_seed(0)
         lr = torch.rand(1, 3, size // cfg.sr_scale, size // cfg.sr_scale, generator=g) * 2 - 1
@@ -598,8 +598,8 @@ def check_full_plan(run: _Run) -> Check:
 
 def check_speed(run: _Run, size: int) -> Check:
     from .bench import flops_per_call
-    from .calibrate import calibration
-    from .planner import call_seconds, device_free, estimate, host_available
+    from ..plan.calibrate import calibration
+    from ..plan.planner import call_seconds, device_free, estimate, host_available
 
     t0, p = time.perf_counter(), run.profile
     cfg, dtype = _random_cfg(p.config, run.clip), getattr(torch, p.dtype)
@@ -641,8 +641,8 @@ def check_sdpa(run: _Run) -> Check:
     if run.device.type != "cuda":
         return Check("speed", "attention kernels (SDPA backends)", "skip", "CUDA only (fused GPU kernels)",
                      "", 0.0)
-    from .config import PRESETS
-    from .sdpa_pick import measure_backends
+    from ..model.config import PRESETS
+    from ..engine.sdpa import measure_backends
 
     t0, p = time.perf_counter(), run.profile
     cfg = PRESETS[p.config]
@@ -734,8 +734,8 @@ def check_big_plan(run: _Run) -> Check:
     """One call of the big plan with the plan's own storage: state in its dtype (memory-mapped when the
     plan says so), the LR conditioning upsampled per rectangle as the pipeline does, not held. The K/V
     slab is made (and pinned) and the puts timed before the timed call."""
-    from .pipeline import Upsampled
-    from .storage import Scratch
+    from ..jobs.pipeline import Upsampled
+    from ..engine.storage import Scratch
 
     t0, p = time.perf_counter(), run.profile
     m, dev = run.model("random"), run.device
@@ -870,7 +870,7 @@ def _steps(run: _Run, rate: float, cuda: bool | None = None) -> list[_Step]:
 
 def _fixture_config(config: dict):
     """The fixture model's `InfDiTConfig`, from its official arguments (for the FLOP count only)."""
-    from .config import InfDiTConfig
+    from ..model.config import InfDiTConfig
 
     argv = config["argv"]
     get = {a.lstrip("-").replace("-", "_"): b for a, b in zip(argv, argv[1:]) if a.startswith("--")}
@@ -900,8 +900,8 @@ def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | 
         BadRequest: `fixtures` is not a folder, or the device does not exist here.
     """
     from .bench import environment
-    from .events import SelftestStarted
-    from .upscaler import resolve_device
+    from ..events import SelftestStarted
+    from ..jobs.upscaler import resolve_device
 
     t_all = time.perf_counter()
     dev = resolve_device(str(device))

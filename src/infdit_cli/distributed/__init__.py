@@ -1,0 +1,1 @@
+"""Several processes: the torchrun world, its process group and ranks."""

@@ -1,0 +1,1 @@
+"""Denoiser calls in bounded memory: the UniBA block engine, its storage, bands across ranks, the sampler."""

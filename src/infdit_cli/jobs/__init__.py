@@ -1,0 +1,1 @@
+"""Upscaling jobs: the pipeline of passes, run folders, the Upscaler and folder batches."""

@@ -1,0 +1,1 @@
+"""The network: configuration, layers, attention, the CLIP encoder and the Inf-DiT module."""

@@ -1,0 +1,1 @@
+"""Arithmetic before any tensor exists: the block grid, memory and time predictions, calibration."""

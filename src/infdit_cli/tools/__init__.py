@@ -1,0 +1,1 @@
+"""Measurements: `infdit bench` and `infdit selftest`."""

@@ -1,0 +1,1 @@
+"""Weights files: the safetensors format, conversion, the registry, downloads and the cache."""
