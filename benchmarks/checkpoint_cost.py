@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infdit_cli.tools.bench import flops_per_call
-from infdit_cli.model.config import PRESETS
 from infdit_cli.events import CheckpointWritten, StepDone
-from infdit_cli.plan.calibrate import calibration
 from infdit_cli.jobs.pipeline import UpscaleOptions
 from infdit_cli.jobs.upscaler import Upscaler
+from infdit_cli.model.config import PRESETS
+from infdit_cli.plan.calibrate import calibration
+from infdit_cli.tools.bench import flops_per_call
 from infdit_cli.weights.format import random_model
 
 

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from infdit_cli.model.config import PRESETS
 from infdit_cli.engine.blocks import denoise
+from infdit_cli.model.config import PRESETS
 from infdit_cli.weights.format import random_model
 
 

@@ -8,8 +8,8 @@ depend on the machine it is printed on).
 
 import torch
 
-from infdit_cli.model.config import PRESETS
 from infdit_cli.errors import HostMemoryTooSmall, MemoryBudgetTooSmall
+from infdit_cli.model.config import PRESETS
 from infdit_cli.plan.planner import estimate, plan
 from infdit_cli.units import format_bytes, parse_bytes
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from infdit_cli.plan.calibrate import calibration
-from infdit_cli.model.config import PRESETS
 from infdit_cli.events import StepDone
 from infdit_cli.jobs.pipeline import UpscaleOptions
 from infdit_cli.jobs.upscaler import Upscaler
+from infdit_cli.model.config import PRESETS
+from infdit_cli.plan.calibrate import calibration
 from infdit_cli.weights.format import random_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,8 +40,8 @@ def predicted(gh: int, gw: int, n: int, ranks: int, layers: int, per_layer: bool
 def worker(args) -> None:
     from infdit_cli.distributed import world as D
     from infdit_cli.engine.bands import BandEngine
-    from infdit_cli.model.config import PRESETS
     from infdit_cli.engine.blocks import BlockEngine
+    from infdit_cli.model.config import PRESETS
     from infdit_cli.plan.planner import Placement
     from infdit_cli.weights.format import random_model
 

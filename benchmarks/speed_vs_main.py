@@ -207,8 +207,8 @@ def choice_table(runs: dict, sizes, modes, med) -> None:
     """This tree: every mode against the whole image, and the planner's choice against the fastest."""
     import torch
 
-    from infdit_cli.plan.calibrate import calibration
     from infdit_cli.model.config import PRESETS
+    from infdit_cli.plan.calibrate import calibration
     from infdit_cli.plan.planner import call_seconds, plan
 
     cfg = PRESETS[runs["config"]]

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from infdit_cli.model.config import PRESETS
 from infdit_cli.events import TrainValidated
+from infdit_cli.model.config import PRESETS
 from infdit_cli.train import recipe as R
 from infdit_cli.train.data import ValSet, scan
 from infdit_cli.train.loop import TrainConfig, _held_out, train, val_sigmas

@@ -19,8 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SESSION_CACHE = tempfile.mkdtemp(prefix="infdit-test-cache-")
 os.environ["INFDIT_CACHE"] = SESSION_CACHE
 
-from infdit_cli.model.config import PRESETS  # noqa: E402
 from infdit_cli.engine.storage import _COMPACTED, _GONE  # noqa: E402
+from infdit_cli.model.config import PRESETS  # noqa: E402
 from infdit_cli.weights.format import random_model, save_model_file  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "upstream-a"  # checkpoint.pt, config.json: links into the package's
@@ -259,7 +259,8 @@ def wheel_venv(tmp_path_factory):
     # Build from a copy of what the wheel is made of, so no stale build/ folder (or a file the checkout
     # happens to have) can stand in; --no-build-isolation: this environment's setuptools, no index.
     src = tmp / "src-copy"
-    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for tree in ("src", "weights"):  # weights/: the registry, installed as infdit_cli.weights.registry
+        shutil.copytree(root / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, src / name)
     dist = tmp / "dist"

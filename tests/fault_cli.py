@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from infdit_cli.engine import bands
 from infdit_cli.cli.app import main
+from infdit_cli.engine import bands
 
 FAULT = sys.argv.pop(1)
 _rect = bands.BandEngine._rect

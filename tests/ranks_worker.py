@@ -14,10 +14,10 @@ import torch
 
 from infdit_cli.distributed import world as D
 from infdit_cli.engine.bands import band_engine
-from infdit_cli.model.config import PRESETS
 from infdit_cli.events import Notice, PlanChanged
 from infdit_cli.jobs.pipeline import UpscaleOptions
 from infdit_cli.jobs.upscaler import Upscaler
+from infdit_cli.model.config import PRESETS
 from infdit_cli.weights.format import random_model
 
 SIZE = (24, 100)  # LR; x4: 96x400, a 6x25-block grid of the tiny config

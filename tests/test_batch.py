@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infdit_cli.jobs.batch import find_images, plan_batch, preview_batch, run_batch
 from infdit_cli.errors import BadImage, BadRequest
 from infdit_cli.events import Notice
+from infdit_cli.jobs.batch import find_images, plan_batch, preview_batch, run_batch
 
 
 def img(path: Path, size=(8, 8)) -> Path:
@@ -131,8 +131,9 @@ def test_batch_lines_name_each_file_and_the_plan_comes_first(tmp_path, monkeypat
 def test_table_title_shortens_paths_instead_of_wrapping(tmp_path, monkeypatch, capsys):
     """At 120 columns a title with long paths is one line: the folders' last names kept whole, "..." for the
     rest; short paths are left alone, relative to the current folder."""
-    from infdit_cli.cli.batch import shorten_path, table_title
     from test_download import run_main
+
+    from infdit_cli.cli.batch import shorten_path, table_title
 
     assert shorten_path("/a/bb/ccc", 20) == "/a/bb/ccc"
     assert shorten_path("/data/photos/holiday_2026", 20) == ".../holiday_2026"

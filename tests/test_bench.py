@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import default_signals, run_cli
+
 from infdit_cli.errors import BadRequest
 from infdit_cli.jobs.upscaler import resolve_dtype
 
@@ -46,8 +46,8 @@ def test_fp16_on_the_command_line_is_one_line_exit_2(tiny_weights, tmp_path):
 def test_run_bench_reports_progress_and_wxh_sizes(tiny_config):
     """The real measurement path (fresh processes) on the tiny model: one event per measurement, work
     adding up to the announced total, sizes written WxH, each row handed on as it is measured."""
-    from infdit_cli.tools.bench import run_bench
     from infdit_cli.events import MeasureDone
+    from infdit_cli.tools.bench import run_bench
 
     events, streamed = [], []
     rows = run_bench(tiny_config, [(16, 48)], budget=2**30, device="cpu", dtype=torch.float32, steps=2,
@@ -138,9 +138,9 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
     measured but said, with how to run it; given with --res, it runs."""
     from typer.testing import CliRunner
 
-    import infdit_cli.tools.bench as bench_mod
     import infdit_cli.plan.calibrate as calibrate_mod
     import infdit_cli.plan.planner as planner_mod
+    import infdit_cli.tools.bench as bench_mod
     from infdit_cli.cli.app import app
 
     seen = _count_calls(monkeypatch, bench_mod)
@@ -179,8 +179,8 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
 
 def _window_counter(monkeypatch):
     """KV caches made slowly (0.5 s each), and whether each was made inside a timed call (`bench._call`)."""
-    import infdit_cli.tools.bench as bench_mod
     import infdit_cli.engine.blocks as engine_mod
+    import infdit_cli.tools.bench as bench_mod
 
     made, puts, timing = [], [], [False]
 

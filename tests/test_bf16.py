@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from infdit_cli.engine.blocks import BlockEngine, denoise
-from infdit_cli.plan.planner import Placement
 from infdit_cli.engine.sampling import edm_sigmas, sample_heun
+from infdit_cli.plan.planner import Placement
 
 BF16 = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "upstream-a-bf16"
 RATIO = 1.5

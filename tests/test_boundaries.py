@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import CKPT, RELEASE, run_cli
+from PIL import Image
 
 FAST = ["--steps", "2", "--device", "cpu"]
 CONTROL = {chr(c) for c in [*range(0, 32), *range(0x7F, 0xA0)]} - {"\n"}

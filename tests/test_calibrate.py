@@ -5,11 +5,11 @@ import os
 
 import pytest
 import torch
-
 from conftest import run_cli
+
+from infdit_cli.model.config import PRESETS
 from infdit_cli.plan import calibrate
 from infdit_cli.plan.calibrate import CALIBRATION_FILE, calibration, device_key
-from infdit_cli.model.config import PRESETS
 from infdit_cli.plan.planner import Rates
 
 TINY = PRESETS["tiny"]

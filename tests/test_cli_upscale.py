@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import default_signals, run_cli
+from PIL import Image
 
 FAST = ["--steps", "2", "--device", "cpu"]
 

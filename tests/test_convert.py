@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import DATA, run_cli
 from safetensors import safe_open
 
-from conftest import DATA, run_cli
+from infdit_cli.errors import ConvertError
 from infdit_cli.model.config import InfDiTConfig
 from infdit_cli.weights.convert import convert_checkpoint
-from infdit_cli.errors import ConvertError
 
 
 def test_converted_file_describes_itself(official_file):

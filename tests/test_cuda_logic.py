@@ -12,12 +12,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import infdit_cli.engine.blocks as engine_mod
 import infdit_cli.engine.storage as storage_mod
-from infdit_cli.model.config import PRESETS
 from infdit_cli.engine.blocks import BlockEngine, denoise
-from infdit_cli.model.layers import edm_scalings
-from infdit_cli.plan.planner import Placement, host_available
 from infdit_cli.engine.sampling import edm_sigmas, sample_heun
 from infdit_cli.engine.storage import Scratch
+from infdit_cli.model.config import PRESETS
+from infdit_cli.model.layers import edm_scalings
+from infdit_cli.plan.planner import Placement, host_available
 
 
 def _inputs(cfg, h=48, w=80, seed=0):

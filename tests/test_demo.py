@@ -10,10 +10,10 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from infdit_cli.weights.cache import sha256_file
 from infdit_cli.model.config import PRESETS
-from infdit_cli.weights.hub import packaged_file, registry, resolve_weights
+from infdit_cli.weights.cache import sha256_file
 from infdit_cli.weights.format import inspect_file
+from infdit_cli.weights.hub import packaged_file, registry, resolve_weights
 
 REGISTRY = Path(__file__).resolve().parents[1] / "src" / "infdit_cli" / "registry"
 # PSNR of the demo's 4x of `_picture()` (seed 0) against Pillow's bicubic 4x of it: 12.9 dB for the shipped

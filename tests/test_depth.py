@@ -5,9 +5,8 @@ import numpy as np
 import png
 import pytest
 import tifffile
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 FAST = ["--steps", "2", "--device", "cpu"]
 H, W = 16, 320  # 320 columns of a 0..65535 ramp: 320 levels, more than 8 bits hold

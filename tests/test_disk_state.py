@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import default_signals, run_cli
-from infdit_cli.jobs.checkpoint import run_folder_for
+from PIL import Image
 from test_resume import ARGS, STEPS, _saved, _start, _stop_at, rgb_image
+
+from infdit_cli.jobs.checkpoint import run_folder_for
 
 
 def _files(folder: Path) -> dict[str, bytes]:

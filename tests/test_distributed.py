@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from infdit_cli.distributed.world import World, rank_device, shard, world_from_env
-
-from conftest import run_cli
 
 
 def torchrun(*args, nproc: int = 2, cwd=None) -> subprocess.CompletedProcess:

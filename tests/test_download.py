@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CKPT, RELEASE, run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import CKPT, RELEASE, run_cli
 from infdit_cli.units import format_bytes
 
 DIGEST = hashlib.sha256(CKPT).hexdigest()
@@ -268,8 +268,8 @@ def test_non_checkpoint_is_refused_and_not_cached(release, body, ctype, fragment
 
 def test_disk_full_is_one_clear_error(release, monkeypatch):
     """Writes to /dev/full fail with ENOSPC, as on a full disk; the partial file is kept for a resume."""
-    from infdit_cli.weights import download
     from infdit_cli.errors import DownloadError
+    from infdit_cli.weights import download
 
     fake, url, _, tmp_path = release
     dest = tmp_path / "checkpoint.pt"

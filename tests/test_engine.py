@@ -7,11 +7,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from infdit_cli.engine import blocks as engine_mod
 from infdit_cli.engine.blocks import BlockEngine, denoise
+from infdit_cli.engine.storage import Scratch
 from infdit_cli.errors import OutOfMemory
 from infdit_cli.events import BatchDone, PlanChanged
-from infdit_cli.plan.planner import Placement, step_down
 from infdit_cli.plan.grid import cache_bound, plan_batches
-from infdit_cli.engine.storage import Scratch
+from infdit_cli.plan.planner import Placement, step_down
 
 WHOLE = Placement(n=1 << 30)
 
@@ -132,8 +132,8 @@ def _limit(max_bytes):
 
 
 def test_out_of_memory_steps_down_and_keeps_the_smaller_plan(tiny_model, whole):
-    from infdit_cli.plan.planner import batch_device_bytes
     from infdit_cli.plan.grid import BlockBatch
+    from infdit_cli.plan.planner import batch_device_bytes
 
     x, lr_up, lr, vec, ref = whole[(48, 80)]
     cfg = tiny_model.config

@@ -5,8 +5,8 @@ import stat
 
 import pytest
 
-from infdit_cli.weights.cache import Record, read_record, write_record
 from infdit_cli.files import atomic_write
+from infdit_cli.weights.cache import Record, read_record, write_record
 
 
 def test_writes_bytes_text_and_through_a_writer(tmp_path):

@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-
 from conftest import run_cli
 from hubserver import FakeHub, Repo
 

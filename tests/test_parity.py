@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from infdit_cli.engine.blocks import BlockEngine, denoise
-from infdit_cli.plan.planner import Placement
-from infdit_cli.jobs.pipeline import pass_inputs
 from infdit_cli.engine.sampling import edm_sigmas, sample_heun
+from infdit_cli.jobs.pipeline import pass_inputs
+from infdit_cli.plan.planner import Placement
 
 CALL_TOL = 1e-5  # one denoiser call; the float32 floor is ~1.2e-6
 # The 4-step sample's first step (sigma 40 -> 5.2) amplifies float32 rounding: the fixture's own floor is

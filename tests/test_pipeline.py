@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import default_signals, run_cli
 from PIL import Image
 
-from conftest import default_signals, run_cli
 from infdit_cli.events import PlanChanged
 from infdit_cli.images.load import resize
-from infdit_cli.jobs.pipeline import UpscaleOptions, Upsampled, plan_upscale, upscale
-from infdit_cli.plan.planner import batch_device_bytes
+from infdit_cli.jobs.pipeline import Upsampled, UpscaleOptions, plan_upscale, upscale
 from infdit_cli.plan.grid import BlockBatch
+from infdit_cli.plan.planner import batch_device_bytes
 
 
 @pytest.mark.parametrize("scale", [2, 4])
@@ -172,8 +172,8 @@ def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):
 def test_the_observed_pace_leaves_out_checkpoint_saves(tiny_model, rgb, tmp_path, monkeypatch):
     """The per-call time a job hands `calibrate.observe` is the sampler's own: a checkpoint save (here a
     slow fake, 0.5 s a step) between the steps is not a model call's time."""
-    import infdit_cli.plan.calibrate as calibrate_mod
     import infdit_cli.jobs.pipeline as pipeline_mod
+    import infdit_cli.plan.calibrate as calibrate_mod
     from infdit_cli.jobs.checkpoint import RunFolder
     from infdit_cli.plan.planner import Rates
 

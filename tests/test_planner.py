@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from infdit_cli.model.config import PRESETS
 from infdit_cli.errors import HostMemoryTooSmall, MemoryBudgetTooSmall
+from infdit_cli.model.config import PRESETS
+from infdit_cli.plan.grid import cache_bound, choose_order, plan_batches
 from infdit_cli.plan.planner import Rates, call_seconds, estimate, param_count, plan
 from infdit_cli.units import parse_bytes
-from infdit_cli.plan.grid import cache_bound, choose_order, plan_batches
 
 OFFICIAL = PRESETS["official"]
 
@@ -232,8 +232,8 @@ def test_the_engine_replans_before_it_halves(tiny_model):
     only on the next (3 -> 1: a 3-block grid side); the result equals a call planned that way."""
     from infdit_cli.engine.blocks import BlockEngine, denoise
     from infdit_cli.events import PlanChanged
-    from infdit_cli.plan.planner import Placement, batch_device_bytes
     from infdit_cli.plan.grid import BlockBatch
+    from infdit_cli.plan.planner import Placement, batch_device_bytes
 
     cfg = tiny_model.config
     g = torch.Generator().manual_seed(0)

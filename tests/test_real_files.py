@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from infdit_cli.errors import InfditError
 from infdit_cli.events import Notice
 from infdit_cli.jobs.pipeline import UpscaleOptions
@@ -471,8 +471,8 @@ def test_lzw_tiff_without_imagecodecs_upscales_through_pillow_with_one_warning(m
     ("rgb16-planar.tif", False, "error: is damaged or truncated"),  # raw: no codec to miss; Pillow's is wrong
 ])
 def test_tiff_codec_failures_in_our_words(monkeypatch, name, missing, expect):
-    from infdit_cli.images import load as images
     from infdit_cli.errors import BadImage
+    from infdit_cli.images import load as images
 
     _tifffile_without_codec(monkeypatch, "TiffFileError: tifffile's own words")
     monkeypatch.setattr(images, "_has_imagecodecs", lambda: not missing)

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import JOB_ARGS, JOB_STEPS, default_signals, rgb_image, run_cli
 from PIL import Image
 
-from conftest import JOB_ARGS, JOB_STEPS, default_signals, rgb_image, run_cli
-from infdit_cli.jobs.checkpoint import run_folder_for
 from infdit_cli.events import CheckpointDiscarded, CheckpointWritten, Resumed, StepDone
 from infdit_cli.jobs import pipeline
+from infdit_cli.jobs.checkpoint import run_folder_for
 from infdit_cli.jobs.pipeline import UpscaleOptions, predicted_seconds
 from infdit_cli.jobs.upscaler import Upscaler
 
@@ -261,8 +261,8 @@ def test_official_estimate_is_in_the_issue_range():
     """The estimate behind the default: a 4096^2 job of the official model is ~70 PFLOP (issue 16), so
     minutes on a CUDA card (nominal rates) and far beyond 5 minutes on a 2-core CPU's; a 512^2 job on
     CUDA takes seconds."""
-    from infdit_cli.model.config import PRESETS
     from infdit_cli.jobs.pipeline import UpscaleOptions, plan_upscale
+    from infdit_cli.model.config import PRESETS
     from infdit_cli.plan.planner import Rates, flops_per_call
 
     cfg = PRESETS["official"]

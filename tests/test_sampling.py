@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from infdit_cli.events import StepDone
 from infdit_cli.engine.sampling import edm_sigmas, sample_heun
+from infdit_cli.events import StepDone
 
 
 def test_sigmas_closed_form():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from infdit_cli.tools import selftest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_serve import Server, image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

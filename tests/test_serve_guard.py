@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
-
 from test_serve import Server, image, multipart, post_image, wait_for
 
 pytest.importorskip("fastapi")

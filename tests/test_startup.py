@@ -61,7 +61,7 @@ def test_version_says_infdit_torch_and_cuda_as_torch_does(monkeypatch, capsys):
 
 
 def test_the_light_copy_of_the_pixel_limit_is_the_library_s():
-    from infdit_cli.images import load as images
     from infdit_cli.cli import _checks
+    from infdit_cli.images import load as images
 
     assert _checks.DEFAULT_MAX_PIXELS == images.DEFAULT_MAX_PIXELS

@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from infdit_cli.cli.app import main
-from infdit_cli.model.config import PRESETS
 from infdit_cli.engine.blocks import denoise
 from infdit_cli.errors import BadRequest
+from infdit_cli.model.config import PRESETS
 from infdit_cli.train.data import scan
 from infdit_cli.train.loop import TrainConfig, batch_loss, provenance, train
 from infdit_cli.train.recipe import loss_weight

@@ -269,8 +269,8 @@ def test_resume(tmp_path, tiny_model, at):
     bit."""
     from infdit_cli.events import CheckpointWritten, Resumed
     from infdit_cli.jobs.pipeline import UpscaleOptions
-    from infdit_cli.plan.planner import nominal_rates
     from infdit_cli.jobs.upscaler import Upscaler
+    from infdit_cli.plan.planner import nominal_rates
 
     class Stop(Exception):
         pass
@@ -322,10 +322,10 @@ def test_serve(tmp_path, tiny_model):
     pytest.importorskip("fastapi")
     uvicorn = pytest.importorskip("uvicorn")
     from infdit_cli.jobs.pipeline import UpscaleOptions
+    from infdit_cli.jobs.upscaler import Upscaler
     from infdit_cli.plan.planner import nominal_rates
     from infdit_cli.serve.app import create_app
     from infdit_cli.serve.jobs import JobRunner, JobStore
-    from infdit_cli.jobs.upscaler import Upscaler
 
     a = noise(20, 28, seed=13)
     src = write(tmp_path / "in.png", a)

@@ -5,9 +5,9 @@ import struct
 
 import pytest
 import torch
+from conftest import DATA, run_cli
 from safetensors.torch import save_file
 
-from conftest import DATA, run_cli
 from infdit_cli.errors import WeightsError
 from infdit_cli.weights.format import load_model
 

@@ -19,7 +19,9 @@ def _run(*args, **kw) -> subprocess.CompletedProcess:
 def test_wheel_install_lists_the_registry(wheel_venv, tmp_path):
     wheel, venv, env = wheel_venv
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"infdit_cli/registry/infdit-4x.json", "infdit_cli/registry/clip-vit-l-14-datacomp.json"} <= names
+    registry = {f"infdit_cli/weights/registry/{f}"
+                for f in ("infdit-4x.json", "clip-vit-l-14-datacomp.json", "demo.json", "demo.safetensors")}
+    assert registry <= names  # the repository's top-level weights/, mapped into the package
     assert {f"infdit_cli/selftest_data/{f}" for f in ("checkpoint.pt", "config.json", "io.safetensors")} <= names
     py = venv / "bin" / "python"
     where = _run(py, "-c", "import infdit_cli; print(infdit_cli.__file__)", cwd=tmp_path, env=env).stdout
@@ -29,5 +31,7 @@ def test_wheel_install_lists_the_registry(wheel_venv, tmp_path):
     assert "infdit-4x: The official Inf-DiT 4x upsampler" in info
     assert "https://cloud.tsinghua.edu.cn/f/6e313f7e1236468e973b/?dl=1" in info
     assert "run `infdit download`" in info
+    demo = _run(exe, "info", "demo", cwd=tmp_path, env=env).stdout  # the packaged model, offline
+    assert "demo" in demo and str(venv) in demo
     helptext = _run(exe, "download", "--help", cwd=tmp_path, env={**env, "COLUMNS": "200"}).stdout
     assert "infdit-4x:" in helptext and "clip-vit-l-14-datacomp:" in helptext

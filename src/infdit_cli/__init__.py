@@ -18,11 +18,11 @@ __all__ = ["BlockEngine", "InfDiT", "InfDiTConfig", "UpscaleOptions", "UpscaleRe
            "load_model", "upscale"]  # = sorted(_EXPORTS), written out for readers and linters
 
 if TYPE_CHECKING:
-    from .model.config import InfDiTConfig
     from .engine.blocks import BlockEngine, denoise
-    from .model.infdit import InfDiT
     from .jobs.pipeline import UpscaleOptions, upscale
     from .jobs.upscaler import Upscaler, UpscaleResult
+    from .model.config import InfDiTConfig
+    from .model.infdit import InfDiT
     from .weights.format import load_model
 
 

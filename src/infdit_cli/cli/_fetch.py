@@ -40,8 +40,8 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool,
     `before` is called just before a download starts: here for a registry model, or before the loader
     fetches a Hub reference that is not in the HF cache yet.
     """
-    from ..weights.cache import cache_root
     from ..errors import WeightsNotFound
+    from ..weights.cache import cache_root
     from ..weights.hub import DEFAULT_MODEL, download, registry, resolve_weights
 
     name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)

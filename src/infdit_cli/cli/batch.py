@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..units import format_bytes
 from . import _options as O
 from ._checks import check_compile, check_target_args
 from ._progress import FirstLines, make_display
 from ._text import safe
-from ..units import format_bytes
 
 if TYPE_CHECKING:  # the library imports torch: kept off start-up
     from ..jobs.batch import BatchReport
@@ -124,8 +124,8 @@ def batch(
                                on_item=on_item, on_start=on_start, items=items, checkpoint=checkpoint,
                                resume=resume, depth=depth)
         except KeyboardInterrupt as e:
-            from ..jobs.checkpoint import run_folder_for, summary
             from ..errors import Interrupted
+            from ..jobs.checkpoint import run_folder_for, summary
 
             info = summary(run_folder_for(current[0])) if current else None
             where = f"; {current[0].name}: {info[0]} saved ({format_bytes(info[1])} on disk)" if info else ""

@@ -72,11 +72,11 @@ def bench(
     inputs (CUDA: max_memory_allocated; CPU: peak RSS), shown beside the planner's prediction. Each size's
     row is printed as soon as it is measured.
     """
-    from ..tools.bench import ROW_SECONDS_LIMIT, environment, run_bench
-    from ..model.config import PRESETS
     from ..errors import Interrupted
-    from ..plan.planner import HOST_RUNTIME, device_free, host_available
     from ..jobs.upscaler import resolve_device, resolve_dtype
+    from ..model.config import PRESETS
+    from ..plan.planner import HOST_RUNTIME, device_free, host_available
+    from ..tools.bench import ROW_SECONDS_LIMIT, environment, run_bench
     from ._progress import FirstLines, device_note
 
     if random_weights and weights is not None:
@@ -102,8 +102,8 @@ def bench(
         cfg, source = PRESETS[config], f"random weights, {config} config"
     else:
         from ..errors import WeightsNotFound
-        from ..weights.hub import resolve_weights
         from ..weights.format import inspect_file
+        from ..weights.hub import resolve_weights
         from ._fetch import ensure_weights
 
         ensure_weights(weights, None, False, quiet, first)  # first use: fetched once (not offline)

@@ -151,9 +151,9 @@ def info(
     from safetensors import safe_open
 
     from ..errors import WeightsNotFound
-    from ..weights.hub import DEFAULT_MODEL, registry, resolve_weights
     from ..plan.planner import estimate, param_count
     from ..weights.format import inspect_file
+    from ..weights.hub import DEFAULT_MODEL, registry, resolve_weights
 
     try:
         path = resolve_weights(weights, repo=repo, offline=offline or None)

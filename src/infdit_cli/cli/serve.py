@@ -128,10 +128,10 @@ def serve(
     if not any_address(host):  # the address it prints: always one it answers to (box.lan -> its IP)
         names.add(bare_host(sock.getsockname()[0]))
 
+    from ..jobs.upscaler import resolve_device
     from ..serve import server
     from ..serve.app import create_app
     from ..serve.jobs import JobRunner, JobStore
-    from ..jobs.upscaler import resolve_device
     from ._progress import FirstLines, device_note
     from .upscale import load_upscaler
 
@@ -234,7 +234,10 @@ def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, 
         raise BadRequest("--token must be printable characters without spaces")
     if allow_paths is not None and not allow_paths.is_dir():
         raise BadRequest(f"--allow-paths {allow_paths} is not a folder")
-    from ..jobs.upscaler import resolve_device, resolve_dtype  # kept off start-up (torch): after the checks above
+    from ..jobs.upscaler import (  # kept off start-up (torch): after the checks above
+        resolve_device,
+        resolve_dtype,
+    )
 
     resolve_dtype(dtype, resolve_device(device, check=False))  # BadRequest: an unknown device or dtype
     names = set(LOOPBACK_NAMES)

@@ -88,8 +88,8 @@ def preview_writer(preview: Path | None):
 @contextlib.contextmanager
 def keep_progress(folder: Path):
     """On Ctrl-C or a failure with a checkpoint saved, the error's one line ends with how to resume."""
-    from ..jobs.checkpoint import summary
     from ..errors import InfditError, Interrupted
+    from ..jobs.checkpoint import summary
 
     try:
         yield
@@ -122,8 +122,8 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     Raises:
         MemoryBudgetTooSmall, HostMemoryTooSmall: the job cannot fit (exit 2, before any weights load).
     """
-    from ..jobs.checkpoint import run_folder_for  # these (torch) are kept off start-up
     from ..images.load import probe_size
+    from ..jobs.checkpoint import run_folder_for  # these (torch) are kept off start-up
     from ..jobs.pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
     from ..jobs.upscaler import resolve_device, resolve_dtype
 
@@ -153,8 +153,8 @@ def plan_config(weights, repo):
     weights are here, else the official architecture (a registry model not downloaded yet is the official
     one)."""
     from ..model.config import PRESETS
-    from ..weights.hub import resolve_weights
     from ..weights.format import read_config
+    from ..weights.hub import resolve_weights
 
     try:
         return read_config(resolve_weights(weights, repo=repo, offline=True)), "weights file"
@@ -262,7 +262,9 @@ def upscale(
         override(debug=True)
     check_target_args(res, scale)  # the commonest usage errors, answered before torch loads
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
-    from ..jobs.checkpoint import run_folder_for  # the library (torch) is kept off start-up: --help, usage errors
+    from ..jobs.checkpoint import (
+        run_folder_for,  # the library (torch) is kept off start-up: --help, usage errors
+    )
     from ..jobs.upscaler import default_output
 
     check_compile(compile_, device)

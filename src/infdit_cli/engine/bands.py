@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from ..distributed.world import World
-from .blocks import BlockEngine, KVCache, Neighbours, Sweep
 from ..events import Notice
 from ..plan.grid import BlockBatch, cache_slots
+from .blocks import BlockEngine, KVCache, Neighbours, Sweep
 
 __all__ = ["BandEngine", "BandNeighbours", "band_engine", "column_bands"]
 

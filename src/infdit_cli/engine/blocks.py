@@ -25,12 +25,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import gather_keys, neighbour_index
 from ..errors import OutOfMemory
 from ..events import BatchDone, PlanChanged
+from ..model.attention import gather_keys, neighbour_index
 from ..model.infdit import out_kernel, qkv_into
-from ..plan.planner import Placement, batch_device_bytes, chunk_blocks, step_down
 from ..plan.grid import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
+from ..plan.planner import Placement, batch_device_bytes, chunk_blocks, step_down
 from .storage import Scratch
 
 __all__ = [

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..events import StepDone
-from .storage import Scratch
 from ..units import row_chunks
+from .storage import Scratch
 
 __all__ = ["edm_sigmas", "sample_heun", "HeunState"]
 

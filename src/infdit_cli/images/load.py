@@ -31,8 +31,8 @@ from ..errors import (
     no_space,
 )
 from ..files import atomic_write
-from .metadata import ORIENTATION, read_dpi, read_exif
 from ..units import row_chunks
+from .metadata import ORIENTATION, read_dpi, read_exif
 
 __all__ = ["LoadedImage", "load_image", "probe_size", "save_image", "check_output", "fill_transparent",
            "resize", "SUFFIXES", "MAX_SIDE", "check_format_size", "is_infdit_output", "PROVENANCE"]

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Busy, DiskFull, NonFinite, UnsafePath, no_space
 from ..engine.storage import SafeFolder, allocate
+from ..errors import Busy, DiskFull, NonFinite, UnsafePath, no_space
 from ..units import row_chunks
 
 __all__ = ["RunFolder", "Saved", "run_folder_for", "summary", "weights_identity", "model_identity",

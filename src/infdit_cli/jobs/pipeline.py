@@ -18,16 +18,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .checkpoint import RunFolder, Saved
 from ..engine.blocks import BlockEngine, pad_to_blocks, release_cached
+from ..engine.sampling import HeunState, edm_sigmas, sample_heun
+from ..engine.storage import Scratch, reclaim_stale
 from ..errors import BadRequest, NonFinite, OutOfMemory
 from ..events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from ..images.load import resize
 from ..plan.planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
 from ..plan.planner import replan as planner_replan
-from ..engine.sampling import HeunState, edm_sigmas, sample_heun
-from ..engine.storage import Scratch, reclaim_stale
 from ..units import format_bytes, format_seconds, row_chunks
+from .checkpoint import RunFolder, Saved
 
 __all__ = ["checkpoint_by_default", "UpscaleOptions", "Pass", "UpscalePlan", "plan_upscale", "upscale",
            "target_size",

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-from ..weights.cache import sha256_file
-from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
 from ..errors import BadRequest
 from ..events import CheckpointDiscarded, Notice, PlanChanged
 from ..images.load import (
@@ -31,18 +29,20 @@ from ..images.load import (
     resize,
     save_image,
 )
+from ..plan.planner import Rates
+from ..weights.cache import sha256_file
+from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
 from .pipeline import (
-    checkpoint_by_default,
     UpscaleOptions,
     UpscalePlan,
     check_disk,
+    checkpoint_by_default,
     disk_need,
     plan_upscale,
     predicted_seconds,
     target_size,
     upscale,
 )
-from ..plan.planner import Rates
 
 Agree = Callable[[UpscalePlan], UpscalePlan]
 
@@ -166,9 +166,9 @@ class Upscaler:
                      **resolve_kw) -> Upscaler:
         """The model of `weights` (`hub.resolve_weights(weights, **resolve_kw)`) on `device`; `engine`,
         `agree`: as the constructor's."""
-        from ..weights.hub import fetch_clip_tower, resolve_weights
         from ..plan.planner import device_free
         from ..weights.format import load_model
+        from ..weights.hub import fetch_clip_tower, resolve_weights
 
         dev = resolve_device(device)
         path = resolve_weights(weights, **resolve_kw)

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..weights.cache import cache_root
 from ..files import atomic_write
+from ..weights.cache import cache_root
 from .meter import sync
 from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
 
@@ -179,8 +179,8 @@ def _chunk(cfg, device: torch.device, dtype: torch.dtype):
     MLP). A random two-layer model of `cfg`'s width; the second layer (the first has the LR cross-attention,
     counted apart by the cost model)."""
     from ..model.attention import gather_keys, neighbour_index
-    from .grid import BlockBatch
     from ..weights.format import random_model
+    from .grid import BlockBatch
 
     small = replace(cfg, num_layers=2, clip=None)
     model = random_model(small, seed=0, device=device, dtype=dtype)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..model.config import InfDiTConfig
 from ..errors import BadRequest, HostMemoryTooSmall, MemoryBudgetTooSmall
-from .grid import BlockBatch, cache_slots, choose_order
+from ..model.config import InfDiTConfig
 from ..settings import settings
 from ..units import format_bytes, format_seconds, parse_bytes
+from .grid import BlockBatch, cache_slots, choose_order
 
 __all__ = [
     "HEUN_IMAGES", "NOMINAL_RATES", "REPLAN_FACTOR", "MemoryEstimate", "Placement", "Plan", "Rates",

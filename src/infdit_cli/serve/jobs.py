@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from ..engine.storage import SafeFolder
 from ..errors import BadRequest, Busy, InfditError, UnsafePath, explain
 from ..events import (
     BatchDone,
@@ -42,7 +43,6 @@ from ..events import (
     Resumed,
     StepDone,
 )
-from ..engine.storage import SafeFolder
 
 __all__ = [
     "FORMATS",

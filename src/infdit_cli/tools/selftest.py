@@ -597,9 +597,9 @@ def check_full_plan(run: _Run) -> Check:
 
 
 def check_speed(run: _Run, size: int) -> Check:
-    from .bench import flops_per_call
     from ..plan.calibrate import calibration
     from ..plan.planner import call_seconds, device_free, estimate, host_available
+    from .bench import flops_per_call
 
     t0, p = time.perf_counter(), run.profile
     cfg, dtype = _random_cfg(p.config, run.clip), getattr(torch, p.dtype)
@@ -641,8 +641,8 @@ def check_sdpa(run: _Run) -> Check:
     if run.device.type != "cuda":
         return Check("speed", "attention kernels (SDPA backends)", "skip", "CUDA only (fused GPU kernels)",
                      "", 0.0)
-    from ..model.config import PRESETS
     from ..engine.sdpa import measure_backends
+    from ..model.config import PRESETS
 
     t0, p = time.perf_counter(), run.profile
     cfg = PRESETS[p.config]
@@ -734,8 +734,8 @@ def check_big_plan(run: _Run) -> Check:
     """One call of the big plan with the plan's own storage: state in its dtype (memory-mapped when the
     plan says so), the LR conditioning upsampled per rectangle as the pipeline does, not held. The K/V
     slab is made (and pinned) and the puts timed before the timed call."""
-    from ..jobs.pipeline import Upsampled
     from ..engine.storage import Scratch
+    from ..jobs.pipeline import Upsampled
 
     t0, p = time.perf_counter(), run.profile
     m, dev = run.model("random"), run.device
@@ -899,9 +899,9 @@ def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | 
     Raises:
         BadRequest: `fixtures` is not a folder, or the device does not exist here.
     """
-    from .bench import environment
     from ..events import SelftestStarted
     from ..jobs.upscaler import resolve_device
+    from .bench import environment
 
     t_all = time.perf_counter()
     dev = resolve_device(str(device))

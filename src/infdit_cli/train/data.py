@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..jobs.batch import IMAGE_SUFFIXES
 from ..errors import BadImage, BadRequest
 from ..images.load import fill_transparent, load_image, probe_size
+from ..jobs.batch import IMAGE_SUFFIXES
 from . import recipe as R
 
 __all__ = ["Item", "TrainSet", "ValSet", "files_digest", "positions", "sample_generator", "scan", "worker_init"]

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..jobs.checkpoint import model_identity, output_lock, weights_identity
+from ..engine.storage import SafeFolder
 from ..errors import BadRequest, DiskFull, NonFinite, OutputExists, Signalled, UnsafePath, no_space
 from ..events import Notice, TrainSaved, TrainStarted, TrainStep, TrainValidated
-from ..engine.storage import SafeFolder
+from ..jobs.checkpoint import model_identity, output_lock, weights_identity
 from . import recipe as R
 from .data import Item, TrainSet, ValSet, files_digest, positions, sample_generator, scan, worker_init
 

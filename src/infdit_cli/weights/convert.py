@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import ClipConfig, InfDiTConfig
 from ..errors import ConvertError
+from ..model.config import ClipConfig, InfDiTConfig
 from ..model.layers import rope_frequencies
 from ..units import few
 

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache
 from ..errors import ChecksumMismatch, ConvertError, DownloadError, InvalidReference, WeightsError
 from ..events import BytesDone, Notice
 from ..settings import settings
 from ..units import format_bytes
+from . import cache
 
 __all__ = ["fetch_url", "download_checkpoint", "cached_checkpoint", "Downloaded", "check_url", "check_sha256"]
 

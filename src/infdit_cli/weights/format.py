@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import ClipConfig, InfDiTConfig
 from ..errors import WeightsError, WeightsNotFound
 from ..files import atomic_write
+from ..model.config import ClipConfig, InfDiTConfig
 from ..units import few
 
 __all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict",

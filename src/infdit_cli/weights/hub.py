@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import cache
-from .download import Downloaded, cached_checkpoint, check_sha256, check_url, download_checkpoint
 from ..errors import ChecksumMismatch, HubError, InvalidReference, WeightsError, WeightsNotFound
 from ..events import Notice
 from ..settings import settings
+from . import cache
+from .download import Downloaded, cached_checkpoint, check_sha256, check_url, download_checkpoint
 
 __all__ = ["ModelSpec", "registry", "resolve_weights", "download", "parse_reference", "sha256_file",
            "packaged_file", "DEFAULT_MODEL", "fetch_clip_tower", "Downloaded", "is_url", "download_command"]
