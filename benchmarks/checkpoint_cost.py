@@ -30,9 +30,9 @@ from infdit_cli.events import CheckpointWritten, StepDone
 from infdit_cli.jobs.pipeline import UpscaleOptions
 from infdit_cli.jobs.upscaler import Upscaler
 from infdit_cli.model.config import PRESETS
+from infdit_cli.model.infdit import random_model
 from infdit_cli.plan.calibrate import calibration
 from infdit_cli.tools.bench import flops_per_call
-from infdit_cli.weights.format import random_model
 
 
 def run(up: Upscaler, size: int, steps: int, low_memory: bool, folder: Path) -> dict:

@@ -48,7 +48,8 @@ def main() -> None:
     from PIL import Image
 
     from infdit_cli.model.config import PRESETS
-    from infdit_cli.weights.format import random_model, save_model_file
+    from infdit_cli.model.infdit import random_model
+    from infdit_cli.weights.format import save_model_file
 
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

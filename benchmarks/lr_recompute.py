@@ -13,7 +13,7 @@ import torch
 
 from infdit_cli.engine.blocks import denoise
 from infdit_cli.model.config import PRESETS
-from infdit_cli.weights.format import random_model
+from infdit_cli.model.infdit import random_model
 
 
 def main() -> None:

@@ -33,8 +33,8 @@ from infdit_cli.events import StepDone
 from infdit_cli.jobs.pipeline import UpscaleOptions
 from infdit_cli.jobs.upscaler import Upscaler
 from infdit_cli.model.config import PRESETS
+from infdit_cli.model.infdit import random_model
 from infdit_cli.plan.calibrate import calibration
-from infdit_cli.weights.format import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"

@@ -42,8 +42,8 @@ def worker(args) -> None:
     from infdit_cli.engine.bands import BandEngine
     from infdit_cli.engine.blocks import BlockEngine
     from infdit_cli.model.config import PRESETS
+    from infdit_cli.model.infdit import random_model
     from infdit_cli.plan.planner import Placement
-    from infdit_cli.weights.format import random_model
 
     world = D.world_from_env()
     D.init(world, "cpu")

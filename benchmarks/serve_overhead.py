@@ -59,7 +59,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from infdit_cli.model.config import PRESETS
-    from infdit_cli.weights.format import random_model, save_model_file
+    from infdit_cli.model.infdit import random_model
+    from infdit_cli.weights.format import save_model_file
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFDIT_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:

@@ -69,7 +69,7 @@ def worker(h: int, w: int, modes: list, config: str, threads: int | None, calls:
 
     import infdit_cli
     from infdit_cli.model.config import PRESETS
-    from infdit_cli.weights.format import random_model
+    from infdit_cli.model.infdit import random_model
 
     if threads:
         torch.set_num_threads(threads)

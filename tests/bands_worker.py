@@ -9,8 +9,8 @@ from infdit_cli.distributed import world as D
 from infdit_cli.engine.bands import BandEngine
 from infdit_cli.engine.blocks import denoise
 from infdit_cli.model.config import PRESETS
+from infdit_cli.model.infdit import random_model
 from infdit_cli.plan.planner import Placement
-from infdit_cli.weights.format import random_model
 
 
 def main(out_path: str) -> None:

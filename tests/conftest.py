@@ -21,7 +21,8 @@ os.environ["INFDIT_CACHE"] = SESSION_CACHE
 
 from infdit_cli.engine.storage import _COMPACTED, _GONE  # noqa: E402
 from infdit_cli.model.config import PRESETS  # noqa: E402
-from infdit_cli.weights.format import random_model, save_model_file  # noqa: E402
+from infdit_cli.model.infdit import random_model  # noqa: E402
+from infdit_cli.weights.format import save_model_file  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "upstream-a"  # checkpoint.pt, config.json: links into the package's
 # copy (src/infdit_cli/selftest_data, which `infdit selftest` reads); io.safetensors here holds the other keys

@@ -18,7 +18,7 @@ from infdit_cli.events import Notice, PlanChanged
 from infdit_cli.jobs.pipeline import UpscaleOptions
 from infdit_cli.jobs.upscaler import Upscaler
 from infdit_cli.model.config import PRESETS
-from infdit_cli.weights.format import random_model
+from infdit_cli.model.infdit import random_model
 
 SIZE = (24, 100)  # LR; x4: 96x400, a 6x25-block grid of the tiny config
 

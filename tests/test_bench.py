@@ -14,7 +14,7 @@ import torch
 from conftest import default_signals, run_cli
 
 from infdit_cli.errors import BadRequest
-from infdit_cli.jobs.upscaler import resolve_dtype
+from infdit_cli.plan.device import resolve_dtype
 
 
 @pytest.mark.parametrize("name", ["fp16", "float16", "half"])

@@ -105,7 +105,7 @@ def test_edm_constants_are_float64_rounded_once():
     a state on the host and one on the GPU then see the same constants (float32 maths differs in the
     last bit for some sigmas)."""
     sigma = torch.cat([edm_sigmas(20)[:-1], torch.logspace(-3, 1.7, 300)]).float()
-    from infdit_cli.weights.format import random_model
+    from infdit_cli.model.infdit import random_model
 
     model = random_model(PRESETS["tiny"])
     step = model.prepare_step(sigma, torch.zeros(len(sigma), model.config.vector_dim))

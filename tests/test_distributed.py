@@ -12,7 +12,8 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
-from infdit_cli.distributed.world import World, rank_device, shard, world_from_env
+from infdit_cli.distributed.world import World, rank_device, world_from_env
+from infdit_cli.jobs.batch import shard
 
 
 def torchrun(*args, nproc: int = 2, cwd=None) -> subprocess.CompletedProcess:
@@ -144,7 +145,7 @@ def test_upscale_under_torchrun_same_pixels(tmp_path, tiny_weights):
 
 
 def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatch):
-    from infdit_cli.jobs.upscaler import prefer_expandable_segments
+    from infdit_cli.plan.device import prefer_expandable_segments
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     env: dict = {}

@@ -211,7 +211,7 @@ def test_no_image_area_by_hidden_width_tensor(tiny_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_placements_give_identical_pixels(tiny_config, whole):
-    from infdit_cli.weights.format import random_model
+    from infdit_cli.model.infdit import random_model
 
     m = random_model(tiny_config, seed=0, device="cuda")
     x, lr_up, lr, vec, ref = whole[(48, 80)]

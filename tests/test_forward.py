@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from infdit_cli.engine.blocks import denoise
-from infdit_cli.weights.format import random_model
+from infdit_cli.model.infdit import random_model
 
 CALL_TOL = 1e-5  # tests/test_parity.py: one denoiser call against the official fixture
 ENGINE_TOL = 1e-5  # tests/test_engine.py::test_block_batch_equals_whole_image

@@ -163,7 +163,7 @@ def test_other_block_batch_resumes_within_the_block_tolerance(tmp_path, lib):
 
 @pytest.mark.parametrize("change", ["input", "weights", "options"])
 def test_a_changed_job_is_not_resumed(tmp_path, lib, tiny_config, change):
-    from infdit_cli.weights.format import random_model
+    from infdit_cli.model.infdit import random_model
 
     up, src, ref = lib
     out = tmp_path / "out.png"

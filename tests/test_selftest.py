@@ -124,7 +124,7 @@ def test_put_seconds_is_one_calls_puts():
     """`_put_seconds` copies as many (block, layer) entries as one call stores: 2x2 blocks at n=1 store
     3 blocks (the last is read by none), each for every layer."""
     from infdit_cli.model.config import PRESETS
-    from infdit_cli.weights.format import random_model
+    from infdit_cli.model.infdit import random_model
 
     cfg = PRESETS["tiny"]
     model = random_model(cfg, seed=0)

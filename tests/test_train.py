@@ -19,10 +19,10 @@ from infdit_cli.cli.app import main
 from infdit_cli.engine.blocks import denoise
 from infdit_cli.errors import BadRequest
 from infdit_cli.model.config import PRESETS
+from infdit_cli.model.infdit import random_model
 from infdit_cli.train.data import scan
 from infdit_cli.train.loop import TrainConfig, batch_loss, provenance, train
 from infdit_cli.train.recipe import loss_weight
-from infdit_cli.weights.format import random_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "INFDIT_RANK_TIMEOUT": "120"}
 ENV.pop("OMP_NUM_THREADS", None)  # the threads of this process: bit-identity needs the same reductions

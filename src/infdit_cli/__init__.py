@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 _EXPORTS = {"InfDiTConfig": "model.config", "BlockEngine": "engine.blocks", "denoise": "engine.blocks", "InfDiT": "model.infdit",
             "UpscaleOptions": "jobs.pipeline", "upscale": "jobs.pipeline", "Upscaler": "jobs.upscaler",

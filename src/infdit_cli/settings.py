@@ -3,7 +3,7 @@
 User settings:
     INFDIT_CACHE             the cache folder (downloads, converted weights, verified digests, calibration);
                              default `$HF_HOME/infdit`.
-    HF_HOME                  read by huggingface_hub (its `constants.HF_HOME`), which `cache.cache_root`
+    HF_HOME                  read by huggingface_hub (its `constants.HF_HOME`), which `cache_root`
                              follows when INFDIT_CACHE is not set.
     HF_HUB_OFFLINE           1/true/yes/on: never reach the Hub (huggingface_hub reads it too).
     INFDIT_OFFLINE           the same, for infdit's own downloads only.
@@ -34,8 +34,9 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["Settings", "settings", "override", "clear_overrides"]
+__all__ = ["Settings", "settings", "override", "clear_overrides", "cache_root"]
 
 _TRUE = ("1", "true", "yes", "on")
 NAMES = ("INFDIT_CACHE", "HF_HUB_OFFLINE", "INFDIT_OFFLINE", "INFDIT_WEIGHTS", "INFDIT_REPO",
@@ -126,3 +127,12 @@ def override(**changes: object) -> None:
 def clear_overrides() -> None:
     """Back to the environment's settings (each CLI run in a process starts here)."""
     _overrides.clear()
+
+
+def cache_root() -> Path:
+    """`$INFDIT_CACHE`, else `$HF_HOME/infdit` (HF_HOME as huggingface_hub resolves it)."""
+    if settings().cache:
+        return Path(settings().cache).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME).expanduser() / "infdit"

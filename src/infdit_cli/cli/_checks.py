@@ -28,7 +28,7 @@ def check_compile(compile: bool, device: str) -> None:
     """
     if not compile:
         return
-    from ..jobs.upscaler import resolve_device
+    from ..plan.device import resolve_device
 
     dev = resolve_device(device, check=False)
     if dev.type != "cuda":

@@ -41,7 +41,7 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool,
     fetches a Hub reference that is not in the HF cache yet.
     """
     from ..errors import WeightsNotFound
-    from ..weights.cache import cache_root
+    from ..settings import cache_root
     from ..weights.hub import DEFAULT_MODEL, download, registry, resolve_weights
 
     name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)

@@ -159,7 +159,7 @@ def batch_first_lines(items, weights, repo, device, dtype, res, scale, options, 
     reports it)."""
     from ..images.load import probe_size
     from ..jobs.pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
-    from ..jobs.upscaler import resolve_device, resolve_dtype
+    from ..plan.device import resolve_device, resolve_dtype
     from ._progress import device_note, plan_line
     from .upscale import device_rates, plan_config
 
@@ -264,7 +264,7 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
                  device, dtype, options, quality, max_pixels, quiet, json_, depth=None) -> None:
     """`batch` under torchrun: rank 0's plan, files dealt by size, rank 0 displays and reports the whole job."""
     from ..distributed import world as D  # kept off start-up (torch)
-    from ..jobs.batch import plan_batch
+    from ..jobs.batch import Counter, plan_batch, run_batch_sharded
     from .upscale import load_upscaler
 
     device = D.rank_device(device, world)
@@ -279,7 +279,7 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first) if todo else None
         display = make_display(quiet, main=world.main)
         display.first = first
-        counter = D.Counter(world)
+        counter = Counter(world)
         display.start(todo, calls_per_pass=2 * steps - 1)
         started: set[str] = set()
 
@@ -292,7 +292,7 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
                 display.images(counter.add(1))
 
         try:
-            report = D.run_batch_sharded(up, folder, out_root, items, world, res=res, scale=scale,
+            report = run_batch_sharded(up, folder, out_root, items, world, res=res, scale=scale,
                                          max_pixels=max_pixels, on_item=on_item, on_start=on_start,
                                          on_event=display, recursive=recursive, glob=glob, overwrite=overwrite,
                                          quality=quality, depth=depth,

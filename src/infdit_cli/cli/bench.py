@@ -73,8 +73,8 @@ def bench(
     row is printed as soon as it is measured.
     """
     from ..errors import Interrupted
-    from ..jobs.upscaler import resolve_device, resolve_dtype
     from ..model.config import PRESETS
+    from ..plan.device import resolve_device, resolve_dtype
     from ..plan.planner import HOST_RUNTIME, device_free, host_available
     from ..tools.bench import ROW_SECONDS_LIMIT, environment, run_bench
     from ._progress import FirstLines, device_note

@@ -128,7 +128,7 @@ def serve(
     if not any_address(host):  # the address it prints: always one it answers to (box.lan -> its IP)
         names.add(bare_host(sock.getsockname()[0]))
 
-    from ..jobs.upscaler import resolve_device
+    from ..plan.device import resolve_device
     from ..serve import server
     from ..serve.app import create_app
     from ..serve.jobs import JobRunner, JobStore

@@ -125,7 +125,7 @@ def dry_run(src: Path, weights, repo, offline, device: str, dtype: str, res, sca
     from ..images.load import probe_size
     from ..jobs.checkpoint import run_folder_for  # these (torch) are kept off start-up
     from ..jobs.pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
-    from ..jobs.upscaler import resolve_device, resolve_dtype
+    from ..plan.device import resolve_device, resolve_dtype
 
     size = probe_size(src)
     cfg, source = plan_config(weights, repo)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +21,8 @@ import torch
 from ..files import atomic_write
 from ..settings import Settings, settings
 
-__all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "shard", "broadcast",
-           "gather", "Counter", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT",
+__all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "broadcast",
+           "gather", "agree_plan", "joined", "timeout_seconds", "TIMEOUT_DEFAULT",
            "ExitRecord", "STOP_CODES", "write_exit_code", "read_exit_codes", "another_rank_failed"]
 
 TIMEOUT_DEFAULT = 600.0  # seconds a collective or a receive waits for the other ranks (NCCL's own default)
@@ -96,7 +95,7 @@ def init(world: World, device: str = "cpu") -> None:
     if not cuda:
         dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout)
         return
-    from ..jobs.upscaler import prefer_expandable_segments
+    from ..plan.device import prefer_expandable_segments
 
     dev = torch.device(rank_device(device, world))
     prefer_expandable_segments(dev)  # before CUDA initialises here
@@ -283,107 +282,3 @@ def gather(obj, world: World) -> list | None:
     out = [None] * world.size if world.main else None
     dist.gather_object(obj, out, dst=0)
     return out
-
-
-def shard(costs: Sequence[float], ranks: int) -> list[int]:
-    """The rank of each job: longest first, each to the least-loaded rank (LPT; ties to the lower index).
-
-    Deterministic: the same costs give the same assignment on every rank and every run. The busiest rank
-    ends at most 4/3 of the optimum (Graham 1969), where equal counts can be arbitrarily worse.
-    """
-    if ranks < 1:
-        raise ValueError(f"ranks must be >= 1, got {ranks}")
-    load = [0.0] * ranks
-    owner = [0] * len(costs)
-    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
-        r = min(range(ranks), key=lambda r: (load[r], r))
-        owner[j] = r
-        load[r] += costs[j]
-    return owner
-
-
-class Counter:
-    """A job-wide counter in the rendezvous store (files finished by any rank), for rank 0's display."""
-
-    def __init__(self, world: World, key: str = "infdit/done") -> None:
-        self.world, self.key, self.store = world, key, None
-        if world.distributed:
-            import torch.distributed as dist
-
-            self.store = dist.distributed_c10d._get_default_store()
-
-    def add(self, n: int = 1) -> int:
-        return self.store.add(self.key, n) if self.store is not None else 0
-
-    def value(self) -> int:
-        return self.add(0)
-
-    def wait(self, total: int, on_change: Callable[[int], None], poll: float = 0.2) -> None:
-        """Until `total` is reached, report each new value (rank 0 waiting for the others' last files)."""
-        seen = -1
-        while self.store is not None:
-            v = self.value()
-            if v != seen:
-                on_change(v)
-                seen = v
-            if v >= total:
-                return
-            time.sleep(poll)
-
-
-# --------------------------------------------------------------------------------------------------------
-# A batch across ranks
-# --------------------------------------------------------------------------------------------------------
-
-
-def batch_costs(items, *, res: str | None, scale: float | None, max_pixels: int | None) -> list[float]:
-    """Work of each item: its target's pixels (from the header alone); 0 for what is not to do or cannot
-    be read (it fails in a moment on whichever rank gets it)."""
-    from ..errors import InfditError
-    from ..images.load import probe_size
-    from ..jobs.pipeline import target_size
-
-    out = []
-    for item in items:
-        cost = 0.0
-        if item.status == "todo":
-            try:
-                th, tw = target_size(probe_size(item.input, max_pixels=max_pixels), res=res, scale=scale)
-                cost = float(th * tw)
-            except InfditError:
-                pass
-        out.append(cost)
-    return out
-
-
-def run_batch_sharded(upscaler, root, out_root, items, world: World, *, res: str | None, scale: float | None,
-                      max_pixels: int | None, on_item: Callable | None = None,
-                      on_idle: Callable[[], None] | None = None, **run_kw):
-    """`batch.run_batch` over this rank's share of `items` (rank 0's plan, the same on every rank); the
-    whole job's report on rank 0, None elsewhere.
-
-    Files to do are dealt by `shard` on their target pixels; what is skipped or refused at planning is
-    reported by rank 0 and costs nobody anything. Every file is thus written by exactly one rank.
-    `on_item` is called on every rank for its own items; `on_idle` when this rank's share is done, before
-    the reports are gathered (rank 0 follows the others' progress there through a `Counter`).
-    """
-    from ..jobs.batch import BatchReport, run_batch
-
-    owner = shard(batch_costs(items, res=res, scale=scale, max_pixels=max_pixels), world.size)
-    mine = []
-    for k, item in enumerate(items):
-        if item.status != "todo":
-            owner[k] = 0
-        if owner[k] == world.rank:
-            if item.status == "todo":
-                item.rank = world.rank
-            mine.append(item)
-    report = run_batch(upscaler, root, out_root, res=res, scale=scale, max_pixels=max_pixels, on_item=on_item,
-                       items=mine, **run_kw)
-    if on_idle is not None:
-        on_idle()
-    parts = gather(report.items, world)
-    if parts is None:
-        return None
-    done = {it.input: it for part in parts for it in part}
-    return BatchReport([done[it.input] for it in items])  # the plan's order, whatever rank did what

@@ -8,16 +8,19 @@ from one file (except Ctrl-C) is recorded against it while the rest go on.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..distributed.world import World, gather
 from ..errors import BadImage, BadRequest, InfditError
 from ..events import Notice
-from ..images.load import SUFFIXES, is_infdit_output
+from ..images.load import SUFFIXES, is_infdit_output, probe_size
+from .pipeline import target_size
 
 __all__ = ["BatchItem", "BatchReport", "find_images", "plan_batch", "preview_batch", "run_batch",
-           "IMAGE_SUFFIXES"]
+           "IMAGE_SUFFIXES", "Counter", "batch_costs", "run_batch_sharded", "shard"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -189,3 +192,101 @@ def _run_one(upscaler, item: BatchItem, *, res, scale, quality, overwrite, max_p
         item.status, item.seconds = "done", result.seconds
     except Exception as e:  # noqa: BLE001 - one bad file never stops the rest, whatever it raises
         item.status, item.reason = "failed", _error_text(e)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A batch across ranks: each file to one rank (`shard`), the report gathered on rank 0
+# --------------------------------------------------------------------------------------------------------
+
+
+def batch_costs(items, *, res: str | None, scale: float | None, max_pixels: int | None) -> list[float]:
+    """Work of each item: its target's pixels (from the header alone); 0 for what is not to do or cannot
+    be read (it fails in a moment on whichever rank gets it)."""
+    out = []
+    for item in items:
+        cost = 0.0
+        if item.status == "todo":
+            try:
+                th, tw = target_size(probe_size(item.input, max_pixels=max_pixels), res=res, scale=scale)
+                cost = float(th * tw)
+            except InfditError:
+                pass
+        out.append(cost)
+    return out
+
+
+def run_batch_sharded(upscaler, root, out_root, items, world: World, *, res: str | None, scale: float | None,
+                      max_pixels: int | None, on_item: Callable | None = None,
+                      on_idle: Callable[[], None] | None = None, **run_kw):
+    """`batch.run_batch` over this rank's share of `items` (rank 0's plan, the same on every rank); the
+    whole job's report on rank 0, None elsewhere.
+
+    Files to do are dealt by `shard` on their target pixels; what is skipped or refused at planning is
+    reported by rank 0 and costs nobody anything. Every file is thus written by exactly one rank.
+    `on_item` is called on every rank for its own items; `on_idle` when this rank's share is done, before
+    the reports are gathered (rank 0 follows the others' progress there through a `Counter`).
+    """
+    owner = shard(batch_costs(items, res=res, scale=scale, max_pixels=max_pixels), world.size)
+    mine = []
+    for k, item in enumerate(items):
+        if item.status != "todo":
+            owner[k] = 0
+        if owner[k] == world.rank:
+            if item.status == "todo":
+                item.rank = world.rank
+            mine.append(item)
+    report = run_batch(upscaler, root, out_root, res=res, scale=scale, max_pixels=max_pixels, on_item=on_item,
+                       items=mine, **run_kw)
+    if on_idle is not None:
+        on_idle()
+    parts = gather(report.items, world)
+    if parts is None:
+        return None
+    done = {it.input: it for part in parts for it in part}
+    return BatchReport([done[it.input] for it in items])  # the plan's order, whatever rank did what
+
+
+def shard(costs: Sequence[float], ranks: int) -> list[int]:
+    """The rank of each job: longest first, each to the least-loaded rank (LPT; ties to the lower index).
+
+    Deterministic: the same costs give the same assignment on every rank and every run. The busiest rank
+    ends at most 4/3 of the optimum (Graham 1969), where equal counts can be arbitrarily worse.
+    """
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    load = [0.0] * ranks
+    owner = [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[j] = r
+        load[r] += costs[j]
+    return owner
+
+
+class Counter:
+    """A job-wide counter in the rendezvous store (files finished by any rank), for rank 0's display."""
+
+    def __init__(self, world: World, key: str = "infdit/done") -> None:
+        self.world, self.key, self.store = world, key, None
+        if world.distributed:
+            import torch.distributed as dist
+
+            self.store = dist.distributed_c10d._get_default_store()
+
+    def add(self, n: int = 1) -> int:
+        return self.store.add(self.key, n) if self.store is not None else 0
+
+    def value(self) -> int:
+        return self.add(0)
+
+    def wait(self, total: int, on_change: Callable[[int], None], poll: float = 0.2) -> None:
+        """Until `total` is reached, report each new value (rank 0 waiting for the others' last files)."""
+        seen = -1
+        while self.store is not None:
+            v = self.value()
+            if v != seen:
+                on_change(v)
+                seen = v
+            if v >= total:
+                return
+            time.sleep(poll)

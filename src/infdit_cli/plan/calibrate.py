@@ -1,7 +1,7 @@
 """The cost model's rates on this device, measured: `calibration(cfg, device, dtype)` -> `planner.Rates`.
 
 A few seconds, once per device, dtype, thread count, torch version and model shape, then read from
-`<cache root>/calibration.json` (`cache.cache_root`); `infdit bench` measures again. What is measured,
+`<cache root>/calibration.json` (`settings.cache_root`); `infdit bench` measures again. What is measured,
 after ~0.3 s of GEMMs that wake the device (clocks, cuBLAS's choices):
 
 - `flops`: one real chunk (`planner.chunk_blocks`) of one layer through the model's own pieces, as the
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write
-from ..weights.cache import cache_root
+from ..settings import cache_root
 from .meter import sync
 from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
 
@@ -179,7 +179,7 @@ def _chunk(cfg, device: torch.device, dtype: torch.dtype):
     MLP). A random two-layer model of `cfg`'s width; the second layer (the first has the LR cross-attention,
     counted apart by the cost model)."""
     from ..model.attention import gather_keys, neighbour_index
-    from ..weights.format import random_model
+    from ..model.infdit import random_model
     from .grid import BlockBatch
 
     small = replace(cfg, num_layers=2, clip=None)

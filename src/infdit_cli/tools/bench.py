@@ -121,7 +121,8 @@ def measure(spec: CallSpec, timeout: float = 1800) -> CallMeasurement:
 def _setup(spec: CallSpec):
     """The model and seeded inputs one worker process measures: (model, x, lr_up, image)."""
     from ..model.config import PRESETS
-    from ..weights.format import load_model, random_model
+    from ..model.infdit import random_model
+    from ..weights.format import load_model
     from ..weights.hub import fetch_clip_tower
 
     if spec.threads:

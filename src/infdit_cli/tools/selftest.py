@@ -294,7 +294,7 @@ class _Run:
         """'fp32' / 'bf16': the fixture checkpoint converted and loaded; 'random': the profile's preset."""
         if which not in self._models:
             if which == "random":
-                from ..weights.format import random_model
+                from ..model.infdit import random_model
 
                 self._models[which] = random_model(_random_cfg(self.profile.config, self.clip), seed=0,
                                                    device=self.device,
@@ -449,8 +449,8 @@ def _work(w: dict) -> dict:
     import resource
 
     from ..events import PlanChanged
+    from ..model.infdit import random_model
     from ..plan.planner import estimate
-    from ..weights.format import random_model
 
     dev, dtype, kind, size = torch.device(w["device"]), getattr(torch, w["dtype"]), w["kind"], w["size"]
     cuda = dev.type == "cuda"
@@ -900,7 +900,7 @@ def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | 
         BadRequest: `fixtures` is not a folder, or the device does not exist here.
     """
     from ..events import SelftestStarted
-    from ..jobs.upscaler import resolve_device
+    from ..plan.device import resolve_device
     from .bench import environment
 
     t_all = time.perf_counter()

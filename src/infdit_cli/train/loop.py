@@ -99,7 +99,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module
     """(model in float32 on `device`, base description, base identity): the weights `--from` names, or a
     seeded random model of the preset `--config` names. Only the CLIP tower stays frozen."""
     from ..model.config import PRESETS
-    from ..weights.format import load_model, random_model
+    from ..model.infdit import random_model
+    from ..weights.format import load_model
 
     if (cfg.base is None) == (cfg.config is None):
         raise BadRequest("give one of --from WEIGHTS (fine-tune) or --config NAME (train from scratch)")
@@ -294,7 +295,7 @@ def _stops_at_boundaries(flag: list[int]):
 
 def _resolve(cfg: TrainConfig, model_cfg, device: torch.device, recipe) -> dict:
     """The options after defaults, checked (BadRequest, exit 2)."""
-    from ..jobs.upscaler import resolve_dtype
+    from ..plan.device import resolve_dtype
 
     bs = model_cfg.block_size
     crop = cfg.crop or 4 * bs
@@ -338,7 +339,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
         Signalled: SIGINT/SIGTERM/SIGHUP, after the finished step was saved in the run folder.
     """
     from ..distributed import world as D
-    from ..jobs.upscaler import resolve_device
+    from ..plan.device import resolve_device
 
     emit = on_event or (lambda e: None)
     t_start = time.perf_counter()
@@ -603,7 +604,7 @@ def dry_run(cfg: TrainConfig, measure_steps: int = 2) -> dict:
     measured on this device over `measure_steps` steps of a synthetic batch at the real micro-batch and crop
     (after one step not timed). Memory: the weights, gradients, AdamW moments (and EMA) in float32, plus
     the peak the measured steps allocated on CUDA (None elsewhere: not measured)."""
-    from ..jobs.upscaler import resolve_device
+    from ..plan.device import resolve_device
 
     device = resolve_device(cfg.device)
     model, base, _ = build_model(cfg, device)

@@ -16,22 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..files import atomic_write
-from ..settings import settings
+from ..settings import cache_root
 
-__all__ = ["cache_root", "url_dir", "Record", "read_record", "write_record", "file_lock", "verified_sha256",
+__all__ = ["url_dir", "Record", "read_record", "write_record", "file_lock", "verified_sha256",
            "sha256_file", "same_digest"]
 
 MODEL_FILE = "model.safetensors"
 RECORD_FILE = "model.json"
-
-
-def cache_root() -> Path:
-    """`$INFDIT_CACHE`, else `$HF_HOME/infdit` (HF_HOME as huggingface_hub resolves it)."""
-    if settings().cache:
-        return Path(settings().cache).expanduser()
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HOME).expanduser() / "infdit"
 
 
 def url_dir(url: str) -> Path:

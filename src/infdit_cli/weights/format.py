@@ -19,7 +19,7 @@ from ..files import atomic_write
 from ..model.config import ClipConfig, InfDiTConfig
 from ..units import few
 
-__all__ = ["load_model", "random_model", "save_model_file", "read_config", "check_state_dict",
+__all__ = ["load_model", "save_model_file", "read_config", "check_state_dict",
            "expected_shapes"]
 
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
@@ -208,30 +208,3 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     leftover = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     assert not leftover, f"tensors left on meta: {leftover}"
     return model.to(device).eval().requires_grad_(False)
-
-
-def random_model(cfg: InfDiTConfig, *, seed: int = 0, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-    """An `InfDiT` with every tensor seeded-random and non-zero (tests, benchmarks, `--random-weights`).
-
-    Weights use std 1/sqrt(fan_in) so activations stay O(1) at any width; LayerNorm gains sit near 1.
-    Built and drawn on `device` with that device's generator (a 1 B-parameter model in about a second on a
-    GPU, where the CPU's serial generator takes ~10 s): the same seed gives the same model on one kind of
-    device, not across kinds.
-    """
-    from ..model.infdit import InfDiT
-
-    device = torch.device(device)
-    gen = torch.Generator(device).manual_seed(seed)
-    with torch.device(device):
-        model = InfDiT(cfg, dtype=dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and ("norm" in name or ".ln_" in name):
-                std, mean = (0.1, 1.0) if name.endswith("weight") else (0.1, 0.0)
-            elif p.ndim >= 2 and "pos" not in name and "embedding" not in name:
-                std, mean = p[0].numel() ** -0.5, 0.0
-            else:
-                std, mean = 0.1, 0.0
-            p.copy_(torch.randn(p.shape, generator=gen, device=device) * std + mean)
-    return model.eval().requires_grad_(False)
