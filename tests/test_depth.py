@@ -91,7 +91,8 @@ def test_png16_carries_icc_exif_dpi(tmp_path, w):
     arr = _ramp(4)[:, :32]
     with open(tmp_path / "rgba.png", "wb") as f:  # same metadata on a 16-bit RGBA file, spliced by our writer
         png.Writer(32, H, alpha=True, bitdepth=16).write_array(f, arr.reshape(-1))
-    from infdit_cli.images.load import load_image, save_image
+    from infdit_cli.images.load import load_image
+    from infdit_cli.images.save import save_image
 
     img = load_image(src)
     deep = load_image(tmp_path / "rgba.png")

@@ -28,7 +28,8 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from infdit_cli.errors import BadImage, OutputError  # noqa: E402
-from infdit_cli.images.load import check_output, load_image, probe_size, resize, save_image  # noqa: E402
+from infdit_cli.images.load import load_image, probe_size, resize  # noqa: E402
+from infdit_cli.images.save import check_output, save_image  # noqa: E402
 
 
 def _rgb(h=6, w=8):

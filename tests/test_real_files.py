@@ -491,7 +491,8 @@ def test_tiff_codec_failures_in_our_words(monkeypatch, name, missing, expect):
 def test_grey_png_with_trns_stays_grey_with_alpha(tmp_path, depth):
     """A grey PNG whose colour key (tRNS) marks the left columns: grey+alpha in, at its depth, and out again
     as grey+alpha (PNG colour type 4, TIFF min-is-black + alpha), read back the same."""
-    from infdit_cli.images.load import load_image, save_image
+    from infdit_cli.images.load import load_image
+    from infdit_cli.images.save import save_image
 
     top = 2**depth - 1
     x = np.arange(300)

@@ -65,12 +65,8 @@ def check_upscale_args(src: Path, dst: Path, *, res: str | None, scale: float | 
         BadImage: the input is missing, unreadable or too large.
         OutputExists, OutputError: the output cannot be written.
     """
-    from ..images.load import (  # kept off start-up (torch)
-        SUFFIXES,
-        check_format_size,
-        check_output,
-        probe_size,
-    )
+    from ..images.load import SUFFIXES, probe_size  # kept off start-up (torch)
+    from ..images.save import check_format_size, check_output
     from ..jobs.pipeline import target_size
 
     check_target_args(res, scale)

@@ -65,7 +65,7 @@ def first_lines(info: dict, requested_device: str) -> list[str | None]:
 def check_preview(preview: Path, input: Path, dst: Path) -> None:
     """--preview names a writable image file that is neither the input nor the output."""
     from ..errors import BadRequest
-    from ..images.load import check_output
+    from ..images.save import check_output
 
     if preview.resolve() in (input.resolve(), dst.resolve()):
         which = "input" if preview.resolve() == input.resolve() else "output"
@@ -77,7 +77,7 @@ def preview_writer(preview: Path | None):
     """A callback writing each preview to `preview` atomically, or None."""
     if preview is None:
         return None
-    from ..images.load import save_image
+    from ..images.save import save_image
 
     def write(img) -> None:
         save_image(preview, img, overwrite=True)

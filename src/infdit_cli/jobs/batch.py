@@ -16,7 +16,8 @@ from pathlib import Path
 from ..distributed.world import World, gather
 from ..errors import BadImage, BadRequest, InfditError
 from ..events import Notice
-from ..images.load import SUFFIXES, is_infdit_output, probe_size
+from ..images.load import SUFFIXES, probe_size
+from ..images.save import is_infdit_output
 from .pipeline import target_size
 
 __all__ = ["BatchItem", "BatchReport", "find_images", "plan_batch", "preview_batch", "run_batch",

@@ -18,15 +18,8 @@ from pathlib import Path
 import torch
 
 from ..events import CheckpointDiscarded, Notice, PlanChanged
-from ..images.load import (
-    DEFAULT_MAX_PIXELS,
-    check_format_size,
-    check_output,
-    fill_transparent,
-    load_image,
-    resize,
-    save_image,
-)
+from ..images.load import DEFAULT_MAX_PIXELS, fill_transparent, load_image, resize
+from ..images.save import check_format_size, check_output, save_image
 from ..plan.device import resolve_device, resolve_dtype
 from ..plan.planner import Rates
 from ..weights.cache import sha256_file

@@ -444,7 +444,8 @@ class JobRunner:
         """Decode `path` (an upload, shown as `name`) and plan it: (LoadedImage, UpscalePlan, plan lines).
 
         Raises: BadImage, BadRequest, MemoryBudgetTooSmall, ... with `name` in place of the path."""
-        from ..images.load import SUFFIXES, check_format_size, load_image
+        from ..images.load import SUFFIXES, load_image
+        from ..images.save import check_format_size
         from ..jobs.pipeline import plan_lines
 
         options = options.check()
