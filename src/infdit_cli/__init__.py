@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__ as __version__
 
-_EXPORTS = {"InfDiTConfig": "model.config", "BlockEngine": "engine.blocks", "denoise": "engine.blocks", "InfDiT": "model.infdit",
+_EXPORTS = {"InfDiTConfig": "model.config", "BlockEngine": "engine.blocks", "denoise": "engine.blocks",
+            "InfDiT": "model.infdit",
             "UpscaleOptions": "jobs.pipeline", "upscale": "jobs.pipeline", "Upscaler": "jobs.upscaler",
             "UpscaleResult": "jobs.upscaler", "load_model": "weights.format"}
 __all__ = ["BlockEngine", "InfDiT", "InfDiTConfig", "UpscaleOptions", "UpscaleResult", "Upscaler", "denoise",

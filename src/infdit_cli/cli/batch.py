@@ -58,7 +58,8 @@ def batch(
     checkpoint: O.Checkpoint = None,
     resume: O.Resume = True,
     dry_run_: Annotated[bool, typer.Option("--dry-run", help=(
-        "List what would be done (each file's size change, skips, refusals); load and compute nothing."))] = False,
+        "List what would be done (each file's size change, skips, refusals); load and compute nothing."
+    ))] = False,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json_: O.Json = False,
@@ -100,8 +101,9 @@ def batch(
     if dry_run_:
         report = BatchReport(preview_batch(items, res=res, scale=scale, max_pixels=max_pixels))
     else:
-        first = FirstLines(batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels),
-                           quiet) if todo else None  # the plan before any download starts, else at the start
+        # the plan before any download starts, else at the start
+        lines = batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels)
+        first = FirstLines(lines, quiet) if todo else None
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first) if todo else None
         display = make_display(quiet)
         display.first = first
@@ -152,7 +154,8 @@ def _shown_name(p: Path, folder: Path) -> str:
         return Path(p).name
 
 
-def batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels) -> list[str | None]:
+def batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels
+                      ) -> list[str | None]:
     """The batch's plan in one line (files to do, predicted time on this device in all, passes, model
     calls; over an hour on a CPU, what a GPU would take) and, where --device auto fell back to the CPU, why.
     Each file is planned from its header alone; one that cannot be planned is left out here (the run
@@ -173,8 +176,8 @@ def batch_first_lines(items, weights, repo, device, dtype, res, scale, options, 
     for item in todo:
         try:
             size = probe_size(Path(item.input), max_pixels=max_pixels)
-            plan = plan_upscale(cfg, size, target_size(size, res=res, scale=scale), options, dtype=dt, device=dev,
-                                rates=rates)
+            target = target_size(size, res=res, scale=scale)
+            plan = plan_upscale(cfg, size, target, options, dtype=dt, device=dev, rates=rates)
         except Exception:  # noqa: BLE001 - this file fails later, with its own line in the table
             continue
         seconds += plan.seconds
@@ -201,7 +204,8 @@ def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bo
     console = Console(stderr=True, highlight=False)
     # the title on its own line, paths shortened to the terminal's width (a table's title wraps at the
     # table's own width, mid-word in a long path)
-    console.print(Text(table_title(folder, out_root, dry_run, console.width), no_wrap=True, overflow="ellipsis"))
+    title = table_title(folder, out_root, dry_run, console.width)
+    console.print(Text(title, no_wrap=True, overflow="ellipsis"))
     table = Table()
     for col in ("file", "status", "detail"):
         table.add_column(col)
@@ -213,10 +217,11 @@ def _print_table(report: BatchReport, folder: Path, out_root: Path, *, quiet: bo
         if i.warnings:
             detail += "; " + "; ".join(i.warnings)
         status = "would upscale" if i.status == "todo" else i.status
-        table.add_row(Text(safe(Path(i.input).relative_to(folder))), Text(status, style=style), Text(safe(detail)))
+        name = Text(safe(Path(i.input).relative_to(folder)))
+        table.add_row(name, Text(status, style=style), Text(safe(detail)))
     console.print(table)
-    counts = [f"{report.count(k)} {k if k != 'todo' else 'to do'}" for k in ("todo", "done", "skipped", "failed")
-              if k != "todo" or dry_run]
+    counts = [f"{report.count(k)} {k if k != 'todo' else 'to do'}"
+              for k in ("todo", "done", "skipped", "failed") if k != "todo" or dry_run]
     console.print(Text(", ".join(counts)))
 
 
@@ -260,9 +265,10 @@ def shorten_path(text: str, room: int) -> str:
     return "..." + text[-max(1, room - 3):]
 
 
-def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale, steps, weights, repo, offline,
-                 device, dtype, options, quality, max_pixels, quiet, json_, depth=None) -> None:
-    """`batch` under torchrun: rank 0's plan, files dealt by size, rank 0 displays and reports the whole job."""
+def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale, steps, weights, repo,
+                 offline, device, dtype, options, quality, max_pixels, quiet, json_, depth=None) -> None:
+    """`batch` under torchrun: rank 0's plan, files dealt by size; rank 0 displays and reports the whole
+    job."""
     from ..distributed import world as D  # kept off start-up (torch)
     from ..jobs.batch import Counter, plan_batch, run_batch_sharded
     from .upscale import load_upscaler
@@ -274,8 +280,8 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
         items = D.broadcast(plan_batch(folder, out_root, recursive=recursive, glob=glob, overwrite=overwrite),
                             world)
         todo = sum(i.status == "todo" for i in items)
-        first = FirstLines(batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels),
-                           quiet or not world.main) if todo else None
+        lines = batch_first_lines(items, weights, repo, device, dtype, res, scale, options, max_pixels)
+        first = FirstLines(lines, quiet or not world.main) if todo else None
         up = load_upscaler(weights, repo, offline, device, dtype, options, quiet, first) if todo else None
         display = make_display(quiet, main=world.main)
         display.first = first
@@ -292,14 +298,13 @@ def _batch_ranks(world, folder, out_root, recursive, glob, overwrite, res, scale
                 display.images(counter.add(1))
 
         try:
-            report = run_batch_sharded(up, folder, out_root, items, world, res=res, scale=scale,
-                                         max_pixels=max_pixels, on_item=on_item, on_start=on_start,
-                                         on_event=display, recursive=recursive, glob=glob, overwrite=overwrite,
-                                         quality=quality, depth=depth,
-                                         # every rank waits here, polling the store, not in the gather
-                                         # (whose INFDIT_RANK_TIMEOUT a long share of another rank exceeds)
-                                         on_idle=lambda: counter.wait(todo, display.images if world.main
-                                                                      else lambda v: None))
+            # every rank waits for the others in `counter.wait`, polling the store, not in the gather
+            # (whose INFDIT_RANK_TIMEOUT a long share of another rank exceeds)
+            report = run_batch_sharded(
+                up, folder, out_root, items, world, res=res, scale=scale, max_pixels=max_pixels,
+                on_item=on_item, on_start=on_start, on_event=display, recursive=recursive, glob=glob,
+                overwrite=overwrite, quality=quality, depth=depth,
+                on_idle=lambda: counter.wait(todo, display.images if world.main else lambda v: None))
         finally:
             display.stop()
     if report is None:  # not rank 0: its files are in rank 0's summary and exit status

@@ -173,9 +173,10 @@ def _say(line: str) -> None:
 
 def model_label(weights, repo) -> dict:
     """What the page says of the loaded model: {"name", "kind", "warning"}. `kind` is "demo model" (the tiny
-    model that ships with the package), "official" (a registry model, or a file converted from its release), "converted" (a file `infdit convert`/`download` made from
-    another checkpoint) or "random test model" (a file with no conversion record, as the test and
-    benchmark models are: its output is noise)."""
+    model that ships with the package), "official" (a registry model, or a file converted from its
+    release), "converted" (a file `infdit convert`/`download` made from another checkpoint) or "random
+    test model" (a file with no conversion record, as the test and benchmark models are: its output is
+    noise)."""
     from ..weights.hub import DEFAULT_MODEL, registry, resolve_weights
 
     name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)

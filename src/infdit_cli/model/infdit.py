@@ -225,8 +225,8 @@ class InfDiT(nn.Module):
         the state live, so a state on the host and one on the GPU see the same constants to the bit.
         """
         cfg = self.config
-        c_skip, c_out, c_in, c_noise = (c.float() for c in edm_scalings(sigma.detach().to("cpu", torch.float64),
-                                                                         cfg.sigma_data))
+        scalings = edm_scalings(sigma.detach().to("cpu", torch.float64), cfg.sigma_data)
+        c_skip, c_out, c_in, c_noise = (c.float() for c in scalings)
         dev, dt = self.device, self.dtype
         emb = self.t_embedder(timestep_embedding(c_noise.to(dev), cfg.time_channels).to(dt))
         emb = emb + self.y_embedder(vector.to(dev, dt))
@@ -250,7 +250,8 @@ class InfDiT(nn.Module):
         cfg, bt, p = self.config, self.config.block_tokens, self.config.patch_size
         b, c, hh, ww = xin.shape
         gh, gw = hh // (bt * p), ww // (bt * p)
-        patches = xin.reshape(b, c, gh, bt, p, gw, bt, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B,Gh,Gw,bt,bt,C,p,p)
+        # (B, Gh, Gw, bt, bt, C, p, p)
+        patches = xin.reshape(b, c, gh, bt, p, gw, bt, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
         patches = patches.reshape(b, gh, gw, bt * bt, c * p * p)
         w = self.x_embedder.weight.reshape(cfg.hidden_size, c * p * p)
         return F.linear(patches, w, self.x_embedder.bias)

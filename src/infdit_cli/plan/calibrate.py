@@ -195,7 +195,8 @@ def _chunk(cfg, device: torch.device, dtype: torch.dtype):
     h0 = torch.randn(1, 1, nb, bt2, cfg.hidden_size, generator=g).to(device, dtype)
     h = h0.clone()
     step = model.prepare_step(torch.ones(1), torch.randn(1, cfg.vector_dim, generator=g))
-    rope = tuple(z.reshape(1, nb, *z.shape[2:]) for z in model.rope(range(rect.r0, rect.r1), range(rect.c0, rect.c1)))
+    angles = model.rope(range(rect.r0, rect.r1), range(rect.c0, rect.c1))
+    rope = tuple(z.reshape(1, nb, *z.shape[2:]) for z in angles)
     entries = nb + gh + gw + 1
     qbuf, ktab, vtab = (torch.randn(1, entries, bt2, *t, generator=g).to(device, dtype) for _ in range(3))
     index = neighbour_index(gh, gw, True, True).to(device)[: blocks * 4]

@@ -176,7 +176,9 @@ def param_count(cfg: InfDiTConfig) -> int:
     real module)."""
     d, hd, layers, mlp = cfg.hidden_size, cfg.head_dim, cfg.num_layers, cfg.mlp_ratio
     p = cfg.patch_size
-    lin = lambda i, o: i * o + o
+    def lin(i: int, o: int) -> int:
+        return i * o + o
+
     n = cfg.in_channels * d * p * p + d  # x_embedder
     n += lin(cfg.time_channels, d) + lin(d, d) + lin(cfg.vector_dim, d) + lin(d, d)  # t/y embedders
     n += layers * (lin(d, 4 * d) + lin(d, 3 * d) + 2 * hd + lin(d, d) + lin(d, mlp * d) + lin(mlp * d, d))

@@ -57,7 +57,8 @@ class ModelSpec:
     release_sha256: str | None = None  # its sha256; None: not known, verified only when --sha256 is given
     release_size: int | None = None
     clip_head_width: int = 64  # for converting the release (not recoverable from shapes)
-    packaged: bool = False  # `filename` ships inside infdit_cli/registry/ with the package: nothing to download
+    # `filename` ships inside infdit_cli/weights/registry/ with the package: nothing to download
+    packaged: bool = False
 
     def __post_init__(self) -> None:
         """A manifest names a file inside a repo: no path tricks, no other types (it may come from
@@ -123,7 +124,8 @@ def packaged_file(spec: ModelSpec) -> Path:
         raise WeightsNotFound(f"{spec.name} should ship with infdit but {path} is missing; reinstall infdit")
     if (spec.size is not None and path.stat().st_size != spec.size) or (
             spec.sha256 and not cache.same_digest(sha256_file(path), spec.sha256)):
-        raise ChecksumMismatch(f"{path} differs from the {spec.name} manifest's size or sha256; reinstall infdit")
+        raise ChecksumMismatch(f"{path} differs from the {spec.name} manifest's size or sha256; "
+                               "reinstall infdit")
     return path
 
 
