@@ -154,6 +154,33 @@ def test_a_run_folder_of_other_options_is_refused(reference, tmp_path):
     assert folder.exists() and not out.exists()
 
 
+def test_sigma_options_set_the_sampled_and_validation_sigmas(reference, monkeypatch, capsys):
+    from infdit_cli.train.data import TrainSet
+    from infdit_cli.train.loop import recipe_for, val_sigmas
+
+    data, ref = reference
+    items = scan(data, crop=CROP, scale=4)
+
+    def sigmas(cfg: TrainConfig) -> torch.Tensor:
+        ts = TrainSet(items, crop=CROP, scale=4, seed=5, recipe=recipe_for(cfg))
+        return torch.stack([ts[pos]["sigma"] for pos in range(8)]).double()
+
+    official, shifted = sigmas(config(data, ref)), sigmas(config(data, ref, sigma_mean=3.0, sigma_std=0.5))
+    z = (official.log() + 1.0) / 1.4  # the same standard normal draws, now at mean 3 and std 0.5
+    torch.testing.assert_close(shifted.log(), 3.0 + 0.5 * z, rtol=0, atol=1e-5)
+    med = val_sigmas(recipe_for(config(data, ref, sigma_mean=3.0)))[2].item()
+    assert med == pytest.approx(np.exp(3.0), rel=1e-5)
+    assert val_sigmas(recipe_for(config(data, ref)))[2].item() == pytest.approx(np.exp(-1.0), rel=1e-5)
+    prov = provenance(ref)
+    assert (prov["sigma_mean"], prov["sigma_std"]) == (-1.0, 1.4)  # the official defaults
+    monkeypatch.setattr(sys, "argv", ["infdit", "train", str(data), "-o", str(ref.parent / "n.safetensors"),
+                                      *ARGS, "--sigma-std", "0"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--sigma-std" in err[0], err
+
+
 # --- the output file ------------------------------------------------------------------------------------------
 
 def test_the_trained_file_loads_in_upscale_and_info(reference, tmp_path, monkeypatch, capsys):

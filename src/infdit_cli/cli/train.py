@@ -44,6 +44,11 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default the recipe's, 1e-4).")] = None,
     warmup: Annotated[int | None, typer.Option(min=0, help="Linear warm-up steps (default min(1000, "
                                                                "steps/10)).")] = None,
+    sigma_mean: Annotated[float | None, typer.Option(help=(
+        "Mean of the training noise level's log: log sigma ~ N(MEAN, STD^2) (default the official -1.0)."))
+                          ] = None,
+    sigma_std: Annotated[float | None, typer.Option(help=(
+        "Standard deviation of the training noise level's log (default the official 1.4)."))] = None,
     seed: O.Seed = 0,
     val: Annotated[Path | None, typer.Option(help="Held-out images for validation (default: a few of "
                                                      "DATA).")] = None,
@@ -91,12 +96,15 @@ def train(
             budget = parse_bytes(mem_budget)
         except ValueError as e:
             raise BadRequest(f"--mem-budget: {e}") from None
+    if sigma_std is not None and not sigma_std > 0:
+        raise BadRequest(f"--sigma-std must be a positive number, got {sigma_std}")
     from ..train.loop import TrainConfig  # torch: after the usage checks
 
     cfg = TrainConfig(data=data, output=output, base=from_, config=config, steps=steps, batch=batch, crop=crop,
                       lr=lr, warmup=warmup, seed=seed, val=val, every=every, dtype=dtype, device=device,
                       mem_budget=budget, workers=workers, accum=accum, ema=ema, checkpointing=checkpointing,
-                      overwrite=overwrite, resume=resume, repo=repo, offline=offline or None)
+                      overwrite=overwrite, resume=resume, repo=repo, offline=offline or None,
+                      sigma_mean=sigma_mean, sigma_std=sigma_std)
     if dry_run_:
         return _dry_run(cfg, json_)
     from ..train.loop import run_folder_for

@@ -11,6 +11,7 @@ by (seed, step)), so the step computes the same on one process or several, and a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -66,6 +67,8 @@ class TrainConfig:
     ema: bool = False
     checkpointing: bool = False  # activation checkpointing, where the model offers it
     sample_steps: int = 8  # Heun steps of the validation sample grid
+    sigma_mean: float | None = None  # training log-sigma ~ N(sigma_mean, sigma_std^2); default the recipe's
+    sigma_std: float | None = None
     overwrite: bool = False
     resume: bool = True
     repo: str | None = None
@@ -293,6 +296,18 @@ def _stops_at_boundaries(flag: list[int]):
 # --------------------------------------------------------------------------------------------------------
 
 
+def recipe_for(cfg: TrainConfig) -> R.Recipe:
+    """The official recipe with the options' noise-level distribution (BadRequest, exit 2, if invalid)."""
+    recipe = R.Recipe()
+    mean = cfg.sigma_mean if cfg.sigma_mean is not None else recipe.p_mean
+    std = cfg.sigma_std if cfg.sigma_std is not None else recipe.p_std
+    if not math.isfinite(mean):
+        raise BadRequest(f"--sigma-mean must be a finite number, got {mean}")
+    if not (std > 0 and math.isfinite(std)):
+        raise BadRequest(f"--sigma-std must be a positive number, got {std}")
+    return dataclasses.replace(recipe, p_mean=mean, p_std=std)
+
+
 def _resolve(cfg: TrainConfig, model_cfg, device: torch.device, recipe) -> dict:
     """The options after defaults, checked (BadRequest, exit 2)."""
     from ..plan.device import resolve_dtype
@@ -352,7 +367,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
         raise BadRequest(f"-o {out}: the folder {out.parent} does not exist")
     world = D.world_from_env()
     device = resolve_device(D.rank_device(cfg.device, world))
-    recipe = R.Recipe()
+    recipe = recipe_for(cfg)
     with D.group(world, str(device)), contextlib.ExitStack() as held:
         if world.main:
             held.enter_context(output_lock(out))
@@ -375,7 +390,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
               "data_files": len(items), "val": [str(it.hr) for it in val_items], "batch": cfg.batch,
               "crop": o["crop"], "lr": o["lr"], "warmup": o["warmup"], "seed": cfg.seed, "accum": cfg.accum,
               "ema": cfg.ema, "amp": str(o["amp"]), "ranks": world.size,
-              "recipe": RECIPE_VERSION}
+              "sigma_mean": recipe.p_mean, "sigma_std": recipe.p_std, "recipe": RECIPE_VERSION}
         from .._version import __version__
 
         fp["version"] = __version__
@@ -481,7 +496,8 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
             prov = {"base": base, "base_sha256": base_id, "data_files": len(items),
                     "data_sha256": files_digest(items, cfg.data), "steps": cfg.steps, "batch": cfg.batch,
                     "crop": o["crop"], "lr": o["lr"], "seed": cfg.seed, "ema": cfg.ema,
-                    "recipe": RECIPE_VERSION, "infdit": __version__}
+                    "sigma_mean": recipe.p_mean, "sigma_std": recipe.p_std, "recipe": RECIPE_VERSION,
+                    "infdit": __version__}
             from ..weights.format import save_model_file
 
             save_model_file(out, weights, mc, {"infdit_train": json.dumps(prov, sort_keys=True)},
@@ -608,7 +624,7 @@ def dry_run(cfg: TrainConfig, measure_steps: int = 2) -> dict:
 
     device = resolve_device(cfg.device)
     model, base, _ = build_model(cfg, device)
-    o = _resolve(cfg, model.config, device, R.Recipe())
+    o = _resolve(cfg, model.config, device, recipe_for(cfg))
     micro = max(1, cfg.batch // cfg.accum)
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
