@@ -1,7 +1,8 @@
 """What a checkpoint costs per Heun step, in % of the step, by output size (CPU).
 
 One 4x pass per size with checkpoints on (`--config`, default `small`; random weights, float32, the
-planner's n), in RAM and under --low-memory (where the mapped state file is the checkpoint: flushed, not copied).
+planner's n), in RAM and under --low-memory (where the mapped state file is the checkpoint: flushed, not
+copied).
 In the same run, each step's compute time (the time between two steps' ends, minus the checkpoint) is
 set beside the checkpoint's own time (write + fsync of x and meta.json, `CheckpointWritten.seconds`, which
 includes the sha256 and the finite check taken while writing, issue 21);
@@ -37,7 +38,8 @@ from infdit_cli.tools.bench import flops_per_call
 
 def run(up: Upscaler, size: int, steps: int, low_memory: bool, folder: Path) -> dict:
     src = folder / f"in{size}.png"
-    Image.fromarray((np.random.default_rng(0).random((size // 4, size // 4, 3)) * 255).astype(np.uint8)).save(src)
+    Image.fromarray((np.random.default_rng(0).random((size // 4, size // 4, 3)) * 255)
+                    .astype(np.uint8)).save(src)
     marks: list[tuple[str, float, float]] = []
 
     def on_event(e) -> None:
@@ -85,11 +87,13 @@ def main() -> None:
     cfg = PRESETS[args.config]
     up = Upscaler(random_model(cfg, seed=0), weights_id="bench")
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"config `{args.config}`, CPU, float32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"{args.steps} steps; step time: median over steps 2..{args.steps - 1}, checkpoint: over steps 2..{args.steps}")
+    print(f"config `{args.config}`, CPU, float32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; {args.steps} steps; step time: median over steps "
+          f"2..{args.steps - 1}, checkpoint: over steps 2..{args.steps}")
     print()
-    print("| output | x per checkpoint | step (2 calls) | checkpoint, RAM | % of step | checkpoint, --low-memory "
-          "| % of step | of which sha256 + finite check | % of step | measured CPU FLOP/s per thread |")
+    print("| output | x per checkpoint | step (2 calls) | checkpoint, RAM | % of step | "
+          "checkpoint, --low-memory | % of step | of which sha256 + finite check | % of step | "
+          "measured CPU FLOP/s per thread |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=".") as d:
         for size in sizes:
@@ -97,7 +101,8 @@ def main() -> None:
             mapped = run(up, size, args.steps, True, Path(d))
             rate = 2 * flops_per_call(cfg, size, size) / ram["step"] / torch.get_num_threads()
             verify = verify_cost(size)
-            print(f"| {size}² | {ram['bytes'] / 2**20:.1f} MiB | {ram['step']:.2f} s | {ram['ckpt'] * 1e3:.1f} ms | "
+            print(f"| {size}² | {ram['bytes'] / 2**20:.1f} MiB | {ram['step']:.2f} s | "
+                  f"{ram['ckpt'] * 1e3:.1f} ms | "
                   f"{100 * ram['ckpt'] / ram['step']:.2f} % | {mapped['ckpt'] * 1e3:.1f} ms | "
                   f"{100 * mapped['ckpt'] / mapped['step']:.2f} % | {verify * 1e3:.1f} ms | "
                   f"{100 * verify / ram['step']:.2f} % | {rate / 1e9:.0f} G |")

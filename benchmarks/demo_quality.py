@@ -34,8 +34,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_upscale(lr_path: Path, out: Path, weights: str, seed: int, extra: list[str]) -> list[str]:
-    cmd = ["infdit", "upscale", str(lr_path), "--weights", weights, "--scale", str(SCALE), "--seed", str(seed),
-           "-o", str(out), "--quiet", *extra]
+    cmd = ["infdit", "upscale", str(lr_path), "--weights", weights, "--scale", str(SCALE), "--seed",
+           str(seed), "-o", str(out), "--quiet", *extra]
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return cmd
 
@@ -80,8 +80,8 @@ def main() -> None:
             table.append((f.name, f"{w}x{h}", p_bic, p_demo))
             cx, cy = (w - PANEL) // 2, (h - PANEL) // 2
             rows.append(panel_row([nearest, bicubic, demo, hr], (cx, cy, cx + PANEL, cy + PANEL),
-                                  [f"{f.stem}: LR (nearest)", f"bicubic {p_bic:.2f} dB", f"demo {p_demo:.2f} dB",
-                                   "original"]))
+                                  [f"{f.stem}: LR (nearest)", f"bicubic {p_bic:.2f} dB",
+                                   f"demo {p_demo:.2f} dB", "original"]))
     pic = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 4 for r in rows) - 4), "white")
     y = 0
     for r in rows:

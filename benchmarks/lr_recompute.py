@@ -44,7 +44,8 @@ def main() -> None:
         times = {"re": [], "pre": []}
         for _ in range(args.rounds):
             for mode in ("re", "pre"):
-                model.lr_context = real if mode == "re" else (lambda p, rect, hl, wl: cached[rect])
+                model.lr_context = real if mode == "re" else (
+                    lambda p, rect, hl, wl, cached=cached: cached[rect])
                 t0 = time.perf_counter()
                 denoise(model, x, 2.0, lr_up=lr_up, lr=lr, vector=vec, block_batch=n)
                 times[mode].append(time.perf_counter() - t0)

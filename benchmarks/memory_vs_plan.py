@@ -29,8 +29,8 @@ def main() -> None:
         m = measure(CallSpec(config=args.config, height=side, width=side, n=n, device=args.device,
                              dtype=args.dtype, repeats=1))
         mode = "whole image" if n is None else f"n={n}"
-        print(f"| {side}x{side} | {mode} | {m.peak_bytes / 2**20:.0f} MiB | {m.predicted_bytes / 2**20:.0f} MiB "
-              f"| {m.peak_bytes / m.predicted_bytes:.2f} |", flush=True)
+        print(f"| {side}x{side} | {mode} | {m.peak_bytes / 2**20:.0f} MiB | "
+              f"{m.predicted_bytes / 2**20:.0f} MiB | {m.peak_bytes / m.predicted_bytes:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

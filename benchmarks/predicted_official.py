@@ -17,7 +17,8 @@ cfg = PRESETS["official"]
 HOST = 32 * 2**30
 for budget in ("8GB", "24GB"):
     b = parse_bytes(budget)
-    print(f"\n**Budget {budget}** (predicted; official config, bf16, flash attention, 32 GiB of host memory)\n")
+    print(f"\n**Budget {budget}** (predicted; official config, bf16, flash attention, "
+          "32 GiB of host memory)\n")
     print("| output | n | K/V cache | image state | sampler state | device peak | host peak | "
           "whole image would need |")
     print("|---|---|---|---|---|---|---|---|")
@@ -31,5 +32,6 @@ for budget in ("8GB", "24GB"):
         n = "whole" if p.whole_image else str(p.n)
         state = ("memory-mapped " if p.low_memory else "") + str(p.state_dtype).removeprefix("torch.")
         print(f"| {res}² | {n} | {'host' if p.cache_on_host else 'device'} | "
-              f"{'host' if p.state_on_host else 'device'} | {state} | {format_bytes(p.estimate.device_peak)} | "
-              f"{format_bytes(p.estimate.host_peak)} | {format_bytes(whole)} |")
+              f"{'host' if p.state_on_host else 'device'} | {state} | "
+              f"{format_bytes(p.estimate.device_peak)} | {format_bytes(p.estimate.host_peak)} | "
+              f"{format_bytes(whole)} |")

@@ -97,8 +97,8 @@ def main() -> None:
             chosen = min(choice.n, top)
             for n, (pred, took) in measured.items():
                 mode = "whole image" if n >= top else f"n={n}"
-                rows.append(f"| {name} | {side}x{side} | {mode} | {'yes' if n == chosen else ''} | {pred:.3f} | "
-                            f"{took:.3f} | {took / pred:.2f} | {took / fastest:.2f} |")
+                rows.append(f"| {name} | {side}x{side} | {mode} | {'yes' if n == chosen else ''} | "
+                            f"{pred:.3f} | {took:.3f} | {took / pred:.2f} | {took / fastest:.2f} |")
                 print(rows[-1], flush=True)
             summary.append(f"| {name} | {side}x{side} | {r} | "
                            f"{'whole image' if chosen >= top else f'n={chosen}'} | "
@@ -118,8 +118,8 @@ def main() -> None:
         "measured: seconds per call after the first step; predicted: the plan's `seconds_per_call` with the "
         "rates `calibrate` measured at the start of the config's rows.",
         "",
-        "| config | output | mode | planner's choice | predicted s/call | measured s/call | measured / predicted "
-        "| / fastest |",
+        "| config | output | mode | planner's choice | predicted s/call | measured s/call | "
+        "measured / predicted | / fastest |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",

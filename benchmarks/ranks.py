@@ -106,11 +106,13 @@ def main() -> None:
             out = res.stdout
             runs[ranks].append(json.loads(out.strip().splitlines()[-1])["median"])
     t1 = statistics.median(runs[counts[0]]) if counts[0] == 1 else None
-    print(f"config `{args.config}` ({cfg.num_layers} layers), HR {args.hw[1]}x{args.hw[0]} ({gw}x{gh} blocks), "
-          f"n={args.n}, fp32 CPU, gloo, 1 thread per rank, {os.cpu_count()} cores; medians of {args.rounds} "
+    print(f"config `{args.config}` ({cfg.num_layers} layers), HR {args.hw[1]}x{args.hw[0]} "
+          f"({gw}x{gh} blocks), n={args.n}, fp32 CPU, gloo, 1 thread per rank, {os.cpu_count()} cores; "
+          f"medians of {args.rounds} "
           f"interleaved rounds of {args.calls} calls; load average before: "
           f"{' '.join(f'{v:.1f}' for v in load)}\n")
-    print("| ranks | s/call | speed-up measured | predicted (per-layer sends) | predicted (per-rectangle sends) |")
+    print("| ranks | s/call | speed-up measured | predicted (per-layer sends) | "
+          "predicted (per-rectangle sends) |")
     print("|---|---|---|---|---|")
     for r in counts:
         t = statistics.median(runs[r])

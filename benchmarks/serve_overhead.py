@@ -32,7 +32,8 @@ def post_job(url: str, path: Path, fields: dict) -> dict:
     boundary = uuid.uuid4().hex
     body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
                     for k, v in fields.items())
-    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n\r\n'.encode()
+    body += ((f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+              f'filename="{path.name}"\r\n\r\n').encode()
              + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
     req = urllib.request.Request(url + "api/jobs", data=body, method="POST",
                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
@@ -46,7 +47,8 @@ def wait_done(url: str, job_id: str) -> dict:
             job = json.loads(r.read())
         if job["state"] in ("done", "failed", "cancelled"):
             return job
-        time.sleep(0.5)  # a light poll (the page listens to the event stream instead); the times are the job's own
+        # a light poll (the page listens to the event stream instead); the times are the job's own
+        time.sleep(0.5)
 
 
 def main() -> None:
@@ -72,7 +74,8 @@ def main() -> None:
         src = tmp / "in.png"
         rng = np.random.default_rng(0)
         Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)).save(src)
-        common = ["--scale", str(args.scale), "--steps", str(args.steps), "--device", "cpu", "--weights", str(weights)]
+        common = ["--scale", str(args.scale), "--steps", str(args.steps), "--device", "cpu", "--weights",
+                  str(weights)]
         err = open(tmp / "serve.err", "w")
         server = subprocess.Popen([sys.executable, "-m", "infdit_cli", "serve", "--port", "0", "--jobs",
                                    str(tmp / "jobs"), "--weights", str(weights), "--device", "cpu"],
@@ -85,8 +88,8 @@ def main() -> None:
                 m = re.search(r"infdit serve: (http://\S+?/)\s", (tmp / "serve.err").read_text())
                 url = m.group(1) if m else None
                 time.sleep(0.2)
-            times: dict[str, list[float]] = {"upscale --no-checkpoint": [], "upscale --checkpoint --preview": [],
-                                             "serve job": []}
+            times: dict[str, list[float]] = {"upscale --no-checkpoint": [],
+                                             "upscale --checkpoint --preview": [], "serve job": []}
             for r in range(args.rounds):
                 for mode in times:
                     out = tmp / f"out{r}.png"
@@ -98,8 +101,8 @@ def main() -> None:
                         continue
                     extra = ["--no-checkpoint"] if mode.endswith("no-checkpoint") else [
                         "--checkpoint", "--preview", str(tmp / "preview.jpg")]
-                    res = subprocess.run([sys.executable, "-m", "infdit_cli", "upscale", str(src), "-o", str(out),
-                                          *common, *extra, "--json", "-q", "--overwrite"], env=env,
+                    res = subprocess.run([sys.executable, "-m", "infdit_cli", "upscale", str(src), "-o",
+                                          str(out), *common, *extra, "--json", "-q", "--overwrite"], env=env,
                                          capture_output=True, text=True, check=True)
                     times[mode].append(json.loads(res.stdout)["seconds"])
         finally:

@@ -1,11 +1,12 @@
 """Does `infdit train` learn? Validation loss of a short run beside the "answer lr_up" baseline denoiser.
 
-Trains a preset (default `tiny`) from scratch for a fixed number of steps with the training loop `infdit train`
-runs, and prints at every validation the loss on the loop's fixed validation crops, sigmas and noise next to
-the loss of the baseline D(x + sigma n, sigma) = lr_up (the bicubic 4x of the LR) on the very same inputs,
-computed with `recipe.edm_loss`; at the end, the loss at each validation sigma of the trained model and of
-three denoisers that learned nothing (`baselines`), the strongest of them a sigma-wise blend of the noisy
-input and lr_up: the EDM-weighted loss of lr_up alone is large at small sigma, where the noisy input is better.
+Trains a preset (default `tiny`) from scratch for a fixed number of steps with the training loop
+`infdit train` runs, and prints at every validation the loss on the loop's fixed validation crops, sigmas and
+noise next to the loss of the baseline D(x + sigma n, sigma) = lr_up (the bicubic 4x of the LR) on the very
+same inputs, computed with `recipe.edm_loss`; at the end, the loss at each validation sigma of the trained
+model and of three denoisers that learned nothing (`baselines`), the strongest of them a sigma-wise blend of
+the noisy input and lr_up: the EDM-weighted loss of lr_up alone is large at small sigma, where the noisy input
+is better.
 
     python benchmarks/train_demo.py PHOTOS --val VAL [--config tiny] [--steps 300] [--crop 64] [--every 50]
     python benchmarks/train_demo.py PHOTOS --val VAL --config demo --crop 128 --baseline-only --weights FILE
@@ -51,16 +52,18 @@ def val_batches(cfg: TrainConfig, crop: int) -> list[dict]:
 
 
 def per_sigma(batches: list[dict], denoise) -> torch.Tensor:
-    """(K,) loss at each validation sigma, averaged over the images; its mean is the loop's validation loss."""
-    rows = [R.edm_loss(denoise, b["hr"], b["sigma"], b["noise"], lr_up=b["lr_up"], lr=b["lr"])[1] for b in batches]
+    """(K,) loss at each validation sigma, averaged over the images; its mean is the loop's validation
+    loss."""
+    rows = [R.edm_loss(denoise, b["hr"], b["sigma"], b["noise"], lr_up=b["lr_up"], lr=b["lr"])[1]
+            for b in batches]
     return torch.stack(rows).mean(0)
 
 
 def baselines(batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Per-sigma losses of denoisers that learned nothing: `lr_up` answers the bicubic 4x of the LR; `c_skip x`
-    is an untrained network (output 0 through the EDM preconditioning); `blend` is the best mix of the noisy
-    input and lr_up if HR = lr_up + Gaussian error of the validation crops' own variance (a stronger, fair
-    "bicubic" denoiser at every sigma)."""
+    """Per-sigma losses of denoisers that learned nothing: `lr_up` answers the bicubic 4x of the LR;
+    `c_skip x` is an untrained network (output 0 through the EDM preconditioning); `blend` is the best mix of
+    the noisy input and lr_up if HR = lr_up + Gaussian error of the validation crops' own variance (a
+    stronger, fair "bicubic" denoiser at every sigma)."""
     sd = R.RECIPE.sigma_data
     err = torch.stack([(b["hr"][0] - b["lr_up"][0]).pow(2).mean() for b in batches]).mean()
 
@@ -72,8 +75,8 @@ def baselines(batches: list[dict]) -> dict[str, torch.Tensor]:
         s2 = sigma.view(-1, 1, 1, 1) ** 2
         return sd**2 / (s2 + sd**2) * x
 
-    return {"lr_up": per_sigma(batches, lambda x, sigma, lr_up, lr: lr_up), "c_skip x": per_sigma(batches, skip),
-            "blend": per_sigma(batches, blend)}
+    return {"lr_up": per_sigma(batches, lambda x, sigma, lr_up, lr: lr_up),
+            "c_skip x": per_sigma(batches, skip), "blend": per_sigma(batches, blend)}
 
 
 def model_per_sigma(path: Path, batches: list[dict]) -> torch.Tensor:
@@ -102,9 +105,9 @@ def main() -> None:
     a = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(data=a.photos, output=Path(tmp) / "model.safetensors", config=a.config, steps=a.steps,
-                          batch=a.batch, crop=a.crop, lr=a.lr, every=a.every, seed=a.seed, val=a.val,
-                          workers=a.workers)
+        cfg = TrainConfig(data=a.photos, output=Path(tmp) / "model.safetensors", config=a.config,
+                          steps=a.steps, batch=a.batch, crop=a.crop, lr=a.lr, every=a.every, seed=a.seed,
+                          val=a.val, workers=a.workers)
         batches = val_batches(cfg, a.crop)
         bl = baselines(batches)
         base = float(bl["lr_up"].mean())

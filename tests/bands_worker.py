@@ -28,7 +28,8 @@ def main(out_path: str) -> None:
         x = torch.randn(1, 3, h, w, generator=g)
         vector = model.encode_image(lr)
         ref = denoise(model, x, 1.5, lr_up=lr_up, lr=lr, vector=vector, block_batch=None)
-        eng = BandEngine(model, lr, vector, lr_up, Placement(n=n, order="row", cache_on_host=False), world=world)
+        eng = BandEngine(model, lr, vector, lr_up, Placement(n=n, order="row", cache_on_host=False),
+                         world=world)
         got = eng(x, 1.5)
         results.append({"size": [h, w], "n": n, "max_abs": float((got - ref).abs().max()),
                         "band": list(eng.band)})

@@ -237,8 +237,10 @@ def official_model(official_file):
 def io():
     from safetensors.torch import load_file
 
-    packaged = {k: v for k, v in load_file(str(PACKAGED / "io.safetensors")).items() if not k.startswith("bf16_")}
-    return {**packaged, **load_file(str(DATA / "io.safetensors"))}  # every key of upstream-a, each stored once
+    packaged = {k: v for k, v in load_file(str(PACKAGED / "io.safetensors")).items()
+                if not k.startswith("bf16_")}
+    # every key of upstream-a, each stored once
+    return {**packaged, **load_file(str(DATA / "io.safetensors"))}
 
 
 @pytest.fixture(scope="session")
@@ -265,7 +267,8 @@ def wheel_venv(tmp_path_factory):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, src / name)
     dist = tmp / "dist"
-    run(sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-q", "-w", dist, cwd=tmp)
+    run(sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-q", "-w", dist,
+        cwd=tmp)
     (wheel,) = dist.glob("infdit-*.whl")
     venv = tmp / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
@@ -323,7 +326,8 @@ def tiny_weights(tmp_path_factory, tiny_model) -> Path:
     return path
 
 
-# A release server on 127.0.0.1 serving the official-format fixture checkpoint (test_download, test_boundaries).
+# A release server on 127.0.0.1 serving the official-format fixture checkpoint (test_download,
+# test_boundaries).
 CKPT = (DATA / "checkpoint.pt").read_bytes()
 RELEASE = "/f/6e313f7e1236468e973b/"  # the shape of the official link: a path plus ?dl=1
 

@@ -61,7 +61,8 @@ class FakeHub:
                 plain_path = self.path.split("?")[0]
                 if plain_path in hub.plain:
                     return self._send(hub.plain[plain_path], body, hub.content_types.get(plain_path))
-                m = re.fullmatch(r"/(?:api/models/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
+                m = re.fullmatch(r"/(?:api/models/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)",
+                                 self.path.split("?")[0])
                 if not m:
                     return self._error(404, "RepoNotFound")
                 repo_id, revision, filename = m.groups()

@@ -67,7 +67,8 @@ def test_preview_gives_sizes_and_failures(tmp_path):
     root, out = tmp_path / "in", tmp_path / "out"
     img(root / "a.png", (10, 4))
     (root / "b.jpg").write_text("not a picture")
-    items = {Path(i.input).name: i for i in preview_batch(plan_batch(root, out), res=None, scale=3, max_pixels=None)}
+    items = {Path(i.input).name: i for i in preview_batch(plan_batch(root, out), res=None, scale=3,
+                                                          max_pixels=None)}
     assert items["a.png"].reason == "10x4 -> 30x12"
     assert items["b.jpg"].status == "failed" and "not an image" in items["b.jpg"].reason
     assert not out.exists()  # a dry run creates nothing
@@ -107,8 +108,8 @@ def test_ctrl_c_stops_the_batch(tmp_path):
     root, out = tmp_path / "in", tmp_path / "out"
     img(root / "a.png"), img(root / "b.png")
     with pytest.raises(KeyboardInterrupt):
-        run_batch(FlakyUpscaler({"a.png": KeyboardInterrupt()}), root, out, res=None, scale=2, recursive=False,
-                  glob=None, overwrite=False, quality=95, max_pixels=None)
+        run_batch(FlakyUpscaler({"a.png": KeyboardInterrupt()}), root, out, res=None, scale=2,
+                  recursive=False, glob=None, overwrite=False, quality=95, max_pixels=None)
     assert not (out / "b.png").exists()
 
 
@@ -120,12 +121,14 @@ def test_batch_lines_name_each_file_and_the_plan_comes_first(tmp_path, monkeypat
     root = tmp_path / "in"
     img(root / "a.png", (12, 10)), img(root / "sub" / "a.png", (12, 10))
     monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "cache"))
-    code, lines = run_main(monkeypatch, capsys, "batch", root, "-o", tmp_path / "out", "--recursive", "--scale", "2",
-                           "--steps", "2", "--device", "cpu", "--weights", tiny_weights)
+    code, lines = run_main(monkeypatch, capsys, "batch", root, "-o", tmp_path / "out", "--recursive",
+                           "--scale", "2", "--steps", "2", "--device", "cpu", "--weights", tiny_weights)
     assert code == 0, lines
-    assert lines[0].startswith("2 file(s) to upscale: predicted ") and "on cpu (2 pass(es), 6 model calls)" in lines[0]
+    assert lines[0].startswith("2 file(s) to upscale: predicted ") and \
+        "on cpu (2 pass(es), 6 model calls)" in lines[0]
     predicted = [ln for ln in lines if "predicted" in ln]
-    assert [ln.split(": predicted ")[0] for ln in predicted] == ["2 file(s) to upscale", "a.png", "sub/a.png"], lines
+    assert [ln.split(": predicted ")[0] for ln in predicted] == ["2 file(s) to upscale", "a.png",
+                                                                 "sub/a.png"], lines
 
 
 def test_table_title_shortens_paths_instead_of_wrapping(tmp_path, monkeypatch, capsys):

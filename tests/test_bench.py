@@ -146,7 +146,8 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
     seen = _count_calls(monkeypatch, bench_mod)
     monkeypatch.setattr(calibrate_mod, "calibration", lambda *a, **k: planner_mod.Rates(1e9, 1e-6, 1e9))
     # 1 s per call at 256², growing with the area: 256² and 512² rows (16 and 64 s) run, 1024² (256 s) not
-    monkeypatch.setattr(planner_mod, "call_seconds", lambda cfg, size, n, rates, **k: size[0] * size[1] / 65536)
+    monkeypatch.setattr(planner_mod, "call_seconds",
+                        lambda cfg, size, n, rates, **k: size[0] * size[1] / 65536)
     base = ["bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--repeats", "3"]
     res = CliRunner().invoke(app, [*base, "--json"])
     assert res.exit_code == 0, res.output
@@ -164,7 +165,8 @@ def test_default_cpu_sizes_skip_rows_predicted_too_long(monkeypatch):
 
     # Predicted 10x longer (a calibration on a busy machine): the first size still runs, so there is a row
     seen.clear()
-    monkeypatch.setattr(planner_mod, "call_seconds", lambda cfg, size, n, rates, **k: size[0] * size[1] / 6554)
+    monkeypatch.setattr(planner_mod, "call_seconds",
+                        lambda cfg, size, n, rates, **k: size[0] * size[1] / 6554)
     res = CliRunner().invoke(app, [*base, "--json"])
     events = [json.loads(ln)["event"] for ln in res.stdout.splitlines()]
     assert events == ["bench", "row", "skipped", "skipped"]

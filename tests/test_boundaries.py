@@ -168,7 +168,8 @@ def test_crafted_configs_are_one_line_before_anything_is_built(tmp_path, tiny_we
             cfg[field] = value
 
     path = _with_config(tmp_path, tiny_weights, edit)
-    for args in (["info", path], ["upscale", _png(tmp_path / "in.png"), "--scale", "2", *FAST, "--weights", path]):
+    for args in (["info", path],
+                 ["upscale", _png(tmp_path / "in.png"), "--scale", "2", *FAST, "--weights", path]):
         line = _line(_here(monkeypatch, capsys, *args), 1)
         assert str(path) in line and field.split(".")[-1] in line
 
@@ -188,7 +189,8 @@ def test_a_folder_named_like_the_model_does_not_shadow_it(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "infdit-4x").mkdir()
     monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "cache"))
-    line = _line(_here(monkeypatch, capsys, "upscale", _png(tmp_path / "in.png"), "--scale", "2", "--offline"), 1)
+    line = _line(_here(monkeypatch, capsys, "upscale", _png(tmp_path / "in.png"), "--scale", "2",
+                       "--offline"), 1)
     assert "infdit download" in line  # the registry model, not "no such weights file: infdit-4x"
 
 
@@ -226,8 +228,8 @@ def test_output_that_is_the_input_is_refused_even_with_overwrite(tmp_path, tiny_
     hard = tmp_path / "hard.png"
     os.link(src, hard)
     for out in (src, link, hard, tmp_path / "." / "in.png"):
-        line = _line(_here(monkeypatch, capsys, "upscale", src, "-o", out, "--scale", "2", "--overwrite", *FAST,
-                           "--weights", tiny_weights), 2)
+        line = _line(_here(monkeypatch, capsys, "upscale", src, "-o", out, "--scale", "2", "--overwrite",
+                           *FAST, "--weights", tiny_weights), 2)
         assert "is the input" in line
     assert src.read_bytes() == before
 

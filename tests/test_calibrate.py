@@ -86,15 +86,17 @@ def test_a_jobs_own_calls_correct_the_cache(cache, measured, monkeypatch):
     rates = calibration(TINY, "cpu", torch.float32)
     before = cache.read_text()
     predicted = call_seconds(TINY, (256, 256), 1 << 30, rates)
-    assert calibrate.observe(TINY, "cpu", torch.float32, rates, predicted, predicted * 2, 2) is None  # 2 calls
+    assert calibrate.observe(TINY, "cpu", torch.float32, rates, predicted,
+                             predicted * 2, 2) is None  # 2 calls
     assert calibrate.observe(TINY, "cpu", torch.float32, rates, 1e-3, 2e-3, 39) is None  # 0.08 s in all
     assert cache.read_text() == before
     monkeypatch.setattr(calibrate, "busy", lambda: True)
     assert calibrate.observe(TINY, "cpu", torch.float32, rates, 1.0, 2.0, 39) is None
     monkeypatch.setattr(calibrate, "busy", lambda: False)
-    fixed = calibrate.observe(TINY, "cpu", torch.float32, rates, predicted, 2 * predicted, 39 if predicted > 0.1 else
-                              int(3 / predicted))
-    assert fixed is not None and call_seconds(TINY, (256, 256), 1 << 30, fixed) == pytest.approx(2 * predicted)
+    fixed = calibrate.observe(TINY, "cpu", torch.float32, rates, predicted, 2 * predicted,
+                              39 if predicted > 0.1 else int(3 / predicted))
+    assert fixed is not None and \
+        call_seconds(TINY, (256, 256), 1 << 30, fixed) == pytest.approx(2 * predicted)
     again = calibration(TINY, "cpu", torch.float32)
     assert len(measured) == 1 and again.flops == pytest.approx(fixed.flops)
 
@@ -111,7 +113,9 @@ def test_measured_once_then_read_from_the_cache(cache, measured):
     assert len(measured) == 3
 
 
-@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"KEY": {"flops": -1, "op_seconds": 1e-6, "copy_bytes": 1e9}}',
+@pytest.mark.parametrize("text",
+                         ["not json", "[1, 2]",
+                          '{"KEY": {"flops": -1, "op_seconds": 1e-6, "copy_bytes": 1e9}}',
                                   '{"KEY": {"flops": "fast", "op_seconds": 1e-6, "copy_bytes": 1e9}}',
                                   '{"KEY": {"flops": 1e9}}', "\udcff"])
 def test_a_damaged_cache_is_measured_again_and_rewritten(cache, measured, text):
@@ -166,11 +170,12 @@ def test_a_run_says_its_predicted_time_first(tmp_path, tiny_weights):
 
     src = tmp_path / "in.png"
     Image.new("RGB", (24, 20), (10, 120, 200)).save(src)
-    res = run_cli("upscale", src, "--weights", tiny_weights, "--scale", "4", "--steps", "2", "--device", "cpu",
-                  "-o", tmp_path / "out.png", env={**os.environ, "INFDIT_CACHE": str(tmp_path / "cache")},
+    res = run_cli("upscale", src, "--weights", tiny_weights, "--scale", "4", "--steps", "2", "--device",
+                  "cpu", "-o", tmp_path / "out.png",
+                  env={**os.environ, "INFDIT_CACHE": str(tmp_path / "cache")},
                   check=True)
     first = res.stderr.splitlines()[0]
     assert first.startswith("predicted ") and "on cpu (1 pass(es), 3 model calls)" in first, res.stderr
-    quiet = run_cli("upscale", src, "--weights", tiny_weights, "--scale", "4", "--steps", "2", "--device", "cpu",
-                    "-o", tmp_path / "out2.png", "--quiet", check=True)
+    quiet = run_cli("upscale", src, "--weights", tiny_weights, "--scale", "4", "--steps", "2", "--device",
+                    "cpu", "-o", tmp_path / "out2.png", "--quiet", check=True)
     assert "predicted" not in quiet.stderr

@@ -116,7 +116,8 @@ def test_same_seed_same_image_whatever_n(tmp_path, w):
     outs = []
     for n in ("1", "3"):
         out = tmp_path / f"s_{n}.png"
-        assert run_cli("upscale", src, "-o", out, "--scale", "4", "--block-batch", n, *FAST, *w).returncode == 0
+        assert run_cli("upscale", src, "-o", out, "--scale", "4", "--block-batch", n, *FAST, *w
+                       ).returncode == 0
         outs.append(np.asarray(Image.open(out)).astype(int))
     assert np.abs(outs[0] - outs[1]).max() <= 1  # float rounding may flip one 8-bit level
     out = tmp_path / "s_seed.png"
@@ -185,8 +186,10 @@ def test_sigint_leaves_no_partial_file(tmp_path, tiny_weights):
     exe = Path(sys.executable).with_name("infdit")
     proc = subprocess.Popen([str(exe), "upscale", str(src), "-o", str(out), "--scale", "4", "--steps", "200",
                              "--device", "cpu", "--weights", str(tiny_weights),
-                             "--no-checkpoint"],  # (whether it would checkpoint depends on the machine's speed)
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+                             # (whether it would checkpoint depends on the machine's speed)
+                             "--no-checkpoint"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)
     time.sleep(4)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)

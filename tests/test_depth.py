@@ -1,5 +1,6 @@
-"""16-bit in, 16-bit out: 16-bit RGB PNG and RGBA TIFF (made here, with a gradient 8 bits would band) are read at
-full depth and written 16-bit by default; 8-bit stays 8-bit; --depth chooses; ICC, EXIF and DPI are carried."""
+"""16-bit in, 16-bit out: 16-bit RGB PNG and RGBA TIFF (made here, with a gradient 8 bits would band) are
+read at full depth and written 16-bit by default; 8-bit stays 8-bit; --depth chooses; ICC, EXIF and DPI are
+carried."""
 
 import numpy as np
 import png
@@ -14,9 +15,11 @@ H, W = 16, 320  # 320 columns of a 0..65535 ramp: 320 levels, more than 8 bits h
 
 def _ramp(channels: int) -> np.ndarray:
     x = np.linspace(0, 65535, W).round().astype(np.uint16)
-    planes = [np.tile(x, (H, 1)), np.tile(x[::-1], (H, 1)), np.tile((x // 2 + 16384).astype(np.uint16), (H, 1))]
+    planes = [np.tile(x, (H, 1)), np.tile(x[::-1], (H, 1)),
+              np.tile((x // 2 + 16384).astype(np.uint16), (H, 1))]
     if channels == 4:
-        planes.append(np.full((H, W), 65535, np.uint16) - np.tile(x // 4, (H, 1)))  # alpha 0.75..1, a gradient too
+        planes.append(np.full((H, W), 65535, np.uint16)
+                      - np.tile(x // 4, (H, 1)))  # alpha 0.75..1, a gradient too
     return np.ascontiguousarray(np.stack(planes, -1))
 
 
@@ -51,8 +54,10 @@ def rgb16_png(tmp_path):
 @pytest.fixture
 def rgba16_tif(tmp_path):
     src = tmp_path / "export.tif"
-    tifffile.imwrite(src, _ramp(4), photometric="rgb", extrasamples=("unassalpha",), iccprofile=b"\0" * 128 + b"x",
-                     resolution=(300.0, 300.0), resolutionunit="INCH", extratags=[(271, "s", 0, "ScanCo", True)])
+    tifffile.imwrite(src, _ramp(4), photometric="rgb", extrasamples=("unassalpha",),
+                     iccprofile=b"\0" * 128 + b"x",
+                     resolution=(300.0, 300.0), resolutionunit="INCH",
+                     extratags=[(271, "s", 0, "ScanCo", True)])
     return src
 
 
@@ -124,8 +129,8 @@ def test_depth_refused_where_it_cannot_hold(rgb16_png, tmp_path, w, args):
     args = tuple(str(tmp_path / a) if a.startswith("x.") else a for a in args)
     res = run_cli("upscale", rgb16_png, *args, "--scale", "2", *FAST, *w)
     lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "depth" in lines[0], \
-        res.stderr
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and \
+        "depth" in lines[0], res.stderr
 
 
 def test_model_sees_the_full_depth(rgb16_png):

@@ -77,7 +77,8 @@ def test_sigterm_keeps_the_checkpoint_and_resumes_bit_identical(job, tmp_path, t
     assert rc == 143, err
     last = _one_line(err)
     saved = _saved(template)
-    assert last.startswith("error: terminated by SIGTERM; ") and "run the same command again to resume" in last
+    assert last.startswith("error: terminated by SIGTERM; ") and \
+        "run the same command again to resume" in last
     assert f"pass {saved[0]}/2, step {saved[1]}/{STEPS} saved in {template}" in last
     assert not (template.parent / "out.png").exists()
     assert not any(p.name.endswith(".infdit-lock") for p in template.parent.iterdir())  # the lock is released
@@ -166,7 +167,8 @@ def test_links_planted_where_infdit_writes_are_not_followed(job, tmp_path, tiny_
     out, folder = _copy_run(job, tmp_path)
     saved = _saved(folder)
     if mode == "ram":
-        names = ["meta.json.tmp", "input.p2.bin.tmp"] + [f"x.p{p}.s{k}.bin.tmp" for p in (1, 2) for k in range(1, 5)]
+        names = ["meta.json.tmp", "input.p2.bin.tmp"] + [f"x.p{p}.s{k}.bin.tmp"
+                                                         for p in (1, 2) for k in range(1, 5)]
     else:
         names = ["p1_heun_x.bin", "p1_heun_x2.bin", "p1_heun_d.bin", "p2_heun_x.bin", "p2_heun_den.bin"]
         if saved[0] == 1:
@@ -240,8 +242,9 @@ DAMAGE = {
     "pass-past-passes": {"pass": 3},
     "passes": {"passes": 1},
     "step-past-steps": {"step": STEPS + 1},
-    "step-is-last": {"step": STEPS},  # would write the noisy state as the result: the checksum covers the step
-    # (where the stop came late enough that the saved step is already the last, the test claims an earlier one)
+    # would write the noisy state as the result: the checksum covers the step (where the stop came late
+    # enough that the saved step is already the last, the test claims an earlier one)
+    "step-is-last": {"step": STEPS},
     "step-float": {"step": 2.0},  # a float where an int belongs
     "steps": {"steps": STEPS + 3},
     "fingerprint-list": {"fingerprint": []},
@@ -292,7 +295,8 @@ def test_a_damaged_checkpoint_is_one_line_then_a_correct_fresh_run(job, tmp_path
 
 def _cli_patched(patch: str, *args, **kw) -> subprocess.CompletedProcess:
     """The CLI's main with `patch` (Python) run first: a stand-in for a full disk."""
-    code = f"import sys\n{patch}\nfrom infdit_cli.cli.app import main\nsys.argv = ['infdit'] + sys.argv[1:]\nmain()"
+    code = (f"import sys\n{patch}\nfrom infdit_cli.cli.app import main\n"
+            "sys.argv = ['infdit'] + sys.argv[1:]\nmain()")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, **kw)
 
 
@@ -321,7 +325,8 @@ def test_a_job_that_cannot_get_its_disk_is_refused_before_loading(job, tmp_path,
     disk = tmp_path / "small"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(disk)],
-                             capture_output=True).returncode == 0 if hasattr(os, "geteuid") and os.geteuid() == 0 else False
+                             capture_output=True).returncode == 0 \
+        if hasattr(os, "geteuid") and os.geteuid() == 0 else False
     try:
         out = disk / "out.png"
         bad_weights = tmp_path / "not-weights.safetensors"
@@ -341,8 +346,8 @@ def test_a_job_that_cannot_get_its_disk_is_refused_before_loading(job, tmp_path,
             assert last.startswith(f"error: not enough disk in {disk}: the job needs "), last
             assert "scratch" in last and "KiB is free" in last
         assert list(disk.iterdir()) == []
-        dry = run_cli("upscale", src, "-o", tmp_path / "x.png", *ARGS, "--low-memory", "--weights", tiny_weights,
-                      "--dry-run", "--json")
+        dry = run_cli("upscale", src, "-o", tmp_path / "x.png", *ARGS, "--low-memory", "--weights",
+                      tiny_weights, "--dry-run", "--json")
         need = json.loads(dry.stdout)["disk"]
         assert need["scratch_bytes"] > 100 << 10 and need["total_bytes"] >= need["scratch_bytes"]
     finally:
@@ -357,8 +362,10 @@ def test_a_stale_scratch_folder_is_reclaimed(job, tmp_path, tiny_weights):
     out = tmp_path / "out.png"
     exe = Path(sys.executable).with_name("infdit")
     proc = subprocess.Popen([str(exe), "upscale", str(src), "-o", str(out), "--scale", "8", "--steps", "400",
-                             "--device", "cpu", "--weights", str(tiny_weights), "--low-memory", "--no-checkpoint"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+                             "--device", "cpu", "--weights", str(tiny_weights), "--low-memory",
+                             "--no-checkpoint"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)
     deadline = time.monotonic() + 60
     while not any((p / "heun_x.bin").exists() for p in tmp_path.glob(".infdit-*")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -395,7 +402,8 @@ def test_a_second_run_to_the_same_output_is_refused_at_once(job, tmp_path, tiny_
     first.send_signal(signal.SIGSTOP)  # hold the first run mid-job while the second one tries
     try:
         for cmd in (("upscale", src, "-o", out, *ARGS, "--weights", tiny_weights),
-                    ("upscale", src, "-o", out, *ARGS, "--weights", tiny_weights, "--no-resume", "--overwrite")):
+                    ("upscale", src, "-o", out, *ARGS, "--weights", tiny_weights, "--no-resume",
+                     "--overwrite")):
             t0 = time.monotonic()
             res = run_cli(*cmd)
             assert res.returncode == 1, res.stderr
@@ -416,14 +424,15 @@ def test_a_second_run_to_the_same_output_is_refused_at_once(job, tmp_path, tiny_
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.png"]
 
 
-# -- 7b. the lock file's path (issue 30 item 6) ---------------------------------------------------------------
+# -- 7b. the lock file's path (issue 30 item 6) --------------------------------------------------------------
 
 def _lock(out: Path) -> Path:
     return out.with_name(f".{out.name}.infdit-lock")
 
 
 @pytest.mark.parametrize("what", ["file", "hardlink", "stale", "stale-legacy", "empty"])
-def test_the_lock_path_takes_only_an_earlier_infdit_lock(job, tmp_path, tiny_weights, monkeypatch, capsys, what):
+def test_the_lock_path_takes_only_an_earlier_infdit_lock(job, tmp_path, tiny_weights, monkeypatch, capsys,
+                                                         what):
     """A user's file at the lock path (any content, or a hard link to another file, even one whose content
     looks like a lock) is refused in one line naming it, byte-identical afterwards; an earlier infdit's lock
     that no process holds (this version's form, or the bare pid of earlier ones) is taken and removed."""
@@ -491,7 +500,8 @@ def full_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     if not (hasattr(os, "geteuid") and os.geteuid() == 0 and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode == 0):
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+            capture_output=True).returncode == 0):
         yield None
         return
 

@@ -97,11 +97,12 @@ def test_batch_under_torchrun_same_files_one_report(tmp_path, tiny_weights):
         assert items[f"{name}.png"]["status"] == "done"
         assert (out / f"{name}.png").read_bytes() == (ref / f"{name}.png").read_bytes(), name
     assert (out / "skip.png").read_bytes() == b"mine"
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png", "d.png", "skip.png"]  # no temps
+    # no temps
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png", "d.png", "skip.png"]
     assert json.loads(one.stdout)["items"][2]["reason"] == items["bad.jpg"]["reason"]
 
 
-# --- one image across ranks ----------------------------------------------------------------------------------
+# --- one image across ranks ---------------------------------------------------------------------------------
 
 def test_column_bands():
     from infdit_cli.engine.bands import column_bands
@@ -134,7 +135,8 @@ def test_upscale_under_torchrun_same_pixels(tmp_path, tiny_weights):
     rng = np.random.default_rng(1)
     src = tmp_path / "wide.png"
     Image.fromarray(rng.integers(0, 255, (24, 100, 3), dtype=np.uint8)).save(src)
-    common = ["--scale", "4", "--steps", "2", "--device", "cpu", "--weights", tiny_weights, "--block-batch", "2"]
+    common = ["--scale", "4", "--steps", "2", "--device", "cpu", "--weights", tiny_weights, "--block-batch",
+              "2"]
     run_cli("upscale", src, "-o", tmp_path / "one.png", *common, check=True)
     res = torchrun("upscale", src, "-o", tmp_path / "two.png", *common, "--json")
     assert res.returncode == 0, res.stderr
@@ -150,9 +152,11 @@ def test_expandable_segments_before_cuda_starts_unless_the_user_chose(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     env: dict = {}
     assert not prefer_expandable_segments("cpu", env) and env == {}
-    assert prefer_expandable_segments("cuda:1", env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert prefer_expandable_segments("cuda:1", env) and \
+        env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
-    assert not prefer_expandable_segments("cuda", mine) and mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    assert not prefer_expandable_segments("cuda", mine) and \
+        mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: the allocator has read it
     late: dict = {}
     assert not prefer_expandable_segments("cuda", late) and late == {}

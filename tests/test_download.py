@@ -120,7 +120,8 @@ def test_default_model_is_one_command(release):
     again = run_cli("upscale", src, "-o", tmp_path / "again.png", *UPSCALE, env=env)
     assert again.returncode == 0, again.stderr
     assert len(fake.log) == n and "downloading" not in again.stderr  # from the cache, no request
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "out.png")))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")),
+                          np.asarray(Image.open(tmp_path / "out.png")))
 
 
 @pytest.mark.slow
@@ -176,13 +177,15 @@ def test_partial_file_from_a_killed_run_is_resumed(release):
 def test_two_processes_download_once(release):
     fake, url, env, tmp_path = release
     fake.throttle_s = 0.05  # ~1 s per transfer, so the two runs overlap
-    args = [str(Path(sys.executable).with_name("infdit")), "download", url, "--clip-head-width", "32", "--json"]
+    args = [str(Path(sys.executable).with_name("infdit")), "download", url, "--clip-head-width", "32",
+            "--json"]
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     a, b = (json.loads(o) for o, _ in outs)
-    assert a["path"] == b["path"] and a["sha256"] == b["sha256"] and {a["cached"], b["cached"]} == {True, False}
+    assert a["path"] == b["path"] and a["sha256"] == b["sha256"] and \
+        {a["cached"], b["cached"]} == {True, False}
     assert len(_gets(fake)) == 1  # the second waited on the lock and found the file cached
 
 
@@ -223,7 +226,8 @@ def test_unreachable_host_is_one_line_quickly(release):
     res = run_cli("download", f"http://127.0.0.1:{port}/f/x/?dl=1", env=env)
     assert res.returncode == 1 and f"cannot reach 127.0.0.1:{port}" in _one_line(res)
     t0h = time.monotonic()
-    hub = run_cli("download", "acme/model/model.safetensors", env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    hub = run_cli("download", "acme/model/model.safetensors",
+                  env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
     assert hub.returncode == 1 and "could not reach the Hub" in _one_line(hub)
     # Each run includes starting the CLI (~3 s, more on a busy machine). huggingface_hub's own retries
     # took 23 s of backoff plus eleven warning lines here; the one-line error comes without them.

@@ -39,7 +39,8 @@ def photo(tmp_path):
 
 
 def test_0_done(monkeypatch, capsys, photo, tiny_weights):
-    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights", tiny_weights)
+    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights",
+                          tiny_weights)
     assert code == 0, err
     assert Image.open(photo.with_name("photo_infdit.png")).size == (24, 16)
 
@@ -79,7 +80,8 @@ def test_1_file_cannot_be_read_or_written(monkeypatch, capsys, photo, setup, fra
     (["--scale", "2", "--compile"], "--compile is for CUDA devices"),
 ])
 def test_2_wrong_command_line_before_weights(monkeypatch, capsys, photo, args, fragment):
-    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, *FAST, "--weights", "/nonexistent.safetensors",
+    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, *FAST, "--weights",
+                          "/nonexistent.safetensors",
                           *[a if a != "out.bmp" else photo.with_name("out.bmp") for a in args])
     line = one_line(err)
     assert code == 2 and fragment in line, line
@@ -92,20 +94,22 @@ def test_2_missing_input_with_bad_res_names_the_option(monkeypatch, capsys, tmp_
 
 
 def test_2_budget_nothing_fits_in(monkeypatch, capsys, photo, tiny_weights):
-    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights", tiny_weights,
-                          "--mem-budget", "1KB")
+    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights",
+                          tiny_weights, "--mem-budget", "1KB")
     assert code == 2 and "needs at least" in one_line(err)
     assert sorted(p.name for p in photo.parent.iterdir()) == ["photo.png"]
 
 
-@pytest.mark.parametrize("exc", [errors.OutOfMemory("out of device memory even at n=1 with the cache on the host"),
+@pytest.mark.parametrize("exc",
+                         [errors.OutOfMemory("out of device memory even at n=1 with the cache on the host"),
                                  torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
 def test_3_out_of_memory(monkeypatch, capsys, photo, tiny_weights, exc):
     def oom(*a, **k):
         raise exc
 
     monkeypatch.setattr(Upscaler, "upscale_file", oom)
-    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights", tiny_weights)
+    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights",
+                          tiny_weights)
     assert code == 3 and "out of device memory" in one_line(err)
 
 
@@ -114,7 +118,8 @@ def test_130_interrupted(monkeypatch, capsys, photo, tiny_weights):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Upscaler, "upscale_file", ctrl_c)
-    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights", tiny_weights)
+    code, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights",
+                          tiny_weights)
     assert code == 130 and "interrupted" in one_line(err)
 
 
@@ -126,7 +131,8 @@ def test_143_129_terminated(monkeypatch, capsys, photo, tiny_weights, sig, code)
         raise errors.Signalled(getattr(signal, sig))
 
     monkeypatch.setattr(Upscaler, "upscale_file", term)
-    rc, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights", tiny_weights)
+    rc, _, err = infdit(monkeypatch, capsys, "upscale", photo, "--scale", "2", *FAST, "--weights",
+                        tiny_weights)
     assert rc == code and one_line(err) == f"error: terminated by {sig}"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() restored the handlers it set
 
@@ -137,7 +143,8 @@ def test_batch_1_after_finishing_the_others(monkeypatch, capsys, tmp_path, tiny_
     for name in ("a.png", "c.png"):
         Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / name)
     (root / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    code, _, err = infdit(monkeypatch, capsys, "batch", root, "--scale", "2", *FAST, "--weights", tiny_weights)
+    code, _, err = infdit(monkeypatch, capsys, "batch", root, "--scale", "2", *FAST, "--weights",
+                          tiny_weights)
     assert code == 1, err
     assert sorted(p.name for p in (tmp_path / "in_infdit").iterdir()) == ["a.png", "c.png"]
     assert "b.png" in err and "1 failed" in err
@@ -186,13 +193,15 @@ def test_batch_dry_run_lists_and_writes_nothing(monkeypatch, capsys, tmp_path):
                           "--weights", "/nonexistent.safetensors")
     items = {i["input"].rsplit("/", 1)[-1]: i for i in json.loads(out)["items"]}
     assert code == 1  # what the real run would return
-    assert items["photo.gif"]["output"].endswith("photo.gif.png") and items["photo.gif"]["reason"] == "6x4 -> 12x8"
+    assert items["photo.gif"]["output"].endswith("photo.gif.png") and \
+        items["photo.gif"]["reason"] == "6x4 -> 12x8"
     assert items["notes.jpg"]["status"] == "failed" and "not an image" in items["notes.jpg"]["reason"]
     assert not (tmp_path / "in_infdit").exists()
 
 
 def test_batch_usage_before_weights(monkeypatch, capsys, tmp_path):
-    code, _, err = infdit(monkeypatch, capsys, "batch", tmp_path, "--res", "4k", "--weights", "/none.safetensors")
+    code, _, err = infdit(monkeypatch, capsys, "batch", tmp_path, "--res", "4k", "--weights",
+                          "/none.safetensors")
     assert code == 2 and "--res must be" in one_line(err)
     code, _, err = infdit(monkeypatch, capsys, "batch", tmp_path, "-o", tmp_path, "--scale", "2")
     assert code == 2 and "output folder is the input folder" in one_line(err)
@@ -234,12 +243,14 @@ def test_a_stop_before_sampling_is_143_or_129_with_its_line(tmp_path, photo, tin
     out.parent.mkdir()
     code = (f"import pathlib, sys, time\nMARK = {str(mark)!r}\n"
             "def hold():\n    pathlib.Path(MARK).touch()\n    time.sleep(120)\n"
-            f"{_HOLD[phase]}from infdit_cli.cli.app import main\nsys.argv = ['infdit'] + sys.argv[1:]\nmain()\n")
+            f"{_HOLD[phase]}from infdit_cli.cli.app import main\n"
+            "sys.argv = ['infdit'] + sys.argv[1:]\nmain()\n")
     env = {**os.environ, "INFDIT_DEBUG": "1"} if debug else {k: v for k, v in os.environ.items()
                                                              if k != "INFDIT_DEBUG"}
-    proc = subprocess.Popen([sys.executable, "-c", code, "upscale", str(photo), "-o", str(out), "--scale", "2",
-                             *FAST, "--weights", str(tiny_weights), "--checkpoint"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+    proc = subprocess.Popen([sys.executable, "-c", code, "upscale", str(photo), "-o", str(out), "--scale",
+                             "2", *FAST, "--weights", str(tiny_weights), "--checkpoint"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)
     deadline = time.monotonic() + 120
     while not mark.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

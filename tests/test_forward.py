@@ -143,7 +143,8 @@ def test_gradcheck_float64(tiny_config):
 def test_origin_shifts_rope(tiny_model, batch2):
     """origin offsets every token's RoPE position: the table of a crop at origin (its first block's place in
     a larger grid) is that grid's table there; the positions wrap at `rope_table_size`; and the output
-    depends on the origin (the re_pos offsets are added after rotation, so attention is not shift-invariant)."""
+    depends on the origin (the re_pos offsets are added after rotation, so attention is not
+    shift-invariant)."""
     cfg, model = tiny_model.config, tiny_model
     bt, size = cfg.block_tokens, cfg.rope_table_size
     full = model.rope(range(3), range(5))  # (3, 5, T, d) each

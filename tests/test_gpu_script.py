@@ -22,7 +22,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_selftest.sh"
 
 
 def _start(out: Path, budget: int | None, **extra: str) -> subprocess.Popen:
-    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "PYTHON": sys.executable, "INSTALL_WHEELS": "0", **extra}
+    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "PYTHON": sys.executable, "INSTALL_WHEELS": "0",
+           **extra}
     env.pop("TIME_BUDGET", None)
     if budget is not None:
         env["TIME_BUDGET"] = str(budget)
@@ -68,7 +69,8 @@ def test_rehearsal_streams_rows_within_the_time_budget(tmp_path):
     # The budget was honoured check by check: a check ran only where its prediction fitted what was left,
     # and was skipped only where it did not (how long a check then takes depends on this machine's load).
     fits = [c["numbers"]["started_s"] + c["numbers"]["predicted_s"] <= budget for c in checks]
-    assert all(f for f, c in zip(fits, checks) if c in ran) and not any(f for f, c in zip(fits, checks) if c in skipped)
+    assert all(f for f, c in zip(fits, checks) if c in ran) and \
+        not any(f for f, c in zip(fits, checks) if c in skipped)
     assert "not run: time budget" in (tmp_path / "report.md").read_text()
 
 
@@ -135,7 +137,8 @@ def test_rehearsal_without_fixtures_or_open_clip_still_writes_rows(tmp_path, mis
     why = "no fixtures" if missing == "fixtures" else "open_clip cannot be imported"
     fixture_rows = [c for c in checks if c["group"] in ("parity", "bf16")]
     assert len(fixture_rows) == 4 and all(c["status"] == "skip" and why in c["value"] for c in fixture_rows)
-    ran = {g: [c for c in checks if c["group"] == g and c["status"] != "skip"] for g in ("memory", "speed", "plan")}
+    ran = {g: [c for c in checks if c["group"] == g and c["status"] != "skip"]
+           for g in ("memory", "speed", "plan")}
     assert [c["status"] for c in ran["memory"]] == ["pass", "pass"]
     assert ran["speed"][0]["numbers"]["block_s"] > 0 and ran["plan"][0]["numbers"]["seconds"] > 0
     end = _records(out / "rows.jsonl")[-1]

@@ -152,24 +152,26 @@ def test_clip_tower_from_hub_when_file_has_none(hub, tmp_path, tiny_model, tiny_
     noclip = tmp_path / "noclip.safetensors"
     save_model_file(noclip, {k: v for k, v in sd.items() if not k.startswith("clip.")}, cfg.with_(clip=None))
     tower = tmp_path / "tower.safetensors"
-    save_file({k.removeprefix("clip."): v.contiguous() for k, v in sd.items() if k.startswith("clip.visual.")},
+    save_file({k.removeprefix("clip."): v.contiguous() for k, v in sd.items()
+               if k.startswith("clip.visual.")},
               tower)
     fake.repos["laion/tiny-clip"] = Repo({"open_clip_model.safetensors": tower.read_bytes()})
     reg = tmp_path / "registry"
     reg.mkdir()
     c = cfg.clip
     (reg / "clip.json").write_text(json.dumps({
-        "name": "clip-vit-l-14-datacomp", "repo_id": "laion/tiny-clip", "filename": "open_clip_model.safetensors",
-        "revision": None, "sha256": None, "size": None, "license": "test", "source": "test", "conversion": "none",
-        "clip_config": {"embed_dim": c.embed_dim, "width": c.width, "layers": c.layers,
+        "name": "clip-vit-l-14-datacomp", "repo_id": "laion/tiny-clip",
+        "filename": "open_clip_model.safetensors",
+        "revision": None, "sha256": None, "size": None, "license": "test", "source": "test",
+        "conversion": "none", "clip_config": {"embed_dim": c.embed_dim, "width": c.width, "layers": c.layers,
                         "head_width": c.head_width, "patch_size": c.patch_size, "image_size": c.image_size}}))
     env = {**env, "INFDIT_REGISTRY": str(reg)}
     src = tmp_path / "in.png"
     Image.fromarray((np.random.default_rng(0).random((12, 16, 3)) * 255).astype(np.uint8)).save(src)
     outs = []
     for name, weights in (("a.png", noclip), ("b.png", tiny_weights)):
-        res = run_cli("upscale", src, "-o", tmp_path / name, "--scale", "2", "--steps", "2", "--device", "cpu",
-                      "--weights", weights, env=env)
+        res = run_cli("upscale", src, "-o", tmp_path / name, "--scale", "2", "--steps", "2", "--device",
+                      "cpu", "--weights", weights, env=env)
         assert res.returncode == 0, res.stderr
         outs.append(np.asarray(Image.open(tmp_path / name)))
     assert np.array_equal(outs[0], outs[1])

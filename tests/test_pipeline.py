@@ -28,7 +28,8 @@ def test_upsampled_slices_are_the_whole_resize(scale):
     ref = resize(src, size).clamp(-1, 1)
     up = Upsampled(src, size)
     assert up.shape == ref.shape
-    for ys, xs in [(slice(0, 16), slice(0, 16)), (slice(16, 48), slice(32, 80)), (slice(40, None), slice(5, 9)),
+    for ys, xs in [(slice(0, 16), slice(0, 16)), (slice(16, 48), slice(32, 80)),
+                   (slice(40, None), slice(5, 9)),
                    (slice(None), slice(None)), (slice(size[0] - 3, None), slice(size[1] - 16, None))]:
         assert torch.equal(up[..., ys, xs], ref[..., ys, xs]), (ys, xs)
 
@@ -59,7 +60,8 @@ def test_compile_option_reaches_the_engine(tiny_model, rgb, reference, monkeypat
     backends = []
     real = engine.compiled_kernels
     monkeypatch.setattr(engine, "compiled_kernels", lambda b: backends.append(b) or real("aot_eager"))
-    out, up_plan = _run(tiny_model, rgb, UpscaleOptions(steps=2, block_batch=2, low_memory=False, compile=True))
+    out, up_plan = _run(tiny_model, rgb, UpscaleOptions(steps=2, block_batch=2, low_memory=False,
+                                                        compile=True))
     assert backends == ["inductor"] * len(up_plan.passes)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
 
@@ -119,7 +121,8 @@ def test_out_of_memory_at_the_leanest_plan_exits_3_without_output(tmp_path, tiny
                           "--block-batch", "2", "--low-memory"], capture_output=True, text=True)
     assert res.returncode == 3, res.stderr
     first, *warnings, last = res.stderr.strip().splitlines()
-    assert first.startswith("predicted ") and last.startswith("error: out of device memory even at block batch 1")
+    assert first.startswith("predicted ") and \
+        last.startswith("error: out of device memory even at block batch 1")
     assert warnings == ["warning: out of memory with n=2; continuing with n=1",  # each step down, once
                         "warning: out of memory with n=1; continuing with n=1, cache on host"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
@@ -153,9 +156,11 @@ def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):
     Image.fromarray((np.random.default_rng(1).random((96, 96, 3)) * 255).astype(np.uint8)).save(src)
     exe = Path(sys.executable).with_name("infdit")
     proc = subprocess.Popen([str(exe), "upscale", str(src), "-o", str(tmp_path / "out.png"), "--scale", "4",
-                             "--steps", "400", "--device", "cpu", "--weights", str(tiny_weights), "--low-memory",
+                             "--steps", "400", "--device", "cpu", "--weights", str(tiny_weights),
+                             "--low-memory",
                              "--block-batch", "2", "--no-checkpoint"],  # (a job this long would checkpoint)
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".infdit-") for p in tmp_path.iterdir()):  # sampling has begun
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -168,7 +173,8 @@ def test_sigint_with_low_memory_leaves_nothing(tmp_path, tiny_weights):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png"]
 
 
-@pytest.mark.skip(reason="CPU jobs are not observed (a stopped or slowed CPU job poisoned the cache); to be made a CUDA-placement test")
+@pytest.mark.skip(reason="CPU jobs are not observed (a stopped or slowed CPU job poisoned the cache); "
+                         "to be made a CUDA-placement test")
 def test_the_observed_pace_leaves_out_checkpoint_saves(tiny_model, rgb, tmp_path, monkeypatch):
     """The per-call time a job hands `calibrate.observe` is the sampler's own: a checkpoint save (here a
     slow fake, 0.5 s a step) between the steps is not a model call's time."""

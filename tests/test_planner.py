@@ -10,8 +10,8 @@ from infdit_cli.units import parse_bytes
 OFFICIAL = PRESETS["official"]
 
 
-@pytest.mark.parametrize("text,value", [("8GB", 8 * 2**30), ("512MiB", 512 * 2**20), ("1.5g", int(1.5 * 2**30)),
-                                        ("1000", 1000), (" 2 gb ", 2 * 2**30)])
+@pytest.mark.parametrize("text,value", [("8GB", 8 * 2**30), ("512MiB", 512 * 2**20),
+                                        ("1.5g", int(1.5 * 2**30)), ("1000", 1000), (" 2 gb ", 2 * 2**30)])
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
@@ -78,7 +78,8 @@ def test_the_choice_is_the_fastest_of_everything_that_fits():
         p = plan(OFFICIAL, size, budget=budget, rates=PCIE, **GPU)
         fits = [(_seconds(n, cache, PCIE, state_on_host=state), n, cache, state) for n in range(1, 33)
                 for cache, state in ((False, False), (True, False), (True, True))
-                if estimate(OFFICIAL, size, n, cache_on_host=cache, state_on_host=state, **kw).total <= budget]
+                if estimate(OFFICIAL, size, n, cache_on_host=cache, state_on_host=state,
+                            **kw).total <= budget]
         assert p.seconds_per_call == pytest.approx(min(fits)[0]), budget
     room_for_10 = estimate(OFFICIAL, size, 10, **kw).total  # and not for 11
     p = plan(OFFICIAL, size, budget=room_for_10, rates=PCIE, **GPU)
@@ -94,7 +95,8 @@ def test_plan_whole_image_when_it_fits():
 
 def test_plan_refuses_clearly():
     with pytest.raises(MemoryBudgetTooSmall, match="needs at least"):
-        plan(OFFICIAL, (4096, 4096), budget=512 * 2**20, dtype=torch.bfloat16, device="cuda", host_budget=64 << 30)
+        plan(OFFICIAL, (4096, 4096), budget=512 * 2**20, dtype=torch.bfloat16, device="cuda",
+             host_budget=64 << 30)
 
 
 def test_block_mode_memory_grows_with_width_only():
@@ -109,7 +111,8 @@ def test_block_mode_memory_grows_with_width_only():
 
 
 def test_host_placements_used_when_device_is_tight():
-    p = plan(OFFICIAL, (16384, 16384), budget=8 * 2**30, dtype=torch.bfloat16, device="cuda", host_budget=64 << 30)
+    p = plan(OFFICIAL, (16384, 16384), budget=8 * 2**30, dtype=torch.bfloat16, device="cuda",
+             host_budget=64 << 30)
     assert p.cache_on_host and p.state_on_host and p.estimate.total <= 8 * 2**30
 
 
@@ -132,7 +135,8 @@ def test_planning_builds_no_model(monkeypatch):
         raise AssertionError("a model was built")
 
     monkeypatch.setattr(model_mod.InfDiT, "__init__", boom)
-    p = plan(OFFICIAL, (16384, 16384), budget=8 << 30, dtype=torch.bfloat16, device="cuda", host_budget=32 << 30)
+    p = plan(OFFICIAL, (16384, 16384), budget=8 << 30, dtype=torch.bfloat16, device="cuda",
+             host_budget=32 << 30)
     assert p.estimate.device_peak <= 8 << 30 and p.estimate.host_peak <= 32 << 30
 
 
@@ -175,7 +179,8 @@ def test_memory_mapped_state_only_when_nothing_in_ram_is_as_fast():
     from infdit_cli.plan.planner import MAPPED_BYTES, STATE_BYTES_PER_PIXEL
 
     size, host = (16384, 16384), 32 << 30
-    p = plan(OFFICIAL, size, budget=24 << 30, rates=PCIE, dtype=torch.bfloat16, device="cuda", host_budget=host)
+    p = plan(OFFICIAL, size, budget=24 << 30, rates=PCIE, dtype=torch.bfloat16, device="cuda",
+             host_budget=host)
     assert not p.low_memory and not p.state_on_host and p.estimate.host_peak <= host
     kw = dict(dtype=torch.bfloat16, device_type="cuda", cache_on_host=True, state_on_host=True)
     ram = estimate(OFFICIAL, size, 28, **kw, state_dtype=torch.bfloat16)
@@ -220,8 +225,10 @@ def test_out_of_memory_replans_at_nine_tenths_of_the_budget():
     smaller = replan(OFFICIAL, (8192, 8192), p.placement, budget, **kw)
     assert smaller is not None and step_down(p.placement, 64, 64).n < smaller.n < p.n
     assert smaller.cache_on_host == p.cache_on_host and smaller.state_on_host == p.state_on_host
-    assert estimate(OFFICIAL, (8192, 8192), smaller.n, cache_on_host=smaller.cache_on_host, **kw).total <= 0.9 * budget
-    assert estimate(OFFICIAL, (8192, 8192), smaller.n + 1, cache_on_host=smaller.cache_on_host, **kw).total > 0.9 * budget
+    assert estimate(OFFICIAL, (8192, 8192), smaller.n, cache_on_host=smaller.cache_on_host,
+                    **kw).total <= 0.9 * budget
+    assert estimate(OFFICIAL, (8192, 8192), smaller.n + 1, cache_on_host=smaller.cache_on_host,
+                    **kw).total > 0.9 * budget
     assert replan(OFFICIAL, (8192, 8192), Placement(n=1), budget, **kw) is None  # nothing below n=1
     tiny_budget = estimate(OFFICIAL, (8192, 8192), 2, **kw).total  # n=2 fits, n=1 not within 0.9x of it
     assert replan(OFFICIAL, (8192, 8192), Placement(n=2), tiny_budget * 0.5, **kw) is None
@@ -271,8 +278,10 @@ def test_band_sends_are_planned_for():
     one, two = (estimate(OFFICIAL, (8192, 8192), 16, ranks=r, **kw) for r in (1, 2))
     block_kv = 2 * OFFICIAL.num_layers * OFFICIAL.block_tokens**2 * OFFICIAL.hidden_size * 2
     assert two.total - one.total == 3 * 16 * block_kv
-    host_one, host_two = (estimate(OFFICIAL, (8192, 8192), 16, ranks=r, cache_on_host=True, **kw) for r in (1, 2))
-    assert host_two.total == host_one.total and host_two.host["cache"] - host_one.host["cache"] == 3 * 16 * block_kv
+    host_one, host_two = (estimate(OFFICIAL, (8192, 8192), 16, ranks=r, cache_on_host=True, **kw)
+                          for r in (1, 2))
+    assert host_two.total == host_one.total and \
+        host_two.host["cache"] - host_one.host["cache"] == 3 * 16 * block_kv
     assert plan(OFFICIAL, (8192, 8192), budget=40 * 2**30, ranks=2, **GPU).n <= plan(
         OFFICIAL, (8192, 8192), budget=40 * 2**30, **GPU).n
 

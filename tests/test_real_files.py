@@ -184,8 +184,9 @@ CASES = [
     Case("trns-rgb.png", _keyed_save("RGB"), mode="RGBA", alpha="left"),
     Case("trns-gray.png", _keyed_save("L"), mode="LA", alpha="left"),
     Case("trns-1bit.png", _keyed_save("1"), mode="LA", alpha="left"),
-    Case("trns-gray16.png", _keyed_save("I;16"), mode="RGBA", alpha="left"),  # 16-bit grey+alpha (pypng), which
-    # Pillow shows as RGBA: check_output reads the PNG's own header (grey+alpha, 16 bits)
+    # 16-bit grey+alpha (pypng), which Pillow shows as RGBA: check_output reads the PNG's own header
+    # (grey+alpha, 16 bits)
+    Case("trns-gray16.png", _keyed_save("I;16"), mode="RGBA", alpha="left"),
     Case("trns-palette.png", _palette(True), mode="RGBA", alpha="left"),
     Case("palette.png", _palette(False)),
     Case("la.png", _save(lambda: Image.fromarray(NOISE[..., 0], "L").convert("LA")), mode="L"),  # opaque
@@ -194,9 +195,11 @@ CASES = [
     Case("still.gif", _save(lambda: Image.fromarray(NOISE).quantize(64))),
     Case("anim.gif", lambda p: frames(3)[0].save(p, save_all=True, append_images=frames(3)[1:], duration=50),
          notice="3 frames"),
-    Case("anim.webp", lambda p: frames(2)[0].save(p, save_all=True, append_images=frames(2)[1:], lossless=True),
+    Case("anim.webp", lambda p: frames(2)[0].save(p, save_all=True, append_images=frames(2)[1:],
+                                                  lossless=True),
          notice="2 frames"),
-    Case("anim.png", lambda p: frames(2)[0].save(p, save_all=True, append_images=frames(2)[1:]), notice="2 frames"),
+    Case("anim.png", lambda p: frames(2)[0].save(p, save_all=True, append_images=frames(2)[1:]),
+         notice="2 frames"),
     Case("dpi300.png", _save(lambda: Image.fromarray(NOISE), dpi=(300, 300)), out=".tif"),
     Case("truncated.png", lambda p: (Image.fromarray(NOISE).save(p), p.write_bytes(p.read_bytes()[:120])),
          size=None, error="damaged or truncated"),
@@ -204,7 +207,8 @@ CASES = [
          size=None, error="damaged or truncated"),
     Case("truncated.tif", _save(lambda: Image.fromarray(np.tile(NOISE, (8, 8, 1)))),  # strips cut short
          size=None, error="damaged or truncated"),
-    Case("truncated-lzw.tif", _save(lambda: Image.fromarray(np.tile(NOISE, (8, 8, 1))), compression="tiff_lzw"),
+    Case("truncated-lzw.tif", _save(lambda: Image.fromarray(np.tile(NOISE, (8, 8, 1))),
+                                    compression="tiff_lzw"),
          size=None, error="damaged or truncated"),  # libtiff: its directory is at the end, cut away
     Case("empty.png", lambda p: p.write_bytes(b""), size=None, error="empty (0 bytes)"),
     Case("notes.jpg", lambda p: p.write_text("shopping list: milk\n"), size=None, error="not an image"),
@@ -305,7 +309,8 @@ def test_one_batch_over_all_files_then_a_rerun(files, tiny_weights, tmp_path):
             written = Path(item["output"])
             assert written.suffix == (".png" if Path(name).suffix == ".gif" else Path(name).suffix)
             check_output(Case(name, None, written.suffix, c.size,
-                              "RGB" if c.mode == "RGB" or written.suffix == ".jpg" else c.mode, c.alpha), written)
+                              "RGB" if c.mode == "RGB" or written.suffix == ".jpg" else c.mode, c.alpha),
+                         written)
     assert "Traceback" not in res.stderr
     assert {p.name for p in out.iterdir() if p.name.endswith(".part") or p.name.startswith(".")} == set()
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

@@ -102,7 +102,8 @@ def test_low_memory_state_is_the_checkpoint(tmp_path, job, tiny_weights):
     assert meta["x"]["file"].startswith(f"p{meta['pass']}_heun_x")  # the sampler's own mapped file
     assert sorted(p.name for p in folder.iterdir()) == sorted([".infdit", "meta.json", "input.p2.bin",
                                                                   meta["x"]["file"]])
-    res = run_cli("upscale", src, "-o", out, *ARGS, "--weights", tiny_weights, "--low-memory", "--block-batch", "2")
+    res = run_cli("upscale", src, "-o", out, *ARGS, "--weights", tiny_weights, "--low-memory",
+                  "--block-batch", "2")
     assert res.returncode == 0, res.stderr
     assert "resuming at pass 2/2" in res.stderr
     assert out.read_bytes() == ref
@@ -325,7 +326,8 @@ def test_batch_interrupted_mid_file_resumes_it_and_skips_the_done_ones(tmp_path,
     err = _stop_at(proc, run_folder_for(out / "b.png"), (1, 2), signal.SIGINT)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted after 1 file(s); b.png: pass ") and "run the same command" in last
+    assert last.startswith("error: interrupted after 1 file(s); b.png: pass ") and \
+        "run the same command" in last
     a_bytes = (out / "a.png").read_bytes()
     assert not (out / "b.png").exists()
     res = run_cli("batch", root, "-o", out, *ARGS, "--weights", tiny_weights, "--json")

@@ -28,7 +28,8 @@ def outside(request, tmp_path):
         return [str(venv / "bin" / "infdit")], env
     except pytest.skip.Exception:
         pkg = tmp_path / "site"
-        shutil.copytree(ROOT / "src" / "infdit_cli", pkg / "infdit_cli", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "src" / "infdit_cli", pkg / "infdit_cli",
+                        ignore=shutil.ignore_patterns("__pycache__"))
         env = {**os.environ, "PYTHONPATH": str(pkg), "HF_HUB_OFFLINE": "1"}
         return [sys.executable, "-m", "infdit_cli"], env
 
@@ -37,8 +38,8 @@ def outside(request, tmp_path):
 def test_selftest_cpu_passes_outside_the_checkout(outside, tmp_path):
     cmd, env = outside
     report = tmp_path / "selftest.md"
-    res = subprocess.run([*cmd, "selftest", "--device", "cpu", "--json", "-o", str(report)], capture_output=True,
-                         text=True, cwd=tmp_path, env=env)
+    res = subprocess.run([*cmd, "selftest", "--device", "cpu", "--json", "-o", str(report)],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     data = json.loads(res.stdout)
     rows = data["checks"]
@@ -64,7 +65,8 @@ def test_selftest_cpu_passes_outside_the_checkout(outside, tmp_path):
     assert text.startswith("## `infdit selftest` on cpu") and text.count("\n| ") == len(rows) + 1
 
 
-@pytest.mark.skipif(not (SHARED / "upstream-a-bf16" / "io.safetensors").is_file(), reason="no ../shared fixtures")
+@pytest.mark.skipif(not (SHARED / "upstream-a-bf16" / "io.safetensors").is_file(),
+                    reason="no ../shared fixtures")
 def test_packaged_fixtures_are_the_full_ones_reduced():
     """Every tensor the package ships (and rebuilds for the bf16 fixture) equals the full fixtures' own."""
     packed, full = selftest.find_fixtures(), selftest.find_fixtures(SHARED)
@@ -102,11 +104,12 @@ def test_one_pinned_slab_per_mode_in_each_check(monkeypatch):
     pins: list[int] = []
     monkeypatch.setattr(storage, "_pin", lambda t: pins.append(t.numel()) or (lambda t: None))  # -> its unpin
     real = storage.Scratch
-    monkeypatch.setattr(engine, "Scratch", lambda folder=None, *, pin=False, **kw: real(folder, pin=True, **kw))
+    monkeypatch.setattr(engine, "Scratch", lambda folder=None, *, pin=False,
+                        **kw: real(folder, pin=True, **kw))
     monkeypatch.setattr(selftest, "_spawn", lambda work, timeout=0: selftest._work(work))
     # tiny at 96² (6x6 blocks): fast; a budget that makes every plan a block mode (n = 4) with a cache
-    profile = replace(selftest.TOY_PROFILE, config="tiny", budget=22 * 2**20, mem_sizes=(96,), speed_sizes=(96,),
-                      big=(24, 96), rounds=2)
+    profile = replace(selftest.TOY_PROFILE, config="tiny", budget=22 * 2**20, mem_sizes=(96,),
+                      speed_sizes=(96,), big=(24, 96), rounds=2)
     run = selftest._Run(torch.device("cpu"), profile, None, None)
     counts = {}
     for step in selftest._steps(run, 1e10):

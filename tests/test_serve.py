@@ -29,7 +29,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "INFDIT_OFFLINE": "1"}
 class Server:
     """`infdit serve --port 0 ...` in its own process; `url` once it listens."""
 
-    def __init__(self, jobs: Path, weights: Path, *args: str, cache: Path, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(self, jobs: Path, weights: Path, *args: str, cache: Path,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.err_path = jobs.parent / f"serve-{uuid.uuid4().hex[:6]}.err"
         self.err = open(self.err_path, "w")
         cmd = [*prefix, sys.executable, "-m", "infdit_cli", "serve", "--port", "0", "--jobs", str(jobs),
@@ -80,13 +81,16 @@ def multipart(fields: dict, file: tuple[str, bytes] | None) -> tuple[bytes, dict
         name, data = file
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    return (b"".join(parts) + f"--{boundary}--\r\n".encode(),
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
-def post_image(server: Server, path: str, image: Path | bytes, name: str = "photo.png", headers=None, **fields):
+def post_image(server: Server, path: str, image: Path | bytes, name: str = "photo.png", headers=None,
+               **fields):
     data = image.read_bytes() if isinstance(image, Path) else image
     body, h = multipart({k: str(v) for k, v in fields.items()}, (name, data))
-    status, _, out = request(server.url + path.lstrip("/"), method="POST", data=body, headers={**h, **(headers or {})})
+    status, _, out = request(server.url + path.lstrip("/"), method="POST", data=body,
+                             headers={**h, **(headers or {})})
     return status, json.loads(out) if out else None
 
 
@@ -149,8 +153,8 @@ def cache(tmp_path_factory):
 def test_a_job_through_the_api_equals_infdit_upscale(tmp_path, tiny_weights, cache):
     src = image(tmp_path / "photo.png", 40, 48)
     ref = tmp_path / "ref.png"
-    run_cli("upscale", src, "-o", ref, "--scale", "4", "--steps", "3", "--device", "cpu", "--weights", tiny_weights,
-            "-q", check=True, env={**ENV, "INFDIT_CACHE": str(cache)})
+    run_cli("upscale", src, "-o", ref, "--scale", "4", "--steps", "3", "--device", "cpu", "--weights",
+            tiny_weights, "-q", check=True, env={**ENV, "INFDIT_CACHE": str(cache)})
     server = Server(tmp_path / "jobs", tiny_weights, cache=cache)
     try:
         status, info = get_json(server, "api/info")
@@ -159,7 +163,8 @@ def test_a_job_through_the_api_equals_infdit_upscale(tmp_path, tiny_weights, cac
         assert status == 200, plan
         assert plan["output_size"] == [160, 192] and plan["lines"][0].startswith("48x40 -> 192x160")
         assert plan["predicted_seconds"] > 0
-        assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [".infdit", "lock"]  # a plan keeps nothing
+        # a plan keeps nothing
+        assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [".infdit", "lock"]
         events = Events(server)
         status, job = post_image(server, "api/jobs", src, name="my photo.png", scale=4, steps=3)
         assert status == 201, job
@@ -169,10 +174,12 @@ def test_a_job_through_the_api_equals_infdit_upscale(tmp_path, tiny_weights, cac
         assert done["state"] == "done", done
         assert done["progress"]["fraction"] == 1.0 and done["progress"]["step"] == 3 and done["preview"] == 3
         status, headers, body = request(server.url + done["result_url"].lstrip("/"))
-        assert status == 200 and headers["content-disposition"] == "attachment; filename*=utf-8''my%20photo_infdit.png"
+        assert status == 200 and \
+            headers["content-disposition"] == "attachment; filename*=utf-8''my%20photo_infdit.png"
         assert np.array_equal(pixels(body), pixels(ref))  # the same image `infdit upscale` writes
         status, headers, body = request(server.url + done["preview_url"].lstrip("/"))
-        assert status == 200 and headers["content-type"] == "image/jpeg" and pixels(body).shape == (160, 192, 3)
+        assert status == 200 and headers["content-type"] == "image/jpeg" and \
+            pixels(body).shape == (160, 192, 3)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not any(
                 n == "job" and d["id"] == job["id"] and d["state"] == "done" for n, d in events.seen):
@@ -215,8 +222,9 @@ def test_cancel_a_running_and_a_queued_job(tmp_path, tiny_weights, cache):
             assert got["state"] == "cancelled" and got["result_url"] is None
             assert not (tmp_path / "jobs" / job["id"] / "run").exists()  # its checkpoints are gone
         status, _, body = request(server.url + f"api/jobs/{running['id']}/cancel", method="POST")
-        assert status == 400 and json.loads(body) == {"error": f"job {running['id']} is cancelled; only a queued "
-                                                               "or running job can be cancelled", "exit_code": 2}
+        assert status == 400 and json.loads(body) == {
+            "error": f"job {running['id']} is cancelled; only a queued or running job can be cancelled",
+            "exit_code": 2}
     finally:
         server.stop()
 
@@ -237,12 +245,14 @@ def test_bad_uploads_are_one_json_error_and_leave_nothing(tmp_path, tiny_weights
     server = Server(tmp_path / "jobs", tiny_weights, "--max-bytes", "50KB", "--max-pixels", "4000",
                     "--allow-paths", str(photos), cache=cache)
     try:
-        # --allow-paths: a file under the folder is planned like an upload; nothing outside it, links included.
+        # --allow-paths: a file under the folder is planned like an upload; nothing outside it, links
+        # included.
         status, plan = post_json(server, "api/plan", {"path": "ok.png", "scale": 4})
         assert status == 200 and plan["output_size"] == [120, 120] and plan["name"] == "ok.png"
         for path in ("../secret.png", "escape.png", str(tmp_path / "secret.png")):
             status, body = post_json(server, "api/jobs", {"path": path, "scale": 4})
-            assert status == 400 and body["error"].endswith("is outside the folder the server allows (--allow-paths)")
+            assert status == 400 and \
+                body["error"].endswith("is outside the folder the server allows (--allow-paths)")
         assert post_json(server, "api/jobs", {"path": "nope.png", "scale": 4}) == (
             415, {"error": "no such file under --allow-paths: nope.png", "exit_code": 1})
         cases = [
@@ -300,7 +310,8 @@ def test_a_job_survives_sigkill_of_its_server_and_ends_identical(tmp_path, tiny_
     src = image(tmp_path / "wide.png", 48, 96, seed=3)
     ref = tmp_path / "ref.png"
     run_cli("upscale", src, "-o", ref, "--scale", "4", "--steps", "30", "--seed", "7", "--device", "cpu",
-            "--weights", tiny_weights, "-q", "--no-checkpoint", check=True, env={**ENV, "INFDIT_CACHE": str(cache)})
+            "--weights", tiny_weights, "-q", "--no-checkpoint", check=True,
+            env={**ENV, "INFDIT_CACHE": str(cache)})
     jobs = tmp_path / "jobs"
     server = Server(jobs, tiny_weights, cache=cache)
     try:  # SIGTERM: a clean stop; the job waits, queued, for the next start
@@ -317,7 +328,8 @@ def test_a_job_survives_sigkill_of_its_server_and_ends_identical(tmp_path, tiny_
         assert before["state"] == "running" and before["resumed"]["step"] >= 2
     finally:
         server.stop(signal.SIGKILL)
-    assert json.loads((jobs / job["id"] / "job.json").read_text())["state"] == "running"  # as the kill left it
+    # as the kill left it
+    assert json.loads((jobs / job["id"] / "job.json").read_text())["state"] == "running"
     server = Server(jobs, tiny_weights, cache=cache)
     try:
         done = wait_for(server, job["id"], lambda j: j["state"] in ("done", "failed"))
@@ -325,7 +337,8 @@ def test_a_job_survives_sigkill_of_its_server_and_ends_identical(tmp_path, tiny_
         assert done["resumed"]["pass"] == 1 and done["resumed"]["step"] >= 4  # it continued, not started over
         _, _, body = request(server.url + done["result_url"].lstrip("/"))
         assert np.array_equal(pixels(body), pixels(ref))
-        assert done["started"] == before["started"] and done["progress"]["elapsed"] >= before["progress"]["elapsed"]
+        assert done["started"] == before["started"] and \
+            done["progress"]["elapsed"] >= before["progress"]["elapsed"]
     finally:
         server.stop()
 
@@ -337,8 +350,9 @@ def test_without_the_serve_extra_it_says_how_to_install(tmp_path):
     res = subprocess.run([sys.executable, "-m", "infdit_cli", "serve"], capture_output=True, text=True,
                          env={**ENV, "PYTHONPATH": str(blocker)}, timeout=60)
     assert res.returncode == 2
-    assert res.stderr.strip() == ('error: infdit serve needs the web server packages: pip install fastapi uvicorn '
-                                  'python-multipart (the serve extra: pip install ".[serve]" in the infdit clone)')
+    assert res.stderr.strip() == ('error: infdit serve needs the web server packages: '
+                                  'pip install fastapi uvicorn python-multipart '
+                                  '(the serve extra: pip install ".[serve]" in the infdit clone)')
 
 
 def test_options_are_checked_like_the_cli():
@@ -365,7 +379,8 @@ def test_the_jobs_folder_trusts_only_what_it_made(tmp_path):
     for job_id in (good, damaged):
         store.job_folder(job_id).close()
     job = Job(id=good, name="a.png", options=JobOptions(scale=4), input_file="input.png", input_size=(8, 8),
-              output_size=(32, 32), predicted_seconds=1.0, plan_lines=[], created=1.0, state="running", started=2.0)
+              output_size=(32, 32), predicted_seconds=1.0, plan_lines=[], created=1.0, state="running",
+              started=2.0)
     store.save(job)
     (tmp_path / "jobs" / damaged / "job.json").write_text('{"id": "20261205-120001-bbbbbb", "sta')
     elsewhere = tmp_path / "elsewhere"
@@ -377,7 +392,8 @@ def test_the_jobs_folder_trusts_only_what_it_made(tmp_path):
     try:
         assert list(store.jobs) == [good] and store.jobs[good].state == "queued"  # it was running: resumes
         assert len(store.skipped) == 2
-        assert store.skipped[0].startswith(f"left {tmp_path / 'jobs' / damaged} alone: its job.json is damaged")
+        assert store.skipped[0].startswith(
+            f"left {tmp_path / 'jobs' / damaged} alone: its job.json is damaged")
         assert store.skipped[1].startswith(f"left {tmp_path / 'jobs' / linked} alone: job folder ")
         assert "is a symbolic link" in store.skipped[1]
     finally:

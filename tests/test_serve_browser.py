@@ -17,8 +17,9 @@ from PIL import Image
 from test_serve import Server, image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage"]
 
 
 def _need_browser():
@@ -42,7 +43,8 @@ def _overflows(page) -> list[str]:
       const d = document.documentElement;
       if (d.scrollWidth > d.clientWidth) out.push(`document ${d.scrollWidth} > ${d.clientWidth}`);
       for (const e of document.querySelectorAll("header, section, .job, .banner, .fields label")) {
-        if (e.scrollWidth > e.clientWidth) out.push(`${e.tagName}.${e.className} ${e.scrollWidth} > ${e.clientWidth}`);
+        if (e.scrollWidth > e.clientWidth)
+          out.push(`${e.tagName}.${e.className} ${e.scrollWidth} > ${e.clientWidth}`);
       }
       return out;
     }""")
@@ -83,7 +85,8 @@ def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_
                 expect(page.locator("#model-warning")).to_contain_text("noise")
                 assert _placeholder_fits(page, "#res"), "the res field's placeholder is cut off at 390 px"
                 page.set_input_files("#file", str(src))
-                page.fill("#res", "not a size")  # a plan the server refuses: its one line, in red, and no Start
+                # a plan the server refuses: its one line, in red, and no Start
+                page.fill("#res", "not a size")
                 error = page.locator("#plan-error")
                 expect(error).to_contain_text("not a size")
                 assert error.evaluate("e => getComputedStyle(e).color") == "rgb(192, 38, 45)"
@@ -91,8 +94,8 @@ def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_
                 expect(page.locator("#start")).to_be_disabled()
                 page.fill("#scale", "4")
                 page.fill("#steps", "40")
-                expect(page.locator("#plan-lines")).to_contain_text("64x48 -> 256x192: 1 model pass(es), 79 model "
-                                                                    "calls (40 steps)")
+                expect(page.locator("#plan-lines")).to_contain_text(
+                    "64x48 -> 256x192: 1 model pass(es), 79 model calls (40 steps)")
                 expect(page.locator("#plan")).to_contain_text("256×192")
                 page.click("#start")
                 job = page.locator(".job").first
@@ -113,8 +116,8 @@ def test_the_page_runs_a_job_in_a_real_browser(tmp_path, tiny_weights, tmp_path_
                 assert len(fractions) >= 2, fractions  # the bar moved while the job ran
                 preview = job.locator("img.preview")
                 expect(preview).to_be_visible(timeout=60_000)
-                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=preview.element_handle(),
-                                       timeout=60_000)
+                page.wait_for_function("img => img.complete && img.naturalWidth > 0",
+                                       arg=preview.element_handle(), timeout=60_000)
                 shot = tmp_path / "serve.png"
                 page.screenshot(path=str(shot), full_page=True)
                 if os.environ.get("INFDIT_SCREENSHOT"):

@@ -82,7 +82,8 @@ def test_a_foreign_host_is_refused_on_a_loopback_bind(guarded):
     server, port = guarded, urlsplit(guarded.url).port
     src = image(guarded.root / "h.png", 20, 20)
     body, h = multipart({"scale": "4"}, ("h.png", src.read_bytes()))
-    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.nip.example:{port}", f"localhost.:{port}"):
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.nip.example:{port}",
+                 f"localhost.:{port}"):
         for origin in (None, f"http://{host}"):
             extra = {"Origin": origin} if origin else {}
             status, _, out = raw(server, "GET", "api/jobs", host=host, headers=extra)
@@ -95,7 +96,8 @@ def test_a_foreign_host_is_refused_on_a_loopback_bind(guarded):
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost", f"LOCALHOST:{port}"):
         status, headers, out = raw(server, "GET", "", host=host)
         assert status == 200 and b"<html" in out.lower() and headers["referrer-policy"] == "no-referrer"
-        status, _, out = raw(server, "POST", "api/plan", body, host=host, headers={**h, "Origin": f"http://{host}"})
+        status, _, out = raw(server, "POST", "api/plan", body, host=host,
+                             headers={**h, "Origin": f"http://{host}"})
         assert status == 200 and json.loads(out)["input_size"] == [20, 20], out
     assert json.loads(raw(server, "GET", "api/jobs")[2]) == {"jobs": []}
 
@@ -114,8 +116,10 @@ def test_every_bad_request_is_a_4xx_line_and_names_no_server_path(guarded):
         ("POST", "api/plan", b"\xff\xfe", js, False, 400),
         ("POST", "api/plan", json.dumps({"path": "sub/a\x00b.png", "scale": 4}).encode(), js, False, 400),
         ("POST", "api/plan", b'{"path": "sub/\\ud800.png", "scale": 4}', js, False, 400),
-        ("POST", "api/plan", json.dumps({"path": "sub/../../outside/ok.png", "scale": 4}).encode(), js, False, 400),
-        ("POST", "api/plan", json.dumps({"path": f"{root}/outside/ok.png", "scale": 4}).encode(), js, False, 400),
+        ("POST", "api/plan", json.dumps({"path": "sub/../../outside/ok.png", "scale": 4}).encode(), js, False,
+         400),
+        ("POST", "api/plan", json.dumps({"path": f"{root}/outside/ok.png", "scale": 4}).encode(), js, False,
+         400),
         ("POST", "api/plan", json.dumps({"path": ".", "scale": 4}).encode(), js, False, 400),
         ("POST", "api/plan", json.dumps({"path": "sub", "scale": 4}).encode(), js, False, 415),
         ("POST", "api/plan", json.dumps({"path": "sub/pixels.png", "scale": 4}).encode(), js, False, 415),
@@ -123,8 +127,10 @@ def test_every_bad_request_is_a_4xx_line_and_names_no_server_path(guarded):
         ("POST", "api/plan", json.dumps({"path": "a" * 5000, "scale": 4}).encode(), js, False, 400),
         ("POST", "api/plan", json.dumps({"path": "sub/ok.png", "scale": [1, {}]}).encode(), js, False, 400),
         ("POST", "api/plan", json.dumps({"path": "sub/ok.png", "scale": "nan"}).encode(), js, False, 400),
-        ("POST", "api/plan", json.dumps({"path": "sub/ok.png", "steps": 10**30, "scale": 4}).encode(), js, False, 400),
-        ("POST", "api/plan", b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=x"}, False, 400),
+        ("POST", "api/plan", json.dumps({"path": "sub/ok.png", "steps": 10**30, "scale": 4}).encode(), js,
+         False, 400),
+        ("POST", "api/plan", b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=x"}, False,
+         400),
         ("POST", "api/jobs", form[:100], {"Content-Type": "multipart/form-data"}, False, 400),
         ("POST", "api/jobs", b"{}", {**js, "Origin": "http://["}, False, 403),
         ("GET", "api/jobs/..%2f..%2fetc", None, {}, False, 404),
@@ -134,7 +140,8 @@ def test_every_bad_request_is_a_4xx_line_and_names_no_server_path(guarded):
         got, _, out = raw(server, method, path, body, headers=headers, chunked=chunked)
         assert got == status, (path, body[:60] if body else None, out)
         err = one_line(got, out)
-        assert f"{root}/jobs" not in err["error"] and f"{root}/photos" not in err["error"], err  # the server's
+        # the server's
+        assert f"{root}/jobs" not in err["error"] and f"{root}/photos" not in err["error"], err
     assert "Traceback" not in server.stderr() and "internal error" not in server.stderr()
     assert json.loads(raw(server, "GET", "api/jobs")[2]) == {"jobs": []}
     assert sorted(p.name for p in (guarded.root / "jobs").iterdir()) == [".infdit", "lock"]  # nothing kept
@@ -217,13 +224,15 @@ def test_allow_paths_never_reads_through_a_swapped_link(guarded):
     finally:
         stop.set()
         flipper.join()
-        if exchange is not None and (photos / "sub").is_symlink():  # the renames' loop ends with `sub` a folder
+        # the renames' loop ends with `sub` a folder
+        if exchange is not None and (photos / "sub").is_symlink():
             exchange(photos / "sub", photos / "sub.link")
         (photos / "sub.link").unlink()
     sizes = [json.loads(out)["input_size"] for status, _, out in answers if status == 200]
     refused = [one_line(s, out)["error"] for s, _, out in answers if s != 200]
     assert [20, 24] not in sizes  # the outside file's size: never read
-    assert sizes and all(s == [30, 30] for s in sizes) and refused and flips[0] > 100, (len(sizes), refused[:3])
+    assert sizes and all(s == [30, 30] for s in sizes) and refused and flips[0] > 100, \
+        (len(sizes), refused[:3])
     assert all(e in ("sub/ok.png is outside the folder the server allows (--allow-paths)",
                      "no such file under --allow-paths: sub/ok.png") for e in refused), set(refused)
     assert (guarded.root / "jobs" / ".infdit").stat().st_size < 2 * 4096  # 300+ temporary names, compacted
@@ -274,8 +283,9 @@ def test_allow_host_on_a_network_bind_still_needs_the_token(tmp_path, tiny_weigh
         for host in (f"evil.example:{port}", f"other.infdit.test:{port}"):
             status, _, out = raw(server, "GET", "api/jobs", host=host, headers=auth)
             error = one_line(status, out)["error"]
-            assert status == 403 and error.endswith("(see --allow-host)") and "infdit.test" not in error.replace(
-                host, "") and "127.0.0.1" not in error, error  # the names it answers to: not told
+            # the names it answers to: not told
+            assert status == 403 and error.endswith("(see --allow-host)") and \
+                "infdit.test" not in error.replace(host, "") and "127.0.0.1" not in error, error
     finally:
         server.stop()
     assert "Traceback" not in server.stderr()
@@ -293,15 +303,17 @@ def _can_mount_tmpfs() -> bool:
 def test_a_full_disk_during_an_upload_is_507_and_names_no_path(tmp_path, tiny_weights, tmp_path_factory):
     jobs = tmp_path / "jobs"
     jobs.mkdir()
-    mount = ("unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=256k,mode=0700 tmpfs "{jobs}" && exec "$@"', "sh")
+    mount = ("unshare", "-rm", "sh", "-c",
+             f'mount -t tmpfs -o size=256k,mode=0700 tmpfs "{jobs}" && exec "$@"', "sh")
     server = Server(jobs, tiny_weights, cache=tmp_path_factory.getbasetemp() / "serve-cache", prefix=mount)
     try:
         data = os.urandom(400_000)
         for _ in range(2):  # the second one too (it was 422 naming the jobs folder)
             for path in ("api/plan", "api/jobs"):
                 status, body = post_image(server, path, data, scale=4)
-                assert status == 507 and body == {"error": "the server's disk is full: nothing was stored; try "
-                                                           "again later", "exit_code": 1}, body
+                assert status == 507 and body == {
+                    "error": "the server's disk is full: nothing was stored; try again later",
+                    "exit_code": 1}, body
         ok = image(tmp_path / "ok.png", 20, 20)
         assert post_image(server, "api/plan", ok, scale=4)[0] == 200  # room again once the upload is gone
     finally:
@@ -349,8 +361,8 @@ def test_serve_options_are_one_line_and_exit_2(tmp_path):
     from infdit_cli.cli.serve import check_serve_args
     from infdit_cli.errors import BadRequest
 
-    good = dict(host="127.0.0.1", token=None, allow_paths=None, allow_host=[], max_bytes="100MB", mem_budget=None,
-                device="cpu", dtype="auto")
+    good = dict(host="127.0.0.1", token=None, allow_paths=None, allow_host=[], max_bytes="100MB",
+                mem_budget=None, device="cpu", dtype="auto")
     assert check_serve_args(**good) == (100 * 2**20, {"127.0.0.1", "localhost", "::1"})
     assert check_serve_args(**{**good, "host": "192.168.1.5", "allow_host": ["Box.lan", "[fe80::1]"]})[1] == {
         "127.0.0.1", "localhost", "::1", "192.168.1.5", "box.lan", "fe80::1"}
@@ -361,8 +373,10 @@ def test_serve_options_are_one_line_and_exit_2(tmp_path):
                             ({"host": " "}, "--host must be an address or a name"),
                             ({"token": "short"}, "--token must be at least 8 characters"),
                             ({"token": "has a space"}, "--token must be printable characters without spaces"),
-                            ({"allow_paths": tmp_path / "nope"}, f"--allow-paths {tmp_path / 'nope'} is not a folder"),
-                            ({"allow_host": ["http://box"]}, "--allow-host takes a host name or an IP address"),
+                            ({"allow_paths": tmp_path / "nope"},
+                             f"--allow-paths {tmp_path / 'nope'} is not a folder"),
+                            ({"allow_host": ["http://box"]},
+                             "--allow-host takes a host name or an IP address"),
                             ({"allow_host": ["box:80"]}, "--allow-host takes a host name or an IP address"),
                             ({"device": "tpu"}, "unknown device 'tpu'"),
                             ({"dtype": "fp8"}, "unknown dtype 'fp8'")]:
@@ -371,9 +385,11 @@ def test_serve_options_are_one_line_and_exit_2(tmp_path):
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
     jobs = tmp_path / "jobs"
     for value in ("xx", "-5"):  # through the command: before any folder is made or weights are read
-        res = subprocess.run([sys.executable, "-m", "infdit_cli", "serve", "--jobs", str(jobs), "--max-bytes", value],
-                             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        assert (res.returncode, res.stderr) == (2, f"error: --max-bytes must be a size like 100MB or 2GB, got "
+        res = subprocess.run([sys.executable, "-m", "infdit_cli", "serve", "--jobs", str(jobs), "--max-bytes",
+                              value], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert (res.returncode, res.stderr) == (2,
+                                                f"error: --max-bytes must be a size like 100MB or 2GB, got "
                                                    f"'{value}'\n") and not jobs.exists()
 
 
@@ -384,7 +400,7 @@ def test_the_marker_stays_proportional_to_what_exists(tmp_path):
     try:
         os.close(folder.create("lock"))
         folder.record("pending.png")  # recorded before it is made: a rewrite must keep it
-        for i in range(500):  # uploads: a temporary name each, gone again
+        for _ in range(500):  # uploads: a temporary name each, gone again
             tmp, fd = folder.temp("upload")
             os.close(fd)
             folder.unlink(tmp)

@@ -14,8 +14,8 @@ HEAVY = ("torch", "numpy", "PIL", "open_clip", "fastapi", "uvicorn", "safetensor
 def test_the_cli_answers_help_and_usage_errors_without_torch(tmp_path):
     """A fresh interpreter (sys.modules is the point): importing the CLI, then --help, a command's --help,
     --version and two usage errors (click's own, and the missing target found in the command's body)."""
-    code = ("import json, sys\nimport infdit_cli.cli.app as A\nafter_import = sorted(m for m in HEAVY if m in "
-            "sys.modules)\ncodes = []\n"
+    code = ("import json, sys\nimport infdit_cli.cli.app as A\n"
+            "after_import = sorted(m for m in HEAVY if m in sys.modules)\ncodes = []\n"
             "for argv in ARGVS:\n    sys.argv = ['infdit', *argv]\n    try:\n        A.main()\n"
             "    except SystemExit as e:\n        codes.append(e.code)\n"
             "print(json.dumps({'import': after_import, 'codes': codes, "

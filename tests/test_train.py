@@ -130,7 +130,8 @@ def test_sigterm_then_the_same_command_gives_bit_identical_weights(reference, tm
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 143, res.stderr[-2000:]
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: terminated by SIGTERM") and "run the same command again" in line, res.stderr
+    assert line.startswith("error: terminated by SIGTERM") and "run the same command again" in line, \
+        res.stderr
     assert not out.exists()
     meta = json.loads((tmp_path / ".m.safetensors.infdit-train" / "meta.json").read_text())
     assert meta["step"] == 2  # step 2 finished, then saved at its boundary
@@ -181,7 +182,7 @@ def test_sigma_options_set_the_sampled_and_validation_sigmas(reference, monkeypa
     assert e.value.code == 2 and len(err) == 1 and "--sigma-std" in err[0], err
 
 
-# --- the output file ------------------------------------------------------------------------------------------
+# --- the output file ----------------------------------------------------------------------------------------
 
 def test_the_trained_file_loads_in_upscale_and_info(reference, tmp_path, monkeypatch, capsys):
     data, ref = reference
@@ -193,8 +194,8 @@ def test_the_trained_file_loads_in_upscale_and_info(reference, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert e.value.code == 0 and "trained:" in out and f"steps {STEPS}" in out, out
     dst = tmp_path / "up.png"
-    monkeypatch.setattr(sys, "argv", ["infdit", "upscale", str(data / "p0.png"), "-o", str(dst), "--scale", "4",
-                                      "--steps", "2", "--device", "cpu", "--weights", str(ref)])
+    monkeypatch.setattr(sys, "argv", ["infdit", "upscale", str(data / "p0.png"), "-o", str(dst), "--scale",
+                                      "4", "--steps", "2", "--device", "cpu", "--weights", str(ref)])
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 0, capsys.readouterr().err
@@ -212,7 +213,7 @@ def test_an_existing_output_is_not_overwritten(reference, monkeypatch, capsys):
     assert ref.read_bytes() == before
 
 
-# --- several ranks ---------------------------------------------------------------------------------------------
+# --- several ranks ------------------------------------------------------------------------------------------
 
 def test_two_gloo_ranks_give_the_weights_of_one_process(reference, tmp_path):
     data, ref = reference
@@ -226,7 +227,7 @@ def test_two_gloo_ranks_give_the_weights_of_one_process(reference, tmp_path):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-# --- data -------------------------------------------------------------------------------------------------------
+# --- data ---------------------------------------------------------------------------------------------------
 
 def test_paired_data_with_a_wrong_ratio_is_one_line_naming_the_pair(tmp_path):
     photos(tmp_path / "d" / "hr", n=2, size=(64, 64))

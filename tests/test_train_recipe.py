@@ -34,7 +34,8 @@ def moments(k: torch.Tensor) -> torch.Tensor:
     """2x2 second-moment matrix of a kernel in (x = column, y = row) offsets from its centre."""
     xx, yy = dg._grid(k.shape[0])
     k = k.double()
-    return torch.tensor([[(k * xx * xx).sum(), (k * xx * yy).sum()], [(k * xx * yy).sum(), (k * yy * yy).sum()]])
+    return torch.tensor([[(k * xx * xx).sum(), (k * xx * yy).sum()],
+                         [(k * xx * yy).sum(), (k * yy * yy).sum()]])
 
 
 # ---- kernels ----
@@ -65,7 +66,8 @@ def test_anisotropic_gaussian_is_rotated_by_theta():
     angle = math.atan2(major[1].item(), major[0].item()) % math.pi
     assert abs(angle - theta) < 1e-3
     # a quarter turn swaps the axes exactly
-    torch.testing.assert_close(dg.gaussian_kernel(21, 3.0, 1.0, math.pi / 2), dg.gaussian_kernel(21, 1.0, 3.0, 0.0))
+    torch.testing.assert_close(dg.gaussian_kernel(21, 3.0, 1.0, math.pi / 2),
+                               dg.gaussian_kernel(21, 1.0, 3.0, 0.0))
 
 
 def test_sinc_kernel_is_a_low_pass_with_its_cutoff():
@@ -80,7 +82,8 @@ def test_sinc_kernel_is_a_low_pass_with_its_cutoff():
 
 def test_jpeg_equals_pillow_pixel_for_pixel():
     yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(40.0), indexing="ij")
-    img = torch.stack([(xx / 39), (yy / 47), 0.5 + 0.4 * torch.sin(xx / 3) * torch.cos(yy / 5)])  # (3, 48, 40)
+    # (3, 48, 40)
+    img = torch.stack([(xx / 39), (yy / 47), 0.5 + 0.4 * torch.sin(xx / 3) * torch.cos(yy / 5)])
     arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     for q in (60, 95):
         buf = io.BytesIO()

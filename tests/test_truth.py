@@ -154,7 +154,7 @@ def test_the_heun_sampler_ends_on_what_the_denoiser_answers():
         assert (out - target).abs().max() <= tol, steps
 
 
-# --- file to file ---------------------------------------------------------------------------------------------
+# --- file to file -------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -296,9 +296,9 @@ def test_ranks(tmp_path, tiny_weights, truth_env):
     """torchrun, 2 gloo ranks sharing the image's block columns (n = 2, a 6x25-block grid)."""
     a = noise(24, 100, seed=10)
     src = write(tmp_path / "in.png", a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "infdit_cli",
-           "upscale", str(src), "-o", str(tmp_path / "out.png"), "--scale", "4", "--block-batch", "2", *FAST,
-           "--weights", str(tiny_weights)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "infdit_cli", "upscale", str(src), "-o", str(tmp_path / "out.png"), "--scale", "4",
+           "--block-batch", "2", *FAST, "--weights", str(tiny_weights)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False,
                          env={**truth_env, "OMP_NUM_THREADS": "1"},
                          timeout=300)

@@ -29,8 +29,9 @@ def test_roundtrip(tiny_weights, tiny_model):
     assert not m.training
 
 
-@pytest.mark.parametrize("case", ["short", "header_longer_than_file", "bad_json", "truncated_data", "no_config",
-                                  "int_dtype", "wrong_shape", "missing_key", "extra_key", "pickle", "bad_config"])
+@pytest.mark.parametrize("case", ["short", "header_longer_than_file", "bad_json", "truncated_data",
+                                  "no_config", "int_dtype", "wrong_shape", "missing_key", "extra_key",
+                                  "pickle", "bad_config"])
 def test_malformed_files_are_refused(tmp_path, tiny_weights, tiny_sd, tiny_config, case):
     p = tmp_path / "m.safetensors"
     meta = {"infdit_config": tiny_config.to_json()}
@@ -67,7 +68,8 @@ def test_malformed_files_are_refused(tmp_path, tiny_weights, tiny_sd, tiny_confi
     expected = {"wrong_shape": "blocks.0.qkv.weight", "missing_key": "re_pos_embed", "extra_key": "surprise",
                 "pickle": "infdit convert", "int_dtype": "x_embedder.bias", "truncated_data": "truncated",
                 "header_longer_than_file": "exceeds the file", "no_config": "infdit convert",
-                "short": "too short", "bad_json": "unreadable header", "bad_config": "not divisible by num_heads"}
+                "short": "too short", "bad_json": "unreadable header",
+                "bad_config": "not divisible by num_heads"}
     assert expected[case] in msg
     res = run_cli("info", p)
     assert res.returncode == 1
