@@ -24,7 +24,8 @@ EXAMPLES = """Examples:
 
   infdit train photos/ -o mine.safetensors --config small --dry-run       # the plan, no training
 
-  python -m infdit_cli.launch --standalone --nproc-per-node 4 -- train photos/ -o mine.safetensors --from infdit-4x
+  python -m infdit_cli.launch --standalone --nproc-per-node 4 -- \
+      train photos/ -o mine.safetensors --from infdit-4x
 """
 
 
@@ -59,8 +60,8 @@ def train(
     workers: Annotated[int, typer.Option(min=0, help="Data loader processes (0: decode in this one).")] = 2,
     accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation: micro-batches per step.")] = 1,
     ema: Annotated[bool, typer.Option("--ema", help="Keep an EMA of the weights and write it.")] = False,
-    checkpointing: Annotated[bool, typer.Option("--activation-checkpointing",
-                                                help="Recompute activations in backward (less memory).")] = False,
+    checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="Recompute activations in backward (less memory).")] = False,
     repo: O.Repo = None,
     offline: O.Offline = False,
     overwrite: O.Overwrite = False,
@@ -100,8 +101,9 @@ def train(
         raise BadRequest(f"--sigma-std must be a positive number, got {sigma_std}")
     from ..train.loop import TrainConfig  # torch: after the usage checks
 
-    cfg = TrainConfig(data=data, output=output, base=from_, config=config, steps=steps, batch=batch, crop=crop,
-                      lr=lr, warmup=warmup, seed=seed, val=val, every=every, dtype=dtype, device=device,
+    cfg = TrainConfig(data=data, output=output, base=from_, config=config, steps=steps, batch=batch,
+                      crop=crop, lr=lr, warmup=warmup, seed=seed, val=val, every=every, dtype=dtype,
+                      device=device,
                       mem_budget=budget, workers=workers, accum=accum, ema=ema, checkpointing=checkpointing,
                       overwrite=overwrite, resume=resume, repo=repo, offline=offline or None,
                       sigma_mean=sigma_mean, sigma_std=sigma_std)
@@ -119,8 +121,8 @@ def train(
     if json_:
         typer.echo(json.dumps({"event": "done", **asdict(result)}))
     elif not quiet and os.environ.get("RANK", "0") == "0":
-        typer.echo(safe(f"wrote {result.output} after {result.steps} steps in {result.seconds:.1f} s"
-                        + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")),
+        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        typer.echo(safe(f"wrote {result.output} after {result.steps} steps in {result.seconds:.1f} s{val}"),
                    err=True)
 
 
@@ -131,13 +133,15 @@ def _dry_run(cfg, json_: bool) -> None:
     if json_:
         typer.echo(json.dumps(plan))
         return
-    mem = (f"{format_bytes(plan['peak_bytes'])} peak on the device (measured)" if plan["peak_bytes"] is not None
-           else f"{format_bytes(plan['state_bytes'])} of weights, gradients and optimizer state, plus "
-                "activations (not measured on the CPU)")
+    if plan["peak_bytes"] is not None:
+        mem = f"{format_bytes(plan['peak_bytes'])} peak on the device (measured)"
+    else:
+        mem = (f"{format_bytes(plan['state_bytes'])} of weights, gradients and optimizer state, plus "
+               "activations (not measured on the CPU)")
     typer.echo(safe(f"train {plan['base']}: {plan['parameters'] / 1e6:.2f} M trainable parameters "
                     f"({plan['frozen_parameters'] / 1e6:.2f} M frozen CLIP) on {plan['device']}"))
-    typer.echo(f"  batch {cfg.batch} = {plan['micro_batch']} x {plan['accum']} accumulated, crop {plan['crop']} px, "
-               f"lr {plan['lr']:g}, warm-up {plan['warmup']} steps")
+    typer.echo(f"  batch {cfg.batch} = {plan['micro_batch']} x {plan['accum']} accumulated, "
+               f"crop {plan['crop']} px, lr {plan['lr']:g}, warm-up {plan['warmup']} steps")
     typer.echo(f"  memory per step: {mem}")
     typer.echo(f"  time: {plan['seconds_per_step']:.3f} s per step (measured over {plan['measured_steps']} "
                f"steps), {_duration(plan['total_seconds'])} for {cfg.steps} steps")
@@ -159,8 +163,9 @@ def _keep_progress(folder: Path):
     try:
         yield
     except KeyboardInterrupt as e:
-        err = Interrupted(f"{getattr(e, 'what', 'interrupted')}; the training state is saved in {folder}: run "
-                          "the same command again to resume")
+        what = getattr(e, "what", "interrupted")
+        err = Interrupted(f"{what}; the training state is saved in {folder}: run the same command again "
+                          "to resume")
         err.exit_code = getattr(e, "exit_code", 130)
         raise err from None
 

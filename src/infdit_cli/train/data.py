@@ -22,7 +22,8 @@ from ..images.load import fill_transparent, load_image, probe_size
 from ..jobs.batch import IMAGE_SUFFIXES
 from . import recipe as R
 
-__all__ = ["Item", "TrainSet", "ValSet", "files_digest", "positions", "sample_generator", "scan", "worker_init"]
+__all__ = ["Item", "TrainSet", "ValSet", "files_digest", "positions", "sample_generator", "scan",
+           "worker_init"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ def _images(root: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def scan(root: str | Path, *, crop: int, scale: int, on_skip: Callable[[str], None] | None = None) -> list[Item]:
+def scan(root: str | Path, *, crop: int, scale: int,
+         on_skip: Callable[[str], None] | None = None) -> list[Item]:
     """The usable images of `root`: every image file below it, or the pairs of `root/hr` and `root/lr`
     (matched by their path below those folders, the suffix aside). Each file that cannot be read, is
     smaller than the crop, or (paired) whose LR is not 1/`scale` of its HR is skipped with one line to
@@ -171,10 +173,12 @@ class ValSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         gen = sample_generator(self.seed, _VAL, i)
-        return make_sample(self.items[i], gen, crop=self.crop, scale=self.scale, recipe=self.recipe, train=False)
+        return make_sample(self.items[i], gen, crop=self.crop, scale=self.scale, recipe=self.recipe,
+                           train=False)
 
 
-def make_sample(item: Item, gen: torch.Generator, *, crop: int, scale: int, recipe: R.Recipe, train: bool) -> dict:
+def make_sample(item: Item, gen: torch.Generator, *, crop: int, scale: int, recipe: R.Recipe,
+                train: bool) -> dict:
     """Decode, crop, degrade (HR-only data), LR dropout (training), sigma and noise: all from `gen`.
     `recipe` is already scaled to the crop (`Recipe.scaled`)."""
     hr = _read(item.hr)

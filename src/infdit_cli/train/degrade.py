@@ -191,7 +191,8 @@ def _poisson_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def add_poisson_noise(img: torch.Tensor, scale: float, gray: bool, gen: torch.Generator) -> torch.Tensor:
     """img + scale * (Poisson noise of the 8-bit image, or of its luma if `gray`); clipped."""
     if gray:
-        luma = 0.2989 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3]  # torchvision rgb_to_grayscale
+        # torchvision rgb_to_grayscale
+        luma = 0.2989 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3]
         noise = _poisson_noise(luma, gen).expand_as(img)
     else:
         noise = _poisson_noise(img, gen)

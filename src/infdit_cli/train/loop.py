@@ -125,13 +125,14 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module
     return model.train(), base, ident
 
 
-def batch_loss(forward, model, batch: dict, origin: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(forward, model, batch: dict, origin: tuple[int, int] = (0, 0)
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, per-sample losses) of a batch: the EDM-weighted L2 of D(hr + sigma noise) - hr through
     the model's differentiable `forward` (or its DDP wrapper), the CLIP vector of the LR from the frozen
     tower. `batch`: hr, lr, lr_up, noise (B, 3, ...) and sigma (B,), on the model's device."""
     vector = model.encode_image(batch["lr"])  # (B, vector_dim), no autograd
-    return R.edm_loss(forward, batch["hr"], batch["sigma"], batch["noise"], lr_up=batch["lr_up"], lr=batch["lr"],
-                      vector=vector, origin=origin)
+    return R.edm_loss(forward, batch["hr"], batch["sigma"], batch["noise"], lr_up=batch["lr_up"],
+                      lr=batch["lr"], vector=vector, origin=origin)
 
 
 def _origin(seed: int, step: int, model, crop: int, recipe) -> tuple[int, int]:
@@ -140,7 +141,8 @@ def _origin(seed: int, step: int, model, crop: int, recipe) -> tuple[int, int]:
     if not recipe.random_position:
         return (0, 0)
     cfg = model.config
-    return R.sample_rope_origin(sample_generator(seed, _ORIGIN, step), crop // cfg.patch_size, cfg.rope_table_size)
+    gen = sample_generator(seed, _ORIGIN, step)
+    return R.sample_rope_origin(gen, crop // cfg.patch_size, cfg.rope_table_size)
 
 
 def _warmup_lr(step: int, lr: float, warmup: int) -> float:
@@ -198,10 +200,11 @@ class TrainRun:
         if meta.get("format") != FORMAT or not isinstance(old, dict):
             raise BadRequest(f"{self.path}: a checkpoint of another format; {hint}")
         if old != self.fingerprint:
-            diff = [k for k in sorted(set(old) | set(self.fingerprint)) if old.get(k) != self.fingerprint.get(k)]
-            shown = ", ".join(f"{k} {_short(old.get(k))} -> {_short(self.fingerprint.get(k))}" for k in diff[:3])
-            raise BadRequest(f"{self.path} holds a training run with other options or data ({shown}); run the "
-                             f"command that made it to resume, or {hint}")
+            new = self.fingerprint
+            diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            shown = ", ".join(f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff[:3])
+            raise BadRequest(f"{self.path} holds a training run with other options or data ({shown}); run "
+                             f"the command that made it to resume, or {hint}")
         try:
             fd = safe.open(name)
         except OSError:
@@ -322,10 +325,11 @@ def _resolve(cfg: TrainConfig, model_cfg, device: torch.device, recipe) -> dict:
     if not (lr > 0 and math.isfinite(lr)):
         raise BadRequest(f"--lr must be a positive number, got {lr}")
     dt = resolve_dtype(cfg.dtype, device)
-    return {"crop": crop, "lr": lr, "warmup": cfg.warmup if cfg.warmup is not None else min(1000, cfg.steps // 10),
+    warmup = cfg.warmup if cfg.warmup is not None else min(1000, cfg.steps // 10)
+    return {"crop": crop, "lr": lr, "warmup": warmup,
             "amp": dt if device.type == "cuda" and dt != torch.float32 else None,
-            "clip": recipe.grad_clip, "wd": recipe.weight_decay, "betas": tuple(recipe.betas), "eps": recipe.eps,
-            "ema_decay": EMA_DECAY}
+            "clip": recipe.grad_clip, "wd": recipe.weight_decay, "betas": tuple(recipe.betas),
+            "eps": recipe.eps, "ema_decay": EMA_DECAY}
 
 
 def _held_out(items: list[Item], count: int) -> tuple[list[Item], list[Item]]:
@@ -342,7 +346,8 @@ def _loader(dataset, pos: list[int], micro: int, workers: int, pin: bool):
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()}
 
 
 def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) -> TrainResult:
@@ -413,8 +418,9 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
             ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                           broadcast_buffers=False)
         forward = ddp if ddp is not None else model
-        say(TrainStarted(start, cfg.steps, sum(p.numel() for p in params), len(items), world.size, device.type,
-                         str(run.path), loaded is not None))
+        n_params = sum(p.numel() for p in params)
+        say(TrainStarted(start, cfg.steps, n_params, len(items), world.size, device.type, str(run.path),
+                         loaded is not None))
         pos = positions(start, cfg.steps, cfg.batch, world.rank, world.size)
         data = TrainSet(items, crop=o["crop"], scale=mc.sr_scale, seed=cfg.seed, recipe=recipe)
         loader = _loader(data, pos, micro, cfg.workers, device.type == "cuda")
@@ -423,7 +429,9 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
         pace: list[float] = []
 
         def amp():
-            return torch.autocast("cuda", dtype=o["amp"]) if o["amp"] is not None else contextlib.nullcontext()
+            if o["amp"] is None:
+                return contextlib.nullcontext()
+            return torch.autocast("cuda", dtype=o["amp"])
 
         with _stops_at_boundaries(stops):
             batches = iter(loader)
@@ -448,7 +456,8 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
                 opt.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=device)
                 for k, b in enumerate(micro_batches):
-                    sync = ddp.no_sync() if ddp is not None and k < cfg.accum - 1 else contextlib.nullcontext()
+                    last = ddp is None or k == cfg.accum - 1
+                    sync = contextlib.nullcontext() if last else ddp.no_sync()
                     with sync:
                         with amp():
                             loss, _ = batch_loss(forward, model, b, origin)
@@ -479,7 +488,8 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
                         nbytes = run.save(step, _state(trainable, opt, ema))
                         saved = step
                         say(TrainSaved(step, cfg.steps, nbytes, time.perf_counter() - t1, str(run.path)))
-                    if (step % cfg.every == 0 or step == cfg.steps) and val_items and world.main and not stop_now:
+                    due = step % cfg.every == 0 or step == cfg.steps
+                    if due and val_items and world.main and not stop_now:
                         val_loss = validate(model, val_items, run, step, o["crop"], cfg, recipe, ema, params,
                                             say)
                 if stop_now:
@@ -561,8 +571,8 @@ def val_sigmas(recipe) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model, items: list[Item], run: TrainRun, step: int, crop: int, cfg: TrainConfig, recipe, ema, params,
-             say) -> float:
+def validate(model, items: list[Item], run: TrainRun, step: int, crop: int, cfg: TrainConfig, recipe, ema,
+             params, say) -> float:
     """The loss on the fixed validation crops at the fixed sigmas (EMA weights when kept), and a sample
     grid (LR, bicubic, model, HR) of up to 4 crops in the run folder."""
     from ..engine.blocks import denoise

@@ -69,7 +69,8 @@ def _coin(gen: torch.Generator, p: float) -> bool:
 
 
 def random_crop_pair(hr: torch.Tensor, gen: torch.Generator, recipe: Recipe = RECIPE,
-                     lr: torch.Tensor | None = None, name: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+                     lr: torch.Tensor | None = None, name: str = "image"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """One training pair (hr (3, S, S), lr (3, S/s, S/s)), S = recipe.sr_size, s = recipe.scale.
 
     HR only (`lr` None), as data.py + realesr.py: with `crop_prob` a random S crop (flipped with
