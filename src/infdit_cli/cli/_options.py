@@ -88,15 +88,20 @@ Json = Annotated[bool, typer.Option("--json", help="A machine-readable summary o
 OutPath = Annotated[Optional[Path], typer.Option("-o", "--output")]
 
 
+def parse_budget(mem_budget: str | None) -> int | None:
+    """--mem-budget in bytes (None: the device's free memory); a bad size is one line, exit 2."""
+    if mem_budget is None:
+        return None
+    try:
+        return parse_bytes(mem_budget)
+    except ValueError as e:
+        raise BadRequest(f"--mem-budget: {e}") from None
+
+
 def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int | None,
                  color_fix: ColorFix, low_memory: bool | None = None,
                  compile: bool = False) -> UpscaleOptions:
-    budget = None
-    if mem_budget is not None:
-        try:
-            budget = parse_bytes(mem_budget)
-        except ValueError as e:
-            raise BadRequest(f"--mem-budget: {e}") from None
+    budget = parse_budget(mem_budget)
     from ..jobs.pipeline import UpscaleOptions  # kept off start-up (torch): after the usage checks
 
     return UpscaleOptions(steps=steps, seed=seed, block_batch=block_batch if block_batch else "auto",

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ..units import format_bytes, parse_bytes
+from ..units import format_bytes
 from . import _options as O
 from ._text import safe
 
@@ -91,12 +91,7 @@ def train(
         raise OutputExists(f"{output} exists; pass --overwrite to replace it")
     if not data.is_dir():
         raise BadRequest(f"training data {data} is not a folder")
-    budget = None
-    if mem_budget is not None:
-        try:
-            budget = parse_bytes(mem_budget)
-        except ValueError as e:
-            raise BadRequest(f"--mem-budget: {e}") from None
+    budget = O.parse_budget(mem_budget)
     if sigma_std is not None and not sigma_std > 0:
         raise BadRequest(f"--sigma-std must be a positive number, got {sigma_std}")
     from ..train.loop import TrainConfig  # torch: after the usage checks
