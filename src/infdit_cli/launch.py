@@ -99,6 +99,7 @@ def launch(torchrun_args: Sequence[str], command: Sequence[str], *,
            entry: Sequence[str] = ("-m", "infdit_cli")) -> int:
     """Run torchrun with `torchrun_args` on `entry` (`-m infdit_cli`, or a script) with `command`; the
     job's exit code (`job_code`)."""
+    # torch (and distributed.world, which imports it): kept off the launcher's start-up
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

@@ -28,7 +28,7 @@ def check_compile(compile: bool, device: str) -> None:
     """
     if not compile:
         return
-    from ..plan.device import resolve_device
+    from ..plan.device import resolve_device  # torch: kept off start-up (--help, usage errors)
 
     dev = resolve_device(device, check=False)
     if dev.type != "cuda":

@@ -6,7 +6,7 @@ import sys
 from enum import IntEnum
 from typing import NamedTuple
 
-from ..errors import explain, lost_contact
+from ..errors import Interrupted, explain, lost_contact
 from ..settings import settings
 from ._text import safe
 
@@ -72,8 +72,6 @@ def _after_another_rank(exc: BaseException, code: int) -> bool:
 def _stop(exc: BaseException) -> bool:
     """Ctrl-C, SIGTERM or SIGHUP (raw, or as the `Interrupted` line with the resume hint): a stop is no
     failure of infdit's, and has no traceback, INFDIT_DEBUG or not."""
-    from ..errors import Interrupted
-
     return isinstance(exc, (KeyboardInterrupt, Interrupted))
 
 

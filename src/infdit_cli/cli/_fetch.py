@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ..settings import settings
+from ..errors import HubError, WeightsNotFound
+from ..settings import cache_root, settings
 from ..units import format_bytes
+from ..weights.hub import DEFAULT_MODEL, download, registry, resolve_weights
 from ._text import safe
 
 __all__ = ["ensure_weights", "offline_mode"]
@@ -40,10 +42,6 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool,
     `before` is called just before a download starts: here for a registry model, or before the loader
     fetches a Hub reference that is not in the HF cache yet.
     """
-    from ..errors import WeightsNotFound
-    from ..settings import cache_root
-    from ..weights.hub import DEFAULT_MODEL, download, registry, resolve_weights
-
     name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)
     if offline_mode(offline):
         return
@@ -84,9 +82,6 @@ def ensure_weights(weights, repo, offline: bool, quiet: bool,
 
 def _before_hub_fetch(name: str, repo, before: Callable[[], None]) -> None:
     """`before()` where `name` is a Hub reference the loader will download (not in the HF cache)."""
-    from ..errors import HubError
-    from ..weights.hub import resolve_weights
-
     try:
         resolve_weights(name, repo=repo, offline=True)  # a cache look-up only
     except HubError:  # "not in the HF cache": the loader fetches it

@@ -116,7 +116,7 @@ def check_depth(depth: int | None, dst: Path | None = None) -> None:
     if depth not in (8, 16):
         raise BadRequest(f"--depth must be 8 or 16, not {depth}")
     if depth == 16 and dst is not None:
-        from ..images.load import SUFFIXES
+        from ..images.load import SUFFIXES  # torch: kept off start-up (--help, usage errors)
 
         fmt = SUFFIXES.get(dst.suffix.lower())
         if fmt in ("JPEG", "WEBP"):

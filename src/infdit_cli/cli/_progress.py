@@ -48,7 +48,7 @@ def device_note(requested: str, device: str) -> str | None:
     """
     if requested != "auto" or device != "cpu":
         return None
-    import torch
+    import torch  # torch: kept off start-up (--help, usage errors)
 
     fix = "pass --device cpu to choose the CPU without this note"
     if sys.platform == "darwin" and torch.version.cuda is None:

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from .._version import __version__
 from ..errors import BadRequest, Signalled  # light (no third-party import): nothing here may import torch
 from ..settings import clear_overrides, settings
 from ._errors import Reported, report
@@ -92,8 +93,6 @@ def version_line() -> str:
     """`infdit --version`: infdit's version, torch's, and whether CUDA is available, without importing torch
     (it would take seconds): torch's version and CUDA build from its `version.py`, the devices from the
     NVIDIA driver (`cuda_devices`)."""
-    from .._version import __version__
-
     torch_version, cuda_build = _torch_build()
     if torch_version is None:
         return f"infdit {__version__}; torch not installed"

@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..errors import Interrupted
+from ..settings import override
 from ..units import format_bytes
 from . import _options as O
 from ._checks import check_compile, check_target_args
-from ._progress import FirstLines, make_display
+from ._progress import FirstLines, device_note, make_display, plan_line
 from ._text import safe
 
 if TYPE_CHECKING:  # the library imports torch: kept off start-up
@@ -73,8 +75,6 @@ def batch(
     others), 2 for a wrong command line.
     """
     if verbose:
-        from ..settings import override
-
         override(debug=True)
     check_target_args(res, scale)  # usage before the folder, the folder before weights; before torch loads
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)
@@ -126,7 +126,6 @@ def batch(
                                on_item=on_item, on_start=on_start, items=items, checkpoint=checkpoint,
                                resume=resume, depth=depth)
         except KeyboardInterrupt as e:
-            from ..errors import Interrupted
             from ..jobs.checkpoint import run_folder_for, summary
 
             info = summary(run_folder_for(current[0])) if current else None
@@ -160,10 +159,9 @@ def batch_first_lines(items, weights, repo, device, dtype, res, scale, options, 
     calls; over an hour on a CPU, what a GPU would take) and, where --device auto fell back to the CPU, why.
     Each file is planned from its header alone; one that cannot be planned is left out here (the run
     reports it)."""
-    from ..images.load import probe_size
+    from ..images.load import probe_size  # torch: kept off start-up (--help, usage errors)
     from ..jobs.pipeline import SLOW_ON_CPU, gpu_seconds, plan_upscale, target_size
     from ..plan.device import resolve_device, resolve_dtype
-    from ._progress import device_note, plan_line
     from .upscale import device_rates, plan_config
 
     todo = [i for i in items if i.status == "todo"]

@@ -9,9 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import BadRequest
+from ..errors import BadRequest, Interrupted, WeightsNotFound
+from ..events import MeasureDone
 from ..units import format_bytes, parse_bytes
 from . import _options as O
+from ._progress import FirstLines, device_note
 
 EXAMPLES = """Examples:
 
@@ -72,12 +74,10 @@ def bench(
     inputs (CUDA: max_memory_allocated; CPU: peak RSS), shown beside the planner's prediction. Each size's
     row is printed as soon as it is measured.
     """
-    from ..errors import Interrupted
     from ..model.config import PRESETS
     from ..plan.device import resolve_device, resolve_dtype
     from ..plan.planner import HOST_RUNTIME, device_free, host_available
     from ..tools.bench import ROW_SECONDS_LIMIT, environment, run_bench
-    from ._progress import FirstLines, device_note
 
     if random_weights and weights is not None:
         raise BadRequest("give either --weights or --random-weights, not both")
@@ -101,7 +101,6 @@ def bench(
     if random_weights:
         cfg, source = PRESETS[config], f"random weights, {config} config"
     else:
-        from ..errors import WeightsNotFound
         from ..weights.format import inspect_file
         from ..weights.hub import resolve_weights
         from ._fetch import ensure_weights
@@ -158,7 +157,7 @@ def bench(
 
 
 def _row_json(r) -> dict:
-    from ..tools.bench import Skipped
+    from ..tools.bench import Skipped  # torch: kept off start-up (--help, usage errors)
 
     if isinstance(r, Skipped):
         return {"event": "skipped", **asdict(r), "reason": r.reason}
@@ -222,7 +221,7 @@ class _Out:
         self.line(self._join(titles))
 
     def row(self, r) -> None:
-        from ..tools.bench import Skipped
+        from ..tools.bench import Skipped  # torch: kept off start-up (--help, usage errors)
 
         if self.json_:
             self.json(_row_json(r))
@@ -250,8 +249,6 @@ class _Progress:
                                                total=None)
 
     def __call__(self, event: object) -> None:
-        from ..events import MeasureDone
-
         if self.progress is not None and isinstance(event, MeasureDone):
             # Work is FLOPs x calls, so the ETA weighs big sizes by what they cost.
             self.progress.update(self.task, total=event.work_total, completed=event.work,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import ConvertError
+from ._text import safe
 
 EXAMPLES = "infdit convert mp_rank_00_model_states.pt -o infdit-4x.safetensors"
 
@@ -43,8 +44,6 @@ def convert(
     if not quiet:
         from rich.console import Console
         from rich.text import Text
-
-        from ._text import safe
 
         n = sum(t.numel() for t in result.tensors.values())
         c = result.config

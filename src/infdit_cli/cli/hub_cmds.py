@@ -8,16 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import WeightsNotFound
+from ..events import BytesDone, Notice
 from ..settings import settings
 from ..units import format_bytes
+from ..weights.hub import DEFAULT_MODEL, PACKAGED_SOURCE, download_command, registry, resolve_weights
+from ..weights.hub import download as download_model
 from . import _options as O
 from ._text import safe
 
 
 def _models() -> str:
     try:
-        from ..weights.hub import registry
-
         return "\n\n".join(f"  {name}: {spec.description or spec.source}"
                            for name, spec in registry().items())
     except Exception:  # noqa: BLE001 - help must show even with a broken manifest
@@ -59,8 +61,6 @@ class _DownloadDisplay:
         self.task = None
 
     def __call__(self, event: object) -> None:
-        from ..events import BytesDone, Notice
-
         if isinstance(event, BytesDone):
             if self.task is None:
                 self.progress.start()
@@ -106,9 +106,6 @@ def download(
     """
     import sys
 
-    from ..weights.hub import PACKAGED_SOURCE
-    from ..weights.hub import download as download_model
-
     show = not quiet and sys.stderr.isatty()
     display = _DownloadDisplay() if show else None
     tqdm_class = None if show else _silent_tqdm()
@@ -147,13 +144,11 @@ def info(
     json_: O.Json = False,
 ) -> None:
     """Show a model's config, parameter counts, dtype, file size, origin and memory estimates."""
-    import torch
+    import torch  # torch, safetensors and the library: kept off start-up (--help, usage errors)
     from safetensors import safe_open
 
-    from ..errors import WeightsNotFound
     from ..plan.planner import estimate, param_count
     from ..weights.format import inspect_file
-    from ..weights.hub import DEFAULT_MODEL, registry, resolve_weights
 
     try:
         path = resolve_weights(weights, repo=repo, offline=offline or None)
@@ -212,8 +207,6 @@ def _numel(shape) -> int:
 
 def _show_manifest(spec, json_: bool) -> None:
     """A registry model that is not downloaded yet: what it is, where it comes from, how to get it."""
-    from ..weights.hub import download_command
-
     cmd = download_command(spec.name)
     if json_:
         typer.echo(json.dumps({"name": spec.name, "downloaded": False, "download": cmd,

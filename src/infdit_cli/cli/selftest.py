@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import BadRequest, OutputExists
+from ..events import CheckDone, CheckStarted, SelftestStarted
 from ..files import atomic_write
 from . import _options as O
 
@@ -54,7 +55,7 @@ def selftest(
     attention kernels); elsewhere the same checks at toy sizes.
     Exit 0 when no check failed, 1 otherwise.
     """
-    from ..tools.selftest import run_selftest
+    from ..tools.selftest import run_selftest  # torch: kept off start-up (--help, usage errors)
 
     for path in (output, jsonl):  # before any work
         if path is None:
@@ -103,8 +104,7 @@ class _Sink:
             atomic_write(self.output, markdown(report, self.command))
 
     def __call__(self, event: object) -> None:
-        from ..events import CheckDone, SelftestStarted
-        from ..tools.selftest import SelftestReport
+        from ..tools.selftest import SelftestReport  # torch: kept off start-up (--help, usage errors)
 
         if isinstance(event, SelftestStarted):
             self.started = event
@@ -147,8 +147,6 @@ class _Display:
             self.progress.start()
 
     def __call__(self, event: object) -> None:
-        from ..events import CheckDone, CheckStarted
-
         if self.progress is None:
             return
         if isinstance(event, CheckStarted):

@@ -13,10 +13,14 @@ from typing import Annotated
 
 import typer
 
+from .._version import __version__
+from ..errors import BadRequest, InfditError
 from ..serve.hosts import LOOPBACK_NAMES, bare_host
 from ..settings import settings
 from ..units import parse_bytes
+from ..weights.hub import DEFAULT_MODEL, registry, resolve_weights
 from . import _options as O
+from ._progress import FirstLines, device_note
 
 EXAMPLES = """Examples:
 
@@ -52,8 +56,6 @@ def any_address(host: str) -> bool:
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, made here so a port in use is one clear line (exit 1), not a server log."""
-    from ..errors import BadRequest, InfditError
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -111,8 +113,6 @@ def serve(
     (Ctrl-C, SIGTERM, a crash) and start it again, and the job that was running continues from its last
     step, then the queue.
     """
-    from ..errors import BadRequest
-
     limit, names = check_serve_args(host=host, token=token, allow_paths=allow_paths,
                                     allow_host=allow_host or [], max_bytes=max_bytes, mem_budget=mem_budget,
                                     device=device, dtype=dtype)
@@ -132,7 +132,6 @@ def serve(
     from ..serve import server
     from ..serve.app import create_app
     from ..serve.jobs import JobRunner, JobStore
-    from ._progress import FirstLines, device_note
     from .upscale import load_upscaler
 
     store = JobStore(jobs or default_jobs())  # UnsafePath, Busy (another server on it): before the weights
@@ -177,12 +176,10 @@ def model_label(weights, repo) -> dict:
     release), "converted" (a file `infdit convert`/`download` made from another checkpoint) or "random
     test model" (a file with no conversion record, as the test and benchmark models are: its output is
     noise)."""
-    from ..weights.hub import DEFAULT_MODEL, registry, resolve_weights
-
     name = str(weights if weights is not None else settings().weights or DEFAULT_MODEL)
     meta: dict = {}
     try:
-        from safetensors import safe_open
+        from safetensors import safe_open  # kept off start-up (--help, usage errors)
 
         path = resolve_weights(name, repo=repo, offline=True)  # loaded already: a cache look-up
         with safe_open(str(path), "pt") as f:
@@ -214,8 +211,6 @@ def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, 
     Raises:
         BadRequest: one line naming the option (exit 2).
     """
-    from ..errors import BadRequest
-
     try:
         limit = parse_bytes(max_bytes)
     except ValueError:
@@ -257,6 +252,4 @@ def check_serve_args(*, host: str, token: str | None, allow_paths: Path | None, 
 
 
 def _version() -> str:
-    from .._version import __version__
-
     return __version__

@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from ..errors import BadRequest, Interrupted, OutputExists
+from ..settings import override
 from ..units import format_bytes
 from . import _options as O
 from ._text import safe
@@ -78,11 +80,7 @@ def train(
     grid; Ctrl-C or SIGTERM saves and stops, and the same command resumes where it stopped.
     """
     if verbose:
-        from ..settings import override
-
         override(debug=True)
-    from ..errors import BadRequest, OutputExists
-
     if (from_ is None) == (config is None):
         raise BadRequest("give one of --from WEIGHTS (fine-tune) or --config NAME (train from scratch)")
     if output.suffix != ".safetensors":
@@ -122,7 +120,7 @@ def train(
 
 
 def _dry_run(cfg, json_: bool) -> None:
-    from ..train.loop import dry_run
+    from ..train.loop import dry_run  # torch: kept off start-up (--help, usage errors)
 
     plan = dry_run(cfg)
     if json_:
@@ -153,8 +151,6 @@ def _duration(s: float) -> str:
 @contextlib.contextmanager
 def _keep_progress(folder: Path):
     """A stop ends with one line saying where the run was saved and how to resume (exit 130/143/129)."""
-    from ..errors import Interrupted
-
     try:
         yield
     except KeyboardInterrupt as e:

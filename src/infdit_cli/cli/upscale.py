@@ -10,10 +10,12 @@ from typing import Annotated
 
 import typer
 
+from ..errors import BadRequest, InfditError, Interrupted
+from ..settings import override
 from ..units import format_bytes
 from . import _options as O
 from ._checks import check_compile, check_target_args, check_upscale_args
-from ._progress import FirstLines, make_display
+from ._progress import FirstLines, device_note, make_display, plan_line
 from ._text import safe
 
 EXAMPLES = """Examples:
@@ -31,7 +33,7 @@ def load_upscaler(weights, repo, offline, device, dtype, options, quiet: bool = 
     """The loaded model. `first` (`_progress.FirstLines`: the plan's first line, the CPU-fallback line) is
     called just before a download starts, if one does. `world`: torchrun's ranks share each image
     (`ranks_wiring`)."""
-    from ..jobs.upscaler import Upscaler
+    from ..jobs.upscaler import Upscaler  # torch: kept off start-up (--help, usage errors)
     from ._fetch import ensure_weights
 
     ensure_weights(weights, repo, offline, quiet, before=first)  # first use: fetched once (`infdit download`)
@@ -46,7 +48,7 @@ def ranks_wiring(world) -> dict:
     None for one process."""
     if world is None or not world.distributed:
         return {}
-    from ..distributed import world as D
+    from ..distributed import world as D  # torch: kept off start-up (--help, usage errors)
     from ..engine.bands import band_engine
 
     return {"engine": band_engine(world), "agree": D.agree_plan(world)}
@@ -55,8 +57,6 @@ def ranks_wiring(world) -> dict:
 def first_lines(info: dict, requested_device: str) -> list[str | None]:
     """The plan's first line (as the job's own: predicted time on this device, passes, calls; a CPU job
     over an hour adds the GPU estimate) and, where --device auto fell back to the CPU, why."""
-    from ._progress import device_note, plan_line
-
     plan = info["plan"]
     return [plan_line(plan.seconds, len(plan.passes), plan.model_calls, info["device"], info["gpu_seconds"]),
             device_note(requested_device, info["device"])]
@@ -64,8 +64,7 @@ def first_lines(info: dict, requested_device: str) -> list[str | None]:
 
 def check_preview(preview: Path, input: Path, dst: Path) -> None:
     """--preview names a writable image file that is neither the input nor the output."""
-    from ..errors import BadRequest
-    from ..images.save import check_output
+    from ..images.save import check_output  # torch: kept off start-up (--help, usage errors)
 
     if preview.resolve() in (input.resolve(), dst.resolve()):
         which = "input" if preview.resolve() == input.resolve() else "output"
@@ -77,7 +76,7 @@ def preview_writer(preview: Path | None):
     """A callback writing each preview to `preview` atomically, or None."""
     if preview is None:
         return None
-    from ..images.save import save_image
+    from ..images.save import save_image  # torch: kept off start-up (--help, usage errors)
 
     def write(img) -> None:
         save_image(preview, img, overwrite=True)
@@ -88,8 +87,7 @@ def preview_writer(preview: Path | None):
 @contextlib.contextmanager
 def keep_progress(folder: Path):
     """On Ctrl-C or a failure with a checkpoint saved, the error's one line ends with how to resume."""
-    from ..errors import InfditError, Interrupted
-    from ..jobs.checkpoint import summary
+    from ..jobs.checkpoint import summary  # torch: kept off start-up (--help, usage errors)
 
     try:
         yield
@@ -152,7 +150,7 @@ def plan_config(weights, repo):
     """(config, where it came from) for planning without loading weights: the file's header where the
     weights are here, else the official architecture (a registry model not downloaded yet is the official
     one)."""
-    from ..model.config import PRESETS
+    from ..model.config import PRESETS  # torch: kept off start-up (--help, usage errors)
     from ..weights.format import read_config
     from ..weights.hub import resolve_weights
 
@@ -177,7 +175,7 @@ def device_rates(cfg, dev, dt):
 
 def refuse_disk(info: dict) -> None:
     """DiskTooSmall (exit 2) when the job's scratch and checkpoint files do not fit the free disk."""
-    from ..jobs.pipeline import check_disk
+    from ..jobs.pipeline import check_disk  # torch: kept off start-up (--help, usage errors)
 
     d = info.get("disk")
     if d is not None and d["free_bytes"] is not None:
@@ -186,7 +184,7 @@ def refuse_disk(info: dict) -> None:
 
 def show_plan(info: dict, input: Path, seed: int, as_json: bool) -> None:
     """`--dry-run`'s answer on stdout: the plan's lines (or its JSON) and the disk it needs."""
-    from ..jobs.pipeline import plan_json, plan_lines
+    from ..jobs.pipeline import plan_json, plan_lines  # torch: kept off start-up (--help, usage errors)
 
     if as_json:
         typer.echo(json.dumps({"input": str(input), **{k: (plan_json(v) if k == "plan" else v)
@@ -207,7 +205,7 @@ def ranks_holding(dst: Path, device: str):
     """(world, this rank's device) inside torchrun's process group (one process: a world of one, `device`),
     rank 0 holding the output's lock: one writer per output, taken before the weights load so that a
     second run is refused at once, and let go before the group is left."""
-    from ..distributed import world as D
+    from ..distributed import world as D  # torch: kept off start-up (--help, usage errors)
     from ..jobs.checkpoint import output_lock
 
     world = D.world_from_env()  # under torchrun: the image's block columns are shared out (bands.py)
@@ -257,8 +255,6 @@ def upscale(
     in n x n blocks of 128 px with a K/V cache, n as large as fits.
     """
     if verbose:
-        from ..settings import override
-
         override(debug=True)
     check_target_args(res, scale)  # the commonest usage errors, answered before torch loads
     options = O.make_options(steps, seed, mem_budget, block_batch, color_fix, low_memory, compile_)

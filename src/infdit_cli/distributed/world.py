@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ..errors import BadRequest
 from ..files import atomic_write
+from ..plan.device import prefer_expandable_segments
+from ..plan.planner import leanest
 from ..settings import Settings, settings
 
 __all__ = ["World", "world_from_env", "init", "group", "teardown", "rank_device", "broadcast",
@@ -73,8 +76,6 @@ def timeout_seconds(env: dict[str, str] | None = None) -> float:
     except ValueError:
         value = -1.0
     if not value > 0 or value != value or value == float("inf"):
-        from ..errors import BadRequest
-
         raise BadRequest(f"INFDIT_RANK_TIMEOUT must be a positive number of seconds, got {text[:20]!r}")
     return value
 
@@ -95,8 +96,6 @@ def init(world: World, device: str = "cpu") -> None:
     if not cuda:
         dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout)
         return
-    from ..plan.device import prefer_expandable_segments
-
     dev = torch.device(rank_device(device, world))
     prefer_expandable_segments(dev)  # before CUDA initialises here
     torch.cuda.set_device(dev)
@@ -123,10 +122,6 @@ def agree_plan(world: World):
     """For `Upscaler.agree`: every rank's plan of each pass merged into the leanest (`planner.leanest`),
     the same on every rank. Ranks plan from their own free device memory; sender and receiver must hold
     the same n and keep their caches (and state) on the same side, or their messages would not pair."""
-    from dataclasses import replace
-
-    from ..plan.planner import leanest
-
     def agree(up_plan):
         if not world.distributed:
             return up_plan

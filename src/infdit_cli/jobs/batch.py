@@ -130,9 +130,6 @@ def preview_batch(items: list[BatchItem], *, res: str | None, scale: float | Non
                   max_pixels: int | None) -> list[BatchItem]:
     """For `--dry-run`: each `todo` item gets its size change as `reason` (from the header alone), or
     becomes `failed` with the reason the real run would give for the input or the target."""
-    from ..images.load import probe_size
-    from .pipeline import target_size
-
     for item in items:
         if item.status != "todo":
             continue

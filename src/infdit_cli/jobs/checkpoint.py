@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
 from ..engine.storage import SafeFolder, allocate
 from ..errors import Busy, DiskFull, NonFinite, UnsafePath, no_space
 from ..units import row_chunks
@@ -83,8 +84,6 @@ def model_identity(model) -> str:
 
 def fingerprint(*, input_sha256: str, weights: str, up_plan, options, dtype: torch.dtype) -> dict:
     """Everything the result depends on; not n or the cache placement (equal within the block tolerance)."""
-    from .._version import __version__
-
     return {
         "input": input_sha256,
         "weights": weights,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ import torch
 from ..engine.blocks import BlockEngine, pad_to_blocks, release_cached
 from ..engine.sampling import HeunState, edm_sigmas, sample_heun
 from ..engine.storage import Scratch, reclaim_stale
-from ..errors import BadRequest, NonFinite, OutOfMemory
+from ..errors import BadRequest, DiskTooSmall, NonFinite, OutOfMemory
 from ..events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from ..images.load import resize
+from ..plan import calibrate
 from ..plan.planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
 from ..plan.planner import replan as planner_replan
 from ..units import format_bytes, format_seconds, row_chunks
@@ -201,10 +203,6 @@ def disk_need(up_plan: UpscalePlan, checkpoint: bool) -> dict[str, int]:
 def check_disk(folder, need: dict[str, int], refuse: bool = True) -> int | None:
     """Refuse (DiskTooSmall, exit 2) a job whose files do not fit the free space of `folder`; returns the
     free bytes (None where the folder cannot be asked). `refuse=False`: only return them."""
-    import shutil
-
-    from ..errors import DiskTooSmall
-
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -560,12 +558,10 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
     if (final == p.memory.placement and p.memory.rates is not None and len(stamps) >= 2
             and getattr(engine_cls, "ranks", 1) == 1):
         # the pass's calls after its first step (warm-up, compilation) correct the cached calibration
-        from ..plan.calibrate import observe
-
         (c0, t0), (c1, t1) = stamps[0], stamps[-1]
         if c1 > c0:
-            observe(model.config, model.device, model.dtype, p.memory.rates, p.memory.seconds_per_call,
-                    (t1 - t0) / (c1 - c0), c1 - c0)
+            calibrate.observe(model.config, model.device, model.dtype, p.memory.rates,
+                              p.memory.seconds_per_call, (t1 - t0) / (c1 - c0), c1 - c0)
     out = st.x
     if options.color_fix != "none":
         out = color_fix(out.float(), lr_up, options.color_fix)  # wavelet: in row bands of lr_up

@@ -20,10 +20,13 @@ import torch
 from ..events import CheckpointDiscarded, Notice, PlanChanged
 from ..images.load import DEFAULT_MAX_PIXELS, fill_transparent, load_image, resize
 from ..images.save import check_format_size, check_output, save_image
+from ..plan import calibrate
 from ..plan.device import resolve_device, resolve_dtype
-from ..plan.planner import Rates
+from ..plan.planner import Rates, device_free
 from ..weights.cache import sha256_file
-from .checkpoint import RunFolder, fingerprint, output_lock, run_folder_for
+from ..weights.format import load_model
+from ..weights.hub import fetch_clip_tower, resolve_weights
+from .checkpoint import RunFolder, fingerprint, model_identity, output_lock, run_folder_for, weights_identity
 from .pipeline import (
     UpscaleOptions,
     UpscalePlan,
@@ -87,8 +90,6 @@ class Upscaler:
     @property
     def weights_id(self) -> str:
         if self._weights_id is None:
-            from .checkpoint import model_identity
-
             self._weights_id = model_identity(self.model)
         return self._weights_id
 
@@ -98,15 +99,9 @@ class Upscaler:
                      **resolve_kw) -> Upscaler:
         """The model of `weights` (`hub.resolve_weights(weights, **resolve_kw)`) on `device`; `engine`,
         `agree`: as the constructor's."""
-        from ..plan.planner import device_free
-        from ..weights.format import load_model
-        from ..weights.hub import fetch_clip_tower, resolve_weights
-
         dev = resolve_device(device)
         path = resolve_weights(weights, **resolve_kw)
         free = device_free(dev)  # before our weights: they are counted once, in every plan's estimate
-        from .checkpoint import weights_identity
-
         return cls(load_model(path, device=dev, dtype=resolve_dtype(dtype, dev), clip_tower=fetch_clip_tower),
                    options=options, device_budget=free, weights_id=weights_identity(path), engine=engine,
                    agree=agree)
@@ -118,9 +113,7 @@ class Upscaler:
     @property
     def rates(self) -> Rates:
         if self._rates is None:
-            from ..plan.calibrate import calibration
-
-            self._rates = calibration(self.model.config, self.device, self.model.dtype)
+            self._rates = calibrate.calibration(self.model.config, self.device, self.model.dtype)
         return self._rates
 
     def plan(self, input_size: tuple[int, int], *, res: str | None = None, scale: float | None = None,

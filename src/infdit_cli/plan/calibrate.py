@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write
+from ..model.attention import gather_keys, neighbour_index
+from ..model.infdit import random_model
 from ..settings import cache_root
+from .grid import BlockBatch
 from .meter import sync
 from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
 
@@ -178,10 +181,6 @@ def _chunk(cfg, device: torch.device, dtype: torch.dtype):
     values from a key table with the neighbours behind it, and `layer_out` (block attention, projection,
     MLP). A random two-layer model of `cfg`'s width; the second layer (the first has the LR cross-attention,
     counted apart by the cost model)."""
-    from ..model.attention import gather_keys, neighbour_index
-    from ..model.infdit import random_model
-    from .grid import BlockBatch
-
     small = replace(cfg, num_layers=2, clip=None)
     model = random_model(small, seed=0, device=device, dtype=dtype)
     t = (small.num_heads, small.head_dim)

@@ -43,6 +43,10 @@ from ..events import (
     Resumed,
     StepDone,
 )
+from ..images.load import SUFFIXES, load_image, probe_size
+from ..images.save import check_format_size
+from ..jobs.checkpoint import RunFolder
+from ..jobs.pipeline import plan_lines
 
 __all__ = [
     "FORMATS",
@@ -235,8 +239,6 @@ class JobStore:
 
     def drop_run(self, job: Job) -> None:
         """The job's run folder (its checkpoints), if it has one."""
-        from ..jobs.checkpoint import RunFolder
-
         run = self.path(job, "run")
         if os.path.lexists(run):
             RunFolder(run, {}).remove(strict=False)
@@ -432,8 +434,6 @@ class JobRunner:
     def declared_pixels(self, path: Path) -> int | None:
         """The pixels the image at `path` declares in its header (nothing decoded), or None when the header
         cannot be read (decoding it then says why)."""
-        from ..images.load import probe_size
-
         try:
             h, w = probe_size(path, max_pixels=self.max_pixels)
         except InfditError:
@@ -444,10 +444,6 @@ class JobRunner:
         """Decode `path` (an upload, shown as `name`) and plan it: (LoadedImage, UpscalePlan, plan lines).
 
         Raises: BadImage, BadRequest, MemoryBudgetTooSmall, ... with `name` in place of the path."""
-        from ..images.load import SUFFIXES, load_image
-        from ..images.save import check_format_size
-        from ..jobs.pipeline import plan_lines
-
         options = options.check()
         try:
             img = load_image(path, max_pixels=self.max_pixels)

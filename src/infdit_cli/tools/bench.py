@@ -29,10 +29,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..engine.blocks import BlockEngine
+from ..errors import signal_name
+from ..events import MeasureDone
+from ..model.config import PRESETS
+from ..model.infdit import random_model
+from ..plan import planner  # planner.call_seconds: looked up per call, so a test can stand in for it
+from ..plan.grid import plan_batches
 from ..plan.meter import host_status, reset_host_peak, rss, sync, timed
-from ..plan.planner import flops_per_call
+from ..plan.planner import Placement, estimate, flops_per_call, plan
 from ..settings import settings
 from ..units import format_seconds
+from ..weights.format import load_model
+from ..weights.hub import fetch_clip_tower
 
 __all__ = ["CallSpec", "CallMeasurement", "BenchRow", "Skipped", "measure", "time_pair", "run_bench",
            "flops_per_call", "environment", "ROW_SECONDS_LIMIT"]
@@ -104,8 +113,6 @@ def _child(args: list[str], timeout: float, what: str) -> str:
         raise
     if proc.returncode != 0:
         if proc.returncode < 0:
-            from ..errors import signal_name
-
             raise RuntimeError(f"{what} was killed by {signal_name(-proc.returncode)}")
         tail = (err.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{what} failed: {tail}")
@@ -120,11 +127,6 @@ def measure(spec: CallSpec, timeout: float = 1800) -> CallMeasurement:
 
 def _setup(spec: CallSpec):
     """The model and seeded inputs one worker process measures: (model, x, lr_up, image)."""
-    from ..model.config import PRESETS
-    from ..model.infdit import random_model
-    from ..weights.format import load_model
-    from ..weights.hub import fetch_clip_tower
-
     if spec.threads:
         torch.set_num_threads(spec.threads)
     dtype, dev = getattr(torch, spec.dtype), torch.device(spec.device)
@@ -143,9 +145,6 @@ def _setup(spec: CallSpec):
 
 def _engine(model, lr_up: torch.Tensor, image, spec: CallSpec):
     """The engine of `spec`'s mode, nothing allocated yet (`_build` makes its cache)."""
-    from ..engine.blocks import BlockEngine
-    from ..plan.planner import Placement
-
     placement = Placement(n=spec.n or 1 << 30, order=spec.order, cache_on_host=spec.cache_on_host)
     return BlockEngine(model, image[0], image[1], lr_up, placement)
 
@@ -172,8 +171,6 @@ def _call(engine, x: torch.Tensor, out: torch.Tensor) -> float:
 def _time_puts(engine, batch: int) -> tuple[float | None, int]:
     """One call's K/V cache writes (`KVCache.put`: device->host next to a GPU with the cache on the host)
     timed alone, with the engine's own cache and path: (seconds, bytes). (None, 0): no cache (whole image)."""
-    from ..plan.grid import plan_batches
-
     cache = engine.cache
     if cache is None:
         return None, 0
@@ -197,8 +194,6 @@ def _time_puts(engine, batch: int) -> tuple[float | None, int]:
 
 
 def _measure_here(spec: CallSpec) -> dict:
-    from ..plan.planner import estimate
-
     model, x, lr_up, image = _setup(spec)
     cfg, dev, b = model.config, x.device, x.shape[0]
     if dev.type == "cuda":
@@ -309,8 +304,6 @@ class Skipped:
 
 def _report(on_event, index: int, total: int, label: str, work: float,
             work_total: float) -> tuple[int, float]:
-    from ..events import MeasureDone
-
     if on_event is not None:
         on_event(MeasureDone(index + 1, total, label, work, work_total))
     return index + 1, work
@@ -329,8 +322,6 @@ def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dt
     as soon as it is measured (or skipped). `on_event` receives a `MeasureDone` after each fresh-process
     measurement; its `work` counts FLOPs x calls, so `work / work_total` tracks the time spent (an ETA).
     """
-    from ..plan.planner import call_seconds, estimate, plan
-
     dev = torch.device(device)
     kw = dict(dtype=dtype, device_type=dev.type)
     todo = []  # (h, w, plan, n, whole estimate, skipped): planned up front so the total work is known
@@ -342,10 +333,10 @@ def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dt
         skip = None
         if row_limit is not None and todo:  # the first size always runs: there is always a row
             r = rates if rates is not None else p.rates
-            tb = call_seconds(cfg, (h, w), n, r, cache_on_host=p.cache_on_host, **kw)
+            tb = planner.call_seconds(cfg, (h, w), n, r, cache_on_host=p.cache_on_host, **kw)
             row = tb * (1 + repeats)
             if w_est.total <= budget:  # the whole image's own process, and both alternated
-                tw = call_seconds(cfg, (h, w), 1 << 30, r, **kw)
+                tw = planner.call_seconds(cfg, (h, w), 1 << 30, r, **kw)
                 row += tw * (1 + repeats) + (tb + tw) * (1 + repeats)
             if row > row_limit:
                 skip = Skipped(f"{w}x{h}", h, w, n, tb, row, row_limit)
@@ -379,7 +370,7 @@ def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dt
             paired = time_pair(block.spec, whole.spec, rounds=repeats)
             index, work = _report(on_event, index, total, f"{size} n={n} and whole alternated",
                                   work + 2 * flops * calls, work_total)
-        predicted = call_seconds(cfg, (h, w), n, rates if rates is not None else p.rates,
+        predicted = planner.call_seconds(cfg, (h, w), n, rates if rates is not None else p.rates,
                                  cache_on_host=p.cache_on_host, **kw)
         row = BenchRow(size, h, w, n, p.cache_on_host, block, block.predicted_bytes, whole, w_est.total,
                        2 * steps - 1, paired, predicted)

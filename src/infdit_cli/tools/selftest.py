@@ -35,10 +35,33 @@ from pathlib import Path
 
 import torch
 
+from ..engine import blocks as engine_mod
+from ..engine.blocks import BlockEngine
+from ..engine.sampling import edm_sigmas, sample_heun
+from ..engine.sdpa import measure_backends
+from ..engine.storage import Scratch
 from ..errors import BadRequest
-from ..events import CheckDone, CheckStarted
+from ..events import CheckDone, CheckStarted, PlanChanged, SelftestStarted
+from ..jobs.pipeline import Upsampled
+from ..model.config import PRESETS, InfDiTConfig
+from ..model.infdit import random_model
+from ..plan.calibrate import calibration
+from ..plan.device import resolve_device
+from ..plan.grid import plan_batches
 from ..plan.meter import host_status, reset_host_peak, rss, timed
+from ..plan.planner import (
+    Placement,
+    call_seconds,
+    device_free,
+    estimate,
+    flops_per_call,
+    host_available,
+    plan,
+)
 from ..units import format_bytes
+from ..weights.convert import convert_checkpoint
+from ..weights.format import load_model, save_model_file
+from .bench import environment
 
 __all__ = ["Check", "SelftestReport", "Profile", "CUDA_PROFILE", "TOY_PROFILE", "Fixtures", "find_fixtures",
            "calibrate", "run_selftest", "DATA"]
@@ -116,9 +139,6 @@ def _engine(model, lr_up, image, *, n: int | None = None, cache_device: str | No
             compile: bool = False, on_event: Callable[[object], None] | None = None):
     """One `BlockEngine` for one mode, called as often as a check needs (its K/V slab is made once).
     `image`: (lr, vector), the per-image conditioning."""
-    from ..engine.blocks import BlockEngine
-    from ..plan.planner import Placement
-
     lr, vector = image
     on_host = cache_device is not None and torch.device(cache_device).type == "cpu"
     return BlockEngine(model, lr, vector, lr_up, Placement(n=n or 1 << 30, cache_on_host=on_host),
@@ -126,16 +146,12 @@ def _engine(model, lr_up, image, *, n: int | None = None, cache_device: str | No
 
 
 def _plan(cfg, size: tuple[int, int], budget: int | None, dtype: torch.dtype, device: torch.device):
-    from ..plan.planner import plan
-
     return plan(cfg, size, budget=budget, dtype=dtype, device=device)
 
 
 @contextlib.contextmanager
 def _prefetch_disabled():
     """Host-cache fetches inline on the compute stream, to time what the side-stream prefetch hides."""
-    from ..engine import blocks as engine_mod
-
     real = engine_mod._Prefetch
     engine_mod._Prefetch = lambda fetch, layers, stream: real(fetch, layers, None)
     try:
@@ -154,8 +170,6 @@ def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
     """(seconds, bytes) of one call's K/V puts into the engine's slab (device -> host for a host cache on
     CUDA), timed alone: every (block, layer) entry a call stores, copied as the engine copies it; above
     `cap` bytes a sample of them, scaled. (None, 0) where the call keeps no cache."""
-    from ..plan.grid import plan_batches
-
     cache, g = engine.cache, engine.grid
     if cache is None:
         return None, 0
@@ -183,8 +197,6 @@ def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
 def _random_cfg(name: str, clip: bool):
     """A preset's config, without its CLIP tower where open_clip cannot be imported (the checks that use
     a random model give it a random vector: the tower is never called)."""
-    from ..model.config import PRESETS
-
     cfg = PRESETS[name]
     return cfg if clip else replace(cfg, clip=None)
 
@@ -294,8 +306,6 @@ class _Run:
         """'fp32' / 'bf16': the fixture checkpoint converted and loaded; 'random': the profile's preset."""
         if which not in self._models:
             if which == "random":
-                from ..model.infdit import random_model
-
                 self._models[which] = random_model(_random_cfg(self.profile.config, self.clip), seed=0,
                                                    device=self.device,
                                                    dtype=getattr(torch, self.profile.dtype))
@@ -314,9 +324,6 @@ class _Run:
 
 def _load_fixture_model(checkpoint: Path, config: dict, device: torch.device, dtype: torch.dtype):
     """The fixture's official checkpoint through the real path: convert, write safetensors, load."""
-    from ..weights.convert import convert_checkpoint
-    from ..weights.format import load_model, save_model_file
-
     head_width = config["open_clip_model_cfg"]["vision_cfg"]["head_width"]
     res = convert_checkpoint(checkpoint, clip_head_width=head_width)
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,8 +350,6 @@ def _bound(group: str, name: str, value: float, tol: float, t0: float, what: str
 
 def _sample(model, io: dict, vector: torch.Tensor, steps: int) -> torch.Tensor:
     """A whole Heun run, every call through one engine (as the pipeline runs a pass)."""
-    from ..engine.sampling import edm_sigmas, sample_heun
-
     engine = _engine(model, io["concat"], (io["lr"], vector))
     sigmas = edm_sigmas(steps)
     x0 = io["concat"] + io["init_noise"] * sigmas[0].item()
@@ -448,10 +453,6 @@ def _work(w: dict) -> dict:
     """
     import resource
 
-    from ..events import PlanChanged
-    from ..model.infdit import random_model
-    from ..plan.planner import estimate
-
     dev, dtype, kind, size = torch.device(w["device"]), getattr(torch, w["dtype"]), w["kind"], w["size"]
     cuda = dev.type == "cuda"
     cfg = _random_cfg(w["config"], w["clip"])
@@ -465,8 +466,6 @@ def _work(w: dict) -> dict:
         n, host = w["n"], w["cache_on_host"]
     model = random_model(cfg, seed=0, device=dev, dtype=dtype)
     if kind == "full":
-        from ..jobs.pipeline import Upsampled
-
         g = torch.Generator().manual_seed(0)
         lr = torch.rand(1, 3, size // cfg.sr_scale, size // cfg.sr_scale, generator=g) * 2 - 1
         vec = torch.randn(1, cfg.vector_dim, generator=g)
@@ -597,10 +596,6 @@ def check_full_plan(run: _Run) -> Check:
 
 
 def check_speed(run: _Run, size: int) -> Check:
-    from ..plan.calibrate import calibration
-    from ..plan.planner import call_seconds, device_free, estimate, host_available
-    from .bench import flops_per_call
-
     t0, p = time.perf_counter(), run.profile
     cfg, dtype = _random_cfg(p.config, run.clip), getattr(torch, p.dtype)
     chosen = _plan(cfg, (size, size), p.budget, dtype, run.device)
@@ -641,9 +636,6 @@ def check_sdpa(run: _Run) -> Check:
     if run.device.type != "cuda":
         return Check("speed", "attention kernels (SDPA backends)", "skip", "CUDA only (fused GPU kernels)",
                      "", 0.0)
-    from ..engine.sdpa import measure_backends
-    from ..model.config import PRESETS
-
     t0, p = time.perf_counter(), run.profile
     cfg = PRESETS[p.config]
     t = cfg.block_tokens**2
@@ -734,9 +726,6 @@ def check_big_plan(run: _Run) -> Check:
     """One call of the big plan with the plan's own storage: state in its dtype (memory-mapped when the
     plan says so), the LR conditioning upsampled per rectangle as the pipeline does, not held. The K/V
     slab is made (and pinned) and the puts timed before the timed call."""
-    from ..engine.storage import Scratch
-    from ..jobs.pipeline import Upsampled
-
     t0, p = time.perf_counter(), run.profile
     m, dev = run.model("random"), run.device
     cuda = dev.type == "cuda"
@@ -821,8 +810,6 @@ def _steps(run: _Run, rate: float, cuda: bool | None = None) -> list[_Step]:
     """The checks in order of importance (correctness, memory, speed, the big plan, compile), each with
     its predicted seconds: its FLOPs at `rate`, plus the profile's fixed costs. `cuda`: predict as on a
     GPU (default: whether the run's device is one)."""
-    from .bench import flops_per_call
-
     p = run.profile
     cuda = run.device.type == "cuda" if cuda is None else cuda
     cfg = _random_cfg(p.config, run.clip)
@@ -870,8 +857,6 @@ def _steps(run: _Run, rate: float, cuda: bool | None = None) -> list[_Step]:
 
 def _fixture_config(config: dict):
     """The fixture model's `InfDiTConfig`, from its official arguments (for the FLOP count only)."""
-    from ..model.config import InfDiTConfig
-
     argv = config["argv"]
     get = {a.lstrip("-").replace("-", "_"): b for a, b in zip(argv, argv[1:]) if a.startswith("--")}
     return InfDiTConfig(hidden_size=int(get["hidden_size"]), num_layers=int(get["num_layers"]),
@@ -899,10 +884,6 @@ def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | 
     Raises:
         BadRequest: `fixtures` is not a folder, or the device does not exist here.
     """
-    from ..events import SelftestStarted
-    from ..plan.device import resolve_device
-    from .bench import environment
-
     t_all = time.perf_counter()
     dev = resolve_device(str(device))
     profile = profile or (CUDA_PROFILE if dev.type == "cuda" else TOY_PROFILE)

@@ -20,6 +20,7 @@ from ..errors import ConvertError
 from ..model.config import ClipConfig, InfDiTConfig
 from ..model.layers import rope_frequencies
 from ..units import few
+from .format import check_state_dict
 
 __all__ = ["convert_checkpoint", "map_state_dict", "infer_config", "ConvertResult", "KEY_MAP", "CONVERTER"]
 
@@ -167,8 +168,6 @@ def _is_checkpoint(path: Path) -> bool:
 
 def convert_checkpoint(path: str | Path, *, clip_head_width: int = 64) -> ConvertResult:
     """Read an official checkpoint and return our config and renamed tensors (nothing is written)."""
-    from .format import check_state_dict
-
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"no such file: {path}")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._version import __version__
 from ..errors import ChecksumMismatch, ConvertError, DownloadError, InvalidReference, WeightsError
 from ..events import BytesDone, Notice
 from ..settings import settings
@@ -77,8 +78,6 @@ def _hash_existing(part: Path) -> tuple[hashlib._Hash, int]:
 
 
 def _open(url: str, start: int, timeout: float):
-    from .._version import __version__
-
     headers = {"User-Agent": f"infdit/{__version__}", "Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
@@ -207,6 +206,7 @@ def download_checkpoint(url: str, *, sha256: str | None = None, clip_head_width:
         DownloadError, ChecksumMismatch: see `fetch_url`.
         ConvertError: the file is not an Inf-DiT checkpoint (nothing is cached).
     """
+    # torch: kept off the CLI's start-up (`infdit --help` imports this module through weights.hub)
     from .convert import CONVERTER, convert_checkpoint
     from .format import inspect_file, save_model_file
 

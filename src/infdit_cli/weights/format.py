@@ -16,7 +16,9 @@ import torch
 
 from ..errors import WeightsError, WeightsNotFound
 from ..files import atomic_write
+from ..model.clip import CLIP_MEAN, CLIP_STD, ClipImageEncoder
 from ..model.config import ClipConfig, InfDiTConfig
+from ..model.infdit import InfDiT
 from ..units import few
 
 __all__ = ["load_model", "save_model_file", "read_config", "check_state_dict",
@@ -27,8 +29,6 @@ _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 def expected_shapes(cfg: InfDiTConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a model with `cfg` has (built on the meta device: no memory)."""
-    from ..model.infdit import InfDiT
-
     with torch.device("meta"):
         model = InfDiT(cfg)
     return {k: tuple(t.shape) for k, t in model.state_dict().items()}
@@ -178,9 +178,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from ..model.clip import CLIP_MEAN, CLIP_STD, ClipImageEncoder
-    from ..model.infdit import InfDiT
 
     path = Path(path)
     cfg, _ = inspect_file(path)  # names, shapes and dtypes checked before any data is read

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import ChecksumMismatch, HubError, InvalidReference, WeightsError, WeightsNotFound
 from ..events import Notice
+from ..model.config import ClipConfig
 from ..settings import settings
 from . import cache
 from .download import Downloaded, cached_checkpoint, check_sha256, check_url, download_checkpoint
@@ -401,8 +402,6 @@ def fetch_clip_tower(vector_dim: int, *, offline: bool | None = None, token: str
         (ClipConfig, {"clip.visual.<name>": tensor}).
     """
     from safetensors.torch import load_file
-
-    from ..model.config import ClipConfig
 
     spec = registry().get(CLIP_MODEL)
     if spec is None or not spec.repo_id:
