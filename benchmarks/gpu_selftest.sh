@@ -7,7 +7,7 @@
 #
 # `prepare` puts open_clip_torch, ftfy and wcwidth wheels (the GPU machine has torch, timm and the rest,
 # and no network) in .whl/ and lists it in git's info/exclude: a device run carries it (`carry:
-# [".whl"]`, about 2 MiB). The fixtures travel with the package (src/infdit_cli/selftest_data). It works
+# [".whl"]`, about 2 MiB). The fixtures travel with the package (src/infdit_cli/tools/selftest_data). It works
 # from any checkout (or worktree, or unpacked copy) and any number of times.
 #
 # `run` writes, under $OUT (default ./gpu-report):

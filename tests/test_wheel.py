@@ -22,7 +22,7 @@ def test_wheel_install_lists_the_registry(wheel_venv, tmp_path):
     registry = {f"infdit_cli/weights/registry/{f}"
                 for f in ("infdit-4x.json", "clip-vit-l-14-datacomp.json", "demo.json", "demo.safetensors")}
     assert registry <= names  # the repository's top-level weights/, mapped into the package
-    assert {f"infdit_cli/selftest_data/{f}"
+    assert {f"infdit_cli/tools/selftest_data/{f}"
             for f in ("checkpoint.pt", "config.json", "io.safetensors")} <= names
     py = venv / "bin" / "python"
     where = _run(py, "-c", "import infdit_cli; print(infdit_cli.__file__)", cwd=tmp_path, env=env).stdout
