@@ -157,3 +157,50 @@ def test_origin_shifts_rope(tiny_model, batch2):
         moved = model(x, sigma, lr_up, lr, vec, origin=(1, 0))
     assert torch.equal(wrapped, out)
     assert (moved - out).abs().max() > 1e-3
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while `fn()` runs (each storage once): what stays
+    alive until backward, as `saved_tensors_hooks` sees it from outside any checkpointed region."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_activation_checkpointing_gives_the_same_output_and_gradients_and_recomputes(tiny_config):
+    """`grad_checkpointing`: the output and every parameter's gradient equal the plain path's (float64,
+    1e-12), each layer runs twice (forward, then again in backward) where the plain path runs it once, and
+    autograd keeps far fewer bytes between forward and backward."""
+    model = random_model(tiny_config, seed=11, dtype=torch.float64)
+    params = _trainable(model)
+    x, lr_up, lr, vec = _inputs(tiny_config, 2, 32, 48, seed=12, dtype=torch.float64)
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    calls = []
+    layer = model.layer
+    model.layer = lambda i, *a: calls.append(i) or layer(i, *a)  # instance attribute: counts every call
+
+    def run(checkpointing: bool):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        out, saved = _saved_bytes(lambda: model(x, torch.tensor([0.7, 3.0]), lr_up, lr, vec, origin=(1, 3)))
+        forward_calls = len(calls)
+        (out * weight).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in params.items()}, saved, forward_calls, len(calls)
+
+    out0, grads0, saved0, fwd0, all0 = run(False)
+    out1, grads1, saved1, fwd1, all1 = run(True)
+    layers = tiny_config.num_layers
+    torch.testing.assert_close(out1, out0, atol=1e-12, rtol=0)
+    for n in params:
+        torch.testing.assert_close(grads1[n], grads0[n], atol=1e-12, rtol=0, msg=n)
+    assert (fwd0, all0) == (layers, layers)
+    assert (fwd1, all1) == (layers, 2 * layers)  # every layer recomputed once in backward
+    assert saved1 < saved0 / 2, (saved1, saved0)

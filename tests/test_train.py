@@ -213,6 +213,57 @@ def test_an_existing_output_is_not_overwritten(reference, monkeypatch, capsys):
     assert ref.read_bytes() == before
 
 
+# --- --mem-budget ------------------------------------------------------------------------------------------
+
+def _budgets() -> tuple[int, int]:
+    """(a budget between, one too small) for the tiny config at batch 2: the first fits only micro-batch 1
+    with activation checkpointing, the second not even that (from the plan's own estimate)."""
+    from infdit_cli.train.memory import activation_bytes_per_pixel, state_bytes
+
+    model = trainable(random_model(PRESETS["tiny"], seed=5))
+    state, (plain, ckpt) = state_bytes(model, ema=False), activation_bytes_per_pixel(model)
+    one, two = state + ckpt * CROP * CROP, state + ckpt * 2 * CROP * CROP
+    assert ckpt < plain and one < two
+    return int((one + two) / 2), int(state)
+
+
+def test_a_budget_turns_on_checkpointing_and_accumulation_and_trains_the_same(reference, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A budget between micro-batch 1 and 2 with checkpointing: --dry-run --json shows checkpointing on and
+    1 x 2 accumulated, and training under it gives the weights of the unconstrained run (float tolerance:
+    accumulation only regroups the sums)."""
+    data, ref = reference
+    between, _ = _budgets()
+    monkeypatch.setattr(sys, "argv", ["infdit", "train", str(data), "-o", str(tmp_path / "d.safetensors"),
+                                      *ARGS, "--mem-budget", str(between), "--dry-run", "--json"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    plan = json.loads(capsys.readouterr().out)
+    assert e.value.code == 0
+    assert (plan["checkpointing"], plan["micro_batch"], plan["accum"]) == (True, 1, 2), plan
+    assert plan["step_bytes"] <= plan["mem_budget"] == between and len(plan["budget_changes"]) == 2
+    out = tmp_path / "budget.safetensors"
+    notes = []
+    train(config(data, out, mem_budget=between), on_event=notes.append)
+    assert any("micro-batch 1 x 2 accumulated" in getattr(n, "text", "") for n in notes), notes
+    got, want = load_file(str(out)), load_file(str(ref))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_budget_too_small_is_one_line_exit_2(reference, tmp_path, capsys, monkeypatch):
+    data, _ = reference
+    _, tiny = _budgets()
+    monkeypatch.setattr(sys, "argv", ["infdit", "train", str(data), "-o", str(tmp_path / "t.safetensors"),
+                                      *ARGS, "--mem-budget", str(tiny)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "too small to train" in err[0] and "micro-batch 1 with activation checkpointing" in err[0]
+    assert not (tmp_path / "t.safetensors").exists()
+
+
 # --- several ranks ------------------------------------------------------------------------------------------
 
 def test_two_gloo_ranks_give_the_weights_of_one_process(reference, tmp_path):

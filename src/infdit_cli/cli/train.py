@@ -58,7 +58,10 @@ def train(
     every: Annotated[int, typer.Option(min=1, help="Validate and save a checkpoint every N steps.")] = 500,
     dtype: O.Dtype = "auto",
     device: O.Device = "auto",
-    mem_budget: O.MemBudget = None,
+    mem_budget: Annotated[str | None, typer.Option(help=(
+        "Memory one training step may use on each rank, e.g. 8GB; over it, activation checkpointing goes on, "
+        "then smaller micro-batches are accumulated (the --batch kept) (default: no limit)."),
+        rich_help_panel="Memory")] = None,
     workers: Annotated[int, typer.Option(min=0, help="Data loader processes (0: decode in this one).")] = 2,
     accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation: micro-batches per step.")] = 1,
     ema: Annotated[bool, typer.Option("--ema", help="Keep an EMA of the weights and write it.")] = False,
@@ -129,13 +132,20 @@ def _dry_run(cfg, json_: bool) -> None:
     if plan["peak_bytes"] is not None:
         mem = f"{format_bytes(plan['peak_bytes'])} peak on the device (measured)"
     else:
-        mem = (f"{format_bytes(plan['state_bytes'])} of weights, gradients and optimizer state, plus "
-               "activations (not measured on the CPU)")
+        mem = (f"{format_bytes(plan['step_bytes'])} (estimated: {format_bytes(plan['state_bytes'])} of "
+               f"weights, gradients and optimizer state + {format_bytes(plan['activation_bytes'])} of "
+               "activations)")
+    if plan["mem_budget"] is not None:
+        mem += f", within --mem-budget {format_bytes(plan['mem_budget'])}"
     typer.echo(safe(f"train {plan['base']}: {plan['parameters'] / 1e6:.2f} M trainable parameters "
                     f"({plan['frozen_parameters'] / 1e6:.2f} M frozen CLIP) on {plan['device']}"))
+    ckpt = "on" if plan["checkpointing"] else "off"
     typer.echo(f"  batch {cfg.batch} = {plan['micro_batch']} x {plan['accum']} accumulated, "
-               f"crop {plan['crop']} px, lr {plan['lr']:g}, warm-up {plan['warmup']} steps")
+               f"crop {plan['crop']} px, activation checkpointing {ckpt}, lr {plan['lr']:g}, "
+               f"warm-up {plan['warmup']} steps")
     typer.echo(f"  memory per step: {mem}")
+    if plan["budget_changes"]:
+        typer.echo(f"  the budget set: {'; '.join(plan['budget_changes'])}")
     typer.echo(f"  time: {plan['seconds_per_step']:.3f} s per step (measured over {plan['measured_steps']} "
                f"steps), {_duration(plan['total_seconds'])} for {cfg.steps} steps")
 

@@ -5,7 +5,8 @@ All of the network in plain PyTorch. Equivalent to THUDM/Inf-DiT `dit/model.py` 
 with the official flags `--nogate --qk-ln --re-position --cross-lr --image-condition --input-time adaln`.
 
 `InfDiT.forward` is the denoiser on the whole image, D(x; sigma) in one differentiable pass written top
-to bottom: training's forward, and the reference the block engine is tested against. The same network also
+to bottom (its loop calls `layer`, under activation checkpointing when `grad_checkpointing` is set):
+training's forward, and the reference the block engine is tested against. The same network also
 comes in pieces that work on a *rectangle of blocks* (block rows and columns as `range`s): `embed`, `rope`,
 `lr_context`, `layer_qkv`, `layer_out`, `head`. `engine.py` drives the layer loop with them, n x n blocks
 at a time in bounded memory, and between `layer_qkv` and `layer_out` hands each layer the keys/values of
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import block_attention, cross_attention, lr_windows
 from .clip import ClipImageEncoder
@@ -119,6 +121,7 @@ class InfDiT(nn.Module):
         self.lr_cross = LRCrossAttention(cfg, dd)
         self.final_layer = FinalLayer(cfg, dd)
         self.clip = ClipImageEncoder(cfg.clip).to(**dd) if cfg.clip is not None else None
+        self.grad_checkpointing = False  # forward: recompute each layer in backward (training's memory)
 
     @property
     def device(self) -> torch.device:
@@ -152,8 +155,7 @@ class InfDiT(nn.Module):
         """
         cfg, dev, dt = self.config, self.device, self.dtype
         b, _, hh, ww = x.shape
-        bs, lb, lp, eps = cfg.block_size, cfg.lr_block, cfg.lr_patch_size, cfg.layernorm_eps
-        nh, hd = cfg.num_heads, cfg.head_dim
+        bs, lb, lp = cfg.block_size, cfg.lr_block, cfg.lr_patch_size
         if hh % bs or ww % bs:
             raise ValueError(f"x {tuple(x.shape)}: H and W must be multiples of block_size {bs} "
                              "(engine.pad_to_blocks pads)")
@@ -180,28 +182,42 @@ class InfDiT(nn.Module):
         lr_k, lr_v = (t.unflatten(1, (gh, gw))  # (B, Gh, Gw, W, H, d) each, W = (3 lb)^2
                       for t in self.lr_windows(lr_ctx, blocks // gw, blocks % gw))
 
-        for i, blk in enumerate(self.blocks):
-            shift_msa, gain_msa, shift_mlp, gain_mlp = step.layer_mods[i]  # (B, 1, 1, 1, D) each
-            # UniBA self-attention: each block against itself and its top-left, left and top neighbours.
-            a = _ln_mod(h, shift_msa, gain_msa, eps)  # (B, Gh, Gw, T, D)
-            q, k, v = blk.qkv(a).unflatten(-1, (3, nh, hd)).unbind(-3)  # (B, Gh, Gw, T, H, d) each
-            q = apply_rope(blk.q_norm(q), cos, ssin)  # (B, Gh, Gw, T, H, d)
-            k = apply_rope(blk.q_norm(k), cos, ssin)  # the QUERY LayerNorm: the official model's quirk
-            k = uniba_segments(k) + self.re_pos_embed[i][:, None]  # (B, Gh, Gw, 4, T, H, d), per-segment
-            v = uniba_segments(v)  # (B, Gh, Gw, 4, T, H, d)
-            att = block_attention(q, k.flatten(3, 4), v.flatten(3, 4))  # (B, Gh, Gw, T, H, d)
-            h = h + blk.proj(att.flatten(-2))  # (B, Gh, Gw, T, D)
-            if i == 0:
-                # Layer 0: cross-attention to the 3x3 LR blocks around each block; its MLP input is
-                # modulated after the cross-attention's own affine LayerNorm.
-                h = h + self._lr_cross_attention(_ln(h, eps), lr_k, lr_v)  # (B, Gh, Gw, T, D)
-                m = torch.addcmul(shift_mlp, self.lr_cross.post_norm(h), gain_mlp)  # (B, Gh, Gw, T, D)
+        # The transformer layers (`layer`), each with its adaLN modulation.
+        for i in range(len(self.blocks)):
+            mods = step.layer_mods[i]  # (shift_msa, gain_msa, shift_mlp, gain_mlp), each (B, 1, 1, 1, D)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Activation checkpointing: keep only the layer's inputs and run the layer again in
+                # backward (one layer's activations alive at a time, for about a third more compute).
+                h = checkpoint(self.layer, i, h, mods, cos, ssin, lr_k, lr_v, use_reentrant=False)
             else:
-                m = _ln_mod(h, shift_mlp, gain_mlp, eps)  # (B, Gh, Gw, T, D)
-            h = h + blk.fc2(F.gelu(blk.fc1(m), approximate="tanh"))  # (B, Gh, Gw, T, D)
+                h = self.layer(i, h, mods, cos, ssin, lr_k, lr_v)  # (B, Gh, Gw, T, D)
 
         f = self.head(h, step).to(pdt)  # (B, 3, H, W) the network output F
         return f * c_out + x * c_skip  # (B, 3, H, W)
+
+    def layer(self, i: int, h: torch.Tensor, mods: tuple[torch.Tensor, ...], cos: torch.Tensor,
+              ssin: torch.Tensor, lr_k: torch.Tensor, lr_v: torch.Tensor) -> torch.Tensor:
+        """Transformer layer i of `forward` on the whole grid: h (B, Gh, Gw, T, D) -> h, out of place."""
+        blk, eps = self.blocks[i], self.config.layernorm_eps
+        nh, hd = self.config.num_heads, self.config.head_dim
+        shift_msa, gain_msa, shift_mlp, gain_mlp = mods  # (B, 1, 1, 1, D) each
+        # UniBA self-attention: each block against itself and its top-left, left and top neighbours.
+        a = _ln_mod(h, shift_msa, gain_msa, eps)  # (B, Gh, Gw, T, D)
+        q, k, v = blk.qkv(a).unflatten(-1, (3, nh, hd)).unbind(-3)  # (B, Gh, Gw, T, H, d) each
+        q = apply_rope(blk.q_norm(q), cos, ssin)  # (B, Gh, Gw, T, H, d)
+        k = apply_rope(blk.q_norm(k), cos, ssin)  # the QUERY LayerNorm: the official model's quirk
+        k = uniba_segments(k) + self.re_pos_embed[i][:, None]  # (B, Gh, Gw, 4, T, H, d), per-segment
+        v = uniba_segments(v)  # (B, Gh, Gw, 4, T, H, d)
+        att = block_attention(q, k.flatten(3, 4), v.flatten(3, 4))  # (B, Gh, Gw, T, H, d)
+        h = h + blk.proj(att.flatten(-2))  # (B, Gh, Gw, T, D)
+        if i == 0:
+            # Layer 0: cross-attention to the 3x3 LR blocks around each block; its MLP input is
+            # modulated after the cross-attention's own affine LayerNorm.
+            h = h + self._lr_cross_attention(_ln(h, eps), lr_k, lr_v)  # (B, Gh, Gw, T, D)
+            m = torch.addcmul(shift_mlp, self.lr_cross.post_norm(h), gain_mlp)  # (B, Gh, Gw, T, D)
+        else:
+            m = _ln_mod(h, shift_mlp, gain_mlp, eps)  # (B, Gh, Gw, T, D)
+        return h + blk.fc2(F.gelu(blk.fc1(m), approximate="tanh"))  # (B, Gh, Gw, T, D)
 
     # ---- per-call constants -----------------------------------------------------------------------------
 

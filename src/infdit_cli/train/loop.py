@@ -26,11 +26,22 @@ from pathlib import Path
 import torch
 
 from ..engine.storage import SafeFolder
-from ..errors import BadRequest, DiskFull, NonFinite, OutputExists, Signalled, UnsafePath, no_space
+from ..errors import (
+    BadRequest,
+    DiskFull,
+    MemoryBudgetTooSmall,
+    NonFinite,
+    OutputExists,
+    Signalled,
+    UnsafePath,
+    no_space,
+)
 from ..events import Notice, TrainSaved, TrainStarted, TrainStep, TrainValidated
 from ..jobs.checkpoint import model_identity, output_lock, weights_identity
+from ..units import format_bytes
 from . import recipe as R
 from .data import Item, TrainSet, ValSet, files_digest, positions, sample_generator, scan, worker_init
+from .memory import MemoryPlan, plan_memory, synthetic_batch
 
 __all__ = ["FORMAT", "TrainConfig", "TrainResult", "batch_loss", "build_model", "run_folder_for", "train"]
 
@@ -120,8 +131,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module
         base, ident = f"config:{cfg.config}", model_identity(model)
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith("clip."))
-    if cfg.checkpointing and hasattr(model, "grad_checkpointing"):
-        model.grad_checkpointing = True
+    model.grad_checkpointing = cfg.checkpointing
     return model.train(), base, ident
 
 
@@ -350,6 +360,25 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
+def _memory_plan(model, cfg: TrainConfig, o: dict, world) -> MemoryPlan:
+    """The step's memory plan under --mem-budget: rank 0 plans (on CUDA it measures), every rank follows, and
+    a budget too small is the same one line on every rank."""
+    from ..distributed.world import broadcast
+
+    plan = refused = None
+    if world.main:
+        try:
+            plan = plan_memory(model, batch=cfg.batch, ranks=world.size, accum=cfg.accum, crop=o["crop"],
+                               checkpointing=cfg.checkpointing, ema=cfg.ema, budget=cfg.mem_budget,
+                               amp=o["amp"])
+        except MemoryBudgetTooSmall as e:
+            refused = str(e)
+    plan, refused = broadcast((plan, refused), world)
+    if refused is not None:
+        raise MemoryBudgetTooSmall(refused)
+    return plan
+
+
 def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) -> TrainResult:
     """Train (or fine-tune) and write `cfg.output`. Under torchrun every rank calls this alike.
 
@@ -383,7 +412,11 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
         if cfg.batch % (world.size * cfg.accum):
             raise BadRequest(f"--batch {cfg.batch} must be a multiple of ranks x --accum = "
                              f"{world.size} x {cfg.accum}")
-        micro = cfg.batch // (world.size * cfg.accum)
+        mem = _memory_plan(model, cfg, o, world)
+        accum, micro = mem.accum, mem.micro_batch
+        model.grad_checkpointing = mem.checkpointing
+        for change in mem.changes:
+            say(Notice(f"--mem-budget {format_bytes(mem.budget)}: {change}"))
         items = scan(cfg.data, crop=o["crop"], scale=mc.sr_scale, on_skip=lambda t: say(Notice(t)))
         if cfg.val is not None:
             val_items = scan(cfg.val, crop=o["crop"], scale=mc.sr_scale, on_skip=lambda t: say(Notice(t)))
@@ -393,7 +426,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
         params = [p for _, p in trainable]
         fp = {"base": base_id, "config": json.loads(mc.to_json()), "data": files_digest(items, cfg.data),
               "data_files": len(items), "val": [str(it.hr) for it in val_items], "batch": cfg.batch,
-              "crop": o["crop"], "lr": o["lr"], "warmup": o["warmup"], "seed": cfg.seed, "accum": cfg.accum,
+              "crop": o["crop"], "lr": o["lr"], "warmup": o["warmup"], "seed": cfg.seed, "accum": accum,
               "ema": cfg.ema, "amp": str(o["amp"]), "ranks": world.size,
               "sigma_mean": recipe.p_mean, "sigma_std": recipe.p_std, "recipe": RECIPE_VERSION}
         from .._version import __version__
@@ -440,7 +473,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 try:
-                    micro_batches = [_to(next(batches), device) for _ in range(cfg.accum)]
+                    micro_batches = [_to(next(batches), device) for _ in range(accum)]
                 except Exception:
                     if stops:  # a worker stopped by the same signal: the state is that of `step`
                         break
@@ -456,13 +489,13 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
                 opt.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=device)
                 for k, b in enumerate(micro_batches):
-                    last = ddp is None or k == cfg.accum - 1
+                    last = ddp is None or k == accum - 1
                     sync = contextlib.nullcontext() if last else ddp.no_sync()
                     with sync:
                         with amp():
                             loss, _ = batch_loss(forward, model, b, origin)
-                        (loss / cfg.accum).backward()
-                    total += loss.detach().float() / cfg.accum
+                        (loss / accum).backward()
+                    total += loss.detach().float() / accum
                 torch.nn.utils.clip_grad_norm_(params, o["clip"])
                 opt.step()
                 if ema is not None:
@@ -626,27 +659,31 @@ def provenance(path: str | Path) -> dict | None:
 
 
 def dry_run(cfg: TrainConfig, measure_steps: int = 2) -> dict:
-    """The plan of `cfg` without training: parameters, memory per step, and time per step and in total,
-    measured on this device over `measure_steps` steps of a synthetic batch at the real micro-batch and crop
-    (after one step not timed). Memory: the weights, gradients, AdamW moments (and EMA) in float32, plus
-    the peak the measured steps allocated on CUDA (None elsewhere: not measured)."""
+    """The plan of `cfg` without training: parameters, memory per step within --mem-budget (`memory`), and
+    time per step and in total, measured on this device over `measure_steps` steps of a synthetic batch at
+    the planned micro-batch and crop (after one step not timed).
+
+    Memory: on the CPU, the weights, gradients, AdamW moments (and EMA) in float32 plus the activation
+    estimate (`memory.activation_bytes_per_pixel`); on CUDA, the peak the measured steps allocated.
+
+    Raises:
+        MemoryBudgetTooSmall: not even micro-batch 1 with activation checkpointing fits --mem-budget.
+    """
     from ..plan.device import resolve_device
 
     device = resolve_device(cfg.device)
     model, base, _ = build_model(cfg, device)
     o = _resolve(cfg, model.config, device, recipe_for(cfg))
-    micro = max(1, cfg.batch // cfg.accum)
+    if cfg.batch % cfg.accum:
+        raise BadRequest(f"--batch {cfg.batch} must be a multiple of --accum {cfg.accum}")
+    mem = plan_memory(model, batch=cfg.batch, ranks=1, accum=cfg.accum, crop=o["crop"],
+                      checkpointing=cfg.checkpointing, ema=cfg.ema, budget=cfg.mem_budget, amp=o["amp"],
+                      estimate=True)
+    model.grad_checkpointing = mem.checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    state_bytes = 4 * n * (4 + (1 if cfg.ema else 0)) + 4 * frozen
-    s, c = model.config.sr_scale, o["crop"]
-    gen = torch.Generator().manual_seed(0)
-    batch = {"hr": torch.rand(micro, 3, c, c, generator=gen) * 2 - 1,
-             "lr": torch.rand(micro, 3, c // s, c // s, generator=gen) * 2 - 1,
-             "noise": torch.randn(micro, 3, c, c, generator=gen), "sigma": torch.full((micro,), 0.5)}
-    batch["lr_up"] = R.concat_lr(batch["lr"], s)
-    batch = _to(batch, device)
+    batch = synthetic_batch(model, mem.micro_batch, o["crop"], device)
     opt = torch.optim.AdamW(params, lr=o["lr"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -665,7 +702,9 @@ def dry_run(cfg: TrainConfig, measure_steps: int = 2) -> dict:
     per_micro = sum(times) / len(times)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"base": base, "device": device.type, "parameters": n, "frozen_parameters": frozen,
-            "micro_batch": micro, "accum": cfg.accum, "crop": c, "state_bytes": state_bytes,
-            "peak_bytes": peak, "seconds_per_step": per_micro * cfg.accum,
-            "total_seconds": per_micro * cfg.accum * cfg.steps, "measured_steps": measure_steps,
-            "lr": o["lr"], "warmup": o["warmup"]}
+            "micro_batch": mem.micro_batch, "accum": mem.accum, "checkpointing": mem.checkpointing,
+            "crop": o["crop"], "state_bytes": mem.state_bytes, "activation_bytes": mem.activation_bytes,
+            "step_bytes": peak if peak is not None else mem.step_bytes, "peak_bytes": peak,
+            "mem_budget": mem.budget, "budget_changes": mem.changes,
+            "seconds_per_step": per_micro * mem.accum, "total_seconds": per_micro * mem.accum * cfg.steps,
+            "measured_steps": measure_steps, "lr": o["lr"], "warmup": o["warmup"]}
