@@ -80,7 +80,7 @@ def baselines(batches: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def model_per_sigma(path: Path, batches: list[dict]) -> torch.Tensor:
-    from infdit_cli.train.loop import batch_loss
+    from infdit_cli.train.recipe import batch_loss
     from infdit_cli.weights.format import load_model
 
     model = load_model(path, device=torch.device("cpu"), dtype=torch.float32).eval()

@@ -25,7 +25,8 @@ from infdit_cli.model.infdit import random_model  # noqa: E402
 from infdit_cli.weights.format import save_model_file  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "upstream-a"  # checkpoint.pt, config.json: links into the package's
-# copy (src/infdit_cli/tools/selftest_data, which `infdit selftest` reads); io.safetensors here holds the other keys
+# copy (src/infdit_cli/tools/selftest_data, which `infdit selftest` reads); io.safetensors here holds the
+# other keys
 PACKAGED = Path(__file__).resolve().parents[1] / "src" / "infdit_cli" / "tools" / "selftest_data"
 TORCH_DEVICE = os.environ.get("TORCH_DEVICE", "cpu")
 INFDIT = Path(sys.executable).with_name("infdit")  # the installed entry point

@@ -21,8 +21,8 @@ from infdit_cli.errors import BadRequest
 from infdit_cli.model.config import PRESETS
 from infdit_cli.model.infdit import random_model
 from infdit_cli.train.data import scan
-from infdit_cli.train.loop import TrainConfig, batch_loss, provenance, train
-from infdit_cli.train.recipe import loss_weight
+from infdit_cli.train.loop import TrainConfig, provenance, train
+from infdit_cli.train.recipe import batch_loss, loss_weight
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "INFDIT_RANK_TIMEOUT": "120"}
 ENV.pop("OMP_NUM_THREADS", None)  # the threads of this process: bit-identity needs the same reductions
@@ -108,15 +108,15 @@ def test_a_batch_of_two_is_the_mean_of_two_singles_in_loss_and_gradients():
 
 STOPPER = textwrap.dedent("""
     import os, signal, sys
-    from infdit_cli.train import loop
-    real = loop.batch_loss
+    from infdit_cli.train import recipe
+    real = recipe.batch_loss
     calls = [0]
     def batch_loss(*a, **k):
         calls[0] += 1
         if calls[0] == 2:  # inside step 2 (one micro-batch per step): a real SIGTERM, mid-step
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
-    loop.batch_loss = batch_loss
+    recipe.batch_loss = batch_loss
     from infdit_cli.cli.app import main
     sys.argv = ["infdit", *sys.argv[1:]]
     main()

@@ -43,7 +43,7 @@ from . import recipe as R
 from .data import Item, TrainSet, ValSet, files_digest, positions, sample_generator, scan, worker_init
 from .memory import MemoryPlan, plan_memory, synthetic_batch
 
-__all__ = ["FORMAT", "TrainConfig", "TrainResult", "batch_loss", "build_model", "run_folder_for", "train"]
+__all__ = ["FORMAT", "TrainConfig", "TrainResult", "build_model", "run_folder_for", "train"]
 
 FORMAT = 1  # the run folder's meta.json format
 KIND = "training run folder"
@@ -133,16 +133,6 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module
         p.requires_grad_(not name.startswith("clip."))
     model.grad_checkpointing = cfg.checkpointing
     return model.train(), base, ident
-
-
-def batch_loss(forward, model, batch: dict, origin: tuple[int, int] = (0, 0)
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, per-sample losses) of a batch: the EDM-weighted L2 of D(hr + sigma noise) - hr through
-    the model's differentiable `forward` (or its DDP wrapper), the CLIP vector of the LR from the frozen
-    tower. `batch`: hr, lr, lr_up, noise (B, 3, ...) and sigma (B,), on the model's device."""
-    vector = model.encode_image(batch["lr"])  # (B, vector_dim), no autograd
-    return R.edm_loss(forward, batch["hr"], batch["sigma"], batch["noise"], lr_up=batch["lr_up"],
-                      lr=batch["lr"], vector=vector, origin=origin)
 
 
 def _origin(seed: int, step: int, model, crop: int, recipe) -> tuple[int, int]:
@@ -493,7 +483,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
                     sync = contextlib.nullcontext() if last else ddp.no_sync()
                     with sync:
                         with amp():
-                            loss, _ = batch_loss(forward, model, b, origin)
+                            loss, _ = R.batch_loss(forward, model, b, origin)
                         (loss / accum).backward()
                     total += loss.detach().float() / accum
                 torch.nn.utils.clip_grad_norm_(params, o["clip"])
@@ -624,7 +614,7 @@ def validate(model, items: list[Item], run: TrainRun, step: int, crop: int, cfg:
             b = _to({k: v[None] for k, v in vs[i].items() if isinstance(v, torch.Tensor)}, dev)
             rep = {k: v.expand(len(sigmas), *v.shape[1:]) for k, v in b.items() if k != "sigma"}
             rep["sigma"] = sigmas.to(dev)
-            loss, _ = batch_loss(model, model, rep)
+            loss, _ = R.batch_loss(model, model, rep)
             losses.append(float(loss))
             if len(rows) < 4:
                 vec = model.encode_image(b["lr"])
@@ -692,7 +682,7 @@ def dry_run(cfg: TrainConfig, measure_steps: int = 2) -> dict:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=o["amp"]) if o["amp"] is not None else contextlib.nullcontext():
-            loss, _ = batch_loss(model, model, batch)
+            loss, _ = R.batch_loss(model, model, batch)
         loss.backward()
         opt.step()
         if device.type == "cuda":

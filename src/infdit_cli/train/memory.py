@@ -108,7 +108,6 @@ def activation_bytes_per_pixel(model) -> tuple[float, float]:
 def _cuda_peak(model, micro: int, crop: int, checkpointing: bool, amp, ema: bool) -> int | None:
     """The peak bytes allocated on CUDA by one micro-step (forward, backward, an AdamW step with lr 0, which
     leaves the weights as they were), the weights included; None if it ran out of memory."""
-    from .loop import batch_loss
 
     dev = model.device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -121,7 +120,7 @@ def _cuda_peak(model, micro: int, crop: int, checkpointing: bool, amp, ema: bool
     try:
         batch = synthetic_batch(model, micro, crop, dev)
         with torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext():
-            loss, _ = batch_loss(model, model, batch)
+            loss, _ = R.batch_loss(model, model, batch)
         loss.backward()
         opt.step()
         torch.cuda.synchronize(dev)

@@ -183,3 +183,13 @@ def sample_rope_origin(gen: torch.Generator, tokens: int, table_size: int = RECI
         raise ValueError(f"{tokens} tokens per side exceed the RoPE table of {table_size}")
     hi = table_size - tokens
     return _randint(gen, hi), _randint(gen, hi)
+
+
+def batch_loss(forward, model, batch: dict, origin: tuple[int, int] = (0, 0)
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, per-sample losses) of a batch: the EDM-weighted L2 of D(hr + sigma noise) - hr through
+    the model's differentiable `forward` (or its DDP wrapper), the CLIP vector of the LR from the frozen
+    tower. `batch`: hr, lr, lr_up, noise (B, 3, ...) and sigma (B,), on the model's device."""
+    vector = model.encode_image(batch["lr"])  # (B, vector_dim), no autograd
+    return edm_loss(forward, batch["hr"], batch["sigma"], batch["noise"], lr_up=batch["lr_up"],
+                      lr=batch["lr"], vector=vector, origin=origin)
