@@ -1,7 +1,8 @@
 """Where weights come from: the model registry, Hub references, URLs, and the cache they land in.
 
 `--weights` accepts a local `.safetensors` path, a registry name (manifests shipped in
-`infdit_cli/registry/*.json`), a Hub reference `org/repo[/file][@revision]`, or the http(s) URL of an
+`infdit_cli/weights/registry/*.json`, the repository's `weights/`), a Hub reference
+`org/repo[/file][@revision]`, or the http(s) URL of an
 official checkpoint that `infdit download` has converted into the cache. Hub downloads go through
 `huggingface_hub.hf_hub_download` into the standard HF cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN and
 HF_ENDPOINT are honoured); URL downloads through `download.py` into `cache.py`'s. Nothing is ever unpickled
@@ -41,7 +42,7 @@ sha256_file = cache.sha256_file
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registry manifest (`infdit_cli/registry/<name>.json`)."""
+    """One registry manifest (`infdit_cli/weights/registry/<name>.json`)."""
 
     name: str
     repo_id: str | None  # a Hub repo of converted safetensors; None: none published (--repo, INFDIT_REPO)
@@ -91,7 +92,7 @@ def _manifest_files() -> list[tuple[str, str]]:
         d = Path(settings().registry)
         out += [(str(f), f.read_text()) for f in sorted(d.glob("*.json"))] if d.is_dir() else []
     pkg = resources.files("infdit_cli.weights.registry")
-    out += [(f"infdit_cli/registry/{f.name}", f.read_text())
+    out += [(f"infdit_cli/weights/registry/{f.name}", f.read_text())
             for f in sorted(pkg.iterdir(), key=lambda f: f.name)
             if f.name.endswith(".json")]
     return out
