@@ -10,7 +10,7 @@ from infdit_cli.engine.blocks import BlockEngine, denoise
 from infdit_cli.engine.storage import Scratch
 from infdit_cli.errors import OutOfMemory
 from infdit_cli.events import BatchDone, PlanChanged
-from infdit_cli.plan.grid import cache_bound, plan_batches
+from infdit_cli.plan.grid import cache_bound, plan_rects
 from infdit_cli.plan.planner import Placement, step_down
 
 WHOLE = Placement(n=1 << 30)
@@ -93,7 +93,7 @@ def test_cache_holds_only_what_is_needed(tiny_model, grid, n, order):
     denoise(tiny_model, x, 1.7, lr_up=lr_up, lr=lr, vector=vec, block_batch=n, order=order,
             on_event=events.append)
     counts = [e.cached_blocks for e in events if isinstance(e, BatchDone)]
-    assert len(counts) == len(plan_batches(*grid, n, order))
+    assert len(counts) == len(plan_rects(*grid, n, order))
     assert max(counts) <= cache_bound(*grid, n, order), counts
     assert counts[-1] == 0  # everything released at the end
 
@@ -132,13 +132,13 @@ def _limit(max_bytes):
 
 
 def test_out_of_memory_steps_down_and_keeps_the_smaller_plan(tiny_model, whole):
-    from infdit_cli.plan.grid import BlockBatch
+    from infdit_cli.plan.grid import BlockRect
     from infdit_cli.plan.planner import batch_device_bytes
 
     x, lr_up, lr, vec, ref = whole[(48, 80)]
     cfg = tiny_model.config
-    big = batch_device_bytes(cfg, BlockBatch(0, 3, 0, 4, 3, 5), 1, torch.float32, False)
-    two = batch_device_bytes(cfg, BlockBatch(0, 2, 0, 2, 3, 5), 1, torch.float32, False)
+    big = batch_device_bytes(cfg, BlockRect(0, 3, 0, 4, 3, 5), 1, torch.float32, False)
+    two = batch_device_bytes(cfg, BlockRect(0, 2, 0, 2, 3, 5), 1, torch.float32, False)
     fault = _limit((big + two) // 2)  # a 4x4 batch does not fit, 2x2 does
     events = []
     eng = BlockEngine(tiny_model, lr, vec, lr_up, Placement(n=4), on_event=events.append, fault=fault)

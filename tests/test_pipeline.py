@@ -16,7 +16,7 @@ from PIL import Image
 from infdit_cli.events import PlanChanged
 from infdit_cli.images.load import resize
 from infdit_cli.jobs.pipeline import Upsampled, UpscaleOptions, plan_upscale, upscale
-from infdit_cli.plan.grid import BlockBatch
+from infdit_cli.plan.grid import BlockRect
 from infdit_cli.plan.planner import batch_device_bytes
 
 
@@ -85,7 +85,7 @@ def test_out_of_memory_mid_pass_keeps_the_smaller_plan(tiny_model, rgb, referenc
     it (one change reported); the result stays within the block tolerance of the n=2 run and, where
     n=1 ran from the start, equals the n=1 run."""
     cfg = tiny_model.config
-    two = batch_device_bytes(cfg, BlockBatch(0, 2, 0, 2, 5, 7), 1, torch.float32, False)
+    two = batch_device_bytes(cfg, BlockRect(0, 2, 0, 2, 5, 7), 1, torch.float32, False)
     calls = {"batches": 0}
     per_call = 3 * 4  # 5x7 grid at n=2: 3 x 4 rectangles
 

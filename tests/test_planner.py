@@ -3,7 +3,7 @@ import torch
 
 from infdit_cli.errors import HostMemoryTooSmall, MemoryBudgetTooSmall
 from infdit_cli.model.config import PRESETS
-from infdit_cli.plan.grid import cache_bound, choose_order, plan_batches
+from infdit_cli.plan.grid import cache_bound, choose_order, plan_rects
 from infdit_cli.plan.planner import Rates, call_seconds, estimate, param_count, plan
 from infdit_cli.units import parse_bytes
 
@@ -166,7 +166,7 @@ def test_fixed_n_still_plans_placements():
 def test_schedule_covers_grid_once():
     for gh, gw, n in [(3, 5, 2), (5, 3, 3), (4, 4, 4), (1, 7, 3)]:
         for order in ("row", "col"):
-            seen = [b for r in plan_batches(gh, gw, n, order) for b in r.blocks()]
+            seen = [b for r in plan_rects(gh, gw, n, order) for b in r.blocks()]
             assert sorted(seen) == [(i, j) for i in range(gh) for j in range(gw)]
     assert choose_order(10, 3) == "row" and choose_order(3, 10) == "col"
     assert cache_bound(3, 10, 2, "col") < cache_bound(3, 10, 2, "row")
@@ -239,7 +239,7 @@ def test_the_engine_replans_before_it_halves(tiny_model):
     only on the next (3 -> 1: a 3-block grid side); the result equals a call planned that way."""
     from infdit_cli.engine.blocks import BlockEngine, denoise
     from infdit_cli.events import PlanChanged
-    from infdit_cli.plan.grid import BlockBatch
+    from infdit_cli.plan.grid import BlockRect
     from infdit_cli.plan.planner import Placement, batch_device_bytes
 
     cfg = tiny_model.config
@@ -248,7 +248,7 @@ def test_the_engine_replans_before_it_halves(tiny_model):
     lr = torch.rand(1, 3, h // cfg.sr_scale, w // cfg.sr_scale, generator=g) * 2 - 1
     lr_up = torch.rand(1, 3, h, w, generator=g) * 2 - 1
     x, vec = lr_up + torch.randn(1, 3, h, w, generator=g), torch.randn(1, cfg.vector_dim, generator=g)
-    three = batch_device_bytes(cfg, BlockBatch(0, 3, 0, 3, 3, 5), 1, torch.float32, False, "cpu")
+    three = batch_device_bytes(cfg, BlockRect(0, 3, 0, 3, 3, 5), 1, torch.float32, False, "cpu")
 
     def fault(nbytes):
         if nbytes > three:
@@ -292,14 +292,14 @@ def test_a_pass_out_of_memory_first_replans_then_halves(tiny_model):
     batches fail too, then it halves (n=1)."""
     from infdit_cli.events import PlanChanged
     from infdit_cli.jobs.pipeline import UpscaleOptions, plan_upscale, upscale
-    from infdit_cli.plan.grid import BlockBatch
+    from infdit_cli.plan.grid import BlockRect
     from infdit_cli.plan.planner import batch_device_bytes
 
     cfg = tiny_model.config
     rgb = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))  # 5x7 blocks at 4x
     opts = UpscaleOptions(steps=2, block_batch=4, low_memory=False)
     up_plan = plan_upscale(cfg, (20, 28), (80, 112), opts)
-    three = batch_device_bytes(cfg, BlockBatch(0, 3, 0, 3, 5, 7), 1, torch.float32, False, "cpu")
+    three = batch_device_bytes(cfg, BlockRect(0, 3, 0, 3, 5, 7), 1, torch.float32, False, "cpu")
     for limit, want in ((three, [("n=4", "n=3")]), (three - 1, [("n=4", "n=3"), ("n=3", "n=1")])):
         def fault(nbytes, limit=limit):
             if nbytes > limit:
@@ -319,7 +319,7 @@ def test_a_pass_replans_with_its_state_dtype_and_order(tiny_model, monkeypatch):
     import infdit_cli.jobs.pipeline as pipeline_mod
     import infdit_cli.plan.planner as planner_mod
     from infdit_cli.jobs.pipeline import UpscaleOptions, plan_upscale, upscale
-    from infdit_cli.plan.grid import BlockBatch
+    from infdit_cli.plan.grid import BlockRect
     from infdit_cli.plan.planner import batch_device_bytes
 
     cfg = tiny_model.config
@@ -330,7 +330,7 @@ def test_a_pass_replans_with_its_state_dtype_and_order(tiny_model, monkeypatch):
     mem = dc_replace(pas.memory, state_dtype=torch.bfloat16,
                      placement=dc_replace(pas.memory.placement, order="col"))
     up_plan = dc_replace(up_plan, passes=[dc_replace(pas, memory=mem)])
-    three = batch_device_bytes(cfg, BlockBatch(0, 3, 0, 3, 5, 7), 1, torch.float32, False, "cpu")
+    three = batch_device_bytes(cfg, BlockRect(0, 3, 0, 3, 5, 7), 1, torch.float32, False, "cpu")
     seen, answers = [], []
     real_estimate, real_replan = planner_mod.estimate, pipeline_mod.planner_replan
 

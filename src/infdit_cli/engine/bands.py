@@ -20,7 +20,7 @@ import torch
 
 from ..distributed.world import World
 from ..events import Notice
-from ..plan.grid import BlockBatch, cache_slots
+from ..plan.grid import BlockRect, cache_slots
 from .blocks import BlockEngine, KVCache, Neighbours, Sweep
 
 __all__ = ["BandEngine", "BandNeighbours", "band_engine", "column_bands"]
@@ -104,16 +104,16 @@ class BandNeighbours(Neighbours):
         done[:, lo:hi] = False
         if hi <= lo:
             return Sweep([], n, None, done)
-        rects = [BlockBatch(r0, min(r0 + n, g.gh), c0, min(c0 + n, hi), g.gh, g.gw)
+        rects = [BlockRect(r0, min(r0 + n, g.gh), c0, min(c0 + n, hi), g.gh, g.gw)
                  for r0 in range(0, g.gh, n) for c0 in range(lo, hi, n)]
         # own entries (a band's row-major bound) plus the received left column (n rows and the corner)
         return Sweep(rects, n, cache_slots(g.gh, hi - lo, n, "row") + n + 1, done)
 
-    def start(self, rect: BlockBatch) -> None:
+    def start(self, rect: BlockRect) -> None:
         self._rx = self._tx = 0
         self._row = rect.r0 // self._n
 
-    def fetch(self, cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
+    def fetch(self, cache: KVCache, rect: BlockRect, layer: int, device: torch.device):
         """At the band's left edge, layer `layer` of the left band's last column first (rank - 1 sends it
         as soon as that layer is done), straight into this rank's cache."""
         import torch.distributed as dist
@@ -126,7 +126,7 @@ class BandNeighbours(Neighbours):
             self._rx += 1
         return super().fetch(cache, rect, layer, device)
 
-    def layer_done(self, rect: BlockBatch, layer: int, cache: KVCache) -> None:
+    def layer_done(self, rect: BlockRect, layer: int, cache: KVCache) -> None:
         """At the band's right edge, this layer's K/V of the last column to rank + 1 at once: it starts its
         layer `layer` while this rank computes the next."""
         import torch.distributed as dist
@@ -142,12 +142,12 @@ class BandNeighbours(Neighbours):
                 self._sends.append((dist.isend(t, dst=self.world.rank + 1), t, self._row))
             self._tx += 1
 
-    def rect_done(self, rect: BlockBatch) -> None:
+    def rect_done(self, rect: BlockRect) -> None:
         # the copies sent two rows back can go: the next rank, a row behind, has them by now
         # (waiting on the last row's would stall this rank on the next one's every jitter)
         self._wait_sends(before=self._row - 1)
 
-    def owe(self, rect: BlockBatch, cache: KVCache | None, batch: int) -> bool:
+    def owe(self, rect: BlockRect, cache: KVCache | None, batch: int) -> bool:
         """A failed rank's part of the protocol for `rect`: the layers still to receive and to send."""
         import torch.distributed as dist
 

@@ -29,7 +29,7 @@ from ..errors import OutOfMemory
 from ..events import BatchDone, PlanChanged
 from ..model.attention import gather_keys, neighbour_index
 from ..model.infdit import out_kernel, qkv_into
-from ..plan.grid import BlockBatch, Order, cache_slots, choose_order, consumers, plan_batches
+from ..plan.grid import BlockRect, Order, cache_slots, choose_order, consumers, plan_rects
 from ..plan.planner import Placement, batch_device_bytes, chunk_blocks, step_down
 from .storage import Scratch
 
@@ -292,7 +292,7 @@ class _Grid:
 class Sweep(NamedTuple):
     """One pass of `BlockEngine`'s loop: the rectangles it walks and the cache it keeps."""
 
-    rects: list[BlockBatch]  # in traversal order
+    rects: list[BlockRect]  # in traversal order
     n: int  # the block batch they are cut with
     slots: int | None  # the K/V cache's entries; None: no cache (the whole image at once)
     done: torch.Tensor  # (Gh, Gw) bool: blocks marked done up front (nobody in this process waits on them)
@@ -313,22 +313,22 @@ class Neighbours:
         """The pass's rectangles and cache, at the start of each denoiser call."""
         g, n, order = engine.grid, engine.n, engine.order
         slots = None if n >= max(g.gh, g.gw) else cache_slots(g.gh, g.gw, n, order)
-        return Sweep(plan_batches(g.gh, g.gw, n, order), n, slots, torch.zeros(g.gh, g.gw, dtype=torch.bool))
+        return Sweep(plan_rects(g.gh, g.gw, n, order), n, slots, torch.zeros(g.gh, g.gw, dtype=torch.bool))
 
-    def start(self, rect: BlockBatch) -> None:
+    def start(self, rect: BlockRect) -> None:
         """Before `rect` is computed."""
 
-    def fetch(self, cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
+    def fetch(self, cache: KVCache, rect: BlockRect, layer: int, device: torch.device):
         """Layer `layer`'s left column and top row of `rect`: (left_k, left_v, top_k, top_v)."""
         return _neighbours(cache, rect, layer, device)
 
-    def layer_done(self, rect: BlockBatch, layer: int, cache: KVCache) -> None:
+    def layer_done(self, rect: BlockRect, layer: int, cache: KVCache) -> None:
         """Layer `layer` of `rect` is in the cache."""
 
-    def rect_done(self, rect: BlockBatch) -> None:
+    def rect_done(self, rect: BlockRect) -> None:
         """`rect` is computed (its blocks not yet evicted)."""
 
-    def owe(self, rect: BlockBatch, cache: KVCache | None, batch: int) -> bool:
+    def owe(self, rect: BlockRect, cache: KVCache | None, batch: int) -> bool:
         """After running out of memory: this process's part in `rect` without computing it. False when it
         owes nothing: the pass ends there."""
         return False
@@ -515,7 +515,7 @@ class BlockEngine:
         edges.finish()
         return not failed
 
-    def _rect(self, x: torch.Tensor, out: torch.Tensor, rect: BlockBatch, step, cache: KVCache | None,
+    def _rect(self, x: torch.Tensor, out: torch.Tensor, rect: BlockRect, step, cache: KVCache | None,
               scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """D(x) on one rectangle into `out`: its slices travel to the model's device and back."""
         bs, g, dev = self.cfg.block_size, self.grid, self.model.device
@@ -529,7 +529,7 @@ class BlockEngine:
         f = f[..., : x_r.shape[-2], : x_r.shape[-1]].float()
         out[..., ys, xs] = (f * c_out + x_r * c_skip).to(out.device)
 
-    def _forward(self, xin: torch.Tensor, rect: BlockBatch, step, cache: KVCache | None) -> torch.Tensor:
+    def _forward(self, xin: torch.Tensor, rect: BlockRect, step, cache: KVCache | None) -> torch.Tensor:
         """The network on one rectangle: the model's pieces, with the cache between `layer_qkv` and
         `layer_out`, each piece run over chunks of blocks (`chunk_blocks`).
 
@@ -642,7 +642,7 @@ class BlockEngine:
         lp = self.cfg.lr_patch_size
         return self.lr.shape[-2] // lp, self.lr.shape[-1] // lp
 
-    def lr_pixel_region(self, rect: BlockBatch) -> torch.Tensor:
+    def lr_pixel_region(self, rect: BlockRect) -> torch.Tensor:
         """LR pixels under the rectangle plus one LR block all round, clipped to the LR image."""
         span = self.cfg.lr_block * self.cfg.lr_patch_size  # LR pixels per block side
         hl, wl = self.lr.shape[-2:]
@@ -651,7 +651,7 @@ class BlockEngine:
         return self.lr[..., r0:r1, c0:c1]
 
 
-def _neighbours(cache: KVCache, rect: BlockBatch, layer: int, device: torch.device):
+def _neighbours(cache: KVCache, rect: BlockRect, layer: int, device: torch.device):
     """Left column (rows r0..r1-1 at c0-1) and top row (row r0-1, columns c0-1..c1-1) from the cache.
 
     At the image's left/top edge the grid is replicate-padded: None lets `neighbour_index` pad, and the
@@ -667,7 +667,7 @@ def _neighbours(cache: KVCache, rect: BlockBatch, layer: int, device: torch.devi
     return left_k, left_v, top_k, top_v
 
 
-def _evict(cache: KVCache, rect: BlockBatch, done: torch.Tensor, puts: _Puts | None = None) -> None:
+def _evict(cache: KVCache, rect: BlockRect, done: torch.Tensor, puts: _Puts | None = None) -> None:
     """Mark the rectangle done; drop cached blocks that no block still to come reads."""
     done[rect.r0 : rect.r1, rect.c0 : rect.c1] = True
     grid_h, grid_w = done.shape

@@ -33,7 +33,7 @@ from ..files import atomic_write
 from ..model.attention import gather_keys, neighbour_index
 from ..model.infdit import random_model
 from ..settings import cache_root
-from .grid import BlockBatch
+from .grid import BlockRect
 from .meter import sync
 from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
 
@@ -189,7 +189,7 @@ def _chunk(cfg, device: torch.device, dtype: torch.dtype):
     gh = max(1, math.isqrt(blocks))
     gw = -(-blocks // gh)
     nb = gh * gw
-    rect = BlockBatch(1, 1 + gh, 1, 1 + gw, gh + 2, gw + 2)  # inside a grid: left and top neighbours
+    rect = BlockRect(1, 1 + gh, 1, 1 + gw, gh + 2, gw + 2)  # inside a grid: left and top neighbours
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(1, 1, nb, bt2, cfg.hidden_size, generator=g).to(device, dtype)
     h = h0.clone()

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["BlockBatch", "Order", "plan_batches", "choose_order", "consumers", "cache_bound", "cache_slots"]
+__all__ = ["BlockRect", "Order", "plan_rects", "choose_order", "consumers", "cache_bound", "cache_slots"]
 
 Order = Literal["row", "col"]
 
 
 @dataclass(frozen=True)
-class BlockBatch:
+class BlockRect:
     """Block rows [r0, r1) and columns [c0, c1) of a grid of grid_h x grid_w blocks."""
 
     r0: int
@@ -59,7 +59,7 @@ def cache_slots(grid_h: int, grid_w: int, n: int, order: Order) -> int:
     return cache_bound(grid_h, grid_w, n, order) + min(n, grid_h) + min(n, grid_w)
 
 
-def plan_batches(grid_h: int, grid_w: int, n: int | None, order: Order = "row") -> list[BlockBatch]:
+def plan_rects(grid_h: int, grid_w: int, n: int | None, order: Order = "row") -> list[BlockRect]:
     """The n x n rectangles covering the grid, in raster order (ragged at the right and bottom edges).
 
     `n=None` (or n covering the grid) is one rectangle: the whole-image pass.
@@ -78,4 +78,4 @@ def plan_batches(grid_h: int, grid_w: int, n: int | None, order: Order = "row") 
         pairs = [(r, c) for c in cols for r in rows]
     else:
         raise ValueError(f"unknown traversal order {order!r}")
-    return [BlockBatch(r0, r1, c0, c1, grid_h, grid_w) for (r0, r1), (c0, c1) in pairs]
+    return [BlockRect(r0, r1, c0, c1, grid_h, grid_w) for (r0, r1), (c0, c1) in pairs]

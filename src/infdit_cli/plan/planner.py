@@ -20,7 +20,7 @@ from ..errors import BadRequest, HostMemoryTooSmall, MemoryBudgetTooSmall
 from ..model.config import InfDiTConfig
 from ..settings import settings
 from ..units import format_bytes, format_seconds, parse_bytes
-from .grid import BlockBatch, cache_slots, choose_order
+from .grid import BlockRect, cache_slots, choose_order
 
 __all__ = [
     "HEUN_IMAGES", "NOMINAL_RATES", "REPLAN_FACTOR", "MemoryEstimate", "Placement", "Plan", "Rates",
@@ -226,7 +226,7 @@ def _neighbour_bytes(cfg: InfDiTConfig, bh: int, bw: int, batch: int, e: int) ->
     return 2 * batch * 2 * (bh + bw + 1) * cfg.block_tokens**2 * cfg.hidden_size * e
 
 
-def batch_device_bytes(cfg: InfDiTConfig, rect: BlockBatch, batch: int, dtype: torch.dtype,
+def batch_device_bytes(cfg: InfDiTConfig, rect: BlockRect, batch: int, dtype: torch.dtype,
                        cache_on_host: bool, device_type: str = "cuda") -> int:
     """What one rectangle asks of the device beyond weights, state and a device-side cache."""
     e = _elem(dtype)
@@ -489,7 +489,7 @@ def plan(cfg: InfDiTConfig, size: tuple[int, int], *, budget: int | None = None,
     mapped = [False, True] if low_memory is None else [bool(low_memory)]
     ask = _Ask(cfg, size, int(budget), host_budget, on_cpu,
                rates if rates is not None else nominal_rates(device.type, dtype),
-               [(mm, sd) for mm in mapped for sd in state_dtypes],  # RAM first; in RAM, float32 first
+               [(mm, dt) for mm in mapped for dt in state_dtypes],  # RAM first; in RAM, float32 first
                {"dtype": dtype, "device_type": device.type, "batch": batch, "scale": scale,
                 "weights_file_dtype": weights_file_dtype, "ranks": ranks})
     sizes = [n] if n is not None else range(top, 0, -1)
@@ -556,13 +556,13 @@ class _Ask:
     def candidate(self, n: int, cache_host: bool, state_host: bool) -> _Candidate:
         """n on this placement with the first storage the host holds (and the device still fits)."""
         tried = []
-        for mm, sd in self.storage:
+        for mm, state_dtype in self.storage:
             est = estimate(self.cfg, self.size, n, cache_on_host=cache_host, state_on_host=state_host,
-                           state_dtype=sd, low_memory=mm, **self.kw)
+                           state_dtype=state_dtype, low_memory=mm, **self.kw)
             tried.append(est.host_peak)
             if est.host_peak <= self.host_budget and est.device_peak <= self.budget:
                 return _Candidate(n, cache_host, state_host, self.seconds(n, cache_host, state_host, mm), est,
-                                  sd, mm, min(tried))
+                                  state_dtype, mm, min(tried))
         return _Candidate(n, cache_host, state_host, self.seconds(n, cache_host, state_host, False), None,
                           torch.float32, False, min(tried))
 

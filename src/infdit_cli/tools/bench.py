@@ -35,7 +35,7 @@ from ..events import MeasureDone
 from ..model.config import PRESETS
 from ..model.infdit import random_model
 from ..plan import planner  # planner.call_seconds: looked up per call, so a test can stand in for it
-from ..plan.grid import plan_batches
+from ..plan.grid import plan_rects
 from ..plan.meter import host_status, reset_host_peak, rss, sync, timed
 from ..plan.planner import Placement, estimate, flops_per_call, plan
 from ..settings import settings
@@ -175,7 +175,7 @@ def _time_puts(engine, batch: int) -> tuple[float | None, int]:
     if cache is None:
         return None, 0
     g, cfg, dev = engine.grid, engine.cfg, engine.model.device
-    puts = sum(len(r.blocks_needed_later()) for r in plan_batches(g.gh, g.gw, engine.n, engine.order))
+    puts = sum(len(r.blocks_needed_later()) for r in plan_rects(g.gh, g.gw, engine.n, engine.order))
     entry = (batch, cfg.block_tokens**2, cfg.num_heads, cfg.head_dim)
     k = torch.randn(entry, device=dev).to(engine.model.dtype)
     v = torch.randn(entry, device=dev).to(engine.model.dtype)

@@ -47,7 +47,7 @@ from ..model.config import PRESETS, InfDiTConfig
 from ..model.infdit import random_model
 from ..plan.calibrate import calibration
 from ..plan.device import resolve_device
-from ..plan.grid import plan_batches
+from ..plan.grid import plan_rects
 from ..plan.meter import host_status, reset_host_peak, rss, timed
 from ..plan.planner import (
     Placement,
@@ -174,7 +174,7 @@ def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
     if cache is None:
         return None, 0
     layers = cache.slab.shape[1]
-    rects = plan_batches(g.gh, g.gw, engine.n, engine.order)
+    rects = plan_rects(g.gh, g.gw, engine.n, engine.order)
     puts = sum(len(r.blocks_needed_later()) for r in rects) * layers
     entry = cache.slab[0, 0, 0]
     each = 2 * entry.numel() * entry.element_size()

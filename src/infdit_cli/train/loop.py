@@ -543,42 +543,42 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
 def _state(trainable, opt: torch.optim.Optimizer, ema) -> dict[str, torch.Tensor]:
     """Everything a resume needs, as named tensors: the trainable weights, AdamW's moments and step counts,
     the EMA, and the torch generators' states."""
-    sd: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for i, (name, p) in enumerate(trainable):
-        sd[f"model.{name}"] = p.detach()
+        tensors[f"model.{name}"] = p.detach()
         st = opt.state.get(p, {})
         for key in ("step", "exp_avg", "exp_avg_sq"):
             if key in st:
-                sd[f"opt.{i}.{key}"] = st[key].detach().reshape(st[key].shape)
+                tensors[f"opt.{i}.{key}"] = st[key].detach().reshape(st[key].shape)
         if ema is not None:
-            sd[f"ema.{name}"] = ema[i]
-    sd["rng.cpu"] = torch.get_rng_state()
+            tensors[f"ema.{name}"] = ema[i]
+    tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        sd["rng.cuda"] = torch.cuda.get_rng_state()
-    return sd
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors
 
 
-def _restore(sd: dict[str, torch.Tensor], trainable, opt: torch.optim.Optimizer, ema) -> None:
+def _restore(tensors: dict[str, torch.Tensor], trainable, opt: torch.optim.Optimizer, ema) -> None:
     with torch.no_grad():
         for i, (name, p) in enumerate(trainable):
-            p.copy_(sd[f"model.{name}"])
-            if f"opt.{i}.exp_avg" in sd:
-                opt.state[p] = {k: sd[f"opt.{i}.{k}"].to(p.device if k != "step" else "cpu").clone()
+            p.copy_(tensors[f"model.{name}"])
+            if f"opt.{i}.exp_avg" in tensors:
+                opt.state[p] = {k: tensors[f"opt.{i}.{k}"].to(p.device if k != "step" else "cpu").clone()
                                 for k in ("step", "exp_avg", "exp_avg_sq")}
             if ema is not None:
-                ema[i].copy_(sd[f"ema.{name}"])
-    torch.set_rng_state(sd["rng.cpu"])
-    if "rng.cuda" in sd and torch.cuda.is_available():
-        torch.cuda.set_rng_state(sd["rng.cuda"])
+                ema[i].copy_(tensors[f"ema.{name}"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
 def _final_weights(model, trainable, ema) -> dict[str, torch.Tensor]:
     """Every tensor of the model for the output file (the EMA's trainable weights when kept)."""
-    sd = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
+    tensors = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
     if ema is not None:
         for i, (name, _) in enumerate(trainable):
-            sd[name] = ema[i].detach().contiguous().cpu()
-    return sd
+            tensors[name] = ema[i].detach().contiguous().cpu()
+    return tensors
 
 
 # --------------------------------------------------------------------------------------------------------
