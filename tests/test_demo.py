@@ -15,7 +15,7 @@ from infdit_cli.weights.cache import sha256_file
 from infdit_cli.weights.format import inspect_file
 from infdit_cli.weights.hub import packaged_file, registry, resolve_weights
 
-REGISTRY = Path(__file__).resolve().parents[1] / "src" / "infdit_cli" / "registry"
+REGISTRY = Path(__file__).resolve().parents[1] / "weights"  # installed as infdit_cli.weights.registry
 # PSNR of the demo's 4x of `_picture()` (seed 0) against Pillow's bicubic 4x of it: 12.9 dB for the shipped
 # model, 7.3 dB for a random model of the same config (its output is noise). The demo is a weak model
 # (docs/demo.md): this says it makes an image of the input, not that it beats bicubic.
