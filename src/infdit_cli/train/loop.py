@@ -25,6 +25,10 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
+from ..distributed import world as D
+from ..engine.blocks import denoise
+from ..engine.sampling import edm_sigmas, sample_heun
 from ..engine.storage import SafeFolder
 from ..errors import (
     BadRequest,
@@ -38,7 +42,12 @@ from ..errors import (
 )
 from ..events import Notice, TrainSaved, TrainStarted, TrainStep, TrainValidated
 from ..jobs.checkpoint import model_identity, output_lock, weights_identity
+from ..model.config import PRESETS
+from ..model.infdit import random_model
+from ..plan.device import resolve_device, resolve_dtype
 from ..units import format_bytes
+from ..weights.format import load_model, save_model_file
+from ..weights.hub import fetch_clip_tower, resolve_weights
 from . import recipe as R
 from .data import Item, TrainSet, ValSet, files_digest, positions, sample_generator, scan, worker_init
 from .memory import MemoryPlan, plan_memory, synthetic_batch
@@ -56,7 +65,6 @@ VAL_QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)  # validation sigmas: these quantiles 
 @dataclass(frozen=True)
 class TrainConfig:
     """The options of `infdit train` (None: the recipe's or the model's default)."""
-
     data: Path
     output: Path
     base: str | None = None  # --from: weights to fine-tune (registry name, file or Hub reference)
@@ -112,14 +120,9 @@ def run_folder_for(output: str | Path) -> Path:
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, str, str]:
     """(model in float32 on `device`, base description, base identity): the weights `--from` names, or a
     seeded random model of the preset `--config` names. Only the CLIP tower stays frozen."""
-    from ..model.config import PRESETS
-    from ..model.infdit import random_model
-    from ..weights.format import load_model
-
     if (cfg.base is None) == (cfg.config is None):
         raise BadRequest("give one of --from WEIGHTS (fine-tune) or --config NAME (train from scratch)")
     if cfg.base is not None:
-        from ..weights.hub import fetch_clip_tower, resolve_weights
 
         path = resolve_weights(cfg.base, repo=cfg.repo, offline=cfg.offline)
         model = load_model(path, device=device, dtype=torch.float32, clip_tower=fetch_clip_tower)
@@ -161,7 +164,6 @@ class TrainRun:
     `meta.json` names one `state.sN.safetensors` (model, optimizer, EMA, generator states) and its sha256;
     it is replaced atomically after the state file is complete on disk, so a stop at any instant leaves the
     last committed step. A folder made with other options is refused, never reused or removed."""
-
     def __init__(self, path: Path, fingerprint: dict) -> None:
         self.path, self.fingerprint = path, fingerprint
         self.safe: SafeFolder | None = None
@@ -313,8 +315,6 @@ def recipe_for(cfg: TrainConfig) -> R.Recipe:
 
 def _resolve(cfg: TrainConfig, model_cfg, device: torch.device, recipe) -> dict:
     """The options after defaults, checked (BadRequest, exit 2)."""
-    from ..plan.device import resolve_dtype
-
     bs = model_cfg.block_size
     crop = cfg.crop or 4 * bs
     if crop % bs or crop < bs:
@@ -353,8 +353,6 @@ def _to(batch: dict, device: torch.device) -> dict:
 def _memory_plan(model, cfg: TrainConfig, o: dict, world) -> MemoryPlan:
     """The step's memory plan under --mem-budget: rank 0 plans (on CUDA it measures), every rank follows, and
     a budget too small is the same one line on every rank."""
-    from ..distributed.world import broadcast
-
     plan = refused = None
     if world.main:
         try:
@@ -363,7 +361,7 @@ def _memory_plan(model, cfg: TrainConfig, o: dict, world) -> MemoryPlan:
                                amp=o["amp"])
         except MemoryBudgetTooSmall as e:
             refused = str(e)
-    plan, refused = broadcast((plan, refused), world)
+    plan, refused = D.broadcast((plan, refused), world)
     if refused is not None:
         raise MemoryBudgetTooSmall(refused)
     return plan
@@ -377,9 +375,6 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
         OutputExists: the output is there and `overwrite` is off (before any work).
         Signalled: SIGINT/SIGTERM/SIGHUP, after the finished step was saved in the run folder.
     """
-    from ..distributed import world as D
-    from ..plan.device import resolve_device
-
     emit = on_event or (lambda e: None)
     t_start = time.perf_counter()
     out = Path(cfg.output)
@@ -419,7 +414,6 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
               "crop": o["crop"], "lr": o["lr"], "warmup": o["warmup"], "seed": cfg.seed, "accum": accum,
               "ema": cfg.ema, "amp": str(o["amp"]), "ranks": world.size,
               "sigma_mean": recipe.p_mean, "sigma_std": recipe.p_std, "recipe": RECIPE_VERSION}
-        from .._version import __version__
 
         fp["version"] = __version__
         run = TrainRun(run_folder_for(out), fp)
@@ -531,7 +525,6 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
                     "crop": o["crop"], "lr": o["lr"], "seed": cfg.seed, "ema": cfg.ema,
                     "sigma_mean": recipe.p_mean, "sigma_std": recipe.p_std, "recipe": RECIPE_VERSION,
                     "infdit": __version__}
-            from ..weights.format import save_model_file
 
             save_model_file(out, weights, mc, {"infdit_train": json.dumps(prov, sort_keys=True)},
                             overwrite=cfg.overwrite)
@@ -598,9 +591,6 @@ def validate(model, items: list[Item], run: TrainRun, step: int, crop: int, cfg:
              params, say) -> float:
     """The loss on the fixed validation crops at the fixed sigmas (EMA weights when kept), and a sample
     grid (LR, bicubic, model, HR) of up to 4 crops in the run folder."""
-    from ..engine.blocks import denoise
-    from ..engine.sampling import edm_sigmas, sample_heun
-
     swap = ema is not None
     if swap:  # evaluate the EMA weights, then put the trained ones back
         kept = [p.detach().clone() for p in params]
@@ -659,8 +649,6 @@ def dry_run(cfg: TrainConfig, measure_steps: int = 2) -> dict:
     Raises:
         MemoryBudgetTooSmall: not even micro-batch 1 with activation checkpointing fits --mem-budget.
     """
-    from ..plan.device import resolve_device
-
     device = resolve_device(cfg.device)
     model, base, _ = build_model(cfg, device)
     o = _resolve(cfg, model.config, device, recipe_for(cfg))
