@@ -108,7 +108,7 @@ def test_out_of_memory_at_the_leanest_plan_exits_3_without_output(tmp_path, tiny
     src = tmp_path / "a.png"
     Image.fromarray((np.random.default_rng(0).random((20, 20, 3)) * 255).astype(np.uint8)).save(src)
     code = ("import sys, torch\n"
-            "from infdit_cli import engine\n"
+            "from infdit_cli.engine import blocks as engine\n"
             "def fault(nbytes): raise torch.OutOfMemoryError('simulated')\n"
             "orig = engine.BlockEngine.__init__\n"
             "def init(self, *a, **k): k['fault'] = fault; orig(self, *a, **k)\n"

@@ -208,7 +208,7 @@ def launcher(*args: str, entry: str | None = None, fault: str | None = None, cwd
     """`python -m infdit_cli.launch --standalone --nproc-per-node 2 -- ARGS` (or with a test script as the
     ranks' program, `fault` its first argument); prints each rank's exit code as JSON on stdout first."""
     code = ("import json, sys; from infdit_cli import launch as L\n"
-            "from infdit_cli import distributed as D\n"
+            "from infdit_cli.distributed import world as D\n"
             "read = D.read_exit_codes\n"
             "def spy(base):\n"
             "    c = read(base); print(json.dumps({r: e.code for r, e in c.items()}), flush=True)"
