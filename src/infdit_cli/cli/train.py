@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ..errors import BadRequest, Interrupted, OutputExists
-from ..settings import override
+from ..settings import override, settings
 from ..units import format_bytes
 from . import _options as O
 from ._text import safe
@@ -116,7 +115,7 @@ def train(
         display.stop()
     if json_:
         typer.echo(json.dumps({"event": "done", **asdict(result)}))
-    elif not quiet and os.environ.get("RANK", "0") == "0":
+    elif not quiet and display.main:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         typer.echo(safe(f"wrote {result.output} after {result.steps} steps in {result.seconds:.1f} s{val}"),
                    err=True)
@@ -176,7 +175,7 @@ class _Display:
 
     def __init__(self, json_: bool, quiet: bool) -> None:
         self.json, self.quiet = json_, quiet
-        self.main = os.environ.get("RANK", "0") == "0"
+        self.main = settings().rank in (None, "0")  # torchrun's RANK; one process when unset
         self.progress = self.task = None
         self.console = None
 
