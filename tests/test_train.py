@@ -213,6 +213,19 @@ def test_an_existing_output_is_not_overwritten(reference, monkeypatch, capsys):
     assert ref.read_bytes() == before
 
 
+def test_a_dangling_link_at_the_output_is_kept(reference, tmp_path, monkeypatch, capsys):
+    """A symbolic link to nothing is the user's file too: refused without --overwrite, left as it was."""
+    data, _ = reference
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(sys, "argv", ["infdit", "train", str(data), "-o", str(link), *ARGS])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "--overwrite" in err[0]
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
 # --- --mem-budget ------------------------------------------------------------------------------------------
 
 def _budgets() -> tuple[int, int]:

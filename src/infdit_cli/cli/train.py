@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -87,7 +88,7 @@ def train(
         raise BadRequest("give one of --from WEIGHTS (fine-tune) or --config NAME (train from scratch)")
     if output.suffix != ".safetensors":
         raise BadRequest(f"-o {output}: the output is a .safetensors weights file")
-    if output.exists() and not overwrite and not dry_run_:
+    if os.path.lexists(output) and not overwrite and not dry_run_:  # a dangling link is there too
         raise OutputExists(f"{output} exists; pass --overwrite to replace it")
     if not data.is_dir():
         raise BadRequest(f"training data {data} is not a folder")

@@ -380,7 +380,7 @@ def train(cfg: TrainConfig, on_event: Callable[[object], None] | None = None) ->
     out = Path(cfg.output)
     if out.suffix != ".safetensors":
         raise BadRequest(f"-o {out}: the output is a .safetensors weights file")
-    if out.exists() and not cfg.overwrite:
+    if os.path.lexists(out) and not cfg.overwrite:  # a dangling link is there too
         raise OutputExists(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise BadRequest(f"-o {out}: the folder {out.parent} does not exist")
