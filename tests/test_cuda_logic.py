@@ -487,3 +487,21 @@ def test_attention_bound_is_a_bf16_kernels_error_not_the_outputs_rounding():
     weights = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / 80**0.5, -1).bfloat16().float()
     flash_like = ((weights @ v.float()).bfloat16().double() - exact).pow(2).mean().sqrt().item()
     assert flash_like <= got["bound"] and got["bound"] >= 2 * default_math  # was 1.5 x default_math
+
+
+def test_rope_makes_its_frequencies_once_per_device(tiny_model, monkeypatch):
+    """The RoPE angles of every rectangle use one frequency table per device: making it anew (a copy from
+    pageable host memory to the GPU, which waits for the stream's queued work) once per rectangle would
+    stall the CPU on the GPU. The angles are the same numbers either way."""
+    import infdit_cli.model.layers as layers
+
+    want = [tiny_model.rope(range(r, r + 2), range(c, c + 3)) for r, c in ((0, 0), (1, 2), (3, 1))]
+    layers._frequencies_on.cache_clear()
+    made = []
+    real = layers.rope_frequencies
+    monkeypatch.setattr(layers, "rope_frequencies", lambda hd: made.append(hd) or real(hd))
+    for (r, c), (cos, ssin) in zip(((0, 0), (1, 2), (3, 1)), want, strict=True):
+        got = tiny_model.rope(range(r, r + 2), range(c, c + 3))
+        assert torch.equal(got[0], cos) and torch.equal(got[1], ssin)
+    assert made == [tiny_model.config.head_dim]
+

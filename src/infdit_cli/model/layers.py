@@ -6,6 +6,8 @@ Each function reproduces the matching piece of THUDM/Inf-DiT (`dit/model.py`, `d
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
@@ -35,6 +37,13 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     return freqs.repeat_interleave(2)
 
 
+@functools.cache
+def _frequencies_on(head_dim: int, device: torch.device) -> torch.Tensor:
+    """`rope_frequencies` on `device`, made once per process: a copy from pageable host memory to a GPU
+    waits for the stream's queued work, and the engine asks for RoPE angles once per rectangle."""
+    return rope_frequencies(head_dim).to(device)
+
+
 def rope_cos_sin(
     rows: torch.Tensor, cols: torch.Tensor, head_dim: int, table_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +53,7 @@ def rope_cos_sin(
     computing `pos * freq` here gives the same float32 numbers without holding the table. The first half of
     the head dim rotates by row, the second by column.
     """
-    freqs = rope_frequencies(head_dim).to(rows.device)  # (hd/2,)
+    freqs = _frequencies_on(head_dim, rows.device)  # (hd/2,)
     r = (rows % table_size).float()[..., None] * freqs
     c = (cols % table_size).float()[..., None] * freqs
     angles = torch.cat([r, c], dim=-1)  # (..., hd)
@@ -53,8 +62,8 @@ def rope_cos_sin(
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """sin with `rotate_half`'s sign folded in: (-sin, +sin) on each interleaved pair."""
-    sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device).repeat(sin.shape[-1] // 2)
-    return sin * sign
+    pairs = sin.unflatten(-1, (-1, 2))  # negation is exact; no constant travels to the device
+    return torch.stack((-pairs[..., 0], pairs[..., 1]), dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor, out: torch.Tensor | None = None
