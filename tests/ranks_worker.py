@@ -2,7 +2,7 @@
 faults injected through the engine's hook. Writes rank 0's JSON to the path given; each rank's exit status
 says how it ended.
 
-    ranks_worker.py MODE OUT   MODE: stepdown | budget | kill | stop
+    ranks_worker.py MODE OUT   MODE: stepdown | midlayer | budget | kill | stop
 """
 
 import json
@@ -57,6 +57,40 @@ def main(mode: str, out_path: str) -> None:
         changes = D.gather(result["changes"], world)
         if world.main:
             ref = upscaler(D.World(), opts).upscale_tensor(rgb(), p)  # one process, no fault
+            result["every_rank_changes"] = changes
+            result["max_abs"] = float((got - ref).abs().max())
+            result["pixels_equal"] = bool(torch.equal((got * 255).round(), (ref * 255).round()))
+    elif mode == "midlayer":
+        # 3 ranks; in the 2nd call, in the 2nd rectangle row, two ranks run out of memory between layers:
+        # rank 0 in its right-edge rectangle after layer 1 (layer 0 sent, layer 1 not yet), rank 1 in its
+        # left-edge rectangle after layer 0 (both layers' receives posted, layer 1's still in flight)
+        from infdit_cli.engine.bands import BandNeighbours
+
+        calls, sweep, done = {"n": 0}, BandNeighbours.sweep, BandNeighbours.layer_done
+        events = []
+
+        def counting(self, engine, batch):
+            calls["n"] += 1
+            return sweep(self, engine, batch)
+
+        def failing(self, rect, layer, cache):
+            done(self, rect, layer, cache)
+            lo, hi = self.band
+            if calls["n"] == 2 and rect.r0 == 2 and (
+                    (world.rank == 0 and rect.c1 == hi and layer == 1)
+                    or (world.rank == 1 and rect.c0 == lo and layer == 0)):
+                raise torch.OutOfMemoryError("injected")
+
+        BandNeighbours.sweep, BandNeighbours.layer_done = counting, failing
+        up = upscaler(world, opts)
+        p = up.plan(SIZE, scale=4)
+        got = up.upscale_tensor(rgb(), p, on_event=events.append)
+        BandNeighbours.sweep, BandNeighbours.layer_done = sweep, done
+        result["changes"] = [f"{e.old} -> {e.new}" for e in events if isinstance(e, PlanChanged)]
+        result["notices"] = [e.text for e in events if isinstance(e, Notice)]
+        changes = D.gather(result["changes"], world)
+        if world.main:
+            ref = upscaler(D.World(), opts).upscale_tensor(rgb(), p)
             result["every_rank_changes"] = changes
             result["max_abs"] = float((got - ref).abs().max())
             result["pixels_equal"] = bool(torch.equal((got * 255).round(), (ref * 255).round()))

@@ -131,6 +131,20 @@ def test_out_of_memory_on_rank_1_steps_every_rank_down(tmp_path):
 
 
 @pytest.mark.slow
+def test_out_of_memory_between_two_layers_on_two_ranks(tmp_path):
+    """Out of memory with messages in flight: a sender with a layer of its edge not yet sent, a receiver
+    with its left column's receives posted and one still landing. Both owe the rest of the call, every
+    rank steps down, and the image is the one-process image."""
+    out = tmp_path / "r.json"
+    res = torchrun_worker("midlayer", out, nproc=3)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["every_rank_changes"] == [["n=2 -> n=1"]] * 3
+    assert r["notices"] == ["out of device memory on ranks 0, 1: every rank steps down"]
+    assert r["max_abs"] <= 1e-5 and r["pixels_equal"]
+
+
+@pytest.mark.slow
 def test_ranks_with_different_budgets_agree_on_one_plan(tmp_path):
     out = tmp_path / "r.json"
     res = torchrun_worker("budget", out, nproc=3)

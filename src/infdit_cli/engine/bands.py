@@ -1,11 +1,12 @@
 """One image across ranks: each rank denoises a band of block columns, passing its boundary K/V on.
 
 UniBA's dependency is a wavefront: a block reads the keys/values of its left, top and top-left
-neighbours (`engine.py`). Rank k owns block columns [lo_k, hi_k) and walks them in n x n rectangles,
+neighbours (`blocks.py`). Rank k owns block columns [lo_k, hi_k) and walks them in n x n rectangles,
 row of rectangles by row of rectangles. Inside the band everything is `BlockEngine`'s (same model pieces,
 same cache, same eviction); at the band's left edge the rectangle also needs the column lo_k - 1, which
 rank k-1 computed: rank k-1 sends each rectangle row's last column (every layer's K/V, the cache's own
-entries) with `isend` as soon as that rectangle is done, and goes on with its next row while rank k works.
+entries) with `isend` layer by layer as it computes, and goes on with its next row while rank k works;
+rank k posts the receives when it starts the rectangle, so the column lands while it computes.
 The top-left corner of a left-edge rectangle is the previous row's received column, still in the cache.
 
 Ranks start one rectangle row apart along the diagonal (pipeline fill; see docs/distributed.md). After
@@ -57,8 +58,9 @@ class BandEngine(BlockEngine):
 
 class BandNeighbours(Neighbours):
     """The neighbours of a column band on rank k of `world`: at the band's left edge, the left band's last
-    column, received from rank k - 1 layer by layer; at its right edge, the band's last column sent on to
-    rank k + 1 as soon as each layer of it is done. Inside the band, the local cache.
+    column, received from rank k - 1 layer by layer (every layer's receive posted at once); at its right
+    edge, the band's last column sent on to rank k + 1 one layer after it is done (`layer_done`). Inside the
+    band, the local cache.
 
     Out of memory is collective: a rank that runs out keeps every message of the call it owes (`owe`: it
     sends its right edge's remaining layers from any slot of its cache and receives what its left
@@ -81,6 +83,8 @@ class BandNeighbours(Neighbours):
         self._rx = self._tx = 0  # layers of the current rectangle received from the left / sent to the right
         self._row = 0  # the current rectangle row: what the sends are kept by
         self._spare: torch.Tensor | None = None  # what a failed rank sends and receives into
+        self._recvs: list[list] = []  # per layer still to fetch: the posted receives of the left column
+        self._unsent: tuple | None = None  # (rect, layer, cache, its puts' events): the edge's next send
 
     def sweep(self, engine: BlockEngine, batch: int) -> Sweep:
         """This rank's band in n x n rectangles, row of rectangles by row of rectangles, with a cache for
@@ -111,38 +115,60 @@ class BandNeighbours(Neighbours):
 
     def start(self, rect: BlockRect) -> None:
         self._rx = self._tx = 0
+        self._recvs, self._unsent = [], None
         self._row = rect.r0 // self._n
 
     def fetch(self, cache: KVCache, rect: BlockRect, layer: int, device: torch.device):
-        """At the band's left edge, layer `layer` of the left band's last column first (rank - 1 sends it
-        as soon as that layer is done), straight into this rank's cache."""
-        import torch.distributed as dist
-
+        """At the band's left edge, layer `layer` of the left band's last column first, straight into this
+        rank's cache. Every layer's receives are posted with the first (`irecv`, in the order rank - 1
+        sends them), so the column arrives while this rank computes: fetching a layer waits only for what
+        has not landed yet (gloo: the CPU; NCCL: the current stream)."""
         lo = self.band[0]
         if rect.c0 == lo and lo > 0:
-            for r in range(rect.r0, rect.r1):
-                slot = cache.claim((r, lo - 1), host_write=cache.device.type == "cpu")
-                dist.recv(cache.slab[slot, layer], src=self.world.rank - 1)
+            if layer == 0:
+                self._post_receives(cache, rect)
+            for work in self._recvs.pop(0):
+                work.wait()
             self._rx += 1
         return super().fetch(cache, rect, layer, device)
 
-    def layer_done(self, rect: BlockRect, layer: int, cache: KVCache) -> None:
-        """At the band's right edge, this layer's K/V of the last column to rank + 1 at once: it starts its
-        layer `layer` while this rank computes the next."""
+    def _post_receives(self, cache: KVCache, rect: BlockRect) -> None:
         import torch.distributed as dist
 
+        lo, src = self.band[0], self.world.rank - 1
+        host = cache.device.type == "cpu"
+        slots = [cache.claim((r, lo - 1), host_write=host) for r in range(rect.r0, rect.r1)]
+        self._recvs = [[dist.irecv(cache.slab[slot, layer], src=src) for slot in slots]
+                       for layer in range(self._layers)]
+
+    def layer_done(self, rect: BlockRect, layer: int, cache: KVCache) -> None:
+        """At the band's right edge, the last column's K/V to rank + 1, a layer late: layer `layer - 1`
+        goes now (`_send`), while the device still has this layer's attention and MLP queued, so waiting
+        for its puts to land stalls nothing; the last layer goes in `rect_done`."""
         hi = self.band[1]
         if rect.c1 == hi and hi < self._grid.gw:
-            if cache.device.type == "cpu":  # this layer's puts of the column have landed (copy stream)
-                cache.host_ready([cache.index[(r, hi - 1)] for r in range(rect.r0, rect.r1)])
-            # copies: the slots may be evicted and reused before the sends complete; all made before the
-            # first send, so running out of memory here leaves the layer wholly unsent (`owe` sends it)
-            kv = [cache.slab[cache.index[(r, hi - 1)], layer].clone() for r in range(rect.r0, rect.r1)]
-            for t in kv:
-                self._sends.append((dist.isend(t, dst=self.world.rank + 1), t, self._row))
-            self._tx += 1
+            if self._unsent is not None:
+                self._send(*self._unsent)
+            slots = [cache.index[(r, hi - 1)] for r in range(rect.r0, rect.r1)]
+            self._unsent = (rect, layer, cache, cache.events(slots))
+
+    def _send(self, rect: BlockRect, layer: int, cache: KVCache, puts: list) -> None:
+        import torch.distributed as dist
+
+        self._unsent = None
+        hi = self.band[1]
+        for event in puts:  # this layer's puts of the column have landed (a host cache: the copy stream)
+            event.synchronize()
+        # copies: the slots may be evicted and reused before the sends complete; all made before the
+        # first send, so running out of memory here leaves the layer wholly unsent (`owe` sends it)
+        kv = [cache.slab[cache.index[(r, hi - 1)], layer].clone() for r in range(rect.r0, rect.r1)]
+        for t in kv:
+            self._sends.append((dist.isend(t, dst=self.world.rank + 1), t, self._row))
+        self._tx += 1
 
     def rect_done(self, rect: BlockRect) -> None:
+        if self._unsent is not None:
+            self._send(*self._unsent)
         # the copies sent two rows back can go: the next rank, a row behind, has them by now
         # (waiting on the last row's would stall this rank on the next one's every jitter)
         self._wait_sends(before=self._row - 1)
@@ -154,8 +180,14 @@ class BandNeighbours(Neighbours):
         (lo, hi), rank, layers = self.band, self.world.rank, self._layers
         spare = self._spare_entry(cache)
         if rect.c0 == lo and lo > 0:
+            if self._recvs:  # posted: they land in the cache
+                for works in self._recvs:
+                    for work in works:
+                        work.wait()
+                self._recvs, self._rx = [], layers
             for _ in range((layers - self._rx) * (rect.r1 - rect.r0)):
                 dist.recv(spare, src=rank - 1)
+        self._unsent = None  # a layer not yet sent is owed like the rest
         if rect.c1 == hi and hi < self._grid.gw:
             for _ in range((layers - self._tx) * (rect.r1 - rect.r0)):
                 self._sends.append((dist.isend(spare, dst=rank + 1), spare, self._row))
@@ -164,7 +196,7 @@ class BandNeighbours(Neighbours):
 
     def finish(self) -> None:
         self._wait_sends()
-        self._spare = None
+        self._spare, self._recvs, self._unsent = None, [], None
 
     def settle(self, ok: bool, out: torch.Tensor) -> bool:
         """Every rank learns which ran out of memory (the same decision everywhere); when none did, every

@@ -121,6 +121,11 @@ class KVCache:
             for slot in slots:
                 self.pending[slot] = event
 
+    def events(self, slots) -> list:
+        """The events of the device's last work on `slots` as of now (their latest puts), to wait for
+        later: `host_ready` then would wait for whatever is queued by that time."""
+        return list({id(ev): ev for s in slots if (ev := self.pending.get(s)) is not None}.values())
+
     def host_ready(self, slots) -> None:
         """Wait (the CPU) until the device is done with `slots`: their host pages are then the CPU's."""
         for slot in slots:
