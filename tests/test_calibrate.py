@@ -29,7 +29,8 @@ def measured(monkeypatch):
 
     def counting(*a, **kw):
         calls.append(a)
-        return Rates(flops=1e9 * (1 + len(calls)), op_seconds=3e-6, copy_bytes=4e9, source="measured")
+        return Rates(flops=1e9 * (1 + len(calls)), op_seconds=3e-6, copy_bytes=4e9, source="measured",
+                     pixel_seconds=1e-8)
 
     monkeypatch.setattr(calibrate, "measure_rates", counting)
     return calls
@@ -48,6 +49,7 @@ def timed(monkeypatch):
     monkeypatch.setattr(calibrate, "_warm", lambda device, dtype: None)
     monkeypatch.setattr(calibrate, "_op_seconds", lambda device, dtype: 1e-6)
     monkeypatch.setattr(calibrate, "_copy_rate", lambda device: 5e9)
+    monkeypatch.setattr(calibrate, "_pixel_seconds", lambda device: 8e-9)
     monkeypatch.setattr(calibrate, "_chunk", lambda cfg, device, dtype: (6e9, lambda: None))
     monkeypatch.setattr(calibrate, "_best", lambda fn, device, runs, spend=0.3, warm=True: times.pop(0))
     monkeypatch.setattr(calibrate, "busy", lambda: False)
@@ -71,7 +73,10 @@ def test_a_calibration_under_contention_is_used_but_not_kept(timed, cache, monke
     timed[:] = times * 2
     monkeypatch.setattr(calibrate, "busy", lambda: busy)
     first = calibration(TINY, "cpu", torch.float32)
-    assert first.measured and not first.steady and first.flops == pytest.approx(6e9 / (1.0 - 240e-6))
+    from infdit_cli.plan.planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER
+
+    fixed = OPS_PER_CHUNK_LAYER * DISPATCHES_PER_OP * 1e-6  # the operations' share of the chunk's 1.0 s
+    assert first.measured and not first.steady and first.flops == pytest.approx(6e9 / (1.0 - fixed))
     assert not cache.exists() or device_key(torch.device("cpu"), torch.float32, TINY) not in cache.read_text()
     calibration(TINY, "cpu", torch.float32)
     assert timed == []  # measured again
@@ -117,7 +122,9 @@ def test_measured_once_then_read_from_the_cache(cache, measured):
                          ["not json", "[1, 2]",
                           '{"KEY": {"flops": -1, "op_seconds": 1e-6, "copy_bytes": 1e9}}',
                                   '{"KEY": {"flops": "fast", "op_seconds": 1e-6, "copy_bytes": 1e9}}',
-                                  '{"KEY": {"flops": 1e9}}', "\udcff"])
+                                  '{"KEY": {"flops": 1e9}}', "\udcff",
+                          # a cache written before the image work was measured: measured again, once
+                          '{"KEY": {"flops": 1e9, "op_seconds": 1e-6, "copy_bytes": 1e9}}'])
 def test_a_damaged_cache_is_measured_again_and_rewritten(cache, measured, text):
     cache.parent.mkdir(parents=True)
     key = device_key(torch.device("cpu"), torch.float32, TINY)
@@ -179,3 +186,79 @@ def test_a_run_says_its_predicted_time_first(tmp_path, tiny_weights):
     quiet = run_cli("upscale", src, "--weights", tiny_weights, "--scale", "4", "--steps", "2", "--device",
                     "cpu", "-o", tmp_path / "out2.png", "--quiet", check=True)
     assert "predicted" not in quiet.stderr
+
+
+def test_the_attention_backend_is_measured_with_the_rates_and_kept(timed, cache, monkeypatch):
+    """CUDA in 16 bits: the fastest backend within the bf16 bound, measured at a chunk's attention shapes
+    before the chunk is timed (under it); cached with the rates, and kept when a job corrects them. The
+    CPU, and float32, measure none."""
+    from contextlib import contextmanager
+
+    asked, preferred = [], []
+    monkeypatch.setattr(calibrate, "measure_backends",
+                        lambda device, **kw: asked.append(kw) or {"choice": "cudnn"})
+
+    @contextmanager
+    def prefer(name):
+        preferred.append(name)
+        yield
+
+    monkeypatch.setattr(calibrate, "prefer", prefer)
+    monkeypatch.setattr(calibrate, "device_key", lambda device, dtype, cfg: f"{device.type}|{dtype}")
+    timed[:] = [1.0, 1.0, 1.0] * 3
+    got = calibration(TINY, "cuda", torch.bfloat16)
+    t = TINY.block_tokens**2
+    assert got.sdpa == "cudnn" and preferred == ["cudnn"]
+    assert [(a["heads"], a["head_dim"], a["queries"], a["keys"], a["dtype"]) for a in asked] == \
+        [(TINY.num_heads, TINY.head_dim, t, 4 * t, torch.bfloat16)]
+    assert calibration(TINY, "cuda", torch.bfloat16).sdpa == "cudnn" and len(asked) == 1  # from the cache
+    fixed = calibrate.observe(TINY, "cuda", torch.bfloat16, got, 1.0, 2.0, 5)
+    assert fixed.sdpa == "cudnn" and calibration(TINY, "cuda", torch.bfloat16).sdpa == "cudnn"
+    assert calibration(TINY, "cuda", torch.float32).sdpa is None and len(asked) == 1
+    assert calibration(TINY, "cpu", torch.bfloat16).sdpa is None and len(asked) == 1
+
+
+def test_a_cached_backend_that_is_not_one_is_measured_again(cache, measured):
+    cache.parent.mkdir(parents=True)
+    key = device_key(torch.device("cpu"), torch.float32, TINY)
+    good = {"flops": 1e9, "op_seconds": 1e-6, "copy_bytes": 1e9, "pixel_seconds": 1e-8}
+    cache.write_text(json.dumps({key: good | {"sdpa": "magic"}}))
+    calibration(TINY, "cpu", torch.float32)
+    assert len(measured) == 1
+    cache.write_text(json.dumps({key: good | {"sdpa": "flash"}}))
+    assert calibration(TINY, "cpu", torch.float32).sdpa == "flash" and len(measured) == 1
+
+
+def test_a_compile_measurement_is_kept_per_device_and_shape(cache):
+    assert calibrate.compile_record(TINY, "cpu", torch.float32) is None
+    calibrate.record_compile(TINY, "cpu", torch.float32, 1.5, 1.0, 61.0)
+    assert calibrate.compile_record(TINY, "cpu", torch.float32) == \
+        {"eager_s": 1.5, "compiled_s": 1.0, "first_call_s": 61.0}
+    assert calibrate.compile_record(PRESETS["micro"], "cpu", torch.float32) is None
+    assert calibrate.compile_record(TINY, "cpu", torch.bfloat16) is None
+    path = cache.parent / calibrate.COMPILE_FILE
+    path.write_text(json.dumps({k: {"eager_s": -1, "compiled_s": 1, "first_call_s": 2}
+                                for k in json.loads(path.read_text())}))
+    assert calibrate.compile_record(TINY, "cpu", torch.float32) is None  # damaged: nothing measured
+
+
+def test_a_pass_compiles_as_told_or_where_the_gpus_measurement_says_so(monkeypatch):
+    """--compile / --no-compile as given; neither: eager on the CPU, and on CUDA what `compile_pays` says
+    of this GPU's kept measurement for the pass's predicted seconds."""
+    from types import SimpleNamespace
+
+    from infdit_cli.jobs import pipeline
+    from infdit_cli.jobs.pipeline import UpscaleOptions, compiles
+
+    kept = {"eager_s": 1.5, "compiled_s": 1.0, "first_call_s": 61.0}
+    monkeypatch.setattr(pipeline.calibrate, "compile_record", lambda cfg, device, dtype: kept)
+    gpu = SimpleNamespace(config=TINY, device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    cpu = SimpleNamespace(config=TINY, device=torch.device("cpu"), dtype=torch.float32)
+    long, short = SimpleNamespace(seconds=600.0), SimpleNamespace(seconds=300.0)
+    auto = UpscaleOptions()
+    assert auto.compile is None
+    assert compiles(gpu, long, auto) and not compiles(gpu, short, auto) and not compiles(cpu, long, auto)
+    assert not compiles(gpu, long, UpscaleOptions(compile=False))
+    assert compiles(gpu, short, UpscaleOptions(compile=True))
+    monkeypatch.setattr(pipeline.calibrate, "compile_record", lambda cfg, device, dtype: None)
+    assert not compiles(gpu, long, auto)

@@ -476,7 +476,7 @@ def test_attention_bound_is_a_bf16_kernels_error_not_the_outputs_rounding():
     here) little room (here 1.4x of the 1.5x), and fails it on other shapes for no fault of its own."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from infdit_cli.engine.sdpa import measure_backends
+    from infdit_cli.plan.sdpa import measure_backends
 
     got = measure_backends("cpu", batch=2, heads=4, queries=128, keys=2048, backends=())
     g = torch.Generator().manual_seed(0)
@@ -505,3 +505,43 @@ def test_rope_makes_its_frequencies_once_per_device(tiny_model, monkeypatch):
         assert torch.equal(got[0], cos) and torch.equal(got[1], ssin)
     assert made == [tiny_model.config.head_dim]
 
+
+def test_the_engine_computes_under_its_attention_backend(tiny_model, monkeypatch):
+    """`BlockEngine(attention=...)` runs each call inside `plan.sdpa.prefer` of that backend (the
+    calibration's choice), and None leaves torch's order; the CPU's numbers are the same either way."""
+    from contextlib import contextmanager
+
+    from infdit_cli.plan import sdpa
+
+    cfg = tiny_model.config
+    x, lr_up, lr, vec = _inputs(cfg)
+    preferred = []
+    real = sdpa.prefer
+
+    @contextmanager
+    def prefer(name):
+        preferred.append(name)
+        with real(name):
+            yield
+
+    monkeypatch.setattr(engine_mod, "prefer", prefer)
+    outs = [BlockEngine(tiny_model, lr, vec, lr_up, Placement(n=2), attention=a)(x, 1.0)
+            for a in ("efficient", None)]
+    assert preferred == ["efficient", None]
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_prefer_puts_the_backend_first_and_keeps_the_others_behind_it():
+    from infdit_cli.plan.sdpa import prefer
+
+    order = torch._C._get_sdp_priority_order
+    before = order()
+    with prefer("cudnn"):
+        inside = order()
+    assert order() == before
+    assert inside[0] == int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+    assert sorted(inside) == sorted(before)
+    q = torch.randn(1, 2, 8, 16)
+    with prefer("flash"):  # no flash kernel on the CPU: the math backend behind it still answers
+        torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q),
+                                   torch.nn.functional.scaled_dot_product_attention(q, q, q))

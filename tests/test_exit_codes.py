@@ -78,6 +78,7 @@ def test_1_file_cannot_be_read_or_written(monkeypatch, capsys, photo, setup, fra
     (["--scale", "2", "--mem-budget", "lots"], "not a memory size"),
     (["--scale", "2", "--frobnicate"], "No such option"),
     (["--scale", "2", "--compile"], "--compile is for CUDA devices"),
+    (["--scale", "2", "--no-compile", "--res", "9"], "not both"),  # --no-compile is fine on the CPU
 ])
 def test_2_wrong_command_line_before_weights(monkeypatch, capsys, photo, args, fragment):
     code, _, err = infdit(monkeypatch, capsys, "upscale", photo, *FAST, "--weights",

@@ -354,3 +354,34 @@ def test_a_pass_replans_with_its_state_dtype_and_order(tiny_model, monkeypatch):
     (args, got), = answers
     assert got == real_replan(*args, dtype=tiny_model.dtype, device_type="cpu", batch=1, scale=pas.scale,
                               ranks=1, state_dtype=torch.bfloat16, low_memory=mem.low_memory, order="col")
+
+
+@pytest.mark.parametrize("seconds,measured,pays", [
+    (600, None, False),  # nothing measured on this GPU
+    (600, {"eager_s": 1.0, "compiled_s": 0.95, "first_call_s": 5.0}, False),  # x1.05: not worth a compile
+    (600, {"eager_s": 1.5, "compiled_s": 1.0, "first_call_s": 61.0}, True),  # saves 200 s, costs 60 s
+    (300, {"eager_s": 1.5, "compiled_s": 1.0, "first_call_s": 61.0}, False),  # saves 100 s < 2 x 60 s
+    (120, {"eager_s": 3.0, "compiled_s": 1.0, "first_call_s": 2.0}, False),  # a short pass: eager
+])
+def test_compile_by_default_only_where_the_measurement_says_it_pays(seconds, measured, pays):
+    from infdit_cli.plan.planner import compile_pays
+
+    assert compile_pays(seconds, measured) is pays
+
+
+def test_a_calls_image_work_is_charged_per_output_pixel():
+    """`Rates.pixel_seconds` (the calibration's measure of the LR upsampling, slices and sampler arithmetic)
+    adds that much per pixel of the block-padded canvas, whatever n; a state on the host next to a GPU
+    adds its slices' traffic over the copy rate on top."""
+    from dataclasses import replace
+
+    from infdit_cli.plan.planner import STATE_BYTES_PER_PIXEL, call_seconds
+
+    cfg, size = PRESETS["tiny"], (100, 200)  # canvas 112 x 208
+    base = Rates(flops=1e9, op_seconds=1e-6, copy_bytes=1e9)
+    for n in (1, 3, 1 << 30):
+        extra = call_seconds(cfg, size, n, replace(base, pixel_seconds=1e-8)) - call_seconds(cfg, size, n, base)
+        assert extra == pytest.approx(112 * 208 * 1e-8)
+    on_host = call_seconds(cfg, size, 2, base, device_type="cuda", state_on_host=True)
+    assert on_host - call_seconds(cfg, size, 2, base, device_type="cuda") == \
+        pytest.approx(STATE_BYTES_PER_PIXEL * 112 * 208 / 1e9)

@@ -20,7 +20,7 @@ __all__ = ["check_compile", "check_target_args", "check_upscale_args", "DEFAULT_
 _RES = re.compile(r"^\s*(\d+)(\s*x\s*(\d+))?\s*$", re.IGNORECASE)
 
 
-def check_compile(compile: bool, device: str) -> None:
+def check_compile(compile: bool | None, device: str) -> None:
     """--compile only where it is offered: a CUDA device.
 
     Raises:

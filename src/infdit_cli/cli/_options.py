@@ -53,9 +53,10 @@ LowMemory = Annotated[Optional[bool], typer.Option(
     help="Keep the sampler state and host K/V cache in memory-mapped files next to the output (removed "
          "afterwards): a few bytes of RAM per pixel, some speed. Default: on by itself when RAM is short.",
     rich_help_panel="Memory")]
-Compile = Annotated[bool, typer.Option(
-    "--compile", help="Run the layers through torch.compile (CUDA only): one compile at the start, then "
-                      "each call may be faster; `infdit selftest` measures both on this GPU.",
+Compile = Annotated[Optional[bool], typer.Option(
+    "--compile/--no-compile", help="Run the layers through torch.compile (CUDA only): one compile at the "
+                                   "start, then each call may be faster. Default: where `infdit selftest` "
+                                   "measured that it pays on this GPU, for passes of 3 min or more.",
     rich_help_panel="Model")]
 Checkpoint = Annotated[Optional[bool], typer.Option(
     "--checkpoint/--no-checkpoint",
@@ -100,7 +101,7 @@ def parse_budget(mem_budget: str | None) -> int | None:
 
 def make_options(steps: int, seed: int, mem_budget: str | None, block_batch: int | None,
                  color_fix: ColorFix, low_memory: bool | None = None,
-                 compile: bool = False) -> UpscaleOptions:
+                 compile: bool | None = None) -> UpscaleOptions:
     budget = parse_budget(mem_budget)
     from ..jobs.pipeline import UpscaleOptions  # kept off start-up (torch): after the usage checks
 

@@ -236,7 +236,7 @@ def upscale(
     depth: O.Depth = None,
     color_fix: O.ColorFixOpt = O.ColorFix.none,
     low_memory: O.LowMemory = None,
-    compile_: O.Compile = False,
+    compile_: O.Compile = None,
     max_pixels: O.MaxPixels = 64 * 2**20,
     overwrite: O.Overwrite = False,
     checkpoint: O.Checkpoint = None,

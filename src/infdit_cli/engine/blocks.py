@@ -31,6 +31,7 @@ from ..model.attention import gather_keys, neighbour_index
 from ..model.infdit import out_kernel, qkv_into
 from ..plan.grid import BlockRect, Order, cache_slots, choose_order, consumers, plan_rects
 from ..plan.planner import Placement, batch_device_bytes, chunk_blocks, step_down
+from ..plan.sdpa import prefer
 from .storage import Scratch
 
 __all__ = [
@@ -364,13 +365,15 @@ class BlockEngine:
         replan: the first rung on out-of-memory, before `planner.step_down` halves n: the placement to
             take instead (the pipeline's: `planner.replan` at 0.9x the plan's budget), or None.
         neighbours: where each rectangle's neighbours come from (`Neighbours`: this process's cache).
+        attention: the attention backend tried first (`plan.sdpa.prefer`; the calibration's `Rates.sdpa`);
+            None: torch's own order.
     """
 
     def __init__(self, model, lr: torch.Tensor, vector: torch.Tensor, lr_up, placement: Placement, *,
                  scratch: Scratch | None = None, on_event: Callable[[object], None] | None = None,
                  fault: Fault | None = None, compile: bool | str = False,
                  replan: Callable[[Placement], Placement | None] | None = None,
-                 neighbours: Neighbours | None = None) -> None:
+                 neighbours: Neighbours | None = None, attention: str | None = None) -> None:
         cfg = self.cfg = model.config
         self.model = model
         h, w = lr_up.shape[-2:]
@@ -384,6 +387,7 @@ class BlockEngine:
         self.scratch, self.on_event, self.fault = scratch, on_event, fault
         self.placement = placement
         self.replan = replan
+        self.attention = attention
         self.neighbours = neighbours if neighbours is not None else Neighbours()
         self.cache: KVCache | None = None
         self._stream = None
@@ -474,8 +478,9 @@ class BlockEngine:
             out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         sigma_t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b).cpu()
         step = self.model.prepare_step(sigma_t, self.vector)
-        while not self._attempt(x, out, step):
-            self._step_down()
+        with prefer(self.attention):
+            while not self._attempt(x, out, step):
+                self._step_down()
         return out
 
     def _attempt(self, x: torch.Tensor, out: torch.Tensor, step) -> bool:

@@ -26,7 +26,16 @@ from ..errors import BadRequest, DiskTooSmall, NonFinite, OutOfMemory
 from ..events import CheckpointWritten, JobStarted, Notice, PassDone, PassStarted, PlanChanged, Resumed
 from ..images.load import resize
 from ..plan import calibrate
-from ..plan.planner import Placement, Plan, Rates, call_seconds, flops_per_call, nominal_rates, plan
+from ..plan.planner import (
+    Placement,
+    Plan,
+    Rates,
+    call_seconds,
+    compile_pays,
+    flops_per_call,
+    nominal_rates,
+    plan,
+)
 from ..plan.planner import replan as planner_replan
 from ..units import format_bytes, format_seconds, row_chunks
 from .checkpoint import RunFolder, Saved
@@ -48,7 +57,8 @@ class UpscaleOptions:
     color_fix: str = "none"  # none | wavelet | adain
     low_memory: bool | None = None  # memory-mapped sampler state: True, False, or None (when RAM is short)
     host_budget: int | None = None  # host bytes; None: what the machine (and its cgroup) can give
-    compile: bool = False  # the layers' per-token work through torch.compile (engine.compiled_kernels)
+    compile: bool | None = None  # the layers' per-token work through torch.compile (engine.compiled_kernels);
+    # None: where it pays by this GPU's measurement (`planner.compile_pays`, `calibrate.compile_record`)
 
 
 @dataclass(frozen=True)
@@ -448,6 +458,16 @@ def pass_inputs(lr_in: torch.Tensor, scale: int, cfg) -> tuple[torch.Tensor, Ups
     return lr, lr_up, clip_in
 
 
+def compiles(model, p: Pass, options: UpscaleOptions) -> bool:
+    """`--compile` or `--no-compile` as given; neither: on CUDA where this GPU's measured compile pays over
+    the pass's predicted time."""
+    if options.compile is not None:
+        return options.compile
+    if model.device.type != "cuda":
+        return False
+    return compile_pays(p.seconds, calibrate.compile_record(model.config, model.device, model.dtype))
+
+
 def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options: UpscaleOptions,
               generator, on_event, scratch: Scratch | None, fault, ckpt: _Checkpointer | None = None,
               on_preview=None, engine_cls=None) -> tuple[torch.Tensor, Placement]:
@@ -507,7 +527,8 @@ def _one_pass(model, lr_in: torch.Tensor, p: Pass, placement: Placement, options
 
     engine = (engine_cls or BlockEngine)(model, lr, vector, lr_up, replace(placement, state_on_host=False),
                                          scratch=scratch, on_event=on_event, fault=fault,
-                                         compile=options.compile, replan=replan)
+                                         compile=compiles(model, p, options), replan=replan,
+                                         attention=getattr(p.memory.rates, "sdpa", None))
     preview: list[torch.Tensor] = []
 
     # (calls, time) after each step, less the time spent in the callbacks (checkpoint saves, previews,

@@ -12,8 +12,14 @@ after ~0.3 s of GEMMs that wake the device (clocks, cuBLAS's choices):
   than `STEADY`, or the load average exceeds the cores, the rates are used for this run but not cached.
 - `op_seconds`: a tensor operation's fixed cost: small LayerNorm, linear and in-place add on tiny tensors.
 - `copy_bytes`: a 64 MiB copy, pinned host memory to the GPU next to one, memory to memory on the CPU.
+- `pixel_seconds`: one call's image work outside the model on a 512² image (`_pixel_seconds`: the LR
+  conditioning's bicubic upsampling, the slices in and out, the sampler's arithmetic), per pixel.
+- `sdpa` (CUDA, 16-bit): the attention backend the engine prefers, measured first (`sdpa.measure_backends`
+  at a chunk's attention shapes, about two seconds); the chunk is then timed under it.
 
-A finished job's own measured calls correct the cached rates (`observe`).
+A finished job's own measured calls correct the cached rates (`observe`). `record_compile` keeps what
+`infdit selftest` measured of `--compile` beside them (`compile.json`, the same keys): the pipeline's
+default compiles where `planner.compile_pays` says that pays.
 """
 
 from __future__ import annotations
@@ -36,10 +42,14 @@ from ..settings import cache_root
 from .grid import BlockRect
 from .meter import sync
 from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
+from .sdpa import BACKENDS, measure_backends, prefer
 
-__all__ = ["calibration", "measure_rates", "device_key", "observe", "busy", "CALIBRATION_FILE"]
+__all__ = ["calibration", "measure_rates", "device_key", "observe", "busy", "record_compile",
+           "compile_record", "CALIBRATION_FILE", "COMPILE_FILE"]
 
 CALIBRATION_FILE = "calibration.json"
+COMPILE_FILE = "compile.json"
+COMPILE_FIELDS = ("eager_s", "compiled_s", "first_call_s")
 WARM_SECONDS = 0.3  # GEMMs before anything is timed
 ROUNDS = 3  # the chunk is timed this many times...
 ROUND_SECONDS = 0.15  # ...for at least this long each (its best call)...
@@ -78,8 +88,7 @@ def calibration(cfg, device: torch.device | str, dtype: torch.dtype, *, refresh:
             return Rates(**table[key], source="measured")
         rates = measure_rates(cfg, device, dtype)
         if rates.steady:  # taken while other work shared the machine: used now, measured again next run
-            table[key] = {"flops": rates.flops, "op_seconds": rates.op_seconds,
-                          "copy_bytes": rates.copy_bytes}
+            table[key] = _entry(rates)
             _write(path, table)
         return rates
     finally:
@@ -94,38 +103,68 @@ def measure_rates(cfg, device: torch.device, dtype: torch.dtype) -> Rates:
     `STEADY` or the load average exceeds the cores (the caller uses the rates but does not keep them)."""
     with torch.no_grad():
         _warm(device, dtype)
+        pixel = _pixel_seconds(device)  # before `_op_seconds`: its thread-count changes slow small work
         op = _op_seconds(device, dtype)
+        sdpa = _attention_backend(cfg, device, dtype)
         flops, chunk = _chunk(cfg, device, dtype)
-        times = [_best(chunk, device, 1, spend=ROUND_SECONDS, warm=k == 0) for k in range(ROUNDS)]
+        with prefer(sdpa):
+            times = [_best(chunk, device, 1, spend=ROUND_SECONDS, warm=k == 0) for k in range(ROUNDS)]
         seconds = min(times)
         steady = max(times) <= (1 + STEADY) * seconds and not busy()
         # what the cost model charges a chunk's layer beyond its FLOPs (`planner.call_seconds`)
         fixed = OPS_PER_CHUNK_LAYER * DISPATCHES_PER_OP * op
         compute = max(seconds - fixed, 0.1 * seconds)
         return Rates(flops=flops / compute, op_seconds=op, copy_bytes=_copy_rate(device), source="measured",
-                     steady=steady)
+                     steady=steady, sdpa=sdpa, pixel_seconds=pixel)
+
+
+def _attention_backend(cfg, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The fastest fused attention backend within the bf16 bound at one chunk's attention shapes (a block's
+    T queries against its 4T keys, per block and head); None off CUDA, in float32, or where none passes."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    t = cfg.block_tokens**2
+    return measure_backends(device, batch=chunk_blocks(cfg, device.type), heads=cfg.num_heads,
+                            head_dim=cfg.head_dim, queries=t, keys=4 * t, dtype=dtype)["choice"]
 
 
 def observe(cfg, device: torch.device | str, dtype: torch.dtype, rates: Rates, predicted: float,
             measured: float, calls: int) -> Rates | None:
-    """A job's own calls correct the cached calibration: `measured` seconds per call over `calls` steady
-    calls against the `predicted` per call (by `rates`) scale every rate by their ratio (the prediction is
-    linear in 1/flops, op_seconds and 1/copy_bytes), and the cache keeps the result. Nothing when the job
-    saw too little (fewer than `OBSERVE_CALLS` calls or under `OBSERVE_SECONDS`), ran under contention, or
-    its rates were not measured here. Returns the corrected rates (or None)."""
+    """A job's own calls correct the cached calibration: `measured` seconds per call over `calls` steady calls
+    against the `predicted` per call (by `rates`) scale every rate by their ratio (the prediction is linear in
+    1/flops, op_seconds, pixel_seconds and 1/copy_bytes), and the cache keeps the result.
+    Nothing when the job saw too little (fewer than `OBSERVE_CALLS` calls or under `OBSERVE_SECONDS`), ran
+    under contention, or its rates were not measured here. Returns the corrected rates (or None)."""
     device = torch.device(device)
     if (not rates.measured or calls < OBSERVE_CALLS or measured * calls < OBSERVE_SECONDS or predicted <= 0
             or measured <= 0 or busy()):
         return None
     r = measured / predicted
     fixed = Rates(flops=rates.flops / r, op_seconds=rates.op_seconds * r, copy_bytes=rates.copy_bytes / r,
-                  source="measured")
+                  source="measured", sdpa=rates.sdpa, pixel_seconds=rates.pixel_seconds * r)
     path = cache_root() / CALIBRATION_FILE
     table = _read(path)
-    table[device_key(device, dtype, cfg)] = {"flops": fixed.flops, "op_seconds": fixed.op_seconds,
-                                             "copy_bytes": fixed.copy_bytes}
+    table[device_key(device, dtype, cfg)] = _entry(fixed)
     _write(path, table)
     return fixed
+
+
+def record_compile(cfg, device: torch.device | str, dtype: torch.dtype, eager_s: float, compiled_s: float,
+                   first_call_s: float) -> None:
+    """Keep a `--compile` measurement of this device and model shape: seconds per eager and compiled call,
+    and the first compiled call's (with the compile)."""
+    path = cache_root() / COMPILE_FILE
+    table = _read(path, COMPILE_FIELDS)
+    table[device_key(torch.device(device), dtype, cfg)] = {"eager_s": float(eager_s),
+                                                            "compiled_s": float(compiled_s),
+                                                            "first_call_s": float(first_call_s)}
+    _write(path, table)
+
+
+def compile_record(cfg, device: torch.device | str, dtype: torch.dtype) -> dict | None:
+    """The kept `--compile` measurement for this device and model shape, or None."""
+    key = device_key(torch.device(device), dtype, cfg)
+    return _read(cache_root() / COMPILE_FILE, COMPILE_FIELDS).get(key)
 
 
 def busy() -> bool:
@@ -244,8 +283,41 @@ def _copy_rate(device: torch.device, nbytes: int = 64 * 2**20) -> float:
     return nbytes / _best(lambda: dst.copy_(src, non_blocking=device.type == "cuda"), device, 3)
 
 
-def _read(path: Path) -> dict:
-    """The cached table, keeping only well-formed entries (a damaged file is a cache miss)."""
+RATE_FIELDS = ("flops", "op_seconds", "copy_bytes", "pixel_seconds")
+
+
+def _entry(rates: Rates) -> dict:
+    """What the cache keeps of `rates`: the three rates, and the attention backend where one was chosen."""
+    out = {f: getattr(rates, f) for f in RATE_FIELDS}
+    if rates.sdpa is not None:
+        out["sdpa"] = rates.sdpa
+    return out
+
+
+def _pixel_seconds(device: torch.device, side: int = 512) -> float:
+    """Seconds per output pixel of one call's image work outside the model, as the pipeline and the
+    sampler do it on a `side`² image of float32 RGB: the LR conditioning's antialiased bicubic 4x upsampling
+    from a haloed source (`jobs.pipeline.Upsampled`), clamped; the state's slice in with it, scaled; the
+    output written from the model's result and the state (c_out, c_skip); half a Heun step's arithmetic."""
+    g = torch.Generator().manual_seed(0)
+    src = (torch.rand(1, 3, side // 4 + 8, side // 4 + 8, generator=g) * 2 - 1).to(device)
+    x = torch.randn(1, 3, side, side, generator=g).to(device)
+    out, d, x2 = (torch.empty_like(x) for _ in range(3))
+
+    def work() -> None:
+        up = F.interpolate(src, scale_factor=4, mode="bicubic", align_corners=False, antialias=True)
+        up = up.clamp_(-1, 1)[..., 16 : 16 + side, 16 : 16 + side]
+        xin = torch.cat([x, up], dim=1) * 0.5
+        torch.add(xin[:, :3] * 0.5, x * 0.5, out=out)  # (the model's output stands in for itself)
+        torch.sub(x, out, out=d).div_(0.7)
+        torch.mul(d, -0.1, out=x2).add_(x)
+
+    return _best(work, device, 5, spend=0.5) / (side * side)
+
+
+def _read(path: Path, fields: tuple[str, ...] = RATE_FIELDS) -> dict:
+    """A cached table, keeping only well-formed entries: `fields` positive numbers, and for the rates an
+    attention backend where one was chosen (a damaged file is a cache miss)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
@@ -254,10 +326,16 @@ def _read(path: Path) -> dict:
         return {}
     good = {}
     for key, v in data.items():
-        fields = ("flops", "op_seconds", "copy_bytes")
-        if (isinstance(v, dict) and set(v) == set(fields)
-                and all(isinstance(v[f], (int, float)) and math.isfinite(v[f]) and v[f] > 0 for f in fields)):
-            good[key] = {f: float(v[f]) for f in fields}
+        extra = {"sdpa"} if fields == RATE_FIELDS else set()
+        if not isinstance(v, dict) or set(v) - extra != set(fields):
+            continue
+        if not all(isinstance(v[f], (int, float)) and math.isfinite(v[f])
+                   and v[f] > 0 for f in fields):
+            continue
+        sdpa = v.get("sdpa")
+        if sdpa is not None and sdpa not in BACKENDS:
+            continue
+        good[key] = {f: float(v[f]) for f in fields} | ({"sdpa": sdpa} if sdpa else {})
     return good
 
 

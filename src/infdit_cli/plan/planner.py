@@ -24,9 +24,9 @@ from .grid import BlockRect, cache_slots, choose_order
 
 __all__ = [
     "HEUN_IMAGES", "NOMINAL_RATES", "REPLAN_FACTOR", "MemoryEstimate", "Placement", "Plan", "Rates",
-    "batch_device_bytes", "call_seconds", "chunk_blocks", "device_free", "estimate", "flops_per_call",
-    "format_bytes", "format_seconds", "host_available", "layer_flops", "leanest", "nominal_rates",
-    "param_count", "parse_bytes", "plan", "replan", "step_down"
+    "batch_device_bytes", "call_seconds", "chunk_blocks", "compile_pays", "device_free", "estimate",
+    "flops_per_call", "format_bytes", "format_seconds", "host_available", "layer_flops", "leanest",
+    "nominal_rates", "param_count", "parse_bytes", "plan", "replan", "step_down"
 ]
 
 # The engine runs each layer's per-token work over chunks of a rectangle's blocks, while the rectangle's
@@ -79,6 +79,9 @@ class Rates:
     copy_bytes: float  # bytes/s of a large copy: host <-> device next to a GPU, memory to memory on the CPU
     source: str = "assumed"  # "measured": calibrated on this device
     steady: bool = True  # False: measured while other work shared the device (used, not cached)
+    sdpa: str | None = None  # CUDA: the attention backend fastest within the bf16 bound (`plan.sdpa`)
+    pixel_seconds: float = 0.0  # a call's image work per output pixel outside the model (the LR upsampling
+    # per rectangle, the slices in and out, the sampler's arithmetic), on the state's device
 
     @property
     def measured(self) -> bool:
@@ -88,8 +91,10 @@ class Rates:
 # Where nothing was measured (`plan(..., rates=None)`, `--dry-run` callers that do not calibrate): the low
 # end of what `calibrate` measured on an idle 2-core Xeon for the CPU (per thread), and for CUDA a bf16
 # H100-class card at ~40 % of its peak (fp32 a quarter), PCIe 4 copies. Assumptions, used for ordering.
-NOMINAL_RATES = {"cpu": Rates(25e9, 3e-6, 4e9), "cuda": Rates(400e12, 2e-6, 12e9),
-                 "cuda-fp32": Rates(100e12, 2e-6, 12e9), "mps": Rates(10e12, 3e-6, 20e9)}
+NOMINAL_RATES = {"cpu": Rates(25e9, 3e-6, 4e9, pixel_seconds=80e-9),
+                 "cuda": Rates(400e12, 2e-6, 12e9, pixel_seconds=0.3e-9),
+                 "cuda-fp32": Rates(100e12, 2e-6, 12e9, pixel_seconds=0.3e-9),
+                 "mps": Rates(10e12, 3e-6, 20e9, pixel_seconds=1e-9)}
 
 
 def nominal_rates(device_type: str, dtype: torch.dtype = torch.float32) -> Rates:
@@ -298,11 +303,11 @@ def estimate(cfg: InfDiTConfig, size: tuple[int, int], n: int | None, *, dtype: 
 # Time
 # --------------------------------------------------------------------------------------------------------
 
-# Tensor operations the engine issues (counted in engine.py; each costs `Rates.op_seconds` beyond its FLOPs,
-# times DISPATCHES_PER_OP: what one of them costs in views, strides and outputs around its kernel, fitted to
-# the torch profiler's count, 1766 aten calls per call of the tiny preset at 256^2 against 160 counted here,
-# and to `benchmarks/predicted_time.py`; docs/benchmarks.md).
-DISPATCHES_PER_OP = 10
+# Tensor operations the engine issues (counted in engine/blocks.py; each costs `Rates.op_seconds` beyond its
+# FLOPs, times DISPATCHES_PER_OP: what one of them costs in views, strides and outputs around its kernel,
+# fitted to `benchmarks/predicted_time.py`'s block modes of the tiny, micro and small presets, whose n = 1
+# calls 10 predicted at 0.44-0.62 of what they took; docs/benchmarks.md).
+DISPATCHES_PER_OP = 5
 OPS_PER_CHUNK_LAYER = 24  # qkv (norms, projection, RoPE: 11), gather (3), attention and MLP (10)
 OPS_PER_RECT = 40  # slices in and out, embedding, RoPE tables, LR context, head, the step's bookkeeping
 OPS_PER_RECT_LAYER = 4  # the key table's neighbours, the cache's trim and bookkeeping
@@ -341,11 +346,12 @@ def call_seconds(cfg: InfDiTConfig, size: tuple[int, int], n: int, rates: Rates,
                  state_on_host: bool = False) -> float:
     """Predicted seconds of one denoiser call whose output is `size` (H, W), in n x n blocks.
 
-    compute (`flops_per_call`, plus each rectangle's ring of LR tokens, at `rates.flops`) + tensor
-    operations (`OPS_*` per chunk, rectangle, layer and cached block, at `rates.op_seconds`) + copies at
-    `rates.copy_bytes` (a host-side cache's neighbours next to a GPU; the image state's slices; on the CPU
-    the sampler's image arithmetic). Apart from the LR ring the compute is the same for every n: what n
-    changes is how many rectangles, chunks and cached blocks the call has, and what crosses to the device.
+    compute (`flops_per_call`, plus each rectangle's ring of LR tokens, at `rates.flops`) + tensor operations
+    (`OPS_*` per chunk, rectangle, layer and cached block, at `rates.op_seconds`) + the image work outside the
+    model at `rates.pixel_seconds` per output pixel + copies at `rates.copy_bytes` (a host-side cache's
+    neighbours next to a GPU; a host-side state's slices to the GPU and back). Apart from the LR ring the
+    compute is the same for every n: what n changes is how many rectangles, chunks and cached blocks the call
+    has, and what crosses to the device.
     """
     h, w = size
     gh, gw = -(-h // cfg.block_size), -(-w // cfg.block_size)
@@ -368,10 +374,32 @@ def call_seconds(cfg: InfDiTConfig, size: tuple[int, int], n: int, rates: Rates,
     moved = 0.0
     if cache_on_host and device_type != "cpu":
         moved += layers * cached * 2 * batch * t * cfg.hidden_size * _elem(dtype)
-    if state_on_host or device_type == "cpu":
-        moved += batch * STATE_BYTES_PER_PIXEL * gh * gw * cfg.block_size**2
+    pixels = batch * gh * gw * cfg.block_size**2
+    if state_on_host and device_type != "cpu":
+        moved += STATE_BYTES_PER_PIXEL * pixels
     return (batch * (flops_per_call(cfg, h, w) + extra) / rates.flops
-            + ops * DISPATCHES_PER_OP * rates.op_seconds + moved / rates.copy_bytes)
+            + ops * DISPATCHES_PER_OP * rates.op_seconds + pixels * rates.pixel_seconds
+            + moved / rates.copy_bytes)
+
+
+# `--compile` by default (neither --compile nor --no-compile): on CUDA, for a pass predicted to take at least
+# COMPILE_AFTER_S, when this GPU's measured compiled calls (`infdit selftest`'s compile row, kept by
+# `calibrate.record_compile`) were at least COMPILE_MIN_GAIN times faster than eager ones and the time that
+# saves over the pass is at least COMPILE_PAYBACK times the compile's own.
+COMPILE_AFTER_S = 180.0
+COMPILE_MIN_GAIN = 1.10
+COMPILE_PAYBACK = 2.0
+
+
+def compile_pays(pass_seconds: float, measured: dict | None) -> bool:
+    """Whether a pass predicted at `pass_seconds` (eager) should compile, by `measured` = {"eager_s",
+    "compiled_s", "first_call_s"} (one call each, and the first compiled call with its compile); None:
+    nothing measured on this GPU, so no."""
+    if not measured or pass_seconds < COMPILE_AFTER_S:
+        return False
+    gain = measured["eager_s"] / measured["compiled_s"]
+    compile_s = max(measured["first_call_s"] - measured["compiled_s"], 0.0)
+    return gain >= COMPILE_MIN_GAIN and pass_seconds * (1 - 1 / gain) >= COMPILE_PAYBACK * compile_s
 
 
 def _spans(cells: int, n: int) -> list[int]:

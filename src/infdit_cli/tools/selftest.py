@@ -38,14 +38,13 @@ import torch
 from ..engine import blocks as engine_mod
 from ..engine.blocks import BlockEngine
 from ..engine.sampling import edm_sigmas, sample_heun
-from ..engine.sdpa import measure_backends
 from ..engine.storage import Scratch
 from ..errors import BadRequest
 from ..events import CheckDone, CheckStarted, PlanChanged, SelftestStarted
 from ..jobs.pipeline import Upsampled
 from ..model.config import PRESETS, InfDiTConfig
 from ..model.infdit import random_model
-from ..plan.calibrate import calibration
+from ..plan.calibrate import calibration, record_compile
 from ..plan.device import resolve_device
 from ..plan.grid import plan_rects
 from ..plan.meter import host_status, reset_host_peak, rss, timed
@@ -58,6 +57,7 @@ from ..plan.planner import (
     host_available,
     plan,
 )
+from ..plan.sdpa import measure_backends
 from ..units import format_bytes
 from ..weights.convert import convert_checkpoint
 from ..weights.format import load_model, save_model_file
@@ -714,6 +714,8 @@ def check_compile(run: _Run) -> Check:
         for compiled in (False, True):
             times[compiled].append(timed(lambda compiled=compiled: engines[compiled](x, 2.0), dev))
     te, tc = statistics.median(times[False]), statistics.median(times[True])
+    # kept for this GPU and model shape: later jobs compile by default where it pays (`planner.compile_pays`)
+    record_compile(m.config, dev, m.dtype, te, tc, first)
     mode = "whole image" if n is None else f"n={n}"
     return Check("speed", f"torch.compile (--compile), {size}² ({p.config}, {p.dtype}, {mode})", "info",
                  f"eager {te:.3g} s, compiled {tc:.3g} s per call (x{te / tc:.2f}); first compiled call "

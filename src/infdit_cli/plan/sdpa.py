@@ -8,12 +8,15 @@ times that of the math backend computing in bf16 (`torch.backends.cuda.allow_fp1
 on: its softmax weights rounded to bf16, as the fused kernels round them). Where torch lacks that switch
 (before 2.5) the math backend computes bf16 inputs in bf16 anyway; from 2.5 on, left off, it computes them
 in float32, and its distance is then mostly the output's rounding, which a fused kernel could miss.
-`infdit selftest` reports the measurement as one row; it is a measurement only: nothing (the engine
-included) selects a backend from it.
+
+`calibrate` measures it once per device with the rates (`Rates.sdpa`), at a chunk's attention shapes, and
+the engine computes under `prefer(Rates.sdpa)`: that backend first, torch's others behind it for shapes
+it refuses. `infdit selftest` reports the measurement as a row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 
 from ..plan.meter import sync
 
-__all__ = ["BACKENDS", "measure_backends", "choice"]
+__all__ = ["BACKENDS", "measure_backends", "choice", "prefer"]
 
 BACKENDS = ("flash", "cudnn", "efficient")
 
@@ -107,3 +110,17 @@ def choice(measured: dict) -> str | None:
     ok = [(r["seconds"], name) for name, r in measured["backends"].items()
           if r["seconds"] is not None and r["meets_bound"]]
     return min(ok)[1] if ok else None
+
+
+def prefer(name: str | None):
+    """Context: attention tries backend `name` first, then torch's others (flash, memory-efficient, cuDNN,
+    math) for any shapes it refuses; nothing changes for None."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    order = [_backend(b) for b in (name, "flash", "efficient", "cudnn", "math")]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch before `set_priority` (2.6): that backend, with math behind it
+        return sdpa_kernel([_backend(name), _backend("math")])
