@@ -11,8 +11,8 @@ pass planned as `infdit upscale` plans it (this machine's memory: the planner's 
 beside it: the whole image and n = 1, 2, 4, ... below the grid's side. Each mode runs `--steps` Heun steps
 through `Upscaler.upscale_tensor` (the real sampler and engine); measured per call: the time between the
 first and the last step's end over the calls between them (the first step, with its warm-up, is left
-out; the best of two runs), against the plan's `seconds_per_call` for that mode. The planner's choice is then compared with the
-fastest mode measured.
+out; the best of two runs), against the plan's `seconds_per_call` for that mode. The planner's choice is
+then compared with the fastest mode measured.
 
 The `small` preset (hidden 256, 4 layers, 4 heads) is the model issue 32 calls medium. Timings depend on
 what else runs: the table's header records the load average before and after.
@@ -58,7 +58,7 @@ def per_call(up: Upscaler, rgb: torch.Tensor, plan, runs: int = 2) -> float:
     for _ in range(runs):
         stamps: list[tuple[int, float]] = []
 
-        def on_event(ev) -> None:
+        def on_event(ev, stamps=stamps) -> None:
             if isinstance(ev, StepDone):
                 stamps.append((ev.calls, time.perf_counter()))
 
@@ -120,8 +120,8 @@ def main() -> None:
         f"Command: `{cmd}` ({took / 60:.0f} min; {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; load average {load0:.1f} before, {load1:.1f} after). "
         f"Every mode runs {args.steps} Heun steps of one 4x pass through `Upscaler.upscale_tensor`; "
-        "measured: seconds per call after the first step, the best of two runs; predicted: the plan's `seconds_per_call` with the "
-        "rates `calibrate` measured at the start of the config's rows.",
+        "measured: seconds per call after the first step, the best of two runs; predicted: the plan's "
+        "`seconds_per_call` with the rates `calibrate` measured at the start of the config's rows.",
         "",
         "| config | output | mode | planner's choice | predicted s/call | measured s/call | "
         "measured / predicted | / fastest |",

@@ -380,7 +380,8 @@ def test_a_calls_image_work_is_charged_per_output_pixel():
     cfg, size = PRESETS["tiny"], (100, 200)  # canvas 112 x 208
     base = Rates(flops=1e9, op_seconds=1e-6, copy_bytes=1e9)
     for n in (1, 3, 1 << 30):
-        extra = call_seconds(cfg, size, n, replace(base, pixel_seconds=1e-8)) - call_seconds(cfg, size, n, base)
+        with_pixels = call_seconds(cfg, size, n, replace(base, pixel_seconds=1e-8))
+        extra = with_pixels - call_seconds(cfg, size, n, base)
         assert extra == pytest.approx(112 * 208 * 1e-8)
     on_host = call_seconds(cfg, size, 2, base, device_type="cuda", state_on_host=True)
     assert on_host - call_seconds(cfg, size, 2, base, device_type="cuda") == \
