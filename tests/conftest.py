@@ -18,6 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # test module builds its environment from os.environ, so subprocesses get it too.
 SESSION_CACHE = tempfile.mkdtemp(prefix="infdit-test-cache-")
 os.environ["INFDIT_CACHE"] = SESSION_CACHE
+# and one table of measured rates for every test and process, also those with a cache of their own (a
+# first download, the wheel): each model shape is measured once a session, not once per fresh cache
+# (test_calibrate's tests keep theirs in their own caches)
+os.environ["INFDIT_CALIBRATION"] = os.path.join(SESSION_CACHE, "calibration.json")
 
 from infdit_cli.engine.storage import _COMPACTED, _GONE  # noqa: E402
 from infdit_cli.model.config import PRESETS  # noqa: E402

@@ -17,6 +17,7 @@ TINY = PRESETS["tiny"]
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("INFDIT_CALIBRATION", raising=False)  # the session's shared table (conftest)
     monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / CALIBRATION_FILE
 
@@ -137,6 +138,7 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(cache, measured, text):
 def test_an_unwritable_cache_costs_only_the_measurement(tmp_path, monkeypatch, measured):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    monkeypatch.delenv("INFDIT_CALIBRATION", raising=False)
     monkeypatch.setenv("INFDIT_CACHE", str(blocker / "cache"))  # under a regular file: no folder can be made
     assert calibration(TINY, "cpu", torch.float32).flops > 0
     assert calibration(TINY, "cpu", torch.float32).flops > 0
@@ -262,3 +264,20 @@ def test_a_pass_compiles_as_told_or_where_the_gpus_measurement_says_so(monkeypat
     assert compiles(gpu, short, UpscaleOptions(compile=True))
     monkeypatch.setattr(pipeline.calibrate, "compile_record", lambda cfg, device, dtype: None)
     assert not compiles(gpu, long, auto)
+
+
+def test_a_calibration_file_of_its_own_is_read_and_written_instead_of_the_caches(cache, measured, monkeypatch,
+                                                                                 tmp_path):
+    """`INFDIT_CALIBRATION`: the rates (and the compile measurement, beside them) live in that file, so a job
+    with a fresh cache of its own does not measure again."""
+    shared = tmp_path / "shared" / "rates.json"
+    monkeypatch.setenv("INFDIT_CALIBRATION", str(shared))
+    first = calibration(TINY, "cpu", torch.float32)
+    calibrate.record_compile(TINY, "cpu", torch.float32, 1.5, 1.0, 61.0)
+    assert shared.is_file() and (shared.parent / calibrate.COMPILE_FILE).is_file() and not cache.exists()
+    monkeypatch.setenv("INFDIT_CACHE", str(tmp_path / "another-cache"))
+    assert calibration(TINY, "cpu", torch.float32).flops == first.flops and len(measured) == 1
+    assert calibrate.compile_record(TINY, "cpu", torch.float32)["first_call_s"] == 61.0
+    monkeypatch.delenv("INFDIT_CALIBRATION")
+    calibration(TINY, "cpu", torch.float32)  # the cache's own table: empty, so measured
+    assert len(measured) == 2

@@ -14,6 +14,8 @@ User settings:
     INFDIT_DOWNLOAD_TIMEOUT  seconds to connect and per read (default 10).
     INFDIT_RANK_TIMEOUT      seconds a rank waits for the others (`distributed.timeout_seconds`).
     INFDIT_HOST_MEMORY       host memory to plan for (e.g. 96GB), where the kernel's figures do not tell.
+    INFDIT_CALIBRATION       the file of this machine's measured rates (default calibration.json in the
+                             cache): one shared by machines of one kind, or by jobs with caches of their own.
     XDG_DATA_HOME            where `infdit serve` keeps its jobs (default ~/.local/share).
     PYTORCH_CUDA_ALLOC_CONF  only whether it is set: then infdit leaves the CUDA allocator as the user asked.
 
@@ -41,7 +43,7 @@ __all__ = ["Settings", "settings", "override", "clear_overrides", "cache_root"]
 _TRUE = ("1", "true", "yes", "on")
 NAMES = ("INFDIT_CACHE", "HF_HUB_OFFLINE", "INFDIT_OFFLINE", "INFDIT_WEIGHTS", "INFDIT_REPO",
          "INFDIT_REGISTRY", "INFDIT_DEBUG", "INFDIT_DOWNLOAD_TIMEOUT", "INFDIT_RANK_TIMEOUT",
-         "INFDIT_HOST_MEMORY",
+         "INFDIT_HOST_MEMORY", "INFDIT_CALIBRATION",
          "XDG_DATA_HOME", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "RANK", "WORLD_SIZE", "LOCAL_RANK",
          "INFDIT_EXIT_FILE", "INFDIT_BENCH_PARENT")
 
@@ -65,6 +67,7 @@ class Settings:
     download_timeout: str | None = None
     rank_timeout: str = ""
     host_memory: str | None = None
+    calibration: str | None = None
     data_home: str | None = None
     alloc_conf_set: bool = False
     rank: str | None = None
@@ -89,6 +92,7 @@ class Settings:
             download_timeout=get("INFDIT_DOWNLOAD_TIMEOUT"),
             rank_timeout=get("INFDIT_RANK_TIMEOUT") or "",
             host_memory=get("INFDIT_HOST_MEMORY"),
+            calibration=get("INFDIT_CALIBRATION"),
             data_home=get("XDG_DATA_HOME"),
             alloc_conf_set="PYTORCH_CUDA_ALLOC_CONF" in env or "PYTORCH_ALLOC_CONF" in env,
             # torchrun's: an empty value is kept (WORLD_SIZE="" is one process, as "1")

@@ -1,7 +1,8 @@
 """The cost model's rates on this device, measured: `calibration(cfg, device, dtype)` -> `planner.Rates`.
 
 A few seconds, once per device, dtype, thread count, torch version and model shape, then read from
-`<cache root>/calibration.json` (`settings.cache_root`); `infdit bench` measures again. What is measured,
+`<cache root>/calibration.json` (`settings.cache_root`; `$INFDIT_CALIBRATION` names another file);
+`infdit bench` measures again. What is measured,
 after ~0.3 s of GEMMs that wake the device (clocks, cuBLAS's choices):
 
 - `flops`: one real chunk (`planner.chunk_blocks`) of one layer through the model's own pieces, as the
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from ..files import atomic_write
 from ..model.attention import gather_keys, neighbour_index
 from ..model.infdit import random_model
-from ..settings import cache_root
+from ..settings import cache_root, settings
 from .grid import BlockRect
 from .meter import sync
 from .planner import DISPATCHES_PER_OP, OPS_PER_CHUNK_LAYER, Rates, chunk_blocks, layer_flops
@@ -82,7 +83,7 @@ def calibration(cfg, device: torch.device | str, dtype: torch.dtype, *, refresh:
         torch.set_num_threads(threads)
     try:
         key = device_key(device, dtype, cfg)
-        path = cache_root() / CALIBRATION_FILE
+        path = _table()
         table = _read(path)
         if not refresh and key in table:
             return Rates(**table[key], source="measured")
@@ -142,7 +143,7 @@ def observe(cfg, device: torch.device | str, dtype: torch.dtype, rates: Rates, p
     r = measured / predicted
     fixed = Rates(flops=rates.flops / r, op_seconds=rates.op_seconds * r, copy_bytes=rates.copy_bytes / r,
                   source="measured", sdpa=rates.sdpa, pixel_seconds=rates.pixel_seconds * r)
-    path = cache_root() / CALIBRATION_FILE
+    path = _table()
     table = _read(path)
     table[device_key(device, dtype, cfg)] = _entry(fixed)
     _write(path, table)
@@ -153,7 +154,7 @@ def record_compile(cfg, device: torch.device | str, dtype: torch.dtype, eager_s:
                    first_call_s: float) -> None:
     """Keep a `--compile` measurement of this device and model shape: seconds per eager and compiled call,
     and the first compiled call's (with the compile)."""
-    path = cache_root() / COMPILE_FILE
+    path = _table().with_name(COMPILE_FILE)
     table = _read(path, COMPILE_FIELDS)
     table[device_key(torch.device(device), dtype, cfg)] = {"eager_s": float(eager_s),
                                                             "compiled_s": float(compiled_s),
@@ -164,7 +165,7 @@ def record_compile(cfg, device: torch.device | str, dtype: torch.dtype, eager_s:
 def compile_record(cfg, device: torch.device | str, dtype: torch.dtype) -> dict | None:
     """The kept `--compile` measurement for this device and model shape, or None."""
     key = device_key(torch.device(device), dtype, cfg)
-    return _read(cache_root() / COMPILE_FILE, COMPILE_FIELDS).get(key)
+    return _read(_table().with_name(COMPILE_FILE), COMPILE_FIELDS).get(key)
 
 
 def busy() -> bool:
@@ -292,6 +293,13 @@ def _entry(rates: Rates) -> dict:
     if rates.sdpa is not None:
         out["sdpa"] = rates.sdpa
     return out
+
+
+def _table() -> Path:
+    """The calibration table: `$INFDIT_CALIBRATION`, else calibration.json in the infdit cache (`compile.json`
+    sits beside it)."""
+    own = settings().calibration
+    return Path(own).expanduser() if own else cache_root() / CALIBRATION_FILE
 
 
 def _pixel_seconds(device: torch.device, side: int = 512) -> float:
