@@ -84,7 +84,7 @@ class BandNeighbours(Neighbours):
         self._row = 0  # the current rectangle row: what the sends are kept by
         self._spare: torch.Tensor | None = None  # what a failed rank sends and receives into
         self._recvs: list[list] = []  # per layer still to fetch: the posted receives of the left column
-        self._unsent: tuple | None = None  # (rect, layer, cache, its puts' events): the edge's next send
+        self._unsent: tuple | None = None  # (layer, cache, the column's slots, their puts' events): next send
 
     def sweep(self, engine: BlockEngine, batch: int) -> Sweep:
         """This rank's band in n x n rectangles, row of rectangles by row of rectangles, with a cache for
@@ -150,18 +150,17 @@ class BandNeighbours(Neighbours):
             if self._unsent is not None:
                 self._send(*self._unsent)
             slots = [cache.index[(r, hi - 1)] for r in range(rect.r0, rect.r1)]
-            self._unsent = (rect, layer, cache, cache.events(slots))
+            self._unsent = (layer, cache, slots, cache.events(slots))
 
-    def _send(self, rect: BlockRect, layer: int, cache: KVCache, puts: list) -> None:
+    def _send(self, layer: int, cache: KVCache, slots: list[int], puts: list) -> None:
         import torch.distributed as dist
 
         self._unsent = None
-        hi = self.band[1]
         for event in puts:  # this layer's puts of the column have landed (a host cache: the copy stream)
             event.synchronize()
         # copies: the slots may be evicted and reused before the sends complete; all made before the
         # first send, so running out of memory here leaves the layer wholly unsent (`owe` sends it)
-        kv = [cache.slab[cache.index[(r, hi - 1)], layer].clone() for r in range(rect.r0, rect.r1)]
+        kv = [cache.slab[slot, layer].clone() for slot in slots]
         for t in kv:
             self._sends.append((dist.isend(t, dst=self.world.rank + 1), t, self._row))
         self._tx += 1

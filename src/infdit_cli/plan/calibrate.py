@@ -155,7 +155,7 @@ def record_compile(cfg, device: torch.device | str, dtype: torch.dtype, eager_s:
     """Keep a `--compile` measurement of this device and model shape: seconds per eager and compiled call,
     and the first compiled call's (with the compile)."""
     path = _table().with_name(COMPILE_FILE)
-    table = _read(path, COMPILE_FIELDS)
+    table = _read(path, COMPILE_FIELDS, {})
     table[device_key(torch.device(device), dtype, cfg)] = {"eager_s": float(eager_s),
                                                             "compiled_s": float(compiled_s),
                                                             "first_call_s": float(first_call_s)}
@@ -165,7 +165,7 @@ def record_compile(cfg, device: torch.device | str, dtype: torch.dtype, eager_s:
 def compile_record(cfg, device: torch.device | str, dtype: torch.dtype) -> dict | None:
     """The kept `--compile` measurement for this device and model shape, or None."""
     key = device_key(torch.device(device), dtype, cfg)
-    return _read(_table().with_name(COMPILE_FILE), COMPILE_FIELDS).get(key)
+    return _read(_table().with_name(COMPILE_FILE), COMPILE_FIELDS, {}).get(key)
 
 
 def busy() -> bool:
@@ -288,7 +288,7 @@ RATE_FIELDS = ("flops", "op_seconds", "copy_bytes", "pixel_seconds")
 
 
 def _entry(rates: Rates) -> dict:
-    """What the cache keeps of `rates`: the three rates, and the attention backend where one was chosen."""
+    """What the cache keeps of `rates`: the measured rates, and the attention backend where one was chosen."""
     out = {f: getattr(rates, f) for f in RATE_FIELDS}
     if rates.sdpa is not None:
         out["sdpa"] = rates.sdpa
@@ -323,9 +323,11 @@ def _pixel_seconds(device: torch.device, side: int = 512) -> float:
     return _best(work, device, 5, spend=0.5) / (side * side)
 
 
-def _read(path: Path, fields: tuple[str, ...] = RATE_FIELDS) -> dict:
-    """A cached table, keeping only well-formed entries: `fields` positive numbers, and for the rates an
-    attention backend where one was chosen (a damaged file is a cache miss)."""
+def _read(path: Path, fields: tuple[str, ...] = RATE_FIELDS, choices: dict | None = None) -> dict:
+    """A cached table, keeping only well-formed entries: every one of `fields` a positive number, and each
+    key of `choices` (default: the rates' attention backend) absent or one of its values (a damaged file is
+    a cache miss)."""
+    choices = {"sdpa": BACKENDS} if choices is None else choices
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
@@ -334,16 +336,13 @@ def _read(path: Path, fields: tuple[str, ...] = RATE_FIELDS) -> dict:
         return {}
     good = {}
     for key, v in data.items():
-        extra = {"sdpa"} if fields == RATE_FIELDS else set()
-        if not isinstance(v, dict) or set(v) - extra != set(fields):
+        if not isinstance(v, dict) or set(v) - set(choices) != set(fields):
             continue
-        if not all(isinstance(v[f], (int, float)) and math.isfinite(v[f])
-                   and v[f] > 0 for f in fields):
+        if not all(isinstance(v[f], (int, float)) and math.isfinite(v[f]) and v[f] > 0 for f in fields):
             continue
-        sdpa = v.get("sdpa")
-        if sdpa is not None and sdpa not in BACKENDS:
+        if any(name in v and v[name] not in allowed for name, allowed in choices.items()):
             continue
-        good[key] = {f: float(v[f]) for f in fields} | ({"sdpa": sdpa} if sdpa else {})
+        good[key] = {f: float(v[f]) for f in fields} | {name: v[name] for name in choices if name in v}
     return good
 
 

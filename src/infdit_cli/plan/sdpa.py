@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..plan.meter import sync
+from .meter import sync
 
 __all__ = ["BACKENDS", "measure_backends", "choice", "prefer"]
 
