@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from infdit_cli.errors import BadRequest
 from infdit_cli.model.config import PRESETS
 from infdit_cli.plan import calibrate
 from infdit_cli.plan.calibrate import CALIBRATION_FILE, calibration, device_key
@@ -281,3 +282,54 @@ def test_a_calibration_file_of_its_own_is_read_and_written_instead_of_the_caches
     monkeypatch.delenv("INFDIT_CALIBRATION")
     calibration(TINY, "cpu", torch.float32)  # the cache's own table: empty, so measured
     assert len(measured) == 2
+
+
+@pytest.mark.parametrize("what", ["a file of the user's", "a folder", "a link to a file of the user's",
+                                  "a compile.json of the user's beside it"])
+def test_a_calibration_file_named_over_someone_elses_is_one_line_and_left_alone(monkeypatch, capsys, tmp_path,
+                                                                                 measured, what):
+    """INFDIT_CALIBRATION names whatever the user typed: infdit writes it (and compile.json beside it)
+    only where nothing is there yet or a table of measured rates is; anything else is refused before
+    anything is measured, and stays as it was."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes\n")
+    named = {"a file of the user's": mine, "a folder": tmp_path,
+             "a link to a file of the user's": tmp_path / "link.json",
+             "a compile.json of the user's beside it": tmp_path / "rates.json"}[what]
+    if what.startswith("a link"):
+        named.symlink_to(mine)
+    if what.startswith("a compile.json"):
+        (tmp_path / "compile.json").write_text('{"build": "mine"}')
+    monkeypatch.setenv("INFDIT_CALIBRATION", str(named))
+    with pytest.raises(BadRequest, match="INFDIT_CALIBRATION: .* is not a table of measured rates"):
+        calibration(TINY, "cpu", torch.float32)
+    assert measured == [] and mine.read_text() == "my notes\n"
+    assert what != "a compile.json of the user's beside it" or not named.exists()
+    if "compile" in what:
+        assert json.loads((tmp_path / "compile.json").read_text()) == {"build": "mine"}
+
+
+def test_a_foreign_calibration_file_is_one_line_from_the_command(monkeypatch, tmp_path, tiny_weights):
+    from conftest import rgb_image, run_cli
+    from PIL import Image
+
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes\n")
+    src = tmp_path / "in.png"
+    Image.fromarray(rgb_image(12, 14)).save(src)
+    monkeypatch.setenv("INFDIT_CALIBRATION", str(mine))
+    res = run_cli("upscale", src, "--scale", "2", "--weights", tiny_weights, "--device", "cpu", "--dry-run")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1
+    assert "INFDIT_CALIBRATION" in lines[0] and "notes.txt" in lines[0]
+    assert mine.read_text() == "my notes\n"
+
+
+def test_a_calibration_file_through_a_link_is_updated_where_it_lives(monkeypatch, tmp_path, measured):
+    real = tmp_path / "shared" / "rates.json"
+    real.parent.mkdir()
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    monkeypatch.setenv("INFDIT_CALIBRATION", str(link))
+    calibration(TINY, "cpu", torch.float32)
+    assert link.is_symlink() and json.loads(real.read_text()) and len(measured) == 1

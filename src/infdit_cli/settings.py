@@ -15,7 +15,8 @@ User settings:
     INFDIT_RANK_TIMEOUT      seconds a rank waits for the others (`distributed.timeout_seconds`).
     INFDIT_HOST_MEMORY       host memory to plan for (e.g. 96GB), where the kernel's figures do not tell.
     INFDIT_CALIBRATION       the file of this machine's measured rates (default calibration.json in the
-                             cache): one shared by machines of one kind, or by jobs with caches of their own.
+                             cache): one shared by machines of one kind, or by jobs with caches of their own;
+                             never written over a file that is not such a table.
     XDG_DATA_HOME            where `infdit serve` keeps its jobs (default ~/.local/share).
     PYTORCH_CUDA_ALLOC_CONF  only whether it is set: then infdit leaves the CUDA allocator as the user asked.
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import BadRequest
 from ..files import atomic_write
 from ..model.attention import gather_keys, neighbour_index
 from ..model.infdit import random_model
@@ -296,10 +297,25 @@ def _entry(rates: Rates) -> dict:
 
 
 def _table() -> Path:
-    """The calibration table: `$INFDIT_CALIBRATION`, else calibration.json in the infdit cache (`compile.json`
-    sits beside it)."""
+    """The calibration table: `$INFDIT_CALIBRATION` (followed through symbolic links, so a shared table is
+    updated where it lives), else calibration.json in the infdit cache (`compile.json` sits beside it).
+
+    Raises:
+        BadRequest: `$INFDIT_CALIBRATION` names something that is not a calibration table (a folder, another
+            file): infdit writes the file it names, and never over what someone else put there.
+    """
     own = settings().calibration
-    return Path(own).expanduser() if own else cache_root() / CALIBRATION_FILE
+    if not own:
+        return cache_root() / CALIBRATION_FILE
+    path = Path(own).expanduser().resolve()
+    for table, fields, choices in ((path, RATE_FIELDS, None),
+                                   (path.with_name(COMPILE_FILE), COMPILE_FIELDS, {})):
+        if table.exists() or table.is_symlink():
+            data = _load(table)
+            if not isinstance(data, dict) or len(_entries(data, fields, choices)) != len(data):
+                raise BadRequest(f"INFDIT_CALIBRATION: {table} is not a table of measured rates that infdit "
+                                 "wrote; name a new file (or remove that one)")
+    return path
 
 
 def _pixel_seconds(device: torch.device, side: int = 512) -> float:
@@ -327,13 +343,21 @@ def _read(path: Path, fields: tuple[str, ...] = RATE_FIELDS, choices: dict | Non
     """A cached table, keeping only well-formed entries: every one of `fields` a positive number, and each
     key of `choices` (default: the rates' attention backend) absent or one of its values (a damaged file is
     a cache miss)."""
-    choices = {"sdpa": BACKENDS} if choices is None else choices
+    data = _load(path)
+    return _entries(data, fields, choices) if isinstance(data, dict) else {}
+
+
+def _load(path: Path):
+    """The file's JSON, or None where it cannot be read or parsed."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
+        return None
+
+
+def _entries(data: dict, fields: tuple[str, ...], choices: dict | None) -> dict:
+    """The well-formed entries of a table (`_read`)."""
+    choices = {"sdpa": BACKENDS} if choices is None else choices
     good = {}
     for key, v in data.items():
         if not isinstance(v, dict) or set(v) - set(choices) != set(fields):
