@@ -319,7 +319,10 @@ def test_one_ranks_own_error_ends_the_job_at_once_with_its_line(tmp_path, tiny_w
                    env={"INFDIT_RANK_TIMEOUT": "300"})
     took = time.monotonic() - start
     assert res.returncode == 1, res.stderr[-2000:]
-    assert json.loads(res.stdout.splitlines()[0]) == {"0": 1, "1": 1}
+    codes = json.loads(res.stdout.splitlines()[0])
+    # rank 0 meets the closed connection and exits 1 (after), or, when torchrun's agent sees rank 1's exit
+    # first (seen once in CI), is stopped by its SIGTERM: 143, also recorded as after. Silent either way.
+    assert codes["1"] == 1 and codes["0"] in (1, 143), codes
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert lines == ["error: no space left on device: /scratch/injected"], res.stderr[-2000:]
     assert took < 60, took  # with a barrier on the way out: 300 s and more (INFDIT_RANK_TIMEOUT)
