@@ -38,6 +38,7 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(gathered, f)
     D.teardown()
+    D.leave(0)
 
 
 if __name__ == "__main__":

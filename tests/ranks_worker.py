@@ -125,6 +125,7 @@ def main(mode: str, out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(result, f)
     D.teardown()
+    D.leave(0)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,11 @@ def main() -> None:
             from ..distributed.world import write_exit_code
 
             write_exit_code(done.code, after=done.after, said=done.said)
+        if "infdit_cli.distributed.world" in sys.modules:  # torch is loaded: a rank may have joined a group
+            from ..distributed import world
+
+            if world.joined():
+                world.leave(done.code)
         sys.exit(done.code)
     finally:  # main() run in-process (tests, embedding) leaves the handlers as it found them
         for sig, old in before.items():
