@@ -2,9 +2,9 @@
 
 Prints one `name: value` line per fact (versions, the GPU and its free memory, host memory, cores, disk,
 a 1 GiB pinned-memory probe on CUDA) and exits 1 naming every required package that failed to import, so
-a missing wheel costs seconds, not the run. open_clip and what it imports are not required: without them
-the selftest's parity and bf16 rows are skipped and the rest runs on a model without a CLIP tower.
-Runs on the standard library and torch alone; `infdit_cli` is imported last, as the selftest will.
+a missing package costs seconds, not the run (infdit needs nothing the GPU machine lacks: its CLIP tower is
+its own; open_clip is a test dependency only). Runs on the standard library and torch alone; `infdit_cli`
+is imported last, as the selftest will.
 DEVICE=cpu (the rehearsal) skips the probe.
 """
 
@@ -15,22 +15,14 @@ import sys
 import time
 
 t0 = time.perf_counter()
-missing, optional_missing = [], []
-# open_clip imports regex, ftfy, wcwidth (via ftfy), tqdm, torchvision and numpy at import time.
-OPTIONAL = ("torchvision", "regex", "ftfy", "wcwidth", "tqdm", "timm", "open_clip")
-for name in ("torch", "numpy", "torchvision", "regex", "ftfy", "wcwidth", "tqdm", "timm", "open_clip",
-             "safetensors", "PIL", "typer", "rich", "huggingface_hub", "infdit_cli"):
+missing = []
+for name in ("torch", "numpy", "safetensors", "PIL", "typer", "rich", "huggingface_hub", "infdit_cli"):
     try:
         mod = importlib.import_module(name)
         print(f"{name}: {getattr(mod, '__version__', 'ok')}")
     except Exception as e:  # noqa: BLE001 - every failure is a line of the report
-        (optional_missing if name in OPTIONAL else missing).append(name)
+        missing.append(name)
         print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-try:
-    import transformers  # noqa: F401
-    print("transformers: importable (open_clip will import it: seconds per process)")
-except ImportError as e:
-    print(f"transformers: not imported ({str(e).splitlines()[0] if str(e) else 'ImportError'})")
 
 print(f"python: {sys.version.split()[0]}")
 print(f"cpu cores: {os.cpu_count()}")
@@ -98,9 +90,6 @@ if "torch" not in missing:
         except Exception as e:  # noqa: BLE001 - a line of the report, not the end of the run
             print(f"pinned probe: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 print(f"preflight: {time.perf_counter() - t0:.1f} s")
-if optional_missing:
-    print(f"preflight: without {', '.join(optional_missing)}: the parity and bf16 rows will be skipped, "
-          "the memory, speed and plan rows run on a model without a CLIP tower")
 if missing:
     print(f"preflight FAILED: cannot import {', '.join(missing)}")
     sys.exit(1)

@@ -96,7 +96,8 @@ def test_sigmas(io):
     torch.testing.assert_close(edm_sigmas(4), io["sigmas_4"], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("steps,key", [(4, "sample_4"), (20, "sample_20")])
+# The 20-step run (sample_20, within 1e-5) is the selftest's row: tests/test_selftest.py holds it.
+@pytest.mark.parametrize("steps,key", [(4, "sample_4")])
 def test_sampling_run(official_model, io, steps, key):
     engine = BlockEngine(official_model, io["lr"], io["vector"], io["concat"], Placement(n=1 << 30))
     sigmas = edm_sigmas(steps)

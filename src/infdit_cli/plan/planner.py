@@ -62,8 +62,9 @@ REPLAN_FACTOR = 0.9
 # The band pipeline (`bands.BandEngine`, ranks > 1) keeps copies of its right edge's K/V in flight until the
 # rank to its right has them: up to this many rectangle rows of n blocks, every layer.
 SEND_ROWS_IN_FLIGHT = 3
-# Resident bytes of the process before any image work: interpreter, torch, open_clip, CUDA context (the
-# CPU's fitted to `benchmarks/host_memory.py`: 949-971 MiB peak for a whole 1024² job of the micro config).
+# Resident bytes of the process before any image work: interpreter, torch, CUDA context (the CPU's fitted to
+# `benchmarks/host_memory.py`: 949-971 MiB peak for a whole 1024² job of the micro config, measured while
+# infdit still imported open_clip and torchvision; a little high since).
 HOST_RUNTIME = {"cpu": 1000 * 2**20, "cuda": 2048 * 2**20, "mps": 1536 * 2**20}
 LOW_MEMORY_WINDOW = 256 * 2**20  # resident pages of memory-mapped state/cache between two trims, at most
 
@@ -193,7 +194,7 @@ def param_count(cfg: InfDiTConfig) -> int:
     n += cfg.block_tokens**2 * d + (3 * cfg.lr_block) ** 2 * d + 2 * d  # q_pos, k_pos, post_norm
     n += lin(d, 2 * d) + lin(d, p * p * cfg.out_channels)  # final layer
     c = cfg.clip
-    if c is not None:  # open_clip VisionTransformer
+    if c is not None:  # the CLIP tower (model.clip.VisionTower)
         w, grid = c.width, c.image_size // c.patch_size
         n += 3 * w * c.patch_size**2 + w + (grid * grid + 1) * w + 2 * w  # conv1, class, pos, ln_pre
         hidden = int(w * c.mlp_ratio)

@@ -8,9 +8,8 @@ code path in under two minutes.
 Fixtures (`find_fixtures`): the official code's float32 outputs (`upstream-a`) and its `--bf16` outputs
 (`upstream-a-bf16`) on a tiny model, the keys the checks read, ship with the package (`selftest_data/`);
 `--fixtures DIR` reads another copy (DIR holding `upstream-a/` and `upstream-a-bf16/`, or the package's
-layout). Without fixtures, or without open_clip (the fixture model has a CLIP tower), the parity and bf16
-rows are "skip" rows and everything else runs (the memory, speed and plan rows on a random model, without
-a CLIP tower where open_clip is missing).
+layout). Without fixtures, the parity and bf16 rows are "skip" rows and everything else runs (the memory,
+speed and plan rows on a random model).
 
 One engine per mode: every check builds a `BlockEngine` per placement it measures and calls it as often
 as it needs, so a K/V slab is allocated (and on CUDA page-locked) once, before the timed calls; rows
@@ -30,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -194,29 +193,12 @@ def _put_seconds(engine, cap: int = 4 << 30) -> tuple[float | None, int]:
     return timed(copies, dev) * puts / k, puts * each
 
 
-def _random_cfg(name: str, clip: bool):
-    """A preset's config, without its CLIP tower where open_clip cannot be imported (the checks that use
-    a random model give it a random vector: the tower is never called)."""
-    cfg = PRESETS[name]
-    return cfg if clip else replace(cfg, clip=None)
-
-
 def _random_inputs(cfg, side: int, state: torch.device, gen_seed: int = 0):
     g = torch.Generator().manual_seed(gen_seed)
     lr = torch.rand(1, 3, side // cfg.sr_scale, side // cfg.sr_scale, generator=g) * 2 - 1
     x = torch.randn(1, 3, side, side, generator=g)
     lr_up = torch.rand(1, 3, side, side, generator=g) * 2 - 1
     return x.to(state), lr_up.to(state), lr, torch.randn(1, cfg.vector_dim, generator=g)
-
-
-def open_clip_problem() -> str | None:
-    """None when open_clip imports here; else why not, in one line."""
-    try:
-        import open_clip  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any failure means the same: no CLIP tower in this run
-        first = (str(e).strip().splitlines() or [""])[0]
-        return f"open_clip cannot be imported ({type(e).__name__}: {first})"
-    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -289,24 +271,19 @@ def _gib(n: float) -> str:
 class _Run:
     """Loaded fixtures and models, shared by the checks of one selftest run."""
 
-    def __init__(self, device: torch.device, profile: Profile, fixtures: Fixtures | None,
-                 clip_problem: str | None) -> None:
-        self.device, self.profile, self.fixtures, self.clip_problem = device, profile, fixtures, clip_problem
+    def __init__(self, device: torch.device, profile: Profile, fixtures: Fixtures | None) -> None:
+        self.device, self.profile, self.fixtures = device, profile, fixtures
         self.io = self.bio = None
         if fixtures is not None:
             self.io = {k: v.to(device) for k, v in fixtures.io.items()}
             self.bio = {k: v.to(device) for k, v in fixtures.bio.items()}
         self._models: dict[str, object] = {}
 
-    @property
-    def clip(self) -> bool:
-        return self.clip_problem is None
-
     def model(self, which: str):
         """'fp32' / 'bf16': the fixture checkpoint converted and loaded; 'random': the profile's preset."""
         if which not in self._models:
             if which == "random":
-                self._models[which] = random_model(_random_cfg(self.profile.config, self.clip), seed=0,
+                self._models[which] = random_model(PRESETS[self.profile.config], seed=0,
                                                    device=self.device,
                                                    dtype=getattr(torch, self.profile.dtype))
             else:
@@ -445,7 +422,7 @@ def _spawn(work: dict, timeout: float = 1800) -> dict:
 def _work(w: dict) -> dict:
     """One memory, speed or full-plan measurement on a random model (a fresh process runs this).
 
-    w: kind ("memory" | "speed" | "full"), config, size, device, dtype, clip, and for memory/speed n and
+    w: kind ("memory" | "speed" | "full"), config, size, device, dtype, and for memory/speed n and
     cache_on_host; for speed rounds and whole (also time the whole-image pass). One engine per mode, its
     K/V slab made (and pinned) once before the calls. Memory: on CUDA the peaks since just before the
     slab was made, on the CPU the peak RSS of the call after a warm-up (plus the slab, resident since the
@@ -455,7 +432,7 @@ def _work(w: dict) -> dict:
 
     dev, dtype, kind, size = torch.device(w["device"]), getattr(torch, w["dtype"]), w["kind"], w["size"]
     cuda = dev.type == "cuda"
-    cfg = _random_cfg(w["config"], w["clip"])
+    cfg = PRESETS[w["config"]]
     res: dict = {}
     if kind == "full":  # the plan first, as a job makes it: the budget is what the device has free
         chosen = _plan(cfg, (size, size), None, dtype, dev)
@@ -549,14 +526,14 @@ def _copy_numbers(got: dict) -> dict:
 def check_memory(run: _Run, size: int) -> Check:
     t0, p = time.perf_counter(), run.profile
     dtype = getattr(torch, p.dtype)
-    cfg = _random_cfg(p.config, run.clip)
+    cfg = PRESETS[p.config]
     chosen = _plan(cfg, (size, size), p.budget, dtype, run.device)
     grid = -(-size // cfg.block_size)
     # Block mode is what the planner's memory model is for (the whole-image pass's CPU peak carries
     # allocator slack it does not model): where the plan is the whole image, check the next smaller n.
     n = (grid - 1 if grid > 1 else None) if chosen.whole_image else chosen.n
     got = _spawn(dict(kind="memory", config=p.config, size=size, device=str(run.device), dtype=p.dtype,
-                      clip=run.clip, n=n, cache_on_host=chosen.cache_on_host))
+                      n=n, cache_on_host=chosen.cache_on_host))
     err = got["measured"] / got["predicted"] - 1
     where = "host" if chosen.cache_on_host else "device"
     mode = "whole image" if n is None else f"n={n}, cache {where}"
@@ -580,8 +557,7 @@ def check_full_plan(run: _Run) -> Check:
                      "CUDA only: its budget is the GPU's free memory (the CPU rows above use a fixed budget)",
                      "", 0.0)
     t0, size = time.perf_counter(), p.full_size
-    got = _spawn(dict(kind="full", config=p.config, size=size, device=str(run.device), dtype=p.dtype,
-                      clip=run.clip))
+    got = _spawn(dict(kind="full", config=p.config, size=size, device=str(run.device), dtype=p.dtype))
     steps = got["step_downs"]
     return Check("memory", f"default plan {size}² ({p.config}, {p.dtype}, {got['plan']})",
                  "fail" if steps else "pass",
@@ -597,7 +573,7 @@ def check_full_plan(run: _Run) -> Check:
 
 def check_speed(run: _Run, size: int) -> Check:
     t0, p = time.perf_counter(), run.profile
-    cfg, dtype = _random_cfg(p.config, run.clip), getattr(torch, p.dtype)
+    cfg, dtype = PRESETS[p.config], getattr(torch, p.dtype)
     chosen = _plan(cfg, (size, size), p.budget, dtype, run.device)
     grid = -(-size // cfg.block_size)
     n = min(chosen.n, max(grid - 1, 1)) if chosen.whole_image else chosen.n  # a real block mode
@@ -609,7 +585,7 @@ def check_speed(run: _Run, size: int) -> Check:
     pb = call_seconds(cfg, (size, size), n, rates, cache_on_host=chosen.cache_on_host, **kw)
     pw = call_seconds(cfg, (size, size), 1 << 30, rates, **kw)
     got = _spawn(dict(kind="speed", config=p.config, size=size, device=str(run.device), dtype=p.dtype,
-                      clip=run.clip, n=n, cache_on_host=chosen.cache_on_host, rounds=p.rounds,
+                      n=n, cache_on_host=chosen.cache_on_host, rounds=p.rounds,
                       whole=whole_fits))
     tb, tw = got["block_s"], got["whole_s"]
     if tw is not None:
@@ -814,7 +790,7 @@ def _steps(run: _Run, rate: float, cuda: bool | None = None) -> list[_Step]:
     GPU (default: whether the run's device is one)."""
     p = run.profile
     cuda = run.device.type == "cuda" if cuda is None else cuda
-    cfg = _random_cfg(p.config, run.clip)
+    cfg = PRESETS[p.config]
 
     def calls(k: int, c, h: int, w: int) -> float:
         return k * (flops_per_call(c, h, w) / rate + p.call_s)
@@ -825,9 +801,6 @@ def _steps(run: _Run, rate: float, cuda: bool | None = None) -> list[_Step]:
                 ("bf16 vs the official bf16 path", lambda: check_bf16(run), "bf16")]
     if run.fixtures is None:
         why = "no fixtures (the package's selftest_data/ is missing; --fixtures DIR gives a copy)"
-        steps = [_skipped(_Step(lab, fn, 0.0, grp), why) for lab, fn, grp in fx_steps]
-    elif not run.clip:
-        why = f"{run.clip_problem}; the fixture model has a CLIP tower"
         steps = [_skipped(_Step(lab, fn, 0.0, grp), why) for lab, fn, grp in fx_steps]
     else:
         fx = _fixture_config(run.fixtures.config)
@@ -877,7 +850,7 @@ def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | 
     Args:
         device: auto, cuda, cpu or mps.
         fixtures: a folder holding `upstream-a/` and `upstream-a-bf16/` (default: the package's copy).
-            Without fixtures (or without open_clip) the parity and bf16 rows are "skip" rows.
+            Without fixtures the parity and bf16 rows are "skip" rows.
         profile: the sizes; default `CUDA_PROFILE` on CUDA, else `TOY_PROFILE`.
         time_budget: seconds for the whole run: a check whose predicted time would overrun it is not
             started; its row says so ("skip", with the prediction). None: no limit.
@@ -889,7 +862,7 @@ def run_selftest(*, device: str | torch.device = "auto", fixtures: str | Path | 
     t_all = time.perf_counter()
     dev = resolve_device(str(device))
     profile = profile or (CUDA_PROFILE if dev.type == "cuda" else TOY_PROFILE)
-    run = _Run(dev, profile, find_fixtures(fixtures), open_clip_problem())
+    run = _Run(dev, profile, find_fixtures(fixtures))
     rate = 0.5 * calibrate(dev, getattr(torch, profile.dtype))
     steps = _steps(run, rate)
     env = environment()
