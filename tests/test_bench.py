@@ -260,15 +260,18 @@ def test_bench_bad_arguments_one_line_exit_2(args, fragment):
 
 
 def _workers_of(pid: int) -> list[int]:
-    """The bench workers (`python -m infdit_cli.tools.bench`) started by the `infdit bench` with this pid."""
+    """The bench workers (`python -m infdit_cli.tools.bench`) started by the `infdit bench` with this pid:
+    its own children with the marker in their environment (not what a worker starts in turn, such as
+    `uname` behind platform.processor(), which inherits the marker and may outlive the worker by a moment)."""
     found = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 env = (d / "environ").read_bytes().split(b"\0")
-            except OSError:
+                parent = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if f"INFDIT_BENCH_PARENT={pid}".encode() in env:
+            if parent == pid and f"INFDIT_BENCH_PARENT={pid}".encode() in env:
                 found.append(int(d.name))
     return found
 
@@ -308,6 +311,5 @@ def test_bench_streams_json_lines_to_a_pipe_and_sigterm_ends_it_with_143():
     assert err.strip().splitlines() == ["bench: 256x16, 16x1024 on cpu float32",  # what it measures, first
                                         "error: terminated by SIGTERM after 1 of 2 size(s)"]
     assert out == ""  # nothing after the first row
-    # the worker was killed and reaped, not left running (what it started itself, such as `uname` behind
-    # platform.processor(), is not the worker: it may outlive it by a moment)
+    # the worker was killed and reaped, not left running
     assert not [w for w in workers if Path(f"/proc/{w}").exists()]

@@ -1,9 +1,9 @@
 """The GPU check rehearsed here: `DEVICE=cpu bash benchmarks/gpu_selftest.sh run`, the script that travels.
 
 Rows must reach the disk one by one as checks finish, the time budget must be honoured (checks predicted
-to overrun it are not started, and say so), the hard limit must bound the whole script (pip and the
-preflight included), a run killed with SIGKILL must leave the rows it finished, and no missing piece may
-leave zero rows: without fixtures the memory and speed rows are still written.
+to overrun it are not started, and say so), the hard limit must bound the whole script (the preflight
+included), a run killed with SIGKILL must leave the rows it finished, and no missing piece may leave zero
+rows: without fixtures the memory and speed rows are still written.
 """
 
 import json
@@ -42,9 +42,15 @@ def _checks(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_rehearsal_streams_rows_within_the_time_budget(tmp_path):
-    budget = 40  # the parity rows fit (about 15 s here), the whole toy run (about 50 s) does not
-    proc = _start(tmp_path, budget)
+def test_rehearsal_without_fixtures_streams_rows_within_the_time_budget(tmp_path):
+    """Without fixtures (an empty --fixtures folder) and with a time budget that fits some of the toy run:
+    the parity and bf16 rows say why they are skipped (no zero-row outcome), the memory row at 512² and what
+    else fits is measured, rows reach the disk one by one, and the budget is honoured check by check. (The
+    rows' values are held by tests/test_selftest.py's whole run; the script's first row with fixtures by the
+    killed rehearsal below.)"""
+    (tmp_path / "empty").mkdir()
+    budget = 25  # the 512² memory row fits (about 10 s here), the whole toy run (about 60 s) does not
+    proc = _start(tmp_path, budget, FIXTURES=str(tmp_path / "empty"))
     seen = []  # number of check rows on disk, each time it changed while the script was still running
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
@@ -60,8 +66,12 @@ def test_rehearsal_streams_rows_within_the_time_budget(tmp_path):
     assert records[-1]["kind"] == "end" and records[-1]["passed"] is True
     checks = _checks(tmp_path / "rows.jsonl")
     assert any(0 < n < len(checks) for n in seen), seen  # rows were on disk before the run ended
+    fixture_rows = [c for c in checks if c["group"] in ("parity", "bf16")]
+    assert len(fixture_rows) == 4 and all(c["status"] == "skip" and "no fixtures" in c["value"]
+                                          for c in fixture_rows)
     ran = [c for c in checks if c["status"] != "skip"]
-    assert ran[0]["name"] == "fp32 denoiser call vs official" and ran[0]["status"] == "pass"
+    assert ran[0]["name"].startswith("peak 512²") and ran[0]["status"] == "pass"
+    assert ran[0]["numbers"]["measured"] > 0
     assert all(c["status"] in ("pass", "info") for c in ran)
     skipped = [c for c in checks if c["value"].startswith("not run: predicted")]
     assert skipped and all(c["seconds"] == 0 for c in skipped)
@@ -111,27 +121,3 @@ def test_rehearsal_killed_mid_run_leaves_its_rows(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert all(c["name"] in report for c in checks)
     assert not (tmp_path / "report.json").read_text().strip()  # the whole report never came
-
-
-@pytest.mark.slow
-def test_rehearsal_without_fixtures_still_writes_rows(tmp_path):
-    """No zero-row outcome without fixtures (an empty --fixtures folder): the parity and bf16 rows say why
-    they are skipped, and the memory, speed and plan rows are measured. (In the test process too:
-    tests/test_selftest.py.)"""
-    (tmp_path / "empty").mkdir()
-    out = tmp_path / "out"
-    proc = _start(out, 1200, HARD_LIMIT="1500", FIXTURES=str(tmp_path / "empty"))  # every check runs,
-    # however loaded the machine is
-    text = proc.communicate(timeout=1500)[0].decode()
-    assert proc.returncode == 0, text
-    assert (out / "preflight.txt").read_text().count("FAILED") == 0
-    checks = _checks(out / "rows.jsonl")
-    fixture_rows = [c for c in checks if c["group"] in ("parity", "bf16")]
-    assert len(fixture_rows) == 4 and all(c["status"] == "skip" and "no fixtures" in c["value"]
-                                          for c in fixture_rows)
-    ran = {g: [c for c in checks if c["group"] == g and c["status"] != "skip"]
-           for g in ("memory", "speed", "plan")}
-    assert [c["status"] for c in ran["memory"]] == ["pass", "pass"]
-    assert ran["speed"][0]["numbers"]["block_s"] > 0 and ran["plan"][0]["numbers"]["seconds"] > 0
-    end = _records(out / "rows.jsonl")[-1]
-    assert end["kind"] == "end" and end["passed"] is True
