@@ -57,6 +57,23 @@ def test_leanest_takes_the_leanest_of_each_decision():
     assert leanest([host, b]) == m  # the order of the ranks does not matter
 
 
+def test_leave_runs_what_an_exit_runs_then_ends_without_finalising():
+    """`leave`: non-daemon threads joined, atexit handlers run, output flushed, the code given; and no
+    finalisation (an object's __del__ that the interpreter would run at shutdown does not run)."""
+    code = ("import atexit, sys, threading, time\n"
+            "from infdit_cli.distributed.world import leave\n"
+            "class Noisy:\n"
+            "    def __del__(self): print('finalised', flush=True)\n"
+            "keep = Noisy()\n"
+            "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+            "atexit.register(print, 'atexit ran')\n"
+            "sys.stdout.write('unflushed ')\n"
+            "leave(3)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, res.stderr
+    assert res.stdout.split() == ["unflushed", "thread", "done", "atexit", "ran"]  # no "finalised"
+
+
 def rec(code: int, after: bool = False, said: bool = False) -> ExitRecord:
     return ExitRecord(code, after, said)
 
