@@ -101,13 +101,11 @@ def test_rehearsal_killed_mid_run_leaves_its_rows(tmp_path):
     # the default budget (360 s), cut to what a 400 s hard limit leaves after the preflight, less 60 s
     proc = _start(tmp_path, None, HARD_LIMIT="400")
     rows = tmp_path / "rows.jsonl"
-    deadline = time.monotonic() + 480  # a bound for a loaded machine: the loop ends at the second row
-    seen = []
-    while len(_checks(rows)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        seen.append(len(_checks(rows)))
+    deadline = time.monotonic() + 480  # a bound for a loaded machine: the loop ends at the first row
+    while not _checks(rows) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    # one by one: the first check's row is on disk while the second check (the 20-step sample) still runs
     assert proc.poll() is None, "the run ended before it could be killed"
-    assert 1 in seen  # one by one: the first check's row was on disk while the second check still ran
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     # `timeout` leads a process group of its own, which the kill above does not reach: end the selftest
@@ -117,7 +115,7 @@ def test_rehearsal_killed_mid_run_leaves_its_rows(tmp_path):
     assert records[0]["kind"] == "start" and records[-1]["kind"] == "check"
     assert 300 <= records[0]["time_budget"] <= 330
     checks = _checks(rows)
-    assert len(checks) >= 2 and checks[0]["status"] == "pass"
+    assert checks[0]["name"] == "fp32 denoiser call vs official" and checks[0]["status"] == "pass"
     report = (tmp_path / "report.md").read_text()
     assert all(c["name"] in report for c in checks)
     assert not (tmp_path / "report.json").read_text().strip()  # the whole report never came
