@@ -286,23 +286,7 @@ def test_bad_uploads_are_one_json_error_and_leave_nothing(tmp_path, tiny_weights
     assert "Traceback" not in server.stderr()
 
 
-@pytest.mark.slow
-def test_a_network_bind_needs_the_token(tmp_path, tiny_weights, cache):
-    server = Server(tmp_path / "jobs", tiny_weights, "--host", "0.0.0.0", cache=cache)
-    try:
-        assert server.token and len(server.token) >= 24  # made and printed once
-        status, body = get_json(server, "api/jobs")
-        assert status == 401 and body["error"].startswith("this server needs its token")
-        assert request(server.url)[0] == 401  # the page too
-        assert get_json(server, "api/jobs", headers={"Authorization": "Bearer wrong-token"})[0] == 401
-        assert get_json(server, "api/jobs", headers={"Authorization": f"Bearer {server.token}"})[0] == 200
-        assert get_json(server, f"api/jobs?token={server.token}")[0] == 200
-        status, _, out = request(server.url + f"api/plan?token={server.token}", method="POST", data=b"{}",
-                                 headers={"Content-Type": "application/json"})
-        assert status == 400 and json.loads(out)["error"].startswith("this server takes uploads only")
-        assert post_image(server, "api/plan", image(tmp_path / "a.png", 20, 20), scale=4)[0] == 401
-    finally:
-        server.stop()
+# A network bind needs the token: tests/test_serve_guard.py (one server with --allow-host too).
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
-from test_serve import Server, image, multipart, post_image, wait_for
+from test_serve import Server, get_json, image, multipart, post_image, request, wait_for
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -272,10 +272,22 @@ def test_the_queue_limit_answers_429(guarded):
     assert post_image(server, "api/plan", src, scale=4)[0] == 200  # plans are not queued jobs
 
 
-def test_allow_host_on_a_network_bind_still_needs_the_token(tmp_path, tiny_weights, tmp_path_factory):
+def test_a_network_bind_needs_the_token_and_allow_host_still_does(tmp_path, tiny_weights, tmp_path_factory):
     server = Server(tmp_path / "jobs", tiny_weights, "--host", "0.0.0.0", "--allow-host", "infdit.test",
                     cache=tmp_path_factory.getbasetemp() / "serve-cache")
     try:
+        assert server.token and len(server.token) >= 24  # made and printed once
+        status, body = get_json(server, "api/jobs")
+        assert status == 401 and body["error"].startswith("this server needs its token")
+        assert request(server.url)[0] == 401  # the page too
+        assert get_json(server, "api/jobs", headers={"Authorization": "Bearer wrong-token"})[0] == 401
+        assert get_json(server, "api/jobs", headers={"Authorization": f"Bearer {server.token}"})[0] == 200
+        assert get_json(server, f"api/jobs?token={server.token}")[0] == 200
+        status, _, out = request(server.url + f"api/plan?token={server.token}", method="POST", data=b"{}",
+                                 headers={"Content-Type": "application/json"})
+        assert status == 400 and json.loads(out)["error"].startswith("this server takes uploads only")
+        assert post_image(server, "api/plan", image(tmp_path / "a.png", 20, 20), scale=4)[0] == 401
+        # --allow-host adds names it answers to; every one of them still needs the token
         port, auth = urlsplit(server.url).port, {"Authorization": f"Bearer {server.token}"}
         for host in (f"infdit.test:{port}", "INFDIT.test", f"127.0.0.1:{port}", f"10.1.2.3:{port}", "[::1]"):
             assert raw(server, "GET", "api/jobs", host=host, headers=auth)[0] == 200, host
