@@ -313,3 +313,23 @@ def test_bench_streams_json_lines_to_a_pipe_and_sigterm_ends_it_with_143():
     assert out == ""  # nothing after the first row
     # the worker was killed and reaped, not left running
     assert not [w for w in workers if Path(f"/proc/{w}").exists()]
+
+
+def test_a_stop_while_a_worker_starts_still_kills_and_reaps_it(monkeypatch):
+    """A stop that arrives while Popen is still starting the worker (the test's SIGINT, sent from inside
+    Popen) is held until the worker is the bench's to kill: it is killed and reaped, and the stop goes on."""
+    from infdit_cli.tools import bench
+
+    started, real = [], subprocess.Popen
+
+    def popen(cmd, **kw):
+        proc = real([sys.executable, "-c", "import time; time.sleep(120)"], **kw)
+        started.append(proc.pid)
+        os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt, as Ctrl-C would
+        return proc
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    with pytest.raises(KeyboardInterrupt):
+        bench._child(["{}"], 60, "a measurement")
+    assert started and not Path(f"/proc/{started[0]}").exists()  # killed and reaped, not left running
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, set()) & bench._STOPS  # the mask as it was

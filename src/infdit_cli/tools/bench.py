@@ -100,8 +100,17 @@ def _child(args: list[str], timeout: float, what: str) -> str:
     before going on, and it is killed by the kernel if this process is killed outright."""
     cmd = [sys.executable, "-m", "infdit_cli.tools.bench", *args]
     env = {**os.environ, "INFDIT_BENCH_PARENT": str(os.getpid())}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A stop that came while Popen was starting the child (after its fork, before `proc` existed) would leave
+    # the child to the kernel's death signal and a zombie for init to reap: stops are held until `proc` is
+    # ours to kill (the child unblocks them first thing, `_unblock_stops`).
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held meanwhile is raised here
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
@@ -380,6 +389,14 @@ def run_bench(cfg, sizes: list[tuple[int, int]], *, budget: int, device: str, dt
     return rows
 
 
+_STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _unblock_stops() -> None:
+    """The signal mask is inherited across exec: `_child` starts this worker with the stops blocked."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+
+
 def _die_with_parent() -> None:
     """Linux: the kernel kills this worker when the `infdit bench` that started it dies, however it dies."""
     parent = settings().bench_parent
@@ -397,6 +414,7 @@ def _die_with_parent() -> None:
 
 if __name__ == "__main__":  # the fresh process behind `measure` and `time_pair`
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _unblock_stops()
     _die_with_parent()
     if len(sys.argv) == 4:
         pair = [CallSpec(**json.loads(v)) for v in sys.argv[1:3]]
