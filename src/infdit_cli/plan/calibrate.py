@@ -157,9 +157,8 @@ def record_compile(cfg, device: torch.device | str, dtype: torch.dtype, eager_s:
     and the first compiled call's (with the compile)."""
     path = _table().with_name(COMPILE_FILE)
     table = _read(path, COMPILE_FIELDS, {})
-    table[device_key(torch.device(device), dtype, cfg)] = {"eager_s": float(eager_s),
-                                                            "compiled_s": float(compiled_s),
-                                                            "first_call_s": float(first_call_s)}
+    table[device_key(torch.device(device), dtype, cfg)] = dict(
+        zip(COMPILE_FIELDS, map(float, (eager_s, compiled_s, first_call_s))))
     _write(path, table)
 
 
@@ -286,6 +285,7 @@ def _copy_rate(device: torch.device, nbytes: int = 64 * 2**20) -> float:
 
 
 RATE_FIELDS = ("flops", "op_seconds", "copy_bytes", "pixel_seconds")
+RATE_CHOICES = {"sdpa": BACKENDS}  # an entry's optional keys, each with the values it may take
 
 
 def _entry(rates: Rates) -> dict:
@@ -308,7 +308,7 @@ def _table() -> Path:
     if not own:
         return cache_root() / CALIBRATION_FILE
     path = Path(own).expanduser().resolve()
-    for table, fields, choices in ((path, RATE_FIELDS, None),
+    for table, fields, choices in ((path, RATE_FIELDS, RATE_CHOICES),
                                    (path.with_name(COMPILE_FILE), COMPILE_FIELDS, {})):
         if table.exists() or table.is_symlink():
             data = _load(table)
@@ -339,7 +339,7 @@ def _pixel_seconds(device: torch.device, side: int = 512) -> float:
     return _best(work, device, 5, spend=0.5) / (side * side)
 
 
-def _read(path: Path, fields: tuple[str, ...] = RATE_FIELDS, choices: dict | None = None) -> dict:
+def _read(path: Path, fields: tuple[str, ...] = RATE_FIELDS, choices: dict = RATE_CHOICES) -> dict:
     """A cached table, keeping only well-formed entries: every one of `fields` a positive number, and each
     key of `choices` (default: the rates' attention backend) absent or one of its values (a damaged file is
     a cache miss)."""
@@ -355,9 +355,8 @@ def _load(path: Path):
         return None
 
 
-def _entries(data: dict, fields: tuple[str, ...], choices: dict | None) -> dict:
+def _entries(data: dict, fields: tuple[str, ...], choices: dict) -> dict:
     """The well-formed entries of a table (`_read`)."""
-    choices = {"sdpa": BACKENDS} if choices is None else choices
     good = {}
     for key, v in data.items():
         if not isinstance(v, dict) or set(v) - set(choices) != set(fields):
